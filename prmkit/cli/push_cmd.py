@@ -1,0 +1,12 @@
+"""`prmkit push` (not built yet)."""
+
+from __future__ import annotations
+
+from prmkit.cli._errors import handle_errors
+from prmkit.errors import NotImplementedYet
+
+
+@handle_errors
+def push() -> None:
+    """Not implemented yet."""
+    raise NotImplementedYet("push")

@@ -1,0 +1,397 @@
+"""One config schema for every subcommand: defaults < YAML file < command-line flags.
+
+The section and key names are a public contract (see README): rename nothing. The ``train`` section takes every
+``transformers.TrainingArguments`` field by its own name plus a few prmkit keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from prmkit.errors import ConfigError
+
+FORMATS = ("auto", "stepwise", "math-shepherd", "prm800k", "processbench")
+PRM800K_NEUTRAL = ("negative", "positive", "drop")
+BATCHING = ("auto", "padded", "grouped", "packed")
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str | None = None
+    """Base model for `train` (a Hub id or a local directory); a trained model directory elsewhere."""
+    tokenizer: str | None = None
+    """Tokenizer to use; defaults to `name_or_path`. A directory with only tokenizer files works."""
+    trust_remote_code: bool = False
+    allow_bidirectional: bool = False
+    """Allow a non-causal (BERT-like) model: one sequence per solution then lets it see later steps."""
+    dtype: str = "auto"
+    """auto | float32 | bfloat16 | float16."""
+    attn_implementation: str | None = None
+    """eager | sdpa | flash_attention_2 | ... ; null lets transformers choose."""
+    init_from_config: bool = False
+    """Build random weights from `name_or_path`'s config instead of loading weights (smoke runs, benchmarks)."""
+
+
+@dataclass
+class DataConfig:
+    train: str | None = None
+    """Hub dataset id (split syntax like `train[:10%]` allowed), a .jsonl/.json/.parquet/.csv file, or a saved dataset."""
+    eval: str | None = None
+    format: str = "auto"
+    """auto | stepwise | math-shepherd | prm800k | processbench."""
+    step_separator: str = "\n"
+    max_length: int | None = 1024
+    max_prompt_length: int | None = 512
+    max_completion_length: int | None = None
+    train_on_last_step_only: bool = False
+    label_threshold: float | None = None
+    """Binarize soft labels at this threshold; null keeps them as soft targets."""
+    prm800k_neutral: str = "negative"
+    """How PRM800K's neutral (0) ratings count: negative (TRL's converter) | positive (Qwen's PRM) | drop."""
+    num_proc: int | None = None
+    cache_dir: str | None = None
+    """Where prepared datasets are cached; null means $PRMKIT_CACHE or ~/.cache/prmkit."""
+
+
+@dataclass
+class TrainConfig:
+    """prmkit's own training keys. Every `transformers.TrainingArguments` field is accepted beside these."""
+
+    batching: str = "auto"
+    """auto | padded | grouped | packed."""
+    lora: dict | None = None
+    """{r, alpha, dropout, target_modules}; null trains every weight."""
+    lora_merge: bool = True
+    disable_dropout: bool = True
+    example: bool = False
+    """Train on the bundled example data with a tiny model built from a config (offline smoke run)."""
+
+
+# TrainingArguments defaults that prmkit changes, following the seed's PRMConfig.
+TRAINING_ARGUMENT_DEFAULTS: dict[str, Any] = {
+    "output_dir": "runs/prm",
+    "learning_rate": 1e-5,
+    "report_to": "none",
+    "logging_steps": 10,
+    "save_strategy": "steps",
+    "save_steps": 500,
+    "save_total_limit": 2,
+}
+
+
+@dataclass
+class EvalConfig:
+    data: list[str] = field(default_factory=list)
+    format: str = "auto"
+    threshold: float = 0.5
+    tune_threshold: str | None = None
+    """Subset whose first-error F1 picks the threshold that is then applied to every subset."""
+    output_dir: str = "eval"
+    plots: bool = True
+    batch_tokens: int = 16384
+
+
+@dataclass
+class ScoreConfig:
+    threshold: float = 0.5
+    batch_tokens: int = 16384
+    """Token budget of one forward batch (padded length x rows)."""
+    sort_window: int = 2048
+    """Rows read ahead and sorted by length before batching; memory stays bounded by it."""
+    dtype: str = "auto"
+    device: str = "auto"
+    format: str = "auto"
+    skip_invalid: bool = False
+
+
+@dataclass
+class PushConfig:
+    repo_id: str | None = None
+    private: bool = False
+    revision: str | None = None
+    commit_message: str | None = None
+    create_pr: bool = False
+    adapter: bool = False
+    eval_report: str | None = None
+    overwrite_card: bool = False
+    allow_pickle: bool = False
+    license: str | None = None
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+    "score": ScoreConfig,
+    "push": PushConfig,
+}
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.format": FORMATS,
+    "eval.format": FORMATS,
+    "score.format": FORMATS,
+    "data.prm800k_neutral": PRM800K_NEUTRAL,
+    "train.batching": BATCHING,
+}
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    push: PushConfig = field(default_factory=PushConfig)
+    training_arguments: dict[str, Any] = field(default_factory=lambda: dict(TRAINING_ARGUMENT_DEFAULTS))
+    """The `train` section's TrainingArguments fields, kept apart from prmkit's own train keys."""
+    source: str = "<defaults>"
+
+    @property
+    def tokenizer_name(self) -> str | None:
+        return self.model.tokenizer or self.model.name_or_path
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        out = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+        out["train"] = {**self.training_arguments, **out["train"]}
+        return out
+
+
+def training_argument_fields() -> dict[str, dataclasses.Field]:
+    # Imported lazily: transformers costs seconds, and only `train` keys need it.
+    from transformers import TrainingArguments
+
+    return {f.name: f for f in dataclasses.fields(TrainingArguments) if f.init}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, flags: dict | None = None) -> Config:
+    """Resolve a config: defaults, then the YAML file at ``path``, then ``--set`` overrides, then explicit flags.
+
+    ``flags`` maps dotted keys to values from a command's own options; ``None`` values mean "not given".
+    """
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        cfg.source = str(path)
+        for section, values in _read_yaml(path).items():
+            for key, value in values.items():
+                set_key(cfg, f"{section}.{key}", value, origin=str(path))
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. --set data.max_length=2048")
+        set_key(cfg, key.strip(), _parse_scalar(raw), origin="--set")
+    for key, value in (flags or {}).items():
+        if value is not None:
+            set_key(cfg, key, value, origin="command line")
+    return cfg
+
+
+def _read_yaml(path: Path) -> dict[str, dict]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where}: invalid YAML ({getattr(e, 'problem', None) or e})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections ({', '.join(SECTIONS)}), got {type(data).__name__}")
+    for section, values in data.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{path}: unknown section {section!r}{_did_you_mean(str(section), SECTIONS)}")
+        if values is None:
+            data[section] = {}
+        elif not isinstance(values, dict):
+            raise ConfigError(f"{path}: section {section!r}: expected a mapping of keys, got {type(values).__name__}")
+    return data
+
+
+def _parse_scalar(raw: str) -> Any:
+    # YAML gives --set the file's own syntax: null, true, [a, b], {r: 8}, "quoted\n".
+    try:
+        return yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        return raw
+
+
+def set_key(cfg: Config, dotted: str, value: Any, origin: str = "config") -> None:
+    section, _, key = dotted.partition(".")
+    if section not in SECTIONS:
+        raise ConfigError(f"{origin}: unknown section {section!r} in {dotted!r}{_did_you_mean(section, SECTIONS)}")
+    if not key:
+        raise ConfigError(f"{origin}: {dotted!r}: expected section.key")
+    obj = getattr(cfg, section)
+    own = {f.name: f for f in dataclasses.fields(obj)}
+    if key in own:
+        setattr(obj, key, _coerce(value, own[key].type, f"{section}.{key}", origin))
+        return
+    if section == "train":
+        ta_fields = training_argument_fields()
+        if key in ta_fields:
+            cfg.training_arguments[key] = _coerce_training_argument(value, ta_fields[key], key, origin)
+            return
+        raise ConfigError(f"{origin}: unknown key 'train.{key}'{_did_you_mean(key, [*own, *ta_fields])}")
+    raise ConfigError(f"{origin}: unknown key '{section}.{key}'{_did_you_mean(key, own)}")
+
+
+def _did_you_mean(word: str, candidates) -> str:
+    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list",
+               dict: "a mapping"}
+
+
+def _resolve(annotation: Any) -> tuple[set[type], bool]:
+    """Base types an annotation admits, and whether it admits null."""
+    if isinstance(annotation, str):
+        annotation = eval(annotation, {"typing": typing}, {**vars(typing), "Any": Any})  # noqa: S307 - our own hints
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        kinds: set[type] = set()
+        nullable = False
+        for arg in typing.get_args(annotation):
+            if arg is type(None):
+                nullable = True
+            else:
+                sub, _ = _resolve(arg)
+                kinds |= sub
+        return kinds, nullable
+    if origin is not None:
+        return {origin}, False
+    if annotation is Any:
+        return set(), True
+    return {annotation}, False
+
+
+def _coerce(value: Any, annotation: Any, key: str, origin: str) -> Any:
+    kinds, nullable = _resolve(annotation)
+    expected = " or ".join(_TYPE_WORDS.get(k, k.__name__) for k in sorted(kinds, key=str)) + (" or null" if nullable else "")
+    if value is None:
+        if nullable or not kinds:
+            return None
+        raise ConfigError(f"{origin}: {key}: expected {expected}, got null")
+    if not kinds:
+        return value
+    if bool in kinds and isinstance(value, bool):
+        return value
+    if int in kinds and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if float in kinds and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if float in kinds and isinstance(value, str):
+        # PyYAML reads 1e-5 (no dot) as a string.
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if str in kinds and isinstance(value, str):
+        choices = CHOICES.get(key)
+        if choices and value not in choices:
+            raise ConfigError(f"{origin}: {key}: expected one of {', '.join(choices)}, got {value!r}"
+                              f"{_did_you_mean(value, choices)}")
+        return value
+    if list in kinds and isinstance(value, (list, tuple)):
+        return list(value)
+    if list in kinds and isinstance(value, str):
+        return [value]
+    if dict in kinds and isinstance(value, dict):
+        return value
+    raise ConfigError(f"{origin}: {key}: expected {expected}, got {value!r} ({type(value).__name__})")
+
+
+def _coerce_training_argument(value: Any, fld: dataclasses.Field, key: str, origin: str) -> Any:
+    default = fld.default if fld.default is not dataclasses.MISSING else None
+    try:
+        kinds, _ = _resolve(fld.type)
+    except Exception:
+        kinds = set()
+    # TrainingArguments accepts enums as strings and many unions; check the plain scalar kinds, let it validate the rest.
+    if isinstance(default, bool) and not isinstance(value, bool) and value is not None:
+        raise ConfigError(f"{origin}: train.{key}: expected true or false, got {value!r} ({type(value).__name__})")
+    if kinds & {int, float} and not kinds & {str, dict, list} and isinstance(value, str):
+        try:
+            return int(value) if int in kinds and float not in kinds else float(value)
+        except ValueError:
+            raise ConfigError(f"{origin}: train.{key}: expected a number, got {value!r}") from None
+    if float in kinds and not isinstance(value, bool) and isinstance(value, int):
+        return float(value) if int not in kinds else value
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Writing
+
+
+def render_template() -> str:
+    """A commented YAML file holding every prmkit key with its default (what `prmkit config init` writes)."""
+    lines = [
+        "# prmkit config: every key with its default. Delete what you do not change.",
+        "# Precedence: defaults < this file < --set section.key=value < a command's own flags.",
+        "",
+    ]
+    cfg = Config()
+    for section, cls in SECTIONS.items():
+        lines.append(f"{section}:")
+        docs = _field_docs(cls)
+        for f in dataclasses.fields(cls):
+            value = getattr(getattr(cfg, section), f.name)
+            if docs.get(f.name):
+                lines.append(f"  # {docs[f.name]}")
+            lines.append(f"  {f.name}: {_yaml_value(value)}")
+        if section == "train":
+            lines.append("  # Every transformers.TrainingArguments field is accepted here by its own name.")
+            lines.append("  # prmkit's defaults for some of them, following TRL's PRMConfig:")
+            for key, value in TRAINING_ARGUMENT_DEFAULTS.items():
+                lines.append(f"  {key}: {_yaml_value(value)}")
+            lines.append("  num_train_epochs: 1")
+            lines.append("  per_device_train_batch_size: 8")
+            lines.append("  seed: 42")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _yaml_value(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True, allow_unicode=False).strip().removesuffix("...").strip()
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    # Attribute docstrings (the string under each field) double as the template's comments.
+    import ast
+    import inspect
+
+    docs: dict[str, str] = {}
+    try:
+        tree = ast.parse(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return docs
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
+                docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True)

@@ -1,0 +1,531 @@
+"""Load step-labelled data, validate every row, tokenize it and cache the result.
+
+`prepare`, `train` and `eval` all come through :func:`prepare_splits`, so running `prepare` first is optional: the
+same inputs give the same cache key and the work is done once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from prmkit import __version__
+from prmkit.errors import DataError, UsageError
+from prmkit.formats import Options, RowError, convert, detect_format
+from prmkit.tokenization import TextEncoder, TokenizationParams, tokenize_rows, tokenizer_fingerprint
+
+log = logging.getLogger("prmkit")
+
+METADATA_FILE = "prmkit_dataset.json"
+REJECTS_FILE = "rejects.jsonl"
+LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+MAX_PROBLEMS = 10
+CHUNK_ROWS = 4096
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading sources
+
+
+@dataclass
+class Source:
+    """Where rows come from, and how to name a row in a message (`file:line 7` or `dataset row 7`)."""
+
+    spec: str
+    kind: str  # jsonl | json | parquet | csv | disk | hub
+    path: Path | None = None
+    unit: str = "row"
+
+    def where(self, number: int) -> str:
+        return f"{self.spec}: {self.unit} {number}"
+
+
+def resolve_source(spec: str) -> Source:
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if (path / "dataset_info.json").exists() or (path / "state.json").exists() or (path / "dataset_dict.json").exists():
+            return Source(spec, "disk", path)
+        raise DataError(f"{spec}: a directory, but not one written by datasets' save_to_disk")
+    suffix = path.suffix.lower()
+    if suffix in LOCAL_SUFFIXES:
+        if not path.exists():
+            raise DataError(f"{spec}: file not found")
+        if path.stat().st_size == 0:
+            raise DataError(f"{spec}: the file is empty")
+        kind = "jsonl" if suffix == ".jsonl" else suffix[1:]
+        return Source(spec, kind, path, unit="line" if kind == "jsonl" else "row")
+    if path.exists():
+        raise DataError(f"{spec}: unsupported file type {suffix or '(none)'}", hint="use .jsonl, .json, .parquet or .csv")
+    if os.sep in spec.strip("/") and spec.startswith((".", "/", "~")):
+        raise DataError(f"{spec}: file not found")
+    return Source(spec, "hub")
+
+
+def iter_records(source: Source) -> Iterator[tuple[int, Any, str | None]]:
+    """Yield (1-based row or line number, record, problem). A record that cannot be parsed has a problem instead."""
+    if source.kind == "jsonl":
+        yield from _iter_jsonl(source)
+    elif source.kind == "json":
+        yield from _iter_json(source)
+    else:
+        ds = _load_with_datasets(source)
+        number = 0
+        for batch in ds.iter(batch_size=1000):
+            keys = list(batch)
+            for values in zip(*(batch[k] for k in keys)):
+                number += 1
+                yield number, dict(zip(keys, values)), None
+
+
+def _iter_jsonl(source: Source) -> Iterator[tuple[int, Any, str | None]]:
+    assert source.path is not None
+    with open(source.path, "rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            if not raw.strip():
+                continue
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield number, None, f"not UTF-8 ({e.reason} at byte {e.start})"
+                continue
+            try:
+                yield number, json.loads(text), None
+            except json.JSONDecodeError as e:
+                yield number, None, f"malformed JSON ({e.msg} at column {e.colno})"
+
+
+def _iter_json(source: Source) -> Iterator[tuple[int, Any, str | None]]:
+    assert source.path is not None
+    try:
+        data = json.loads(source.path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{source.spec}: not UTF-8 ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data":
+            raise DataError(f"{source.spec}: line {e.lineno}: malformed JSON (extra data; is it JSON Lines? name it .jsonl)") from None
+        raise DataError(f"{source.spec}: line {e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+    if isinstance(data, dict):
+        # {"data": [...]} or {"train": [...]} wrappers, as datasets' json loader's `field` would take them.
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise DataError(f"{source.spec}: expected a JSON array of rows (or an object holding one array)")
+        data = lists[0]
+    if not isinstance(data, list):
+        raise DataError(f"{source.spec}: expected a JSON array of rows, got {type(data).__name__}")
+    if not data:
+        raise DataError(f"{source.spec}: no rows")
+    for number, record in enumerate(data, start=1):
+        yield number, record, None
+
+
+def _load_with_datasets(source: Source):
+    import datasets
+
+    try:
+        if source.kind == "disk":
+            ds = datasets.load_from_disk(str(source.path))
+            if isinstance(ds, datasets.DatasetDict):
+                if len(ds) != 1 and "train" not in ds:
+                    raise DataError(f"{source.spec}: holds splits {list(ds)}; name one with a saved single split")
+                ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+            return ds
+        if source.kind in ("parquet", "csv"):
+            return datasets.load_dataset(source.kind, data_files=str(source.path), split="train")
+        name, split = _hub_split(source.spec)
+        return datasets.load_dataset(name, split=split)
+    except DataError:
+        raise
+    except FileNotFoundError as e:
+        raise DataError(f"{source.spec}: not found ({e})") from None
+    except Exception as e:  # datasets raises many types for an unreachable or missing dataset
+        raise DataError(f"{source.spec}: could not load ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
+                        hint="a Hub dataset needs network access; local files need a .jsonl, .json, .parquet or .csv suffix") from None
+
+
+def _hub_split(spec: str) -> tuple[str, str]:
+    # `org/name:train[:10%]` or `org/name[:10%]`-style split syntax; default split is train.
+    if ":" in spec and "[" not in spec.split(":", 1)[0]:
+        name, split = spec.split(":", 1)
+        return name, split or "train"
+    if "[" in spec:
+        name, rest = spec.split("[", 1)
+        return name, "train[" + rest
+    return spec, "train"
+
+
+def fingerprint_source(source: Source) -> str:
+    """A hash that changes whenever the source's content does."""
+    h = hashlib.sha256(source.spec.encode())
+    if source.path is not None and source.path.is_file():
+        with open(source.path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    elif source.path is not None and source.path.is_dir():
+        for p in sorted(source.path.rglob("*")):
+            if p.is_file():
+                st = p.stat()
+                h.update(f"{p.relative_to(source.path)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    else:
+        h.update(_load_with_datasets(source)._fingerprint.encode())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Converting and validating
+
+
+@dataclass
+class SplitReport:
+    source: str
+    format: str = ""
+    rows_in: int = 0
+    rows_rejected: int = 0
+    rows_converted: int = 0
+    rows_kept: int = 0
+    rows_dropped_truncated: int = 0
+    steps: int = 0
+    steps_lost_to_truncation: int = 0
+    steps_with_separator: int = 0
+    labels_positive: int = 0
+    labels_negative: int = 0
+    labels_soft: int = 0
+    soft_label_mean: float | None = None
+    tokens_p50: int | None = None
+    tokens_p95: int | None = None
+    tokens_max: int | None = None
+    problems: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d.pop("problems")
+        return d
+
+
+@dataclass
+class StepRows:
+    """Validated stepwise rows of one split, in columns, with the source row each came from."""
+
+    prompts: list[str] = field(default_factory=list)
+    completions: list[list[str]] = field(default_factory=list)
+    labels: list[list[Any]] = field(default_factory=list)
+    first_errors: list[int | None] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+def read_step_rows(
+    spec: str,
+    fmt: str,
+    opts: Options,
+    separator: str,
+    skip_invalid: bool,
+    rejects: list[dict] | None = None,
+) -> tuple[StepRows, SplitReport]:
+    """Read a source, convert it to stepwise rows and validate each; collect or raise on bad rows."""
+    source = resolve_source(spec)
+    report = SplitReport(source=spec)
+    out = StepRows()
+    records = iter_records(source)
+    if fmt == "auto":
+        first = next(records, None)
+        if first is None:
+            raise DataError(f"{spec}: no rows")
+        keys = first[1].keys() if isinstance(first[1], dict) else []
+        fmt = detect_format(keys, spec)
+        log.info(f"{spec}: detected format {fmt} (columns {', '.join(sorted(keys))})")
+        records = _chain([first], records)
+    report.format = fmt
+    problems: list[str] = []
+    soft_sum = 0.0
+    for number, record, problem in records:
+        report.rows_in += 1
+        try:
+            if problem is not None:
+                raise RowError("row", problem)
+            rows = convert(fmt, record, opts)
+        except RowError as e:
+            report.rows_rejected += 1
+            line = f"{source.where(number)}: {e.field}: {e.reason}"
+            if len(problems) < 1000:
+                problems.append(line)
+            if rejects is not None:
+                rejects.append({"source": spec, source.unit: number, "field": e.field, "reason": e.reason, "record": record})
+            continue
+        for row in rows:
+            out.prompts.append(row["prompt"])
+            out.completions.append(row["completions"])
+            out.labels.append(row["labels"])
+            out.first_errors.append(row.get("first_error"))
+            out.rows.append(number)
+            report.steps += len(row["completions"])
+            if separator:
+                report.steps_with_separator += sum(separator in s for s in row["completions"])
+            for label in row["labels"]:
+                if label is None:
+                    continue
+                if isinstance(label, float):
+                    report.labels_soft += 1
+                    soft_sum += label
+                elif label:
+                    report.labels_positive += 1
+                else:
+                    report.labels_negative += 1
+    report.rows_converted = len(out)
+    report.soft_label_mean = soft_sum / report.labels_soft if report.labels_soft else None
+    report.problems = problems
+    if problems and not skip_invalid:
+        raise DataError(
+            f"{spec}: {report.rows_rejected} of {report.rows_in} rows are invalid",
+            problems=problems,
+            hint="fix them, or pass --skip-invalid to write them to a rejects file and go on",
+        )
+    if report.rows_in == 0:
+        raise DataError(f"{spec}: no rows")
+    if report.steps_with_separator:
+        log.warning(
+            f"{spec}: {report.steps_with_separator} steps contain the separator {separator!r}; "
+            "the model sees it inside a step as well as after it"
+        )
+    return out, report
+
+
+def _chain(first: list, rest: Iterator) -> Iterator:
+    yield from first
+    yield from rest
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tokenizing and caching
+
+
+def _features(soft: bool):
+    from datasets import Features, Sequence, Value
+
+    return Features(
+        {
+            "input_ids": Sequence(Value("int32")),
+            # Explicit features stop Dataset.map from casting labels back to bool (-100 -> True, TRL's PR #2127 bug).
+            "labels": Sequence(Value("float32" if soft else "int64")),
+            "num_tokens": Value("int32"),
+            "steps_lost": Value("int32"),
+            "row": Value("int64"),
+        }
+    )
+
+
+def tokenize_step_rows(rows: StepRows, tokenizer, params: TokenizationParams, is_eval: bool, num_proc: int | None = None):
+    """Tokenize validated rows into a `datasets.Dataset` with columns input_ids, labels, num_tokens, steps_lost, row."""
+    import datasets
+
+    soft = any(isinstance(x, float) for labels in rows.labels for x in labels)
+    columns: dict[str, list] = {"input_ids": [], "labels": [], "num_tokens": [], "steps_lost": [], "row": []}
+    if num_proc and num_proc > 1 and len(rows) > CHUNK_ROWS:
+        # Parallel over rows through datasets; the Rust tokenizer already uses every core within a batch.
+        table = datasets.Dataset.from_dict(
+            {"prompt": rows.prompts, "completions": rows.completions, "labels": [[None if v is None else float(v) for v in ls] for ls in rows.labels], "row": rows.rows}
+        )
+
+        def fn(batch):
+            labels = [[None if v is None else (v if soft and v not in (0.0, 1.0) else int(v)) for v in ls] for ls in batch["labels"]]
+            res = tokenize_rows(tokenizer, batch["prompt"], batch["completions"], labels, params, is_eval)
+            res["row"] = batch["row"]
+            return res
+
+        return table.map(fn, batched=True, batch_size=CHUNK_ROWS, num_proc=num_proc, features=_features(soft),
+                         remove_columns=["prompt", "completions", "labels"], desc="Tokenizing")
+    encoder = TextEncoder(tokenizer)
+    for start in range(0, len(rows), CHUNK_ROWS):
+        stop = start + CHUNK_ROWS
+        res = tokenize_rows(tokenizer, rows.prompts[start:stop], rows.completions[start:stop], rows.labels[start:stop],
+                            params, is_eval, encoder)
+        for key, values in res.items():
+            columns[key].extend(values)
+        columns["row"].extend(rows.rows[start:stop])
+    return datasets.Dataset.from_dict(columns, features=_features(soft))
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    """Load only the tokenizer (never weights); a directory holding just tokenizer files works."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise UsageError(f"tokenizer {name_or_path!r} could not be loaded: {str(e).splitlines()[0]}",
+                         hint="set model.tokenizer (or model.name_or_path) to a local directory or a reachable Hub id") from None
+
+
+@dataclass
+class Prepared:
+    """What `prepare` made: the DatasetDict's directory, its metadata, and one report per split."""
+
+    path: Path
+    metadata: dict[str, Any]
+    reports: dict[str, SplitReport]
+    cache_hit: bool
+    rejects_path: Path | None = None
+
+    def load(self):
+        import datasets
+
+        return datasets.load_from_disk(str(self.path))
+
+
+def cache_root(cfg_cache_dir: str | None) -> Path:
+    if cfg_cache_dir:
+        return Path(cfg_cache_dir).expanduser()
+    if os.environ.get("PRMKIT_CACHE"):
+        return Path(os.environ["PRMKIT_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "prmkit"
+
+
+def cache_key(tok_fp: dict, params: TokenizationParams, data_cfg, sources: dict[str, str]) -> str:
+    material = {
+        "prmkit": __version__,
+        "tokenizer": tok_fp["sha256"],
+        "params": params.to_dict(),
+        "format": data_cfg.format,
+        "prm800k_neutral": data_cfg.prm800k_neutral,
+        "label_threshold": data_cfg.label_threshold,
+        "sources": sources,
+    }
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def prepare_splits(
+    cfg,
+    tokenizer,
+    output: str | Path | None = None,
+    skip_invalid: bool = False,
+    overwrite: bool = False,
+) -> Prepared:
+    """Prepare `data.train` (split `train`) and `data.eval` (split `eval`) into a cached DatasetDict.
+
+    With ``output`` the result goes there (a prepared directory with other inputs is rebuilt; any other existing
+    directory is refused unless ``overwrite``); without it, into the cache under ``data.cache_dir``.
+    """
+    import datasets
+
+    data = cfg.data
+    specs = {name: spec for name, spec in (("train", data.train), ("eval", data.eval)) if spec}
+    if not specs:
+        raise UsageError("no data: set data.train (and optionally data.eval)", hint="e.g. --set data.train=rows.jsonl")
+    params = TokenizationParams.from_data_config(data)
+    tok_fp = tokenizer_fingerprint(tokenizer)
+    sources = {name: fingerprint_source(resolve_source(spec)) for name, spec in specs.items()}
+    key = cache_key(tok_fp, params, data, sources)
+    target = Path(output) if output else cache_root(data.cache_dir) / "prepared" / key
+
+    existing = _read_metadata(target)
+    if existing is not None and existing.get("cache_key") == key and not overwrite:
+        log.info(f"reusing prepared data in {target} (inputs unchanged)")
+        reports = {n: SplitReport(**r) for n, r in existing.get("splits", {}).items()}
+        rejects = target / REJECTS_FILE
+        return Prepared(target, existing, reports, cache_hit=True, rejects_path=rejects if rejects.exists() else None)
+    if target.exists() and any(target.iterdir()) and existing is None and not overwrite:
+        raise UsageError(f"{target} exists and is not a prmkit prepared dataset", hint="pass --overwrite, or choose another --output")
+    if existing is not None:
+        log.info(f"rebuilding {target}: inputs changed since it was prepared")
+
+    rejects: list[dict] = []
+    splits = {}
+    reports: dict[str, SplitReport] = {}
+    for name, spec in specs.items():
+        is_eval = name == "eval"
+        opts = Options(prm800k_neutral=data.prm800k_neutral, label_threshold=data.label_threshold, is_eval=is_eval)
+        rows, report = read_step_rows(spec, data.format, opts, data.step_separator, skip_invalid, rejects)
+        ds = tokenize_step_rows(rows, tokenizer, params, is_eval, data.num_proc)
+        _summarize_tokens(ds, report, is_eval, params)
+        ds = _drop_unlabelled(ds, report)
+        report.rows_kept = len(ds)
+        splits[name] = ds
+        reports[name] = report
+        if report.rows_dropped_truncated:
+            log.warning(f"{spec}: {report.rows_dropped_truncated} rows lost every label to truncation and were dropped")
+        if report.steps_lost_to_truncation:
+            log.warning(f"{spec}: {report.steps_lost_to_truncation} labelled steps were cut by max_length/max_completion_length")
+
+    metadata = {
+        "prmkit_version": __version__,
+        "cache_key": key,
+        "tokenizer": tok_fp,
+        "tokenization": params.to_dict(),
+        "data": {
+            "format": data.format,
+            "formats": {n: r.format for n, r in reports.items()},
+            "prm800k_neutral": data.prm800k_neutral,
+            "label_threshold": data.label_threshold,
+            "sources": specs,
+            "fingerprints": sources,
+        },
+        "splits": {n: r.to_dict() for n, r in reports.items()},
+    }
+    _write_atomically(target, datasets.DatasetDict(splits), metadata, rejects)
+    rejects_path = target / REJECTS_FILE
+    return Prepared(target, metadata, reports, cache_hit=False, rejects_path=rejects_path if rejects else None)
+
+
+def _summarize_tokens(ds, report: SplitReport, is_eval: bool, params: TokenizationParams) -> None:
+    import numpy as np
+
+    lengths = np.asarray(ds["num_tokens"], dtype=np.int64)
+    if len(lengths):
+        report.tokens_p50 = int(np.percentile(lengths, 50))
+        report.tokens_p95 = int(np.percentile(lengths, 95))
+        report.tokens_max = int(lengths.max())
+    report.steps_lost_to_truncation = int(np.asarray(ds["steps_lost"], dtype=np.int64).sum()) if len(ds) else 0
+
+
+def _drop_unlabelled(ds, report: SplitReport):
+    import numpy as np
+
+    keep = [i for i, labels in enumerate(ds["labels"]) if any(x != -100 for x in labels)]
+    report.rows_dropped_truncated = len(ds) - len(keep)
+    if report.rows_dropped_truncated:
+        ds = ds.select(np.asarray(keep, dtype=np.int64))
+    return ds
+
+
+def _read_metadata(target: Path) -> dict | None:
+    meta = target / METADATA_FILE
+    if not meta.is_file():
+        return None
+    try:
+        return json.loads(meta.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _write_atomically(target: Path, dsd, metadata: dict, rejects: list[dict]) -> None:
+    # Build beside the target and swap in, so an interrupted prepare never leaves a half-written cache behind.
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        dsd.save_to_disk(str(tmp / "data"))
+        for item in (tmp / "data").iterdir():
+            item.rename(tmp / item.name)
+        (tmp / "data").rmdir()
+        if rejects:
+            with open(tmp / REJECTS_FILE, "w", encoding="utf-8") as fh:
+                for r in rejects:
+                    fh.write(json.dumps(r, ensure_ascii=False, default=str) + "\n")
+        (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, ensure_ascii=False), encoding="utf-8")
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            target.rename(old)
+            tmp.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,44 @@
+"""The exceptions prmkit raises for problems a user can fix.
+
+The CLI maps each to a one-line message and an exit code (see ``prmkit/cli/_errors.py``); library callers catch them
+like any exception. Anything else that escapes is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class PrmkitError(Exception):
+    """A failure while running: exit code 1."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+class UsageError(PrmkitError):
+    """Bad usage or bad input: exit code 2."""
+
+    exit_code = 2
+
+
+class ConfigError(UsageError):
+    """A config file or override that does not fit the schema."""
+
+
+class DataError(UsageError):
+    """Input data that cannot be read or does not fit its format.
+
+    ``problems`` holds one line per bad row (up to a limit), each naming the source, the row, the field and the reason.
+    """
+
+    def __init__(self, message: str, problems: list[str] | None = None, hint: str | None = None):
+        super().__init__(message, hint=hint)
+        self.problems = list(problems or [])
+
+
+class NotImplementedYet(PrmkitError):
+    def __init__(self, what: str):
+        super().__init__(f"`prmkit {what}` is not implemented yet.")

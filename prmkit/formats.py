@@ -1,0 +1,251 @@
+"""Step-labelled data formats, each converted to stepwise rows ``{prompt, completions: [str], labels: [...]}``.
+
+- ``stepwise``: TRL's stepwise-supervision rows, as they are.
+- ``math-shepherd``: raw ``{input, label}``; steps end with the tag ``ки`` in ``input`` and ``label`` holds ``+``/``-``
+  at the same places. Converted as TRL's ``examples/datasets/math_shepherd.py`` did.
+- ``prm800k``: raw OpenAI lines, expanded along the labelled path as TRL's ``examples/datasets/prm800k.py`` did.
+- ``processbench``: ``{problem, steps, label}`` with ``label`` the first wrong step or -1.
+
+A converter raises :class:`RowError` naming the field and the reason; the caller adds file and row.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from prmkit.errors import DataError
+from prmkit.tokenization import normalize_label
+
+FORMAT_NAMES = ("stepwise", "math-shepherd", "prm800k", "processbench")
+
+# The columns that identify each format; `auto` picks the one whose columns are all present.
+SIGNATURES: dict[str, tuple[str, ...]] = {
+    "stepwise": ("prompt", "completions", "labels"),
+    "math-shepherd": ("input", "label"),
+    "prm800k": ("question", "label"),
+    "processbench": ("problem", "steps", "label"),
+}
+
+SHEPHERD_TAG = "ки"
+_SHEPHERD_MARK = "ⶻ"  # one character, so positions in `input` line up with `label` (TRL's trick)
+# Rows of Math-Shepherd whose prompt carries a stray first tag; TRL's converter drops that first label.
+_SHEPHERD_QUIRKS = (
+    "Mr. Rocky",
+    "Parker",
+    "What is the smallest positive",
+    " The Myth",
+    "Let $\\mathbf{a}$",
+    "Find the arithmetic",
+    "Determine an ordered pair",
+    "Determine the ordered pair",
+    "At the Quill and Scroll stationery",
+    "Round to the nearest",
+    r"Calculate $\sqrt{10p}",
+    r"Simplify $\sqrt{28x}",
+)
+
+
+class RowError(ValueError):
+    def __init__(self, field: str, reason: str):
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+@dataclass
+class Options:
+    """What conversion depends on besides the row itself."""
+
+    prm800k_neutral: str = "negative"
+    label_threshold: float | None = None
+    is_eval: bool = False
+
+
+def detect_format(columns: Iterable[str], source: str) -> str:
+    cols = set(columns)
+    matches = [name for name, sig in SIGNATURES.items() if set(sig) <= cols]
+    # A PRM800K line also has `label`, like Math-Shepherd: the nested `question` tells them apart.
+    if "prm800k" in matches and "math-shepherd" in matches and "input" not in cols:
+        matches.remove("math-shepherd")
+    if "processbench" in matches and "math-shepherd" in matches and "input" not in cols:
+        matches.remove("math-shepherd")
+    if not matches:
+        wanted = "; ".join(f"{n}: {', '.join(s)}" for n, s in SIGNATURES.items())
+        raise DataError(
+            f"{source}: cannot detect the data format from columns {sorted(cols)}",
+            hint=f"set data.format, or give the columns of one format ({wanted})",
+        )
+    if len(matches) > 1:
+        raise DataError(
+            f"{source}: columns {sorted(cols)} fit several formats ({', '.join(matches)})",
+            hint="set data.format to the one you mean",
+        )
+    return matches[0]
+
+
+def convert(fmt: str, record: dict[str, Any], opts: Options) -> list[dict[str, Any]]:
+    """Convert one source record into zero or more validated stepwise rows."""
+    if not isinstance(record, dict):
+        raise RowError("row", f"expected a JSON object, got {type(record).__name__}")
+    if fmt == "stepwise":
+        rows = [_stepwise(record)]
+    elif fmt == "math-shepherd":
+        rows = [_math_shepherd(record)]
+    elif fmt == "prm800k":
+        rows = _prm800k(record, opts.prm800k_neutral)
+    elif fmt == "processbench":
+        rows = [_processbench(record, opts.is_eval)]
+    else:
+        raise DataError(f"unknown format {fmt!r}", hint=f"use one of auto, {', '.join(FORMAT_NAMES)}")
+    return [validate(row, opts.label_threshold, allow_unlabelled=fmt == "processbench") for row in rows]
+
+
+def validate(row: dict[str, Any], label_threshold: float | None = None, allow_unlabelled: bool = False) -> dict:
+    """Check a stepwise row and normalise its labels (0/1 hard, float soft). Raises RowError."""
+    prompt = row.get("prompt")
+    if not isinstance(prompt, str):
+        raise RowError("prompt", f"expected a string, got {_kind(prompt)}")
+    steps = row.get("completions")
+    if not isinstance(steps, list) or not steps:
+        raise RowError("completions", "expected a non-empty list of strings" + ("" if isinstance(steps, list) else f", got {_kind(steps)}"))
+    for i, step in enumerate(steps):
+        if not isinstance(step, str):
+            raise RowError(f"completions[{i}]", f"expected a string, got {_kind(step)}")
+        if not step:
+            raise RowError(f"completions[{i}]", "empty step")
+    labels = row.get("labels")
+    if not isinstance(labels, list):
+        raise RowError("labels", f"expected a list, got {_kind(labels)}")
+    if len(labels) != len(steps):
+        raise RowError("labels", f"{len(labels)} labels for {len(steps)} steps")
+    normalized = []
+    for i, label in enumerate(labels):
+        if label is None and allow_unlabelled:
+            normalized.append(None)
+            continue
+        if label is None:
+            raise RowError(f"labels[{i}]", "label is null")
+        try:
+            normalized.append(normalize_label(label, label_threshold))
+        except ValueError as e:
+            raise RowError(f"labels[{i}]", str(e)) from None
+    out = {"prompt": prompt, "completions": steps, "labels": normalized}
+    if "first_error" in row:
+        out["first_error"] = row["first_error"]
+    return out
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _stepwise(record: dict) -> dict:
+    for key in SIGNATURES["stepwise"]:
+        if key not in record:
+            raise RowError(key, "missing")
+    return {"prompt": record["prompt"], "completions": record["completions"], "labels": record["labels"]}
+
+
+def _math_shepherd(record: dict) -> dict:
+    text, label = record.get("input"), record.get("label")
+    if not isinstance(text, str):
+        raise RowError("input", f"expected a string, got {_kind(text)}")
+    if not isinstance(label, str):
+        raise RowError("label", f"expected a string, got {_kind(label)}")
+    marked = text.replace(SHEPHERD_TAG, _SHEPHERD_MARK)
+    if len(marked) != len(label):
+        raise RowError("label", f"length {len(label)} does not match input with tags as one character ({len(marked)})")
+    indexes = [m.start() for m in re.finditer(_SHEPHERD_MARK, marked)]
+    if not indexes:
+        raise RowError("input", f"no step tag {SHEPHERD_TAG!r} found")
+    bad = [i for i in indexes if label[i] not in "+-"]
+    if bad:
+        raise RowError("label", f"expected '+' or '-' at character {bad[0]}, got {label[bad[0]]!r}")
+    labels = [label[i] == "+" for i in indexes]
+    pieces = [marked[i:j] for i, j in zip([0, *indexes], [*indexes, None])][:-1]
+    prompt, completions = pieces[0], [p[1:].strip() for p in pieces[1:]]
+    if prompt.startswith(_SHEPHERD_QUIRKS):
+        labels = labels[1:]
+    else:
+        for marker in ("Step 1:", "step 1:"):
+            if marker in prompt:
+                prompt, first = prompt.split(marker, 1)
+                completions = [(marker + first).strip(), *completions]
+                break
+        else:
+            if "?" not in prompt:
+                raise RowError("input", "cannot find where the first step starts (no 'Step 1:' and no '?')")
+            prompt, first = prompt.split("?", 1)
+            prompt += "?"
+            completions = [first.strip(), *completions]
+    return {"prompt": prompt.strip(), "completions": completions, "labels": labels}
+
+
+def _rating_label(rating: Any, neutral: str) -> bool | None:
+    """PRM800K rating -> label; None means the row is dropped (neutral under `drop`)."""
+    if rating == 1:
+        return True
+    if rating == 0:
+        return {"negative": False, "positive": True, "drop": None}[neutral]
+    return False  # -1, and null (unrated) as in TRL's converter
+
+
+def _prm800k(record: dict, neutral: str) -> list[dict]:
+    question, label = record.get("question"), record.get("label")
+    if not isinstance(question, dict) or not isinstance(question.get("problem"), str):
+        raise RowError("question.problem", "expected a string")
+    if not isinstance(label, dict) or not isinstance(label.get("steps"), list):
+        raise RowError("label.steps", "expected a list")
+    prompt = question["problem"]
+    rows: list[dict] = []
+    done: list[str] = []
+    done_labels: list[bool] = []
+    for n, step in enumerate(label["steps"]):
+        if not isinstance(step, dict):
+            raise RowError(f"label.steps[{n}]", "expected an object")
+        completions = step.get("completions")
+        chosen = step.get("chosen_completion")
+        human = step.get("human_completion")
+        if completions is None and human is None and chosen is None:
+            break  # happens in the raw data; TRL's converter stops here too
+        for i, completion in enumerate(completions or []):
+            if i == chosen:
+                continue
+            verdict = _rating_label(completion.get("rating"), neutral)
+            if verdict is None:
+                continue
+            rows.append({"prompt": prompt, "completions": [*done, completion.get("text")], "labels": [*done_labels, verdict]})
+        if chosen is not None:
+            if not isinstance(chosen, int) or not 0 <= chosen < len(completions or []):
+                raise RowError(f"label.steps[{n}].chosen_completion", f"{chosen!r} is not an index into completions")
+            picked = completions[chosen]
+            verdict = _rating_label(picked.get("rating"), neutral)
+        elif human is not None:
+            picked, verdict = human, True
+        else:
+            break
+        if verdict is None:
+            break  # `drop`: a neutral step on the path ends it; nothing after it has a trustworthy prefix
+        done.append(picked.get("text"))
+        done_labels.append(verdict)
+    if done:
+        rows.append({"prompt": prompt, "completions": done, "labels": done_labels})
+    return rows
+
+
+def _processbench(record: dict, is_eval: bool) -> dict:
+    problem, steps, label = record.get("problem"), record.get("steps"), record.get("label")
+    if not isinstance(steps, list) or not steps:
+        raise RowError("steps", f"expected a non-empty list of strings, got {_kind(steps)}")
+    if not isinstance(label, int) or isinstance(label, bool) or not -1 <= label < len(steps):
+        raise RowError("label", f"expected -1 or a step index below {len(steps)}, got {label!r}")
+    if label == -1:
+        labels: list[Any] = [True] * len(steps)
+    else:
+        labels = [True] * label + [False] + [None] * (len(steps) - label - 1)
+    if not is_eval and label != -1:
+        # Training: after the first error nothing is known, so those steps are left out.
+        steps, labels = steps[: label + 1], labels[: label + 1]
+    return {"prompt": problem, "completions": steps, "labels": labels, "first_error": label}

@@ -1,0 +1,806 @@
+"""Evaluation reports: JSON, Markdown, PNG plots and terminal tables.
+
+A report is a plain dict::
+
+    {
+        "model": str | list[str],
+        "threshold": float,
+        "threshold_source": str,          # how the threshold was chosen
+        "subsets": {
+            NAME: {
+                "step": {...},            # prmkit.metrics.step_metrics
+                "by_position": [...],     # prmkit.metrics.accuracy_by_position
+                "first_error": {...},     # optional, first_error_metrics
+                "outcome": {...},         # optional, outcome_metrics
+                "best_of_n": {...},       # optional, best_of_n
+            },
+        },
+        "mean_f1": float | None,
+    }
+
+To compare models, ``{"models": {MODEL: report, ...}}`` holds one such report
+per model; the Markdown and terminal tables then put models side by side.
+
+Raw step scores are not part of the report (they would bloat
+``report.json``); the plots that need them take them through ``raw``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from prmkit.metrics import AGGREGATES, expected_calibration_curve
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+    from rich.table import Table
+
+__all__ = ["MissingExtraError", "build_markdown", "rich_tables", "write_report"]
+
+
+class MissingExtraError(RuntimeError):
+    """An optional dependency (a pip "extra") is not installed."""
+
+    def __init__(self, message: str = "plots need matplotlib: pip install 'prmkit[plot]'") -> None:
+        super().__init__(message)
+
+
+# --------------------------------------------------------------------------
+# report shape helpers
+
+
+def _is_multi(report: Mapping[str, Any]) -> bool:
+    return isinstance(report.get("models"), Mapping)
+
+
+def _model_reports(report: Mapping[str, Any]) -> list[tuple[str | None, Mapping[str, Any]]]:
+    if _is_multi(report):
+        models = report["models"]
+        if not models:
+            raise ValueError("report['models'] is empty")
+        return [(str(name), sub) for name, sub in models.items()]
+    if "subsets" not in report:
+        raise ValueError("report has neither 'subsets' nor 'models'")
+    return [(None, report)]
+
+
+def _subsets(report: Mapping[str, Any]) -> Mapping[str, Mapping[str, Any]]:
+    subsets = report.get("subsets")
+    if subsets is None:
+        return {}
+    if not isinstance(subsets, Mapping):
+        raise ValueError("report['subsets'] must be a mapping of subset name -> metrics")
+    return subsets
+
+
+def _subset_names(reports: Iterable[Mapping[str, Any]]) -> list[str]:
+    # Union in first-seen order, so the order the evaluation ran in is kept.
+    names: dict[str, None] = {}
+    for rep in reports:
+        for name in _subsets(rep):
+            names.setdefault(str(name), None)
+    return list(names)
+
+
+def _get(obj: Any, *path: str) -> Any:
+    for key in path:
+        if not isinstance(obj, Mapping):
+            return None
+        obj = obj.get(key)
+    return obj
+
+
+def _model_label(model: Any) -> str:
+    if model is None:
+        return "unknown"
+    if isinstance(model, (list, tuple)):
+        return ", ".join(str(m) for m in model)
+    return str(model)
+
+
+# --------------------------------------------------------------------------
+# formatting
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "n/a"
+        if value.is_integer() and abs(value) >= 1:
+            return str(int(value))
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _fmt_threshold(value: Any) -> str:
+    # Tuned thresholds can be midpoints such as 0.4875; don't round them away.
+    return "n/a" if value is None else f"{float(value):.4g}"
+
+
+def _md_cell(value: Any) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _md_table(header: Sequence[str], rows: Iterable[Sequence[Any]], align: str | None = None) -> str:
+    header = [_md_cell(h) for h in header]
+    # Left-align the first (label) column, right-align numbers.
+    align = align or ("l" + "r" * (len(header) - 1))
+    rule = [":---" if a == "l" else "---:" for a in align]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(rule) + " |"]
+    for row in rows:
+        lines.append("| " + " | ".join(_md_cell(c) for c in row) + " |")
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class _Metric:
+    label: str
+    path: tuple[str, ...]
+    better: str | None = "high"  # "high", "low" or None (no "best")
+
+
+_BON_LABELS = {
+    "min": "Best-of-N by min",
+    "prod": "Best-of-N by prod",
+    "last": "Best-of-N by last",
+    "mean": "Best-of-N by mean",
+}
+
+# One list drives both the Markdown and the terminal comparison, so the two
+# never drift apart.
+_HEADLINE: tuple[_Metric, ...] = (
+    _Metric("Steps", ("step", "n"), None),
+    _Metric("Step accuracy", ("step", "accuracy")),
+    _Metric("Correct-step F1", ("step", "correct_f1")),
+    _Metric("Wrong-step F1", ("step", "wrong_f1")),
+    _Metric("PRMScore", ("step", "prm_score")),
+    _Metric("AUROC", ("step", "auroc")),
+    _Metric("Log-loss", ("step", "log_loss"), "low"),
+    _Metric("Brier", ("step", "brier"), "low"),
+    _Metric("ECE", ("step", "ece"), "low"),
+    _Metric("First-error acc. (erroneous)", ("first_error", "error_accuracy")),
+    _Metric("First-error acc. (correct)", ("first_error", "correct_accuracy")),
+    _Metric("First-error F1", ("first_error", "f1")),
+    _Metric("Outcome accuracy", ("outcome", "accuracy")),
+    _Metric("Outcome F1", ("outcome", "f1")),
+    *(_Metric(_BON_LABELS[a], ("best_of_n", a)) for a in AGGREGATES),
+    _Metric("Best-of-N majority vote", ("best_of_n", "majority_vote"), None),
+    _Metric("Best-of-N random pick", ("best_of_n", "random"), None),
+    _Metric("Best-of-N pass@N", ("best_of_n", "pass_at_n"), None),
+)
+
+# Columns of the one-row-per-subset summary; the full list is too wide.
+_SUMMARY: tuple[_Metric, ...] = (
+    _Metric("Steps", ("step", "n"), None),
+    _Metric("Accuracy", ("step", "accuracy")),
+    _Metric("Correct F1", ("step", "correct_f1")),
+    _Metric("Wrong F1", ("step", "wrong_f1")),
+    _Metric("PRMScore", ("step", "prm_score")),
+    _Metric("AUROC", ("step", "auroc")),
+    _Metric("ECE", ("step", "ece"), "low"),
+    _Metric("First-error F1", ("first_error", "f1")),
+    _Metric("Outcome F1", ("outcome", "f1")),
+)
+
+
+def _best_indices(values: Sequence[Any], better: str | None) -> set[int]:
+    nums = [(i, v) for i, v in enumerate(values) if isinstance(v, (int, float)) and v is not None]
+    if better is None or len(nums) < 2:
+        return set()
+    distinct = {v for _, v in nums}
+    if len(distinct) < 2:
+        return set()  # everyone equal: marking all of them says nothing
+    target = max(distinct) if better == "high" else min(distinct)
+    return {i for i, v in nums if v == target}
+
+
+def _comparison_rows(
+    subs: Sequence[Mapping[str, Any] | None],
+    metrics: Sequence[_Metric],
+    mark: Callable[[str], str],
+) -> list[list[str]]:
+    rows = []
+    for metric in metrics:
+        values = [_get(s, *metric.path) if s is not None else None for s in subs]
+        if all(v is None for v in values):
+            continue
+        best = _best_indices(values, metric.better)
+        cells = [mark(_fmt(v)) if i in best else _fmt(v) for i, v in enumerate(values)]
+        rows.append([metric.label, *cells])
+    return rows
+
+
+# --------------------------------------------------------------------------
+# Markdown
+
+
+def _h(level: int, text: str) -> str:
+    return "#" * min(level, 6) + " " + text
+
+
+def _threshold_line(rep: Mapping[str, Any]) -> str:
+    source = rep.get("threshold_source") or "not recorded"
+    return f"{_fmt_threshold(rep.get('threshold'))} (chosen by: {source})"
+
+
+def _md_subset(name: str, sub: Mapping[str, Any], level: int) -> list[str]:
+    out = [_h(level, f"Subset: {name}")]
+    step = sub.get("step")
+    if isinstance(step, Mapping):
+        out.append(_h(level + 1, "Step level"))
+        soft = " (soft targets)" if step.get("soft_targets") else ""
+        out.append(
+            _md_table(
+                ["Metric", "Value"],
+                [
+                    ["Steps (correct / wrong)", f"{_fmt(step.get('n'))} "
+                     f"({_fmt(step.get('n_correct'))} / {_fmt(step.get('n_wrong'))})"],
+                    ["Accuracy", _fmt(step.get("accuracy"))],
+                    ["PRMScore (mean of the two F1s)", _fmt(step.get("prm_score"))],
+                    ["AUROC", _fmt(step.get("auroc"))],
+                    [f"Log-loss{soft}", _fmt(step.get("log_loss"), 4)],
+                    [f"Brier{soft}", _fmt(step.get("brier"), 4)],
+                    ["ECE", _fmt(step.get("ece"), 4)],
+                ],
+            )
+        )
+        out.append(
+            _md_table(
+                ["Class", "Precision", "Recall", "F1"],
+                [
+                    ["Correct steps", *(_fmt(step.get(f"correct_{k}")) for k in ("precision", "recall", "f1"))],
+                    ["Wrong steps", *(_fmt(step.get(f"wrong_{k}")) for k in ("precision", "recall", "f1"))],
+                ],
+            )
+        )
+        conf = step.get("confusion")
+        if isinstance(conf, Mapping):
+            out.append(
+                _md_table(
+                    ["Confusion (steps)", "Predicted correct", "Predicted wrong"],
+                    [
+                        ["Labelled correct", _fmt(conf.get("tp")), _fmt(conf.get("fn"))],
+                        ["Labelled wrong", _fmt(conf.get("fp")), _fmt(conf.get("tn"))],
+                    ],
+                )
+            )
+
+    by_pos = sub.get("by_position")
+    if by_pos:
+        out.append(_h(level + 1, "Step accuracy by position"))
+        out.append(
+            _md_table(
+                ["Step", "Steps", "Accuracy"],
+                [[r.get("position"), _fmt(r.get("n")), _fmt(r.get("accuracy"))] for r in by_pos],
+            )
+        )
+
+    fe = sub.get("first_error")
+    if isinstance(fe, Mapping):
+        out.append(_h(level + 1, "First error (ProcessBench)"))
+        out.append(
+            _md_table(
+                ["Acc. on erroneous", "Acc. on correct", "F1", "Erroneous samples", "Correct samples"],
+                [[_fmt(fe.get("error_accuracy")), _fmt(fe.get("correct_accuracy")),
+                  _fmt(fe.get("f1")), _fmt(fe.get("n_error")), _fmt(fe.get("n_correct"))]],
+                align="rrrrr",
+            )
+        )
+
+    oc = sub.get("outcome")
+    if isinstance(oc, Mapping):
+        out.append(_h(level + 1, "Outcome (solution judged correct when every step passes)"))
+        out.append(
+            _md_table(
+                ["Accuracy", "Precision", "Recall", "F1", "Solutions"],
+                [[_fmt(oc.get("accuracy")), _fmt(oc.get("precision")), _fmt(oc.get("recall")),
+                  _fmt(oc.get("f1")), _fmt(oc.get("n"))]],
+                align="rrrrr",
+            )
+        )
+
+    bon = sub.get("best_of_n")
+    if isinstance(bon, Mapping):
+        out.append(_h(level + 1, "Best-of-N"))
+        out.append(
+            f"{_fmt(bon.get('n_problems'))} problems, {_fmt(bon.get('n'), 2)} candidates each; "
+            "ties go to the first candidate."
+        )
+        rows = [[f"PRM {a}", _fmt(bon.get(a))] for a in AGGREGATES]
+        rows += [
+            ["Majority vote", _fmt(bon.get("majority_vote"))],
+            ["Random pick (expected)", _fmt(bon.get("random"))],
+            ["pass@N (upper bound)", _fmt(bon.get("pass_at_n"))],
+        ]
+        out.append(_md_table(["Selection", "Accuracy"], rows))
+        curve = bon.get("curve")
+        if curve:
+            cols = [*AGGREGATES, "majority_vote", "random", "pass"]
+            names = [*AGGREGATES, "majority", "random", "pass@k"]
+            out.append(
+                _md_table(
+                    ["k", *names],
+                    [[_fmt(r.get("k")), *(_fmt(r.get(c)) for c in cols)] for r in curve],
+                    align="r" * (len(cols) + 1),
+                )
+            )
+    return out
+
+
+def _md_single_body(rep: Mapping[str, Any], level: int) -> list[str]:
+    subsets = _subsets(rep)
+    out: list[str] = []
+    if subsets:
+        subs = list(subsets.values())
+        metrics = [m for m in _SUMMARY if any(_get(s, *m.path) is not None for s in subs)]
+        out.append(_h(level, "Summary"))
+        out.append(
+            _md_table(
+                ["Subset", *(m.label for m in metrics)],
+                [[name, *(_fmt(_get(s, *m.path)) for m in metrics)] for name, s in subsets.items()],
+            )
+        )
+    for name, sub in subsets.items():
+        out.extend(_md_subset(str(name), sub, level))
+    return out
+
+
+def _md_preamble(multi: bool) -> str:
+    lines = [
+        "Rates are fractions in [0, 1]. A step counts as correct when its label is >= 0.5, "
+        "and is predicted correct when its score is >= the threshold."
+    ]
+    if multi:
+        lines.append("**Bold** marks the best model on a row where one is better.")
+    return " ".join(lines)
+
+
+def build_markdown(report: Mapping[str, Any]) -> str:
+    """Render a report (single model or ``{"models": ...}``) as Markdown."""
+    entries = _model_reports(report)
+    out: list[str] = []
+    if not _is_multi(report):
+        rep = entries[0][1]
+        out.append(_h(1, "PRM evaluation report"))
+        facts = [
+            f"- **Model:** `{_model_label(rep.get('model'))}`",
+            f"- **Threshold:** {_threshold_line(rep)}",
+        ]
+        if "mean_f1" in rep:
+            facts.append(
+                "- **Mean first-error F1** (unweighted over subsets, as in ProcessBench): "
+                f"{_fmt(rep.get('mean_f1'))}"
+            )
+        out.append("\n".join(facts))
+        out.append(_md_preamble(multi=False))
+        out.extend(_md_single_body(rep, level=2))
+        return "\n\n".join(out) + "\n"
+
+    names = [name for name, _ in entries]
+    reps = [rep for _, rep in entries]
+    out.append(_h(1, "PRM evaluation report: model comparison"))
+    out.append(_md_preamble(multi=True))
+    out.append(_h(2, "Models"))
+    mean_f1s = [r.get("mean_f1") for r in reps]
+    best = _best_indices(mean_f1s, "high")
+    out.append(
+        _md_table(
+            ["", *names],
+            [
+                ["Model id", *(f"`{_model_label(r.get('model', n))}`" for n, r in zip(names, reps))],
+                ["Threshold", *(_fmt_threshold(r.get("threshold")) for r in reps)],
+                ["Threshold chosen by", *(r.get("threshold_source") or "not recorded" for r in reps)],
+                ["Mean first-error F1 (unweighted)",
+                 *(f"**{_fmt(v)}**" if i in best else _fmt(v) for i, v in enumerate(mean_f1s))],
+            ],
+        )
+    )
+    for subset in _subset_names(reps):
+        subs = [_subsets(r).get(subset) for r in reps]
+        rows = _comparison_rows(subs, _HEADLINE, lambda s: f"**{s}**")
+        out.append(_h(2, f"Subset: {subset}"))
+        out.append(_md_table(["Metric", *names], rows) if rows else "No figures.")
+    for name, rep in entries:
+        out.append(_h(2, f"Details: {name}"))
+        out.append(f"Threshold {_threshold_line(rep)}.")
+        out.extend(_md_single_body(rep, level=3))
+    return "\n\n".join(out) + "\n"
+
+
+# --------------------------------------------------------------------------
+# rich
+
+
+def rich_tables(report: Mapping[str, Any]) -> list[Table]:
+    """Terminal tables for a report; the caller prints them."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    entries = _model_reports(report)
+
+    if _is_multi(report):
+        names = [name for name, _ in entries]
+        reps = [rep for _, rep in entries]
+        tables = []
+        head = Table(title="Models")
+        head.add_column("")
+        for n in names:
+            head.add_column(escape(n), justify="right")
+        mean_f1s = [r.get("mean_f1") for r in reps]
+        best = _best_indices(mean_f1s, "high")
+        head.add_row("Threshold", *(_fmt_threshold(r.get("threshold")) for r in reps))
+        head.add_row("Chosen by", *(escape(str(r.get("threshold_source") or "not recorded")) for r in reps))
+        head.add_row(
+            "Mean first-error F1",
+            *(f"[bold]{_fmt(v)}[/bold]" if i in best else _fmt(v) for i, v in enumerate(mean_f1s)),
+        )
+        tables.append(head)
+        for subset in _subset_names(reps):
+            subs = [_subsets(r).get(subset) for r in reps]
+            table = Table(title=escape(f"Subset: {subset}"))
+            table.add_column("Metric")
+            for n in names:
+                table.add_column(escape(n), justify="right")
+            for row in _comparison_rows(subs, _HEADLINE, lambda s: f"[bold]{s}[/bold]"):
+                table.add_row(*row)
+            tables.append(table)
+        return tables
+
+    rep = entries[0][1]
+    subsets = _subsets(rep)
+    caption = f"threshold {_threshold_line(rep)}"
+    tables = []
+
+    subs = list(subsets.values())
+    step_metrics = [m for m in _SUMMARY if m.path[0] == "step" and any(_get(s, *m.path) is not None for s in subs)]
+    table = Table(title=escape(f"Step level: {_model_label(rep.get('model'))}"), caption=escape(caption))
+    table.add_column("Subset")
+    for m in step_metrics:
+        table.add_column(m.label, justify="right")
+    for name, s in subsets.items():
+        table.add_row(escape(str(name)), *(_fmt(_get(s, *m.path)) for m in step_metrics))
+    tables.append(table)
+
+    with_fe = [(n, s["first_error"]) for n, s in subsets.items() if isinstance(s.get("first_error"), Mapping)]
+    if with_fe:
+        table = Table(
+            title="First error (ProcessBench)",
+            caption=f"mean F1 (unweighted): {_fmt(rep.get('mean_f1'))}",
+        )
+        for col in ("Subset", "Acc. erroneous", "Acc. correct", "F1", "Erroneous", "Correct"):
+            table.add_column(col, justify="left" if col == "Subset" else "right")
+        for n, fe in with_fe:
+            table.add_row(
+                escape(str(n)),
+                *(_fmt(fe.get(k)) for k in ("error_accuracy", "correct_accuracy", "f1", "n_error", "n_correct")),
+            )
+        tables.append(table)
+
+    with_oc = [(n, s["outcome"]) for n, s in subsets.items() if isinstance(s.get("outcome"), Mapping)]
+    if with_oc:
+        table = Table(title="Outcome")
+        for col in ("Subset", "Accuracy", "Precision", "Recall", "F1", "Solutions"):
+            table.add_column(col, justify="left" if col == "Subset" else "right")
+        for n, oc in with_oc:
+            table.add_row(
+                escape(str(n)), *(_fmt(oc.get(k)) for k in ("accuracy", "precision", "recall", "f1", "n"))
+            )
+        tables.append(table)
+
+    with_bon = [(n, s["best_of_n"]) for n, s in subsets.items() if isinstance(s.get("best_of_n"), Mapping)]
+    if with_bon:
+        table = Table(title="Best-of-N accuracy")
+        cols = ["Subset", "N", *AGGREGATES, "Majority", "Random", "pass@N"]
+        for col in cols:
+            table.add_column(col, justify="left" if col == "Subset" else "right")
+        for n, bon in with_bon:
+            table.add_row(
+                escape(str(n)),
+                _fmt(bon.get("n"), 2),
+                *(_fmt(bon.get(a)) for a in AGGREGATES),
+                _fmt(bon.get("majority_vote")),
+                _fmt(bon.get("random")),
+                _fmt(bon.get("pass_at_n")),
+            )
+        tables.append(table)
+    return tables
+
+
+# --------------------------------------------------------------------------
+# files
+
+
+def _jsonable(obj: Any) -> Any:
+    # Reports are built from numpy results; make sure nothing numpy-typed or
+    # NaN reaches json (NaN would produce invalid JSON).
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):
+        return _jsonable(obj.tolist())  # numpy scalar or array
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    # Readers (and a crashed run) must never see a half-written file, hence
+    # temp file in the same directory + os.replace, which is atomic there.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        # mkstemp creates the file as 0600; results are meant to be shared.
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _is_raw_leaf(value: Any) -> bool:
+    return isinstance(value, Mapping) and "scores" in value and not isinstance(value["scores"], Mapping)
+
+
+def _raw_by_model(
+    report: Mapping[str, Any], raw: Mapping[str, Any] | None
+) -> dict[str | None, Mapping[str, Mapping[str, Sequence[float]]]]:
+    if not raw:
+        return {}
+    if _is_multi(report):
+        if any(_is_raw_leaf(v) for v in raw.values()):
+            raise ValueError("for a multi-model report, raw must map model -> subset -> {scores, targets}")
+        out = {str(m): v for m, v in raw.items()}
+    else:
+        out = {None: raw}
+    for per_subset in out.values():
+        for subset, leaf in per_subset.items():
+            if not _is_raw_leaf(leaf) or "targets" not in leaf:
+                raise ValueError(f"raw[{subset!r}] must be a mapping with 'scores' and 'targets'")
+            if len(leaf["scores"]) != len(leaf["targets"]):
+                raise ValueError(f"raw[{subset!r}]: scores and targets differ in length")
+    return out
+
+
+def write_report(
+    report: Mapping[str, Any],
+    out_dir: Path,
+    plots: bool = True,
+    raw: Mapping[str, Any] | None = None,
+) -> list[Path]:
+    """Write ``report.json``, ``report.md`` and (with ``plots``) PNG plots.
+
+    ``raw`` carries the step scores the distribution plots need and the JSON
+    leaves out: ``{subset: {"scores": [...], "targets": [...]}}``, or for a
+    multi-model report ``{model: {subset: {...}}}``. Plots written:
+
+    - ``accuracy_by_position.png`` when any subset has ``by_position`` rows;
+    - ``reliability.png`` and ``score_histogram.png`` when ``raw`` is given;
+    - ``best_of_n.png`` when any subset has ``best_of_n``.
+
+    Every file is written atomically. Returns the written paths. Raises
+    ``MissingExtraError`` before writing anything when ``plots`` is true and
+    matplotlib is not installed; ``plots=False`` needs no matplotlib.
+    """
+    if plots:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError as exc:
+            raise MissingExtraError() from exc
+    out_dir = Path(out_dir)
+    raw_models = _raw_by_model(report, raw)  # validate before touching the disk
+    markdown = build_markdown(report)
+    payload = json.dumps(_jsonable(report), indent=2, allow_nan=False) + "\n"
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, text in (("report.json", payload), ("report.md", markdown)):
+        path = out_dir / name
+        _atomic_write(path, text.encode("utf-8"))
+        written.append(path)
+    if plots:
+        written.extend(_write_plots(report, out_dir, raw_models))
+    return written
+
+
+# --------------------------------------------------------------------------
+# plots
+
+
+def _figure(n_panels: int, title: str) -> tuple[Figure, list[Axes]]:
+    # The object-oriented API with an explicit Agg canvas never touches
+    # pyplot's global state or the user's configured backend, so this works
+    # headless and does not disturb a caller that uses pyplot itself.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    ncols = min(n_panels, 3)
+    nrows = math.ceil(n_panels / ncols)
+    fig = Figure(figsize=(4.8 * ncols, 3.8 * nrows + 0.4), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel().tolist()
+    for ax in axes[n_panels:]:
+        ax.set_visible(False)
+    fig.suptitle(title)
+    return fig, axes[:n_panels]
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    _atomic_write(path, buf.getvalue())
+    return path
+
+
+def _position_key(label: str) -> int:
+    return int(str(label).rstrip("+"))
+
+
+def _panels(
+    entries: list[tuple[str | None, Mapping[str, Any]]],
+    value: Callable[[str | None, str, Mapping[str, Any]], Any],
+) -> list[tuple[str, list[tuple[str, Any]]]]:
+    """Group series into panels: a single model gets one panel with a series
+    per subset; several models get a panel per subset with a series per model."""
+    reps = [rep for _, rep in entries]
+    subsets = _subset_names(reps)
+    if len(entries) == 1:
+        model, rep = entries[0]
+        series = []
+        for s in subsets:
+            v = value(model, s, _subsets(rep)[s])
+            if v is not None:
+                series.append((s, v))
+        return [("", series)] if series else []
+    panels = []
+    for s in subsets:
+        series = []
+        for model, rep in entries:
+            sub = _subsets(rep).get(s)
+            v = value(model, s, sub) if sub is not None else None
+            if v is not None:
+                series.append((str(model), v))
+        if series:
+            panels.append((s, series))
+    return panels
+
+
+def _write_plots(
+    report: Mapping[str, Any],
+    out_dir: Path,
+    raw_models: Mapping[str | None, Mapping[str, Mapping[str, Sequence[float]]]],
+) -> list[Path]:
+    entries = _model_reports(report)
+    written: list[Path] = []
+
+    panels = _panels(entries, lambda m, s, sub: sub.get("by_position") or None)
+    if panels:
+        fig, axes = _figure(len(panels), "Step accuracy by position")
+        for ax, (title, series) in zip(axes, panels):
+            labels = sorted({r["position"] for _, rows in series for r in rows}, key=_position_key)
+            x = {lab: i for i, lab in enumerate(labels)}
+            for name, rows in series:
+                ax.plot([x[r["position"]] for r in rows], [r["accuracy"] for r in rows],
+                        marker="o", label=name)
+            ax.set_xticks(range(len(labels)), labels)
+            ax.set_xlabel("step")
+            ax.set_ylabel("accuracy")
+            ax.set_ylim(0, 1.02)
+            ax.set_title(title)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize="small")
+        written.append(_save(fig, out_dir / "accuracy_by_position.png"))
+
+    def raw_leaf(model: str | None, subset: str) -> Mapping[str, Sequence[float]] | None:
+        leaf = raw_models.get(model, {}).get(subset)
+        return leaf if leaf is not None and len(leaf["scores"]) else None
+
+    def curve(model: str | None, subset: str, _sub: Mapping[str, Any]) -> list[dict] | None:
+        leaf = raw_leaf(model, subset)
+        if leaf is None:
+            return None
+        return [b for b in expected_calibration_curve(leaf["scores"], leaf["targets"]) if b["n"]]
+
+    panels = _panels(entries, curve)
+    if panels:
+        fig, axes = _figure(len(panels), "Reliability (10 equal-width bins)")
+        for ax, (title, series) in zip(axes, panels):
+            ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="perfect")
+            for name, bins in series:
+                ax.plot([b["mean_score"] for b in bins], [b["mean_target"] for b in bins],
+                        marker="o", label=name)
+            ax.set_xlim(0, 1)
+            ax.set_ylim(0, 1)
+            ax.set_xlabel("mean predicted p(correct)")
+            ax.set_ylabel("observed share correct")
+            ax.set_title(title)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize="small")
+        written.append(_save(fig, out_dir / "reliability.png"))
+
+    hist_panels = []
+    for model, rep in entries:
+        for subset in _subsets(rep):
+            leaf = raw_leaf(model, str(subset))
+            if leaf is not None:
+                title = str(subset) if model is None else f"{subset} - {model}"
+                hist_panels.append((title, leaf, rep.get("threshold")))
+    if hist_panels:
+        import numpy as np
+
+        fig, axes = _figure(len(hist_panels), "Step scores by label")
+        bins = np.linspace(0.0, 1.0, 21)
+        for ax, (title, leaf, threshold) in zip(axes, hist_panels):
+            scores = np.asarray(leaf["scores"], dtype=float)
+            good = np.asarray(leaf["targets"], dtype=float) >= 0.5
+            # density, because wrong steps are usually far fewer than correct
+            # ones and would be invisible on a count scale.
+            for mask, label, color in ((good, "correct steps", "tab:green"),
+                                       (~good, "wrong steps", "tab:red")):
+                if mask.any():
+                    ax.hist(scores[mask], bins=bins, density=True, alpha=0.5, color=color,
+                            label=f"{label} ({int(mask.sum())})")
+            if threshold is not None:
+                ax.axvline(float(threshold), color="black", linestyle=":", label="threshold")
+            ax.set_xlim(0, 1)
+            ax.set_xlabel("score")
+            ax.set_ylabel("density")
+            ax.set_title(title)
+            ax.legend(fontsize="small")
+        written.append(_save(fig, out_dir / "score_histogram.png"))
+
+    bon_panels = []
+    for model, rep in entries:
+        for subset, sub in _subsets(rep).items():
+            curve_rows = _get(sub, "best_of_n", "curve")
+            if curve_rows:
+                title = str(subset) if model is None else f"{subset} - {model}"
+                bon_panels.append((title, curve_rows))
+    if bon_panels:
+        fig, axes = _figure(len(bon_panels), "Best-of-N accuracy")
+        for ax, (title, rows) in zip(axes, bon_panels):
+            ks = [r["k"] for r in rows]
+            for a in AGGREGATES:
+                ax.plot(ks, [r.get(a) for r in rows], marker="o", label=f"PRM {a}")
+            if any(r.get("majority_vote") is not None for r in rows):
+                ax.plot(ks, [r.get("majority_vote") for r in rows], marker="s",
+                        color="grey", label="majority vote")
+            ax.plot(ks, [r.get("random") for r in rows], linestyle="--", color="black",
+                    label="random pick")
+            ax.plot(ks, [r.get("pass") for r in rows], linestyle=":", color="black",
+                    label="pass@k")
+            if len(ks) > 1:
+                ax.set_xscale("log", base=2)
+            ax.set_xticks(ks, [str(k) for k in ks])
+            ax.set_xlabel("candidates per problem (k)")
+            ax.set_ylabel("accuracy")
+            ax.set_ylim(0, 1.02)
+            ax.set_title(title)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize="small")
+        written.append(_save(fig, out_dir / "best_of_n.png"))
+
+    return written
