@@ -35,6 +35,8 @@ def root(
 ) -> None:
     if debug:
         os.environ["PRMKIT_DEBUG"] = "1"
+    # prmkit draws its own progress on stderr; datasets' per-save bars would only interleave with it.
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 
 app.command("prepare", no_args_is_help=False)(prepare_cmd.prepare)

@@ -1,0 +1,123 @@
+"""One config schema: precedence, errors that name file, key and type, and the template."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+from conftest import ROOT
+from typer.testing import CliRunner
+
+from prmkit.cli.app import app
+from prmkit.config import SECTIONS, Config, load_config, render_template
+from prmkit.errors import ConfigError
+
+runner = CliRunner()
+
+
+def write(tmp_path, text):
+    p = tmp_path / "prmkit.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_follow_the_contract():
+    cfg = Config()
+    assert cfg.data.step_separator == "\n"
+    assert (cfg.data.max_length, cfg.data.max_prompt_length, cfg.data.max_completion_length) == (1024, 512, None)
+    assert cfg.data.train_on_last_step_only is False and cfg.data.label_threshold is None
+    assert cfg.data.format == "auto" and cfg.data.prm800k_neutral == "negative"
+    assert cfg.model.trust_remote_code is False
+    assert cfg.training_arguments["learning_rate"] == 1e-5 and cfg.training_arguments["report_to"] == "none"
+    assert cfg.train.disable_dropout is True
+
+
+def test_precedence_defaults_file_set_flags(tmp_path):
+    path = write(tmp_path, "data:\n  max_length: 2048\n  step_separator: \"\\n\\n\"\nmodel:\n  name_or_path: a\n")
+    cfg = load_config(path)
+    assert cfg.data.max_length == 2048 and cfg.data.step_separator == "\n\n" and cfg.model.name_or_path == "a"
+    assert cfg.data.max_prompt_length == 512  # untouched default
+    cfg = load_config(path, ["data.max_length=4096", "model.name_or_path=b"])
+    assert cfg.data.max_length == 4096 and cfg.model.name_or_path == "b"
+    cfg = load_config(path, ["model.name_or_path=b"], {"model.name_or_path": "c", "data.train": None})
+    assert cfg.model.name_or_path == "c" and cfg.data.train is None
+
+
+def test_null_disables_a_limit(tmp_path):
+    cfg = load_config(write(tmp_path, "data:\n  max_length: null\n"), ["data.max_prompt_length=null"])
+    assert cfg.data.max_length is None and cfg.data.max_prompt_length is None
+
+
+def test_tokenizer_defaults_to_the_model():
+    assert load_config(None, ["model.name_or_path=m"]).tokenizer_name == "m"
+    assert load_config(None, ["model.name_or_path=m", "model.tokenizer=t"]).tokenizer_name == "t"
+
+
+def test_train_section_takes_training_arguments(tmp_path):
+    cfg = load_config(write(tmp_path, "train:\n  learning_rate: 2e-5\n  num_train_epochs: 3\n  bf16: false\n  batching: grouped\n"))
+    assert cfg.training_arguments["learning_rate"] == pytest.approx(2e-5)
+    assert cfg.training_arguments["num_train_epochs"] == 3
+    assert cfg.train.batching == "grouped"
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("data:\n  max_lenght: 5\n", "unknown key 'data.max_lenght' (did you mean 'max_length'?)"),
+        ("dta:\n  train: x\n", "unknown section 'dta' (did you mean 'data'?)"),
+        ("train:\n  learnig_rate: 1\n", "unknown key 'train.learnig_rate' (did you mean 'learning_rate'?)"),
+        ("data:\n  max_length: lots\n", "data.max_length: expected an integer or null, got 'lots' (str)"),
+        ("model:\n  trust_remote_code: 1\n", "model.trust_remote_code: expected true or false, got 1 (int)"),
+        ("data:\n  prm800k_neutral: maybe\n", "data.prm800k_neutral: expected one of negative, positive, drop"),
+        ("train:\n  bf16: sometimes\n", "train.bf16: expected true or false"),
+        ("data: [1, 2]\n", "section 'data': expected a mapping"),
+        ("data:\n  train: [\n", "invalid YAML"),
+    ],
+)
+def test_config_errors_name_file_key_and_type(tmp_path, text, expected):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(path) in e.value.message
+    assert expected in e.value.message
+
+
+def test_set_errors():
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        load_config(None, ["data.max_length"])
+    with pytest.raises(ConfigError, match=r"--set: unknown key 'score.treshold' \(did you mean 'threshold'\?\)"):
+        load_config(None, ["score.treshold=0.4"])
+
+
+def test_template_lists_every_key_and_parses_back(tmp_path):
+    text = render_template()
+    data = yaml.safe_load(text)
+    assert set(data) == set(SECTIONS)
+    for section, cls in SECTIONS.items():
+        for name in cls.__dataclass_fields__:
+            assert name in data[section], f"{section}.{name} missing from the template"
+    assert "# Binarize soft labels" in text
+    path = tmp_path / "t.yaml"
+    path.write_text(text)
+    assert load_config(path).to_dict()["data"] == Config().to_dict()["data"]
+
+
+def test_config_init_and_show_cli(tmp_path):
+    path = tmp_path / "c.yaml"
+    res = runner.invoke(app, ["config", "init", str(path)])
+    assert res.exit_code == 0 and path.exists()
+    assert runner.invoke(app, ["config", "init", str(path)]).exit_code == 2  # never overwrite silently
+    res = runner.invoke(app, ["config", "show", "-c", str(path), "--set", "data.max_length=77"])
+    assert res.exit_code == 0
+    assert yaml.safe_load(res.stdout)["data"]["max_length"] == 77
+    res = runner.invoke(app, ["config", "show", "--set", "data.max_lenght=77"])
+    assert res.exit_code == 2 and "did you mean 'max_length'" in res.stderr and "Traceback" not in res.output
+
+
+def test_help_lists_every_subcommand_and_python_m_works():
+    proc = subprocess.run([sys.executable, "-m", "prmkit", "--help"], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 0
+    for name in ("prepare", "train", "eval", "score", "push", "config"):
+        assert name in proc.stdout

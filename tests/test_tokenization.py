@@ -1,0 +1,192 @@
+"""The one tokenization: TRL 1.13 `tokenize_row` semantics, checked on hand-readable ids and on the real Qwen2 BPE."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import SHARED, requires_shared
+
+from prmkit.tokenization import (
+    IGNORE_INDEX as X,
+    TextEncoder,
+    TokenizationParams,
+    encode_solutions,
+    normalize_label,
+    tokenize_rows,
+    tokenizer_fingerprint,
+)
+
+
+def word_tokenizer(bos: bool = False):
+    """Whitespace word-level tokenizer whose ids are easy to read: a=1, b=2, ..., '\\n'=10, '\\n\\n'... is two."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "a": 1, "b": 2, "c": 3, "d": 4, "e": 5, "f": 6, "q": 7, "r": 8, "<s>": 9, "\n": 10, "|": 11}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    # Split on spaces but keep newlines as tokens of their own, one per character.
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(" ", behavior="removed"), pre_tokenizers.Split("\n", behavior="isolated")]
+    )
+    kwargs = {"pad_token": "<pad>"}
+    if bos:
+        kwargs["bos_token"] = "<s>"
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **kwargs)
+
+
+def run(tok, prompt, steps, labels, is_eval=False, **params):
+    res = tokenize_rows(tok, [prompt], [steps], [labels], TokenizationParams(**params), is_eval=is_eval)
+    return res["input_ids"][0], res["labels"][0]
+
+
+def test_ids_of_the_word_tokenizer():
+    tok = word_tokenizer()
+    assert tok("q r\n", add_special_tokens=False)["input_ids"] == [7, 8, 10]
+
+
+def test_no_truncation():
+    ids, labels = run(word_tokenizer(), "q r", ["a b", "c"], [1, 0])
+    assert ids == [7, 8, 1, 2, 10, 3, 10]
+    assert labels == [X, X, X, X, 1, X, 0]
+
+
+def test_bos_is_prepended_when_the_tokenizer_has_one():
+    ids, labels = run(word_tokenizer(bos=True), "q r", ["a b", "c"], [1, 0])
+    assert ids == [9, 7, 8, 1, 2, 10, 3, 10]
+    assert labels == [X, X, X, X, X, 1, X, 0]
+
+
+def test_train_on_last_step_only_applies_to_train_split_only():
+    ids, labels = run(word_tokenizer(), "q", ["a", "b", "c"], [1, 1, 0], train_on_last_step_only=True)
+    assert labels == [X, X, X, X, X, X, 0]
+    _, eval_labels = run(word_tokenizer(), "q", ["a", "b", "c"], [1, 1, 0], is_eval=True, train_on_last_step_only=True)
+    assert eval_labels == [X, X, 1, X, 1, X, 0]
+
+
+def test_completion_truncation_cuts_completion_from_the_right():
+    ids, labels = run(word_tokenizer(), "q r", ["a b", "c d"], [1, 0], max_completion_length=4)
+    assert ids == [7, 8, 1, 2, 10, 3]
+    assert labels == [X, X, X, X, 1, X]
+
+
+def test_max_length_cuts_the_whole_sequence_after_completion_truncation():
+    ids, labels = run(word_tokenizer(), "q r", ["a b", "c d"], [1, 0], max_completion_length=5, max_length=4)
+    assert ids == [7, 8, 1, 2]
+    assert labels == [X, X, X, X]
+
+
+def test_two_token_separator_labels_its_last_token():
+    ids, labels = run(word_tokenizer(), "q", ["a", "b"], [0, 1], step_separator="\n\n")
+    assert ids == [7, 1, 10, 10, 2, 10, 10]
+    assert labels == [X, X, X, 0, X, X, 1]
+
+
+def test_max_prompt_length_keeps_the_end_of_the_prompt_and_the_bos():
+    ids, labels = run(word_tokenizer(bos=True), "a b c d e", ["f"], [1], max_prompt_length=3)
+    assert ids == [9, 4, 5, 6, 10]
+    assert labels == [X, X, X, X, 1]
+    ids, _ = run(word_tokenizer(), "a b c d e", ["f"], [1], max_prompt_length=3)
+    assert ids == [3, 4, 5, 6, 10]
+
+
+def test_null_disables_every_limit():
+    long_steps = ["a b c d e f"] * 300
+    ids, labels = run(word_tokenizer(), "q " * 600, long_steps, [1] * 300, max_length=None, max_prompt_length=None)
+    assert len(ids) == 600 + 300 * 7
+    assert sum(1 for x in labels if x != X) == 300
+
+
+def test_step_positions_mark_truncated_steps():
+    [enc] = encode_solutions(word_tokenizer(), ["q"], [["a", "b", "c"]], TokenizationParams(max_length=4))
+    assert enc.input_ids == [7, 1, 10, 2]
+    assert enc.step_positions == [2, -1, -1]
+    res = tokenize_rows(word_tokenizer(), ["q"], [["a", "b", "c"]], [[1, 0, 1]], TokenizationParams(max_length=4))
+    assert res["steps_lost"] == [2]
+
+
+def test_soft_labels_are_kept_not_floored():
+    ids, labels = run(word_tokenizer(), "q", ["a", "b"], [0.7, 1])
+    assert labels == [X, X, 0.7, X, 1]
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [(True, 1), (False, 0), (1, 1), (0, 0), (0.25, 0.25), (1.0, 1), (0.0, 0), (None, None)],
+)
+def test_normalize_label(value, expected):
+    got = normalize_label(value)
+    assert got == expected and type(got) is type(expected)
+
+
+def test_label_threshold_binarizes_soft_labels():
+    assert normalize_label(0.7, label_threshold=0.5) == 1
+    assert normalize_label(0.3, label_threshold=0.5) == 0
+
+
+@pytest.mark.parametrize("bad", [2, -1, 1.5, float("nan"), "yes", [1]])
+def test_normalize_label_rejects(bad):
+    with pytest.raises(ValueError):
+        normalize_label(bad)
+
+
+def test_text_encoder_equals_tokenizer_call(tiny_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    texts = ["Hence, 9.11 > 9.8.", "\n", "\n\n", " leading space", "Step 1: Janet", "Hence, 9.11 > 9.8."]
+    table = TextEncoder(tok).encode_many(texts)
+    for t in texts:
+        assert table[t] == tok(t, add_special_tokens=False)["input_ids"]
+
+
+def test_fingerprint_changes_with_the_vocabulary(tiny_tokenizer_dir, tiny_bos_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    a = tokenizer_fingerprint(AutoTokenizer.from_pretrained(tiny_tokenizer_dir))
+    b = tokenizer_fingerprint(AutoTokenizer.from_pretrained(tiny_bos_tokenizer_dir))
+    assert a["sha256"] != b["sha256"]
+    assert a == tokenizer_fingerprint(AutoTokenizer.from_pretrained(tiny_tokenizer_dir)) | {"name_or_path": a["name_or_path"]}
+
+
+# --- the real Qwen2 BPE ---------------------------------------------------------------------------------------------
+
+
+@requires_shared
+def test_trl_docstring_example_ids(qwen2_tokenizer):
+    # The ids printed in TRL 1.13's tokenize_row docstring for this row.
+    ids, labels = run(
+        qwen2_tokenizer, "Which number is larger, 9.8 or 9.11?", ["11 is greater than 8.", "Hence, 9.11 > 9.8."], [True, False]
+    )
+    assert ids == [23085, 1372, 374, 8131, 11, 220, 24, 13, 23, 476, 220, 24, 13, 16, 16, 30, 16, 16, 374, 7046, 1091,
+                   220, 23, 13, 198, 39, 763, 11, 220, 24, 13, 16, 16, 861, 220, 24, 13, 23, 13, 198]
+    assert [i for i, x in enumerate(labels) if x != X] == [24, 39]
+    assert labels[24] == 1 and labels[39] == 0
+
+
+@requires_shared
+def test_joining_strings_is_not_the_same_tokenization(qwen2_tokenizer):
+    # Why steps are tokenized alone: ".\n" is one Qwen2 token, so a joined string has no separate separator token.
+    joined = qwen2_tokenizer("Hence, 9.8.\n", add_special_tokens=False)["input_ids"]
+    alone = qwen2_tokenizer("Hence, 9.8.", add_special_tokens=False)["input_ids"] + qwen2_tokenizer("\n", add_special_tokens=False)["input_ids"]
+    assert joined != alone
+
+
+@requires_shared
+@pytest.mark.parametrize("sep", ["\n", "\n\n", " ки\n"])
+@pytest.mark.parametrize("limits", [{}, {"max_completion_length": 40}, {"max_length": 90}, {"train_on_last_step_only": True}])
+def test_parity_with_trl_on_real_data(qwen2_tokenizer, sep, limits):
+    from trl.experimental.prm import PRMTrainer
+
+    rows = json.loads((SHARED / "data" / "processbench" / "gsm8k.json").read_text())[:25]
+    params = TokenizationParams(step_separator=sep, max_prompt_length=None, **limits)
+    labels = [[i != r["label"] for i in range(len(r["steps"]))] for r in rows]
+    ours = tokenize_rows(qwen2_tokenizer, [r["problem"] for r in rows], [r["steps"] for r in rows],
+                         [[int(x) for x in ls] for ls in labels], params)
+    for i, r in enumerate(rows):
+        theirs = PRMTrainer.tokenize_row(
+            {"prompt": r["problem"], "completions": r["steps"], "labels": labels[i]}, qwen2_tokenizer, sep,
+            params.max_length, params.max_completion_length, params.train_on_last_step_only, False,
+        )
+        assert ours["input_ids"][i] == theirs["input_ids"]
+        assert ours["labels"][i] == theirs["labels"]
