@@ -370,8 +370,9 @@ def tune_threshold(
 
     ``samples`` are ``(step_scores, first_error_label)`` pairs; ``None`` step
     scores are handled as in ``first_error_index``. The default grid is
-    0.01..0.99 in steps of 0.01 plus the midpoints between the distinct
-    prefix-minimum scores. On ties the threshold closest to 0.5 wins (the
+    0.01..0.99 in steps of 0.01 plus the midpoints between consecutive
+    distinct prefix-minimum scores that can change the outcome (so every
+    attainable F1 is reached). On ties the threshold closest to 0.5 wins (the
     smaller one if two are equally close). Returns ``(threshold, f1)``.
 
     Needs at least one sample with an error and one without, since otherwise
@@ -439,7 +440,8 @@ def tune_threshold(
 
     best = f1.max()
     candidates = np.flatnonzero(f1 >= best - 1e-12)
-    # lexsort: primary key distance to 0.5, then the threshold itself.
+    # lexsort sorts by its last key first: distance to 0.5, then the smaller
+    # threshold, so the result does not depend on the grid's order.
     pick = candidates[np.lexsort((g[candidates], np.abs(g[candidates] - 0.5)))[0]]
     return float(g[pick]), float(f1[pick])
 

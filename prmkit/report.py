@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from prmkit.errors import PrmkitError
 from prmkit.metrics import AGGREGATES, expected_calibration_curve
 
 if TYPE_CHECKING:
@@ -48,11 +49,19 @@ if TYPE_CHECKING:
 __all__ = ["MissingExtraError", "build_markdown", "rich_tables", "write_report"]
 
 
-class MissingExtraError(RuntimeError):
-    """An optional dependency (a pip "extra") is not installed."""
+class MissingExtraError(PrmkitError, RuntimeError):
+    """An optional dependency (a pip "extra") is not installed.
 
-    def __init__(self, message: str = "plots need matplotlib: pip install 'prmkit[plot]'") -> None:
-        super().__init__(message)
+    A ``PrmkitError``, so the CLI reports it as one line (exit 1) instead of
+    a traceback; still a ``RuntimeError`` for callers that catch that.
+    """
+
+    def __init__(
+        self,
+        message: str = "plots need matplotlib: pip install 'prmkit[plot]'",
+        hint: str | None = "or pass --no-plots to skip them",
+    ) -> None:
+        super().__init__(message, hint=hint)
 
 
 # --------------------------------------------------------------------------
@@ -122,8 +131,6 @@ def _fmt(value: Any, digits: int = 3) -> str:
     if isinstance(value, float):
         if math.isnan(value):
             return "n/a"
-        if value.is_integer() and abs(value) >= 1:
-            return str(int(value))
         return f"{value:.{digits}f}"
     return str(value)
 
@@ -139,7 +146,7 @@ def _md_cell(value: Any) -> str:
 
 def _md_table(header: Sequence[str], rows: Iterable[Sequence[Any]], align: str | None = None) -> str:
     header = [_md_cell(h) for h in header]
-    # Left-align the first (label) column, right-align numbers.
+    # Right-aligned numbers line up on the decimal point.
     align = align or ("l" + "r" * (len(header) - 1))
     rule = [":---" if a == "l" else "---:" for a in align]
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(rule) + " |"]
@@ -153,6 +160,7 @@ class _Metric:
     label: str
     path: tuple[str, ...]
     better: str | None = "high"  # "high", "low" or None (no "best")
+    digits: int = 3
 
 
 _BON_LABELS = {
@@ -171,9 +179,9 @@ _HEADLINE: tuple[_Metric, ...] = (
     _Metric("Wrong-step F1", ("step", "wrong_f1")),
     _Metric("PRMScore", ("step", "prm_score")),
     _Metric("AUROC", ("step", "auroc")),
-    _Metric("Log-loss", ("step", "log_loss"), "low"),
-    _Metric("Brier", ("step", "brier"), "low"),
-    _Metric("ECE", ("step", "ece"), "low"),
+    _Metric("Log-loss", ("step", "log_loss"), "low", 4),
+    _Metric("Brier", ("step", "brier"), "low", 4),
+    _Metric("ECE", ("step", "ece"), "low", 4),
     _Metric("First-error acc. (erroneous)", ("first_error", "error_accuracy")),
     _Metric("First-error acc. (correct)", ("first_error", "correct_accuracy")),
     _Metric("First-error F1", ("first_error", "f1")),
@@ -193,7 +201,7 @@ _SUMMARY: tuple[_Metric, ...] = (
     _Metric("Wrong F1", ("step", "wrong_f1")),
     _Metric("PRMScore", ("step", "prm_score")),
     _Metric("AUROC", ("step", "auroc")),
-    _Metric("ECE", ("step", "ece"), "low"),
+    _Metric("ECE", ("step", "ece"), "low", 4),
     _Metric("First-error F1", ("first_error", "f1")),
     _Metric("Outcome F1", ("outcome", "f1")),
 )
@@ -221,7 +229,8 @@ def _comparison_rows(
         if all(v is None for v in values):
             continue
         best = _best_indices(values, metric.better)
-        cells = [mark(_fmt(v)) if i in best else _fmt(v) for i, v in enumerate(values)]
+        cells = [_fmt(v, metric.digits) for v in values]
+        cells = [mark(c) if i in best else c for i, c in enumerate(cells)]
         rows.append([metric.label, *cells])
     return rows
 
@@ -629,14 +638,16 @@ def write_report(
 # plots
 
 
-def _figure(n_panels: int, title: str) -> tuple[Figure, list[Axes]]:
+def _figure(
+    n_panels: int, title: str, ncols: int | None = None
+) -> tuple[Figure, list[Axes]]:
     # The object-oriented API with an explicit Agg canvas never touches
     # pyplot's global state or the user's configured backend, so this works
     # headless and does not disturb a caller that uses pyplot itself.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    ncols = min(n_panels, 3)
+    ncols = ncols or min(n_panels, 3)
     nrows = math.ceil(n_panels / ncols)
     fig = Figure(figsize=(4.8 * ncols, 3.8 * nrows + 0.4), dpi=100)
     FigureCanvasAgg(fig)
@@ -645,6 +656,32 @@ def _figure(n_panels: int, title: str) -> tuple[Figure, list[Axes]]:
         ax.set_visible(False)
     fig.suptitle(title)
     return fig, axes[:n_panels]
+
+
+def _grid(
+    entries: list[tuple[str | None, Mapping[str, Any]]],
+    value: Callable[[str | None, str, Mapping[str, Any]], Any],
+) -> tuple[list[tuple[str, Any] | None], int | None]:
+    """One panel per (subset, model) pair that has data.
+
+    With several models the grid has a row per subset and a column per
+    model, so a subset's panels sit side by side; ``None`` marks a hole.
+    """
+    subsets = _subset_names(rep for _, rep in entries)
+    if len(entries) == 1:
+        model, rep = entries[0]
+        cells = [(s, value(model, s, _subsets(rep)[s])) for s in subsets]
+        return [(t, v) for t, v in cells if v is not None], None
+    grid: list[tuple[str, Any] | None] = []
+    for s in subsets:
+        row = []
+        for model, rep in entries:
+            sub = _subsets(rep).get(s)
+            v = value(model, s, sub) if sub is not None else None
+            row.append(None if v is None else (f"{s} - {model}", v))
+        if any(c is not None for c in row):
+            grid.extend(row)
+    return grid, len(entries)
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -741,19 +778,25 @@ def _write_plots(
             ax.legend(fontsize="small")
         written.append(_save(fig, out_dir / "reliability.png"))
 
-    hist_panels = []
-    for model, rep in entries:
-        for subset in _subsets(rep):
-            leaf = raw_leaf(model, str(subset))
-            if leaf is not None:
-                title = str(subset) if model is None else f"{subset} - {model}"
-                hist_panels.append((title, leaf, rep.get("threshold")))
-    if hist_panels:
+    thresholds = {model: rep.get("threshold") for model, rep in entries}
+
+    def hist_data(model: str | None, subset: str, _sub: Mapping[str, Any]) -> Any:
+        leaf = raw_leaf(model, subset)
+        return None if leaf is None else (leaf, thresholds[model])
+
+    hist_panels, hist_cols = _grid(entries, hist_data)
+    if any(hist_panels):
         import numpy as np
 
-        fig, axes = _figure(len(hist_panels), "Step scores by label")
-        bins = np.linspace(0.0, 1.0, 21)
-        for ax, (title, leaf, threshold) in zip(axes, hist_panels):
+        fig, axes = _figure(len(hist_panels), "Step scores by label", hist_cols)
+        # k/20 rather than linspace: linspace's 0.30000000000000004 would put
+        # a score of exactly 0.3 into the bin below.
+        bins = np.arange(21) / 20
+        for ax, panel in zip(axes, hist_panels):
+            if panel is None:
+                ax.set_visible(False)
+                continue
+            title, (leaf, threshold) = panel
             scores = np.asarray(leaf["scores"], dtype=float)
             good = np.asarray(leaf["targets"], dtype=float) >= 0.5
             # density, because wrong steps are usually far fewer than correct
@@ -772,16 +815,16 @@ def _write_plots(
             ax.legend(fontsize="small")
         written.append(_save(fig, out_dir / "score_histogram.png"))
 
-    bon_panels = []
-    for model, rep in entries:
-        for subset, sub in _subsets(rep).items():
-            curve_rows = _get(sub, "best_of_n", "curve")
-            if curve_rows:
-                title = str(subset) if model is None else f"{subset} - {model}"
-                bon_panels.append((title, curve_rows))
-    if bon_panels:
-        fig, axes = _figure(len(bon_panels), "Best-of-N accuracy")
-        for ax, (title, rows) in zip(axes, bon_panels):
+    bon_panels, bon_cols = _grid(
+        entries, lambda m, s, sub: _get(sub, "best_of_n", "curve") or None
+    )
+    if any(bon_panels):
+        fig, axes = _figure(len(bon_panels), "Best-of-N accuracy", bon_cols)
+        for ax, panel in zip(axes, bon_panels):
+            if panel is None:
+                ax.set_visible(False)
+                continue
+            title, rows = panel
             ks = [r["k"] for r in rows]
             for a in AGGREGATES:
                 ax.plot(ks, [r.get(a) for r in rows], marker="o", label=f"PRM {a}")
