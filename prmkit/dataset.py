@@ -350,7 +350,40 @@ def tokenize_step_rows(rows: StepRows, tokenizer, params: TokenizationParams, is
         for key, values in res.items():
             columns[key].extend(values)
         columns["row"].extend(rows.rows[start:stop])
-    return datasets.Dataset.from_dict(columns, features=_features(soft))
+    return _dataset_from_columns(columns, _features(soft))
+
+
+def _dataset_from_columns(columns: dict[str, list], features):
+    """Build the Dataset straight from Arrow arrays.
+
+    `Dataset.from_dict` converts nested Python lists element by element and then hashes the whole table for a
+    fingerprint; both cost more than tokenizing. prmkit keys its own cache, so a random fingerprint is right here.
+    """
+    import itertools
+    import uuid
+
+    import datasets
+    import numpy as np
+    import pyarrow as pa
+
+    schema = features.arrow_schema
+    arrays = []
+    for name in schema.names:
+        values = columns[name]
+        arrow_type = schema.field(name).type
+        if pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type):
+            value_type = arrow_type.value_type
+            lengths = np.fromiter(map(len, values), dtype=np.int64, count=len(values))
+            offsets = np.zeros(len(values) + 1, dtype=np.int64)
+            np.cumsum(lengths, out=offsets[1:])
+            flat = np.fromiter(itertools.chain.from_iterable(values), dtype=value_type.to_pandas_dtype(), count=int(offsets[-1]))
+            list_cls = pa.LargeListArray if pa.types.is_large_list(arrow_type) else pa.ListArray
+            offset_type = pa.int64() if pa.types.is_large_list(arrow_type) else pa.int32()
+            arrays.append(list_cls.from_arrays(pa.array(offsets, type=offset_type), pa.array(flat, type=value_type)))
+        else:
+            arrays.append(pa.array(np.asarray(values, dtype=arrow_type.to_pandas_dtype()), type=arrow_type))
+    table = pa.Table.from_arrays(arrays, schema=schema)
+    return datasets.Dataset(table, info=datasets.DatasetInfo(features=features), fingerprint=uuid.uuid4().hex)
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
@@ -477,21 +510,28 @@ def prepare_splits(
 def _summarize_tokens(ds, report: SplitReport, is_eval: bool, params: TokenizationParams) -> None:
     import numpy as np
 
-    lengths = np.asarray(ds["num_tokens"], dtype=np.int64)
+    lengths = ds.data.column("num_tokens").to_numpy().astype(np.int64)
     if len(lengths):
         report.tokens_p50 = int(np.percentile(lengths, 50))
         report.tokens_p95 = int(np.percentile(lengths, 95))
         report.tokens_max = int(lengths.max())
-    report.steps_lost_to_truncation = int(np.asarray(ds["steps_lost"], dtype=np.int64).sum()) if len(ds) else 0
+    report.steps_lost_to_truncation = int(ds.data.column("steps_lost").to_numpy().sum()) if len(ds) else 0
 
 
 def _drop_unlabelled(ds, report: SplitReport):
     import numpy as np
 
-    keep = [i for i, labels in enumerate(ds["labels"]) if any(x != -100 for x in labels)]
-    report.rows_dropped_truncated = len(ds) - len(keep)
+    import pyarrow.compute as pc
+
+    column = ds.data.column("labels").combine_chunks()  # parent indices are per chunk otherwise
+    if len(ds) == 0:
+        return ds
+    flat_labelled = pc.not_equal(pc.list_flatten(column), -100)
+    parents = pc.list_parent_indices(column)
+    labelled_rows = np.unique(np.asarray(parents)[np.asarray(flat_labelled, dtype=bool)])
+    report.rows_dropped_truncated = len(ds) - len(labelled_rows)
     if report.rows_dropped_truncated:
-        ds = ds.select(np.asarray(keep, dtype=np.int64))
+        ds = ds.select(labelled_rows.astype(np.int64))
     return ds
 
 
