@@ -1,12 +1,179 @@
-"""`prmkit eval` (not built yet)."""
+"""`prmkit eval`: score labelled data with one or more PRMs and write a report (JSON, Markdown, plots)."""
 
 from __future__ import annotations
 
+import logging
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
 from prmkit.cli._errors import handle_errors
-from prmkit.errors import NotImplementedYet
+from prmkit.cli._options import ConfigOpt, FormatOpt, JsonOpt, OverwriteOpt, SetOpt, SkipInvalidOpt, StepSeparatorOpt, unescape
+from prmkit.cli._output import Output, attach_logging, stderr
+from prmkit.config import load_config
+from prmkit.errors import UsageError
 
 
 @handle_errors
-def evaluate() -> None:
-    """Not implemented yet."""
-    raise NotImplementedYet("eval")
+def evaluate(
+    models: Annotated[
+        Optional[list[str]],
+        typer.Argument(help="Model directories or Hub ids; several are compared side by side.", metavar="MODEL",
+                       show_default=False),
+    ] = None,
+    data: Annotated[
+        Optional[list[str]],
+        typer.Option("--data", "-d", help="Evaluation data (repeatable): a file, saved dataset or Hub id; "
+                     "named by its file stem or Hub split, or NAME=SRC. Sets eval.data.", metavar="SRC"),
+    ] = None,
+    model_opt: Annotated[
+        Optional[list[str]], typer.Option("--model", "-m", help="Another model to evaluate (repeatable).", metavar="MODEL")
+    ] = None,
+    format_: FormatOpt = None,
+    step_separator: StepSeparatorOpt = None,
+    threshold: Annotated[
+        Optional[float],
+        typer.Option("--threshold", min=0.0, max=1.0, help="A step is judged correct when its score is >= this "
+                     "(sets eval.threshold; default 0.5)."),
+    ] = None,
+    tune_threshold: Annotated[
+        Optional[str],
+        typer.Option("--tune-threshold", metavar="SUBSET", help="Pick the threshold that maximises first-error F1 on "
+                     "this subset and apply it to all (sets eval.tune_threshold)."),
+    ] = None,
+    output_dir: Annotated[
+        Optional[Path], typer.Option("--output-dir", "-o", help="Where report.json, report.md and plots go "
+                                     "(sets eval.output_dir; default ./eval).")
+    ] = None,
+    plots: Annotated[
+        Optional[bool], typer.Option("--plots/--no-plots", help="Write PNG plots (needs matplotlib; sets eval.plots).")
+    ] = None,
+    skip_invalid: SkipInvalidOpt = None,
+    overwrite: OverwriteOpt = False,
+    json_: JsonOpt = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Evaluate PRMs: step metrics, ProcessBench first-error F1, outcome and Best-of-N accuracy.
+
+    Examples:
+
+      prmkit eval runs/prm --data processbench/gsm8k.json --data processbench/math.json -o eval/
+
+      prmkit eval runs/prm-a runs/prm-b --data gsm8k.json --tune-threshold gsm8k -o compare/
+
+    An output directory holding only an earlier report is replaced; any other non-empty one needs --overwrite.
+    """
+    out = Output(json_)
+    attach_logging(out)
+    if threshold is not None and tune_threshold is not None:
+        raise UsageError("--threshold and --tune-threshold exclude each other", hint="give one of them")
+    cfg = load_config(config, set_, {
+        "eval.data": data, "eval.format": format_, "eval.threshold": threshold, "eval.tune_threshold": tune_threshold,
+        "eval.output_dir": str(output_dir) if output_dir is not None else None, "eval.plots": plots,
+    })
+    ev = cfg.eval
+    names = [*(models or []), *(model_opt or [])]
+    if not names and cfg.model.name_or_path:
+        names = [cfg.model.name_or_path]
+    if not names:
+        raise UsageError("no model to evaluate", hint="e.g. prmkit eval runs/prm --data gsm8k.json")
+    if not ev.data:
+        raise UsageError("no evaluation data", hint="pass --data FILE (repeatable) or set eval.data")
+
+    from prmkit import evaluation
+
+    out_dir = Path(ev.output_dir).expanduser()
+    evaluation.check_output_dir(out_dir, overwrite)
+    if ev.plots:
+        evaluation.check_plotting()
+
+    # --threshold on the command line beats tuning asked for in a config; otherwise tuning beats a threshold from the
+    # config file or --set (the template from `prmkit config init` spells out threshold: 0.5).
+    given = None
+    tune_on = ev.tune_threshold
+    if threshold is not None:
+        given, tune_on = threshold, None
+    elif tune_on is None and _threshold_given(config, set_):
+        given = ev.threshold
+
+    # Under `accelerate launch` every process scores a share and receives all scores; one of them speaks and writes.
+    main = int(os.environ.get("RANK", "0")) == 0
+    if not main:
+        logging.getLogger("prmkit").setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the weight-loading bar is noise beside our own progress
+
+    with _progress(enabled=main) as progress:
+        result = evaluation.evaluate(
+            names, ev.data,
+            fmt=ev.format, step_separator=unescape(step_separator), threshold=given,
+            tune_threshold=tune_on, batch_tokens=ev.batch_tokens, dtype=cfg.model.dtype,
+            trust_remote_code=cfg.model.trust_remote_code, allow_bidirectional=cfg.model.allow_bidirectional,
+            attn_implementation=cfg.model.attn_implementation, prm800k_neutral=cfg.data.prm800k_neutral,
+            label_threshold=cfg.data.label_threshold, skip_invalid=bool(skip_invalid), progress=progress,
+        )
+    if not main:
+        return
+    files = evaluation.write_outputs(result, out_dir, plots=ev.plots)
+
+    from prmkit.report import rich_tables
+
+    out.result(
+        {**result.report, "output_dir": str(out_dir), "files": [str(p) for p in files]},
+        *rich_tables(result.report),
+    )
+    out.info(f"wrote {', '.join(p.name for p in files)} to {out_dir}")
+    if result.rejects:
+        out.warn(f"{len(result.rejects)} invalid rows skipped; see {out_dir / evaluation.REJECTS_FILE}")
+    report_path = out_dir / "report.json"
+    if len(names) == 1:
+        out.hint(f"to put these figures in the model card: prmkit push {names[0]} --eval-report {report_path}")
+    else:
+        out.hint(f"to put a model's figures in its card: prmkit push MODEL --eval-report {report_path} "
+                 "(push quotes that model's part of the comparison)")
+
+
+def _threshold_given(config: Optional[Path], set_: Optional[list[str]]) -> bool:
+    if any(item.partition("=")[0].strip() == "eval.threshold" for item in set_ or []):
+        return True
+    if config is None:
+        return False
+    import yaml
+
+    # load_config has already read and validated this file; here only the key's presence matters.
+    data = yaml.safe_load(Path(config).read_text(encoding="utf-8")) or {}
+    section = data.get("eval") or {}
+    return isinstance(section, dict) and "threshold" in section
+
+
+class _progress:
+    """A transient progress bar on stderr, drawn only on a terminal (logs and pipes stay clean)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self._bar = None
+        self._tasks: dict[str, int] = {}
+
+    def __enter__(self):
+        console = stderr()
+        if self.enabled and console.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._bar = Progress(TextColumn("scoring {task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), console=console, transient=True)
+            self._bar.start()
+        return self if self._bar is not None else None
+
+    def __call__(self, description: str, done: int, total: int) -> None:
+        assert self._bar is not None
+        if description not in self._tasks:
+            self._tasks[description] = self._bar.add_task(description, total=total)
+        self._bar.update(self._tasks[description], completed=done)
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.stop()

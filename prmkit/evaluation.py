@@ -1,0 +1,622 @@
+"""Evaluate process reward models: read labelled subsets, score them with the scoring engine, compute the report.
+
+The flow is ``load_subsets`` (read and validate every ``--data`` source, as ``prepare`` does) ->
+``score_subsets`` (the same :class:`prmkit.scoring.StepScorer` that ``prmkit score`` uses, so the model's
+``prmkit.json`` decides the tokenization) -> ``build_model_report`` (pure: metrics from scores and labels) ->
+``write_outputs`` (``report.json``, ``report.md``, plots). :func:`evaluate` runs the first three for one model or
+several.
+
+What counts as what:
+
+- **Step metrics** use every labelled step that was scored. ProcessBench rows label the steps up to and including
+  the first error; steps after it carry no label, so they are scored but only feed the first-error prediction.
+  Steps cut off by ``max_length`` have no score and are counted in ``n_steps_unscored``.
+- **First error** (ProcessBench's ``run_eval.py``): the prediction is the first step scored below the threshold,
+  or -1. The label is ProcessBench's ``label`` for ProcessBench data; for other formats it is the index of the
+  first step labelled wrong (or -1) when every step of the row has a hard 0/1 label, and rows with a soft or
+  missing label have none. ``first_error["labels_from"]`` says which.
+- **Outcome**: solutions whose source record has ``final_answer_correct``; a solution is judged correct when
+  every scored step passes the threshold.
+- **Best-of-N**: rows are grouped by identical prompt text; problems with at least two candidates of known
+  correctness count. Correctness is ``final_answer_correct`` when the record has it, else whether every step is
+  labelled correct (>= 0.5; unknown when a step is unlabelled and none is labelled wrong). An ``answer`` field on
+  every candidate enables the majority-vote baseline. PRM800K rows are prefixes of one labelled path, not
+  independent candidates, so PRM800K data gets no Best-of-N and no outcome figures.
+
+The threshold is given, tuned on one subset (the one maximising its first-error F1, then applied to every
+subset), or the default 0.5; ``threshold_source`` in the report says which.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import logging
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prmkit import __version__
+from prmkit import metrics
+from prmkit.dataset import _hub_split, iter_records, read_step_rows, resolve_source
+from prmkit.errors import DataError, PrmkitError, UsageError
+from prmkit.formats import Options
+
+log = logging.getLogger("prmkit")
+
+__all__ = [
+    "DEFAULT_THRESHOLD",
+    "EvalResult",
+    "Subset",
+    "build_model_report",
+    "check_output_dir",
+    "check_plotting",
+    "choose_threshold",
+    "combine_reports",
+    "evaluate",
+    "load_subsets",
+    "score_subsets",
+    "subset_name",
+    "write_outputs",
+]
+
+DEFAULT_THRESHOLD = 0.5
+REPORT_FILES = ("report.json", "report.md")
+PLOT_FILES = ("accuracy_by_position.png", "reliability.png", "score_histogram.png", "best_of_n.png")
+REJECTS_FILE = "rejects.jsonl"
+OWN_FILES = frozenset((*REPORT_FILES, *PLOT_FILES, REJECTS_FILE))
+# Solutions per score_batch call. Only progress granularity depends on it: the engine batches by tokens inside.
+SCORE_CHUNK = 1024
+MAX_PROBLEMS = 1000
+
+ProgressFn = Callable[[str, int, int], None]
+"""``progress(description, done, total)``, called after each scored chunk."""
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Subsets
+
+
+@dataclass
+class Subset:
+    """One evaluation subset: validated stepwise rows plus what the metrics need beyond them."""
+
+    name: str
+    spec: str
+    format: str
+    prompts: list[str]
+    completions: list[list[str]]
+    labels: list[list[Any]]
+    first_errors: list[int | None]
+    """First-error label per row (see the module docstring), None when the row has none."""
+    final_answer_correct: list[bool | None]
+    answers: list[str | None]
+    rows: list[int]
+    """1-based source row (or line) each row came from."""
+    rows_in: int = 0
+    rows_rejected: int = 0
+    first_error_source: str | None = None
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+def subset_name(spec: str) -> tuple[str, str]:
+    """``(name, source)`` for a ``--data`` value: ``NAME=SRC``, else the file stem, directory name or Hub split."""
+    name, sep, rest = spec.partition("=")
+    if sep and rest and _NAME_RE.match(name) and not Path(spec).expanduser().exists():
+        return name, rest
+    source = resolve_source(spec)
+    if source.kind == "hub":
+        split = _hub_split(spec)[1]
+        return split.split("[", 1)[0] or "train", spec
+    assert source.path is not None
+    return (source.path.name if source.kind == "disk" else source.path.stem), spec
+
+
+def _name_subsets(data: Sequence[str]) -> list[tuple[str, str]]:
+    named = [subset_name(spec) for spec in data]
+    seen: dict[str, str] = {}
+    for name, spec in named:
+        if name in seen:
+            raise UsageError(
+                f"--data {seen[name]!r} and {spec!r} are both named {name!r}",
+                hint=f"name them explicitly: --data {name}_a={seen[name]} --data {name}_b={spec}",
+            )
+        seen[name] = spec
+    return named
+
+
+def _first_error_from_labels(labels: Sequence[Any]) -> int | None:
+    # Only hard labels define "the first wrong step"; a soft label (a float) or an unlabelled step leaves it unknown.
+    if any(label is None or isinstance(label, float) for label in labels):
+        return None
+    for i, label in enumerate(labels):
+        if not label:
+            return i
+    return -1
+
+
+def _solution_correct(final_answer_correct: bool | None, labels: Sequence[Any]) -> bool | None:
+    if final_answer_correct is not None:
+        return final_answer_correct
+    if any(label is not None and label < 0.5 for label in labels):
+        return False
+    if all(label is not None for label in labels):
+        return True
+    return None
+
+
+def _read_extras(
+    spec: str, fmt: str, numbers: set[int], skip_invalid: bool
+) -> dict[int, tuple[bool | None, str | None]]:
+    """``final_answer_correct`` and ``answer`` of the source records the rows came from."""
+    if fmt == "prm800k":
+        return {}
+    source = resolve_source(spec)
+    out: dict[int, tuple[bool | None, str | None]] = {}
+    problems: list[str] = []
+    for number, record, _problem in iter_records(source):
+        if number not in numbers or not isinstance(record, dict):
+            continue
+        fac = record.get("final_answer_correct")
+        if fac is not None and not isinstance(fac, bool):
+            if isinstance(fac, int) and fac in (0, 1):
+                fac = bool(fac)
+            else:
+                problems.append(f"{source.where(number)}: final_answer_correct: expected true or false, got {fac!r}")
+                fac = None
+        answer = record.get("answer")
+        if answer is not None:
+            if isinstance(answer, (str, int, float)) and not isinstance(answer, bool):
+                answer = str(answer).strip()
+            else:
+                problems.append(f"{source.where(number)}: answer: expected a string or number, got {answer!r}")
+                answer = None
+        if fac is not None or answer is not None:
+            out[number] = (fac, answer)
+    if problems:
+        if not skip_invalid:
+            raise DataError(
+                f"{spec}: {len(problems)} rows have an invalid final_answer_correct or answer",
+                problems=problems[:MAX_PROBLEMS],
+                hint="fix them, or pass --skip-invalid to ignore those fields on those rows",
+            )
+        log.warning(f"{spec}: ignored an invalid final_answer_correct or answer on {len(problems)} rows")
+    return out
+
+
+def load_subsets(
+    data: Sequence[str],
+    fmt: str = "auto",
+    *,
+    separator: str = "\n",
+    prm800k_neutral: str = "negative",
+    label_threshold: float | None = None,
+    skip_invalid: bool = False,
+    rejects: list[dict] | None = None,
+) -> list[Subset]:
+    """Read, convert and validate every source (``read_step_rows``, as ``prepare`` does).
+
+    ``separator`` only drives the warning about steps that contain it. Bad rows raise :class:`DataError` naming
+    each row, unless ``skip_invalid``, which collects them into ``rejects``.
+    """
+    if not data:
+        raise UsageError("no evaluation data", hint="pass --data FILE (repeatable) or set eval.data")
+    subsets = []
+    opts = Options(prm800k_neutral=prm800k_neutral, label_threshold=label_threshold, is_eval=True)
+    for name, spec in _name_subsets(data):
+        rows, split = read_step_rows(spec, fmt, opts, separator, skip_invalid, rejects)
+        if not len(rows):
+            raise DataError(f"{spec}: no valid rows left ({split.rows_rejected} of {split.rows_in} rejected)")
+        if split.rows_rejected:
+            log.warning(f"{spec}: skipped {split.rows_rejected} of {split.rows_in} invalid rows")
+        extras = _read_extras(spec, split.format, set(rows.rows), skip_invalid)
+        if split.format == "processbench":
+            first_errors = [None if fe is None else int(fe) for fe in rows.first_errors]
+            fe_source = "processbench"
+        else:
+            first_errors = [_first_error_from_labels(labels) for labels in rows.labels]
+            fe_source = "step labels"
+        subsets.append(
+            Subset(
+                name=name,
+                spec=spec,
+                format=split.format,
+                prompts=rows.prompts,
+                completions=rows.completions,
+                labels=rows.labels,
+                first_errors=first_errors,
+                final_answer_correct=[extras.get(n, (None, None))[0] for n in rows.rows],
+                answers=[extras.get(n, (None, None))[1] for n in rows.rows],
+                rows=rows.rows,
+                rows_in=split.rows_in,
+                rows_rejected=split.rows_rejected,
+                first_error_source=fe_source if any(fe is not None for fe in first_errors) else None,
+            )
+        )
+    return subsets
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Scoring
+
+
+def score_subsets(
+    scorer: Any, subsets: Sequence[Subset], progress: ProgressFn | None = None, label: str = ""
+) -> dict[str, list[list[float | None]]]:
+    """Step scores for every row of every subset, from ``scorer.score_batch`` (a ``StepScorer``)."""
+    out: dict[str, list[list[float | None]]] = {}
+    for subset in subsets:
+        scores: list[list[float | None]] = []
+        total = len(subset)
+        what = f"{label}: {subset.name}" if label else subset.name
+        for start in range(0, total, SCORE_CHUNK):
+            stop = start + SCORE_CHUNK
+            batch = list(zip(subset.prompts[start:stop], subset.completions[start:stop]))
+            scores.extend(scorer.score_batch(batch))
+            if progress is not None:
+                progress(what, len(scores), total)
+        for i, (row_scores, steps) in enumerate(zip(scores, subset.completions)):
+            if len(row_scores) != len(steps):
+                # A contract breach by the engine; the metrics would silently misalign otherwise.
+                raise PrmkitError(f"{subset.name}: row {i}: got {len(row_scores)} scores for {len(steps)} steps")
+        if len(scores) != total:
+            raise PrmkitError(f"{subset.name}: got scores for {len(scores)} of {total} rows")
+        out[subset.name] = scores
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Metrics
+
+
+def choose_threshold(
+    subsets: Sequence[Subset],
+    scores: Mapping[str, Sequence[Sequence[float | None]]],
+    threshold: float | None = None,
+    tune_on: str | None = None,
+) -> tuple[float, str]:
+    """``(threshold, source)``: tuned on ``tune_on``'s first-error F1, else ``threshold`` as given, else 0.5."""
+    if tune_on is not None:
+        subset = _find_subset(subsets, tune_on)
+        samples = [(s, fe) for s, fe in zip(scores[subset.name], subset.first_errors) if fe is not None]
+        if not samples:
+            raise UsageError(f"--tune-threshold {tune_on}: that subset has no first-error labels",
+                             hint="tune on ProcessBench-style data, or rows with hard step labels")
+        try:
+            value, f1 = metrics.tune_threshold(samples)
+        except ValueError as e:
+            raise UsageError(f"--tune-threshold {tune_on}: {e}") from None
+        return value, f"tuned on {subset.name} (f1={f1:.4f})"
+    if threshold is not None:
+        if not 0.0 <= float(threshold) <= 1.0:
+            raise UsageError(f"threshold must lie in [0, 1], got {threshold}")
+        return float(threshold), "given"
+    return DEFAULT_THRESHOLD, "default"
+
+
+def _find_subset(subsets: Sequence[Subset], name: str) -> Subset:
+    for subset in subsets:
+        if subset.name == name:
+            return subset
+    raise UsageError(f"--tune-threshold {name}: no such subset", hint=f"subsets: {', '.join(s.name for s in subsets)}")
+
+
+def _best_of_n_groups(subset: Subset, scores: Sequence[Sequence[float | None]]) -> list[list[dict[str, Any]]]:
+    if subset.format == "prm800k":
+        return []
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for prompt, row_scores, labels, fac, answer in zip(
+        subset.prompts, scores, subset.labels, subset.final_answer_correct, subset.answers
+    ):
+        correct = _solution_correct(fac, labels)
+        if correct is None:
+            continue
+        cand: dict[str, Any] = {"step_scores": list(row_scores), "correct": correct}
+        if answer is not None:
+            cand["answer"] = answer
+        groups.setdefault(prompt, []).append(cand)
+    return [g for g in groups.values() if len(g) >= 2]
+
+
+def subset_report(
+    subset: Subset, scores: Sequence[Sequence[float | None]], threshold: float
+) -> tuple[dict[str, Any], dict[str, list[float]]]:
+    """One subset's figures and its raw labelled-step scores and targets (for the plots)."""
+    step_scores: list[float] = []
+    targets: list[float] = []
+    positions: list[int] = []
+    unscored = labelled = 0
+    for row_scores, labels in zip(scores, subset.labels):
+        unscored += sum(s is None for s in row_scores)
+        for i, (score, label) in enumerate(zip(row_scores, labels)):
+            if label is None:
+                continue
+            labelled += 1
+            if score is None:
+                continue
+            step_scores.append(float(score))
+            targets.append(float(label))
+            positions.append(i + 1)
+    if unscored:
+        log.warning(f"{subset.name}: {unscored} steps lie beyond the model's max_length and were not scored")
+
+    out: dict[str, Any] = {
+        "source": subset.spec,
+        "format": subset.format,
+        "n_solutions": len(subset),
+        "n_steps": sum(len(c) for c in subset.completions),
+        "n_steps_labelled": labelled,
+        "n_steps_unscored": unscored,
+        "rows_rejected": subset.rows_rejected,
+    }
+    if step_scores:
+        out["step"] = metrics.step_metrics(step_scores, targets, threshold)
+        out["by_position"] = metrics.accuracy_by_position(positions, step_scores, targets, threshold)
+    else:
+        log.warning(f"{subset.name}: no labelled step was scored; no step-level figures")
+        out["step"] = None
+        out["by_position"] = []
+
+    fe_pairs = [(s, fe) for s, fe in zip(scores, subset.first_errors) if fe is not None]
+    if fe_pairs:
+        predictions = [metrics.first_error_index(s, threshold) for s, _ in fe_pairs]
+        out["first_error"] = {
+            **metrics.first_error_metrics(predictions, [fe for _, fe in fe_pairs]),
+            "labels_from": subset.first_error_source,
+        }
+    else:
+        out["first_error"] = None
+
+    with_outcome = [(s, c) for s, c in zip(scores, subset.final_answer_correct) if c is not None]
+    if with_outcome and subset.format != "prm800k":
+        out["outcome"] = metrics.outcome_metrics([s for s, _ in with_outcome], [c for _, c in with_outcome], threshold)
+    else:
+        out["outcome"] = None
+
+    groups = _best_of_n_groups(subset, scores)
+    out["best_of_n"] = metrics.best_of_n(groups) if groups else None
+    return out, {"scores": step_scores, "targets": targets}
+
+
+def build_model_report(
+    model: str,
+    subsets: Sequence[Subset],
+    scores: Mapping[str, Sequence[Sequence[float | None]]],
+    threshold: float | None = None,
+    tune_on: str | None = None,
+    tokenization: Mapping[str, Any] | None = None,
+) -> tuple[dict[str, Any], dict[str, dict[str, list[float]]]]:
+    """A single-model report (the shape ``prmkit.report`` documents) and its raw scores for the plots."""
+    value, source = choose_threshold(subsets, scores, threshold, tune_on)
+    report_subsets: dict[str, Any] = {}
+    raw: dict[str, dict[str, list[float]]] = {}
+    for subset in subsets:
+        report_subsets[subset.name], raw[subset.name] = subset_report(subset, scores[subset.name], value)
+    f1s = {name: (sub["first_error"] or {}).get("f1") for name, sub in report_subsets.items()}
+    report: dict[str, Any] = {
+        "model": model,
+        "threshold": value,
+        "threshold_source": source,
+        "subsets": report_subsets,
+        # Unweighted, as ProcessBench defines its headline: every subset counts the same whatever its size.
+        "mean_f1": metrics.mean_f1(f1s),
+        "prmkit_version": __version__,
+    }
+    if tokenization is not None:
+        report["tokenization"] = dict(tokenization)
+    return report, raw
+
+
+def combine_reports(
+    reports: Mapping[str, Mapping[str, Any]], raws: Mapping[str, Mapping[str, Any]]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One report for several models side by side: ``{"model": [...], "models": {name: report}}``."""
+    if len(reports) == 1:
+        (name, report), = reports.items()
+        return dict(report), dict(raws[name])
+    return (
+        {"model": list(reports), "models": {n: dict(r) for n, r in reports.items()}, "prmkit_version": __version__},
+        {n: dict(r) for n, r in raws.items()},
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Running
+
+
+@dataclass
+class EvalResult:
+    report: dict[str, Any]
+    """What goes into report.json: one model's report, or ``{"model": [...], "models": {...}}`` for several."""
+    raw: dict[str, Any]
+    """Labelled-step scores and targets per subset (per model, then subset, for several): the plots need them."""
+    subsets: list[Subset] = field(default_factory=list)
+    rejects: list[dict] = field(default_factory=list)
+    scores: dict[str, dict[str, list[list[float | None]]]] = field(default_factory=dict)
+    """Every step score, per model and subset (None: beyond max_length)."""
+
+
+def _separator_for_warnings(model: str, step_separator: str | None) -> str:
+    if step_separator is not None:
+        return step_separator
+    from prmkit.modeling import read_metadata
+
+    try:
+        meta = read_metadata(model) if Path(model).is_dir() else None
+    except (OSError, ValueError):
+        meta = None
+    return ((meta or {}).get("tokenization") or {}).get("step_separator", "\n")
+
+
+def _default_loader(model: str, **kwargs: Any) -> Any:
+    from prmkit.scoring import StepScorer
+
+    return StepScorer.from_pretrained(model, **kwargs)
+
+
+def _free_memory() -> None:
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def evaluate(
+    models: Sequence[str],
+    data: Sequence[str],
+    *,
+    fmt: str = "auto",
+    step_separator: str | None = None,
+    threshold: float | None = None,
+    tune_threshold: str | None = None,
+    batch_tokens: int = 16384,
+    dtype: str = "auto",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+    allow_bidirectional: bool = False,
+    attn_implementation: str | None = None,
+    prm800k_neutral: str = "negative",
+    label_threshold: float | None = None,
+    skip_invalid: bool = False,
+    progress: ProgressFn | None = None,
+    load_scorer: Callable[..., Any] | None = None,
+) -> EvalResult:
+    """Evaluate one model or several on every ``data`` subset.
+
+    ``threshold=None`` with no ``tune_threshold`` means the default 0.5. ``load_scorer(model, **kwargs)`` defaults
+    to ``StepScorer.from_pretrained``; every model is loaded, used and released in turn.
+    """
+    models = [str(m) for m in models]
+    if not models:
+        raise UsageError("no model to evaluate", hint="pass one or more model directories or Hub ids")
+    if threshold is not None and not 0.0 <= float(threshold) <= 1.0:
+        raise UsageError(f"threshold must lie in [0, 1], got {threshold}")
+    dupes = sorted({m for m in models if models.count(m) > 1})
+    if dupes:
+        raise UsageError(f"model given twice: {', '.join(dupes)}")
+    rejects: list[dict] = []
+    subsets = load_subsets(
+        data, fmt, separator=_separator_for_warnings(models[0], step_separator), prm800k_neutral=prm800k_neutral,
+        label_threshold=label_threshold, skip_invalid=skip_invalid, rejects=rejects,
+    )
+    if tune_threshold is not None:
+        _find_subset(subsets, tune_threshold)  # fail before loading any model
+    load = load_scorer or _default_loader
+    # Passed only when set, so a loader with just the basic StepScorer.from_pretrained keywords works too.
+    extra = {k: v for k, v in (("allow_bidirectional", allow_bidirectional),
+                               ("attn_implementation", attn_implementation)) if v}
+    reports: dict[str, dict[str, Any]] = {}
+    raws: dict[str, dict[str, Any]] = {}
+    all_scores: dict[str, dict[str, list[list[float | None]]]] = {}
+    for model in models:
+        log.info(f"loading {model}")
+        scorer = load(model, step_separator=step_separator, dtype=dtype, device=device, batch_tokens=batch_tokens,
+                      trust_remote_code=trust_remote_code, **extra)
+        params = getattr(scorer, "params", None)
+        scores = score_subsets(scorer, subsets, progress, label=model if len(models) > 1 else "")
+        # Free one model before loading the next: two 7B models need not fit at once.
+        del scorer
+        _free_memory()
+        reports[model], raws[model] = build_model_report(
+            model, subsets, scores, threshold, tune_threshold,
+            tokenization=params.to_dict() if hasattr(params, "to_dict") else None,
+        )
+        all_scores[model] = scores
+    report, raw = combine_reports(reports, raws)
+    return EvalResult(report, raw, subsets, rejects, all_scores)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Output
+
+
+def _is_previous_report(path: Path) -> bool:
+    entries = list(path.iterdir())
+    for entry in entries:
+        # Leftover temp files of an interrupted atomic write are ours too.
+        ours = entry.name in OWN_FILES or (entry.name.startswith(".") and entry.name.endswith(".tmp"))
+        if not ours or not entry.is_file():
+            return False
+    try:
+        previous = json.loads((path / "report.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(previous, dict) and ("subsets" in previous or "models" in previous)
+
+
+def check_output_dir(path: str | Path, overwrite: bool = False) -> bool:
+    """Refuse a non-empty directory that is not a previous ``prmkit eval`` report unless ``overwrite``.
+
+    A directory holding nothing but an earlier report is replaced: it is this command's own output, and
+    re-running an evaluation into the same place is the common case. Returns whether files are being replaced.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{path} exists and is not a directory", hint="choose another --output-dir")
+    if not path.exists() or not any(path.iterdir()):
+        return False
+    if _is_previous_report(path):
+        return True
+    if not overwrite:
+        raise UsageError(
+            f"{path} is not empty and does not hold a prmkit report",
+            hint="pass --overwrite to write the report into it anyway, or choose another --output-dir",
+        )
+    return True
+
+
+def check_plotting() -> None:
+    """Raise :class:`prmkit.report.MissingExtraError` now, before any scoring, when matplotlib is missing."""
+    from prmkit.report import MissingExtraError
+
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise MissingExtraError() from None
+
+
+def _write_jsonl_atomic(path: Path, records: Sequence[Mapping[str, Any]]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            for record in records:
+                fh.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_outputs(result: EvalResult, out_dir: str | Path, plots: bool = True) -> list[Path]:
+    """Write report.json, report.md, the plots (with ``plots``) and rejects.jsonl (when rows were skipped).
+
+    Files an earlier report left that this one does not write (a plot that no longer applies, old rejects) are
+    removed, so the directory never mixes two runs.
+    """
+    from prmkit.report import write_report
+
+    out_dir = Path(out_dir)
+    if (out_dir / "report.json").exists():
+        log.warning(f"replacing the previous report in {out_dir}")
+    written = write_report(result.report, out_dir, plots=plots, raw=result.raw)
+    if result.rejects:
+        rejects_path = out_dir / REJECTS_FILE
+        _write_jsonl_atomic(rejects_path, result.rejects)
+        written.append(rejects_path)
+    keep = {p.name for p in written}
+    for name in OWN_FILES - keep:
+        with contextlib.suppress(FileNotFoundError):
+            (out_dir / name).unlink()
+    return written

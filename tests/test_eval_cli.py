@@ -1,0 +1,192 @@
+"""`prmkit eval` on the command line: options, config, exit codes, output directory rules, one real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from eval_fixtures import processbench_first_error, processbench_records, read_records, write_json
+from typer.testing import CliRunner
+
+from prmkit.cli.app import app
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("eval-cli-data")
+    bad = processbench_records(5, seed=3)
+    bad[2]["label"] = 99
+    return {
+        "a": write_json(d / "a.json", processbench_records(16, seed=1)),
+        "b": write_json(d / "b.json", processbench_records(7, seed=2)),
+        "bad": write_json(d / "bad.json", bad),
+    }
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_prm_pair, data):
+    from prmkit.scoring import StepScorer
+
+    scorer = StepScorer.from_pretrained(tiny_prm_pair[0])
+    return {name: scorer.score_batch([(r["problem"], r["steps"]) for r in read_records(data[name])])
+            for name in ("a", "b")}
+
+
+def run(*args: str):
+    return CliRunner().invoke(app, ["eval", *map(str, args)])
+
+
+def test_json_result_equals_report_json(tiny_prm_pair, data, reference, tmp_path):
+    model = tiny_prm_pair[0]
+    out = tmp_path / "out"
+    res = run(model, "--data", data["a"], "--data", data["b"], "--threshold", "0.5", "-o", out, "--json", "--no-plots")
+    assert res.exit_code == 0, res.stderr
+    printed = json.loads(res.stdout)  # one JSON object, nothing else on stdout
+    written = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert printed.pop("output_dir") == str(out)
+    assert printed.pop("files") == [str(out / "report.json"), str(out / "report.md")]
+    assert printed == written
+    assert written["threshold_source"] == "given"
+    for name in ("a", "b"):
+        expected = processbench_first_error(reference[name], [r["label"] for r in read_records(data[name])], 0.5)
+        assert written["subsets"][name]["first_error"]["f1"] == pytest.approx(expected["f1"], abs=1e-12)
+    assert written["mean_f1"] == pytest.approx(
+        (written["subsets"]["a"]["first_error"]["f1"] + written["subsets"]["b"]["first_error"]["f1"]) / 2)
+    # The hint for `push` goes to stderr.
+    assert f"prmkit push {model} --eval-report {out / 'report.json'}" in res.stderr.replace("\n", "")
+
+
+def test_tables_on_stdout_logs_on_stderr(tiny_prm_pair, data, tmp_path):
+    res = run(tiny_prm_pair[0], "--data", data["a"], "-o", tmp_path / "out", "--no-plots")
+    assert res.exit_code == 0, res.stderr
+    assert "First error (ProcessBench)" in res.stdout
+    assert "threshold 0.5 (chosen by: default)" in res.stdout
+    assert "loading" in res.stderr and "loading" not in res.stdout
+
+
+def test_config_eval_section(tiny_prm_pair, data, tmp_path):
+    cfg = tmp_path / "prmkit.yaml"
+    out = tmp_path / "from-config"
+    cfg.write_text(
+        f"model:\n  name_or_path: {tiny_prm_pair[0]}\n"
+        f"eval:\n  data: [{data['a']}, {data['b']}]\n  threshold: 0.5\n  tune_threshold: a\n"
+        f"  output_dir: {out}\n  plots: false\n",
+        encoding="utf-8",
+    )
+    res = run("--config", cfg)
+    assert res.exit_code == 0, res.stderr
+    rep = json.loads((out / "report.json").read_text())
+    # Tuning beats the config's threshold (the `config init` template spells out threshold: 0.5).
+    assert rep["threshold_source"].startswith("tuned on a (f1=")
+    assert rep["model"] == str(tiny_prm_pair[0])
+    assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md"]
+
+    # --threshold on the command line beats the config's tuning; --set counts as given too.
+    res = run("--config", cfg, "--threshold", "0.3", "--json")
+    assert res.exit_code == 0, res.stderr
+    assert (json.loads(res.stdout)["threshold"], json.loads(res.stdout)["threshold_source"]) == (0.3, "given")
+    res = run("--config", cfg, "--set", "eval.tune_threshold=null", "--set", "eval.threshold=0.25", "--json")
+    assert res.exit_code == 0, res.stderr
+    assert (json.loads(res.stdout)["threshold"], json.loads(res.stdout)["threshold_source"]) == (0.25, "given")
+
+
+def test_usage_errors_exit_2(tiny_prm_pair, data, tmp_path):
+    model = tiny_prm_pair[0]
+    res = run(model, "--data", data["a"], "--threshold", "0.4", "--tune-threshold", "a", "-o", tmp_path / "o")
+    assert res.exit_code == 2 and "exclude each other" in res.stderr
+    res = run(model, "--data", data["a"], "--tune-threshold", "nope", "-o", tmp_path / "o")
+    assert res.exit_code == 2 and "no such subset" in res.stderr and "subsets: a" in res.stderr
+    res = run(model, "-o", tmp_path / "o")
+    assert res.exit_code == 2 and "no evaluation data" in res.stderr
+    res = run(model, "--data", data["a"], "--threshold", "1.5")
+    assert res.exit_code == 2
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_input_names_the_row_and_exits_2(tiny_prm_pair, data, tmp_path):
+    res = run(tiny_prm_pair[0], "--data", data["bad"], "-o", tmp_path / "out")
+    assert res.exit_code == 2
+    assert f"{data['bad']}: row 3: label: expected -1 or a step index below" in res.stderr.replace("\n", "")
+    assert "--skip-invalid" in res.stderr
+    assert "Traceback" not in res.stderr + res.stdout
+    assert not (tmp_path / "out").exists()
+
+
+def test_skip_invalid(tiny_prm_pair, data, tmp_path):
+    out = tmp_path / "out"
+    res = run(tiny_prm_pair[0], "--data", data["bad"], "-o", out, "--skip-invalid", "--no-plots", "--json")
+    assert res.exit_code == 0, res.stderr
+    rep = json.loads(res.stdout)
+    assert rep["subsets"]["bad"]["n_solutions"] == 4 and rep["subsets"]["bad"]["rows_rejected"] == 1
+    rejects = [json.loads(x) for x in (out / "rejects.jsonl").read_text().splitlines()]
+    assert [(r["row"], r["field"]) for r in rejects] == [(3, "label")]
+    assert "1 invalid rows skipped" in res.stderr
+
+
+def test_output_dir_refused_unless_overwrite(tiny_prm_pair, data, tmp_path):
+    model = tiny_prm_pair[0]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    res = run(model, "--data", data["a"], "-o", out, "--no-plots")
+    assert res.exit_code == 2 and "not empty" in res.stderr and "--overwrite" in res.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    res = run(model, "--data", data["a"], "-o", out, "--no-plots", "--overwrite")
+    assert res.exit_code == 0, res.stderr
+    assert (out / "notes.txt").read_text() == "keep me" and (out / "report.json").exists()
+
+    # A directory holding only an earlier report is this command's own output: replaced without --overwrite.
+    own = tmp_path / "own"
+    assert run(model, "--data", data["a"], "-o", own, "--threshold", "0.2", "--no-plots").exit_code == 0
+    res = run(model, "--data", data["b"], "-o", own, "--no-plots", "--json")
+    assert res.exit_code == 0, res.stderr
+    assert "replacing the previous report" in res.stderr
+    assert list(json.loads((own / "report.json").read_text())["subsets"]) == ["b"]
+
+
+def test_missing_matplotlib_is_one_line_error(tiny_prm_pair, data, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
+    res = run(tiny_prm_pair[0], "--data", data["a"], "-o", tmp_path / "out")
+    assert res.exit_code == 1
+    assert "plots need matplotlib: pip install 'prmkit[plot]'" in res.stderr
+    assert "--no-plots" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "out").exists()  # refused before any scoring or writing
+
+
+def test_two_models_positional_and_option(tiny_prm_pair, data, tmp_path):
+    a, b = tiny_prm_pair
+    out = tmp_path / "cmp"
+    res = run(a, "--model", b, "--data", data["a"], "-o", out)
+    assert res.exit_code == 0, res.stderr
+    rep = json.loads((out / "report.json").read_text())
+    assert list(rep["models"]) == [str(a), str(b)]
+    assert "Subset: a" in res.stdout  # the side-by-side table
+    assert {"score_histogram.png", "reliability.png", "accuracy_by_position.png", "best_of_n.png"} <= {
+        p.name for p in out.iterdir()}
+
+
+def test_python_m_prmkit_subprocess(tiny_prm_pair, data, tmp_path):
+    out = tmp_path / "sub"
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "prmkit", "eval", str(tiny_prm_pair[0]), "--data", str(data["b"]), "-o", str(out),
+         "--no-plots", "--json"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    printed = json.loads(proc.stdout)
+    assert printed["subsets"]["b"]["n_solutions"] == 7
+    assert printed["subsets"]["b"]["first_error"] == json.loads((out / "report.json").read_text())["subsets"]["b"][
+        "first_error"]
+    bad = subprocess.run(
+        [sys.executable, "-m", "prmkit", "eval", str(tiny_prm_pair[0]), "--data", str(data["bad"]), "-o",
+         str(tmp_path / "x")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert bad.returncode == 2 and "row 3" in bad.stderr and "Traceback" not in bad.stderr
