@@ -57,6 +57,9 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         json.dump(obj, fh, indent=2, ensure_ascii=False)
         fh.write("\n")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files private; prmkit.json is as shareable as the weights
     os.replace(tmp, path)
 
 
@@ -96,3 +99,258 @@ def resolve_tokenization(
         log.warning(f"{model}: no {PRMKIT_JSON}; assuming step separator {sep!r} (TRL's default). Pass --step-separator if it was trained with another")
     clean = {k: v for k, v in overrides.items() if v is not None}
     return TokenizationParams(**{"step_separator": sep, **clean}), True
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading models for training and scoring
+
+ENCODER_EXPLANATION = (
+    "prmkit reads a whole solution as one sequence and labels every step in it, so a bidirectional model judging "
+    "step 2 also sees steps 3, 4, ... (and the final answer): it learns from the future instead of judging the step"
+)
+
+
+def is_causal(config: Any) -> bool:
+    """Whether a model with this `transformers` config attends only to earlier tokens.
+
+    Encoder-decoder models and masked-LM encoders (BERT, RoBERTa, DeBERTa, ModernBERT, ...) are not causal unless
+    their config runs them as a decoder (``is_decoder``); a model type transformers knows as a causal LM is.
+    """
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(config, "is_encoder_decoder", False) or getattr(text, "is_encoder_decoder", False):
+        return False
+    if getattr(text, "is_decoder", False):
+        return True
+    model_type = getattr(text, "model_type", None) or getattr(config, "model_type", None)
+    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return False
+    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return True
+    architectures = getattr(config, "architectures", None) or []
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+
+
+def check_causal(config: Any, name: str, allow_bidirectional: bool) -> None:
+    """Refuse a bidirectional model unless the user said they know (`model.allow_bidirectional: true`)."""
+    from prmkit.errors import UsageError
+
+    if is_causal(config):
+        return
+    kind = getattr(config, "model_type", "unknown")
+    if allow_bidirectional:
+        log.warning(f"{name} ({kind}) is not a causal model; training it anyway because model.allow_bidirectional is "
+                    f"true. {ENCODER_EXPLANATION}")
+        return
+    raise UsageError(
+        f"{name} ({kind}) is not a causal (decoder-only) model. {ENCODER_EXPLANATION}",
+        hint="use a decoder-only model (Qwen2, Llama, Mistral, ...), or set model.allow_bidirectional: true if you mean it",
+    )
+
+
+def resolve_dtype(name: str | None):
+    """`model.dtype` as transformers takes it: 'auto' stays 'auto', names become torch dtypes."""
+    import torch
+
+    if name in (None, "auto"):
+        return "auto"
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if name not in table:
+        from prmkit.errors import ConfigError
+
+        raise ConfigError(f"model.dtype: expected auto, float32, bfloat16 or float16, got {name!r}")
+    return table[name]
+
+
+def ensure_pad_token(tokenizer: Any) -> None:
+    """Batches need a pad id; a tokenizer without one pads with EOS (pad positions are masked, so any id works)."""
+    from prmkit.errors import UsageError
+
+    if tokenizer.pad_token_id is not None:
+        return
+    if tokenizer.eos_token is None:
+        raise UsageError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has neither a pad nor an EOS token",
+                         hint="use a tokenizer that defines pad_token or eos_token")
+    tokenizer.pad_token = tokenizer.eos_token
+    log.warning(f"the tokenizer has no pad token; padding with its EOS token {tokenizer.eos_token!r}")
+
+
+def load_model_config(model_cfg: Any):
+    """The base model's transformers config, checked: a causal model (or ``allow_bidirectional``). Cheap: no weights."""
+    from transformers import AutoConfig
+
+    from prmkit.errors import UsageError
+
+    name = model_cfg.name_or_path
+    if not name:
+        raise UsageError("no model: set model.name_or_path", hint="e.g. --model Qwen/Qwen2-0.5B, or --example for a smoke run")
+    try:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=model_cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"model {name!r} could not be loaded: {str(e).splitlines()[0]}",
+                         hint="set model.name_or_path to a local directory or a reachable Hub id") from None
+    check_causal(config, name, model_cfg.allow_bidirectional)
+    return config
+
+
+def load_model_for_training(model_cfg: Any, tokenizer: Any, seed: int | None = None, config: Any = None):
+    """A token-classification model with two labels (LABEL_0 = wrong step, LABEL_1 = correct step).
+
+    ``model_cfg`` is the config's ``model`` section. With ``init_from_config`` the weights are random (seeded by
+    ``seed``), built from ``name_or_path``'s config. ``config`` is :func:`load_model_config`'s result, if at hand.
+    """
+    from transformers import AutoModelForTokenClassification
+
+    from prmkit.errors import UsageError
+
+    name = model_cfg.name_or_path
+    common = {"trust_remote_code": model_cfg.trust_remote_code}
+    config = config if config is not None else load_model_config(model_cfg)
+    config.num_labels = 2
+    config.id2label = dict(ID2LABEL)
+    config.label2id = dict(LABEL2ID)
+    config.pad_token_id = tokenizer.pad_token_id
+    # Training never generates; a KV cache object would also stop transformers building the packed-sequence mask.
+    config.use_cache = False
+    dtype = resolve_dtype(model_cfg.dtype)
+    kwargs: dict[str, Any] = {}
+    if model_cfg.attn_implementation:
+        kwargs["attn_implementation"] = model_cfg.attn_implementation
+    if model_cfg.init_from_config:
+        import torch
+        from transformers import set_seed
+
+        if seed is not None:
+            set_seed(seed)
+        model = AutoModelForTokenClassification.from_config(
+            config, dtype=torch.float32 if dtype == "auto" else dtype, **common, **kwargs)
+    else:
+        try:
+            model = AutoModelForTokenClassification.from_pretrained(name, config=config, dtype=dtype, **common, **kwargs)
+        except OSError as e:
+            raise UsageError(f"model {name!r} could not be loaded: {str(e).splitlines()[0]}") from None
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        raise UsageError(f"the tokenizer has {len(tokenizer)} tokens but {name} has only "
+                         f"{model.get_input_embeddings().num_embeddings} embeddings",
+                         hint="use the tokenizer the model was trained with (model.tokenizer)")
+    return model
+
+
+def disable_dropout(model: Any) -> int:
+    """Set every dropout probability to 0 (modules and config); returns how many modules were changed.
+
+    A PRM is trained on few labels per sequence; dropout mostly adds noise between the train and eval passes.
+    """
+    import torch.nn as nn
+
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, nn.Dropout) and module.p != 0:
+            module.p = 0.0
+            changed += 1
+        # Attention dropout is often a float handed to the attention kernel, not a module.
+        for attr in ("attention_dropout", "attn_dropout", "dropout_p"):
+            if isinstance(getattr(module, attr, None), float) and getattr(module, attr):
+                setattr(module, attr, 0.0)
+                changed += 1
+    config = getattr(model, "config", None)
+    if config is not None:
+        for key, value in list(vars(config).items()):
+            if "dropout" in key and isinstance(value, float) and value:
+                setattr(config, key, 0.0)
+    return changed
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# LoRA
+
+LORA_KEYS = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": None}
+
+
+def head_module_name(model: Any) -> str:
+    """Name of the classification head (`score` for Qwen2/Llama, `classifier` for BERT-likes): LoRA trains it fully."""
+    import torch.nn as nn
+
+    for name in ("score", "classifier"):
+        if isinstance(getattr(model, name, None), nn.Module):
+            return name
+    num_labels = getattr(model.config, "num_labels", 2)
+    found = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.out_features == num_labels]
+    if not found:
+        from prmkit.errors import UsageError
+
+        raise UsageError(f"cannot find the classification head of {type(model).__name__} to train with LoRA")
+    return found[-1]
+
+
+def lora_config(lora: dict, model: Any):
+    """A peft LoraConfig (task TOKEN_CLS) from `train.lora`, with the head in modules_to_save."""
+    from peft import LoraConfig, TaskType
+
+    from prmkit.config import _did_you_mean
+    from prmkit.errors import ConfigError
+
+    unknown = [k for k in lora if k not in LORA_KEYS]
+    if unknown:
+        raise ConfigError(f"train.lora: unknown key {unknown[0]!r}{_did_you_mean(str(unknown[0]), LORA_KEYS)}",
+                          hint=f"train.lora takes {', '.join(LORA_KEYS)}")
+    opts = {**LORA_KEYS, **lora}
+    target = opts["target_modules"]
+    if isinstance(target, str) and target != "all-linear":
+        target = [target]
+    return LoraConfig(
+        task_type=TaskType.TOKEN_CLS,
+        r=int(opts["r"]),
+        lora_alpha=float(opts["alpha"]),
+        lora_dropout=float(opts["dropout"]),
+        target_modules=target,
+        modules_to_save=[head_module_name(model)],
+    )
+
+
+def apply_lora(model: Any, lora: dict):
+    from peft import get_peft_model
+
+    from prmkit.errors import ConfigError
+
+    config = lora_config(lora, model)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:
+        raise ConfigError(f"train.lora: {str(e).splitlines()[0]}",
+                          hint="set train.lora.target_modules, e.g. [q_proj, v_proj] or all-linear") from None
+
+
+# Where an adapter-only output keeps a base model that cannot be downloaded again (random init from a config).
+BASE_MODEL_DIR = "base_model"
+
+
+def load_trained_model(path: str | Path, dtype: Any = "auto", trust_remote_code: bool = False, **kwargs: Any):
+    """Load what `prmkit train` wrote: a full model, or a LoRA adapter over its base. Returns the model (eval mode).
+
+    An adapter directory is recognised by ``adapter_config.json``; its base is ``base_model/`` inside it when
+    present, else the adapter config's ``base_model_name_or_path``.
+    """
+    from transformers import AutoModelForTokenClassification
+
+    path = Path(path)
+    dtype = resolve_dtype(dtype) if isinstance(dtype, str) else dtype
+    adapter_cfg = path / "adapter_config.json"
+    if path.is_dir() and adapter_cfg.is_file():
+        from peft import PeftModel
+
+        base = path / BASE_MODEL_DIR
+        base_name = str(base) if (base / "config.json").is_file() else json.loads(adapter_cfg.read_text())["base_model_name_or_path"]
+        model = AutoModelForTokenClassification.from_pretrained(
+            base_name, num_labels=2, id2label=dict(ID2LABEL), label2id=dict(LABEL2ID), dtype=dtype,
+            trust_remote_code=trust_remote_code, **kwargs)
+        model = PeftModel.from_pretrained(model, str(path))
+    else:
+        model = AutoModelForTokenClassification.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
+    model.eval()
+    return model

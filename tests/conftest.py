@@ -73,3 +73,90 @@ def qwen2_tokenizer():
 def _isolated_cache(tmp_path, monkeypatch):
     # Every test gets its own prepared-data cache so cache hits are only the ones a test makes.
     monkeypatch.setenv("PRMKIT_CACHE", str(tmp_path / "prmkit-cache"))
+
+
+def make_tiny_prm(path: Path, tokenizer_dir: Path, seed: int = 0, step_separator: str = "\n") -> Path:
+    """A random tiny Qwen2 token-classification PRM directory (weights, tokenizer, prmkit.json).
+
+    Its scores mean nothing, but they vary from step to step and are deterministic for a seed, which is all the
+    evaluation tests need.
+    """
+    import torch
+    from transformers import AutoModelForTokenClassification, AutoTokenizer, Qwen2Config
+
+    from prmkit.modeling import build_metadata, write_metadata
+    from prmkit.tokenization import TokenizationParams
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    cfg = Qwen2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=128, vocab_size=len(tok), num_labels=2, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    model = AutoModelForTokenClassification.from_config(cfg)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    write_metadata(path, build_metadata(TokenizationParams(step_separator=step_separator), base_model=None))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_prm_pair(tmp_path_factory, tiny_tokenizer_dir) -> tuple[Path, Path]:
+    """Two tiny PRMs: seed 0 with separator "\\n", seed 1 with separator "\\n\\n" (in its prmkit.json)."""
+    root = tmp_path_factory.mktemp("tiny-prms")
+    return (
+        make_tiny_prm(root / "prm_a", tiny_tokenizer_dir, seed=0, step_separator="\n"),
+        make_tiny_prm(root / "prm_b", tiny_tokenizer_dir, seed=1, step_separator="\n\n"),
+    )
+
+
+# --- training fixtures (tests/test_training.py, test_train_cli.py, test_distributed.py) -----------------------------
+
+TRAIN_TINY_MODEL = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                    "intermediate_size": 128}
+_TRAIN_WORDS = ("add subtract multiply the total apples pencils costs each week hours minutes so we get then "
+                "therefore answer price eraser equation solve both sides divide by").split()
+
+
+def write_train_rows(path: Path, n: int = 24, seed: int = 0, soft: bool = False) -> Path:
+    """Stepwise JSONL rows of varied length (1-6 steps); with ``soft`` every third row has soft labels."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as fh:
+        for i in range(n):
+            a, b = rng.randint(2, 99), rng.randint(2, 99)
+            prompt = f"Problem {i}: what is {a} + {b}? " + " ".join(rng.choices(_TRAIN_WORDS, k=rng.randint(3, 25)))
+            steps, labels, ok = [], [], True
+            for k in range(rng.randint(1, 6)):
+                good = rng.random() > 0.25
+                ok = ok and good
+                steps.append(f"Step {k + 1}: {a} + {b + (0 if good else 1)} = {a + b + (0 if good else 1)} "
+                             + " ".join(rng.choices(_TRAIN_WORDS, k=rng.randint(2, 12))))
+                labels.append(ok)
+            if soft and i % 3 == 0:
+                labels = [round(rng.uniform(0.05, 0.95), 3) for _ in labels]
+            fh.write(json.dumps({"prompt": prompt, "completions": steps, "labels": labels}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def train_tokenizer_dir(tmp_path_factory) -> Path:
+    """prmkit's example tokenizer (Qwen2's pre-tokenizer, so it loads back identically beside a Qwen2 config)."""
+    from prmkit.training import build_example_tokenizer
+
+    path = tmp_path_factory.mktemp("train-tok")
+    build_example_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_config_dir(tmp_path_factory, train_tokenizer_dir) -> Path:
+    """A tiny Qwen2 config (no weights) beside the tokenizer: train it with model.init_from_config: true."""
+    from transformers import AutoTokenizer, Qwen2Config
+
+    tok = AutoTokenizer.from_pretrained(train_tokenizer_dir)
+    path = tmp_path_factory.mktemp("tiny-qwen2")
+    Qwen2Config(**TRAIN_TINY_MODEL, vocab_size=len(tok), num_labels=2, pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id, bos_token_id=None).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

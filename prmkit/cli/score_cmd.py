@@ -1,12 +1,166 @@
-"""`prmkit score` (not built yet)."""
+"""`prmkit score`: a PRM scores every step of every solution in a JSONL file (or any source `prepare` reads)."""
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
 from prmkit.cli._errors import handle_errors
-from prmkit.errors import NotImplementedYet
+from prmkit.cli._options import ConfigOpt, FormatOpt, JsonOpt, OverwriteOpt, SetOpt, SkipInvalidOpt, StepSeparatorOpt, unescape
+from prmkit.cli._output import Output, attach_logging, stderr
+from prmkit.config import load_config
+from prmkit.errors import UsageError
 
 
 @handle_errors
-def score() -> None:
-    """Not implemented yet."""
-    raise NotImplementedYet("score")
+def score(
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="A prmkit output directory, a transformers model directory, or a Hub id.")],
+    input_: Annotated[str, typer.Argument(metavar="INPUT", help="JSONL with prompt + completions (or problem + steps), any format `prepare` reads, or '-' for stdin.")],
+    output: Annotated[str, typer.Option("--output", "-o", help="JSONL file to write, or '-' for stdout.")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    step_separator: StepSeparatorOpt = None,
+    format_: FormatOpt = None,
+    threshold: Annotated[Optional[float], typer.Option("--threshold", help="First error = first step scoring below this (score.threshold).")] = None,
+    batch_tokens: Annotated[Optional[int], typer.Option("--batch-tokens", help="Token budget of one forward batch (score.batch_tokens).")] = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="auto | float32 | bfloat16 | float16 (auto: bf16 on GPU, fp32 on CPU).")] = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="auto | cpu | cuda | cuda:N | mps.")] = None,
+    skip_invalid: SkipInvalidOpt = None,
+    overwrite: OverwriteOpt = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Score every step of every solution: adds step_scores, aggregates and first_error to each line.
+
+    Re-running the same command after an interruption continues where it stopped.
+
+    Examples:
+
+      prmkit score runs/prm solutions.jsonl -o scored.jsonl
+
+      cat solutions.jsonl | prmkit score runs/prm - -o - > scored.jsonl
+
+      accelerate launch -m prmkit score runs/prm solutions.jsonl -o scored.jsonl
+    """
+    out = Output(json_)
+    cfg = load_config(config, set_, {
+        "score.threshold": threshold, "score.batch_tokens": batch_tokens, "score.dtype": dtype,
+        "score.device": device, "score.format": format_, "score.skip_invalid": skip_invalid,
+    })
+    if json_ and output == "-":
+        raise UsageError("--json needs --output FILE: with --output - stdout carries the scored lines")
+    if output != "-" and Path(output).resolve() == Path(input_).resolve():
+        raise UsageError(f"--output {output} is the input file", hint="write the scores to another file")
+    attach_logging(out)
+    if int(os.environ.get("RANK", "0")) != 0:
+        logging.getLogger("prmkit").setLevel(logging.ERROR)  # one process speaks for all
+
+    from transformers.utils import logging as hf_logging
+
+    from prmkit.scoring import StepScorer, score_file
+
+    hf_logging.disable_progress_bar()  # a weight-loading bar per process is noise beside our own progress
+
+    sc = cfg.score
+    scorer = StepScorer.from_pretrained(
+        model, step_separator=unescape(step_separator), dtype=sc.dtype, device=sc.device,
+        batch_tokens=sc.batch_tokens, sort_window=sc.sort_window, trust_remote_code=cfg.model.trust_remote_code,
+        allow_bidirectional=cfg.model.allow_bidirectional, attn_implementation=cfg.model.attn_implementation,
+    )
+    main = scorer.is_main_process
+    progress = _Progress(total=_total(input_) if main else None, enabled=main)
+    try:
+        summary = score_file(
+            scorer, input_, output, fmt=sc.format, threshold=sc.threshold, skip_invalid=sc.skip_invalid,
+            overwrite=overwrite, on_progress=progress.lines if main else None, on_steps=progress.steps if main else None,
+            stdout=sys.stdout, on_reject=lambda where: out.warn(f"rejected {where}"),
+        )
+    finally:
+        progress.stop()
+    if not main:
+        return
+    data = summary.to_dict()
+    if summary.already_complete:
+        out.info(f"{output} is already complete ({data['rows_out']} rows); nothing to do (--overwrite scores again)")
+    else:
+        rate = f"{data['lines_per_s']} lines/s, {data['steps_per_s']} steps/s" if data["lines_per_s"] else ""
+        resumed = f" (resumed after line {summary.resumed_at_line})" if summary.resumed_at_line else ""
+        out.info(
+            f"scored {data['lines_scored']} of {data['lines_in']} lines{resumed}: {data['rows_out']} rows, "
+            f"{data['steps']} steps in {data['seconds']:.1f} s ({rate}); {data['lines_rejected']} rejected"
+        )
+    if data["rows_truncated"]:
+        out.warn(f"{data['rows_truncated']} rows lost {data['steps_truncated']} steps to max_length: "
+                 "their step_scores hold null and the line says \"truncated\": true")
+    if summary.rejects:
+        out.info(f"rejected lines written to {summary.rejects}")
+    if output != "-":
+        out.info(f"wrote {output}")
+        if json_:
+            out.result(data)
+
+
+def _total(spec: str) -> int | None:
+    if spec == "-":
+        return None
+    try:
+        from prmkit.scoring import InputSource
+
+        return InputSource(spec).total()
+    except Exception:  # only an ETA depends on it; reading errors surface when scoring starts
+        return None
+
+
+class _Progress:
+    """Lines/s, steps/s and an ETA on stderr while scoring; rich hides it when stderr is not a terminal."""
+
+    def __init__(self, total: int | None, enabled: bool):
+        self.enabled = enabled
+        self.started = time.perf_counter()
+        self.n_steps = 0
+        self.n_lines = 0
+        self._progress = None
+        self._task = None
+        self.total = total
+
+    def _start(self) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        columns = [TextColumn("scoring"), BarColumn() if self.total else TextColumn(""),
+                   TextColumn("{task.completed}/{task.total} lines" if self.total else "{task.fields[lines]} lines"),
+                   TextColumn("{task.fields[lines_rate]} lines/s, {task.fields[steps_rate]} steps/s")]
+        if self.total:
+            columns.append(TimeRemainingColumn())
+        self._progress = Progress(*columns, console=stderr(), transient=False)
+        self._task = self._progress.add_task("score", total=self.total, lines=0, lines_rate="-", steps_rate="-")
+        self._progress.start()
+
+    def _refresh(self, line: int | None = None) -> None:
+        if not self.enabled:
+            return
+        if self._progress is None:
+            self._start()
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        fields = {"lines": self.n_lines, "lines_rate": f"{self.n_lines / elapsed:.1f}",
+                  "steps_rate": f"{self.n_steps / elapsed:.1f}"}
+        if line is not None:
+            fields["completed"] = line
+        self._progress.update(self._task, **fields)
+
+    def steps(self, n: int) -> None:
+        self.n_steps += n
+        self._refresh()
+
+    def lines(self, info: dict) -> None:
+        self.n_lines = info["lines_this_run"]
+        self.n_steps = info["steps_this_run"]  # exact, and across processes (per-batch counts are this process's)
+        self._refresh(info["line"])
+
+    def stop(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()

@@ -1,12 +1,203 @@
-"""`prmkit train` (not built yet)."""
+"""`prmkit train`: fine-tune a token-classification PRM with transformers' Trainer (on accelerate)."""
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.table import Table
+
 from prmkit.cli._errors import handle_errors
-from prmkit.errors import NotImplementedYet
+from prmkit.cli._options import ConfigOpt, JsonOpt, OverwriteOpt, SetOpt
+from prmkit.cli._output import Output, attach_logging, stderr
+from prmkit.config import load_config
+from prmkit.errors import UsageError
+
+ENV_LAUNCHED = "PRMKIT_LAUNCHED"  # same value as prmkit.training.ENV_LAUNCHED; kept here so --help stays fast
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0)
+
+
+def _in_distributed_launch() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 or ENV_LAUNCHED in os.environ
 
 
 @handle_errors
-def train() -> None:
-    """Not implemented yet."""
-    raise NotImplementedYet("train")
+def train(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    output_dir: Annotated[Optional[Path], typer.Option("--output-dir", "-o", help="Where the model and checkpoints go (sets train.output_dir).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Base model: a Hub id or a local directory (sets model.name_or_path).")] = None,
+    train_data: Annotated[Optional[str], typer.Option("--train", help="Training data (sets data.train).")] = None,
+    eval_data: Annotated[Optional[str], typer.Option("--eval", help="Evaluation data, scored during training (sets data.eval).")] = None,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Stop after this many optimizer steps (sets train.max_steps).", min=1)] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue this run from the last checkpoint in --output-dir.")] = False,
+    overwrite: OverwriteOpt = False,
+    num_processes: Annotated[Optional[int], typer.Option("--num-processes", help="Relaunch through `accelerate launch` with this many processes (GPUs; CPU processes when there is no GPU).", min=1)] = None,
+    accelerate_config: Annotated[Optional[Path], typer.Option("--accelerate-config", help="An accelerate config file (multi-GPU, DeepSpeed, FSDP; see examples/) for the relaunch.", exists=True, dir_okay=False)] = None,
+    example: Annotated[bool, typer.Option("--example", help="Train offline on the bundled example data with a tiny model (a smoke run in seconds).")] = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Train a process reward model and write a self-describing model directory.
+
+    The output directory gets safetensors weights, config, tokenizer, prmkit.json (separator, tokenization, labels,
+    data, hyperparameters) and prmkit_config.yaml. Checkpoints follow train.save_steps; Ctrl-C saves one first.
+
+    Examples:
+
+      prmkit train --example -o runs/example
+
+      prmkit train -c examples/qwen2-0.5b-math-shepherd.yaml
+
+      prmkit train -c cfg.yaml --num-processes 4 --accelerate-config examples/accelerate/deepspeed_zero3.yaml
+
+      accelerate launch -m prmkit train -c cfg.yaml
+
+      prmkit train -c cfg.yaml --resume
+    """
+    out = Output(json_)
+    main_rank = _rank() == 0
+    attach_logging(out, verbose=main_rank)
+    flags = {
+        "train.output_dir": str(output_dir) if output_dir is not None else None,
+        "model.name_or_path": model,
+        "data.train": train_data,
+        "data.eval": eval_data,
+        "train.max_steps": max_steps,
+        "train.example": True if example else None,
+    }
+    cfg = load_config(config, set_, flags)
+
+    if (num_processes is not None or accelerate_config is not None) and not _in_distributed_launch():
+        # Check what can be checked here, so a bad config is one clear line, not one traceback per process.
+        from prmkit import training
+
+        from prmkit.modeling import load_model_config
+
+        cfg = training.resolve_config(cfg)
+        load_model_config(cfg.model)
+        training.plan_output_dir(cfg, overwrite=overwrite, resume=resume or None)
+        child = _child_args(config, set_, output_dir, model, train_data, eval_data, max_steps, resume, overwrite, example, json_)
+        raise typer.Exit(relaunch(child, num_processes, accelerate_config))
+
+    _quiet_libraries(main_rank)
+    from prmkit import training
+
+    result = training.train(cfg, overwrite=overwrite, resume=True if resume else None,
+                            console=stderr() if main_rank else None)
+    if not main_rank:
+        return
+    if result.interrupted:
+        where = result.checkpoint or "(no checkpoint)"
+        out.warn(f"interrupted at step {result.global_step}; checkpoint saved in {where}")
+        out.hint(f"continue with the same command plus --resume (output directory {result.output_dir})")
+        if json_:
+            out.result(result.to_dict())
+        raise typer.Exit(130)
+    summary = result.to_dict()
+    out.result(summary, *_tables(summary))
+
+
+def _quiet_libraries(main_rank: bool) -> None:
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.logging.set_verbosity_error() if not main_rank else transformers.logging.set_verbosity_warning()
+
+
+def _child_args(config, set_, output_dir, model, train_data, eval_data, max_steps, resume, overwrite, example, json_) -> list[str]:
+    args: list[str] = []
+    if config is not None:
+        args += ["--config", str(config)]
+    for item in set_ or []:
+        args += ["--set", item]
+    for flag, value in (("--output-dir", output_dir), ("--model", model), ("--train", train_data),
+                        ("--eval", eval_data), ("--max-steps", max_steps)):
+        if value is not None:
+            args += [flag, str(value)]
+    for flag, on in (("--resume", resume), ("--overwrite", overwrite), ("--example", example), ("--json", json_)):
+        if on:
+            args.append(flag)
+    return args
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_command(child_args: list[str], num_processes: int | None, accelerate_config: Path | None,
+                   cuda: bool | None = None) -> tuple[list[str], dict[str, str]]:
+    """The `accelerate launch` command line (and extra environment) that runs `prmkit train` in N processes."""
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    env = {ENV_LAUNCHED: "1"}
+    if accelerate_config is not None:
+        cmd += ["--config_file", str(accelerate_config)]
+        if num_processes is not None:
+            cmd += ["--num_processes", str(num_processes)]
+    else:
+        n = num_processes or 1
+        cmd += ["--num_processes", str(n), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", str(_free_port())]
+        if n > 1:
+            # Without a GPU, `--cpu` would start only one process; --multi_gpu with ACCELERATE_USE_CPU gives N gloo ranks.
+            cmd.append("--multi_gpu")
+        if not cuda:
+            env["ACCELERATE_USE_CPU"] = "true"
+    cmd += ["-m", "prmkit", "train", *child_args]
+    return cmd, env
+
+
+def relaunch(child_args: list[str], num_processes: int | None, accelerate_config: Path | None) -> int:
+    cmd, env = launch_command(child_args, num_processes, accelerate_config)
+    Output().info("launching: " + " ".join(cmd[1:]))
+    try:
+        return subprocess.call(cmd, env={**os.environ, **env})
+    except KeyboardInterrupt:
+        return 130
+
+
+def _tables(summary: dict[str, Any]) -> list:
+    table = Table(title="trained" if summary["model_dir"] else "training stopped", show_header=False)
+    table.add_column("")
+    table.add_column("", overflow="fold")
+    loss = summary.get("final_loss")
+    rows = [
+        ("model", summary["model_dir"]),
+        ("steps", f"{summary['global_step']}/{summary['max_steps']} ({summary['epochs']:.2f} epochs, {summary['train_rows']} rows, "
+                  f"{summary['world_size']} process{'es' if summary['world_size'] > 1 else ''})"),
+        ("time", f"{summary['seconds']:.1f} s"),
+        ("tokens/s", f"{summary['tokens_per_second']:,.0f} ({summary['tokens']:,} tokens, batching {summary['batching']})"),
+        ("train loss", f"{summary['train_loss']:.4f} (mean), {loss:.4f} (last logged)" if summary.get("train_loss") is not None and loss is not None else str(summary.get("train_loss"))),
+    ]
+    if summary.get("resumed_from"):
+        rows.append(("resumed from", summary["resumed_from"]))
+    if summary.get("lora"):
+        lora = summary["lora"]
+        rows.append(("LoRA", f"r={lora['r']} alpha={lora['alpha']} {'merged' if lora['merged'] else 'adapter'}"))
+    metrics = summary.get("eval_metrics") or {}
+    if metrics:
+        shown = [f"{k} {metrics[k]:.4f}" for k in ("loss", "accuracy", "correct_f1", "wrong_f1", "auroc") if k in metrics]
+        rows.append((f"eval ({int(metrics.get('steps', 0))} steps)", "  ".join(shown)))
+    if summary.get("pushed"):
+        rows.append(("pushed", str(summary["pushed"].get("url") or summary["pushed"].get("repo_id"))))
+    for key, value in rows:
+        table.add_row(key, str(value))
+    items: list = [table]
+    if summary["model_dir"]:
+        items.append(f"score with: prmkit score {summary['model_dir']} INPUT -o OUTPUT")
+    return items

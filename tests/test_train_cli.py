@@ -1,0 +1,135 @@
+"""`prmkit train` on the command line: the example smoke run, refusals, resuming, relaunching, example configs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from prmkit.cli.app import app
+from prmkit.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+def test_help_is_fast_and_lists_the_options():
+    proc = subprocess.run([sys.executable, "-m", "prmkit", "train", "--help"], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stderr
+    for option in ("--config", "--set", "--output-dir", "--max-steps", "--resume", "--overwrite", "--num-processes",
+                   "--accelerate-config", "--example", "--json", "--model", "--train", "--eval"):
+        assert option in proc.stdout, option
+
+
+def test_example_smoke_run_refusal_and_resume(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--example", "-o", str(out), "--max-steps", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["model_dir"] == str(out) and summary["global_step"] == 2 and summary["world_size"] == 1
+    assert summary["tokens_per_second"] > 0 and summary["train_loss"] > 0
+    assert summary["eval_metrics"]["steps"] > 400  # the bundled ProcessBench sample, scored at the end
+    assert (out / "model.safetensors").is_file() and (out / "checkpoint-2").is_dir()
+    meta = json.loads((out / "prmkit.json").read_text())
+    assert meta["data"]["formats"] == {"train": "prm800k", "eval": "processbench"}
+    assert meta["model"]["init_from_config"] is True
+
+    again = runner.invoke(app, ["train", "--example", "-o", str(out), "--max-steps", "2"])
+    assert again.exit_code == 2
+    assert "already holds this run" in again.stderr and "--resume" in again.stderr
+    assert "Traceback" not in again.output
+
+    # Inside a launched process, --num-processes must not launch again.
+    import prmkit.cli.train_cmd as train_cmd
+
+    monkeypatch.setenv("PRMKIT_LAUNCHED", "1")
+    monkeypatch.setattr(train_cmd, "relaunch", lambda *a, **k: pytest.fail("relaunched twice"))
+    resumed = runner.invoke(app, ["train", "--example", "-o", str(out), "--max-steps", "3", "--resume",
+                                  "--num-processes", "2", "--json"])
+    assert resumed.exit_code == 0, resumed.output
+    summary = json.loads(resumed.stdout.strip().splitlines()[-1])
+    assert summary["resumed_from"] == str(out / "checkpoint-2") and summary["global_step"] == 3
+
+
+def test_human_summary_goes_to_stdout_and_progress_to_stderr(tmp_path):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--example", "-o", str(out), "--max-steps", "2",
+                                 "--set", "train.logging_steps=1", "--set", "data.eval=null"])
+    assert result.exit_code == 0, result.output
+    assert "tokens/s" in result.stdout and str(out) in result.stdout and "train loss" in result.stdout
+    assert "step 1/2" in result.stderr and "step 2/2" in result.stderr and "tok/s" in result.stderr
+    assert "step 1/2" not in result.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--set", "train.learning_rate=fast"], "train.learning_rate: expected a number"),
+    (["--model", "/nonexistent/model"], "could not be loaded"),
+    (["--set", "train.lora={rank: 8}"], "unknown key 'rank'"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
+    result = runner.invoke(app, ["train", "--example", "-o", str(tmp_path / "run"), *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and "Traceback" not in result.output
+
+
+def test_launch_command():
+    from prmkit.cli.train_cmd import launch_command
+
+    cmd, env = launch_command(["--config", "c.yaml", "--json"], 2, None, cuda=False)
+    assert cmd[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
+    assert "--multi_gpu" in cmd and cmd[cmd.index("--num_processes") + 1] == "2"
+    assert cmd[cmd.index("--main_process_port") + 1].isdigit()
+    assert cmd[-6:] == ["-m", "prmkit", "train", "--config", "c.yaml", "--json"]
+    assert env == {"PRMKIT_LAUNCHED": "1", "ACCELERATE_USE_CPU": "true"}
+    cmd, env = launch_command([], 4, Path("ds.yaml"), cuda=True)
+    assert cmd[3:7] == ["--config_file", "ds.yaml", "--num_processes", "4"] and "--multi_gpu" not in cmd
+    assert env == {"PRMKIT_LAUNCHED": "1"}
+
+
+def test_relaunch_checks_the_output_dir_before_starting_processes(tmp_path, monkeypatch):
+    import prmkit.cli.train_cmd as train_cmd
+
+    monkeypatch.delenv("PRMKIT_LAUNCHED", raising=False)
+    monkeypatch.setattr(train_cmd, "relaunch", lambda *a, **k: pytest.fail("launched despite a bad output dir"))
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "thesis.tex").write_text("precious")
+    result = runner.invoke(app, ["train", "--example", "-o", str(out), "--num-processes", "2"])
+    assert result.exit_code == 2 and "holds no prmkit run" in result.stderr
+    assert (out / "thesis.tex").read_text() == "precious"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# examples/
+
+
+def test_every_example_config_is_valid():
+    configs = sorted((ROOT / "examples").glob("*.yaml"))
+    assert len(configs) >= 3
+    for path in configs:
+        cfg = load_config(path)
+        assert cfg.model.name_or_path and cfg.data.train, path
+        assert cfg.training_arguments["output_dir"].startswith("runs/"), path
+        assert "accelerate launch" in path.read_text() or "--num-processes" in path.read_text(), path
+    lora = load_config(ROOT / "examples" / "qwen2-0.5b-math-shepherd-lora.yaml")
+    assert lora.train.lora["r"] == 32
+    seed = load_config(ROOT / "examples" / "qwen2-0.5b-math-shepherd.yaml")
+    assert seed.model.name_or_path == "Qwen/Qwen2-0.5B" and seed.data.train == "trl-lib/math_shepherd:train[:10%]"
+    assert seed.training_arguments["num_train_epochs"] == 1
+
+
+def test_every_example_accelerate_config_is_valid():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    found = {}
+    for path in sorted((ROOT / "examples" / "accelerate").glob("*.yaml")):
+        assert isinstance(yaml.safe_load(path.read_text()), dict)
+        found[path.stem] = load_config_from_file(str(path)).distributed_type.value
+    assert found == {"deepspeed_zero3": "DEEPSPEED", "fsdp": "FSDP", "multi_gpu": "MULTI_GPU"}
