@@ -190,3 +190,45 @@ def test_parity_with_trl_on_real_data(qwen2_tokenizer, sep, limits):
         )
         assert ours["input_ids"][i] == theirs["input_ids"]
         assert ours["labels"][i] == theirs["labels"]
+
+
+TRICKY = [
+    "Hence, 9.11 > 9.8.",
+    "two  spaces   and tabs\t\there\n\n  indented\n",
+    "trailing spaces   ",
+    "   leading",
+    "I'm sure it's 42, isn't it? They'll see. WE'RE DONE",
+    "<<3+5=8>>8 $\\frac{1}{2}$ x^2 + y_1 = 10%",
+    "ends with newline\n",
+    "\n",
+    "\n\n",
+    "unicode: café — 数学 ½",  # not ASCII: goes through Rust
+    "special <|endoftext|> inside",  # an added token: goes through Rust
+    "form\x0cfeed and \x0bvertical tab",  # whitespace the regex engines may classify differently: Rust
+]
+
+
+@requires_shared
+def test_python_piece_split_gives_the_rust_ids(qwen2_tokenizer):
+    from prmkit.tokenization import _PieceSplitter
+
+    encoder = TextEncoder(qwen2_tokenizer)
+    assert encoder._split is not None, "Qwen2's byte-level BPE should take the fast path"
+    rows = json.loads((SHARED / "data" / "processbench" / "gsm8k.json").read_text())
+    texts = TRICKY + [r["problem"] for r in rows] + [s for r in rows for s in r["steps"]]
+    table = encoder.encode_many(texts)
+    for t in texts:
+        assert table[t] == qwen2_tokenizer(t, add_special_tokens=False)["input_ids"], repr(t)
+    assert encoder._split.pieces("unicode: café") is None
+    assert encoder._split.pieces("a <|endoftext|>") is None
+    assert isinstance(encoder._split, _PieceSplitter)
+
+
+def test_other_layouts_fall_back_to_rust(tiny_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    # The tiny tokenizer's pre-tokenizer is a bare ByteLevel (GPT-2 regex inside Rust): no Python split.
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    encoder = TextEncoder(tok)
+    assert encoder._split is None
+    assert encoder.encode("Hence, 9.11 > 9.8.") == tok("Hence, 9.11 > 9.8.", add_special_tokens=False)["input_ids"]
