@@ -2,7 +2,8 @@
 
 The model is a Qwen2 architecture built from a config (hidden 128, 4 layers, random weights, seed 42) with the real
 Qwen2 tokenizer; the data are 1,024 rows of distinct text whose lengths vary like Math-Shepherd's. Both train one
-epoch with batch 16, the same learning rate and seed, dropout off, and save the final model. Wall time counts the
+epoch with batch 16, the same learning rate and seed, dropout off, float32, no gradient checkpointing (TRL's
+PRMConfig turns it on by default; --trl-gradient-checkpointing measures that), and save the final model. Wall time counts the
 whole process (imports, tokenization, model build, training, save); peak memory is the process's max RSS.
 
     pip install -e ".[bench]"
@@ -42,7 +43,7 @@ os.environ["TRL_EXPERIMENTAL_SILENCE"] = "1"
 from datasets import load_dataset
 from transformers import AutoConfig, AutoModelForTokenClassification, AutoTokenizer, set_seed
 from trl.experimental.prm import PRMConfig, PRMTrainer
-data, model_dir, out, seed, lr, bs, log_steps = sys.argv[1:8]
+data, model_dir, out, seed, lr, bs, log_steps, ckpt = sys.argv[1:9]
 tok = AutoTokenizer.from_pretrained(model_dir)
 config = AutoConfig.from_pretrained(model_dir)
 set_seed(int(seed))
@@ -50,7 +51,8 @@ model = AutoModelForTokenClassification.from_config(config)
 ds = load_dataset("json", data_files=data, split="train")
 args = PRMConfig(output_dir=out, per_device_train_batch_size=int(bs), num_train_epochs=1, learning_rate=float(lr),
                  seed=int(seed), logging_steps=int(log_steps), save_strategy="no", report_to="none",
-                 disable_tqdm=True, max_length=1024, step_separator="\n", bf16=False)
+                 disable_tqdm=True, max_length=1024, step_separator="\n", bf16=False,
+                 gradient_checkpointing=ckpt == "1")
 trainer = PRMTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
 result = trainer.train()
 trainer.save_model(out)
@@ -91,6 +93,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--trl-gradient-checkpointing", action="store_true",
+                    help="TRL's own default (PRMConfig turns it on); off by default so both sides do the same work")
     args = ap.parse_args()
     if not QWEN2_TOKENIZER.exists():
         raise SystemExit(f"needs the Qwen2 tokenizer at {QWEN2_TOKENIZER} (../shared)")
@@ -108,7 +112,8 @@ def main() -> None:
         env = {**base_env, "HF_HOME": str(work / f"hf{i}"), "PRMKIT_CACHE": str(work / f"cache{i}")}
         out = work / f"trl{i}"
         t, rss, _ = run([sys.executable, "-c", TRL_SCRIPT, str(data), str(model_dir), str(out), str(SEED),
-                         str(LEARNING_RATE), str(BATCH_SIZE), str(LOGGING_STEPS)], env)
+                         str(LEARNING_RATE), str(BATCH_SIZE), str(LOGGING_STEPS),
+                         "1" if args.trl_gradient_checkpointing else "0"], env)
         runs["trl"].append({"seconds": t, "peak_rss_mib": rss, **json.loads((out / "bench.json").read_text())})
 
         out = work / f"prmkit{i}"
@@ -138,7 +143,9 @@ def main() -> None:
         "model": {"architecture": "Qwen2ForTokenClassification (random init)", **MODEL,
                   "tokenizer": "Qwen2 (../shared/fixtures/qwen2-tokenizer)"},
         "settings": {"batch_size": BATCH_SIZE, "epochs": 1, "learning_rate": LEARNING_RATE, "seed": SEED,
-                     "max_length": 1024, "prmkit_batching": runs["prmkit"][0]["batching"]},
+                     "max_length": 1024, "dtype": "float32", "dropout": "off",
+                     "prmkit_batching": runs["prmkit"][0]["batching"], "prmkit_gradient_checkpointing": False,
+                     "trl_gradient_checkpointing": args.trl_gradient_checkpointing},
         "trl_seconds": round(trl_t, 2),
         "prmkit_seconds": round(ours_t, 2),
         "speedup": round(trl_t / ours_t, 2),

@@ -79,6 +79,7 @@ class TrainConfig:
 TRAINING_ARGUMENT_DEFAULTS: dict[str, Any] = {
     "output_dir": "runs/prm",
     "learning_rate": 1e-5,
+    "num_train_epochs": 1,
     "report_to": "none",
     "logging_steps": 10,
     "save_strategy": "steps",
@@ -322,6 +323,8 @@ def _coerce(value: Any, annotation: Any, key: str, origin: str) -> Any:
 
 def _coerce_training_argument(value: Any, fld: dataclasses.Field, key: str, origin: str) -> Any:
     default = fld.default if fld.default is not dataclasses.MISSING else None
+    if key.endswith("_strategy") and value is False:
+        return "no"  # YAML 1.1 reads the documented value `no` as false
     try:
         kinds, _ = _resolve(fld.type)
     except Exception:
@@ -364,7 +367,6 @@ def render_template() -> str:
             lines.append("  # prmkit's defaults for some of them, following TRL's PRMConfig:")
             for key, value in TRAINING_ARGUMENT_DEFAULTS.items():
                 lines.append(f"  {key}: {_yaml_value(value)}")
-            lines.append("  num_train_epochs: 1")
             lines.append("  per_device_train_batch_size: 8")
             lines.append("  seed: 42")
         lines.append("")

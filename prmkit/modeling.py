@@ -1,7 +1,11 @@
-"""Model directories: what `train` writes beside the weights, and what `score`, `eval` and `push` read back.
+"""Models and model directories: loading and checking a base model, LoRA, and what `train` writes beside the weights.
 
 A prmkit model directory is self-describing, like a transformers one: ``prmkit.json`` records the step separator and
 every tokenization parameter, the label mapping, the base model and the data, so nobody repeats the separator.
+:func:`load_trained_model` loads one back, whether it holds full weights or a LoRA adapter.
+
+A PRM must be causal (:func:`is_causal`): one sequence holds the whole solution, so a bidirectional model judging a
+step would also read the steps after it.
 """
 
 from __future__ import annotations

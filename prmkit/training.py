@@ -33,14 +33,16 @@ import yaml
 
 from prmkit import __version__
 from prmkit.config import TRAINING_ARGUMENT_DEFAULTS, Config, DataConfig, dump_config
-from prmkit.errors import ConfigError, PrmkitError, UsageError
+from prmkit.errors import ConfigError, UsageError
 from prmkit.modeling import (
     BASE_MODEL_DIR,
     CONFIG_YAML,
+    PRMKIT_JSON,
     apply_lora,
     build_metadata,
     disable_dropout,
     ensure_pad_token,
+    is_causal,
     load_model_config,
     load_model_for_training,
     write_metadata,
@@ -49,7 +51,6 @@ from prmkit.tokenization import IGNORE_INDEX, TokenizationParams
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
-    from transformers import Trainer, TrainerCallback
 
 log = logging.getLogger("prmkit")
 
@@ -61,7 +62,7 @@ EXAMPLE_OUTPUT_DIR = "runs/example"
 # learning rate and a few epochs for its loss to move within seconds.
 EXAMPLE_TRAINING = {
     "learning_rate": 2e-3,
-    "num_train_epochs": 1,
+    "num_train_epochs": 3,
     "per_device_train_batch_size": 8,
     "per_device_eval_batch_size": 16,
     "logging_steps": 5,
@@ -284,14 +285,22 @@ class StepCollator:
 
     ``packed`` gives one row of all sequences with ``position_ids`` restarting at 0 and no attention mask; transformers
     then keeps each sequence to itself (a block-diagonal mask, or flash-attention's variable-length kernel).
+
+    Padding goes on the right. For a ``causal`` model that makes the attention mask redundant: a real token attends
+    only to earlier positions, and every pad comes after the last real token, so the outputs at real (and labelled)
+    positions are the same with or without it. Leaving it out lets SDPA/flash-attention take the plain causal path
+    (no mask tensor, upper triangle skipped). Bidirectional models keep the mask.
+
+    ``n_tokens`` (real tokens in the batch) is for the token meter; the trainer removes it before the forward pass.
     """
 
-    def __init__(self, pad_token_id: int, mode: str = "padded", soft_labels: bool = False):
+    def __init__(self, pad_token_id: int, mode: str = "padded", soft_labels: bool = False, causal: bool = False):
         if mode not in ("padded", "grouped", "packed"):
             raise ValueError(f"unknown batching mode {mode!r}")
         self.pad_token_id = int(pad_token_id)
         self.packed = mode == "packed"
         self.soft_labels = soft_labels
+        self.causal = causal
 
     def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, Any]:
         import torch
@@ -311,14 +320,15 @@ class StepCollator:
         else:
             width = max(len(seq) for seq in ids)
             input_ids = torch.full((len(ids), width), self.pad_token_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
             label_tensor = torch.full((len(ids), width), IGNORE_INDEX, dtype=label_dtype)
             for i, (seq, lab) in enumerate(zip(ids, labels)):
-                n = len(seq)
-                input_ids[i, :n] = torch.tensor(seq, dtype=torch.long)
-                attention_mask[i, :n] = 1
-                label_tensor[i, :n] = torch.tensor(lab, dtype=label_dtype)
-            batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": label_tensor}
+                input_ids[i, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+                label_tensor[i, :len(seq)] = torch.tensor(lab, dtype=label_dtype)
+            batch = {"input_ids": input_ids, "labels": label_tensor}
+            if not self.causal:
+                lengths = torch.tensor([len(seq) for seq in ids])
+                batch["attention_mask"] = (torch.arange(width)[None, :] < lengths[:, None]).long()
+        batch["n_tokens"] = torch.tensor(sum(len(seq) for seq in ids), dtype=torch.long)
         if features and "row" in features[0]:
             batch["row"] = torch.tensor([int(f["row"]) for f in features], dtype=torch.long)
         return batch
@@ -417,9 +427,8 @@ class TokenMeter:
         self.total: Any = 0
         self.rows: list[int] | None = [] if os.environ.get(ENV_DEBUG_ROWS) else None
 
-    def add(self, inputs: dict[str, Any]) -> None:
-        mask = inputs.get("attention_mask")
-        self.total = self.total + (mask.sum() if mask is not None else inputs["input_ids"].numel())
+    def add(self, n_tokens: Any) -> None:
+        self.total = self.total + n_tokens
 
     def value(self) -> int:
         return int(self.total.item()) if hasattr(self.total, "item") else int(self.total)
@@ -447,8 +456,10 @@ def _trainer_classes():
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             rows = inputs.pop("row", None)
+            n_tokens = inputs.pop("n_tokens", None)
             if model.training:
-                self.prmkit_meter.add(inputs)
+                if n_tokens is not None:
+                    self.prmkit_meter.add(n_tokens)
                 if rows is not None and self.prmkit_meter.rows is not None:
                     self.prmkit_meter.rows.extend(int(r) for r in rows.tolist())
             return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
@@ -811,7 +822,7 @@ def train(
     trainer = StepTrainer(
         model=model,
         args=args,
-        data_collator=StepCollator(tokenizer.pad_token_id, batching, soft),
+        data_collator=StepCollator(tokenizer.pad_token_id, batching, soft, causal=is_causal(model_config)),
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
@@ -931,7 +942,8 @@ def _save_final(trainer: Any, cfg: Config, tokenizer: Any, prepared: Any, output
     if not state.is_main_process:
         state.wait_for_everyone()
         return
-    (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; checkpoints keep their own copy
+    for pickled in (tmp / "training_args.bin", tmp / "adapter" / "training_args.bin"):
+        pickled.unlink(missing_ok=True)  # a pickle, not part of the model; checkpoints keep their own copy
 
     params = TokenizationParams.from_data_config(cfg.data)
     from prmkit.tokenization import tokenizer_fingerprint
@@ -962,6 +974,7 @@ def _save_final(trainer: Any, cfg: Config, tokenizer: Any, prepared: Any, output
     if adapter_dir is not None:
         extra["adapter_dir"] = adapter_dir
     metadata = build_metadata(params, cfg.model.name_or_path, data=data, tokenizer=tokenizer_fingerprint(tokenizer), extra=extra)
+    (output_dir / PRMKIT_JSON).unlink(missing_ok=True)  # a resumed run replaces a finished model: not finished meanwhile
     for item in tmp.iterdir():
         dest = output_dir / item.name
         if dest.is_dir() and not dest.is_symlink():

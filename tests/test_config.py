@@ -121,3 +121,9 @@ def test_help_lists_every_subcommand_and_python_m_works():
     assert proc.returncode == 0
     for name in ("prepare", "train", "eval", "score", "push", "config"):
         assert name in proc.stdout
+
+
+def test_yaml_no_for_strategies_and_epoch_default(tmp_path):
+    cfg = load_config(write(tmp_path, "train:\n  save_strategy: no\n  eval_strategy: steps\n"))
+    assert cfg.training_arguments["save_strategy"] == "no" and cfg.training_arguments["eval_strategy"] == "steps"
+    assert cfg.training_arguments["num_train_epochs"] == 1

@@ -102,21 +102,24 @@ def test_every_batching_mode_gives_the_same_loss(tmp_path, train_tokenizer_dir, 
                          use_cache=False, attn_implementation=attn)
     model = AutoModelForTokenClassification.from_config(config).eval()
     losses, probs = {}, {}
-    for mode in ("padded", "grouped", "packed"):
-        batch = StepCollator(tok.pad_token_id, mode)(feats)
+    for mode, causal in (("padded", False), ("padded-causal", True), ("grouped", True), ("packed", True)):
+        batch = StepCollator(tok.pad_token_id, mode.split("-")[0], causal=causal)(feats)
         assert batch["row"].tolist() == list(range(6))
+        assert batch.pop("n_tokens").item() == sum(len(f["input_ids"]) for f in feats)
         batch.pop("row")
         labels = batch.pop("labels")
+        # Right padding makes the mask redundant for a causal model; a bidirectional one needs it.
+        assert ("attention_mask" in batch) is (not causal)
         if mode == "packed":
-            assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 1
+            assert batch["input_ids"].shape[0] == 1
             assert batch["position_ids"][0, len(feats[0]["input_ids"])].item() == 0  # restarts per sequence
         with torch.no_grad():
             logits = model(**batch).logits
         losses[mode] = step_loss(logits, labels).item()
         probs[mode] = torch.softmax(logits, -1)[..., 1][labels != IGNORE_INDEX]
-    assert abs(losses["padded"] - losses["packed"]) < 1e-5
-    assert abs(losses["grouped"] - losses["padded"]) < 1e-5
-    assert torch.allclose(probs["padded"], probs["packed"], atol=1e-5)
+    for mode in ("padded-causal", "grouped", "packed"):
+        assert abs(losses[mode] - losses["padded"]) < 1e-5, mode
+        assert torch.allclose(probs[mode], probs["padded"], atol=1e-5), mode
 
 
 def test_length_grouped_sampler_is_a_seeded_permutation_with_less_padding():
@@ -436,7 +439,7 @@ def test_example_fills_in_only_defaults(tmp_path):
     assert cfg.training_arguments["learning_rate"] == 3e-4  # set by the user: kept
     assert cfg.data.max_length == 300
     assert cfg.training_arguments["output_dir"] == "runs/example"
-    assert cfg.training_arguments["num_train_epochs"] == 1
+    assert cfg.training_arguments["num_train_epochs"] == 3
     again = resolve_config(load_config(None, None, {"train.example": True}))
     assert again.model.name_or_path == cfg.model.name_or_path  # built once, then cached
     assert yaml.safe_load((Path(cfg.model.name_or_path) / "config.json").read_text())["model_type"] == "qwen2"

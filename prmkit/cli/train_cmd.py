@@ -16,7 +16,6 @@ from prmkit.cli._errors import handle_errors
 from prmkit.cli._options import ConfigOpt, JsonOpt, OverwriteOpt, SetOpt
 from prmkit.cli._output import Output, attach_logging, stderr
 from prmkit.config import load_config
-from prmkit.errors import UsageError
 
 ENV_LAUNCHED = "PRMKIT_LAUNCHED"  # same value as prmkit.training.ENV_LAUNCHED; kept here so --help stays fast
 
@@ -75,7 +74,7 @@ def train(
     }
     cfg = load_config(config, set_, flags)
 
-    if (num_processes is not None or accelerate_config is not None) and not _in_distributed_launch():
+    if ((num_processes or 1) > 1 or accelerate_config is not None) and not _in_distributed_launch():
         # Check what can be checked here, so a bad config is one clear line, not one traceback per process.
         from prmkit import training
 
@@ -171,6 +170,13 @@ def relaunch(child_args: list[str], num_processes: int | None, accelerate_config
         return 130
 
 
+def _loss_text(mean: float | None, last: float | None) -> str:
+    parts = [f"{mean:.4f} (mean)"] if mean is not None else []
+    if last is not None:
+        parts.append(f"{last:.4f} (last logged)")
+    return ", ".join(parts) or "-"
+
+
 def _tables(summary: dict[str, Any]) -> list:
     table = Table(title="trained" if summary["model_dir"] else "training stopped", show_header=False)
     table.add_column("")
@@ -182,7 +188,7 @@ def _tables(summary: dict[str, Any]) -> list:
                   f"{summary['world_size']} process{'es' if summary['world_size'] > 1 else ''})"),
         ("time", f"{summary['seconds']:.1f} s"),
         ("tokens/s", f"{summary['tokens_per_second']:,.0f} ({summary['tokens']:,} tokens, batching {summary['batching']})"),
-        ("train loss", f"{summary['train_loss']:.4f} (mean), {loss:.4f} (last logged)" if summary.get("train_loss") is not None and loss is not None else str(summary.get("train_loss"))),
+        ("train loss", _loss_text(summary.get("train_loss"), loss)),
     ]
     if summary.get("resumed_from"):
         rows.append(("resumed from", summary["resumed_from"]))
