@@ -33,10 +33,8 @@ import contextlib
 import gc
 import json
 import logging
-import os
 import re
 import sys
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -586,17 +584,10 @@ def check_plotting() -> None:
 
 
 def _write_jsonl_atomic(path: Path, records: Sequence[Mapping[str, Any]]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for record in records:
-                fh.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    from prmkit.report import _atomic_write
+
+    text = "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in records)
+    _atomic_write(path, text.encode("utf-8"))
 
 
 def write_outputs(result: EvalResult, out_dir: str | Path, plots: bool = True) -> list[Path]:
