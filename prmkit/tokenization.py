@@ -142,8 +142,9 @@ class _PieceSplitter:
             from tokenizers import Tokenizer, pre_tokenizers
         except ImportError:
             return None
-        spec = json.loads(backend.to_str())
-        pre, norm = spec.get("pre_tokenizer") or {}, spec.get("normalizer")
+        # The components' own state, not the whole tokenizer's JSON: parsing a 150k-entry vocabulary is slow.
+        pre = json.loads(backend.pre_tokenizer.__getstate__()) if backend.pre_tokenizer is not None else {}
+        norm = json.loads(backend.normalizer.__getstate__()) if backend.normalizer is not None else None
         if norm is not None and norm.get("type") != "NFC":
             return None
         steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else None
@@ -165,7 +166,7 @@ class _PieceSplitter:
         piece_encoder.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
         piece_encoder.no_truncation()
         piece_encoder.no_padding()
-        added = [t["content"] for t in spec.get("added_tokens") or []]
+        added = [t.content for t in backend.get_added_tokens_decoder().values()]
         splitter = cls(split["pattern"]["Regex"], piece_encoder, added)
         return None if splitter.rx.groups else splitter  # findall would return groups, not pieces
 
