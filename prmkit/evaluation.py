@@ -42,6 +42,7 @@ from typing import Any
 
 from prmkit import __version__
 from prmkit import metrics
+from prmkit.atomic import write_atomic
 from prmkit.dataset import _hub_split, iter_records, read_step_rows, resolve_source
 from prmkit.errors import DataError, PrmkitError, UsageError
 from prmkit.formats import Options
@@ -584,10 +585,7 @@ def check_plotting() -> None:
 
 
 def _write_jsonl_atomic(path: Path, records: Sequence[Mapping[str, Any]]) -> None:
-    from prmkit.report import _atomic_write
-
-    text = "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in records)
-    _atomic_write(path, text.encode("utf-8"))
+    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in records))
 
 
 def write_outputs(result: EvalResult, out_dir: str | Path, plots: bool = True) -> list[Path]:

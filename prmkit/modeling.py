@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from prmkit import __version__
+from prmkit.atomic import write_atomic
 from prmkit.tokenization import TokenizationParams
 
 log = logging.getLogger("prmkit")
@@ -56,15 +55,7 @@ def build_metadata(
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=2, ensure_ascii=False)
-        fh.write("\n")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files private; prmkit.json is as shareable as the weights
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 def write_metadata(model_dir: str | Path, metadata: dict[str, Any]) -> Path:

@@ -27,17 +27,15 @@ Raw step scores are not part of the report (they would bloat
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from prmkit.atomic import write_atomic
 from prmkit.errors import PrmkitError
 from prmkit.metrics import AGGREGATES, expected_calibration_curve
 
@@ -551,24 +549,6 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    # Readers (and a crashed run) must never see a half-written file, hence
-    # temp file in the same directory + os.replace, which is atomic there.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        # mkstemp creates the file as 0600; results are meant to be shared.
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def _is_raw_leaf(value: Any) -> bool:
     return isinstance(value, Mapping) and "scores" in value and not isinstance(value["scores"], Mapping)
 
@@ -627,7 +607,7 @@ def write_report(
     written = []
     for name, text in (("report.json", payload), ("report.md", markdown)):
         path = out_dir / name
-        _atomic_write(path, text.encode("utf-8"))
+        write_atomic(path, text.encode("utf-8"))
         written.append(path)
     if plots:
         written.extend(_write_plots(report, out_dir, raw_models))
@@ -688,7 +668,7 @@ def _save(fig: Figure, path: Path) -> Path:
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
-    _atomic_write(path, buf.getvalue())
+    write_atomic(path, buf.getvalue())
     return path
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from prmkit import __version__
+from prmkit.atomic import write_atomic
 from prmkit.errors import DataError, PrmkitError, UsageError
 from prmkit.formats import Options, RowError, convert, detect_format, validate
 from prmkit.metrics import aggregate, first_error_index
@@ -748,13 +749,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _write_state(path: Path, state: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(state, fh, indent=2, ensure_ascii=False)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(state, indent=2, ensure_ascii=False) + "\n")
     _fsync_dir(path.parent)
 
 

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import yaml
 
 from prmkit import __version__
+from prmkit.atomic import write_atomic
 from prmkit.config import TRAINING_ARGUMENT_DEFAULTS, Config, DataConfig, dump_config
 from prmkit.errors import ConfigError, UsageError
 from prmkit.modeling import (
@@ -689,17 +690,7 @@ def _prepare_output_dir(plan: OutputPlan, cfg: Config) -> None:
             shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
     plan.output_dir.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(plan.output_dir / FINAL_TMP, ignore_errors=True)
-    _write_text_atomic(plan.output_dir / CONFIG_YAML, dump_config(cfg))
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files private; this one is as shareable as any other output
-    os.replace(tmp, path)
+    write_atomic(plan.output_dir / CONFIG_YAML, dump_config(cfg))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
