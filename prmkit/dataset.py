@@ -19,7 +19,14 @@ from typing import Any, Iterator
 from prmkit import __version__
 from prmkit.errors import DataError, UsageError
 from prmkit.formats import Options, RowError, convert, detect_format
-from prmkit.tokenization import TextEncoder, TokenizationParams, tokenize_rows, tokenizer_fingerprint
+from prmkit.tokenization import (
+    TokenizationParams,
+    TokenizedBatch,
+    encode_batches,
+    label_tokens,
+    step_label_array,
+    tokenizer_fingerprint,
+)
 
 log = logging.getLogger("prmkit")
 
@@ -27,7 +34,7 @@ METADATA_FILE = "prmkit_dataset.json"
 REJECTS_FILE = "rejects.jsonl"
 LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 MAX_PROBLEMS = 10
-CHUNK_ROWS = 4096
+CHUNK_ROWS = 2048
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -322,67 +329,81 @@ def _features(soft: bool):
     )
 
 
-def tokenize_step_rows(rows: StepRows, tokenizer, params: TokenizationParams, is_eval: bool, num_proc: int | None = None):
-    """Tokenize validated rows into a `datasets.Dataset` with columns input_ids, labels, num_tokens, steps_lost, row."""
-    import datasets
+def tokenize_step_rows(rows: StepRows, tokenizer, params: TokenizationParams, is_eval: bool, num_proc: int | None = None,
+                       report: SplitReport | None = None):
+    """Tokenize validated rows into a `datasets.Dataset` with columns input_ids, labels, num_tokens, steps_lost, row.
 
-    soft = any(isinstance(x, float) for labels in rows.labels for x in labels)
-    columns: dict[str, list] = {"input_ids": [], "labels": [], "num_tokens": [], "steps_lost": [], "row": []}
-    if num_proc and num_proc > 1 and len(rows) > CHUNK_ROWS:
-        # Parallel over rows through datasets; the Rust tokenizer already uses every core within a batch.
-        table = datasets.Dataset.from_dict(
-            {"prompt": rows.prompts, "completions": rows.completions, "labels": [[None if v is None else float(v) for v in ls] for ls in rows.labels], "row": rows.rows}
-        )
-
-        def fn(batch):
-            labels = [[None if v is None else (v if soft and v not in (0.0, 1.0) else int(v)) for v in ls] for ls in batch["labels"]]
-            res = tokenize_rows(tokenizer, batch["prompt"], batch["completions"], labels, params, is_eval)
-            res["row"] = batch["row"]
-            return res
-
-        return table.map(fn, batched=True, batch_size=CHUNK_ROWS, num_proc=num_proc, features=_features(soft),
-                         remove_columns=["prompt", "completions", "labels"], desc="Tokenizing")
-    encoder = TextEncoder(tokenizer)
-    for start in range(0, len(rows), CHUNK_ROWS):
-        stop = start + CHUNK_ROWS
-        res = tokenize_rows(tokenizer, rows.prompts[start:stop], rows.completions[start:stop], rows.labels[start:stop],
-                            params, is_eval, encoder)
-        for key, values in res.items():
-            columns[key].extend(values)
-        columns["row"].extend(rows.rows[start:stop])
-    return _dataset_from_columns(columns, _features(soft))
-
-
-def _dataset_from_columns(columns: dict[str, list], features):
-    """Build the Dataset straight from Arrow arrays.
-
-    `Dataset.from_dict` converts nested Python lists element by element and then hashes the whole table for a
-    fingerprint; both cost more than tokenizing. prmkit keys its own cache, so a random fingerprint is right here.
+    Rows that lost every label to truncation are dropped and counted; token-length percentiles and truncation losses
+    go into ``report``. Rows go through :func:`encode_batches` in chunks; with more than one process the pre-split
+    runs in workers while this process stitches rows together (``num_proc``: None means every available core).
     """
-    import itertools
-    import uuid
-
-    import datasets
     import numpy as np
     import pyarrow as pa
 
-    schema = features.arrow_schema
-    arrays = []
-    for name in schema.names:
-        values = columns[name]
-        arrow_type = schema.field(name).type
-        if pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type):
-            value_type = arrow_type.value_type
-            lengths = np.fromiter(map(len, values), dtype=np.int64, count=len(values))
-            offsets = np.zeros(len(values) + 1, dtype=np.int64)
-            np.cumsum(lengths, out=offsets[1:])
-            flat = np.fromiter(itertools.chain.from_iterable(values), dtype=value_type.to_pandas_dtype(), count=int(offsets[-1]))
-            list_cls = pa.LargeListArray if pa.types.is_large_list(arrow_type) else pa.ListArray
-            offset_type = pa.int64() if pa.types.is_large_list(arrow_type) else pa.int32()
-            arrays.append(list_cls.from_arrays(pa.array(offsets, type=offset_type), pa.array(flat, type=value_type)))
-        else:
-            arrays.append(pa.array(np.asarray(values, dtype=arrow_type.to_pandas_dtype()), type=arrow_type))
-    table = pa.Table.from_arrays(arrays, schema=schema)
+    soft = any(isinstance(x, float) for labels in rows.labels for x in labels)
+    features = _features(soft)
+    processes = _processes(num_proc, len(rows))
+    chunks = [(start, min(start + CHUNK_ROWS, len(rows))) for start in range(0, len(rows), CHUNK_ROWS)]
+    encoded = encode_batches(tokenizer, ((rows.prompts[a:b], rows.completions[a:b]) for a, b in chunks), params,
+                             processes=processes)
+    batches, lengths, lost, dropped = [], [], 0, 0
+    for (a, b), enc in zip(chunks, encoded):
+        batch = label_tokens(enc, step_label_array(rows.labels[a:b]), soft, params.train_on_last_step_only, is_eval)
+        record = _record_batch(batch, np.asarray(rows.rows[a:b], dtype=np.int64), features.arrow_schema)
+        lengths.append(batch.num_tokens)
+        lost += int(batch.steps_lost.sum())
+        has_label = batch.labels_kept > 0
+        if not has_label.all():
+            dropped += int((~has_label).sum())
+            record = record.filter(pa.array(has_label))
+        batches.append(record)
+    if report is not None:
+        all_lengths = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
+        if len(all_lengths):
+            report.tokens_p50 = int(np.percentile(all_lengths, 50))
+            report.tokens_p95 = int(np.percentile(all_lengths, 95))
+            report.tokens_max = int(all_lengths.max())
+        report.steps_lost_to_truncation = lost
+        report.rows_dropped_truncated = dropped
+    table = pa.Table.from_batches(batches, schema=features.arrow_schema)
+    return _dataset_from_table(table, features)
+
+
+def _processes(num_proc: int | None, n_rows: int) -> int:
+    """Worker processes for tokenizing: ``num_proc``, or every available core when the input is worth it."""
+    if num_proc is not None:
+        return max(1, int(num_proc))
+    if n_rows < 4 * CHUNK_ROWS:
+        return 1  # starting workers would cost more than they save
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, 8))
+
+
+def _record_batch(batch: TokenizedBatch, row_numbers, schema):
+    """One Arrow record batch straight from the flat arrays: no Python list per row, no per-element conversion."""
+    import pyarrow as pa
+
+    offsets = pa.array(batch.offsets.astype("int32"), type=pa.int32())
+    columns = {
+        "input_ids": pa.ListArray.from_arrays(offsets, pa.array(batch.input_ids, type=schema.field("input_ids").type.value_type)),
+        "labels": pa.ListArray.from_arrays(offsets, pa.array(batch.labels.astype(schema.field("labels").type.value_type.to_pandas_dtype()))),
+        "num_tokens": pa.array(batch.num_tokens.astype("int32")),
+        "steps_lost": pa.array(batch.steps_lost.astype("int32")),
+        "row": pa.array(row_numbers),
+    }
+    return pa.RecordBatch.from_arrays([columns[name] for name in schema.names], schema=schema)
+
+
+def _dataset_from_table(table, features):
+    """A Dataset over an in-memory Arrow table.
+
+    `Dataset.from_dict` would convert nested Python lists element by element and hash the whole table for a
+    fingerprint; prmkit keys its own cache, so a random fingerprint is right here.
+    """
+    import uuid
+
+    import datasets
+
     return datasets.Dataset(table, info=datasets.DatasetInfo(features=features), fingerprint=uuid.uuid4().hex)
 
 
@@ -476,9 +497,7 @@ def prepare_splits(
         is_eval = name == "eval"
         opts = Options(prm800k_neutral=data.prm800k_neutral, label_threshold=data.label_threshold, is_eval=is_eval)
         rows, report = read_step_rows(spec, data.format, opts, data.step_separator, skip_invalid, rejects)
-        ds = tokenize_step_rows(rows, tokenizer, params, is_eval, data.num_proc)
-        _summarize_tokens(ds, report, is_eval, params)
-        ds = _drop_unlabelled(ds, report)
+        ds = tokenize_step_rows(rows, tokenizer, params, is_eval, data.num_proc, report)
         report.rows_kept = len(ds)
         splits[name] = ds
         reports[name] = report
@@ -505,34 +524,6 @@ def prepare_splits(
     _write_atomically(target, datasets.DatasetDict(splits), metadata, rejects)
     rejects_path = target / REJECTS_FILE
     return Prepared(target, metadata, reports, cache_hit=False, rejects_path=rejects_path if rejects else None)
-
-
-def _summarize_tokens(ds, report: SplitReport, is_eval: bool, params: TokenizationParams) -> None:
-    import numpy as np
-
-    lengths = ds.data.column("num_tokens").to_numpy().astype(np.int64)
-    if len(lengths):
-        report.tokens_p50 = int(np.percentile(lengths, 50))
-        report.tokens_p95 = int(np.percentile(lengths, 95))
-        report.tokens_max = int(lengths.max())
-    report.steps_lost_to_truncation = int(ds.data.column("steps_lost").to_numpy().sum()) if len(ds) else 0
-
-
-def _drop_unlabelled(ds, report: SplitReport):
-    import numpy as np
-
-    import pyarrow.compute as pc
-
-    column = ds.data.column("labels").combine_chunks()  # parent indices are per chunk otherwise
-    if len(ds) == 0:
-        return ds
-    flat_labelled = pc.not_equal(pc.list_flatten(column), -100)
-    parents = pc.list_parent_indices(column)
-    labelled_rows = np.unique(np.asarray(parents)[np.asarray(flat_labelled, dtype=bool)])
-    report.rows_dropped_truncated = len(ds) - len(labelled_rows)
-    if report.rows_dropped_truncated:
-        ds = ds.select(labelled_rows.astype(np.int64))
-    return ds
 
 
 def _read_metadata(target: Path) -> dict | None:

@@ -229,17 +229,19 @@ def test_separator_inside_steps_is_counted(tmp_path, tiny_tokenizer_dir):
     assert prepared.reports["train"].steps_with_separator == 1
 
 
-def test_num_proc_gives_the_same_result(tmp_path, tiny_tokenizer_dir, monkeypatch):
+def test_num_proc_gives_the_same_result(tmp_path, train_tokenizer_dir, monkeypatch):
     import prmkit.dataset as dataset_mod
 
     monkeypatch.setattr(dataset_mod, "CHUNK_ROWS", 8)
     rows = [dict(ROWS[i % 3], prompt=f"{ROWS[i % 3]['prompt']} {i}") for i in range(40)]
+    rows.append({"prompt": "unicode: café ½", "completions": ["<|endoftext|> inside", "b"], "labels": [1, 0]})  # Rust path
     src = write_jsonl(tmp_path / "rows.jsonl", rows)
-    tok = load_tokenizer(str(tiny_tokenizer_dir))
-    one = prepare_splits(cfg_for(tiny_tokenizer_dir, src), tok, output=tmp_path / "one").load()["train"]
-    two = prepare_splits(cfg_for(tiny_tokenizer_dir, src, num_proc=2), tok, output=tmp_path / "two").load()["train"]
+    tok = load_tokenizer(str(train_tokenizer_dir))
+    one = prepare_splits(cfg_for(train_tokenizer_dir, src, num_proc=1), tok, output=tmp_path / "one").load()["train"]
+    two = prepare_splits(cfg_for(train_tokenizer_dir, src, num_proc=2), tok, output=tmp_path / "two").load()["train"]
     assert one["input_ids"] == two["input_ids"]
     assert one["labels"] == two["labels"]
+    assert len(one) == 41 and one["input_ids"][-1][:3] == tok("unicode: café ½", add_special_tokens=False)["input_ids"][:3]
 
 
 def test_bundled_examples_prepare(tmp_path, tiny_tokenizer_dir):

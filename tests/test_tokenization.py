@@ -232,3 +232,143 @@ def test_other_layouts_fall_back_to_rust(tiny_tokenizer_dir):
     encoder = TextEncoder(tok)
     assert encoder._split is None
     assert encoder.encode("Hence, 9.11 > 9.8.") == tok("Hence, 9.11 > 9.8.", add_special_tokens=False)["input_ids"]
+
+
+# --- the columnar assembly against a row-by-row reference ------------------------------------------------------------
+
+
+def reference_encode(tok, prompt, steps, params: TokenizationParams):
+    """TRL's tokenize_row layout written the plain way, one tokenizer call per text: the oracle for `_assemble`."""
+    prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    if tok.bos_token_id is not None:
+        prompt_ids = [tok.bos_token_id, *prompt_ids]
+    mp = params.max_prompt_length
+    if mp is not None and len(prompt_ids) > mp:
+        if tok.bos_token_id is not None:
+            prompt_ids = [tok.bos_token_id, *prompt_ids[len(prompt_ids) - mp + 1:]] if mp > 0 else []
+        else:
+            prompt_ids = prompt_ids[len(prompt_ids) - mp:]
+    sep = tok(params.step_separator, add_special_tokens=False)["input_ids"] if params.step_separator else []
+    ids, positions = list(prompt_ids), []
+    for step in steps:
+        ids += tok(step, add_special_tokens=False)["input_ids"] + sep
+        positions.append(len(ids) - 1)
+    limit = len(ids)
+    if params.max_completion_length is not None:
+        limit = min(limit, len(prompt_ids) + params.max_completion_length)
+    if params.max_length is not None:
+        limit = min(limit, params.max_length)
+    return ids[:limit], [p if p < limit else -1 for p in positions], len(prompt_ids)
+
+
+@pytest.mark.parametrize("bos", [False, True])
+@pytest.mark.parametrize("seed", range(4))
+def test_assembly_matches_the_row_by_row_reference(tiny_tokenizer_dir, tiny_bos_tokenizer_dir, bos, seed):
+    import random
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_bos_tokenizer_dir if bos else tiny_tokenizer_dir)
+    rng = random.Random(seed)
+    words = ["Hence,", "9.11", ">", "9.8.", "the", "answer", "is", "42", "\n", "  ", "Step", "1:", "café", "x"]
+    phrase = lambda k: " ".join(rng.choice(words) for _ in range(k))  # noqa: E731
+    prompts = [phrase(rng.randint(0, 12)) for _ in range(30)]
+    completions = [[phrase(rng.randint(0, 8)) for _ in range(rng.randint(0, 5))] for _ in range(30)]
+    completions[3] = completions[4] = ["same step", "same step"]  # repeated texts share one encoding
+    for _ in range(6):
+        params = TokenizationParams(
+            step_separator=rng.choice(["\n", "\n\n", " | ", ""]),
+            max_length=rng.choice([None, 1, 5, 17, 40]),
+            max_prompt_length=rng.choice([None, 0, 1, 3, 8]),
+            max_completion_length=rng.choice([None, 0, 2, 9]),
+        )
+        got = encode_solutions(tok, prompts, completions, params)
+        for prompt, steps, enc in zip(prompts, completions, got):
+            ids, positions, n_prompt = reference_encode(tok, prompt, steps, params)
+            assert (enc.input_ids, enc.step_positions, enc.prompt_length) == (ids, positions, n_prompt), (params, prompt, steps)
+
+
+def test_steps_lost_and_labels_kept_are_counted_per_row():
+    from prmkit.tokenization import encode_batch, label_tokens, step_label_array
+
+    tok = word_tokenizer()
+    labels = [[1, None, 0], [1, 0]]
+    enc = encode_batch(tok, ["q", "q r"], [["a", "b", "c"], ["a b c d", "e"]], TokenizationParams(max_length=4))
+    batch = label_tokens(enc, step_label_array(labels), soft=False, train_on_last_step_only=False, is_eval=False)
+    # Row 0: q a \n b (cut) -> "a" labelled, "b" unlabelled and cut, "c" cut: one labelled step lost.
+    # Row 1: q r a b (cut) -> both steps cut.
+    assert batch.input_ids.tolist() == [7, 1, 10, 2, 7, 8, 1, 2]
+    assert batch.labels.tolist() == [X, X, 1, X, X, X, X, X]
+    assert batch.steps_lost.tolist() == [1, 2]
+    assert batch.labels_kept.tolist() == [1, 0]
+
+
+# --- the Python pre-split: translation to `re`, and worker processes -------------------------------------------------
+
+
+def test_ascii_translation_of_known_pretokenizer_patterns():
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    from prmkit.tokenization import _ascii_pattern
+
+    assert _ascii_pattern(PRETOKENIZE_REGEX) == (
+        r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\nA-Za-z0-9]?[A-Za-z]+|[0-9]| ?[^\sA-Za-z0-9]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+    )
+    gpt2 = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+    assert _ascii_pattern(gpt2) == r"""'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+"""
+    assert _ascii_pattern(r"[]\p{L}]") == "[]A-Za-z]"  # a leading ] is a literal, not the end of the class
+    assert _ascii_pattern(r"\p{Lu}+") is None  # a class this translation does not know
+    assert _ascii_pattern(r"\pL+") is None
+
+
+def test_a_translation_that_changes_matches_is_not_used():
+    import re
+
+    import regex
+
+    from prmkit.tokenization import _fast_engine
+
+    assert isinstance(_fast_engine(r" ?\p{L}+|\s+"), re.Pattern)
+    # POSIX classes mean something else to `re` (a plain set of characters): the probe catches it, `regex` stays.
+    engine = _fast_engine(r"[[:alpha:]]+|\s+")
+    assert isinstance(engine, regex.Pattern) and not isinstance(engine, re.Pattern)
+
+
+def test_worker_processes_give_the_rust_ids(train_tokenizer_dir):
+    import os
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(train_tokenizer_dir)
+    encoder = TextEncoder(tok)
+    assert encoder._split is not None, "the example tokenizer has Qwen2's layout and should take the fast path"
+    batches = []
+    for b in range(7):
+        # Each batch brings pieces no other batch has, so workers number new pieces independently.
+        texts = [f"Step {i}: batch{b}word{i} costs {i * 7 + b} dollars.\n" for i in range(40)] + TRICKY
+        batches.append((b, texts))
+    got = list(encoder.encode_pools(batches, processes=2))
+    assert [tag for tag, _ in got] == list(range(7))
+    for (_, texts), (_, pool) in zip(batches, got):
+        for i, text in enumerate(texts):
+            assert pool.get(i) == tok(text, add_special_tokens=False)["input_ids"], repr(text)
+    assert encoder._split.worker_pids and os.getpid() not in encoder._split.worker_pids
+
+
+def _dying_worker(texts):
+    import os
+
+    os._exit(3)
+
+
+def test_a_worker_that_dies_is_an_error_not_a_hang(train_tokenizer_dir, monkeypatch):
+    from concurrent.futures.process import BrokenProcessPool
+
+    from transformers import AutoTokenizer
+
+    import prmkit.tokenization as tokenization
+
+    monkeypatch.setattr(tokenization, "_worker_split", _dying_worker)
+    encoder = TextEncoder(AutoTokenizer.from_pretrained(train_tokenizer_dir))
+    with pytest.raises(BrokenProcessPool):
+        list(encoder.encode_pools([(i, [f"text {i}"]) for i in range(4)], processes=2))
