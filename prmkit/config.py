@@ -57,6 +57,7 @@ class DataConfig:
     prm800k_neutral: str = "negative"
     """How PRM800K's neutral (0) ratings count: negative (TRL's converter) | positive (Qwen's PRM) | drop."""
     num_proc: int | None = None
+    """Processes that pre-split text while tokenizing (Linux); null: every available core for inputs of 8k+ rows."""
     cache_dir: str | None = None
     """Where prepared datasets are cached; null means $PRMKIT_CACHE or ~/.cache/prmkit."""
 
@@ -98,6 +99,10 @@ class EvalConfig:
     output_dir: str = "eval"
     plots: bool = True
     batch_tokens: int = 16384
+    dtype: str = "auto"
+    """auto | float32 | bfloat16 | float16 (auto: model.dtype, which is bf16 on GPU and fp32 on CPU by default)."""
+    device: str = "auto"
+    """auto | cpu | cuda | cuda:N | mps."""
 
 
 @dataclass

@@ -415,16 +415,24 @@ class _PieceSplitter:
     def _expand(self, texts: list[str], stream: np.ndarray, counts: np.ndarray):
         """Token ids of texts given as piece streams; also which texts the pieces covered completely."""
         self._learn()
-        tok_len = self._tok_len[stream]
         piece_ends = np.cumsum(counts)
+        piece_starts = piece_ends - counts
+        text_chars = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
+        piece_chars = self._char_len[stream]
+        # Pieces never overlap and never leave their text, so equal totals mean every text is covered.
+        if int(piece_chars.sum()) == int(text_chars.sum()):
+            covered = np.ones(len(texts), dtype=bool)
+        else:
+            char_cum = np.concatenate([[0], np.cumsum(piece_chars)])
+            covered = (char_cum[piece_ends] - char_cum[piece_starts]) == text_chars
+        tok_len = self._tok_len[stream]
+        if len(stream) == 0 or int(tok_len.max()) == 1:
+            # The usual case: every piece is one token, so the pieces' ids are the texts' ids.
+            return self._tok_flat[self._tok_start[stream]], piece_starts, counts, covered
         tok_cum = np.concatenate([[0], np.cumsum(tok_len)])
-        char_cum = np.concatenate([[0], np.cumsum(self._char_len[stream])])
-        starts_p = piece_ends - counts
-        text_tokens = tok_cum[piece_ends] - tok_cum[starts_p]
-        covered = (char_cum[piece_ends] - char_cum[starts_p]) == np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
         total = int(tok_cum[-1])
         gather = np.repeat(self._tok_start[stream] - tok_cum[:-1], tok_len) + np.arange(total, dtype=np.int64)
-        return self._tok_flat[gather], tok_cum[starts_p], text_tokens, covered
+        return self._tok_flat[gather], tok_cum[piece_starts], tok_cum[piece_ends] - tok_cum[piece_starts], covered
 
     def encode_pools(self, batches: Iterable[tuple[Any, Sequence[str]]], processes: int, rust) -> Iterator[tuple[Any, TokenPool]]:
         from collections import deque

@@ -190,3 +190,27 @@ def test_python_m_prmkit_subprocess(tiny_prm_pair, data, tmp_path):
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert bad.returncode == 2 and "row 3" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_dtype_and_device_reach_the_scorer(tiny_prm_pair, data, tmp_path, monkeypatch):
+    import prmkit.evaluation as evaluation
+
+    seen = []
+    real = evaluation._default_loader
+
+    def spy(model, **kwargs):
+        scorer = real(model, **kwargs)
+        seen.append((kwargs["dtype"], kwargs["device"], str(scorer.dtype), scorer.device.type))
+        return scorer
+
+    monkeypatch.setattr(evaluation, "_default_loader", spy)
+    res = run(tiny_prm_pair[0], "--data", data["a"], "-o", tmp_path / "o", "--no-plots", "--dtype", "bfloat16",
+              "--device", "cpu", "--json")
+    assert res.exit_code == 0, res.stderr
+    assert seen == [("bfloat16", "cpu", "torch.bfloat16", "cpu")]
+    # From the config file too, under the eval section.
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("eval:\n  dtype: float32\n  device: cpu\n", encoding="utf-8")
+    res = run(tiny_prm_pair[0], "--data", data["a"], "-o", tmp_path / "o2", "--no-plots", "--config", cfg)
+    assert res.exit_code == 0, res.stderr
+    assert seen[-1] == ("float32", "cpu", "torch.float32", "cpu")

@@ -372,3 +372,19 @@ def test_a_worker_that_dies_is_an_error_not_a_hang(train_tokenizer_dir, monkeypa
     encoder = TextEncoder(AutoTokenizer.from_pretrained(train_tokenizer_dir))
     with pytest.raises(BrokenProcessPool):
         list(encoder.encode_pools([(i, [f"text {i}"]) for i in range(4)], processes=2))
+
+
+def test_texts_of_one_token_pieces_take_the_short_path_with_the_same_ids(train_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(train_tokenizer_dir)
+    words = [w for w in ["the", "is", "of", "and", "to", "step", "number", "answer", "so", "we"]
+             if len(tok(" " + w, add_special_tokens=False)["input_ids"]) == 1
+             and len(tok(w, add_special_tokens=False)["input_ids"]) == 1]
+    assert len(words) >= 4, words
+    texts = [" ".join(words[i:] + words[:i]) for i in range(len(words))]
+    encoder = TextEncoder(tok)
+    pool = encoder.encode_pool(texts)
+    assert int(encoder._split._tok_len.max()) == 1  # every piece seen is a single token
+    for i, text in enumerate(texts):
+        assert pool.get(i) == tok(text, add_special_tokens=False)["input_ids"]

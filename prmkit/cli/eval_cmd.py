@@ -10,7 +10,18 @@ from typing import Annotated, Optional
 import typer
 
 from prmkit.cli._errors import handle_errors
-from prmkit.cli._options import ConfigOpt, FormatOpt, JsonOpt, OverwriteOpt, SetOpt, SkipInvalidOpt, StepSeparatorOpt, unescape
+from prmkit.cli._options import (
+    ConfigOpt,
+    DeviceOpt,
+    DtypeOpt,
+    FormatOpt,
+    JsonOpt,
+    OverwriteOpt,
+    SetOpt,
+    SkipInvalidOpt,
+    StepSeparatorOpt,
+    unescape,
+)
 from prmkit.cli._output import Output, attach_logging, stderr
 from prmkit.config import load_config
 from prmkit.errors import UsageError
@@ -50,6 +61,8 @@ def evaluate(
     plots: Annotated[
         Optional[bool], typer.Option("--plots/--no-plots", help="Write PNG plots (needs matplotlib; sets eval.plots).")
     ] = None,
+    dtype: DtypeOpt = None,
+    device: DeviceOpt = None,
     skip_invalid: SkipInvalidOpt = None,
     overwrite: OverwriteOpt = False,
     json_: JsonOpt = False,
@@ -73,6 +86,7 @@ def evaluate(
     cfg = load_config(config, set_, {
         "eval.data": data, "eval.format": format_, "eval.threshold": threshold, "eval.tune_threshold": tune_threshold,
         "eval.output_dir": str(output_dir) if output_dir is not None else None, "eval.plots": plots,
+        "eval.dtype": dtype, "eval.device": device,
     })
     ev = cfg.eval
     names = [*(models or []), *(model_opt or [])]
@@ -111,7 +125,8 @@ def evaluate(
         result = evaluation.evaluate(
             names, ev.data,
             fmt=ev.format, step_separator=unescape(step_separator), threshold=given,
-            tune_threshold=tune_on, batch_tokens=ev.batch_tokens, dtype=cfg.model.dtype,
+            tune_threshold=tune_on, batch_tokens=ev.batch_tokens, dtype=ev.dtype if ev.dtype != "auto" else cfg.model.dtype,
+            device=ev.device,
             trust_remote_code=cfg.model.trust_remote_code, allow_bidirectional=cfg.model.allow_bidirectional,
             attn_implementation=cfg.model.attn_implementation, prm800k_neutral=cfg.data.prm800k_neutral,
             label_threshold=cfg.data.label_threshold, skip_invalid=bool(skip_invalid), progress=progress,

@@ -12,7 +12,18 @@ from typing import Annotated, Optional
 import typer
 
 from prmkit.cli._errors import handle_errors
-from prmkit.cli._options import ConfigOpt, FormatOpt, JsonOpt, OverwriteOpt, SetOpt, SkipInvalidOpt, StepSeparatorOpt, unescape
+from prmkit.cli._options import (
+    ConfigOpt,
+    DeviceOpt,
+    DtypeOpt,
+    FormatOpt,
+    JsonOpt,
+    OverwriteOpt,
+    SetOpt,
+    SkipInvalidOpt,
+    StepSeparatorOpt,
+    unescape,
+)
 from prmkit.cli._output import Output, attach_logging, stderr
 from prmkit.config import load_config
 from prmkit.errors import UsageError
@@ -29,8 +40,8 @@ def score(
     format_: FormatOpt = None,
     threshold: Annotated[Optional[float], typer.Option("--threshold", help="First error = first step scoring below this (score.threshold).")] = None,
     batch_tokens: Annotated[Optional[int], typer.Option("--batch-tokens", help="Token budget of one forward batch (score.batch_tokens).")] = None,
-    dtype: Annotated[Optional[str], typer.Option("--dtype", help="auto | float32 | bfloat16 | float16 (auto: bf16 on GPU, fp32 on CPU).")] = None,
-    device: Annotated[Optional[str], typer.Option("--device", help="auto | cpu | cuda | cuda:N | mps.")] = None,
+    dtype: DtypeOpt = None,
+    device: DeviceOpt = None,
     skip_invalid: SkipInvalidOpt = None,
     overwrite: OverwriteOpt = False,
     json_: JsonOpt = False,
