@@ -478,7 +478,7 @@ def evaluate(
     step_separator: str | None = None,
     threshold: float | None = None,
     tune_threshold: str | None = None,
-    batch_tokens: int = 16384,
+    batch_tokens: int | None = None,
     dtype: str = "auto",
     device: str = "auto",
     trust_remote_code: bool = False,

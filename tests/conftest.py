@@ -95,16 +95,20 @@ def make_tiny_prm(path: Path, tokenizer_dir: Path, seed: int = 0, step_separator
     model.save_pretrained(path)
     tok.save_pretrained(path)
     write_metadata(path, build_metadata(TokenizationParams(step_separator=step_separator), base_model=None))
+    # transformers picks a model directory's tokenizer class from its config: a Qwen2 config reloads the tokenizer
+    # as Qwen2Tokenizer, so only a tokenizer with Qwen2's pipeline comes back unchanged. Scoring must see the same ids.
+    probe = "Hence, 9.11 > 9.8.  Step 2: 3 + 5 = 8 (twice)"
+    assert AutoTokenizer.from_pretrained(path)(probe)["input_ids"] == tok(probe)["input_ids"], "tokenizer changed on reload"
     return path
 
 
 @pytest.fixture(scope="session")
-def tiny_prm_pair(tmp_path_factory, tiny_tokenizer_dir) -> tuple[Path, Path]:
+def tiny_prm_pair(tmp_path_factory, train_tokenizer_dir) -> tuple[Path, Path]:
     """Two tiny PRMs: seed 0 with separator "\\n", seed 1 with separator "\\n\\n" (in its prmkit.json)."""
     root = tmp_path_factory.mktemp("tiny-prms")
     return (
-        make_tiny_prm(root / "prm_a", tiny_tokenizer_dir, seed=0, step_separator="\n"),
-        make_tiny_prm(root / "prm_b", tiny_tokenizer_dir, seed=1, step_separator="\n\n"),
+        make_tiny_prm(root / "prm_a", train_tokenizer_dir, seed=0, step_separator="\n"),
+        make_tiny_prm(root / "prm_b", train_tokenizer_dir, seed=1, step_separator="\n\n"),
     )
 
 

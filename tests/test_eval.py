@@ -194,8 +194,11 @@ def test_real_processbench_gsm8k(tiny_prm_pair, tmp_path):
     # Scoring 400 long solutions twice would double this test's time: spot-check that eval read and scored the
     # records as StepScorer does on the raw file, then derive the figures from the scores at an informative threshold.
     sample = [0, 1, 2, 57, 199, 398, 399]
-    assert StepScorer.from_pretrained(model).score_batch(
-        [(records[i]["problem"], records[i]["steps"]) for i in sample]) == [scores[i] for i in sample]
+    alone = StepScorer.from_pretrained(model).score_batch([(records[i]["problem"], records[i]["steps"]) for i in sample])
+    for got, want in zip(alone, [scores[i] for i in sample]):
+        # Other batch-mates change the float summation order, not the result beyond rounding.
+        assert [s is None for s in got] == [s is None for s in want]
+        assert [s for s in got if s is not None] == pytest.approx([s for s in want if s is not None], abs=1e-6)
     threshold = statistics.median(s for row in scores for s in row if s is not None)
     rep, _raw = evaluation.build_model_report(str(model), result.subsets, result.scores[str(model)], threshold)
     sub = rep["subsets"]["gsm8k"]

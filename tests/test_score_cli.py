@@ -69,8 +69,8 @@ def summary_of(result) -> dict:
 
 
 @pytest.fixture(scope="module")
-def prm_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
-    return make_tiny_prm(tmp_path_factory.mktemp("score-cli") / "prm", tiny_tokenizer_dir, seed=7)
+def prm_dir(tmp_path_factory, train_tokenizer_dir) -> Path:
+    return make_tiny_prm(tmp_path_factory.mktemp("score-cli") / "prm", train_tokenizer_dir, seed=7)
 
 
 @pytest.fixture(scope="module")
@@ -114,14 +114,14 @@ def test_each_line_gets_scores_aggregates_and_first_error(tmp_path, prm_dir, sco
     assert summary_of(again)["already_complete"] and (tmp_path / "out.jsonl").read_bytes() == before
 
 
-def test_truncated_steps_are_null_and_the_line_says_so(tmp_path, tiny_tokenizer_dir):
+def test_truncated_steps_are_null_and_the_line_says_so(tmp_path, train_tokenizer_dir):
     from transformers import AutoTokenizer
 
     from prmkit.tokenization import encode_solutions
 
     rows = [{"prompt": "So the answer is 42.", "completions": ["We check: 6 * 7 = 42."]},
             {"prompt": "Which number is larger, 9.8 or 9.11?", "completions": ["11 is greater than 8."] * 12}]
-    model = make_tiny_prm(tmp_path / "prm", tiny_tokenizer_dir, seed=8)
+    model = make_tiny_prm(tmp_path / "prm", train_tokenizer_dir, seed=8)
     encoded = encode_solutions(AutoTokenizer.from_pretrained(model), [r["prompt"] for r in rows],
                                [r["completions"] for r in rows], TokenizationParams())
     room = encoded[1].step_positions[2] + 1  # the long row keeps three steps
@@ -182,7 +182,7 @@ def test_bad_line_stops_with_its_number_and_skip_invalid_rejects_it(tmp_path, pr
     assert rejects[1]["reason"] == "empty step" and rejects[1]["record"]["prompt"] == "y"
 
 
-def test_existing_output_of_another_input_or_model_is_refused_and_overwrite_starts_over(tmp_path, prm_dir, tiny_tokenizer_dir):
+def test_existing_output_of_another_input_or_model_is_refused_and_overwrite_starts_over(tmp_path, prm_dir, train_tokenizer_dir):
     a = write_jsonl(tmp_path / "a.jsonl", make_rows(4, seed=1))
     b = write_jsonl(tmp_path / "b.jsonl", make_rows(5, seed=2))
     out = tmp_path / "out.jsonl"
@@ -191,7 +191,7 @@ def test_existing_output_of_another_input_or_model_is_refused_and_overwrite_star
 
     res = score_cli(prm_dir, b, "-o", out)
     assert res.exit_code == 2 and "another input" in res.stderr and "--overwrite" in res.stderr
-    other_model = make_tiny_prm(tmp_path / "other", tiny_tokenizer_dir, seed=9)
+    other_model = make_tiny_prm(tmp_path / "other", train_tokenizer_dir, seed=9)
     res = score_cli(other_model, a, "-o", out)
     assert res.exit_code == 2 and "another model" in res.stderr
     res = score_cli(prm_dir, a, "-o", out, "--threshold", "0.9")
@@ -342,3 +342,16 @@ def test_formats_that_need_conversion_are_written_as_stepwise_rows(tmp_path, prm
         assert list(line)[:4] == ["prompt", "completions", "labels", "line"]
         assert line["line"] == n and line["completions"] == row["completions"] and line["labels"] == row["labels"]
         assert len(line["step_scores"]) == len(row["completions"])
+
+
+def test_batch_budget_defaults_to_a_cpu_sized_one_and_does_not_change_scores(tmp_path, prm_dir):
+    rows = make_rows(10, seed=3)
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    default = score_cli(prm_dir, src, "-o", tmp_path / "a.jsonl", "--json")
+    assert default.exit_code == 0, default.output
+    assert (summary_of(default)["batch_tokens"], summary_of(default)["device"]) == (2048, "cpu")
+    small = score_cli(prm_dir, src, "-o", tmp_path / "b.jsonl", "--json", "--batch-tokens", "64")
+    assert small.exit_code == 0, small.output
+    assert summary_of(small)["batch_tokens"] == 64 and summary_of(small)["dtype"] == "float32"
+    for a, b in zip(read_jsonl(tmp_path / "a.jsonl"), read_jsonl(tmp_path / "b.jsonl")):
+        assert b["step_scores"] == pytest.approx(a["step_scores"], abs=1e-5)

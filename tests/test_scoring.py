@@ -48,8 +48,8 @@ def prmkit_log():
 
 
 @pytest.fixture(scope="module")
-def prm_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
-    return make_tiny_prm(tmp_path_factory.mktemp("scoring") / "prm", tiny_tokenizer_dir, seed=3)
+def prm_dir(tmp_path_factory, train_tokenizer_dir) -> Path:
+    return make_tiny_prm(tmp_path_factory.mktemp("scoring") / "prm", train_tokenizer_dir, seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -132,8 +132,8 @@ def test_truncated_steps_are_none_and_flagged(scorer):
     assert not scorer.truncated(prompt, steps)
 
 
-def test_prmkit_json_separator_is_used(tmp_path, tiny_tokenizer_dir):
-    model_dir = make_tiny_prm(tmp_path / "prm", tiny_tokenizer_dir, seed=4, step_separator=" ки\n")
+def test_prmkit_json_separator_is_used(tmp_path, train_tokenizer_dir):
+    model_dir = make_tiny_prm(tmp_path / "prm", train_tokenizer_dir, seed=4, step_separator=" ки\n")
     with prmkit_log() as records:
         sc = StepScorer.from_pretrained(model_dir)
     assert sc.params.step_separator == " ки\n"
@@ -148,8 +148,8 @@ def test_prmkit_json_separator_is_used(tmp_path, tiny_tokenizer_dir):
     assert any("trained with separator" in r.getMessage() for r in records)
 
 
-def test_directory_without_prmkit_json_warns_and_uses_newline(tmp_path, tiny_tokenizer_dir):
-    model_dir = make_tiny_prm(tmp_path / "trl-prm", tiny_tokenizer_dir, seed=5, step_separator="\n\n")
+def test_directory_without_prmkit_json_warns_and_uses_newline(tmp_path, train_tokenizer_dir):
+    model_dir = make_tiny_prm(tmp_path / "trl-prm", train_tokenizer_dir, seed=5, step_separator="\n\n")
     (model_dir / PRMKIT_JSON).unlink()  # as a model trained with TRL's PRMTrainer
     with prmkit_log() as records:
         sc = StepScorer.from_pretrained(model_dir)
@@ -159,8 +159,8 @@ def test_directory_without_prmkit_json_warns_and_uses_newline(tmp_path, tiny_tok
     assert any("no prmkit.json" in w and "'\\n'" in w for w in warnings)
 
 
-def test_prmkit_json_max_length_truncates(tmp_path, tiny_tokenizer_dir):
-    model_dir = make_tiny_prm(tmp_path / "prm", tiny_tokenizer_dir, seed=6)
+def test_prmkit_json_max_length_truncates(tmp_path, train_tokenizer_dir):
+    model_dir = make_tiny_prm(tmp_path / "prm", train_tokenizer_dir, seed=6)
     write_metadata(model_dir, build_metadata(TokenizationParams(max_length=20), base_model=None))
     sc = StepScorer.from_pretrained(model_dir)
     assert sc.params.max_length == 20
