@@ -434,6 +434,24 @@ def _hub_metadata(repo_id: str, revision: str | None) -> dict | None:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
+def end_distributed() -> None:
+    """Leave the process group together, if one was joined.
+
+    A gloo group still alive at interpreter exit can abort a process in its C++ teardown ("terminate called without
+    an active exception") after all the work is done; the barrier keeps a fast process from tearing down first.
+    Called from a ``finally``: while an exception is on its way out there is no barrier, since the other processes
+    may never reach it.
+    """
+    import sys
+
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        if sys.exc_info()[0] is None:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 def _resolve_device(device: str):
     """(rank, world size, torch.device); under several processes accelerate assigns each its device."""
     import torch

@@ -121,16 +121,21 @@ def evaluate(
 
     hf_logging.disable_progress_bar()  # the weight-loading bar is noise beside our own progress
 
+    from prmkit.scoring import end_distributed
+
     with _progress(enabled=main) as progress:
-        result = evaluation.evaluate(
-            names, ev.data,
-            fmt=ev.format, step_separator=unescape(step_separator), threshold=given,
-            tune_threshold=tune_on, batch_tokens=ev.batch_tokens, dtype=ev.dtype if ev.dtype != "auto" else cfg.model.dtype,
-            device=ev.device,
-            trust_remote_code=cfg.model.trust_remote_code, allow_bidirectional=cfg.model.allow_bidirectional,
-            attn_implementation=cfg.model.attn_implementation, prm800k_neutral=cfg.data.prm800k_neutral,
-            label_threshold=cfg.data.label_threshold, skip_invalid=bool(skip_invalid), progress=progress,
-        )
+        try:
+            result = evaluation.evaluate(
+                names, ev.data,
+                fmt=ev.format, step_separator=unescape(step_separator), threshold=given,
+                tune_threshold=tune_on, batch_tokens=ev.batch_tokens, dtype=ev.dtype if ev.dtype != "auto" else cfg.model.dtype,
+                device=ev.device,
+                trust_remote_code=cfg.model.trust_remote_code, allow_bidirectional=cfg.model.allow_bidirectional,
+                attn_implementation=cfg.model.attn_implementation, prm800k_neutral=cfg.data.prm800k_neutral,
+                label_threshold=cfg.data.label_threshold, skip_invalid=bool(skip_invalid), progress=progress,
+            )
+        finally:
+            end_distributed()
     if not main:
         return
     files = evaluation.write_outputs(result, out_dir, plots=ev.plots)

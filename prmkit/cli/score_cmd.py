@@ -73,7 +73,7 @@ def score(
 
     from transformers.utils import logging as hf_logging
 
-    from prmkit.scoring import StepScorer, score_file
+    from prmkit.scoring import StepScorer, end_distributed, score_file
 
     hf_logging.disable_progress_bar()  # a weight-loading bar per process is noise beside our own progress
 
@@ -93,6 +93,7 @@ def score(
         )
     finally:
         progress.stop()
+        end_distributed()
     if not main:
         return
     data = summary.to_dict()

@@ -89,8 +89,13 @@ def train(
     _quiet_libraries(main_rank)
     from prmkit import training
 
-    result = training.train(cfg, overwrite=overwrite, resume=True if resume else None,
-                            console=stderr() if main_rank else None)
+    from prmkit.scoring import end_distributed
+
+    try:
+        result = training.train(cfg, overwrite=overwrite, resume=True if resume else None,
+                                console=stderr() if main_rank else None)
+    finally:
+        end_distributed()
     if not main_rank:
         return
     if result.interrupted:
