@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from prmkit import __version__
 from prmkit.errors import DataError, UsageError
@@ -330,12 +330,13 @@ def _features(soft: bool):
 
 
 def tokenize_step_rows(rows: StepRows, tokenizer, params: TokenizationParams, is_eval: bool, num_proc: int | None = None,
-                       report: SplitReport | None = None):
+                       report: SplitReport | None = None, on_rows: Callable[[int, int], None] | None = None):
     """Tokenize validated rows into a `datasets.Dataset` with columns input_ids, labels, num_tokens, steps_lost, row.
 
     Rows that lost every label to truncation are dropped and counted; token-length percentiles and truncation losses
     go into ``report``. Rows go through :func:`encode_batches` in chunks; with more than one process the pre-split
     runs in workers while this process stitches rows together (``num_proc``: None means every available core).
+    ``on_rows(done, total)`` is called after each chunk.
     """
     import numpy as np
     import pyarrow as pa
@@ -357,6 +358,8 @@ def tokenize_step_rows(rows: StepRows, tokenizer, params: TokenizationParams, is
             dropped += int((~has_label).sum())
             record = record.filter(pa.array(has_label))
         batches.append(record)
+        if on_rows is not None:
+            on_rows(b, len(rows))
     if report is not None:
         all_lengths = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
         if len(all_lengths):
@@ -461,11 +464,13 @@ def prepare_splits(
     output: str | Path | None = None,
     skip_invalid: bool = False,
     overwrite: bool = False,
+    on_progress: Callable[[str, int, int], None] | None = None,
 ) -> Prepared:
     """Prepare `data.train` (split `train`) and `data.eval` (split `eval`) into a cached DatasetDict.
 
     With ``output`` the result goes there (a prepared directory with other inputs is rebuilt; any other existing
     directory is refused unless ``overwrite``); without it, into the cache under ``data.cache_dir``.
+    ``on_progress(split, rows_done, rows_total)`` follows tokenization.
     """
     import datasets
 
@@ -497,7 +502,8 @@ def prepare_splits(
         is_eval = name == "eval"
         opts = Options(prm800k_neutral=data.prm800k_neutral, label_threshold=data.label_threshold, is_eval=is_eval)
         rows, report = read_step_rows(spec, data.format, opts, data.step_separator, skip_invalid, rejects)
-        ds = tokenize_step_rows(rows, tokenizer, params, is_eval, data.num_proc, report)
+        progress = (lambda done, total, split=name: on_progress(split, done, total)) if on_progress else None
+        ds = tokenize_step_rows(rows, tokenizer, params, is_eval, data.num_proc, report, progress)
         report.rows_kept = len(ds)
         splits[name] = ds
         reports[name] = report

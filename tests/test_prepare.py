@@ -272,3 +272,17 @@ def test_prepare_as_a_real_subprocess(tmp_path, tiny_tokenizer_dir):
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1].endswith("nope.jsonl: file not found") or "file not found" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_progress_reports_rows_per_split_up_to_the_total(tmp_path, tiny_tokenizer_dir, monkeypatch):
+    import prmkit.dataset as dataset_mod
+
+    monkeypatch.setattr(dataset_mod, "CHUNK_ROWS", 4)
+    rows = [dict(ROWS[i % 3], prompt=f"{ROWS[i % 3]['prompt']} {i}") for i in range(10)]
+    src = write_jsonl(tmp_path / "rows.jsonl", rows)
+    seen = []
+    cfg = load_config(None, None, {"model.tokenizer": str(tiny_tokenizer_dir), "data.train": str(src),
+                                   "data.eval": str(src)})
+    prepare_splits(cfg, load_tokenizer(str(tiny_tokenizer_dir)), output=tmp_path / "out",
+                   on_progress=lambda split, done, total: seen.append((split, done, total)))
+    assert seen == [("train", 4, 10), ("train", 8, 10), ("train", 10, 10), ("eval", 4, 10), ("eval", 8, 10), ("eval", 10, 10)]

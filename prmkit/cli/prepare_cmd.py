@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.table import Table
 
 from prmkit.cli._errors import handle_errors
 from prmkit.cli._options import ConfigOpt, FormatOpt, JsonOpt, OverwriteOpt, SetOpt, SkipInvalidOpt, StepSeparatorOpt, unescape
-from prmkit.cli._output import Output, attach_logging
+from prmkit.cli._output import Output, attach_logging, stderr
 from prmkit.config import load_config
 from prmkit.dataset import load_tokenizer, prepare_splits
 from prmkit.errors import UsageError
@@ -43,7 +43,9 @@ def prepare(
     if not cfg.tokenizer_name:
         raise UsageError("no tokenizer: set model.tokenizer or model.name_or_path", hint="e.g. --tokenizer Qwen/Qwen2-0.5B")
     tok = load_tokenizer(cfg.tokenizer_name, cfg.model.trust_remote_code)
-    result = prepare_splits(cfg, tok, output=output, skip_invalid=bool(skip_invalid), overwrite=overwrite)
+    with _Progress() as progress:
+        result = prepare_splits(cfg, tok, output=output, skip_invalid=bool(skip_invalid), overwrite=overwrite,
+                                on_progress=progress.update)
     summary = {
         "output": str(result.path),
         "cache_hit": result.cache_hit,
@@ -51,6 +53,28 @@ def prepare(
         "splits": {name: r.to_dict() for name, r in result.reports.items()},
     }
     out.result(summary, *_tables(summary))
+
+
+class _Progress:
+    """Rows tokenized per split, rows/s and an ETA on stderr; rich draws nothing when stderr is not a terminal."""
+
+    def __enter__(self) -> "_Progress":
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._progress = Progress(TextColumn("tokenizing {task.description}"), BarColumn(), MofNCompleteColumn(),
+                                  TextColumn("rows"), TimeRemainingColumn(), console=stderr(), transient=True,
+                                  auto_refresh=False)  # redrawn per chunk: no thread competing with tokenization
+        self._tasks: dict[str, Any] = {}
+        self._progress.start()
+        return self
+
+    def update(self, split: str, done: int, total: int) -> None:
+        if split not in self._tasks:
+            self._tasks[split] = self._progress.add_task(split, total=total)
+        self._progress.update(self._tasks[split], completed=done, refresh=True)
+
+    def __exit__(self, *exc) -> None:
+        self._progress.stop()
 
 
 def _tables(summary: dict) -> list:
