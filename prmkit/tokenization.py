@@ -339,7 +339,7 @@ class _PieceSplitter:
     def __init__(self, pattern: str, piece_encoder: Any, added: list[str]):
         self.pre = _PreSplitter(pattern, added)
         self.piece_encoder = piece_encoder
-        self._pieces: list[str] = []  # by index, for the ones already encoded
+        self._encoded = 0  # pieces numbered so far whose ids are in the tables below
         self._tok_flat = np.zeros(0, dtype=np.int32)
         self._tok_start = np.zeros(0, dtype=np.int64)
         self._tok_len = np.zeros(0, dtype=np.int64)
@@ -379,24 +379,17 @@ class _PieceSplitter:
         splitter = cls(split["pattern"]["Regex"], piece_encoder, added)
         return None if splitter.pre.rx.groups else splitter  # findall would return groups, not pieces
 
-    def pieces(self, text: str) -> list[str] | None:
-        """The pre-tokens of one text, or None where the text goes to Rust."""
-        if not self.pre.safe([text])[0]:
-            return None
-        pieces = self.pre.rx.findall(text)
-        return pieces if sum(map(len, pieces)) == len(text) else None
-
     def _learn(self) -> None:
         """Encode the pieces numbered since the last call, each alone, through the Rust BPE."""
-        if len(self._pieces) == len(self.pre.index):
+        if self._encoded == len(self.pre.index):
             return
-        new = list(itertools.islice(self.pre.index, len(self._pieces), None))
+        new = list(itertools.islice(self.pre.index, self._encoded, None))
         flat, lengths = _flatten([e.ids for e in self.piece_encoder.encode_batch(new, add_special_tokens=False)])
         self._tok_start = np.concatenate([self._tok_start, _starts(lengths) + len(self._tok_flat)])
         self._tok_flat = np.concatenate([self._tok_flat, flat])
         self._tok_len = np.concatenate([self._tok_len, lengths])
         self._char_len = np.concatenate([self._char_len, np.fromiter(map(len, new), dtype=np.int64, count=len(new))])
-        self._pieces.extend(new)
+        self._encoded += len(new)
 
     def _absorb(self, base: int, remaps: dict, result: tuple) -> tuple[np.ndarray, np.ndarray]:
         """Renumber a worker's stream: pieces it numbered itself (from ``base``) get this process's numbers."""
