@@ -23,6 +23,7 @@ from prmkit.tokenization import (
     TokenizationParams,
     TokenizedBatch,
     encode_batches,
+    has_soft_labels,
     label_tokens,
     step_label_array,
     tokenizer_fingerprint,
@@ -341,7 +342,7 @@ def tokenize_step_rows(rows: StepRows, tokenizer, params: TokenizationParams, is
     import numpy as np
     import pyarrow as pa
 
-    soft = any(isinstance(x, float) for labels in rows.labels for x in labels)
+    soft = has_soft_labels(rows.labels)
     features = _features(soft)
     processes = _processes(num_proc, len(rows))
     chunks = [(start, min(start + CHUNK_ROWS, len(rows))) for start in range(0, len(rows), CHUNK_ROWS)]

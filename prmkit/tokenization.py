@@ -575,6 +575,11 @@ def _assemble(pool: TokenPool, steps_per_row: np.ndarray, bos: int | None, param
     return EncodedBatch(ids, row_offsets, positions, step_offsets, prompt_lengths)
 
 
+def has_soft_labels(labels: Sequence[Sequence[int | float | None]]) -> bool:
+    """Whether any label is a probability strictly between the classes (the labels column is then float)."""
+    return any(isinstance(v, float) and v not in (0.0, 1.0) for v in itertools.chain.from_iterable(labels))
+
+
 def step_label_array(labels: Sequence[Sequence[int | float | None]]) -> np.ndarray:
     """Every step's label in one float array, NaN for an unlabelled step."""
     flat = list(itertools.chain.from_iterable(labels))
@@ -660,7 +665,7 @@ def tokenize_rows(
     away by truncation), one entry per row.
     """
     encoded = encode_batch(tokenizer, prompts, completions, params, encoder)
-    soft = any(isinstance(v, float) and v not in (0.0, 1.0) for v in itertools.chain.from_iterable(labels))
+    soft = has_soft_labels(labels)
     batch = label_tokens(encoded, step_label_array(labels), soft, params.train_on_last_step_only, is_eval)
     offsets = batch.offsets.tolist()
     ids, token_labels = batch.input_ids.tolist(), batch.labels.tolist()
