@@ -15,29 +15,24 @@ Everything here is callable from Python: ``train(load_config("cfg.yaml"))``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
 import os
 import shutil
 import signal
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import yaml
 
 from prmkit import __version__
-from prmkit.atomic import write_atomic
-from prmkit.config import TRAINING_ARGUMENT_DEFAULTS, Config, DataConfig, dump_config
+from prmkit.config import Config
 from prmkit.errors import ConfigError, UsageError
 from prmkit.modeling import (
     BASE_MODEL_DIR,
-    CONFIG_YAML,
     PRMKIT_JSON,
     apply_lora,
     build_metadata,
@@ -48,52 +43,28 @@ from prmkit.modeling import (
     load_model_for_training,
     write_metadata,
 )
-from prmkit.tokenization import IGNORE_INDEX, TokenizationParams
+from prmkit.tokenization import TokenizationParams
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
+    pass
+
+from prmkit.example import apply_example
+from prmkit.batching import (
+    LengthGroupedSampler,
+    StepCollator,
+    loss_func,
+    make_compute_metrics,
+    preprocess_logits_for_metrics,
+    resolve_batching,
+)
+from prmkit.run_dir import FINAL_TMP, OutputPlan, plan_output_dir, prepare_output_dir
 
 log = logging.getLogger("prmkit")
-
-EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
-EXAMPLE_TRAIN = EXAMPLES_DIR / "prm800k_samples.jsonl"
-EXAMPLE_EVAL = EXAMPLES_DIR / "processbench_gsm8k_sample.json"
-EXAMPLE_OUTPUT_DIR = "runs/example"
-# TrainingArguments the example fills in when they are still at their defaults: a random tiny model needs a large
-# learning rate and a few epochs for its loss to move within seconds.
-EXAMPLE_TRAINING = {
-    "learning_rate": 2e-3,
-    "num_train_epochs": 3,
-    "per_device_train_batch_size": 8,
-    "per_device_eval_batch_size": 16,
-    "logging_steps": 5,
-    "warmup_steps": 5,
-    "save_strategy": "epoch",
-    "eval_strategy": "epoch",
-}
-# With the example tokenizer's small vocabulary the longest PRM800K paths take ~1,200 tokens; keep all their steps.
-EXAMPLE_MAX_LENGTH = 2048
-EXAMPLE_MODEL = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-                 "intermediate_size": 128, "max_position_embeddings": 4096}
-EXAMPLE_VOCAB_SIZE = 4096
-EXAMPLE_RECIPE_VERSION = 2  # bump when the example tokenizer or model changes, so the cached one is rebuilt
 
 ENV_LAUNCHED = "PRMKIT_LAUNCHED"
 """Set by `prmkit train --num-processes` in the processes it launches, so they never launch again."""
 ENV_DEBUG_ROWS = "PRMKIT_DEBUG_ROWS_DIR"
 """Debug: a directory where each rank writes the `row` ids of the training examples it saw (rows-rank{N}.json)."""
-FINAL_TMP = ".prmkit-final"
-
-# Keys that may change between a run and its resumption: where it writes, how often it logs/saves/evaluates, how
-# long it runs. Anything else changing means a different run.
-_VOLATILE_TRAIN_KEYS = {
-    "output_dir", "resume_from_checkpoint", "max_steps", "num_train_epochs", "logging_steps", "logging_strategy",
-    "logging_first_step", "save_steps", "save_strategy", "save_total_limit", "eval_steps", "eval_strategy",
-    "report_to", "disable_tqdm", "push_to_hub", "run_name", "log_level", "log_level_replica",
-    "per_device_eval_batch_size", "eval_on_start", "ddp_timeout",
-}
-_VOLATILE_PREFIXES = ("hub_", "dataloader_")
-_VOLATILE_DATA_KEYS = {"num_proc", "cache_dir"}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -134,109 +105,6 @@ class TrainResult:
         return asdict(self)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# The bundled example: data in the package, a tokenizer trained from it, a tiny random Qwen2
-
-
-def example_texts() -> list[str]:
-    """Every prompt and step of the bundled example data, in file order (what the example tokenizer learns from)."""
-    from prmkit.dataset import read_step_rows
-    from prmkit.formats import Options
-
-    texts: list[str] = []
-    sources = [(EXAMPLE_TRAIN, "prm800k", False)]
-    if EXAMPLE_EVAL.is_file():
-        sources.append((EXAMPLE_EVAL, "processbench", True))
-    level = log.level
-    log.setLevel(logging.ERROR)  # prepare reports on the same files moments later; say things once
-    try:
-        for path, fmt, is_eval in sources:
-            rows, _ = read_step_rows(str(path), fmt, Options(is_eval=is_eval), "", skip_invalid=True)
-            for prompt, steps in zip(rows.prompts, rows.completions):
-                texts.append(prompt)
-                texts.extend(steps)
-    finally:
-        log.setLevel(level)
-    return list(dict.fromkeys(texts))
-
-
-def build_example_tokenizer(vocab_size: int = EXAMPLE_VOCAB_SIZE):
-    """A byte-level BPE trained on the example data (deterministic, well under a second): no download needed.
-
-    It splits text exactly as Qwen2's tokenizer does (NFC, Qwen2's pre-tokenizer regex, byte-level), because a
-    directory holding a Qwen2 config loads its tokenizer as `Qwen2Tokenizer`, which imposes that pipeline. Like
-    Qwen2's: no BOS, ``<|endoftext|>`` is both EOS and pad.
-    """
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
-
-    tok = Tokenizer(models.BPE())
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(example_texts(), trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-
-
-def example_base_dir(cache_dir: str | None = None) -> Path:
-    """A directory with the example tokenizer and a tiny Qwen2 config (no weights), built once and cached."""
-    from prmkit.dataset import cache_root
-
-    h = hashlib.sha256(f"recipe={EXAMPLE_RECIPE_VERSION};{json.dumps(EXAMPLE_MODEL, sort_keys=True)}".encode())
-    for path in (EXAMPLE_TRAIN, EXAMPLE_EVAL):
-        if path.is_file():
-            h.update(path.read_bytes())
-    target = cache_root(cache_dir) / "example-model" / h.hexdigest()[:16]
-    if (target / "config.json").is_file():
-        return target
-    from transformers import Qwen2Config
-
-    tokenizer = build_example_tokenizer()
-    config = Qwen2Config(**EXAMPLE_MODEL, vocab_size=len(tokenizer), num_labels=2, tie_word_embeddings=False,
-                         bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    config.architectures = ["Qwen2ForTokenClassification"]
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        tokenizer.save_pretrained(tmp)
-        config.save_pretrained(tmp)
-        try:
-            tmp.rename(target)
-        except OSError:  # another process (rank) built the same directory first; theirs is identical
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
-
-
-def apply_example(cfg: Config) -> None:
-    """Fill in the example's data, model and settings wherever the config still holds the defaults."""
-    if not cfg.data.train:
-        cfg.data.train = str(EXAMPLE_TRAIN)
-        if not cfg.data.eval:
-            if EXAMPLE_EVAL.is_file():
-                cfg.data.eval = str(EXAMPLE_EVAL)
-            else:
-                log.warning(f"{EXAMPLE_EVAL.name} is not installed with this copy of prmkit; training without eval")
-    if not cfg.model.name_or_path:
-        cfg.model.name_or_path = str(example_base_dir(cfg.data.cache_dir))
-        cfg.model.init_from_config = True
-    if cfg.data.max_length == DataConfig().max_length:
-        cfg.data.max_length = EXAMPLE_MAX_LENGTH
-    ta = cfg.training_arguments
-    if ta.get("output_dir") == TRAINING_ARGUMENT_DEFAULTS["output_dir"]:
-        ta["output_dir"] = EXAMPLE_OUTPUT_DIR
-    for key, value in EXAMPLE_TRAINING.items():
-        if key not in ta or ta[key] == TRAINING_ARGUMENT_DEFAULTS.get(key, object()):
-            ta[key] = value
-
 
 def resolve_config(cfg: Config) -> Config:
     """The config a run actually uses (the example filled in); recorded as prmkit_config.yaml."""
@@ -247,174 +115,6 @@ def resolve_config(cfg: Config) -> Config:
     if not cfg.data.train:
         raise UsageError("no training data: set data.train", hint="e.g. --train trl-lib/math_shepherd or --train rows.jsonl")
     return cfg
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Loss, batching, metrics
-
-
-def step_loss(logits: "torch.Tensor", labels: "torch.Tensor", num_items_in_batch: Any = None) -> "torch.Tensor":
-    """Cross-entropy at labelled positions; a label is a probability that the step is correct (0/1 or soft).
-
-    ``-(p * log q1 + (1 - p) * log q0)``, which for p in {0, 1} is exactly the usual two-class cross-entropy. The
-    sum is divided by ``num_items_in_batch`` (labelled steps in the whole accumulated batch) when the Trainer gives
-    it, else by the steps in this batch.
-    """
-    import torch
-
-    if hasattr(logits, "logits"):
-        logits = logits.logits
-    elif isinstance(logits, (tuple, list)):
-        logits = logits[0]
-    mask = labels != IGNORE_INDEX
-    logp = torch.log_softmax(logits[mask].float(), dim=-1)
-    target = labels[mask].to(logp.dtype)
-    total = -(target * logp[:, 1] + (1.0 - target) * logp[:, 0]).sum()
-    if num_items_in_batch is None:
-        return total / mask.sum().clamp(min=1)
-    if torch.is_tensor(num_items_in_batch):
-        num_items_in_batch = num_items_in_batch.to(total.device)
-    return total / num_items_in_batch
-
-
-def _loss_func(outputs: Any, labels: "torch.Tensor", num_items_in_batch: Any = None) -> "torch.Tensor":
-    return step_loss(outputs, labels, num_items_in_batch)
-
-
-class StepCollator:
-    """Pads (``padded``/``grouped``) or concatenates (``packed``) tokenized rows into a batch.
-
-    ``packed`` gives one row of all sequences with ``position_ids`` restarting at 0 and no attention mask; transformers
-    then keeps each sequence to itself (a block-diagonal mask, or flash-attention's variable-length kernel).
-
-    Padding goes on the right. For a ``causal`` model that makes the attention mask redundant: a real token attends
-    only to earlier positions, and every pad comes after the last real token, so the outputs at real (and labelled)
-    positions are the same with or without it. Leaving it out lets SDPA/flash-attention take the plain causal path
-    (no mask tensor, upper triangle skipped). Bidirectional models keep the mask.
-
-    ``n_tokens`` (real tokens in the batch) is for the token meter; the trainer removes it before the forward pass.
-    """
-
-    def __init__(self, pad_token_id: int, mode: str = "padded", soft_labels: bool = False, causal: bool = False):
-        if mode not in ("padded", "grouped", "packed"):
-            raise ValueError(f"unknown batching mode {mode!r}")
-        self.pad_token_id = int(pad_token_id)
-        self.packed = mode == "packed"
-        self.soft_labels = soft_labels
-        self.causal = causal
-
-    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        import torch
-
-        label_dtype = torch.float32 if self.soft_labels else torch.long
-        ids = [list(f["input_ids"]) for f in features]
-        labels = [list(f["labels"]) for f in features]
-        if self.packed:
-            flat_ids = [t for seq in ids for t in seq]
-            positions = [p for seq in ids for p in range(len(seq))]
-            flat_labels = [x for seq in labels for x in seq]
-            batch = {
-                "input_ids": torch.tensor([flat_ids], dtype=torch.long),
-                "position_ids": torch.tensor([positions], dtype=torch.long),
-                "labels": torch.tensor([flat_labels], dtype=label_dtype),
-            }
-        else:
-            width = max(len(seq) for seq in ids)
-            input_ids = torch.full((len(ids), width), self.pad_token_id, dtype=torch.long)
-            label_tensor = torch.full((len(ids), width), IGNORE_INDEX, dtype=label_dtype)
-            for i, (seq, lab) in enumerate(zip(ids, labels)):
-                input_ids[i, :len(seq)] = torch.tensor(seq, dtype=torch.long)
-                label_tensor[i, :len(seq)] = torch.tensor(lab, dtype=label_dtype)
-            batch = {"input_ids": input_ids, "labels": label_tensor}
-            if not self.causal:
-                lengths = torch.tensor([len(seq) for seq in ids])
-                batch["attention_mask"] = (torch.arange(width)[None, :] < lengths[:, None]).long()
-        batch["n_tokens"] = torch.tensor(sum(len(seq) for seq in ids), dtype=torch.long)
-        if features and "row" in features[0]:
-            batch["row"] = torch.tensor([int(f["row"]) for f in features], dtype=torch.long)
-        return batch
-
-
-class LengthGroupedSampler:
-    """Random batches of similar length: shuffle, sort within mega-batches of 50 batches, shuffle the batches.
-
-    Unlike transformers' sampler it draws from its own generator seeded by (seed, epoch), so a resumed run replays
-    exactly the order the interrupted one would have used, and every rank draws the same order.
-    """
-
-    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, mega_batches: int = 50):
-        self.lengths = list(lengths)
-        self.batch_size = max(1, int(batch_size))
-        self.seed = int(seed)
-        self.mega = self.batch_size * mega_batches
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def __iter__(self) -> Iterator[int]:
-        import torch
-
-        g = torch.Generator()
-        g.manual_seed(self.seed * 1_000_003 + self.epoch)
-        perm = torch.randperm(len(self.lengths), generator=g).tolist()
-        ordered: list[int] = []
-        for start in range(0, len(perm), self.mega):
-            ordered += sorted(perm[start:start + self.mega], key=self.lengths.__getitem__, reverse=True)
-        batches = [ordered[i:i + self.batch_size] for i in range(0, len(ordered), self.batch_size)]
-        last = batches.pop() if batches and len(batches[-1]) < self.batch_size else None
-        order = torch.randperm(len(batches), generator=g).tolist()
-        out = [i for b in order for i in batches[b]]
-        if last:
-            out += last  # the one short batch stays last, so every other batch keeps its boundaries
-        return iter(out)
-
-
-def resolve_batching(requested: str, model: Any) -> str:
-    """`auto` packs only where it pays: CUDA with a flash-attention kernel; otherwise length-grouped padding."""
-    if requested != "auto":
-        return requested
-    import torch
-
-    attn = getattr(getattr(model, "config", None), "_attn_implementation", None) or ""
-    if torch.cuda.is_available() and attn.startswith("flash_attention"):
-        return "packed"
-    return "grouped"
-
-
-def preprocess_logits_for_metrics(logits: Any, labels: "torch.Tensor") -> "torch.Tensor":
-    """Keep only p(step correct) at labelled positions, -100 elsewhere: the shape of ``labels``, a fixed shape per
-    batch, so gathering across ranks never waits on a rank that has a different number of steps."""
-    import torch
-
-    if isinstance(logits, (tuple, list)):
-        logits = logits[0]
-    probs = torch.softmax(logits.float(), dim=-1)[..., 1]
-    return torch.where(labels != IGNORE_INDEX, probs, torch.full_like(probs, float(IGNORE_INDEX)))
-
-
-def make_compute_metrics(threshold: float = 0.5):
-    """Step-level metrics over every labelled step of the eval set (prmkit.metrics.step_metrics)."""
-    import numpy as np
-
-    from prmkit.metrics import step_metrics
-
-    def compute_metrics(eval_pred: Any) -> dict[str, float]:
-        preds = np.asarray(eval_pred.predictions, dtype=np.float64)
-        labels = np.asarray(eval_pred.label_ids, dtype=np.float64)
-        mask = (labels != IGNORE_INDEX) & (preds != IGNORE_INDEX)
-        if not mask.any():
-            return {}
-        m = step_metrics(preds[mask], labels[mask], threshold=threshold)
-        keys = ("accuracy", "correct_f1", "wrong_f1", "prm_score", "auroc", "log_loss", "brier", "ece")
-        out = {k: float(m[k]) for k in keys if m.get(k) is not None}
-        out["steps"] = float(m["n"])
-        return out
-
-    return compute_metrics
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -586,114 +286,6 @@ def _trainer_classes():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Output directory: one run per directory
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in d.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and prefix == "":
-            out.update(_flatten(value, f"{name}."))
-        else:
-            out[name] = value
-    return out
-
-
-def run_identity(config_dict: dict[str, Any]) -> dict[str, Any]:
-    """The keys that make two configs the same run (model, data, training), without where/how often it writes."""
-    flat = _flatten(json.loads(json.dumps(config_dict, default=str)))
-    keep: dict[str, Any] = {}
-    for key, value in flat.items():
-        section, _, name = key.partition(".")
-        if section not in ("model", "data", "train"):
-            continue
-        if section == "train" and (name in _VOLATILE_TRAIN_KEYS or name.startswith(_VOLATILE_PREFIXES)):
-            continue
-        if section == "data" and name in _VOLATILE_DATA_KEYS:
-            continue
-        keep[key] = value
-    return keep
-
-
-@dataclass
-class OutputPlan:
-    output_dir: Path
-    action: str  # fresh | overwrite | resume
-    checkpoint: str | None = None
-
-
-def _is_dangerous_to_delete(path: Path) -> bool:
-    resolved = path.resolve()
-    cwd = Path.cwd().resolve()
-    return resolved in (Path(resolved.anchor), Path.home().resolve()) or resolved == cwd or resolved in cwd.parents
-
-
-def plan_output_dir(cfg: Config, overwrite: bool = False, resume: bool | str | None = None) -> OutputPlan:
-    """Decide what to do with the output directory, without touching it; raises UsageError when it is not ours.
-
-    An empty or missing directory starts fresh. One holding this same run (same model, data and training keys in its
-    prmkit_config.yaml) is resumed with ``resume``; anything else is refused unless ``overwrite``.
-    """
-    from transformers.trainer_utils import get_last_checkpoint
-
-    out = Path(cfg.training_arguments.get("output_dir") or TRAINING_ARGUMENT_DEFAULTS["output_dir"])
-    if resume and overwrite:
-        raise UsageError("--resume and --overwrite contradict each other: continue the run, or start it over")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"output directory {out} is a file")
-    occupied = out.is_dir() and any(p.name != FINAL_TMP for p in out.iterdir())
-    if isinstance(resume, str) and resume.lower() not in ("true", "last"):
-        ckpt = Path(resume)
-        if not (ckpt / "trainer_state.json").is_file():
-            raise UsageError(f"cannot resume from {resume}: not a checkpoint directory (no trainer_state.json)")
-        resume_path: str | None = str(ckpt)
-    else:
-        resume_path = None
-    if not occupied:
-        if resume:
-            raise UsageError(f"nothing to resume: {out} holds no run", hint="drop --resume to start a new run")
-        return OutputPlan(out, "fresh")
-    if overwrite:
-        if _is_dangerous_to_delete(out):
-            raise UsageError(f"refusing to delete {out.resolve()} for --overwrite", hint="choose a dedicated --output-dir")
-        return OutputPlan(out, "overwrite")
-    saved = out / CONFIG_YAML
-    if not saved.is_file():
-        raise UsageError(f"output directory {out} is not empty and holds no prmkit run",
-                         hint="choose another --output-dir, or pass --overwrite to replace its contents")
-    try:
-        previous = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError:
-        previous = {}
-    mine, theirs = run_identity(cfg.to_dict()), run_identity(previous)
-    differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
-    if differ:
-        shown = ", ".join(differ[:5]) + (f" and {len(differ) - 5} more" if len(differ) > 5 else "")
-        raise UsageError(f"output directory {out} holds a different run ({shown} differ)",
-                         hint="choose another --output-dir, or pass --overwrite to replace it")
-    if not resume:
-        last = get_last_checkpoint(str(out))
-        raise UsageError(f"output directory {out} already holds this run",
-                         hint=(f"pass --resume to continue from {Path(last).name}, " if last else "")
-                         + "or --overwrite to start over")
-    if resume_path is None:
-        resume_path = get_last_checkpoint(str(out))
-        if resume_path is None:
-            raise UsageError(f"nothing to resume: {out} holds no checkpoint yet", hint="pass --overwrite to start over")
-    return OutputPlan(out, "resume", resume_path)
-
-
-def _prepare_output_dir(plan: OutputPlan, cfg: Config) -> None:
-    if plan.action == "overwrite":
-        for item in plan.output_dir.iterdir():
-            shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
-    plan.output_dir.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(plan.output_dir / FINAL_TMP, ignore_errors=True)
-    write_atomic(plan.output_dir / CONFIG_YAML, dump_config(cfg))
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # Training
 
 
@@ -761,7 +353,7 @@ def train(
     with state.main_process_first():
         if state.is_main_process:
             plan = plan_output_dir(cfg, overwrite=overwrite, resume=resume)
-            _prepare_output_dir(plan, cfg)
+            prepare_output_dir(plan, cfg)
     if plan is None:  # other ranks: the main process checked and prepared the directory
         from transformers.trainer_utils import get_last_checkpoint
 
@@ -817,7 +409,7 @@ def train(
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
-        compute_loss_func=_loss_func,
+        compute_loss_func=loss_func,
         compute_metrics=make_compute_metrics(cfg.eval.threshold) if eval_ds is not None else None,
         preprocess_logits_for_metrics=preprocess_logits_for_metrics if eval_ds is not None else None,
         callbacks=all_callbacks,

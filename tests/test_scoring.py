@@ -12,7 +12,8 @@ from conftest import make_tiny_prm
 
 from prmkit.errors import UsageError
 from prmkit.modeling import PRMKIT_JSON, build_metadata, write_metadata
-from prmkit.scoring import StepScorer, _is_causal, _probe_causal, _resolve_device, _resolve_dtype
+from prmkit.scoring import StepScorer
+from prmkit.scoring.engine import _is_causal, _probe_causal, _resolve_device, _resolve_dtype
 from prmkit.tokenization import TokenizationParams, encode_solutions
 
 SOLUTIONS = [

@@ -49,7 +49,7 @@ def read_weights(model_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def test_soft_cross_entropy_with_hard_targets_equals_cross_entropy():
-    from prmkit.training import step_loss
+    from prmkit.batching import step_loss
 
     torch.manual_seed(0)
     logits = torch.randn(3, 7, 2, dtype=torch.float32)
@@ -64,7 +64,7 @@ def test_soft_cross_entropy_with_hard_targets_equals_cross_entropy():
 
 
 def test_soft_and_mixed_labels():
-    from prmkit.training import step_loss
+    from prmkit.batching import step_loss
 
     logits = torch.tensor([[[0.2, 1.0], [2.0, -1.0], [0.0, 0.0]]])
     labels = torch.tensor([[0.3, 1.0, IGNORE_INDEX]])  # one soft label, one hard, one ignored
@@ -93,7 +93,7 @@ def _features(tokenizer_dir: Path, rows_file: Path, n: int = 6):
 def test_every_batching_mode_gives_the_same_loss(tmp_path, train_tokenizer_dir, attn):
     from transformers import AutoModelForTokenClassification, Qwen2Config
 
-    from prmkit.training import StepCollator, step_loss
+    from prmkit.batching import StepCollator, step_loss
 
     tok, feats = _features(train_tokenizer_dir, write_train_rows(tmp_path / "rows.jsonl", n=6))
     assert len({len(f["input_ids"]) for f in feats}) > 3  # lengths differ, so padding and packing really differ
@@ -125,7 +125,7 @@ def test_every_batching_mode_gives_the_same_loss(tmp_path, train_tokenizer_dir, 
 def test_length_grouped_sampler_is_a_seeded_permutation_with_less_padding():
     import random
 
-    from prmkit.training import LengthGroupedSampler
+    from prmkit.batching import LengthGroupedSampler
 
     rng = random.Random(0)
     lengths = [rng.randint(20, 600) for _ in range(203)]
@@ -149,7 +149,7 @@ def test_length_grouped_sampler_is_a_seeded_permutation_with_less_padding():
 def test_auto_batching_is_grouped_without_flash_attention():
     from transformers import AutoModelForTokenClassification, Qwen2Config
 
-    from prmkit.training import resolve_batching
+    from prmkit.batching import resolve_batching
 
     model = AutoModelForTokenClassification.from_config(Qwen2Config(**TRAIN_TINY_MODEL, vocab_size=50, num_labels=2))
     expected = "packed" if torch.cuda.is_available() and model.config._attn_implementation.startswith("flash") else "grouped"
@@ -165,7 +165,7 @@ def test_eval_metrics_use_labelled_positions_only():
     from transformers import EvalPrediction
 
     from prmkit.metrics import step_metrics
-    from prmkit.training import make_compute_metrics, preprocess_logits_for_metrics
+    from prmkit.batching import make_compute_metrics, preprocess_logits_for_metrics
 
     logits = torch.tensor([[[0.0, 2.0], [1.0, 0.0], [0.0, 0.0]], [[3.0, 0.0], [0.0, 1.0], [5.0, 5.0]]])
     labels = torch.tensor([[1, IGNORE_INDEX, 0], [0, 1, IGNORE_INDEX]])
@@ -393,7 +393,7 @@ def test_sigint_saves_a_checkpoint_and_the_run_resumes(tmp_path, tiny_qwen2_conf
 
 def test_output_dir_rules(tmp_path, tiny_qwen2_config_dir, monkeypatch):
     from prmkit.config import dump_config
-    from prmkit.training import plan_output_dir
+    from prmkit.run_dir import plan_output_dir
 
     rows = tmp_path / "rows.jsonl"
     cfg = make_cfg(tmp_path, tiny_qwen2_config_dir, rows)
@@ -431,7 +431,8 @@ def test_output_dir_rules(tmp_path, tiny_qwen2_config_dir, monkeypatch):
 
 
 def test_example_fills_in_only_defaults(tmp_path):
-    from prmkit.training import EXAMPLE_EVAL, EXAMPLE_TRAIN, resolve_config
+    from prmkit.example import EXAMPLE_EVAL, EXAMPLE_TRAIN
+    from prmkit.training import resolve_config
 
     cfg = resolve_config(load_config(None, ["train.learning_rate=0.0003", "data.max_length=300"], {"train.example": True}))
     assert cfg.data.train == str(EXAMPLE_TRAIN) and cfg.data.eval == str(EXAMPLE_EVAL)

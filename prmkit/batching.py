@@ -1,0 +1,183 @@
+"""Loss, batching and step metrics for training: hard and soft step labels, padded/grouped/packed batches."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+
+from prmkit.tokenization import IGNORE_INDEX
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+log = logging.getLogger("prmkit")
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loss, batching, metrics
+
+
+def step_loss(logits: "torch.Tensor", labels: "torch.Tensor", num_items_in_batch: Any = None) -> "torch.Tensor":
+    """Cross-entropy at labelled positions; a label is a probability that the step is correct (0/1 or soft).
+
+    ``-(p * log q1 + (1 - p) * log q0)``, which for p in {0, 1} is exactly the usual two-class cross-entropy. The
+    sum is divided by ``num_items_in_batch`` (labelled steps in the whole accumulated batch) when the Trainer gives
+    it, else by the steps in this batch.
+    """
+    import torch
+
+    if hasattr(logits, "logits"):
+        logits = logits.logits
+    elif isinstance(logits, (tuple, list)):
+        logits = logits[0]
+    mask = labels != IGNORE_INDEX
+    logp = torch.log_softmax(logits[mask].float(), dim=-1)
+    target = labels[mask].to(logp.dtype)
+    total = -(target * logp[:, 1] + (1.0 - target) * logp[:, 0]).sum()
+    if num_items_in_batch is None:
+        return total / mask.sum().clamp(min=1)
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
+
+
+def loss_func(outputs: Any, labels: "torch.Tensor", num_items_in_batch: Any = None) -> "torch.Tensor":
+    return step_loss(outputs, labels, num_items_in_batch)
+
+
+class StepCollator:
+    """Pads (``padded``/``grouped``) or concatenates (``packed``) tokenized rows into a batch.
+
+    ``packed`` gives one row of all sequences with ``position_ids`` restarting at 0 and no attention mask; transformers
+    then keeps each sequence to itself (a block-diagonal mask, or flash-attention's variable-length kernel).
+
+    Padding goes on the right. For a ``causal`` model that makes the attention mask redundant: a real token attends
+    only to earlier positions, and every pad comes after the last real token, so the outputs at real (and labelled)
+    positions are the same with or without it. Leaving it out lets SDPA/flash-attention take the plain causal path
+    (no mask tensor, upper triangle skipped). Bidirectional models keep the mask.
+
+    ``n_tokens`` (real tokens in the batch) is for the token meter; the trainer removes it before the forward pass.
+    """
+
+    def __init__(self, pad_token_id: int, mode: str = "padded", soft_labels: bool = False, causal: bool = False):
+        if mode not in ("padded", "grouped", "packed"):
+            raise ValueError(f"unknown batching mode {mode!r}")
+        self.pad_token_id = int(pad_token_id)
+        self.packed = mode == "packed"
+        self.soft_labels = soft_labels
+        self.causal = causal
+
+    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        label_dtype = torch.float32 if self.soft_labels else torch.long
+        ids = [list(f["input_ids"]) for f in features]
+        labels = [list(f["labels"]) for f in features]
+        if self.packed:
+            flat_ids = [t for seq in ids for t in seq]
+            positions = [p for seq in ids for p in range(len(seq))]
+            flat_labels = [x for seq in labels for x in seq]
+            batch = {
+                "input_ids": torch.tensor([flat_ids], dtype=torch.long),
+                "position_ids": torch.tensor([positions], dtype=torch.long),
+                "labels": torch.tensor([flat_labels], dtype=label_dtype),
+            }
+        else:
+            width = max(len(seq) for seq in ids)
+            input_ids = torch.full((len(ids), width), self.pad_token_id, dtype=torch.long)
+            label_tensor = torch.full((len(ids), width), IGNORE_INDEX, dtype=label_dtype)
+            for i, (seq, lab) in enumerate(zip(ids, labels)):
+                input_ids[i, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+                label_tensor[i, :len(seq)] = torch.tensor(lab, dtype=label_dtype)
+            batch = {"input_ids": input_ids, "labels": label_tensor}
+            if not self.causal:
+                lengths = torch.tensor([len(seq) for seq in ids])
+                batch["attention_mask"] = (torch.arange(width)[None, :] < lengths[:, None]).long()
+        batch["n_tokens"] = torch.tensor(sum(len(seq) for seq in ids), dtype=torch.long)
+        if features and "row" in features[0]:
+            batch["row"] = torch.tensor([int(f["row"]) for f in features], dtype=torch.long)
+        return batch
+
+
+class LengthGroupedSampler:
+    """Random batches of similar length: shuffle, sort within mega-batches of 50 batches, shuffle the batches.
+
+    Unlike transformers' sampler it draws from its own generator seeded by (seed, epoch), so a resumed run replays
+    exactly the order the interrupted one would have used, and every rank draws the same order.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, mega_batches: int = 50):
+        self.lengths = list(lengths)
+        self.batch_size = max(1, int(batch_size))
+        self.seed = int(seed)
+        self.mega = self.batch_size * mega_batches
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        import torch
+
+        g = torch.Generator()
+        g.manual_seed(self.seed * 1_000_003 + self.epoch)
+        perm = torch.randperm(len(self.lengths), generator=g).tolist()
+        ordered: list[int] = []
+        for start in range(0, len(perm), self.mega):
+            ordered += sorted(perm[start:start + self.mega], key=self.lengths.__getitem__, reverse=True)
+        batches = [ordered[i:i + self.batch_size] for i in range(0, len(ordered), self.batch_size)]
+        last = batches.pop() if batches and len(batches[-1]) < self.batch_size else None
+        order = torch.randperm(len(batches), generator=g).tolist()
+        out = [i for b in order for i in batches[b]]
+        if last:
+            out += last  # the one short batch stays last, so every other batch keeps its boundaries
+        return iter(out)
+
+
+def resolve_batching(requested: str, model: Any) -> str:
+    """`auto` packs only where it pays: CUDA with a flash-attention kernel; otherwise length-grouped padding."""
+    if requested != "auto":
+        return requested
+    import torch
+
+    attn = getattr(getattr(model, "config", None), "_attn_implementation", None) or ""
+    if torch.cuda.is_available() and attn.startswith("flash_attention"):
+        return "packed"
+    return "grouped"
+
+
+def preprocess_logits_for_metrics(logits: Any, labels: "torch.Tensor") -> "torch.Tensor":
+    """Keep only p(step correct) at labelled positions, -100 elsewhere: the shape of ``labels``, a fixed shape per
+    batch, so gathering across ranks never waits on a rank that has a different number of steps."""
+    import torch
+
+    if isinstance(logits, (tuple, list)):
+        logits = logits[0]
+    probs = torch.softmax(logits.float(), dim=-1)[..., 1]
+    return torch.where(labels != IGNORE_INDEX, probs, torch.full_like(probs, float(IGNORE_INDEX)))
+
+
+def make_compute_metrics(threshold: float = 0.5):
+    """Step-level metrics over every labelled step of the eval set (prmkit.metrics.step_metrics)."""
+    import numpy as np
+
+    from prmkit.metrics import step_metrics
+
+    def compute_metrics(eval_pred: Any) -> dict[str, float]:
+        preds = np.asarray(eval_pred.predictions, dtype=np.float64)
+        labels = np.asarray(eval_pred.label_ids, dtype=np.float64)
+        mask = (labels != IGNORE_INDEX) & (preds != IGNORE_INDEX)
+        if not mask.any():
+            return {}
+        m = step_metrics(preds[mask], labels[mask], threshold=threshold)
+        keys = ("accuracy", "correct_f1", "wrong_f1", "prm_score", "auroc", "log_loss", "brier", "ece")
+        out = {k: float(m[k]) for k in keys if m.get(k) is not None}
+        out["steps"] = float(m["n"])
+        return out
+
+    return compute_metrics
+
+

@@ -1,0 +1,587 @@
+"""`prmkit score`'s file job: read records, score them with the engine, write JSONL resumably.
+
+Results are committed window by window to ``OUTPUT.partial`` beside a small state file, so a killed run resumes
+where it stopped and the finished output is byte-identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from prmkit import __version__
+from prmkit.atomic import write_atomic
+from prmkit.errors import DataError, PrmkitError, UsageError
+from prmkit.formats import Options, RowError, convert, detect_format, validate
+from prmkit.metrics import aggregate, first_error_index
+from prmkit.scoring.engine import StepScorer, StepScores
+
+log = logging.getLogger("prmkit")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading records to score
+
+
+SCORABLE = ("stepwise", "processbench")
+STATE_SUFFIX = ".prmkit-state.json"
+PARTIAL_SUFFIX = ".partial"
+REJECTS_SUFFIX = ".rejects.jsonl"
+
+
+@dataclass
+class _Record:
+    number: int
+    record: Any
+    problem: str | None
+    offset: int | None  # byte offset just after this line (JSONL), for resuming with a seek
+
+
+class InputSource:
+    """A score input: a JSONL file or stdin read line by line with byte offsets, or any source `prepare` reads."""
+
+    def __init__(self, spec: str):
+        from prmkit.dataset import Source, resolve_source
+
+        self.spec = spec
+        self.stdin = spec == "-"
+        self.source = Source("<stdin>", "jsonl", None, unit="line") if self.stdin else resolve_source(spec)
+        self.unit = self.source.unit
+
+    @property
+    def name(self) -> str:
+        return self.source.spec
+
+    def where(self, number: int) -> str:
+        return self.source.where(number)
+
+    def fingerprint(self) -> str | None:
+        """A hash of the content (not the path, so the same file named from elsewhere still matches)."""
+        from prmkit.dataset import fingerprint_source
+
+        if self.stdin:
+            return None
+        path = self.source.path
+        if path is not None and path.is_file():
+            h = hashlib.sha256()
+            with open(path, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+            return h.hexdigest()
+        return fingerprint_source(self.source)
+
+    def total(self) -> int | None:
+        """Number of lines when cheap to know (a JSONL file: counts newlines), else None."""
+        if self.source.kind != "jsonl" or self.source.path is None:
+            return None
+        n = 0
+        last = b"\n"
+        with open(self.source.path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                n += block.count(b"\n")
+                last = block[-1:]
+        return n + (last != b"\n")
+
+    def records(self, after_line: int = 0, after_offset: int | None = None) -> Iterator[_Record]:
+        if self.source.kind != "jsonl":
+            from prmkit.dataset import iter_records
+
+            for number, record, problem in iter_records(self.source):
+                if number > after_line:
+                    yield _Record(number, record, problem, None)
+            return
+        if self.stdin:
+            import sys
+
+            yield from _jsonl_lines(sys.stdin.buffer, 0, 0)
+            return
+        assert self.source.path is not None
+        with open(self.source.path, "rb") as fh:
+            if after_offset is not None:
+                fh.seek(after_offset)
+                yield from _jsonl_lines(fh, after_line, after_offset)
+            else:
+                for rec in _jsonl_lines(fh, 0, 0):
+                    if rec.number > after_line:
+                        yield rec
+
+
+def _jsonl_lines(fh, number: int, offset: int) -> Iterator[_Record]:
+    # The same parsing and messages as prmkit.dataset's JSONL reader, plus the offset needed to resume with a seek.
+    for raw in fh:
+        number += 1
+        offset += len(raw)
+        if not raw.strip():
+            continue
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            yield _Record(number, None, f"not UTF-8 ({e.reason} at byte {e.start})", offset)
+            continue
+        try:
+            yield _Record(number, json.loads(text), None, offset)
+        except json.JSONDecodeError as e:
+            yield _Record(number, None, f"malformed JSON ({e.msg} at column {e.colno})", offset)
+
+
+def detect_score_format(record: dict, source: str) -> str:
+    """The format of records to score: labels are optional, so stepwise needs only prompt + completions."""
+    keys = set(record)
+    if {"prompt", "completions"} <= keys:
+        return "stepwise"
+    if {"problem", "steps"} <= keys:
+        return "processbench"
+    return detect_format(keys, source)
+
+
+def rows_to_score(fmt: str, record: Any, unit: str, number: int, opts: Options) -> list[tuple[dict, str, list[str]]]:
+    """(output object, prompt, steps) for each solution in a record. Raises RowError.
+
+    Stepwise and ProcessBench records are scored as they are and written back whole; formats that need conversion
+    (math-shepherd, prm800k) are written as their converted stepwise rows with the source line or row number.
+    """
+    if not isinstance(record, dict):
+        raise RowError("row", f"expected a JSON object, got {'null' if record is None else type(record).__name__}")
+    if fmt in SCORABLE:
+        prompt_key, steps_key = ("prompt", "completions") if fmt == "stepwise" else ("problem", "steps")
+        for key in (prompt_key, steps_key):
+            if key not in record:
+                raise RowError(key, "missing")
+        steps = record[steps_key]
+        labels = [None] * len(steps) if isinstance(steps, list) else None
+        try:
+            row = validate({"prompt": record[prompt_key], "completions": steps, "labels": labels}, allow_unlabelled=True)
+        except RowError as e:
+            # Name the field as the record spells it.
+            name = {"prompt": prompt_key, "completions": steps_key}.get(e.field.split("[")[0], e.field.split("[")[0])
+            raise RowError(name + e.field[len(e.field.split("[")[0]):], e.reason) from None
+        return [(record, row["prompt"], row["completions"])]
+    rows = convert(fmt, record, opts)
+    return [({"prompt": r["prompt"], "completions": r["completions"], "labels": r["labels"], unit: number},
+             r["prompt"], r["completions"]) for r in rows]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The file job: `prmkit score`
+
+
+@dataclass
+class ScoreCounts:
+    lines_in: int = 0
+    lines_scored: int = 0
+    lines_rejected: int = 0
+    rows_out: int = 0
+    steps: int = 0
+    tokens: int = 0
+    steps_truncated: int = 0
+    rows_truncated: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class ScoreSummary:
+    input: str
+    output: str
+    model: str
+    format: str
+    counts: ScoreCounts = field(default_factory=ScoreCounts)
+    rejects: str | None = None
+    seconds: float = 0.0
+    resumed_at_line: int | None = None
+    already_complete: bool = False
+    lines_this_run: int = 0
+    steps_this_run: int = 0
+    device: str = ""
+    dtype: str = ""
+    batch_tokens: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        c = self.counts
+        return {
+            "input": self.input,
+            "output": self.output,
+            "model": self.model,
+            "format": self.format,
+            "device": self.device,
+            "dtype": self.dtype,
+            "batch_tokens": self.batch_tokens,
+            **c.to_dict(),
+            "rejects": self.rejects,
+            "resumed_at_line": self.resumed_at_line,
+            "already_complete": self.already_complete,
+            "seconds": round(self.seconds, 3),
+            "lines_per_s": round(self.lines_this_run / self.seconds, 2) if self.seconds > 0 else None,
+            "steps_per_s": round(self.steps_this_run / self.seconds, 2) if self.seconds > 0 else None,
+        }
+
+
+def output_paths(output: str | Path) -> dict[str, Path]:
+    out = Path(output)
+    return {
+        "output": out,
+        "partial": out.with_name(out.name + PARTIAL_SUFFIX),
+        "state": out.with_name(out.name + STATE_SUFFIX),
+        "rejects": out.with_name(out.name + REJECTS_SUFFIX),
+        "rejects_partial": out.with_name(out.name + REJECTS_SUFFIX + PARTIAL_SUFFIX),
+    }
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_state(path: Path, state: dict) -> None:
+    write_atomic(path, json.dumps(state, indent=2, ensure_ascii=False) + "\n")
+    _fsync_dir(path.parent)
+
+
+def _read_state(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        raise UsageError(f"{path}: unreadable state file", hint="pass --overwrite to start over") from None
+
+
+def _describe_mismatch(state: dict, job: dict) -> str | None:
+    if state.get("input") != job["input"]:
+        was = state.get("input_spec")
+        return f"it was written for another input ({was!r}, or that file has changed since)"
+    old_model, new_model = state.get("model") or {}, job["model"]
+    same_model = (old_model.get("sha256") == new_model.get("sha256") if "sha256" in old_model and "sha256" in new_model
+                  else old_model == new_model)  # a local directory may move; its content decides
+    if not same_model:
+        return f"it was written by another model ({state.get('model', {}).get('name')!r}, or its files have changed)"
+    if state.get("settings") != job["settings"]:
+        old, new = state.get("settings", {}), job["settings"]
+        keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        return f"it was written with other settings ({', '.join(keys)})"
+    return None
+
+
+def _remove(*paths: Path) -> None:
+    for p in paths:
+        if p.exists() or p.is_symlink():
+            p.unlink()
+
+
+def score_file(
+    scorer: StepScorer,
+    input_spec: str,
+    output: str,
+    *,
+    fmt: str = "auto",
+    threshold: float = 0.5,
+    skip_invalid: bool = False,
+    overwrite: bool = False,
+    sort_window: int | None = None,
+    on_progress: Callable[[dict[str, int]], None] | None = None,
+    on_steps: Callable[[int], None] | None = None,
+    stdout: Any = None,
+    on_reject: Callable[[str], None] | None = None,
+) -> ScoreSummary:
+    """Score every solution of ``input_spec`` into JSONL ``output`` (``-``: the text stream ``stdout``), resumably.
+
+    Each line is the input object with ``step_scores``, ``aggregates`` and ``first_error`` added (and
+    ``"truncated": true`` when truncation cut a step away). A file output is built in ``OUT.partial`` beside a state
+    file and renamed to ``OUT`` when complete. The state is committed only at window boundaries, after the output
+    is fsync'd, so re-running the same command after any interruption, kill -9 included, truncates the partial file
+    to the last commit (a half-written line goes with it) and goes on from there. The result equals an
+    uninterrupted run byte for byte: the windows, hence the batches and the arithmetic, are the same.
+
+    A bad line stops the job with its number and reason (:class:`DataError`), before its window is scored; with
+    ``skip_invalid`` it goes to ``OUT.rejects.jsonl`` (``on_reject`` for stdout) and the job goes on.
+    """
+    if not 0.0 <= threshold <= 1.0:
+        raise UsageError(f"score.threshold must lie in [0, 1], got {threshold}")
+    if fmt not in ("auto", "stepwise", "math-shepherd", "prm800k", "processbench"):
+        raise UsageError(f"unknown format {fmt!r}", hint="auto, stepwise, math-shepherd, prm800k or processbench")
+    window_rows = sort_window or scorer.sort_window
+    src = InputSource(input_spec)
+    if src.stdin and scorer.world_size > 1:
+        raise UsageError("reading stdin needs a single process", hint="give the input as a file under accelerate launch")
+    main = scorer.is_main_process
+    paths = None if str(output) == "-" else output_paths(output)
+    started = time.perf_counter()
+    summary = ScoreSummary(input=src.name, output=str(output), model=str(scorer.identity.get("name")), format=fmt,
+                           device=str(scorer.device), dtype=str(scorer.dtype).removeprefix("torch."),
+                           batch_tokens=scorer.batch_tokens)
+
+    # Process 0 alone decides where to start; the others follow its answer, refusals included.
+    job: dict[str, Any] = {}
+    plan: dict[str, Any] = {}
+    if main:
+        try:
+            job = _job_identity(scorer, src, fmt, threshold)
+            plan = _plan_output(paths, job, src, overwrite) if paths else {}
+        except PrmkitError as e:
+            plan = {"error": [isinstance(e, UsageError), e.message, e.hint]}
+    plan = scorer.broadcast(plan)
+    if "error" in plan:
+        usage, message, hint = plan["error"]
+        raise (UsageError if usage else PrmkitError)(message, hint=hint)
+    known = ScoreCounts().to_dict()
+    counts = summary.counts = ScoreCounts(**{k: v for k, v in plan.get("counts", {}).items() if k in known})
+    if plan.get("complete"):
+        summary.already_complete = True
+        summary.format = plan.get("format") or fmt
+        summary.rejects = str(paths["rejects"]) if paths and paths["rejects"].exists() else None
+        summary.seconds = time.perf_counter() - started
+        return summary
+    after_line = int(plan.get("input_line", 0))
+    after_offset = plan.get("input_offset")
+    summary.resumed_at_line = after_line or None
+    fmt_used: str | None = plan.get("format_detected")
+    out_fh = rej_fh = None
+
+    def commit(line: int, offset: int | None, final: bool = False) -> None:
+        if paths is None:
+            out_fh.flush()
+            return
+        out_fh.flush()
+        os.fsync(out_fh.fileno())
+        if rej_fh is not None:
+            rej_fh.flush()
+            os.fsync(rej_fh.fileno())
+        _write_state(paths["state"], {
+            "prmkit_version": __version__,
+            "status": "complete" if final else "running",
+            **job,
+            "format_detected": fmt_used,
+            "progress": {
+                "input_line": line,
+                "input_offset": offset,
+                "output_bytes": out_fh.tell(),
+                "rejects_bytes": rej_fh.tell() if rej_fh is not None else 0,
+                "counts": counts.to_dict(),
+            },
+            "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        })
+
+    def write_reject(rec: _Record, field_name: str, reason: str) -> None:
+        nonlocal rej_fh
+        if paths is None:
+            if on_reject is not None:
+                on_reject(f"{src.where(rec.number)}: {field_name}: {reason}")
+            return
+        if rej_fh is None:
+            rej_fh = open(paths["rejects_partial"], "wb")
+        entry = {"source": src.name, src.unit: rec.number, "field": field_name, "reason": reason, "record": rec.record}
+        rej_fh.write((json.dumps(entry, ensure_ascii=False, default=str) + "\n").encode("utf-8"))
+
+    opts = Options(is_eval=True)
+    lines_this_run = steps_this_run = 0
+    last_line, last_offset = after_line, after_offset
+    try:
+        if main:
+            if paths is None:
+                out_fh = stdout
+            else:
+                if not plan.get("output_bytes") and not after_line:
+                    # The state goes first: a partial file without one would be refused as somebody else's.
+                    out_fh = open(paths["partial"], "wb")
+                    commit(0, 0 if src.source.kind == "jsonl" else None)
+                else:
+                    out_fh = open(paths["partial"], "r+b")
+                    out_fh.truncate(int(plan["output_bytes"]))
+                    out_fh.seek(0, os.SEEK_END)
+                if paths["rejects_partial"].exists():
+                    rej_fh = open(paths["rejects_partial"], "r+b")
+                    rej_fh.truncate(int(plan.get("rejects_bytes", 0)))
+                    rej_fh.seek(0, os.SEEK_END)
+        records = src.records(after_line, after_offset)
+        exhausted = False
+        while not exhausted:
+            # One window of whole records, so a resumed run sees exactly the windows of an uninterrupted one.
+            pending: list[tuple[_Record, list[tuple[dict, str, list[str]]] | None, tuple[str, str] | None]] = []
+            n_rows = 0
+            while n_rows < window_rows:
+                rec = next(records, None)
+                if rec is None:
+                    exhausted = True
+                    break
+                problem: tuple[str, str] | None = ("row", rec.problem) if rec.problem is not None else None
+                rows = None
+                if problem is None:
+                    if fmt_used is None and isinstance(rec.record, dict):
+                        fmt_used = fmt if fmt != "auto" else detect_score_format(rec.record, src.name)
+                        if fmt == "auto":
+                            log.info(f"{src.name}: scoring {fmt_used} records")
+                    try:
+                        rows = rows_to_score(fmt_used or "stepwise", rec.record, src.unit, rec.number, opts)
+                    except RowError as e:
+                        problem = (e.field, e.reason)
+                if problem is not None and not skip_invalid:
+                    # Stop before scoring anything more; what is committed stays, resumable with --skip-invalid.
+                    raise DataError(
+                        f"{src.where(rec.number)}: {problem[0]}: {problem[1]}",
+                        hint="fix the line and re-run with --overwrite, or pass --skip-invalid to write bad lines "
+                             "to a rejects file and go on",
+                    )
+                pending.append((rec, rows, problem))
+                n_rows += len(rows or ())
+            if not pending:
+                break
+            items = [(prompt, steps) for _, rows, _ in pending for _, prompt, steps in rows or ()]
+            results = iter(scorer.score_solutions(items, on_batch=on_steps))
+            for rec, rows, problem in pending:
+                counts.lines_in += 1
+                lines_this_run += 1
+                if problem is not None:
+                    counts.lines_rejected += 1
+                    if main:
+                        write_reject(rec, *problem)
+                    continue
+                counts.lines_scored += 1
+                for obj, _, steps in rows:
+                    res = next(results)
+                    counts.rows_out += 1
+                    counts.steps += len(steps)
+                    steps_this_run += len(steps)
+                    counts.tokens += res.num_tokens
+                    counts.steps_truncated += sum(s is None for s in res.scores)
+                    counts.rows_truncated += bool(res.truncated)
+                    if main:
+                        line = json.dumps(_scored_object(obj, res, threshold), ensure_ascii=False) + "\n"
+                        out_fh.write(line if paths is None else line.encode("utf-8"))
+            last_line, last_offset = pending[-1][0].number, pending[-1][0].offset
+            if main:
+                commit(last_line, last_offset)
+                if on_progress is not None:
+                    on_progress({"line": last_line, "lines": counts.lines_in, "rows": counts.rows_out,
+                                 "steps": counts.steps, "lines_this_run": lines_this_run,
+                                 "steps_this_run": steps_this_run})
+        summary.format = fmt_used or fmt
+        if counts.lines_in == 0:
+            if paths is not None:
+                raise DataError(f"{src.name}: no lines to score")
+            log.warning(f"{src.name}: no lines to score")
+        if main:
+            if paths is None:
+                out_fh.flush()
+            else:
+                commit(last_line, last_offset, final=True)
+                out_fh.close()
+                out_fh = None
+                if rej_fh is not None:
+                    rej_fh.close()
+                    rej_fh = None
+                _finish(paths)
+    finally:
+        if paths is not None and out_fh is not None:
+            out_fh.close()
+        if rej_fh is not None:
+            rej_fh.close()
+    summary.rejects = str(paths["rejects"]) if paths and paths["rejects"].exists() else None
+    summary.seconds = time.perf_counter() - started
+    summary.lines_this_run = lines_this_run
+    summary.steps_this_run = steps_this_run
+    return summary
+
+
+def _job_identity(scorer: StepScorer, src: InputSource, fmt: str, threshold: float) -> dict[str, Any]:
+    """What must match for a run to continue an earlier one's output."""
+    return {
+        "input": {"sha256": src.fingerprint()},
+        "input_spec": src.name,
+        "model": scorer.identity,
+        "settings": {
+            "tokenization": scorer.params.to_dict(),
+            "format": fmt,
+            "threshold": threshold,
+            "dtype": str(scorer.dtype).removeprefix("torch."),
+            "positive_label_id": scorer.positive_label_id,
+            "mode": "prefix" if scorer.prefix_mode else "one-pass",
+        },
+    }
+
+
+def _finish(paths: dict[str, Path]) -> None:
+    # The state already says complete; renaming is idempotent, so a crash in between is finished by the next run.
+    if paths["rejects_partial"].exists():
+        os.replace(paths["rejects_partial"], paths["rejects"])
+    if paths["partial"].exists():
+        os.replace(paths["partial"], paths["output"])
+    _fsync_dir(paths["output"].parent)
+
+
+def _plan_output(paths: dict[str, Path], job: dict, src: InputSource, overwrite: bool) -> dict[str, Any]:
+    """Where a file job starts: fresh, resumed from the state file, already complete, or refused."""
+    out = paths["output"]
+    if out.is_dir():
+        raise UsageError(f"{out} is a directory; --output takes a JSONL file path")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        _remove(paths["output"], paths["partial"], paths["rejects"], paths["rejects_partial"], paths["state"])
+        return {"fresh": True}
+    state = _read_state(paths["state"])
+    if state is None:
+        existing = [p for p in (paths["output"], paths["partial"], paths["rejects"], paths["rejects_partial"]) if p.exists()]
+        if existing:
+            raise UsageError(f"{existing[0]} exists and no scoring state records how it was made",
+                             hint="pass --overwrite to replace it, or choose another --output")
+        return {"fresh": True}
+    if src.stdin:
+        raise UsageError(f"{out}: cannot check that stdin is the input an earlier run scored",
+                         hint="pass --overwrite to start over, or give the input as a file to resume")
+    why = _describe_mismatch(state, job)
+    if why:
+        raise UsageError(f"{out}: refusing to continue it: {why}",
+                         hint="pass --overwrite to start over, or choose another --output")
+    progress = state.get("progress", {})
+    if state.get("status") == "complete":
+        _finish(paths)
+        if not out.exists():
+            raise UsageError(f"{out}: the state file says complete but the output is missing",
+                             hint="pass --overwrite to score again")
+        return {"complete": True, "counts": progress.get("counts", {}), "format": state.get("format_detected")}
+    committed = int(progress.get("output_bytes", 0))
+    have = paths["partial"].stat().st_size if paths["partial"].exists() else 0
+    if have < committed or (paths["rejects_partial"].stat().st_size if paths["rejects_partial"].exists() else 0) \
+            < int(progress.get("rejects_bytes", 0)):
+        raise UsageError(f"{paths['partial']}: shorter than the state file records; it was changed outside prmkit",
+                         hint="pass --overwrite to start over")
+    if progress.get("input_line"):
+        log.info(f"resuming {out} after {src.unit} {progress['input_line']} "
+                 f"({progress.get('counts', {}).get('rows_out', 0)} rows already scored)")
+    return {
+        "input_line": int(progress.get("input_line", 0)),
+        "input_offset": progress.get("input_offset"),
+        "output_bytes": committed,
+        "rejects_bytes": int(progress.get("rejects_bytes", 0)),
+        "counts": progress.get("counts", {}),
+        "format_detected": state.get("format_detected"),
+    }
+
+
+PRMKIT_FIELDS = ("step_scores", "aggregates", "first_error", "truncated")
+
+
+def _scored_object(obj: dict, res: StepScores, threshold: float) -> dict:
+    out = dict(obj)
+    if "step_scores" in out and "truncated" in out and not res.truncated:
+        del out["truncated"]  # a stale flag from scoring an earlier output again
+    out["step_scores"] = res.scores
+    out["aggregates"] = aggregate(res.scores)
+    out["first_error"] = first_error_index(res.scores, threshold)
+    if res.truncated:
+        out["truncated"] = True
+    return out
