@@ -1,0 +1,147 @@
+"""Pre-flight checks before a push: the weights are whole, the model and tokenizer load, an adapter is valid."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+from prmkit.errors import UsageError
+from prmkit.hub.card import hub_id
+from prmkit.hub.errors import first_line
+from prmkit.hub.files import TOKENIZER_VOCAB_FILES
+from prmkit.modeling import CONFIG_YAML
+
+
+def read_safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file, after checking that the data it describes is all there."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        raw = fh.read(8)
+        if len(raw) < 8:
+            raise UsageError(f"{path}: not a safetensors file (too short)")
+        n = int.from_bytes(raw, "little")
+        if n <= 0 or n > min(size - 8, 100 << 20):
+            raise UsageError(f"{path}: not a safetensors file (bad header length)")
+        try:
+            header = json.loads(fh.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise UsageError(f"{path}: not a safetensors file (unreadable header)") from None
+    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
+    expected = 8 + n + (max(ends) if ends else 0)
+    if expected != size:
+        raise UsageError(f"{path}: truncated or corrupt ({size} bytes, the header describes {expected})")
+    return header
+
+
+def check_weights(model_dir: Path, files: list[tuple[str, Path]]) -> None:
+    headers = {name: read_safetensors_header(p) for name, p in files if name.endswith(".safetensors")}
+    for name, p in files:
+        if not name.endswith(".safetensors.index.json"):
+            continue
+        try:
+            weight_map: dict[str, str] = json.loads(p.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
+            raise UsageError(f"{p}: not a valid safetensors index (no weight_map)") from None
+        for shard in sorted(set(weight_map.values())):
+            if shard not in headers:
+                raise UsageError(f"{p}: refers to {shard}, which is not in {model_dir}")
+            listed = {k for k, v in weight_map.items() if v == shard}
+            present = set(headers[shard]) - {"__metadata__"}
+            if listed - present:
+                raise UsageError(f"{model_dir / shard}: lacks {len(listed - present)} tensor(s) the index lists, "
+                                  f"e.g. {sorted(listed - present)[0]}")
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    # The loading report and progress bars of transformers would drown the push's own output.
+    from transformers.utils import logging as tlog
+
+    level, bar = tlog.get_verbosity(), tlog.is_progress_bar_enabled()
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        tlog.set_verbosity(level)
+        if bar:
+            tlog.enable_progress_bar()
+
+
+def trust_remote_code(model_dir: Path) -> bool:
+    path = model_dir / CONFIG_YAML
+    if not path.is_file():
+        return False
+    import yaml
+
+    try:
+        cfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        return bool((cfg.get("model") or {}).get("trust_remote_code", False))
+    except (yaml.YAMLError, AttributeError, UnicodeDecodeError):
+        return False
+
+
+def check_model_loads(model_dir: Path, warnings: list[str]) -> None:
+    """Instantiate the model on the meta device from config.json and the checkpoint's headers.
+
+    This runs transformers' own key matching (renames, tied weights, shapes) without reading a tensor, so it takes
+    about a second whatever the model's size.
+    """
+    from transformers import AutoConfig, AutoModelForTokenClassification
+
+    trust = trust_remote_code(model_dir)
+    with _quiet_transformers():
+        try:
+            config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust)
+        except (OSError, ValueError, KeyError) as e:
+            raise UsageError(f"{model_dir / 'config.json'}: does not load: {first_line(e)}") from None
+        if getattr(config, "num_labels", 2) != 2:
+            warnings.append(f"config.json has num_labels={config.num_labels}; a prmkit PRM has 2 (wrong, correct)")
+        try:
+            _, info = AutoModelForTokenClassification.from_pretrained(
+                model_dir, device_map="meta", output_loading_info=True, trust_remote_code=trust)
+        except Exception as e:  # whatever stops it loading is the finding
+            raise UsageError(f"{model_dir}: the model does not load with AutoModelForTokenClassification: "
+                              f"{first_line(e)}") from None
+    problems = [("missing", sorted(info.get("missing_keys") or [])),
+                ("with the wrong shape", sorted(str(k) for k in info.get("mismatched_keys") or []))]
+    for what, keys in problems:
+        if keys:
+            raise UsageError(f"{model_dir}: {len(keys)} weight(s) {what} in the checkpoint, e.g. {keys[0]}",
+                              hint="the weights do not match config.json; re-save the model with save_pretrained")
+    unexpected = sorted(info.get("unexpected_keys") or [])
+    if unexpected:
+        warnings.append(f"the checkpoint has {len(unexpected)} weight(s) the model does not use, e.g. {unexpected[0]}")
+
+
+def check_adapter(adapter_dir: Path, warnings: list[str]) -> dict[str, Any]:
+    path = adapter_dir / "adapter_config.json"
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict) or "peft_type" not in cfg:
+        raise UsageError(f"{path}: not a PEFT adapter config (no peft_type)")
+    read_safetensors_header(adapter_dir / "adapter_model.safetensors")
+    base = cfg.get("base_model_name_or_path")
+    if not base:
+        warnings.append("adapter_config.json names no base model; users must load the base model themselves")
+    elif hub_id(base) is None:
+        warnings.append(f"the adapter's base model {base!r} is a local path: others cannot load the adapter from "
+                        "the Hub until base_model_name_or_path names a Hub model")
+    return cfg
+
+
+def check_tokenizer(tok_dir: Path, names: set[str], trust: bool) -> None:
+    if not any(n in names for n in TOKENIZER_VOCAB_FILES):
+        raise UsageError(f"{tok_dir}: no tokenizer files (expected one of {', '.join(TOKENIZER_VOCAB_FILES)})",
+                          hint="save the tokenizer beside the model: tokenizer.save_pretrained(dir)")
+    from transformers import AutoTokenizer
+
+    with _quiet_transformers():
+        try:
+            AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=trust)
+        except Exception as e:  # whatever stops it loading is the finding
+            raise UsageError(f"{tok_dir}: the tokenizer does not load: {first_line(e)}") from None

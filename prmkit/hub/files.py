@@ -1,0 +1,156 @@
+"""Which files of a model directory go up: safetensors weights, config, tokenizer, prmkit metadata, the card."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from prmkit.errors import UsageError
+from prmkit.modeling import CONFIG_YAML, PRMKIT_JSON
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+# The Trainer pickles its arguments beside the weights; they are not weights and are never pushed.
+TRAINER_PICKLES = {"training_args.bin"}
+CONFIG_FILES = ("config.json", "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+    "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja",
+    "chat_template.json",
+)
+# Files a tokenizer can be built from; tokenizer_config.json alone describes one but holds no vocabulary.
+TOKENIZER_VOCAB_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.model", "spiece.model",
+                         "sentencepiece.bpe.model")
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+README = "README.md"
+
+
+@dataclass
+class PushFile:
+    path: str
+    """Path in the repo."""
+    size: int
+    source: str
+    """The local file it comes from (relative to the model directory), or "generated" for the model card."""
+    status: str | None = None
+    """new | changed | unchanged | deleted; None in a dry run (the Hub is not asked)."""
+    content: bytes | None = field(default=None, repr=False)
+    local: Path | None = field(default=None, repr=False)
+    _hashes: tuple[str, str] | None = field(default=None, repr=False)
+
+    def hashes(self) -> tuple[str, str]:
+        """(sha256, git blob sha1): the Hub reports the first for LFS files and the second for regular ones."""
+        if self._hashes is None:
+            sha256, sha1 = hashlib.sha256(), hashlib.sha1()
+            sha1.update(b"blob %d\0" % self.size)
+            for chunk in self._chunks():
+                sha256.update(chunk)
+                sha1.update(chunk)
+            self._hashes = (sha256.hexdigest(), sha1.hexdigest())
+        return self._hashes
+
+    def _chunks(self) -> Iterator[bytes]:
+        if self.content is not None:
+            yield self.content
+            return
+        assert self.local is not None
+        with open(self.local, "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                yield chunk
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "size": self.size, "source": self.source, "status": self.status}
+
+
+def find_adapter_dir(model_dir: Path, metadata: dict | None = None) -> Path | None:
+    """Where a LoRA adapter lives: prmkit.json's adapter_dir, else ``adapter/``, else the directory itself."""
+    candidates = []
+    if metadata and metadata.get("adapter_dir"):
+        recorded = Path(metadata["adapter_dir"])
+        candidates.append(recorded if recorded.is_absolute() else model_dir / recorded)
+    candidates += [model_dir / "adapter", model_dir]
+    for cand in candidates:
+        if (cand / "adapter_config.json").is_file():
+            return cand
+    return None
+
+
+def _top_files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def is_weight(name: str) -> bool:
+    return (name.endswith(".safetensors") or name.endswith(".safetensors.index.json")) and not name.startswith("adapter_")
+
+
+def select_files(model_dir: Path, adapter: bool, allow_pickle: bool, metadata: dict | None,
+                  warnings: list[str]) -> tuple[list[tuple[str, Path]], list[str], Path, Path | None]:
+    """(path in repo, local file) pairs, skipped names, the tokenizer's directory, and the adapter's directory."""
+    chosen: dict[str, Path] = {}
+    top = _top_files(model_dir)
+    names = {p.name for p in top}
+    adapter_dir = find_adapter_dir(model_dir, metadata)
+
+    pickles = [p.name for p in top if p.suffix in PICKLE_SUFFIXES and p.name not in TRAINER_PICKLES]
+    if pickles and not allow_pickle:
+        raise UsageError(
+            f"{model_dir} holds pickle files ({', '.join(pickles)}): loading them can run arbitrary code",
+            hint="prmkit pushes safetensors only; delete or convert them, or pass --allow-pickle to upload them anyway")
+
+    if adapter:
+        if adapter_dir is None:
+            raise UsageError(f"--adapter: no adapter_config.json in {model_dir} or {model_dir / 'adapter'}",
+                             hint="train with train.lora set and train.lora_merge: false to get an adapter")
+        for name in ADAPTER_FILES:
+            if not (adapter_dir / name).is_file():
+                raise UsageError(f"{adapter_dir}: {name} is missing; an adapter needs {' and '.join(ADAPTER_FILES)}")
+            chosen[name] = adapter_dir / name
+    else:
+        weights = [p for p in top if is_weight(p.name)]
+        if not any(p.name.endswith(".safetensors") for p in weights):
+            hint = None
+            if adapter_dir is not None:
+                hint = "this directory holds a LoRA adapter: push it with --adapter"
+            elif pickles:
+                hint = "convert the weights: model.save_pretrained(dir, safe_serialization=True)"
+            raise UsageError(f"{model_dir}: no safetensors weights (model.safetensors or shards)", hint=hint)
+        for p in weights:
+            chosen[p.name] = p
+        for name in CONFIG_FILES:
+            if name in names:
+                chosen[name] = model_dir / name
+        if "config.json" not in chosen:
+            raise UsageError(f"{model_dir}: config.json is missing; the weights cannot be loaded without it")
+
+    tok_dir = model_dir
+    if not any(n in names for n in TOKENIZER_VOCAB_FILES) and adapter_dir is not None:
+        tok_dir = adapter_dir
+    for name in TOKENIZER_FILES:
+        if (tok_dir / name).is_file():
+            chosen[name] = tok_dir / name
+
+    for name in (PRMKIT_JSON, CONFIG_YAML):
+        for where in (model_dir, adapter_dir):
+            if where is not None and (where / name).is_file():
+                chosen.setdefault(name, where / name)
+
+    if allow_pickle:
+        for name in pickles:
+            chosen[name] = model_dir / name
+            warnings.append(f"uploading pickle file {name} as asked (--allow-pickle)")
+
+    if README in names:
+        chosen[README] = model_dir / README
+    taken = {p.resolve() for p in chosen.values()}
+    parents = {d for p in taken for d in p.parents}
+    skipped = sorted(p.name + ("/" if p.is_dir() else "") for p in model_dir.iterdir()
+                     if not p.name.startswith(".") and p.resolve() not in taken and p.resolve() not in parents)
+    return sorted(chosen.items()), skipped, tok_dir, adapter_dir if adapter else None
+
+
+def relative_to_dir(path: Path, root: Path) -> str:
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)

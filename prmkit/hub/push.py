@@ -1,0 +1,280 @@
+"""Plan a push (local, no network), compare it with the remote branch, and commit every changed file at once."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prmkit import __version__
+from prmkit.errors import PrmkitError, UsageError
+from prmkit.hub.card import HUB_ID, build_card, is_template_card, load_eval_report
+from prmkit.hub.checks import check_adapter, check_model_loads, check_tokenizer, check_weights, trust_remote_code
+from prmkit.hub.errors import hub_errors, resolve_token
+from prmkit.hub.files import ADAPTER_FILES, README, PushFile, is_weight, relative_to_dir, select_files
+from prmkit.modeling import CONFIG_YAML, PRMKIT_JSON
+
+log = logging.getLogger("prmkit")
+
+
+@dataclass
+class PushPlan:
+    model_dir: Path
+    repo_id: str
+    mode: str
+    """full | adapter."""
+    files: list[PushFile]
+    card: str
+    card_source: str
+    """generated | model_dir (an existing README.md kept as it is)."""
+    skipped: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PushResult:
+    repo_id: str
+    revision: str
+    mode: str
+    files: list[PushFile]
+    dry_run: bool = False
+    no_op: bool = False
+    url: str | None = None
+    commit_oid: str | None = None
+    commit_url: str | None = None
+    pr_url: str | None = None
+    deleted: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    card_source: str = "generated"
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    @property
+    def uploaded_bytes(self) -> int:
+        return sum(f.size for f in self.files if f.status in ("new", "changed"))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in asdict(self).items() if k != "files"}
+        out["files"] = [f.to_dict() for f in self.files]
+        out["total_bytes"] = self.total_bytes
+        out["uploaded_bytes"] = None if self.dry_run else self.uploaded_bytes
+        return out
+
+
+def plan_push(
+    model_dir: str | Path,
+    repo_id: str,
+    *,
+    adapter: bool = False,
+    eval_report: str | Path | None = None,
+    overwrite_card: bool = False,
+    allow_pickle: bool = False,
+    license: str | None = None,
+) -> PushPlan:
+    """Choose and check the files to upload and build the card; touches no network and writes nothing."""
+    model_dir = Path(model_dir).expanduser()
+    if not model_dir.is_dir():
+        raise UsageError(f"{model_dir}: not a directory")
+    warnings: list[str] = []
+    metadata = None
+    if (model_dir / PRMKIT_JSON).is_file():
+        try:
+            metadata = json.loads((model_dir / PRMKIT_JSON).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UsageError(f"{model_dir / PRMKIT_JSON}: not valid JSON ({e})") from None
+    files, skipped, tok_dir, adapter_dir = select_files(model_dir, adapter, allow_pickle, metadata, warnings)
+    if metadata is None and not (adapter_dir and (adapter_dir / PRMKIT_JSON).is_file()):
+        warnings.append(f"no {PRMKIT_JSON}: the card cannot state the step separator and scorers will assume '\\n'")
+
+    adapter_config = None
+    if adapter_dir is not None:
+        adapter_config = check_adapter(adapter_dir, warnings)
+    else:
+        check_weights(model_dir, files)
+        check_model_loads(model_dir, warnings)
+    check_tokenizer(tok_dir, {p.name for p in tok_dir.iterdir()}, trust_remote_code(model_dir))
+
+    report, report_path = load_eval_report(model_dir, eval_report, repo_id)
+    if license is None:
+        warnings.append("no license given (--license or push.license): the card declares none")
+
+    pushed = [PushFile(name, p.stat().st_size, relative_to_dir(p, model_dir), local=p) for name, p in files if name != README]
+    existing = (model_dir / README).read_text(encoding="utf-8", errors="replace") if README in dict(files) else None
+    if existing is not None and not overwrite_card and is_template_card(existing):
+        log.info(f"{model_dir / README} is the unedited card template PEFT writes beside an adapter; generating the "
+                 "card instead")
+        overwrite_card = True
+    if existing is not None and not overwrite_card:
+        card = existing
+        readme = PushFile(README, (model_dir / README).stat().st_size, README, local=model_dir / README)
+        card_source = "model_dir"
+    else:
+        card = build_card(repo_id, metadata, report, report_path, license, adapter_config,
+                          has_config_yaml=CONFIG_YAML in dict(files))
+        data = card.encode("utf-8")
+        readme = PushFile(README, len(data), "generated", content=data)
+        card_source = "generated"
+        if README in dict(files):
+            skipped = sorted({*skipped, README})
+    pushed.append(readme)
+    for w in warnings:
+        log.warning(w)
+    return PushPlan(model_dir, repo_id, "adapter" if adapter_dir else "full", pushed, card, card_source, skipped,
+                    warnings)
+
+
+def _is_stale(path: str, mode: str) -> bool:
+    """A remote file that would mix with the new upload when loaded, so the commit deletes it.
+
+    Old shards or an old index next to new weights make a broken model, and transformers loads a leftover
+    adapter_config.json *instead of* full weights. Full weights left beside a new adapter are harmless.
+    """
+    if "/" in path:
+        return False
+    is_adapter = path in ADAPTER_FILES or path.startswith("adapter_model")
+    return (is_adapter or is_weight(path)) if mode == "full" else is_adapter
+
+
+def _ensure_repo(api: Any, repo_id: str, private: bool, whoami: dict) -> str:
+    """Create the repo, or check that the existing one has the visibility asked for; returns its URL."""
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    try:
+        info = api.repo_info(repo_id, repo_type="model")
+    except RepositoryNotFoundError:
+        info = None
+    if info is not None:
+        if info.private is not None and bool(info.private) != bool(private):
+            now, asked = ("private", "public") if info.private else ("public", "private")
+            raise PrmkitError(f"{repo_id} exists and is {now}, but a {asked} push was asked for",
+                              hint=("pass --private to push to it" if info.private else "drop --private to push to it")
+                              + ", or change its visibility on the Hub first")
+        return f"{api.endpoint}/{repo_id}"
+    namespace = repo_id.split("/")[0]
+    orgs = {o.get("name") for o in whoami.get("orgs") or [] if isinstance(o, dict)}
+    if namespace != whoami.get("name") and namespace not in orgs:
+        from huggingface_hub.errors import HfHubHTTPError
+
+        try:
+            api.get_organization_overview(namespace)
+        except HfHubHTTPError as e:
+            if e.response is not None and e.response.status_code == 404:
+                raise PrmkitError(f"organisation or user {namespace!r} not found on the Hub",
+                                  hint=f"check the spelling of {repo_id!r}") from None
+            raise
+        raise PrmkitError(f"no write access to {namespace!r}: {whoami.get('name')} is not a member of it",
+                          hint=f"push to {whoami.get('name')}/{repo_id.split('/')[-1]} or ask to join {namespace!r}")
+    url = api.create_repo(repo_id, private=private, repo_type="model", exist_ok=False)
+    log.info(f"created {'private' if private else 'public'} repo {repo_id}")
+    return str(url)
+
+
+def push_model(
+    model_dir: str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    create_pr: bool = False,
+    adapter: bool = False,
+    eval_report: str | Path | None = None,
+    overwrite_card: bool = False,
+    allow_pickle: bool = False,
+    license: str | None = None,
+    dry_run: bool = False,
+    token: str | None = None,
+) -> PushResult:
+    """Upload a prmkit model directory to the Hub in one commit; a directory that is already there is a no-op.
+
+    ``dry_run`` returns what would be uploaded without touching the network. Raises PrmkitError with a one-line
+    message for every known Hub or network failure.
+    """
+    if not repo_id or not repo_id.strip():
+        raise UsageError("no repo id: pass --repo-id or set push.repo_id")
+    repo_id = repo_id.strip()
+    # The namespace is required: the card's snippets name the repo, and a dry run cannot ask the Hub who you are.
+    if repo_id.count("/") != 1 or not HUB_ID.match(repo_id):
+        raise UsageError(f"{repo_id!r} is not a valid repo id; expected namespace/name, e.g. alice/qwen2-prm")
+    branch = revision or "main"
+    plan = plan_push(model_dir, repo_id, adapter=adapter, eval_report=eval_report, overwrite_card=overwrite_card,
+                     allow_pickle=allow_pickle, license=license)
+    result = PushResult(repo_id, branch, plan.mode, plan.files, dry_run=dry_run, skipped=plan.skipped,
+                        warnings=list(plan.warnings), card_source=plan.card_source)
+    if dry_run:
+        return result
+
+    token = resolve_token(token)
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+    from huggingface_hub.hf_api import RepoFile
+
+    api = HfApi(token=token)
+    with hub_errors(repo_id, token, revision):
+        who = api.whoami()
+        role = ((who.get("auth") or {}).get("accessToken") or {}).get("role")
+        if role == "read":
+            raise PrmkitError("this token is read-only: pushing needs a token with write access",
+                              hint="create a write token at https://huggingface.co/settings/tokens")
+        result.url = _ensure_repo(api, repo_id, private, who)
+        if branch != "main" and not create_pr:
+            api.create_branch(repo_id, branch=branch, exist_ok=True)
+        remote = {f.path: f for f in api.list_repo_tree(repo_id, revision=branch, recursive=True)
+                  if isinstance(f, RepoFile)}
+
+        local_paths = {f.path for f in plan.files}
+        for f in plan.files:
+            r = remote.get(f.path)
+            sha256, sha1 = f.hashes()
+            if r is None:
+                f.status = "new"
+            elif (r.lfs.sha256 == sha256) if r.lfs is not None else (r.blob_id == sha1):
+                f.status = "unchanged"
+            else:
+                f.status = "changed"
+        result.deleted = sorted(p for p in remote if p not in local_paths and _is_stale(p, plan.mode))
+        changed = [f for f in plan.files if f.status != "unchanged"]
+        if not changed and not result.deleted:
+            result.no_op = True
+            log.info(f"{repo_id}@{branch} already holds these files: nothing to commit")
+            return result
+
+        operations: list[Any] = [
+            CommitOperationAdd(path_in_repo=f.path, path_or_fileobj=f.content if f.content is not None else str(f.local))
+            for f in changed
+        ]
+        operations += [CommitOperationDelete(path_in_repo=p) for p in result.deleted]
+        for p in result.deleted:
+            log.info(f"removing stale {p} from {repo_id}@{branch}")
+        message = commit_message or f"Upload {'LoRA adapter' if plan.mode == 'adapter' else 'PRM'} with prmkit {__version__}"
+        log.info(f"uploading {len(changed)} file(s), {human_size(sum(f.size for f in changed))}, to {repo_id}@{branch}"
+                 + (" as a pull request" if create_pr else ""))
+        info = api.create_commit(repo_id, operations=operations, commit_message=message, revision=branch,
+                                 create_pr=create_pr, repo_type="model")
+    result.commit_oid = info.oid
+    result.commit_url = info.commit_url
+    result.pr_url = info.pr_url
+    return result
+
+
+def push_with_config(model_dir: str | Path, push: Any, *, dry_run: bool = False, token: str | None = None) -> PushResult:
+    """``push_model`` with every setting from a config's ``push`` section (prmkit.config.PushConfig)."""
+    return push_model(
+        model_dir, push.repo_id or "", private=push.private, revision=push.revision,
+        commit_message=push.commit_message, create_pr=push.create_pr, adapter=push.adapter,
+        eval_report=push.eval_report, overwrite_card=push.overwrite_card, allow_pickle=push.allow_pickle,
+        license=push.license, dry_run=dry_run, token=token,
+    )
+
+
+def human_size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if size < 1024 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
