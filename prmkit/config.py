@@ -163,10 +163,24 @@ class Config:
     training_arguments: dict[str, Any] = field(default_factory=lambda: dict(TRAINING_ARGUMENT_DEFAULTS))
     """The `train` section's TrainingArguments fields, kept apart from prmkit's own train keys."""
     source: str = "<defaults>"
+    explicit: set[str] = field(default_factory=set)
+    """Dotted keys the user set (config file, --set, a command's flags), even to their default value: what a
+    command may fill in for the user (``train --example``) never replaces them."""
 
     @property
     def tokenizer_name(self) -> str | None:
         return self.model.tokenizer or self.model.name_or_path
+
+    def is_set(self, dotted: str) -> bool:
+        """Whether the user chose this key: set explicitly, or (from Python) changed from its default."""
+        if dotted in self.explicit:
+            return True
+        section, _, key = dotted.partition(".")
+        if section == "train" and key not in {f.name for f in dataclasses.fields(TrainConfig)}:
+            if key not in self.training_arguments:
+                return False
+            return key not in TRAINING_ARGUMENT_DEFAULTS or self.training_arguments[key] != TRAINING_ARGUMENT_DEFAULTS[key]
+        return getattr(getattr(self, section), key) != getattr(SECTIONS[section](), key)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         out = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
@@ -251,11 +265,13 @@ def set_key(cfg: Config, dotted: str, value: Any, origin: str = "config") -> Non
     own = {f.name: f for f in dataclasses.fields(obj)}
     if key in own:
         setattr(obj, key, _coerce(value, own[key].type, f"{section}.{key}", origin))
+        cfg.explicit.add(f"{section}.{key}")
         return
     if section == "train":
         ta_fields = training_argument_fields()
         if key in ta_fields:
             cfg.training_arguments[key] = _coerce_training_argument(value, ta_fields[key], key, origin)
+            cfg.explicit.add(f"{section}.{key}")
             return
         raise ConfigError(f"{origin}: unknown key 'train.{key}'{_did_you_mean(key, [*own, *ta_fields])}")
     raise ConfigError(f"{origin}: unknown key '{section}.{key}'{_did_you_mean(key, own)}")

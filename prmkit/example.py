@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 
-from prmkit.config import TRAINING_ARGUMENT_DEFAULTS, Config, DataConfig
+from prmkit.config import Config
 
 if TYPE_CHECKING:  # pragma: no cover
     pass
@@ -125,10 +125,14 @@ def example_base_dir(cache_dir: str | None = None) -> Path:
 
 
 def apply_example(cfg: Config) -> None:
-    """Fill in the example's data, model and settings wherever the config still holds the defaults."""
+    """Fill in the example's data, model and settings wherever the user has not chosen a value.
+
+    A key the user set counts as chosen even when it holds the default (``--set train.save_strategy=steps``), and so
+    does a null (``--set data.eval=null`` trains without eval).
+    """
     if not cfg.data.train:
         cfg.data.train = str(EXAMPLE_TRAIN)
-        if not cfg.data.eval:
+        if not cfg.is_set("data.eval"):
             if EXAMPLE_EVAL.is_file():
                 cfg.data.eval = str(EXAMPLE_EVAL)
             else:
@@ -136,12 +140,11 @@ def apply_example(cfg: Config) -> None:
     if not cfg.model.name_or_path:
         cfg.model.name_or_path = str(example_base_dir(cfg.data.cache_dir))
         cfg.model.init_from_config = True
-    if cfg.data.max_length == DataConfig().max_length:
+    if not cfg.is_set("data.max_length"):
         cfg.data.max_length = EXAMPLE_MAX_LENGTH
     ta = cfg.training_arguments
-    if ta.get("output_dir") == TRAINING_ARGUMENT_DEFAULTS["output_dir"]:
+    if not cfg.is_set("train.output_dir"):
         ta["output_dir"] = EXAMPLE_OUTPUT_DIR
     for key, value in EXAMPLE_TRAINING.items():
-        if key not in ta or ta[key] == TRAINING_ARGUMENT_DEFAULTS.get(key, object()):
+        if not cfg.is_set(f"train.{key}"):
             ta[key] = value
-

@@ -444,3 +444,27 @@ def test_example_fills_in_only_defaults(tmp_path):
     again = resolve_config(load_config(None, None, {"train.example": True}))
     assert again.model.name_or_path == cfg.model.name_or_path  # built once, then cached
     assert yaml.safe_load((Path(cfg.model.name_or_path) / "config.json").read_text())["model_type"] == "qwen2"
+
+
+def test_example_never_replaces_an_explicit_setting_even_one_equal_to_the_default(tmp_path):
+    from prmkit.config import TRAINING_ARGUMENT_DEFAULTS, DataConfig
+    from prmkit.example import EXAMPLE_TRAIN
+    from prmkit.training import resolve_config
+
+    explicit = ["train.save_strategy=steps", "train.logging_steps=10", "data.max_length=1024", "data.eval=null",
+                "train.output_dir=runs/prm"]
+    cfg = resolve_config(load_config(None, explicit, {"train.example": True}))
+    assert cfg.training_arguments["save_strategy"] == "steps" == TRAINING_ARGUMENT_DEFAULTS["save_strategy"]
+    assert cfg.training_arguments["logging_steps"] == 10 == TRAINING_ARGUMENT_DEFAULTS["logging_steps"]
+    assert cfg.data.max_length == 1024 == DataConfig().max_length
+    assert cfg.data.eval is None  # an explicit null: train without eval
+    assert cfg.training_arguments["output_dir"] == "runs/prm"
+    assert cfg.data.train == str(EXAMPLE_TRAIN)
+    assert cfg.training_arguments["eval_strategy"] == "epoch"  # not set by the user: the example's
+    # The same from a config file, and from Python with a changed value.
+    path = tmp_path / "cfg.yaml"
+    path.write_text("train:\n  save_strategy: steps\n  learning_rate: 1.0e-05\n")
+    from_file = resolve_config(load_config(path, None, {"train.example": True}))
+    assert from_file.training_arguments["save_strategy"] == "steps"
+    assert from_file.training_arguments["learning_rate"] == 1e-5
+    assert from_file.explicit >= {"train.save_strategy", "train.learning_rate", "train.example"}
