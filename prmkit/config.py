@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -152,6 +153,118 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric key admits: ``low``/``high`` bounds (open or closed), plus a few special values."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    special: tuple[float, ...] = ()
+    note: str = ""
+
+    def __contains__(self, value: float) -> bool:
+        if value in self.special:
+            return True
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        if self.high is not None and (value >= self.high if self.high_open else value > self.high):
+            return False
+        return True
+
+    def describe(self) -> str:
+        if self.low is not None and self.high is not None:
+            text = f"in {'(' if self.low_open else '['}{_num(self.low)}, {_num(self.high)}{')' if self.high_open else ']'}"
+        elif self.low is not None:
+            text = f"{'>' if self.low_open else '>='} {_num(self.low)}"
+        else:
+            text = f"{'<' if self.high_open else '<='} {_num(self.high)}"
+        text += "".join(f" or {_num(v)}" for v in self.special)
+        return text + (f" ({self.note})" if self.note else "")
+
+
+def _num(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else repr(value)
+
+
+_POSITIVE, _COUNT, _NON_NEGATIVE, _PROBABILITY = Range(0, low_open=True), Range(1), Range(0), Range(0, 1)
+_EVERY = Range(0, low_open=True, note="a count of steps, or a fraction of the run when below 1")
+_SEED = Range(0, 2**32 - 1)
+
+# Every numeric key has a range, so a value that cannot work is one line naming the key instead of a traceback (or a
+# silently unusable dataset) later. A test keeps this table complete for prmkit's sections and TrainingArguments.
+RANGES: dict[str, Range] = {
+    "data.max_length": Range(1, note="tokens; null for no limit"),
+    "data.max_prompt_length": Range(0, note="tokens; 0 drops the prompt, null keeps all of it"),
+    "data.max_completion_length": Range(1, note="tokens; null for no limit"),
+    "data.label_threshold": _PROBABILITY,
+    "data.num_proc": _COUNT,
+    "eval.threshold": _PROBABILITY,
+    "eval.batch_tokens": _COUNT,
+    "score.threshold": _PROBABILITY,
+    "score.batch_tokens": _COUNT,
+    "score.sort_window": _COUNT,
+    "train.lora.r": _COUNT,
+    "train.lora.alpha": _POSITIVE,
+    "train.lora.dropout": Range(0, 1, high_open=True),
+    # transformers.TrainingArguments fields
+    "train.learning_rate": _POSITIVE,
+    "train.num_train_epochs": _POSITIVE,
+    "train.max_steps": Range(1, special=(-1,), note="-1: follow num_train_epochs"),
+    "train.per_device_train_batch_size": _COUNT,
+    "train.per_device_eval_batch_size": _COUNT,
+    "train.gradient_accumulation_steps": _COUNT,
+    "train.eval_accumulation_steps": _COUNT,
+    "train.warmup_steps": Range(0, note="steps, or a fraction of the run when below 1"),
+    "train.weight_decay": _NON_NEGATIVE,
+    "train.adam_beta1": Range(0, 1, high_open=True),
+    "train.adam_beta2": Range(0, 1, high_open=True),
+    "train.adam_epsilon": _NON_NEGATIVE,
+    "train.max_grad_norm": _NON_NEGATIVE,
+    "train.label_smoothing_factor": Range(0, 1, high_open=True),
+    "train.neftune_noise_alpha": _NON_NEGATIVE,
+    "train.torch_empty_cache_steps": _COUNT,
+    "train.logging_steps": _EVERY,
+    "train.eval_steps": _EVERY,
+    "train.save_steps": _EVERY,
+    "train.eval_delay": _NON_NEGATIVE,
+    "train.save_total_limit": Range(1, note="null keeps every checkpoint"),
+    "train.seed": _SEED,
+    "train.data_seed": _SEED,
+    "train.dataloader_num_workers": _NON_NEGATIVE,
+    "train.dataloader_prefetch_factor": _COUNT,
+    "train.ddp_bucket_cap_mb": _COUNT,
+    "train.ddp_timeout": _COUNT,
+    "train.local_rank": Range(-1, note="set by the launcher"),
+}
+
+
+def check_range(key: str, value: Any, origin: str) -> None:
+    """Refuse a number outside ``RANGES[key]`` with one line naming the key, the value and the allowed range."""
+    allowed = RANGES.get(key)
+    if allowed is None or value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if value not in allowed:
+        raise ConfigError(f"{origin}: {key}: {value!r} is out of range; expected {allowed.describe()}")
+
+
+def _check_lora(value: Any, origin: str) -> None:
+    if not isinstance(value, dict):
+        return
+    for name in ("r", "alpha", "dropout"):
+        if name not in value:
+            continue
+        item = value[name]
+        integral = name == "r"
+        if isinstance(item, bool) or not isinstance(item, (int, float)) or (integral and not float(item).is_integer()):
+            raise ConfigError(f"{origin}: train.lora.{name}: expected {'an integer' if integral else 'a number'}, "
+                              f"got {item!r} ({type(item).__name__})")
+        check_range(f"train.lora.{name}", item, origin)
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -264,14 +377,20 @@ def set_key(cfg: Config, dotted: str, value: Any, origin: str = "config") -> Non
     obj = getattr(cfg, section)
     own = {f.name: f for f in dataclasses.fields(obj)}
     if key in own:
-        setattr(obj, key, _coerce(value, own[key].type, f"{section}.{key}", origin))
-        cfg.explicit.add(f"{section}.{key}")
+        value = _coerce(value, own[key].type, dotted, origin)
+        check_range(dotted, value, origin)
+        if dotted == "train.lora":
+            _check_lora(value, origin)
+        setattr(obj, key, value)
+        cfg.explicit.add(dotted)
         return
     if section == "train":
         ta_fields = training_argument_fields()
         if key in ta_fields:
-            cfg.training_arguments[key] = _coerce_training_argument(value, ta_fields[key], key, origin)
-            cfg.explicit.add(f"{section}.{key}")
+            value = _coerce_training_argument(value, ta_fields[key], key, origin)
+            check_range(dotted, value, origin)
+            cfg.training_arguments[key] = value
+            cfg.explicit.add(dotted)
             return
         raise ConfigError(f"{origin}: unknown key 'train.{key}'{_did_you_mean(key, [*own, *ta_fields])}")
     raise ConfigError(f"{origin}: unknown key '{section}.{key}'{_did_you_mean(key, own)}")
@@ -362,6 +481,10 @@ def _coerce_training_argument(value: Any, fld: dataclasses.Field, key: str, orig
             raise ConfigError(f"{origin}: train.{key}: expected a number, got {value!r}") from None
     if float in kinds and not isinstance(value, bool) and isinstance(value, int):
         return float(value) if int not in kinds else value
+    if kinds == {int} and isinstance(value, float):
+        if not value.is_integer():
+            raise ConfigError(f"{origin}: train.{key}: expected an integer, got {value!r}")
+        return int(value)
     return value
 
 

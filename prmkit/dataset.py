@@ -504,8 +504,9 @@ def prepare_splits(
         opts = Options(prm800k_neutral=data.prm800k_neutral, label_threshold=data.label_threshold, is_eval=is_eval)
         rows, report = read_step_rows(spec, data.format, opts, data.step_separator, skip_invalid, rejects)
         progress = (lambda done, total, split=name: on_progress(split, done, total)) if on_progress else None
-        ds = tokenize_step_rows(rows, tokenizer, params, is_eval, data.num_proc, report, progress)
-        report.rows_kept = len(ds)
+        ds = tokenize_step_rows(rows, tokenizer, params, is_eval, data.num_proc, report, progress) if len(rows) else None
+        report.rows_kept = len(ds) if ds is not None else 0
+        _check_rows_left(name, report, params)
         splits[name] = ds
         reports[name] = report
         if report.rows_dropped_truncated:
@@ -531,6 +532,24 @@ def prepare_splits(
     _write_atomically(target, datasets.DatasetDict(splits), metadata, rejects)
     rejects_path = target / REJECTS_FILE
     return Prepared(target, metadata, reports, cache_hit=False, rejects_path=rejects_path if rejects else None)
+
+
+def _check_rows_left(split: str, report: SplitReport, params: TokenizationParams) -> None:
+    """An empty split is an error here, not a dataset that train or eval trips over later."""
+    if report.rows_kept:
+        return
+    spec = report.source
+    if report.rows_converted == 0 and report.rows_rejected:
+        raise DataError(f"{spec}: no {split} rows left: all {report.rows_rejected} rows were rejected",
+                        problems=report.problems, hint="fix the rows listed above")
+    if report.rows_converted == 0:
+        raise DataError(f"{spec}: no {split} rows left: {report.rows_in} rows gave no labelled solution",
+                        hint="check data.format and data.prm800k_neutral")
+    limits = ", ".join(f"data.{k}={getattr(params, k)}" for k in ("max_length", "max_prompt_length", "max_completion_length"))
+    raise DataError(f"{spec}: no {split} rows left: all {report.rows_converted} rows lost every labelled step to "
+                    f"truncation ({limits})",
+                    hint="raise data.max_length (or data.max_completion_length / lower data.max_prompt_length), "
+                         "or set it to null")
 
 
 def _read_metadata(target: Path) -> dict | None:

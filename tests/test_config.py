@@ -127,3 +127,80 @@ def test_yaml_no_for_strategies_and_epoch_default(tmp_path):
     cfg = load_config(write(tmp_path, "train:\n  save_strategy: no\n  eval_strategy: steps\n"))
     assert cfg.training_arguments["save_strategy"] == "no" and cfg.training_arguments["eval_strategy"] == "steps"
     assert cfg.training_arguments["num_train_epochs"] == 1
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("data.max_length=0", "data.max_length: 0 is out of range; expected >= 1"),
+        ("data.max_length=-5", "data.max_length: -5 is out of range; expected >= 1"),
+        ("data.max_prompt_length=-1", "data.max_prompt_length: -1 is out of range; expected >= 0"),
+        ("data.max_completion_length=0", "data.max_completion_length: 0 is out of range; expected >= 1"),
+        ("data.label_threshold=1.5", "data.label_threshold: 1.5 is out of range; expected in [0, 1]"),
+        ("data.num_proc=0", "data.num_proc: 0 is out of range; expected >= 1"),
+        ("eval.threshold=-0.1", "eval.threshold: -0.1 is out of range; expected in [0, 1]"),
+        ("eval.batch_tokens=0", "eval.batch_tokens: 0 is out of range; expected >= 1"),
+        ("score.threshold=2", "score.threshold: 2.0 is out of range; expected in [0, 1]"),
+        ("score.batch_tokens=-8", "score.batch_tokens: -8 is out of range; expected >= 1"),
+        ("score.sort_window=0", "score.sort_window: 0 is out of range; expected >= 1"),
+        ("score.threshold=.nan", "score.threshold: nan is out of range"),
+        ("train.learning_rate=-1e-5", "train.learning_rate: -1e-05 is out of range; expected > 0"),
+        ("train.learning_rate=.inf", "train.learning_rate: inf is out of range; expected > 0"),
+        ("train.num_train_epochs=0", "train.num_train_epochs: 0.0 is out of range; expected > 0"),
+        ("train.max_steps=0", "train.max_steps: 0 is out of range; expected >= 1 or -1"),
+        ("train.per_device_train_batch_size=0", "train.per_device_train_batch_size: 0 is out of range; expected >= 1"),
+        ("train.per_device_train_batch_size=2.5", "train.per_device_train_batch_size: expected an integer, got 2.5"),
+        ("train.gradient_accumulation_steps=-1", "train.gradient_accumulation_steps: -1 is out of range"),
+        ("train.warmup_steps=-2", "train.warmup_steps: -2.0 is out of range; expected >= 0"),
+        ("train.save_steps=0", "train.save_steps: 0.0 is out of range; expected > 0"),
+        ("train.save_total_limit=0", "train.save_total_limit: 0 is out of range; expected >= 1"),
+        ("train.adam_beta2=1", "train.adam_beta2: 1.0 is out of range; expected in [0, 1)"),
+        ("train.seed=-1", "train.seed: -1 is out of range; expected in [0, 4294967295]"),
+        ("train.lora={r: 0}", "train.lora.r: 0 is out of range; expected >= 1"),
+        ("train.lora={r: 8, dropout: 1}", "train.lora.dropout: 1 is out of range; expected in [0, 1)"),
+        ("train.lora={r: eight}", "train.lora.r: expected an integer, got 'eight' (str)"),
+    ],
+)
+def test_numeric_keys_are_range_checked(override, expected):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert e.value.message.startswith("--set: ") and expected in e.value.message
+    assert "\n" not in e.value.message
+
+
+def test_range_boundaries_and_null_are_accepted():
+    cfg = load_config(None, ["data.max_length=1", "data.max_prompt_length=0", "data.max_completion_length=null",
+                             "data.label_threshold=0", "score.threshold=1", "train.max_steps=-1",
+                             "train.warmup_steps=0", "train.lora={r: 1, alpha: 0.5, dropout: 0}"])
+    assert (cfg.data.max_length, cfg.data.max_prompt_length, cfg.data.max_completion_length) == (1, 0, None)
+    assert cfg.training_arguments["max_steps"] == -1 and cfg.train.lora == {"r": 1, "alpha": 0.5, "dropout": 0}
+
+
+def test_every_numeric_key_has_a_range():
+    import dataclasses
+
+    from prmkit.config import RANGES, _resolve, training_argument_fields
+
+    numeric = set()
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            if _resolve(f.type)[0] & {int, float} and not _resolve(f.type)[0] & {bool}:
+                numeric.add(f"{section}.{f.name}")
+    for name, f in training_argument_fields().items():
+        kinds, _ = _resolve(f.type)
+        if kinds & {int, float} and not kinds & {bool, str}:
+            numeric.add(f"train.{name}")
+    assert numeric - set(RANGES) == set()
+    assert {"data.max_length", "train.learning_rate", "score.sort_window", "train.seed"} <= numeric
+
+
+def test_range_error_from_a_file_and_on_the_command_line(tmp_path):
+    path = write(tmp_path, "data:\n  max_length: -5\n")
+    res = runner.invoke(app, ["config", "show", "-c", str(path)])
+    assert res.exit_code == 2
+    assert f"{path}: data.max_length: -5 is out of range; expected >= 1" in res.stderr
+    assert "Traceback" not in res.output
+    proc = subprocess.run([sys.executable, "-m", "prmkit", "score", "m", "in.jsonl", "-o", "out.jsonl",
+                           "--batch-tokens", "0"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and "score.batch_tokens: 0 is out of range" in proc.stderr
+    assert "Traceback" not in proc.stderr

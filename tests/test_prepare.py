@@ -91,10 +91,10 @@ def test_output_dir_is_rebuilt_when_inputs_change(tmp_path, tiny_tokenizer_dir):
     assert prepare_cli("-o", out, "--train", src, "--tokenizer", tiny_tokenizer_dir).exit_code == 0
     res = prepare_cli("-o", out, "--train", src, "--tokenizer", tiny_tokenizer_dir, "--json")
     assert json.loads(res.stdout.strip().splitlines()[-1])["cache_hit"] is True
-    res = prepare_cli("-o", out, "--train", src, "--tokenizer", tiny_tokenizer_dir, "--set", "data.max_length=8", "--json")
+    res = prepare_cli("-o", out, "--train", src, "--tokenizer", tiny_tokenizer_dir, "--set", "data.max_length=16", "--json")
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert summary["cache_hit"] is False
-    assert summary["splits"]["train"]["tokens_max"] == 8
+    assert summary["splits"]["train"]["tokens_max"] == 16 and summary["splits"]["train"]["rows_kept"] == 1
 
 
 def test_foreign_output_dir_is_refused(tmp_path, tiny_tokenizer_dir):
@@ -286,3 +286,20 @@ def test_progress_reports_rows_per_split_up_to_the_total(tmp_path, tiny_tokenize
     prepare_splits(cfg, load_tokenizer(str(tiny_tokenizer_dir)), output=tmp_path / "out",
                    on_progress=lambda split, done, total: seen.append((split, done, total)))
     assert seen == [("train", 4, 10), ("train", 8, 10), ("train", 10, 10), ("eval", 4, 10), ("eval", 8, 10), ("eval", 10, 10)]
+
+
+def test_no_rows_left_is_an_error_not_an_empty_dataset(tmp_path, tiny_tokenizer_dir):
+    src = write_jsonl(tmp_path / "rows.jsonl", ROWS)
+    out = tmp_path / "out"
+    res = prepare_cli("-o", out, "--train", src, "--tokenizer", tiny_tokenizer_dir, "--set", "data.max_length=2")
+    assert res.exit_code == 2, res.output
+    assert f"{src}: no train rows left: all 3 rows lost every labelled step to truncation (data.max_length=2" in res.stderr
+    assert "hint: raise data.max_length" in res.stderr and "Traceback" not in res.output
+    assert not out.exists()
+    # Every row rejected under --skip-invalid: the reasons are listed, and nothing is written.
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "p", "completions": ["a"], "labels": [1, 0]}) + "\n{not json\n")
+    res = prepare_cli("-o", out, "--train", bad, "--tokenizer", tiny_tokenizer_dir, "--skip-invalid")
+    assert res.exit_code == 2
+    assert "no train rows left: all 2 rows were rejected" in res.stderr and f"{bad}: line 2: row: malformed JSON" in res.stderr
+    assert not out.exists()

@@ -133,3 +133,14 @@ def test_every_example_accelerate_config_is_valid():
         assert isinstance(yaml.safe_load(path.read_text()), dict)
         found[path.stem] = load_config_from_file(str(path)).distributed_type.value
     assert found == {"deepspeed_zero3": "DEEPSPEED", "fsdp": "FSDP", "multi_gpu": "MULTI_GPU"}
+
+
+def test_train_with_no_rows_left_is_one_line(tmp_path, tiny_qwen2_config_dir):
+    from conftest import write_train_rows
+
+    rows = write_train_rows(tmp_path / "rows.jsonl", n=6)
+    res = runner.invoke(app, ["train", "-m", str(tiny_qwen2_config_dir), "--train", str(rows), "-o", str(tmp_path / "run"),
+                              "--set", "model.init_from_config=true", "--set", "data.max_length=3"])
+    assert res.exit_code == 2, res.output
+    assert "no train rows left: all 6 rows lost every labelled step to truncation (data.max_length=3" in res.stderr
+    assert "Traceback" not in res.output
