@@ -91,6 +91,7 @@ class StepScorer:
         identity: dict[str, Any] | None = None,
         rank: int = 0,
         world_size: int = 1,
+        kind_encoder: Any = None,
     ):
         import torch
 
@@ -111,7 +112,9 @@ class StepScorer:
         self.dtype = next(model.parameters()).dtype
         self.causal = _is_causal(model) if causal is None else causal
         self.allow_bidirectional = allow_bidirectional
-        self.prefix_mode = not self.causal and not allow_bidirectional
+        self.kind_encoder = kind_encoder
+        """Another PRM kind's tokens and read positions (:class:`prmkit.kinds.KindEncoder`); None: TRL's tokenization."""
+        self.prefix_mode = not self.causal and not allow_bidirectional and kind_encoder is None
         if self.prefix_mode:
             log.warning(
                 f"{_model_name(model)} is not causal: scoring prefix by prefix (one forward pass per step), which is "
@@ -144,6 +147,7 @@ class StepScorer:
         attn_implementation: str | None = None,
         revision: str | None = None,
         packing: bool | None = None,
+        kind_settings: dict[str, Any] | None = None,
     ) -> "StepScorer":
         """Load a PRM (a prmkit output dir, a local transformers dir, or a Hub id) with its tokenizer.
 
@@ -162,8 +166,10 @@ class StepScorer:
         if not is_local and (name.startswith((".", "/", "~")) or local.exists()):
             raise UsageError(f"model {name!r}: not a directory", hint="give a model directory or a Hub id")
         metadata = read_metadata(local) if is_local else _hub_metadata(name, revision)
-        params, _assumed = resolve_tokenization(name, metadata, step_separator)
-        positive = int(((metadata or {}).get("labels") or {}).get("positive_label_id", POSITIVE_LABEL_ID))
+        from prmkit import kinds
+
+        kind, settings, kind_tokenizer = kinds.resolve_kind(name, metadata, kind_settings, local=is_local,
+                                                            revision=revision, trust_remote_code=trust_remote_code)
 
         rank, world_size, dev = _resolve_device(device)
         torch_dtype = _resolve_dtype(dtype, dev)
@@ -173,6 +179,15 @@ class StepScorer:
         if attn_implementation is None and packing is not False and dev.type == "cuda" and _flash_attn_available() \
                 and torch_dtype in (torch.bfloat16, torch.float16):
             attn_implementation = "flash_attention_2"
+        if kind != kinds.TOKEN_CLASSIFICATION:
+            if attn_implementation:
+                load_kwargs["attn_implementation"] = attn_implementation
+            return kinds.scorer_for_kind(
+                cls, kind, name, kind_tokenizer or load_tokenizer(name, trust_remote_code), settings,
+                load_kwargs=load_kwargs, device=dev,
+                batch_tokens=batch_tokens, sort_window=sort_window, packing=packing, rank=rank, world_size=world_size)
+        params, _assumed = resolve_tokenization(name, metadata, step_separator)
+        positive = int(((metadata or {}).get("labels") or {}).get("positive_label_id", POSITIVE_LABEL_ID))
         try:
             if is_local and (local / "adapter_config.json").is_file():
                 # A LoRA adapter that `prmkit train` saved unmerged: its base, the adapter, and the trained head.
@@ -231,11 +246,13 @@ class StepScorer:
 
     def truncated(self, prompt: str, steps: Sequence[str]) -> bool:
         """Whether truncation would cut a step of this solution away (tokenization only, no forward pass)."""
-        enc = encode_solutions(self.tokenizer, [prompt], [list(steps)], self.params, self._encoder)[0]
+        enc = self.encode([(prompt, steps)])[0]
         return any(p < 0 for p in enc.step_positions)
 
     def encode(self, items: Sequence[tuple[str, Sequence[str]]]) -> list[Encoded]:
         """The tokens and step positions the model reads, from the one tokenization training used."""
+        if self.kind_encoder is not None:
+            return self.kind_encoder.encode(items)
         return encode_solutions(self.tokenizer, [p for p, _ in items], [list(s) for _, s in items], self.params,
                                 self._encoder)
 

@@ -1,0 +1,426 @@
+"""PRM kinds: where each published kind of process reward model reads a step's score, as its authors' own code does.
+
+| kind | input | score of a step |
+|---|---|---|
+| ``token-classification`` | TRL's tokenization (:mod:`prmkit.tokenization`) | softmax[:, 1] at the step's last separator token |
+| ``qwen-prm`` | chat: system prompt, user = problem, assistant = steps each followed by ``<extra_0>`` | a Linear-ReLU-Linear head, softmax[:, 1] at each ``<extra_0>`` |
+| ``lm-tag`` | ``"{problem} {step 1} {tag}\\n{step 2} {tag}..."`` (Math-Shepherd's layout) | LM logits at the tag, softmax over the two reward tokens, p(``+``) |
+| ``chat-plus-minus`` | chat: user = problem + step 1, then one step per user turn, every assistant turn ``+`` | LM logits at the token before each assistant ``+``, softmax over ``+``/``-``, p(``+``) |
+
+Every kind is causal, so every step of a solution is scored in ONE forward pass: the position read for step k sees
+exactly what the authors' prefix-by-prefix code shows the model for step k. The engine
+(:class:`prmkit.scoring.StepScorer`) is the same for all kinds: a kind gives it the tokens and the positions to read
+(:class:`KindEncoder`), and a model whose ``logits[..., 1]`` vs ``logits[..., 0]`` is "step correct" vs "wrong"
+(for the LM kinds, :class:`RewardTokenHead` computes just the two reward-token rows of the LM head, not the vocabulary).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from prmkit.errors import DataError, UsageError
+from prmkit.tokenization import Encoded
+
+log = logging.getLogger("prmkit")
+
+TOKEN_CLASSIFICATION = "token-classification"
+QWEN_PRM = "qwen-prm"
+LM_TAG = "lm-tag"
+CHAT_PLUS_MINUS = "chat-plus-minus"
+KINDS = (TOKEN_CLASSIFICATION, QWEN_PRM, LM_TAG, CHAT_PLUS_MINUS)
+LM_KINDS = (LM_TAG, CHAT_PLUS_MINUS)
+
+QWEN_PRM_ARCHITECTURE = "Qwen2ForProcessRewardModel"
+# Qwen2.5-Math-PRM's model card.
+QWEN_PRM_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
+QWEN_PRM_STEP_TOKEN = "<extra_0>"
+# peiyi9979/math-shepherd-mistral-7b-prm's model card; OpenRLHF's defaults are the same.
+MATH_SHEPHERD_TAG = "ки"
+REWARD_TOKENS = ("+", "-")
+
+
+@dataclass
+class KindSettings:
+    """The kind-specific keys of ``model.*``: the documented values of each kind's authors are the defaults."""
+
+    kind: str = "auto"
+    step_tag: str | None = None
+    """lm-tag: the tag after each step (Math-Shepherd's ``ки``); qwen-prm: the step token (``<extra_0>``)."""
+    reward_tokens: tuple[str, str] = REWARD_TOKENS
+    """lm-tag and chat-plus-minus: the "correct" and "wrong" tokens."""
+    system_prompt: str | None = None
+    """qwen-prm: the system turn (Qwen2.5-Math-PRM's own by default)."""
+    chat_template: str | None = None
+    """qwen-prm and chat-plus-minus: a Jinja chat template used instead of the tokenizer's own."""
+
+    def tag(self) -> str:
+        if self.step_tag:
+            return self.step_tag
+        return QWEN_PRM_STEP_TOKEN if self.kind == QWEN_PRM else MATH_SHEPHERD_TAG
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind}
+        if self.kind in (LM_TAG, QWEN_PRM):
+            out["step_tag"] = self.tag()
+        if self.kind in LM_KINDS:
+            out["reward_tokens"] = list(self.reward_tokens)
+        if self.kind == QWEN_PRM:
+            out["system_prompt"] = self.system_prompt if self.system_prompt is not None else QWEN_PRM_SYSTEM_PROMPT
+        if self.chat_template is not None:
+            out["chat_template"] = self.chat_template
+        return out
+
+    @classmethod
+    def from_sources(cls, explicit: dict[str, Any] | None, recorded: dict[str, Any] | None) -> "KindSettings":
+        """Explicit keys (config) win over what a model directory recorded; unset explicit keys are ignored."""
+        merged: dict[str, Any] = {}
+        for source in (recorded or {}, explicit or {}):
+            for key, value in source.items():
+                if key in cls.__dataclass_fields__ and value is not None and not (key == "kind" and value == "auto"):
+                    merged[key] = value
+        if "reward_tokens" in merged:
+            tokens = merged["reward_tokens"]
+            if not isinstance(tokens, (list, tuple)) or len(tokens) != 2 or not all(isinstance(t, str) and t for t in tokens):
+                raise UsageError(f"model.reward_tokens must be two non-empty strings (correct, wrong), got {tokens!r}")
+            merged["reward_tokens"] = tuple(tokens)
+        return cls(**merged)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Detection
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def detect_kind(config: dict[str, Any], metadata: dict[str, Any] | None, tokenizer: Any, settings: KindSettings,
+                name: str) -> str:
+    """The kind of a model: explicit setting, then ``prmkit.json``, then ``config.json`` architectures and the tokenizer.
+
+    Never a silent guess: a causal LM that could be read more than one way is refused with the choices listed.
+    """
+    if settings.kind != "auto":
+        if settings.kind not in KINDS:
+            raise UsageError(f"unknown model.kind {settings.kind!r}", hint=f"one of auto, {', '.join(KINDS)}")
+        return settings.kind
+    if metadata is not None:
+        recorded = (metadata.get("kind") or {}).get("kind") if isinstance(metadata.get("kind"), dict) else metadata.get("kind")
+        return recorded or TOKEN_CLASSIFICATION  # prmkit models before kinds existed are all token classifiers
+    architectures = [str(a) for a in (config.get("architectures") or [])]
+    if QWEN_PRM_ARCHITECTURE in architectures:
+        return QWEN_PRM
+    if any(a.endswith("ForTokenClassification") for a in architectures):
+        return TOKEN_CLASSIFICATION
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        choices = []
+        tag = settings.tag()
+        tag_is_token = tokenizer is not None and _single_token(tokenizer, tag) is not None
+        tag_is_special = tokenizer is not None and tag in _special_tokens(tokenizer)
+        has_template = settings.chat_template is not None or bool(getattr(tokenizer, "chat_template", None))
+        if tag_is_special:
+            return LM_TAG  # a placeholder added for PRM training (OpenRLHF, prmkit) is unambiguous
+        if tag_is_token:
+            choices.append(LM_TAG)
+        if has_template:
+            choices.append(CHAT_PLUS_MINUS)
+        if len(choices) == 1:
+            return choices[0]
+        raise UsageError(
+            f"model {name!r} is a causal LM ({', '.join(architectures)}) that prmkit cannot read as a PRM without being "
+            + ("told how: " if choices else "told how (no step tag token, no chat template): ")
+            + "set model.kind",
+            hint=f"--set model.kind={LM_TAG} (a tag token after each step, e.g. Math-Shepherd) or "
+                 f"--set model.kind={CHAT_PLUS_MINUS} (+/- assistant turns, e.g. RLHFlow)",
+        )
+    raise UsageError(f"model {name!r}: cannot tell its PRM kind from architectures {architectures or 'none'}",
+                     hint=f"set model.kind to one of {', '.join(KINDS)}")
+
+
+def _special_tokens(tokenizer: Any) -> set[str]:
+    names = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    added = getattr(tokenizer, "get_added_vocab", None)
+    if added is not None:
+        names |= set(added())
+    return names
+
+
+def _single_token(tokenizer: Any, text: str) -> int | None:
+    """The id when ``text`` is one token of the vocabulary, else None."""
+    tid = tokenizer.convert_tokens_to_ids(text)
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if isinstance(tid, int) and tid != unk and tid is not None:
+        return tid
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return ids[0] if len(ids) == 1 else None
+
+
+def local_config(name: str) -> dict[str, Any]:
+    path = Path(name).expanduser() / "config.json"
+    return _read_json(path) if path.is_file() else {}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Encoders: the tokens a kind's model reads, and the position of each step's score
+
+
+class KindEncoder:
+    """Tokenizes solutions for one kind; ``encode(items)`` gives :class:`Encoded` rows for the scoring engine."""
+
+    def __init__(self, kind: str, tokenizer: Any, settings: KindSettings, max_length: int | None):
+        self.kind = kind
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.max_length = max_length
+        self.tag = settings.tag()
+        if kind in (LM_TAG, QWEN_PRM):
+            self.tag_id = self._tag_id()
+        if kind in LM_KINDS:
+            self.reward_ids = reward_token_ids(tokenizer, settings.reward_tokens, kind)
+        if kind in (QWEN_PRM, CHAT_PLUS_MINUS):
+            self.template = settings.chat_template or getattr(tokenizer, "chat_template", None)
+            if not self.template:
+                raise UsageError(f"model.kind {kind} needs a chat template, and the tokenizer has none",
+                                 hint="set model.chat_template to the model's Jinja template")
+
+    def _tag_id(self) -> int:
+        # As the authors' code: the id `encode(tag)` ends with (Qwen: `encode("<extra_0>")[0]`, one token either way).
+        ids = self.tokenizer.encode(self.tag, add_special_tokens=False)
+        if self.kind == QWEN_PRM and len(ids) != 1:
+            raise UsageError(f"step token {self.tag!r} is not a single token of this tokenizer",
+                             hint="set model.step_tag to the model's step token")
+        if not ids:
+            raise UsageError(f"step tag {self.tag!r} encodes to no token")
+        return ids[-1]
+
+    # -- per kind -------------------------------------------------------------------------------------------------
+
+    def _check_steps(self, steps: Sequence[str], number: int) -> None:
+        for k, step in enumerate(steps):
+            if self.kind in (LM_TAG, QWEN_PRM) and self.tag in step:
+                raise DataError(f"solution {number}: step {k + 1} contains the step tag {self.tag!r}, "
+                                "which would be read as a step end")
+
+    def _render(self, messages: list[dict[str, str]]) -> str:
+        kwargs = {"chat_template": self.settings.chat_template} if self.settings.chat_template else {}
+        try:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False, **kwargs)
+        except Exception as e:  # a Jinja error in a user's template
+            raise UsageError(f"the chat template failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+                             hint="check model.chat_template") from None
+
+    def _qwen_prm(self, prompt: str, steps: Sequence[str]) -> tuple[list[int], list[int]]:
+        system = self.settings.system_prompt if self.settings.system_prompt is not None else QWEN_PRM_SYSTEM_PROMPT
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": prompt},
+                    {"role": "assistant", "content": self.tag.join(steps) + self.tag}]
+        ids = self.tokenizer.encode(self._render(messages))
+        return ids, [i for i, t in enumerate(ids) if t == self.tag_id]
+
+    def _lm_tag(self, prompt: str, steps: Sequence[str]) -> tuple[list[int], list[int]]:
+        text = f"{prompt} " + "\n".join(f"{step} {self.tag}" for step in steps)
+        ids = self.tokenizer.encode(text)
+        return ids, [i for i, t in enumerate(ids) if t == self.tag_id]
+
+    def _chat_plus_minus(self, prompt: str, steps: Sequence[str]) -> tuple[list[int], list[int]]:
+        plus = self.settings.reward_tokens[0]
+        conversation: list[dict[str, str]] = []
+        heads: list[str] = []  # each shorter conversation's text up to and including its last "+"
+        for k, step in enumerate(steps):
+            conversation.append({"role": "user", "content": f"{prompt} {step}" if k == 0 else step})
+            conversation.append({"role": "assistant", "content": plus})
+            rendered = self._render(conversation)
+            heads.append(rendered[: rendered.rfind(plus) + len(plus)])
+        text = rendered
+        # One pass over the whole conversation reads every turn as the turn-by-turn code does, provided each shorter
+        # conversation renders as a prefix of the full one (true of append-only chat templates): checked, not assumed.
+        if not all(text.startswith(head) for head in heads):
+            raise UsageError("the chat template does not render a conversation as a prefix of its continuation, "
+                             "so its turns cannot be scored in one pass", hint="set model.chat_template")
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        start_of = {start: i for i, (start, end) in enumerate(offsets) if end > start}
+        positions = []
+        for head in heads:
+            t = start_of.get(len(head) - len(plus))
+            if t is None or t == 0 or ids[t] != self.reward_ids[0]:
+                raise UsageError(f"reward token {plus!r} is not a token of its own in the chat template's assistant "
+                                 "turn", hint="check model.reward_tokens and model.chat_template")
+            positions.append(t - 1)  # the logits that predict the "+"
+        return ids, positions
+
+    def encode(self, items: Sequence[tuple[str, Sequence[str]]]) -> list[Encoded]:
+        out = []
+        build = {QWEN_PRM: self._qwen_prm, LM_TAG: self._lm_tag, CHAT_PLUS_MINUS: self._chat_plus_minus}[self.kind]
+        for number, (prompt, steps) in enumerate(items, 1):
+            steps = list(steps)
+            self._check_steps(steps, number)
+            if not steps:
+                out.append(Encoded([], [], 0))
+                continue
+            ids, positions = build(prompt, steps)
+            if len(positions) != len(steps):
+                raise DataError(
+                    f"solution {number}: found {len(positions)} step {'tags' if self.kind != CHAT_PLUS_MINUS else 'turns'} "
+                    f"for {len(steps)} steps; the tag {self.tag!r} must stay one token in context",
+                    hint="set model.step_tag to a token the tokenizer keeps whole (an added special token is safest)")
+            if self.max_length is not None and len(ids) > self.max_length:
+                ids = ids[: self.max_length]
+                positions = [p if p < self.max_length else -1 for p in positions]
+            out.append(Encoded(ids, positions, 0))
+        return out
+
+
+def reward_token_ids(tokenizer: Any, tokens: Sequence[str], kind: str) -> tuple[int, int]:
+    """(correct, wrong) ids, as the authors' code finds them: each reward token must be one token."""
+    good, bad = tokens
+    if kind == LM_TAG:
+        # math-shepherd-mistral-7b-prm: `tokenizer.encode(f"{good} {bad}")[1:]` (after the BOS).
+        ids = tokenizer.encode(f"{good} {bad}", add_special_tokens=False)
+    else:
+        # RLHFlow: `tokenizer.encode('+')[-1]`, `tokenizer.encode('-')[-1]`; each must be a single token.
+        ids = [x for t in (good, bad) for x in tokenizer.encode(t, add_special_tokens=False)]
+    if len(ids) != 2 or ids[0] == ids[1]:
+        raise UsageError(f"reward tokens {list(tokens)!r} are not two single tokens of this tokenizer (got ids {ids})",
+                         hint="set model.reward_tokens to two strings the tokenizer keeps whole")
+    return ids[0], ids[1]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Models
+
+
+def reward_token_head(lm: Any, reward_ids: tuple[int, int]):
+    """A causal LM seen as a 2-label token classifier: logits ``[wrong, correct]`` from just those two LM-head rows."""
+    import torch
+
+    class RewardTokenHead(torch.nn.Module):
+        def __init__(self, lm: Any, ids: tuple[int, int]):
+            super().__init__()
+            self.lm = lm
+            self.config = lm.config
+            self.register_buffer("rows", torch.tensor([ids[1], ids[0]], dtype=torch.long), persistent=False)
+
+        @property
+        def name_or_path(self) -> str:
+            return getattr(self.lm, "name_or_path", "")
+
+        def forward(self, input_ids=None, attention_mask=None, position_ids=None, use_cache=False, **kwargs):
+            from transformers.modeling_outputs import TokenClassifierOutput
+
+            hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                           position_ids=position_ids, use_cache=use_cache, **kwargs)[0]
+            head = self.lm.get_output_embeddings()
+            weight = head.weight.index_select(0, self.rows)
+            bias = head.bias.index_select(0, self.rows) if getattr(head, "bias", None) is not None else None
+            logits = torch.nn.functional.linear(hidden, weight, bias)
+            cap = getattr(self.config, "final_logit_softcapping", None)
+            if cap:
+                logits = torch.tanh(logits / cap) * cap
+            return TokenClassifierOutput(logits=logits)
+
+    return RewardTokenHead(lm, reward_ids)
+
+
+def qwen_prm_class():
+    """``Qwen2ForProcessRewardModel``: Qwen2.5-Math-PRM's remote-code architecture, without remote code."""
+    import torch
+    from transformers.modeling_outputs import TokenClassifierOutput
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2Model, Qwen2PreTrainedModel
+
+    class Qwen2ForProcessRewardModel(Qwen2PreTrainedModel):
+        # The published checkpoints also hold an unused lm_head.
+        _keys_to_ignore_on_load_unexpected = [r"^lm_head\."]
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.num_labels = 2
+            self.model = Qwen2Model(config)
+            self.score = torch.nn.Sequential(
+                torch.nn.Linear(config.hidden_size, config.hidden_size),
+                torch.nn.ReLU(),
+                torch.nn.Linear(config.hidden_size, self.num_labels),
+            )
+            self.post_init()
+
+        def forward(self, input_ids=None, attention_mask=None, position_ids=None, use_cache=False, **kwargs):
+            hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                use_cache=use_cache, **kwargs)[0]
+            return TokenClassifierOutput(logits=self.score(hidden))
+
+    return Qwen2ForProcessRewardModel
+
+
+def load_kind_model(kind: str, name: str, load_kwargs: dict[str, Any], tokenizer: Any, settings: KindSettings):
+    """The model the engine runs for ``kind`` (never with remote code for qwen-prm)."""
+    if kind == QWEN_PRM:
+        from transformers import AutoConfig
+
+        kwargs = {k: v for k, v in load_kwargs.items() if k != "trust_remote_code"}
+        config = AutoConfig.from_pretrained(name, **{k: v for k, v in kwargs.items() if k == "revision"})
+        model, info = qwen_prm_class().from_pretrained(name, config=config, output_loading_info=True, **kwargs)
+        missing = [k for k in info.get("missing_keys", []) if k.startswith("score.")]
+        if missing:
+            raise UsageError(f"model {name!r} has no trained Qwen-PRM head ({', '.join(sorted(missing)[:2])} missing)")
+        return model
+    from transformers import AutoModelForCausalLM
+
+    lm = AutoModelForCausalLM.from_pretrained(name, **load_kwargs)
+    return reward_token_head(lm, reward_token_ids(tokenizer, settings.reward_tokens, kind))
+
+
+def max_positions(config: Any) -> int | None:
+    value = getattr(config, "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def scorer_for_kind(cls: Any, kind: str, name: str, tokenizer: Any, settings: KindSettings, *, load_kwargs: dict,
+                    device: Any, max_length: int | None = None, **scorer_kwargs: Any):
+    """A :class:`~prmkit.scoring.StepScorer` for a PRM of another kind than token classification."""
+    from prmkit.scoring.engine import model_identity
+    from prmkit.tokenization import TokenizationParams
+
+    settings = KindSettings(**{**settings.__dict__, "kind": kind})
+    encoder = KindEncoder(kind, tokenizer, settings, None)
+    try:
+        model = load_kind_model(kind, name, load_kwargs, tokenizer, settings)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"model {name!r} could not be loaded as {kind}: {first}") from None
+    model.to(device)
+    limit = max_positions(model.config)
+    encoder.max_length = min(x for x in (max_length, limit) if x is not None) if (max_length or limit) else None
+    identity = {**model_identity(name, getattr(model, "lm", model)), "kind": settings.to_dict()}
+    params = TokenizationParams(max_length=encoder.max_length, max_prompt_length=None)
+    return cls(model, tokenizer, params, kind_encoder=encoder, identity=identity, causal=True, **scorer_kwargs)
+
+
+def _hub_config(name: str, revision: str | None) -> dict[str, Any]:
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return _read_json(Path(hf_hub_download(name, "config.json", revision=revision)))
+    except Exception:  # loading the model will say what is wrong, in the words of the error mapping
+        return {}
+
+
+def resolve_kind(name: str, metadata: dict[str, Any] | None, explicit: dict[str, Any] | None, *, local: bool,
+                 revision: str | None = None, trust_remote_code: bool = False) -> tuple[str, KindSettings, Any]:
+    """(kind, settings, tokenizer or None): the tokenizer is loaded only when detection needs it."""
+    recorded = metadata.get("kind") if metadata is not None and isinstance(metadata.get("kind"), dict) else None
+    settings = KindSettings.from_sources(explicit, recorded)
+    if settings.kind != "auto" or metadata is not None:
+        return detect_kind({}, metadata, None, settings, name), settings, None
+    config = local_config(name) if local else _hub_config(name, revision)
+    tokenizer = None
+    if any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in config.get("architectures") or []):
+        from prmkit.dataset import load_tokenizer
+
+        tokenizer = load_tokenizer(name, trust_remote_code)
+    return detect_kind(config, None, tokenizer, settings, name), settings, tokenizer

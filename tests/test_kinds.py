@@ -1,0 +1,281 @@
+"""PRM kinds: each published kind is scored exactly where its authors' own usage code reads it.
+
+Every reference below is written from the model card's usage code (prefix by prefix, or turn by turn), independent of
+prmkit's one-pass engine, on a tiny random model of the right architecture built offline.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from prmkit.errors import DataError, UsageError
+
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SOLUTIONS = [
+    ("Which number is larger, 9.8 or 9.11?", ["11 is greater than 8.", "Hence, 9.11 > 9.8.", "So the answer is 42."]),
+    ("The first equation is 3p + e = 124.", ["Let's call the price of a pencil p.", "We check: 6 * 7 = 42."]),
+    ("What is 6 * 7?", ["So the answer is 42."]),
+]
+
+
+def _tokenizer(path: Path, *, specials: list[str], added: list[str] = (), template: str | None = None, bos: bool):
+    """A tiny byte-level BPE with the given special tokens, a BOS post-processor (Llama-like) or none (Qwen-like)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from tests.conftest import _CORPUS
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<s>", *specials],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator((_CORPUS + ["a + b - c + d - e"]) * 20, trainer=trainer)
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    kwargs = {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "additional_special_tokens": specials}
+    if bos:
+        kwargs["bos_token"] = "<s>"
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **kwargs)
+    if added:
+        fast.add_tokens(list(added))
+    if template:
+        fast.chat_template = template
+    fast.save_pretrained(path)
+    return fast
+
+
+def _llama(path: Path, tok, seed: int):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=64, vocab_size=len(tok), max_position_embeddings=512,
+                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="module")
+def lm_tag_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("kinds") / "math-shepherd-like"
+    tok = _tokenizer(path, specials=[], added=["ки"], bos=True)
+    return path, tok, _llama(path, tok, seed=1)
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("kinds") / "rlhflow-like"
+    specials = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    tok = _tokenizer(path, specials=specials, template=LLAMA3_TEMPLATE, bos=True)
+    return path, tok, _llama(path, tok, seed=2)
+
+
+@pytest.fixture(scope="module")
+def qwen_prm_model(tmp_path_factory):
+    import torch
+    from transformers import Qwen2Config
+
+    from prmkit.kinds import qwen_prm_class
+
+    path = tmp_path_factory.mktemp("kinds") / "qwen-prm-like"
+    tok = _tokenizer(path, specials=["<|im_start|>", "<|im_end|>", "<extra_0>"], template=CHATML_TEMPLATE, bos=False)
+    torch.manual_seed(3)
+    cfg = Qwen2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=64, vocab_size=len(tok), max_position_embeddings=512,
+                      pad_token_id=tok.pad_token_id)
+    model = qwen_prm_class()(cfg).eval()
+    for p in model.score.parameters():  # post_init's small init makes every softmax ~0.5; spread the scores
+        torch.nn.init.normal_(p, std=0.5)
+    model.save_pretrained(path)
+    # As published: the remote-code class named in config.json, which prmkit must not need.
+    config = json.loads((path / "config.json").read_text())
+    config["architectures"] = ["Qwen2ForProcessRewardModel"]
+    config["auto_map"] = {"AutoModel": "modeling_qwen2_rm.Qwen2ForProcessRewardModel"}
+    (path / "config.json").write_text(json.dumps(config))
+    return path, tok, model
+
+
+def _scorer(path, **settings):
+    from prmkit.scoring import StepScorer
+
+    return StepScorer.from_pretrained(path, dtype="float32", device="cpu", kind_settings=settings or None)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# References from the model cards
+
+
+def reference_math_shepherd(model, tok, question: str, steps: list[str]) -> list[float]:
+    """peiyi9979/math-shepherd-mistral-7b-prm's usage code."""
+    import torch
+
+    good_token, bad_token, step_tag = "+", "-", "ки"
+    candidate_tokens = tok.encode(f"{good_token} {bad_token}")[1:]
+    step_tag_id = tok.encode(f"{step_tag}")[-1]
+    output = "\n".join(f"{s} {step_tag}" for s in steps)
+    input_id = torch.tensor([tok.encode(f"{question} {output}")])
+    with torch.no_grad():
+        logits = model(input_id).logits[:, :, candidate_tokens]
+        scores = logits.softmax(dim=-1)[:, :, 0]
+        return scores[input_id == step_tag_id].tolist()
+
+
+def reference_rlhflow(model, tok, question: str, steps: list[str]) -> list[float]:
+    """RLHFlow/Llama3.1-8B-PRM-*'s usage code: one forward pass per turn, read at -3."""
+    import torch
+
+    candidate_tokens = [tok.encode("+")[-1], tok.encode("-")[-1]]
+    conversation, out = [], []
+    for k, step in enumerate(steps):
+        conversation.append({"content": question + " " + step if k == 0 else step, "role": "user"})
+        conversation.append({"content": "+", "role": "assistant"})
+        text = tok.apply_chat_template(conversation, tokenize=False)
+        input_ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            logits = model(input_ids).logits[:, -3, candidate_tokens]
+        out.append(logits.softmax(dim=-1)[:, 0].item())
+    return out
+
+
+def reference_qwen_prm(path: Path, tok, question: str, steps: list[str]) -> list[float]:
+    """Qwen2.5-Math-PRM's usage code, with the head computed here from the saved weights (not prmkit's class)."""
+    import torch
+    import torch.nn.functional as F
+    from safetensors.torch import load_file
+    from transformers import Qwen2Config, Qwen2Model
+
+    cfg = Qwen2Config.from_pretrained(path)
+    state = load_file(str(path / "model.safetensors"))
+    body = Qwen2Model(cfg).eval()
+    body.load_state_dict({k[len("model."):]: v for k, v in state.items() if k.startswith("model.")})
+    messages = [
+        {"role": "system", "content": "Please reason step by step, and put your final answer within \\boxed{}."},
+        {"role": "user", "content": question},
+        {"role": "assistant", "content": "<extra_0>".join(steps) + "<extra_0>"},
+    ]
+    conversation_str = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+    input_ids = torch.tensor([tok.encode(conversation_str)])
+    with torch.no_grad():
+        hidden = body(input_ids=input_ids).last_hidden_state
+        h = F.relu(F.linear(hidden, state["score.0.weight"], state["score.0.bias"]))
+        logits = F.linear(h, state["score.2.weight"], state["score.2.bias"])
+    step_sep_id = tok.encode("<extra_0>")[0]
+    token_masks = input_ids == step_sep_id
+    probabilities = F.softmax(logits, dim=-1) * token_masks.unsqueeze(-1)
+    sample = probabilities[0]
+    return sample[sample != 0].view(-1, 2)[:, 1].tolist()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Scores equal the references
+
+
+def _assert_close(got, want):
+    assert len(got) == len(want)
+    assert got == pytest.approx(want, abs=2e-6)
+
+
+def test_lm_tag_matches_math_shepherd_usage_code(lm_tag_model):
+    from transformers import AutoTokenizer
+
+    path, _, model = lm_tag_model
+    tok = AutoTokenizer.from_pretrained(path)  # as the model card loads it
+    scorer = _scorer(path)  # detected: the tag is an added token of this tokenizer
+    assert scorer.kind_encoder.kind == "lm-tag"
+    got = scorer.score_batch(SOLUTIONS)
+    for (q, steps), scores in zip(SOLUTIONS, got):
+        _assert_close(scores, reference_math_shepherd(model, tok, q, steps))
+    assert len({round(s, 6) for row in got for s in row}) > 3  # the scores really vary
+
+
+def test_chat_plus_minus_matches_rlhflow_usage_code(chat_model):
+    from transformers import AutoTokenizer
+
+    path, _, model = chat_model
+    tok = AutoTokenizer.from_pretrained(path)  # as the model card loads it
+    scorer = _scorer(path)  # detected: a causal LM with a chat template and no step tag token
+    assert scorer.kind_encoder.kind == "chat-plus-minus"
+    got = scorer.score_batch(SOLUTIONS)
+    for (q, steps), scores in zip(SOLUTIONS, got):
+        _assert_close(scores, reference_rlhflow(model, tok, q, steps))
+
+
+def test_qwen_prm_matches_its_usage_code_without_remote_code(qwen_prm_model):
+    from transformers import AutoTokenizer
+
+    path, _, _ = qwen_prm_model
+    tok = AutoTokenizer.from_pretrained(path)  # as the model card loads it (transformers picks Qwen2's class)
+    scorer = _scorer(path)
+    assert scorer.kind_encoder.kind == "qwen-prm"
+    got = scorer.score_batch(SOLUTIONS)
+    for (q, steps), scores in zip(SOLUTIONS, got):
+        _assert_close(scores, reference_qwen_prm(path, tok, q, steps))
+    assert max(s for row in got for s in row) - min(s for row in got for s in row) > 0.01
+
+
+def test_budgets_do_not_change_kind_scores(qwen_prm_model):
+    from prmkit.scoring import StepScorer
+
+    path, _, _ = qwen_prm_model
+    small = StepScorer.from_pretrained(path, dtype="float32", device="cpu", batch_tokens=64)
+    big = StepScorer.from_pretrained(path, dtype="float32", device="cpu", batch_tokens=100000)
+    a, b = small.score_batch(SOLUTIONS), big.score_batch(SOLUTIONS)
+    for x, y in zip(a, b):
+        assert x == pytest.approx(y, abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Detection and bad input
+
+
+def test_detection_refuses_an_ambiguous_causal_lm(tmp_path, chat_model):
+    path, _, _ = chat_model
+    # "+" is one token of this vocabulary: as a tag it would also make this model readable as lm-tag.
+    with pytest.raises(UsageError, match="set model.kind") as e:
+        _scorer(path, step_tag="+")
+    assert "lm-tag" in e.value.hint and "chat-plus-minus" in e.value.hint
+    assert _scorer(path, step_tag="+", kind="chat-plus-minus").kind_encoder.kind == "chat-plus-minus"
+
+
+def test_unknown_kind_is_refused(chat_model):
+    with pytest.raises(UsageError, match="unknown model.kind"):
+        _scorer(chat_model[0], kind="reward-magic")
+
+
+def test_a_step_containing_the_tag_is_refused(lm_tag_model):
+    scorer = _scorer(lm_tag_model[0])
+    with pytest.raises(DataError, match="step 2 contains the step tag"):
+        scorer.score_batch([("q", ["fine", "sneaky ки step"])])
+
+
+def test_a_missing_chat_template_is_refused(tmp_path, qwen_prm_model):
+    import shutil
+
+    path = tmp_path / "no-template"
+    shutil.copytree(qwen_prm_model[0], path)
+    cfg = json.loads((path / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (path / "chat_template.jinja").unlink(missing_ok=True)
+    with pytest.raises(UsageError, match="needs a chat template"):
+        _scorer(path)
+    assert _scorer(path, chat_template=CHATML_TEMPLATE).kind_encoder.kind == "qwen-prm"
+
+
+def test_reward_tokens_must_be_single_tokens(chat_model):
+    with pytest.raises(UsageError, match="not two single tokens"):
+        _scorer(chat_model[0], kind="chat-plus-minus", reward_tokens=["correct!", "-"])
