@@ -39,6 +39,21 @@ class ModelConfig:
     """eager | sdpa | flash_attention_2 | ... ; null lets transformers choose."""
     init_from_config: bool = False
     """Build random weights from `name_or_path`'s config instead of loading weights (smoke runs, benchmarks)."""
+    kind: str = "auto"
+    """score/eval: auto | token-classification | qwen-prm | lm-tag | chat-plus-minus (README, "PRM kinds")."""
+    step_tag: str | None = None
+    """lm-tag: the tag after each step (null: Math-Shepherd's "ки"); qwen-prm: the step token (null: "<extra_0>")."""
+    reward_tokens: list[str] = field(default_factory=lambda: ["+", "-"])
+    """lm-tag, chat-plus-minus: the tokens for "step correct" and "step wrong"."""
+    system_prompt: str | None = None
+    """qwen-prm: the system turn (null: Qwen2.5-Math-PRM's own)."""
+    chat_template: str | None = None
+    """qwen-prm, chat-plus-minus: a Jinja chat template instead of the tokenizer's (null: the tokenizer's)."""
+
+    def kind_settings(self) -> dict[str, Any]:
+        """The kind keys for :class:`prmkit.kinds.KindSettings` (the others are for loading and training)."""
+        return {"kind": self.kind, "step_tag": self.step_tag, "reward_tokens": list(self.reward_tokens),
+                "system_prompt": self.system_prompt, "chat_template": self.chat_template}
 
 
 @dataclass

@@ -457,6 +457,16 @@ def _separator_for_warnings(model: str, step_separator: str | None) -> str:
     return ((meta or {}).get("tokenization") or {}).get("step_separator", "\n")
 
 
+def split_kind(model: str) -> tuple[str, str | None]:
+    """``MODEL@KIND`` names a model's PRM kind for this model alone (e.g. ``Qwen/Qwen2.5-Math-PRM-7B@qwen-prm``)."""
+    from prmkit.kinds import KINDS
+
+    head, sep, tail = model.rpartition("@")
+    if sep and tail in KINDS and head:
+        return head, tail
+    return model, None
+
+
 def _default_loader(model: str, **kwargs: Any) -> Any:
     from prmkit.scoring import StepScorer
 
@@ -489,6 +499,7 @@ def evaluate(
     skip_invalid: bool = False,
     progress: ProgressFn | None = None,
     load_scorer: Callable[..., Any] | None = None,
+    kind_settings: dict[str, Any] | None = None,
 ) -> EvalResult:
     """Evaluate one model or several on every ``data`` subset.
 
@@ -519,16 +530,22 @@ def evaluate(
     all_scores: dict[str, dict[str, list[list[float | None]]]] = {}
     for model in models:
         log.info(f"loading {model}")
-        scorer = load(model, step_separator=step_separator, dtype=dtype, device=device, batch_tokens=batch_tokens,
-                      trust_remote_code=trust_remote_code, **extra)
+        path, kind = split_kind(model)
+        settings = {**(kind_settings or {}), **({"kind": kind} if kind else {})}
+        kind_extra = {"kind_settings": settings} if settings else {}
+        scorer = load(path, step_separator=step_separator, dtype=dtype, device=device, batch_tokens=batch_tokens,
+                      trust_remote_code=trust_remote_code, **extra, **kind_extra)
         params = getattr(scorer, "params", None)
+        # Another kind's model reads its own input layout: the report records that instead of TRL's tokenization.
+        kind = (getattr(scorer, "identity", None) or {}).get("kind")
+        tokenization = kind if kind else params.to_dict() if hasattr(params, "to_dict") else None
         scores = score_subsets(scorer, subsets, progress, label=model if len(models) > 1 else "")
         # Free one model before loading the next: two 7B models need not fit at once.
         del scorer
         _free_memory()
         reports[model], raws[model] = build_model_report(
             model, subsets, scores, threshold, tune_threshold,
-            tokenization=params.to_dict() if hasattr(params, "to_dict") else None,
+            tokenization=tokenization,
         )
         all_scores[model] = scores
     report, raw = combine_reports(reports, raws)

@@ -279,3 +279,67 @@ def test_a_missing_chat_template_is_refused(tmp_path, qwen_prm_model):
 def test_reward_tokens_must_be_single_tokens(chat_model):
     with pytest.raises(UsageError, match="not two single tokens"):
         _scorer(chat_model[0], kind="chat-plus-minus", reward_tokens=["correct!", "-"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# On the command line: eval side by side across kinds, score with a kind
+
+
+def test_eval_compares_kinds_side_by_side_in_a_subprocess(tmp_path, tiny_prm_pair, qwen_prm_model, chat_model):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+    from tests.eval_fixtures import processbench_records
+
+    data = tmp_path / "gsm8k.json"
+    data.write_text(json.dumps(processbench_records(12, seed=5)))
+    out = tmp_path / "cmp"
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "prmkit", "eval", str(tiny_prm_pair[0]), str(qwen_prm_model[0]),
+         f"{chat_model[0]}@chat-plus-minus", "--data", str(data), "-o", str(out), "--no-plots", "--device", "cpu",
+         "--dtype", "float32"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    models = report["models"]
+    assert list(models) == [str(tiny_prm_pair[0]), str(qwen_prm_model[0]), f"{chat_model[0]}@chat-plus-minus"]
+    assert models[str(qwen_prm_model[0])]["tokenization"]["kind"] == "qwen-prm"
+    assert models[f"{chat_model[0]}@chat-plus-minus"]["tokenization"]["kind"] == "chat-plus-minus"
+    assert "kind" not in models[str(tiny_prm_pair[0])]["tokenization"]  # TRL's tokenization, recorded as before
+    for m in models.values():
+        assert m["subsets"]["gsm8k"]["n_solutions"] == 12
+    # The qwen-prm model's first-error verdicts come from its own scores: check one subset figure by hand.
+    from prmkit.scoring import StepScorer
+
+    from tests.eval_fixtures import processbench_first_error
+
+    records = json.loads(data.read_text())
+    scorer = StepScorer.from_pretrained(qwen_prm_model[0], dtype="float32", device="cpu")
+    scores = scorer.score_batch([(r["problem"], r["steps"]) for r in records])
+    want = processbench_first_error(scores, [r["label"] for r in records], 0.5)
+    got = models[str(qwen_prm_model[0])]["subsets"]["gsm8k"]["first_error"]
+    assert got["f1"] == pytest.approx(want["f1"], abs=1e-9)
+
+
+def test_score_cli_with_an_explicit_kind(tmp_path, lm_tag_model):
+    from typer.testing import CliRunner
+
+    from prmkit.cli.app import app
+
+    path, _, _ = lm_tag_model
+    rows = tmp_path / "in.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": q, "completions": s}) + "\n" for q, s in SOLUTIONS))
+    out = tmp_path / "out.jsonl"
+    res = CliRunner().invoke(app, ["score", str(path), str(rows), "-o", str(out), "--device", "cpu", "--dtype",
+                                   "float32", "--set", "model.kind=lm-tag"])
+    assert res.exit_code == 0, res.output
+    got = [json.loads(line)["step_scores"] for line in out.read_text().splitlines()]
+    want = _scorer(path, kind="lm-tag").score_batch(SOLUTIONS)
+    assert got == [pytest.approx(w, abs=1e-6) for w in want]
+    res = CliRunner().invoke(app, ["score", str(path), str(rows), "-o", str(tmp_path / "x.jsonl"), "--set",
+                                   "model.kind=magic"])
+    assert res.exit_code == 2 and "unknown model.kind" in res.output

@@ -82,6 +82,7 @@ def score(
         model, step_separator=unescape(step_separator), dtype=sc.dtype, device=sc.device,
         batch_tokens=sc.batch_tokens, sort_window=sc.sort_window, trust_remote_code=cfg.model.trust_remote_code,
         allow_bidirectional=cfg.model.allow_bidirectional, attn_implementation=cfg.model.attn_implementation,
+        kind_settings=cfg.model.kind_settings(),
     )
     main = scorer.is_main_process
     progress = _Progress(total=_total(input_) if main else None, enabled=main)
