@@ -133,12 +133,18 @@ def detect_kind(config: dict[str, Any], metadata: dict[str, Any] | None, tokeniz
             choices.append(CHAT_PLUS_MINUS)
         if len(choices) == 1:
             return choices[0]
+        if not choices:
+            raise UsageError(
+                f"model {name!r} is a causal LM ({', '.join(architectures)}) with no trained token-classification head, "
+                "no step tag token and no chat template: its scores would mean nothing",
+                hint="score a PRM trained by `prmkit train` (or TRL's PRMTrainer), not a base model; for an LM-head "
+                     f"PRM set model.kind={LM_TAG} or {CHAT_PLUS_MINUS} (README, PRM kinds)",
+            )
         raise UsageError(
-            f"model {name!r} is a causal LM ({', '.join(architectures)}) that prmkit cannot read as a PRM without being "
-            + ("told how: " if choices else "told how (no step tag token, no chat template): ")
-            + "set model.kind",
+            f"model {name!r} is a causal LM ({', '.join(architectures)}) that reads as more than one PRM kind "
+            f"({' or '.join(choices)}): set model.kind",
             hint=f"--set model.kind={LM_TAG} (a tag token after each step, e.g. Math-Shepherd) or "
-                 f"--set model.kind={CHAT_PLUS_MINUS} (+/- assistant turns, e.g. RLHFlow)",
+                 f"--set model.kind={CHAT_PLUS_MINUS} (+/- assistant turns, e.g. RLHFlow); in eval, MODEL@KIND",
         )
     raise UsageError(f"model {name!r}: cannot tell its PRM kind from architectures {architectures or 'none'}",
                      hint=f"set model.kind to one of {', '.join(KINDS)}")
