@@ -65,7 +65,8 @@ class DataConfig:
     """auto | stepwise | math-shepherd | prm800k | processbench."""
     step_separator: str = "\n"
     max_length: int | None = 1024
-    max_prompt_length: int | None = 512
+    max_prompt_length: int | None = None
+    """Keep only the last N prompt tokens (and the BOS); null keeps the whole prompt, as TRL 1.13 does."""
     max_completion_length: int | None = None
     train_on_last_step_only: bool = False
     label_threshold: float | None = None

@@ -11,9 +11,10 @@ Tokenizing steps alone is the point: joining ``prompt + sep + step`` into one st
 boundary (``.\\n`` is one Qwen2 token), so the label would land on a token training never saw. That is the bug in the
 inference recipe TRL documented.
 
-Two differences from TRL, both deliberate: soft labels (floats strictly between 0 and 1) are kept as probabilities
-instead of being floored to 0 by ``int()``, and ``max_prompt_length`` (from the seed's PRMConfig, dropped by TRL 1.13)
-keeps the END of a long prompt and keeps the BOS. Prompts within the limit tokenize exactly as in TRL.
+One difference from TRL, deliberate: soft labels (floats strictly between 0 and 1) are kept as probabilities instead
+of being floored to 0 by ``int()``. ``max_prompt_length`` (from the seed's PRMConfig; TRL 1.13 has no prompt limit)
+is off by default, as in TRL; when set, it keeps the END of a long prompt and keeps the BOS. Prompts within the limit
+tokenize exactly as in TRL.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ IGNORE_INDEX = -100
 class TokenizationParams:
     step_separator: str = "\n"
     max_length: int | None = 1024
-    max_prompt_length: int | None = 512
+    max_prompt_length: int | None = None
     max_completion_length: int | None = None
     train_on_last_step_only: bool = False
 

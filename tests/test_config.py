@@ -26,7 +26,7 @@ def write(tmp_path, text):
 def test_defaults_follow_the_contract():
     cfg = Config()
     assert cfg.data.step_separator == "\n"
-    assert (cfg.data.max_length, cfg.data.max_prompt_length, cfg.data.max_completion_length) == (1024, 512, None)
+    assert (cfg.data.max_length, cfg.data.max_prompt_length, cfg.data.max_completion_length) == (1024, None, None)
     assert cfg.data.train_on_last_step_only is False and cfg.data.label_threshold is None
     assert cfg.data.format == "auto" and cfg.data.prm800k_neutral == "negative"
     assert cfg.model.trust_remote_code is False
@@ -38,7 +38,7 @@ def test_precedence_defaults_file_set_flags(tmp_path):
     path = write(tmp_path, "data:\n  max_length: 2048\n  step_separator: \"\\n\\n\"\nmodel:\n  name_or_path: a\n")
     cfg = load_config(path)
     assert cfg.data.max_length == 2048 and cfg.data.step_separator == "\n\n" and cfg.model.name_or_path == "a"
-    assert cfg.data.max_prompt_length == 512  # untouched default
+    assert cfg.data.max_prompt_length is None  # untouched default (TRL 1.13 has no prompt limit)
     cfg = load_config(path, ["data.max_length=4096", "model.name_or_path=b"])
     assert cfg.data.max_length == 4096 and cfg.model.name_or_path == "b"
     cfg = load_config(path, ["model.name_or_path=b"], {"model.name_or_path": "c", "data.train": None})

@@ -155,7 +155,7 @@ def test_directory_without_prmkit_json_warns_and_uses_newline(tmp_path, train_to
     with prmkit_log() as records:
         sc = StepScorer.from_pretrained(model_dir)
     assert sc.params.step_separator == "\n"
-    assert sc.params == TokenizationParams()  # TRL's defaults: max_length 1024, max_prompt_length 512
+    assert sc.params == TokenizationParams()  # TRL 1.13's: max_length 1024, no prompt limit
     warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
     assert any("no prmkit.json" in w and "'\\n'" in w for w in warnings)
 

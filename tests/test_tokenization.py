@@ -192,6 +192,40 @@ def test_parity_with_trl_on_real_data(qwen2_tokenizer, sep, limits):
         assert ours["labels"][i] == theirs["labels"]
 
 
+@requires_shared
+def test_default_is_trl_on_prompts_over_512_tokens(qwen2_tokenizer):
+    # TRL 1.13 has no prompt limit, so neither has the default config. ../shared's GSM8K problems are all under 200
+    # Qwen2 tokens; a few-shot prompt made of 10 consecutive real problems is 650-850 tokens, with a real solution.
+    from trl.experimental.prm import PRMTrainer
+
+    from prmkit.config import load_config
+
+    rows = json.loads((SHARED / "data" / "processbench" / "gsm8k.json").read_text())
+    prompts = ["\n\n".join(r["problem"] for r in rows[i : i + 10]) for i in range(0, 60, 10)]
+    steps = [rows[i + 9]["steps"] for i in range(0, 60, 10)]
+    labels = [[i != rows[j + 9]["label"] for i in range(len(s))] for j, s in zip(range(0, 60, 10), steps)]
+    prompt_tokens = [len(qwen2_tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    assert min(prompt_tokens) > 512, prompt_tokens
+
+    default = TokenizationParams.from_data_config(load_config().data)
+    assert default.max_prompt_length is None
+    ours = tokenize_rows(qwen2_tokenizer, prompts, steps, [[int(x) for x in ls] for ls in labels], default)
+    capped = tokenize_rows(qwen2_tokenizer, prompts, steps, [[int(x) for x in ls] for ls in labels],
+                           TokenizationParams(max_length=None, max_prompt_length=512))
+    for i, n in enumerate(prompt_tokens):
+        theirs = PRMTrainer.tokenize_row(
+            {"prompt": prompts[i], "completions": steps[i], "labels": labels[i]}, qwen2_tokenizer, "\n",
+            default.max_length, default.max_completion_length, False, False,
+        )
+        assert ours["input_ids"][i] == theirs["input_ids"]
+        assert ours["labels"][i] == theirs["labels"]
+        # 512 stays available as an explicit setting: it keeps the prompt's last 512 tokens.
+        whole = theirs["input_ids"][:n] + PRMTrainer.tokenize_row(
+            {"prompt": prompts[i], "completions": steps[i], "labels": labels[i]}, qwen2_tokenizer, "\n",
+            None, None, False, False)["input_ids"][n:]
+        assert capped["input_ids"][i] == whole[n - 512 :]
+
+
 TRICKY = [
     "Hence, 9.11 > 9.8.",
     "two  spaces   and tabs\t\there\n\n  indented\n",
