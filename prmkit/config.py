@@ -22,6 +22,8 @@ from prmkit.errors import ConfigError
 FORMATS = ("auto", "stepwise", "math-shepherd", "prm800k", "processbench")
 PRM800K_NEUTRAL = ("negative", "positive", "drop")
 BATCHING = ("auto", "padded", "grouped", "packed")
+PRM_KINDS = ("auto", "token-classification", "qwen-prm", "lm-tag", "chat-plus-minus")
+TRAIN_KINDS = ("token-classification", "lm-tag")
 
 
 @dataclass
@@ -83,6 +85,9 @@ class DataConfig:
 class TrainConfig:
     """prmkit's own training keys. Every `transformers.TrainingArguments` field is accepted beside these."""
 
+    kind: str = "token-classification"
+    """token-classification (TRL's PRM: a 2-label head at each step's separator) | lm-tag (a causal LM judging a tag
+    token after each step through two reward tokens, OpenRLHF's design; model.step_tag, model.reward_tokens)."""
     batching: str = "auto"
     """auto | padded | grouped | packed."""
     lora: dict | None = None
@@ -166,6 +171,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "score.format": FORMATS,
     "data.prm800k_neutral": PRM800K_NEUTRAL,
     "train.batching": BATCHING,
+    "train.kind": TRAIN_KINDS,
+    "model.kind": PRM_KINDS,
 }
 
 

@@ -331,7 +331,8 @@ def _features(soft: bool):
 
 
 def tokenize_step_rows(rows: StepRows, tokenizer, params: TokenizationParams, is_eval: bool, num_proc: int | None = None,
-                       report: SplitReport | None = None, on_rows: Callable[[int, int], None] | None = None):
+                       report: SplitReport | None = None, on_rows: Callable[[int, int], None] | None = None,
+                       kind_encoder: Any = None):
     """Tokenize validated rows into a `datasets.Dataset` with columns input_ids, labels, num_tokens, steps_lost, row.
 
     Rows that lost every label to truncation are dropped and counted; token-length percentiles and truncation losses
@@ -346,8 +347,15 @@ def tokenize_step_rows(rows: StepRows, tokenizer, params: TokenizationParams, is
     features = _features(soft)
     processes = _processes(num_proc, len(rows))
     chunks = [(start, min(start + CHUNK_ROWS, len(rows))) for start in range(0, len(rows), CHUNK_ROWS)]
-    encoded = encode_batches(tokenizer, ((rows.prompts[a:b], rows.completions[a:b]) for a, b in chunks), params,
-                             processes=processes)
+    if kind_encoder is None:
+        encoded = encode_batches(tokenizer, ((rows.prompts[a:b], rows.completions[a:b]) for a, b in chunks), params,
+                                 processes=processes)
+    else:  # another PRM kind's layout (prmkit.kinds): the same function score uses for that kind
+        from prmkit.tokenization import EncodedBatch
+
+        encoded = (EncodedBatch.from_rows(kind_encoder.encode(
+            list(zip(rows.prompts[a:b], rows.completions[a:b])), [f"row {n}" for n in rows.rows[a:b]]))
+            for a, b in chunks)
     batches, lengths, lost, dropped = [], [], 0, 0
     for (a, b), enc in zip(chunks, encoded):
         batch = label_tokens(enc, step_label_array(rows.labels[a:b]), soft, params.train_on_last_step_only, is_eval)
@@ -446,8 +454,21 @@ def cache_root(cfg_cache_dir: str | None) -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "prmkit"
 
 
-def cache_key(tok_fp: dict, params: TokenizationParams, data_cfg, sources: dict[str, str]) -> str:
+def _train_kind_encoder(cfg, tokenizer):
+    """The lm-tag kind's tokenization when ``train.kind`` asks for it (None: TRL's token classification)."""
+    train = getattr(cfg, "train", None)
+    if train is None or getattr(train, "kind", "token-classification") != "lm-tag":
+        return None
+    from prmkit import kinds
+
+    settings = kinds.KindSettings.from_sources({**cfg.model.kind_settings(), "kind": kinds.LM_TAG}, None)
+    return kinds.KindEncoder(kinds.LM_TAG, tokenizer, settings, cfg.data.max_length)
+
+
+def cache_key(tok_fp: dict, params: TokenizationParams, data_cfg, sources: dict[str, str],
+              kind: dict[str, Any] | None = None) -> str:
     material = {
+        **({"kind": kind} if kind else {}),
         "prmkit": __version__,
         "tokenizer": tok_fp["sha256"],
         "params": params.to_dict(),
@@ -482,7 +503,9 @@ def prepare_splits(
     params = TokenizationParams.from_data_config(data)
     tok_fp = tokenizer_fingerprint(tokenizer)
     sources = {name: fingerprint_source(resolve_source(spec)) for name, spec in specs.items()}
-    key = cache_key(tok_fp, params, data, sources)
+    kind_encoder = _train_kind_encoder(cfg, tokenizer)
+    kind = kind_encoder.settings.to_dict() if kind_encoder is not None else None
+    key = cache_key(tok_fp, params, data, sources, kind)
     target = Path(output) if output else cache_root(data.cache_dir) / "prepared" / key
 
     existing = _read_metadata(target)
@@ -504,7 +527,8 @@ def prepare_splits(
         opts = Options(prm800k_neutral=data.prm800k_neutral, label_threshold=data.label_threshold, is_eval=is_eval)
         rows, report = read_step_rows(spec, data.format, opts, data.step_separator, skip_invalid, rejects)
         progress = (lambda done, total, split=name: on_progress(split, done, total)) if on_progress else None
-        ds = tokenize_step_rows(rows, tokenizer, params, is_eval, data.num_proc, report, progress) if len(rows) else None
+        ds = (tokenize_step_rows(rows, tokenizer, params, is_eval, data.num_proc, report, progress, kind_encoder)
+              if len(rows) else None)
         report.rows_kept = len(ds) if ds is not None else 0
         _check_rows_left(name, report, params)
         splits[name] = ds
@@ -519,6 +543,7 @@ def prepare_splits(
         "cache_key": key,
         "tokenizer": tok_fp,
         "tokenization": params.to_dict(),
+        **({"kind": kind} if kind else {}),
         "data": {
             "format": data.format,
             "formats": {n: r.format for n, r in reports.items()},

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -208,11 +208,11 @@ class KindEncoder:
 
     # -- per kind -------------------------------------------------------------------------------------------------
 
-    def _check_steps(self, steps: Sequence[str], number: int) -> None:
+    def _check_steps(self, steps: Sequence[str], where: str) -> None:
         for k, step in enumerate(steps):
             if self.kind in (LM_TAG, QWEN_PRM) and self.tag in step:
-                raise DataError(f"solution {number}: step {k + 1} contains the step tag {self.tag!r}, "
-                                "which would be read as a step end")
+                raise DataError(f"{where}: step {k + 1} contains the step tag {self.tag!r}, "
+                                "which would be read as a step end", hint="remove it, or set model.step_tag")
 
     def _render(self, messages: list[dict[str, str]]) -> str:
         kwargs = {"chat_template": self.settings.chat_template} if self.settings.chat_template else {}
@@ -261,19 +261,21 @@ class KindEncoder:
             positions.append(t - 1)  # the logits that predict the "+"
         return ids, positions
 
-    def encode(self, items: Sequence[tuple[str, Sequence[str]]]) -> list[Encoded]:
+    def encode(self, items: Sequence[tuple[str, Sequence[str]]], where: Sequence[str] | None = None) -> list[Encoded]:
+        """One :class:`Encoded` per solution; ``where`` names each item in errors (default: "solution N")."""
         out = []
         build = {QWEN_PRM: self._qwen_prm, LM_TAG: self._lm_tag, CHAT_PLUS_MINUS: self._chat_plus_minus}[self.kind]
         for number, (prompt, steps) in enumerate(items, 1):
             steps = list(steps)
-            self._check_steps(steps, number)
+            place = where[number - 1] if where is not None else f"solution {number}"
+            self._check_steps(steps, place)
             if not steps:
                 out.append(Encoded([], [], 0))
                 continue
             ids, positions = build(prompt, steps)
             if len(positions) != len(steps):
                 raise DataError(
-                    f"solution {number}: found {len(positions)} step {'tags' if self.kind != CHAT_PLUS_MINUS else 'turns'} "
+                    f"{place}: found {len(positions)} step {'tags' if self.kind != CHAT_PLUS_MINUS else 'turns'} "
                     f"for {len(steps)} steps; the tag {self.tag!r} must stay one token in context",
                     hint="set model.step_tag to a token the tokenizer keeps whole (an added special token is safest)")
             if self.max_length is not None and len(ids) > self.max_length:
@@ -375,9 +377,16 @@ def load_kind_model(kind: str, name: str, load_kwargs: dict[str, Any], tokenizer
         if missing:
             raise UsageError(f"model {name!r} has no trained Qwen-PRM head ({', '.join(sorted(missing)[:2])} missing)")
         return model
-    from transformers import AutoModelForCausalLM
+    if (Path(name) / "adapter_config.json").is_file():  # an unmerged LoRA adapter `prmkit train` wrote
+        from prmkit.modeling import load_trained_model
 
-    lm = AutoModelForCausalLM.from_pretrained(name, **load_kwargs)
+        extra = {k: v for k, v in load_kwargs.items() if k not in ("dtype", "trust_remote_code", "revision")}
+        lm = load_trained_model(name, load_kwargs.get("dtype", "auto"), bool(load_kwargs.get("trust_remote_code")),
+                                causal_lm=True, **extra)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        lm = AutoModelForCausalLM.from_pretrained(name, **load_kwargs)
     return reward_token_head(lm, reward_token_ids(tokenizer, settings.reward_tokens, kind))
 
 
@@ -430,3 +439,98 @@ def resolve_kind(name: str, metadata: dict[str, Any] | None, explicit: dict[str,
 
         tokenizer = load_tokenizer(name, trust_remote_code)
     return detect_kind(config, None, tokenizer, settings, name), settings, tokenizer
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training the lm-tag kind (OpenRLHF's design): a causal LM, a tag after each step, cross-entropy over two tokens
+
+
+def ensure_tag_token(tokenizer: Any, tag: str) -> int | None:
+    """Make the step tag one token: added as a special token when the tokenizer lacks it. Returns its id if added.
+
+    A tag the vocabulary already holds as one token (Math-Shepherd's ``ки`` in Mistral's) is kept, so a published
+    lm-tag PRM can be trained further on its own tag; that it stays one token in context is checked when tokenizing.
+    """
+    if tag in _special_tokens(tokenizer) or len(tokenizer.encode(tag, add_special_tokens=False)) == 1:
+        return None
+    tokenizer.add_special_tokens({"additional_special_tokens": [tag]}, replace_extra_special_tokens=False)
+    return tokenizer.convert_tokens_to_ids(tag)
+
+
+def init_new_tokens(model: Any, tokenizer: Any, new_ids: Sequence[int]) -> None:
+    """Give tokens added for training an embedding: grow the matrices if needed, start each at the mean embedding.
+
+    Models often have spare rows beyond the tokenizer (Qwen2: 151,936 rows for 151,665 tokens); an added token can
+    land on one, untrained, so it is initialised whether or not the matrix grew.
+    """
+    import torch
+
+    if not new_ids:
+        return
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    known = min(new_ids)  # the rows before the first added token are the trained vocabulary
+    with torch.no_grad():
+        for emb in {id(e): e for e in (model.get_input_embeddings(), model.get_output_embeddings()) if e is not None}.values():
+            mean = emb.weight[:known].mean(dim=0)
+            for i in new_ids:
+                emb.weight[i] = mean
+
+
+def reward_columns(logits: Any, reward_ids: tuple[int, int]) -> Any:
+    """LM logits over the vocabulary -> ``[wrong, correct]`` logits, the token-classification layout."""
+    return logits[..., [reward_ids[1], reward_ids[0]]]
+
+
+def lm_tag_loss(reward_ids: tuple[int, int]):
+    """The Trainer's ``compute_loss_func``: prmkit's step loss (hard or soft labels) on the two reward tokens."""
+    from prmkit.batching import step_loss
+
+    def loss(outputs: Any, labels: Any, num_items_in_batch: Any = None):
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        return step_loss(reward_columns(logits, reward_ids), labels, num_items_in_batch)
+
+    return loss
+
+
+def lm_tag_preprocess(reward_ids: tuple[int, int]):
+    """``preprocess_logits_for_metrics``: keep two columns of the vocabulary, so eval holds no vocab-size logits."""
+    from prmkit.batching import preprocess_logits_for_metrics
+
+    def preprocess(logits: Any, labels: Any):
+        if isinstance(logits, tuple):
+            logits = logits[0]
+        return preprocess_logits_for_metrics(reward_columns(logits, reward_ids), labels)
+
+    return preprocess
+
+
+@dataclass
+class LMTag:
+    """What `train` needs for ``train.kind: lm-tag``: the settings, the tokens it added, the loss on two tokens."""
+
+    settings: KindSettings
+    new_ids: list[int]
+    reward_ids: tuple[int, int]
+
+    @classmethod
+    def setup(cls, cfg: Any, tokenizer: Any) -> "LMTag":
+        settings = KindSettings.from_sources({**cfg.model.kind_settings(), "kind": LM_TAG}, None)
+        added = ensure_tag_token(tokenizer, settings.tag())
+        reward = reward_token_ids(tokenizer, settings.reward_tokens, LM_TAG)
+        if added is not None and added in reward:
+            raise UsageError(f"step tag {settings.tag()!r} is one of the reward tokens", hint="set model.step_tag")
+        if added is not None and cfg.train.lora is not None and not cfg.train.lora_merge:
+            # An unmerged adapter does not carry the embedding of a token added for training.
+            raise UsageError(f"train.lora_merge: false cannot keep the step tag {settings.tag()!r} that lm-tag adds to "
+                             "the tokenizer", hint="keep train.lora_merge: true, or set model.step_tag to a token the "
+                             "tokenizer already has")
+        return cls(settings, [added] if added is not None else [], reward)
+
+    @property
+    def loss(self):
+        return lm_tag_loss(self.reward_ids)
+
+    @property
+    def preprocess(self):
+        return lm_tag_preprocess(self.reward_ids)

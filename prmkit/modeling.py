@@ -193,22 +193,26 @@ def load_model_config(model_cfg: Any):
     return config
 
 
-def load_model_for_training(model_cfg: Any, tokenizer: Any, seed: int | None = None, config: Any = None):
-    """A token-classification model with two labels (LABEL_0 = wrong step, LABEL_1 = correct step).
+def load_model_for_training(model_cfg: Any, tokenizer: Any, seed: int | None = None, config: Any = None,
+                            kind: str = "token-classification", new_tokens: list[int] | None = None):
+    """A token-classification model with two labels (LABEL_0 = wrong step, LABEL_1 = correct step), or for
+    ``kind="lm-tag"`` the causal LM itself (its step tag added to the embeddings when the tokenizer grew).
 
     ``model_cfg`` is the config's ``model`` section. With ``init_from_config`` the weights are random (seeded by
     ``seed``), built from ``name_or_path``'s config. ``config`` is :func:`load_model_config`'s result, if at hand.
     """
-    from transformers import AutoModelForTokenClassification
+    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
 
     from prmkit.errors import UsageError
 
     name = model_cfg.name_or_path
     common = {"trust_remote_code": model_cfg.trust_remote_code}
     config = config if config is not None else load_model_config(model_cfg)
-    config.num_labels = 2
-    config.id2label = dict(ID2LABEL)
-    config.label2id = dict(LABEL2ID)
+    auto = AutoModelForCausalLM if kind == "lm-tag" else AutoModelForTokenClassification
+    if kind != "lm-tag":
+        config.num_labels = 2
+        config.id2label = dict(ID2LABEL)
+        config.label2id = dict(LABEL2ID)
     config.pad_token_id = tokenizer.pad_token_id
     # Training never generates; a KV cache object would also stop transformers building the packed-sequence mask.
     config.use_cache = False
@@ -222,13 +226,16 @@ def load_model_for_training(model_cfg: Any, tokenizer: Any, seed: int | None = N
 
         if seed is not None:
             set_seed(seed)
-        model = AutoModelForTokenClassification.from_config(
-            config, dtype=torch.float32 if dtype == "auto" else dtype, **common, **kwargs)
+        model = auto.from_config(config, dtype=torch.float32 if dtype == "auto" else dtype, **common, **kwargs)
     else:
         try:
-            model = AutoModelForTokenClassification.from_pretrained(name, config=config, dtype=dtype, **common, **kwargs)
+            model = auto.from_pretrained(name, config=config, dtype=dtype, **common, **kwargs)
         except OSError as e:
             raise UsageError(f"model {name!r} could not be loaded: {str(e).splitlines()[0]}") from None
+    if new_tokens:
+        from prmkit.kinds import init_new_tokens
+
+        init_new_tokens(model, tokenizer, new_tokens)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         raise UsageError(f"the tokenizer has {len(tokenizer)} tokens but {name} has only "
                          f"{model.get_input_embeddings().num_embeddings} embeddings",
@@ -283,8 +290,12 @@ def head_module_name(model: Any) -> str:
     return found[-1]
 
 
-def lora_config(lora: dict, model: Any):
-    """A peft LoraConfig (task TOKEN_CLS) from `train.lora`, with the head in modules_to_save."""
+def lora_config(lora: dict, model: Any, kind: str = "token-classification"):
+    """A peft LoraConfig (task TOKEN_CLS) from `train.lora`, with the head in modules_to_save.
+
+    For the lm-tag kind the task is CAUSAL_LM and the LM head stays frozen: the adapted hidden states move the two
+    reward-token logits, and a vocabulary-sized head is not copied into every adapter.
+    """
     from peft import LoraConfig, TaskType
 
     from prmkit.config import _did_you_mean
@@ -298,22 +309,23 @@ def lora_config(lora: dict, model: Any):
     target = opts["target_modules"]
     if isinstance(target, str) and target != "all-linear":
         target = [target]
+    causal_lm = kind == "lm-tag"
     return LoraConfig(
-        task_type=TaskType.TOKEN_CLS,
+        task_type=TaskType.CAUSAL_LM if causal_lm else TaskType.TOKEN_CLS,
         r=int(opts["r"]),
         lora_alpha=float(opts["alpha"]),
         lora_dropout=float(opts["dropout"]),
         target_modules=target,
-        modules_to_save=[head_module_name(model)],
+        modules_to_save=None if causal_lm else [head_module_name(model)],
     )
 
 
-def apply_lora(model: Any, lora: dict):
+def apply_lora(model: Any, lora: dict, kind: str = "token-classification"):
     from peft import get_peft_model
 
     from prmkit.errors import ConfigError
 
-    config = lora_config(lora, model)
+    config = lora_config(lora, model, kind)
     try:
         return get_peft_model(model, config)
     except ValueError as e:
@@ -325,15 +337,17 @@ def apply_lora(model: Any, lora: dict):
 BASE_MODEL_DIR = "base_model"
 
 
-def load_trained_model(path: str | Path, dtype: Any = "auto", trust_remote_code: bool = False, **kwargs: Any):
+def load_trained_model(path: str | Path, dtype: Any = "auto", trust_remote_code: bool = False, causal_lm: bool = False,
+                       **kwargs: Any):
     """Load what `prmkit train` wrote: a full model, or a LoRA adapter over its base. Returns the model (eval mode).
 
     An adapter directory is recognised by ``adapter_config.json``; its base is ``base_model/`` inside it when
     present, else the adapter config's ``base_model_name_or_path``.
     """
-    from transformers import AutoModelForTokenClassification
+    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
 
     path = Path(path)
+    auto = AutoModelForCausalLM if causal_lm else AutoModelForTokenClassification  # lm-tag: the LM itself
     dtype = resolve_dtype(dtype) if isinstance(dtype, str) else dtype
     adapter_cfg = path / "adapter_config.json"
     if path.is_dir() and adapter_cfg.is_file():
@@ -341,11 +355,10 @@ def load_trained_model(path: str | Path, dtype: Any = "auto", trust_remote_code:
 
         base = path / BASE_MODEL_DIR
         base_name = str(base) if (base / "config.json").is_file() else json.loads(adapter_cfg.read_text())["base_model_name_or_path"]
-        model = AutoModelForTokenClassification.from_pretrained(
-            base_name, num_labels=2, id2label=dict(ID2LABEL), label2id=dict(LABEL2ID), dtype=dtype,
-            trust_remote_code=trust_remote_code, **kwargs)
+        head = {} if causal_lm else {"num_labels": 2, "id2label": dict(ID2LABEL), "label2id": dict(LABEL2ID)}
+        model = auto.from_pretrained(base_name, **head, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
         model = PeftModel.from_pretrained(model, str(path))
     else:
-        model = AutoModelForTokenClassification.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
+        model = auto.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
     model.eval()
     return model

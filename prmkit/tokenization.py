@@ -82,6 +82,20 @@ class EncodedBatch:
     def lengths(self) -> np.ndarray:
         return np.diff(self.row_offsets)
 
+    @classmethod
+    def from_rows(cls, rows: Sequence[Encoded]) -> "EncodedBatch":
+        """Flat arrays from per-row results (another PRM kind's tokenization, :mod:`prmkit.kinds`)."""
+        lengths = [len(r.input_ids) for r in rows]
+        steps = [len(r.step_positions) for r in rows]
+        flat = [t for r in rows for t in r.input_ids]
+        return cls(
+            np.asarray(flat, dtype=np.int32),
+            np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64),
+            np.asarray([p for r in rows for p in r.step_positions], dtype=np.int64),
+            np.concatenate([[0], np.cumsum(steps, dtype=np.int64)]).astype(np.int64),
+            np.asarray([r.prompt_length for r in rows], dtype=np.int64),
+        )
+
     def rows(self) -> list[Encoded]:
         ids, pos = self.input_ids.tolist(), self.step_positions.tolist()
         ro, so, pl = self.row_offsets.tolist(), self.step_offsets.tolist(), self.prompt_lengths.tolist()

@@ -49,6 +49,7 @@ if TYPE_CHECKING:  # pragma: no cover
     pass
 
 from prmkit.example import apply_example
+from prmkit.kinds import LMTag
 from prmkit.batching import (
     LengthGroupedSampler,
     StepCollator,
@@ -364,6 +365,7 @@ def train(
 
     tokenizer = load_tokenizer(cfg.tokenizer_name, cfg.model.trust_remote_code)
     ensure_pad_token(tokenizer)
+    lm_tag = LMTag.setup(cfg, tokenizer) if cfg.train.kind == "lm-tag" else None
     with state.main_process_first():
         prepared = prepare_splits(cfg, tokenizer)
     dsd = prepared.load()
@@ -371,12 +373,13 @@ def train(
     eval_ds = dsd["eval"] if has_eval and "eval" in dsd else None
     soft = train_ds.features["labels"].feature.dtype == "float32"
 
-    model = load_model_for_training(cfg.model, tokenizer, seed=args.seed, config=model_config)
+    model = load_model_for_training(cfg.model, tokenizer, seed=args.seed, config=model_config, kind=cfg.train.kind,
+                                    new_tokens=lm_tag.new_ids if lm_tag else None)
     if cfg.train.disable_dropout:
         disable_dropout(model)
     lora_info = None
     if cfg.train.lora is not None:
-        model = apply_lora(model, cfg.train.lora)
+        model = apply_lora(model, cfg.train.lora, cfg.train.kind)
         pc = model.peft_config["default"]
         lora_info = {"r": pc.r, "alpha": pc.lora_alpha, "dropout": pc.lora_dropout,
                      "target_modules": sorted(pc.target_modules) if isinstance(pc.target_modules, (set, list)) else pc.target_modules,
@@ -409,9 +412,10 @@ def train(
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
-        compute_loss_func=loss_func,
+        compute_loss_func=lm_tag.loss if lm_tag else loss_func,
         compute_metrics=make_compute_metrics(cfg.eval.threshold) if eval_ds is not None else None,
-        preprocess_logits_for_metrics=preprocess_logits_for_metrics if eval_ds is not None else None,
+        preprocess_logits_for_metrics=(lm_tag.preprocess if lm_tag else preprocess_logits_for_metrics)
+        if eval_ds is not None else None,
         callbacks=all_callbacks,
         batching=batching,
         lengths=train_ds["num_tokens"] if batching == "grouped" else None,
@@ -556,6 +560,8 @@ def _save_final(trainer: Any, cfg: Config, tokenizer: Any, prepared: Any, output
     }
     if adapter_dir is not None:
         extra["adapter_dir"] = adapter_dir
+    if prepared.metadata.get("kind"):
+        extra["kind"] = prepared.metadata["kind"]  # score, eval and push read the lm-tag layout from here
     metadata = build_metadata(params, cfg.model.name_or_path, data=data, tokenizer=tokenizer_fingerprint(tokenizer), extra=extra)
     (output_dir / PRMKIT_JSON).unlink(missing_ok=True)  # a resumed run replaces a finished model: not finished meanwhile
     for item in tmp.iterdir():

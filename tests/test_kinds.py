@@ -343,3 +343,102 @@ def test_score_cli_with_an_explicit_kind(tmp_path, lm_tag_model):
     res = CliRunner().invoke(app, ["score", str(path), str(rows), "-o", str(tmp_path / "x.jsonl"), "--set",
                                    "model.kind=magic"])
     assert res.exit_code == 2 and "unknown model.kind" in res.output
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training the lm-tag kind
+
+
+def _train_lm_tag(tmp_path, config_dir, rows, out="lm", **keys):
+    from prmkit.config import load_config
+    from prmkit.training import train
+
+    flags = {
+        "model.name_or_path": str(config_dir), "model.init_from_config": True, "data.train": str(rows),
+        "train.kind": "lm-tag", "train.output_dir": str(tmp_path / out), "train.per_device_train_batch_size": 4,
+        "train.max_steps": 6, "train.logging_steps": 1, "train.save_steps": 100, "train.learning_rate": 3e-3,
+        "train.seed": 0, **keys,
+    }
+    return train(load_config(None, None, flags)), tmp_path / out
+
+
+def test_lm_tag_training_writes_a_model_that_scores_as_the_model_card_reads_it(tmp_path, tiny_qwen2_config_dir):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.conftest import write_train_rows
+
+    rows = write_train_rows(tmp_path / "train.jsonl", n=16, soft=True)
+    result, out = _train_lm_tag(tmp_path, tiny_qwen2_config_dir, rows)
+    assert result.global_step == 6 and result.train_loss is not None
+    meta = json.loads((out / "prmkit.json").read_text())
+    assert meta["kind"] == {"kind": "lm-tag", "step_tag": "ки", "reward_tokens": ["+", "-"]}
+    tok = AutoTokenizer.from_pretrained(out)
+    assert "ки" in tok.all_special_tokens  # added: the example vocabulary has no such token
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    tag_id = tok.convert_tokens_to_ids("ки")
+    # The tag's embedding started at the mean embedding (then trained), not at random noise or zero.
+    assert model.get_input_embeddings().weight[tag_id].abs().sum() > 0
+    # score needs nothing but the directory: kind, tag and reward tokens come from prmkit.json.
+    scorer = _scorer(out)
+    assert scorer.kind_encoder.kind == "lm-tag"
+    rows_in = [json.loads(line) for line in rows.read_text().splitlines()][:5]
+    items = [(r["prompt"], r["completions"]) for r in rows_in]
+    got = scorer.score_batch(items)
+    for (q, steps), scores in zip(items, got):
+        _assert_close(scores, reference_math_shepherd_qwen(model, tok, q, steps))
+    with torch.no_grad():
+        assert all(0.0 < s < 1.0 for row in got for s in row)
+
+
+def reference_math_shepherd_qwen(model, tok, question, steps):
+    """The model card's code for a tokenizer without BOS (Qwen2): `encode("+ -")` has no BOS to drop."""
+    import torch
+
+    candidate_tokens = tok.encode("+ -")
+    step_tag_id = tok.encode("ки")[-1]
+    output = "\n".join(f"{s} ки" for s in steps)
+    input_id = torch.tensor([tok.encode(f"{question} {output}")])
+    with torch.no_grad():
+        scores = model(input_id).logits[:, :, candidate_tokens].softmax(dim=-1)[:, :, 0]
+    return scores[input_id == step_tag_id].tolist()
+
+
+def test_lm_tag_loss_is_cross_entropy_over_the_two_reward_tokens_with_soft_labels():
+    import torch
+
+    from prmkit.kinds import lm_tag_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 11)
+    labels = torch.full((2, 5), -100.0)
+    labels[0, 2], labels[1, 4], labels[1, 1] = 1.0, 0.25, 0.0
+    good, bad = 7, 3
+    got = lm_tag_loss((good, bad))({"logits": logits}, labels)
+    want = []
+    for b, t in [(0, 2), (1, 4), (1, 1)]:
+        logp = torch.log_softmax(logits[b, t, [good, bad]], dim=-1)
+        p = labels[b, t]
+        want.append(-(p * logp[0] + (1 - p) * logp[1]))
+    assert got.item() == pytest.approx(torch.stack(want).mean().item(), rel=1e-6)
+
+
+def test_lm_tag_training_with_lora_merges_and_scores(tmp_path, tiny_qwen2_config_dir):
+    from tests.conftest import write_train_rows
+
+    rows = write_train_rows(tmp_path / "train.jsonl", n=12)
+    lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+    result, out = _train_lm_tag(tmp_path, tiny_qwen2_config_dir, rows, out="lora", **{"train.lora": lora})
+    assert result.lora["merged"] is True and (out / "model.safetensors").is_file()
+    scores = _scorer(out).score_batch([("What is 2 + 3?", ["2 + 3 = 5.", "The answer is 5."])])[0]
+    assert len(scores) == 2 and all(0.0 < s < 1.0 for s in scores)
+    with pytest.raises(UsageError, match="lora_merge"):
+        _train_lm_tag(tmp_path, tiny_qwen2_config_dir, rows, out="lora2",
+                      **{"train.lora": lora, "train.lora_merge": False})
+
+
+def test_lm_tag_training_refuses_a_step_containing_the_tag(tmp_path, tiny_qwen2_config_dir):
+    rows = tmp_path / "bad.jsonl"
+    rows.write_text(json.dumps({"prompt": "q", "completions": ["a", "b ки c"], "labels": [True, False]}) + "\n")
+    with pytest.raises(DataError, match="row 1: step 2 contains the step tag"):
+        _train_lm_tag(tmp_path, tiny_qwen2_config_dir, rows)
