@@ -342,7 +342,7 @@ def test_score_cli_with_an_explicit_kind(tmp_path, lm_tag_model):
     assert got == [pytest.approx(w, abs=1e-6) for w in want]
     res = CliRunner().invoke(app, ["score", str(path), str(rows), "-o", str(tmp_path / "x.jsonl"), "--set",
                                    "model.kind=magic"])
-    assert res.exit_code == 2 and "unknown model.kind" in res.output
+    assert res.exit_code == 2 and "model.kind: expected one of auto, token-classification" in res.output
 
 
 # ---------------------------------------------------------------------------------------------------------------------
