@@ -222,19 +222,14 @@ class KindEncoder:
             raise UsageError(f"the chat template failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
                              hint="check model.chat_template") from None
 
-    def _qwen_prm(self, prompt: str, steps: Sequence[str]) -> tuple[list[int], list[int]]:
-        system = self.settings.system_prompt if self.settings.system_prompt is not None else QWEN_PRM_SYSTEM_PROMPT
-        messages = [{"role": "system", "content": system}, {"role": "user", "content": prompt},
-                    {"role": "assistant", "content": self.tag.join(steps) + self.tag}]
-        ids = self.tokenizer.encode(self._render(messages))
-        return ids, [i for i, t in enumerate(ids) if t == self.tag_id]
-
-    def _lm_tag(self, prompt: str, steps: Sequence[str]) -> tuple[list[int], list[int]]:
-        text = f"{prompt} " + "\n".join(f"{step} {self.tag}" for step in steps)
-        ids = self.tokenizer.encode(text)
-        return ids, [i for i, t in enumerate(ids) if t == self.tag_id]
-
-    def _chat_plus_minus(self, prompt: str, steps: Sequence[str]) -> tuple[list[int], list[int]]:
+    def _text(self, prompt: str, steps: Sequence[str]) -> tuple[str, list[str]]:
+        """The text the kind's model reads, and (chat-plus-minus) each turn's text up to its reward token."""
+        if self.kind == LM_TAG:
+            return f"{prompt} " + "\n".join(f"{step} {self.tag}" for step in steps), []
+        if self.kind == QWEN_PRM:
+            system = self.settings.system_prompt if self.settings.system_prompt is not None else QWEN_PRM_SYSTEM_PROMPT
+            return self._render([{"role": "system", "content": system}, {"role": "user", "content": prompt},
+                                 {"role": "assistant", "content": self.tag.join(steps) + self.tag}]), []
         plus = self.settings.reward_tokens[0]
         conversation: list[dict[str, str]] = []
         heads: list[str] = []  # each shorter conversation's text up to and including its last "+"
@@ -243,15 +238,18 @@ class KindEncoder:
             conversation.append({"role": "assistant", "content": plus})
             rendered = self._render(conversation)
             heads.append(rendered[: rendered.rfind(plus) + len(plus)])
-        text = rendered
         # One pass over the whole conversation reads every turn as the turn-by-turn code does, provided each shorter
         # conversation renders as a prefix of the full one (true of append-only chat templates): checked, not assumed.
-        if not all(text.startswith(head) for head in heads):
+        if not all(rendered.startswith(head) for head in heads):
             raise UsageError("the chat template does not render a conversation as a prefix of its continuation, "
                              "so its turns cannot be scored in one pass", hint="set model.chat_template")
-        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids, offsets = enc["input_ids"], enc["offset_mapping"]
-        start_of = {start: i for i, (start, end) in enumerate(offsets) if end > start}
+        return rendered, heads
+
+    def _positions(self, ids: list[int], offsets: list[tuple[int, int]] | None, heads: list[str]) -> list[int]:
+        if self.kind != CHAT_PLUS_MINUS:
+            return [i for i, t in enumerate(ids) if t == self.tag_id]
+        plus = self.settings.reward_tokens[0]
+        start_of = {start: i for i, (start, end) in enumerate(offsets or []) if end > start}
         positions = []
         for head in heads:
             t = start_of.get(len(head) - len(plus))
@@ -259,29 +257,37 @@ class KindEncoder:
                 raise UsageError(f"reward token {plus!r} is not a token of its own in the chat template's assistant "
                                  "turn", hint="check model.reward_tokens and model.chat_template")
             positions.append(t - 1)  # the logits that predict the "+"
-        return ids, positions
+        return positions
 
     def encode(self, items: Sequence[tuple[str, Sequence[str]]], where: Sequence[str] | None = None) -> list[Encoded]:
         """One :class:`Encoded` per solution; ``where`` names each item in errors (default: "solution N")."""
-        out = []
-        build = {QWEN_PRM: self._qwen_prm, LM_TAG: self._lm_tag, CHAT_PLUS_MINUS: self._chat_plus_minus}[self.kind]
-        for number, (prompt, steps) in enumerate(items, 1):
-            steps = list(steps)
-            place = where[number - 1] if where is not None else f"solution {number}"
-            self._check_steps(steps, place)
-            if not steps:
-                out.append(Encoded([], [], 0))
-                continue
-            ids, positions = build(prompt, steps)
-            if len(positions) != len(steps):
+        places = list(where) if where is not None else [f"solution {n}" for n in range(1, len(items) + 1)]
+        texts, heads, todo = [], [], []
+        for i, (prompt, steps) in enumerate(items):
+            self._check_steps(steps, places[i])
+            if steps:
+                text, marks = self._text(prompt, list(steps))
+                texts.append(text)
+                heads.append(marks)
+                todo.append(i)
+        # One batched call: the Rust tokenizer encodes the texts in parallel. As the authors' code: `encode(text)`
+        # (special tokens such as a BOS added) for lm-tag and qwen-prm; a rendered chat template already holds them.
+        chat = self.kind == CHAT_PLUS_MINUS
+        enc = self.tokenizer(texts, add_special_tokens=not chat, return_offsets_mapping=chat) if texts else {}
+        out = [Encoded([], [], 0) for _ in items]
+        for j, i in enumerate(todo):
+            ids = list(enc["input_ids"][j])
+            positions = self._positions(ids, enc["offset_mapping"][j] if chat else None, heads[j])
+            n_steps = len(items[i][1])
+            if len(positions) != n_steps:
                 raise DataError(
-                    f"{place}: found {len(positions)} step {'tags' if self.kind != CHAT_PLUS_MINUS else 'turns'} "
-                    f"for {len(steps)} steps; the tag {self.tag!r} must stay one token in context",
+                    f"{places[i]}: found {len(positions)} step {'turns' if chat else 'tags'} for {n_steps} steps; "
+                    f"the tag {self.tag!r} must stay one token in context",
                     hint="set model.step_tag to a token the tokenizer keeps whole (an added special token is safest)")
             if self.max_length is not None and len(ids) > self.max_length:
                 ids = ids[: self.max_length]
                 positions = [p if p < self.max_length else -1 for p in positions]
-            out.append(Encoded(ids, positions, 0))
+            out[i] = Encoded(ids, positions, 0)
         return out
 
 
