@@ -1,11 +1,84 @@
-"""Atomic file writes: readers, and a run that crashes half-way, never see a half-written file."""
+"""prmkit's own files: written atomically (readers, and a run that crashes half-way, never see a half-written file),
+read back with a clear error when one was damaged anyway, and no temporary file left behind for long.
+
+Temporary names are hidden and carry the writing process (``.NAME.PID@HOST.XXXX.tmp``), so the next run can remove
+what a killed one left without touching the files of one still running.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
+import shutil
+import socket
 import tempfile
 from pathlib import Path
+from typing import Any
+
+from prmkit.errors import UsageError
+
+TEMP_SUFFIX = ".tmp"
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
+
+
+def temp_prefix(name: str) -> str:
+    """The prefix of this process's temporary names for ``name`` (pass it with ``TEMP_SUFFIX`` to tempfile)."""
+    return f".{name}.{os.getpid()}@{_HOST}."
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # it exists, under another user
+    return True
+
+
+def leftovers(directory: str | Path, name: str) -> list[Path]:
+    """Temporary files and directories for ``name`` in ``directory`` whose process (on this machine) has ended."""
+    pattern = re.compile(rf"\.{re.escape(name)}\.(\d+)@([A-Za-z0-9-]+)\..*{re.escape(TEMP_SUFFIX)}")
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return []
+    found = []
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        if match and match[2] == _HOST and not _alive(int(match[1])):
+            found.append(Path(entry.path))
+    return sorted(found)
+
+
+def remove_leftovers(directory: str | Path, name: str) -> tuple[int, int]:
+    """Remove :func:`leftovers`; returns how many went and their bytes. A read-only directory keeps them quietly."""
+    count = size = 0
+    for path in leftovers(directory, name):
+        try:
+            if path.is_dir() and not path.is_symlink():
+                size += sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+                shutil.rmtree(path)
+            else:
+                size += path.lstat().st_size
+                path.unlink()
+            count += 1
+        except OSError:
+            continue
+    return count, size
+
+
+def remove_path(path: str | Path) -> None:
+    """Remove a file, a link or a directory tree, whichever ``path`` is."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
 
 
 def write_atomic(path: str | Path, data: bytes | str) -> None:
@@ -13,7 +86,7 @@ def write_atomic(path: str | Path, data: bytes | str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = data.encode("utf-8") if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path.name), suffix=TEMP_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(payload)
@@ -28,3 +101,14 @@ def write_atomic(path: str | Path, data: bytes | str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def read_json(path: str | Path, hint: str | None = None) -> Any:
+    """Parse a JSON file; a damaged one is a one-line :class:`UsageError` naming the file, the place and the reason."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})", hint=hint) from None
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{path}: malformed JSON ({e.msg} at line {e.lineno} column {e.colno})", hint=hint) from None

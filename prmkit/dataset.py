@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from prmkit import __version__
+from prmkit.atomic import TEMP_SUFFIX, remove_leftovers, remove_path, temp_prefix
 from prmkit.errors import DataError, UsageError
 from prmkit.formats import Options, RowError, convert, detect_format
 from prmkit.tokenization import (
@@ -508,55 +509,75 @@ def prepare_splits(
     key = cache_key(tok_fp, params, data, sources, kind)
     target = Path(output) if output else cache_root(data.cache_dir) / "prepared" / key
 
+    removed, size = remove_leftovers(target.parent, target.name)
+    if removed:
+        log.info(f"removed {removed} temporary director{'y' if removed == 1 else 'ies'} ({size / 1e6:.1f} MB) left in "
+                 f"{target.parent} by an interrupted prepare")
     existing = _read_metadata(target)
     if existing is not None and existing.get("cache_key") == key and not overwrite:
-        log.info(f"reusing prepared data in {target} (inputs unchanged)")
-        reports = {n: SplitReport(**r) for n, r in existing.get("splits", {}).items()}
-        rejects = target / REJECTS_FILE
-        return Prepared(target, existing, reports, cache_hit=True, rejects_path=rejects if rejects.exists() else None)
-    if target.exists() and any(target.iterdir()) and existing is None and not overwrite:
-        raise UsageError(f"{target} exists and is not a prmkit prepared dataset", hint="pass --overwrite, or choose another --output")
-    if existing is not None:
+        damage = verify_prepared(target, existing)
+        if damage is None:
+            log.info(f"reusing prepared data in {target} (inputs unchanged)")
+            reports = {n: SplitReport(**r) for n, r in existing.get("splits", {}).items()}
+            rejects = target / REJECTS_FILE
+            return Prepared(target, existing, reports, cache_hit=True, rejects_path=rejects if rejects.exists() else None)
+        log.warning(f"{target}: {damage}; rebuilding it")
+    elif existing is None and (target.is_file() or target.is_symlink() or (target.is_dir() and any(target.iterdir()))):
+        if output is not None and not overwrite:
+            raise UsageError(f"{target} exists and is not a prmkit prepared dataset (no readable {METADATA_FILE})",
+                             hint="pass --overwrite to replace it, or choose another --output")
+        if output is None:
+            # The cache is prmkit's own: an entry without its metadata is what an interrupted or damaged write leaves.
+            log.warning(f"{target}: cache entry without a readable {METADATA_FILE}; rebuilding it")
+    elif existing is not None and not overwrite:
         log.info(f"rebuilding {target}: inputs changed since it was prepared")
 
-    rejects: list[dict] = []
-    splits = {}
-    reports: dict[str, SplitReport] = {}
-    for name, spec in specs.items():
-        is_eval = name == "eval"
-        opts = Options(prm800k_neutral=data.prm800k_neutral, label_threshold=data.label_threshold, is_eval=is_eval)
-        rows, report = read_step_rows(spec, data.format, opts, data.step_separator, skip_invalid, rejects)
-        progress = (lambda done, total, split=name: on_progress(split, done, total)) if on_progress else None
-        ds = (tokenize_step_rows(rows, tokenizer, params, is_eval, data.num_proc, report, progress, kind_encoder)
-              if len(rows) else None)
-        report.rows_kept = len(ds) if ds is not None else 0
-        _check_rows_left(name, report, params)
-        splits[name] = ds
-        reports[name] = report
-        if report.rows_dropped_truncated:
-            log.warning(f"{spec}: {report.rows_dropped_truncated} rows lost every label to truncation and were dropped")
-        if report.steps_lost_to_truncation:
-            log.warning(f"{spec}: {report.steps_lost_to_truncation} labelled steps were cut by max_length/max_completion_length")
+    # The build directory comes first: an unwritable output fails now, not after every row has been tokenized.
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(target.name), suffix=TEMP_SUFFIX, dir=target.parent))
+    try:
+        rejects: list[dict] = []
+        splits = {}
+        reports: dict[str, SplitReport] = {}
+        for name, spec in specs.items():
+            is_eval = name == "eval"
+            opts = Options(prm800k_neutral=data.prm800k_neutral, label_threshold=data.label_threshold, is_eval=is_eval)
+            rows, report = read_step_rows(spec, data.format, opts, data.step_separator, skip_invalid, rejects)
+            progress = (lambda done, total, split=name: on_progress(split, done, total)) if on_progress else None
+            ds = (tokenize_step_rows(rows, tokenizer, params, is_eval, data.num_proc, report, progress, kind_encoder)
+                  if len(rows) else None)
+            report.rows_kept = len(ds) if ds is not None else 0
+            _check_rows_left(name, report, params)
+            splits[name] = ds
+            reports[name] = report
+            if report.rows_dropped_truncated:
+                log.warning(f"{spec}: {report.rows_dropped_truncated} rows lost every label to truncation and were dropped")
+            if report.steps_lost_to_truncation:
+                log.warning(f"{spec}: {report.steps_lost_to_truncation} labelled steps were cut by max_length/max_completion_length")
 
-    metadata = {
-        "prmkit_version": __version__,
-        "cache_key": key,
-        "tokenizer": tok_fp,
-        "tokenization": params.to_dict(),
-        **({"kind": kind} if kind else {}),
-        "data": {
-            "format": data.format,
-            "formats": {n: r.format for n, r in reports.items()},
-            "prm800k_neutral": data.prm800k_neutral,
-            "label_threshold": data.label_threshold,
-            "sources": specs,
-            "fingerprints": sources,
-        },
-        "splits": {n: r.to_dict() for n, r in reports.items()},
-    }
-    _write_atomically(target, datasets.DatasetDict(splits), metadata, rejects)
-    rejects_path = target / REJECTS_FILE
-    return Prepared(target, metadata, reports, cache_hit=False, rejects_path=rejects_path if rejects else None)
+        metadata = {
+            "prmkit_version": __version__,
+            "cache_key": key,
+            "tokenizer": tok_fp,
+            "tokenization": params.to_dict(),
+            **({"kind": kind} if kind else {}),
+            "data": {
+                "format": data.format,
+                "formats": {n: r.format for n, r in reports.items()},
+                "prm800k_neutral": data.prm800k_neutral,
+                "label_threshold": data.label_threshold,
+                "sources": specs,
+                "fingerprints": sources,
+            },
+            "splits": {n: r.to_dict() for n, r in reports.items()},
+        }
+        _write_into(tmp, datasets.DatasetDict(splits), metadata, rejects)
+        _swap_in(tmp, target)
+        rejects_path = target / REJECTS_FILE
+        return Prepared(target, metadata, reports, cache_hit=False, rejects_path=rejects_path if rejects else None)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _check_rows_left(split: str, report: SplitReport, params: TokenizationParams) -> None:
@@ -587,27 +608,68 @@ def _read_metadata(target: Path) -> dict | None:
         return None
 
 
-def _write_atomically(target: Path, dsd, metadata: dict, rejects: list[dict]) -> None:
-    # Build beside the target and swap in, so an interrupted prepare never leaves a half-written cache behind.
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        dsd.save_to_disk(str(tmp / "data"))
-        for item in (tmp / "data").iterdir():
-            item.rename(tmp / item.name)
-        (tmp / "data").rmdir()
-        if rejects:
-            with open(tmp / REJECTS_FILE, "w", encoding="utf-8") as fh:
-                for r in rejects:
-                    fh.write(json.dumps(r, ensure_ascii=False, default=str) + "\n")
-        (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, ensure_ascii=False), encoding="utf-8")
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()  # OpenSSL's SHA-256 runs at GB/s where the CPU has SHA extensions; blake2b has none
+    buf = bytearray(1 << 20)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as fh:
+        while n := fh.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def _manifest(directory: Path) -> dict[str, dict[str, Any]]:
+    """Size and SHA-256 of every file of a prepared directory (its metadata file aside), by relative path."""
+    files = {}
+    for path in sorted(directory.rglob("*")):
+        if path.is_file() and path.name != METADATA_FILE:
+            files[path.relative_to(directory).as_posix()] = {"size": path.stat().st_size, "sha256": _file_digest(path)}
+    return files
+
+
+def verify_prepared(target: Path, metadata: dict) -> str | None:
+    """What is wrong with a prepared directory's files, or None when each has the size and checksum it was written with.
+
+    Sizes are checked first (a truncated file costs nothing to find), then checksums (zeroed or altered bytes).
+    """
+    files = metadata.get("files")
+    if not isinstance(files, dict) or not files:
+        return f"{METADATA_FILE} records no checksums (written by an older prmkit)"
+    for rel, expected in files.items():
+        try:
+            size = (target / rel).stat().st_size
+        except OSError:
+            return f"{rel} is missing"
+        if size != expected.get("size"):
+            return f"{rel} has {size} bytes, but {expected.get('size')} were written"
+    for rel, expected in files.items():
+        if _file_digest(target / rel) != expected.get("sha256"):
+            return f"{rel} does not match the checksum recorded when it was written"
+    return None
+
+
+def _write_into(tmp: Path, dsd, metadata: dict, rejects: list[dict]) -> None:
+    dsd.save_to_disk(str(tmp / "data"))
+    for item in (tmp / "data").iterdir():
+        item.rename(tmp / item.name)
+    (tmp / "data").rmdir()
+    if rejects:
+        with open(tmp / REJECTS_FILE, "w", encoding="utf-8") as fh:
+            for r in rejects:
+                fh.write(json.dumps(r, ensure_ascii=False, default=str) + "\n")
+    metadata["files"] = _manifest(tmp)
+    (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, ensure_ascii=False), encoding="utf-8")
+
+
+def _swap_in(tmp: Path, target: Path) -> None:
+    # Built beside the target and renamed into place, so an interrupted prepare never leaves a half-written dataset.
+    if target.exists() or target.is_symlink():
+        old = target.with_name(f"{temp_prefix(target.name)}old{TEMP_SUFFIX}")
+        target.rename(old)
+        tmp.rename(target)
+        try:
+            remove_path(old)
+        except OSError:
+            pass  # named as a leftover: the next run removes it
+    else:
+        tmp.rename(target)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from prmkit import __version__
-from prmkit.atomic import write_atomic
+from prmkit.atomic import read_json, write_atomic
 from prmkit.tokenization import TokenizationParams
 
 log = logging.getLogger("prmkit")
@@ -69,7 +69,7 @@ def read_metadata(model_dir: str | Path) -> dict[str, Any] | None:
     path = Path(model_dir) / PRMKIT_JSON
     if not path.is_file():
         return None
-    return json.loads(path.read_text(encoding="utf-8"))
+    return read_json(path, hint=f"the file is damaged: restore it, or copy {PRMKIT_JSON} from the training run's output")
 
 
 def resolve_tokenization(
@@ -354,7 +354,7 @@ def load_trained_model(path: str | Path, dtype: Any = "auto", trust_remote_code:
         from peft import PeftModel
 
         base = path / BASE_MODEL_DIR
-        base_name = str(base) if (base / "config.json").is_file() else json.loads(adapter_cfg.read_text())["base_model_name_or_path"]
+        base_name = str(base) if (base / "config.json").is_file() else read_json(adapter_cfg)["base_model_name_or_path"]
         head = {} if causal_lm else {"num_labels": 2, "id2label": dict(ID2LABEL), "label2id": dict(LABEL2ID)}
         model = auto.from_pretrained(base_name, **head, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
         model = PeftModel.from_pretrained(model, str(path))

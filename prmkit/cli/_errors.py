@@ -1,9 +1,17 @@
-"""Known errors become one actionable line and an exit code; only --debug shows a traceback."""
+"""Known errors become one actionable line and an exit code; only --debug shows a traceback.
+
+Besides prmkit's own errors, the environment's failures are mapped here, in one place: file-system errors
+(`OSError`: permission denied, read-only file system, full disk, ...) and malformed JSON that reached the top.
+"""
 
 from __future__ import annotations
 
+import errno
 import functools
+import json
 import os
+import sys
+from pathlib import Path
 from typing import Callable
 
 import typer
@@ -12,6 +20,29 @@ from prmkit.cli._output import Output
 from prmkit.errors import DataError, PrmkitError
 
 MAX_PROBLEMS = 10
+
+_ELSEWHERE = ("write somewhere else: the command's output option, data.cache_dir or $PRMKIT_CACHE for prepared "
+              "data, $HF_HOME for downloads")
+_FULL = "free some space or write somewhere else, then run the same command again (score resumes where it stopped)"
+
+# errno -> (what happened, what to do)
+_OS_ERRORS: dict[int, tuple[str, str | None]] = {
+    errno.EACCES: ("permission denied", f"check the permissions there, or {_ELSEWHERE}"),
+    errno.EPERM: ("operation not permitted", f"check the permissions there, or {_ELSEWHERE}"),
+    errno.EROFS: ("read-only file system", _ELSEWHERE),
+    errno.ENOSPC: ("no space left on device", _FULL),
+    errno.EDQUOT: ("disk quota exceeded", _FULL),
+    errno.ENOENT: ("no such file or directory", None),
+    errno.ENOTDIR: ("a part of this path is not a directory", "check the path"),
+    errno.EISDIR: ("is a directory, not a file", "check the path"),
+    errno.EEXIST: ("already exists (a file where a directory is needed?)", "check the path"),
+    errno.ENAMETOOLONG: ("file name too long", "choose a shorter path"),
+    errno.ELOOP: ("too many levels of symbolic links", "check the links along the path"),
+    errno.EMFILE: ("too many open files", "raise the limit (ulimit -n) and run again"),
+    errno.ENFILE: ("too many open files in the system", "close other programs and run again"),
+    errno.EIO: ("input/output error", "the disk or network file system failed; check it and run again"),
+    errno.EFBIG: ("file too large for this file system", _ELSEWHERE),
+}
 
 
 def debug_enabled() -> bool:
@@ -29,8 +60,38 @@ def report(err: PrmkitError, out: Output) -> None:
         out.hint(err.hint)
 
 
+def describe_os_error(err: OSError) -> tuple[str, str | None]:
+    """One line naming the path and what went wrong, and a hint."""
+    what, hint = _OS_ERRORS.get(err.errno or -1, (None, None))
+    if what is None:
+        what = err.strerror or (str(err).splitlines()[0] if str(err) else type(err).__name__)
+    if err.filename is None:
+        return what, hint
+    path = Path(os.fsdecode(err.filename))
+    if path.name.startswith(".") and path.parent != Path("."):
+        # prmkit's hidden temporary names mean nothing to a user; the directory they go in does.
+        return f"{path.parent}: cannot write here: {what}", hint
+    where = f"{path} -> {os.fsdecode(err.filename2)}" if err.filename2 is not None else str(path)
+    return f"{where}: {what}", hint
+
+
+def describe_json_error(err: json.JSONDecodeError) -> tuple[str, str | None]:
+    return (f"malformed JSON ({err.msg} at line {err.lineno} column {err.colno})",
+            "a JSON file prmkit read is damaged; run with --debug to see which")
+
+
+def _broken_pipe() -> None:
+    # The reader went away (`prmkit score ... -o - | head`): say so once, and let nothing else write to the pipe.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    Output().error("the output pipe was closed before everything was written")
+
+
 def handle_errors(func: Callable) -> Callable:
-    """Wrap a command so a PrmkitError prints its message and exits with its code, without a traceback."""
+    """Wrap a command so a known error prints one line (and a hint) and exits with its code, without a traceback."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -46,5 +107,16 @@ def handle_errors(func: Callable) -> Callable:
                 raise
             Output().error("interrupted")
             raise typer.Exit(130) from None
+        except BrokenPipeError:
+            if debug_enabled():
+                raise
+            _broken_pipe()
+            raise typer.Exit(1) from None
+        except (OSError, json.JSONDecodeError) as err:
+            if debug_enabled():
+                raise
+            message, hint = describe_os_error(err) if isinstance(err, OSError) else describe_json_error(err)
+            report(PrmkitError(message, hint=hint), Output())
+            raise typer.Exit(1) from None
 
     return wrapper

@@ -18,13 +18,13 @@ process scores a share of every window and the results are gathered, so every pr
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
+from prmkit.atomic import read_json
 from prmkit.errors import PrmkitError, UsageError
 from prmkit.modeling import POSITIVE_LABEL_ID, PRMKIT_JSON, read_metadata, resolve_tokenization
 from prmkit.tokenization import Encoded, TextEncoder, TokenizationParams, encode_solutions, tokenizer_fingerprint
@@ -443,7 +443,7 @@ def _hub_metadata(repo_id: str, revision: str | None) -> dict | None:
     except Exception as e:  # network errors come in many types; loading the weights will say more
         log.info(f"{repo_id}: could not fetch {PRMKIT_JSON} ({type(e).__name__})")
         return None
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    return read_json(path, hint="the copy in the Hub cache is damaged: delete it (or pass --step-separator)")
 
 
 def end_distributed() -> None:
