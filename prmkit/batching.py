@@ -68,32 +68,34 @@ class StepCollator:
         self.causal = causal
 
     def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        # Whole rows are copied at once (numpy slices, one concatenate); nothing loops over tokens in Python.
+        import numpy as np
         import torch
 
-        label_dtype = torch.float32 if self.soft_labels else torch.long
-        ids = [list(f["input_ids"]) for f in features]
-        labels = [list(f["labels"]) for f in features]
+        label_dtype = np.float32 if self.soft_labels else np.int64
+        ids = [np.asarray(f["input_ids"], dtype=np.int64) for f in features]
+        labels = [np.asarray(f["labels"], dtype=label_dtype) for f in features]
+        lengths = np.fromiter((len(seq) for seq in ids), dtype=np.int64, count=len(ids))
         if self.packed:
-            flat_ids = [t for seq in ids for t in seq]
-            positions = [p for seq in ids for p in range(len(seq))]
-            flat_labels = [x for seq in labels for x in seq]
+            starts = np.cumsum(lengths) - lengths
+            total = int(lengths.sum())
+            positions = np.arange(total, dtype=np.int64) - np.repeat(starts, lengths)
             batch = {
-                "input_ids": torch.tensor([flat_ids], dtype=torch.long),
-                "position_ids": torch.tensor([positions], dtype=torch.long),
-                "labels": torch.tensor([flat_labels], dtype=label_dtype),
+                "input_ids": torch.from_numpy(np.concatenate(ids)[None, :]),
+                "position_ids": torch.from_numpy(positions[None, :]),
+                "labels": torch.from_numpy(np.concatenate(labels)[None, :]),
             }
         else:
-            width = max(len(seq) for seq in ids)
-            input_ids = torch.full((len(ids), width), self.pad_token_id, dtype=torch.long)
-            label_tensor = torch.full((len(ids), width), IGNORE_INDEX, dtype=label_dtype)
+            width = int(lengths.max())
+            input_ids = np.full((len(ids), width), self.pad_token_id, dtype=np.int64)
+            label_array = np.full((len(ids), width), IGNORE_INDEX, dtype=label_dtype)
             for i, (seq, lab) in enumerate(zip(ids, labels)):
-                input_ids[i, :len(seq)] = torch.tensor(seq, dtype=torch.long)
-                label_tensor[i, :len(seq)] = torch.tensor(lab, dtype=label_dtype)
-            batch = {"input_ids": input_ids, "labels": label_tensor}
+                input_ids[i, :len(seq)] = seq
+                label_array[i, :len(lab)] = lab
+            batch = {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(label_array)}
             if not self.causal:
-                lengths = torch.tensor([len(seq) for seq in ids])
-                batch["attention_mask"] = (torch.arange(width)[None, :] < lengths[:, None]).long()
-        batch["n_tokens"] = torch.tensor(sum(len(seq) for seq in ids), dtype=torch.long)
+                batch["attention_mask"] = torch.from_numpy((np.arange(width)[None, :] < lengths[:, None]).astype(np.int64))
+        batch["n_tokens"] = torch.tensor(int(lengths.sum()), dtype=torch.long)
         if features and "row" in features[0]:
             batch["row"] = torch.tensor([int(f["row"]) for f in features], dtype=torch.long)
         return batch
@@ -137,16 +139,24 @@ class LengthGroupedSampler:
         return iter(out)
 
 
-def resolve_batching(requested: str, model: Any) -> str:
-    """`auto` packs only where it pays: CUDA with a flash-attention kernel; otherwise length-grouped padding."""
-    if requested != "auto":
-        return requested
-    import torch
+def resolve_batching(requested: str, attn_implementation: str | None, *, cuda: bool, causal: bool = True,
+                     kernels: Sequence[str] = ()) -> tuple[str, str | None]:
+    """(batching, attn_implementation) for a run: pack where a variable-length kernel makes packing pay.
 
-    attn = getattr(getattr(model, "config", None), "_attn_implementation", None) or ""
-    if torch.cuda.is_available() and attn.startswith("flash_attention"):
-        return "packed"
-    return "grouped"
+    ``auto`` packs on CUDA when the model is causal and a kernel in ``kernels`` (see :func:`prmkit.kernels.varlen_kernels_available`)
+    is chosen or can be; otherwise it groups by length (on CPU, padded length-sorted batches run faster than packs
+    with a dense block mask). A packed run without a chosen kernel gets the best available one. An attention
+    implementation the user chose is kept as it is.
+    """
+    varlen = attn_implementation is not None and attn_implementation.startswith(("flash_attention", "flex_attention"))
+    if requested == "auto":
+        if cuda and causal and (varlen or (attn_implementation is None and kernels)):
+            requested = "packed"
+        else:
+            return "grouped", attn_implementation
+    if requested == "packed" and attn_implementation is None and cuda and kernels:
+        return "packed", kernels[0]
+    return requested, attn_implementation
 
 
 def preprocess_logits_for_metrics(logits: Any, labels: "torch.Tensor") -> "torch.Tensor":

@@ -89,7 +89,12 @@ class TrainConfig:
     """token-classification (TRL's PRM: a 2-label head at each step's separator) | lm-tag (a causal LM judging a tag
     token after each step through two reward tokens, OpenRLHF's design; model.step_tag, model.reward_tokens)."""
     batching: str = "auto"
-    """auto | padded | grouped | packed."""
+    """auto | padded | grouped | packed. auto packs on CUDA with a variable-length attention kernel (flash-attention,
+    else FlexAttention) and groups by length elsewhere."""
+    gradient_checkpointing: bool | str = "auto"
+    """auto | true | false. auto turns it on only when the estimated peak memory would not fit the device."""
+    memory_budget_gb: float | None = None
+    """Memory (GiB) one training process may use; null: the device's free memory, capped by the per-process fraction."""
     lora: dict | None = None
     """{r, alpha, dropout, target_modules}; null trains every weight."""
     lora_merge: bool = True
@@ -173,6 +178,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.batching": BATCHING,
     "train.kind": TRAIN_KINDS,
     "model.kind": PRM_KINDS,
+    "train.gradient_checkpointing": ("auto",),
 }
 
 
@@ -474,7 +480,8 @@ def _coerce(value: Any, annotation: Any, key: str, origin: str) -> Any:
     if str in kinds and isinstance(value, str):
         choices = CHOICES.get(key)
         if choices and value not in choices:
-            raise ConfigError(f"{origin}: {key}: expected one of {', '.join(choices)}, got {value!r}"
+            allowed = ("true, false or " if bool in kinds else "one of ") + ", ".join(choices)
+            raise ConfigError(f"{origin}: {key}: expected {allowed}, got {value!r}"
                               f"{_did_you_mean(value, choices)}")
         return value
     if list in kinds and isinstance(value, (list, tuple)):

@@ -39,6 +39,10 @@ class DataError(UsageError):
         self.problems = list(problems or [])
 
 
+class TrainingOutOfMemory(PrmkitError):
+    """The device ran out of memory while training; the message names the fixes and the checkpoint kept."""
+
+
 class NotImplementedYet(PrmkitError):
     def __init__(self, what: str):
         super().__init__(f"`prmkit {what}` is not implemented yet.")

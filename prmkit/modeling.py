@@ -194,12 +194,14 @@ def load_model_config(model_cfg: Any):
 
 
 def load_model_for_training(model_cfg: Any, tokenizer: Any, seed: int | None = None, config: Any = None,
-                            kind: str = "token-classification", new_tokens: list[int] | None = None):
+                            kind: str = "token-classification", new_tokens: list[int] | None = None,
+                            attn_implementation: str | None = None):
     """A token-classification model with two labels (LABEL_0 = wrong step, LABEL_1 = correct step), or for
     ``kind="lm-tag"`` the causal LM itself (its step tag added to the embeddings when the tokenizer grew).
 
     ``model_cfg`` is the config's ``model`` section. With ``init_from_config`` the weights are random (seeded by
     ``seed``), built from ``name_or_path``'s config. ``config`` is :func:`load_model_config`'s result, if at hand.
+    ``attn_implementation`` overrides ``model_cfg.attn_implementation`` (training picks a kernel for packing).
     """
     from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
 
@@ -218,8 +220,9 @@ def load_model_for_training(model_cfg: Any, tokenizer: Any, seed: int | None = N
     config.use_cache = False
     dtype = resolve_dtype(model_cfg.dtype)
     kwargs: dict[str, Any] = {}
-    if model_cfg.attn_implementation:
-        kwargs["attn_implementation"] = model_cfg.attn_implementation
+    attn = attn_implementation or model_cfg.attn_implementation
+    if attn:
+        kwargs["attn_implementation"] = attn
     if model_cfg.init_from_config:
         import torch
         from transformers import set_seed

@@ -5,7 +5,9 @@ The loop is `transformers.Trainer` (so accelerate, DeepSpeed, FSDP and checkpoin
 - data from :func:`prmkit.dataset.prepare_splits` (cached; the main process prepares, the other ranks read the cache);
 - a loss that takes hard (0/1) and soft (probability) step labels alike;
 - batching: ``padded`` (random order), ``grouped`` (similar lengths together, less padding), ``packed`` (no padding
-  at all, for flash-attention's variable-length kernels);
+  at all, with flash-attention's or FlexAttention's variable-length kernels on a GPU);
+- memory that fits: the expandable-segments allocator, and gradient checkpointing turned on only when the estimated
+  peak would not fit the device (:mod:`prmkit.memory`); an out-of-memory error becomes one message naming the fixes;
 - step-level eval metrics at labelled positions, gathered across ranks in fixed shapes;
 - a self-describing output directory (weights, tokenizer, ``prmkit.json``, the resolved config), safe resuming, and a
   checkpoint on Ctrl-C.
@@ -30,7 +32,9 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from prmkit import __version__
 from prmkit.config import Config
-from prmkit.errors import ConfigError, UsageError
+from prmkit.errors import ConfigError, TrainingOutOfMemory, UsageError
+from prmkit.kernels import check_forward_untouched, liger_kernel_config, liger_supports, model_class_for, varlen_kernels_available
+from prmkit.memory import GIB, MemoryPlan, allocator_setting, device_budget, model_shape, oom_hint, plan_memory, size, use_expandable_segments
 from prmkit.modeling import (
     BASE_MODEL_DIR,
     PRMKIT_JSON,
@@ -94,6 +98,15 @@ class TrainResult:
     """The last logged training loss."""
     eval_metrics: dict[str, Any] = field(default_factory=dict)
     batching: str = ""
+    attn_implementation: str | None = None
+    gradient_checkpointing: bool = False
+    memory: dict[str, Any] | None = None
+    """The memory plan: the estimate, the budget, and why checkpointing is on or off (prmkit.memory.MemoryPlan)."""
+    peak_memory_gib: float | None = None
+    """Peak memory reserved by this process's CUDA allocator (rank 0), when training ran on CUDA."""
+    allocator: str | None = None
+    loss_history: list[list[float]] = field(default_factory=list)
+    """[step, loss] for every logged training loss."""
     lora: dict[str, Any] | None = None
     world_size: int = 1
     resumed_from: str | None = None
@@ -149,6 +162,8 @@ def _trainer_classes():
             super().__init__(*args, **kwargs)
             # The loss is computed outside the model; don't hand the model loss kwargs it might not expect.
             self.model_accepts_loss_kwargs = False
+            if self.args.use_liger_kernel:
+                self.add_callback(ForwardCheck())
 
         def _get_train_sampler(self, train_dataset: Any = None):
             if self.prmkit_batching == "grouped" and self.prmkit_lengths is not None:
@@ -159,12 +174,20 @@ def _trainer_classes():
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             rows = inputs.pop("row", None)
             n_tokens = inputs.pop("n_tokens", None)
+            inputs.pop("skip_logits", None)  # the Trainer adds it for Liger's causal-LM loss, which a PRM does not use
             if model.training:
                 if n_tokens is not None:
                     self.prmkit_meter.add(n_tokens)
                 if rows is not None and self.prmkit_meter.rows is not None:
                     self.prmkit_meter.rows.extend(int(r) for r in rows.tolist())
             return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+    class ForwardCheck(TrainerCallback):
+        """Liger is applied when training starts: check then that it left the token-classification forward alone."""
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            if model is not None:
+                check_forward_untouched(model)
 
     class InterruptCallback(TrainerCallback):
         """First Ctrl-C: finish the step, save a checkpoint, stop. Second Ctrl-C: stop at once."""
@@ -310,6 +333,8 @@ def build_training_arguments(cfg: Config, has_eval: bool):
     ta.setdefault("ddp_find_unused_parameters", False)
     import torch
 
+    if ta.get("use_liger_kernel"):
+        ta["liger_kernel_config"] = liger_kernel_config(ta.get("liger_kernel_config"), cuda=torch.cuda.is_available())
     if not torch.cuda.is_available():
         ta.setdefault("dataloader_pin_memory", False)  # pinning needs an accelerator; without one it only warns
     if has_eval:
@@ -342,6 +367,8 @@ def train(
     from prmkit.dataset import load_tokenizer, prepare_splits
 
     cfg = resolve_config(cfg)
+    if not torch.cuda.is_initialized():
+        use_expandable_segments()  # the CLI did it already; a Python caller gets it here, before CUDA starts
     model_config = load_model_config(cfg.model)  # a missing or bidirectional model fails here, before any data work
     if resume is None:
         resume = cfg.training_arguments.get("resume_from_checkpoint") or None
@@ -373,8 +400,12 @@ def train(
     eval_ds = dsd["eval"] if has_eval and "eval" in dsd else None
     soft = train_ds.features["labels"].feature.dtype == "float32"
 
+    cuda = args.device.type == "cuda"
+    kernels = varlen_kernels_available(model_class_for(model_config, cfg.train.kind)) if cuda else []
+    batching, attn = resolve_batching(cfg.train.batching, cfg.model.attn_implementation, cuda=cuda,
+                                      causal=is_causal(model_config), kernels=kernels)
     model = load_model_for_training(cfg.model, tokenizer, seed=args.seed, config=model_config, kind=cfg.train.kind,
-                                    new_tokens=lm_tag.new_ids if lm_tag else None)
+                                    new_tokens=lm_tag.new_ids if lm_tag else None, attn_implementation=attn)
     if cfg.train.disable_dropout:
         disable_dropout(model)
     lora_info = None
@@ -387,9 +418,11 @@ def train(
         if state.is_main_process:
             trainable, total = model.get_nb_trainable_parameters()
             log.info(f"LoRA: training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
-    batching = resolve_batching(cfg.train.batching, model)
-    if batching == "packed" and not (torch.cuda.is_available() and str(getattr(model.config, "_attn_implementation", "")).startswith("flash")):
-        log.info("packed batching without flash-attention: correct, but attention runs over a dense mask of the whole pack")
+    attn = str(getattr(model.config, "_attn_implementation", None) or attn or "")
+    if batching == "packed" and not (cuda and attn.startswith(("flash", "flex"))):
+        log.info(f"packed batching with {attn or 'default'} attention: correct, but attention runs over a dense mask of the whole pack")
+    if args.use_liger_kernel and liger_supports(getattr(model_config, "model_type", None)) is False:
+        log.warning(f"Liger has no kernels for model type {model_config.model_type!r}; training without them")
     if eval_ds is not None and batching != "packed":
         import numpy as np
 
@@ -397,6 +430,17 @@ def train(
         eval_ds = eval_ds.select(np.argsort(np.asarray(eval_ds["num_tokens"]), kind="stable"))
     if len(train_ds) == 0:
         raise UsageError(f"{cfg.data.train}: no training rows left after preparation")
+    lengths = train_ds["num_tokens"]
+    memory = _memory_plan(cfg, args, state, model, model_config, lengths, batching, attn)
+    set_checkpointing(args, memory.checkpointing)
+    if state.is_main_process:
+        log.info(memory.preflight())
+        if memory.fits is False:
+            log.warning("the run may not fit the device; what would: " + "; ".join(memory.advice))
+    # Rows come out of the dataset as numpy arrays: the collator copies them whole, not token by token.
+    train_ds = train_ds.with_format("numpy")
+    if eval_ds is not None:
+        eval_ds = eval_ds.with_format("numpy")
 
     StepTrainer, InterruptCallback, ProgressCallback = _trainer_classes()
     meter = TokenMeter()
@@ -418,7 +462,7 @@ def train(
         if eval_ds is not None else None,
         callbacks=all_callbacks,
         batching=batching,
-        lengths=train_ds["num_tokens"] if batching == "grouped" else None,
+        lengths=lengths if batching == "grouped" else None,
         meter=meter,
     )
     from transformers import PrinterCallback
@@ -431,6 +475,15 @@ def train(
     interrupt.install()
     try:
         output = trainer.train(resume_from_checkpoint=plan.checkpoint if plan.action == "resume" else None)
+    except _oom_errors():
+        from transformers.trainer_utils import get_last_checkpoint
+
+        checkpoint = get_last_checkpoint(str(plan.output_dir)) if plan.output_dir.is_dir() else None
+        budget = f" of the {size(memory.usable_bytes)} usable" if memory.usable_bytes is not None else ""
+        raise TrainingOutOfMemory(
+            f"out of memory at step {trainer.state.global_step + 1} (estimated peak {size(memory.estimate.total)}"
+            f"{budget}, gradient checkpointing {'on' if memory.checkpointing else 'off'}, largest micro-batch "
+            f"{memory.estimate.batch.describe()})", hint=oom_hint(memory, checkpoint)) from None
     finally:
         interrupt.uninstall()
         _write_debug_rows(meter, state.process_index)
@@ -438,7 +491,8 @@ def train(
     tokens_tensor = torch.tensor([meter.value()], dtype=torch.long, device=args.device)
     tokens = int(trainer.accelerator.reduce(tokens_tensor, reduction="sum").item()) if state.num_processes > 1 else meter.value()
 
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    history = [[h["step"], h["loss"]] for h in trainer.state.log_history if "loss" in h]
+    losses = [loss for _, loss in history]
     result = TrainResult(
         output_dir=str(plan.output_dir),
         model_dir=None,
@@ -453,6 +507,12 @@ def train(
         train_loss=float(output.training_loss) if output.training_loss is not None and not math.isnan(output.training_loss) else None,
         final_loss=float(losses[-1]) if losses else None,
         batching=batching,
+        attn_implementation=attn or None,
+        gradient_checkpointing=memory.checkpointing,
+        memory=memory.to_dict(),
+        peak_memory_gib=round(torch.cuda.max_memory_reserved(args.device) / GIB, 2) if cuda else None,
+        allocator=allocator_setting() if cuda else None,
+        loss_history=history,
         lora=lora_info,
         world_size=state.num_processes,
         resumed_from=plan.checkpoint if plan.action == "resume" else None,
@@ -482,6 +542,49 @@ def train(
         result.pushed = _push(cfg, plan.output_dir, lora_info)
     state.wait_for_everyone()
     return result
+
+
+def _oom_errors() -> tuple[type[BaseException], ...]:
+    import torch
+
+    # torch >= 2.5 names it torch.OutOfMemoryError; torch.cuda.OutOfMemoryError is the same class.
+    return (getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError,)
+
+
+def set_checkpointing(args: Any, enabled: bool) -> None:
+    """Turn gradient checkpointing on or off in TrainingArguments (named activation_checkpointing since transformers
+    5.2x, with gradient_checkpointing kept as its alias; the Trainer reads whichever its version has)."""
+    for name in ("activation_checkpointing", "gradient_checkpointing"):
+        if hasattr(args, name):
+            setattr(args, name, bool(enabled))
+
+
+def requested_checkpointing(cfg: Config) -> str | bool:
+    """train.gradient_checkpointing, or transformers' newer name for it when only that one was set."""
+    requested = cfg.train.gradient_checkpointing
+    if requested == "auto" and cfg.training_arguments.get("activation_checkpointing") is not None:
+        return bool(cfg.training_arguments["activation_checkpointing"])
+    return requested
+
+
+def _memory_plan(cfg: Config, args: Any, state: Any, model: Any, model_config: Any, lengths: Sequence[int],
+                 batching: str, attn: str) -> MemoryPlan:
+    """The memory plan for this process; under several processes, all plan against the smallest budget."""
+    import torch
+    from accelerate.utils import DistributedType
+
+    budget = device_budget(cfg.train.memory_budget_gb, args.device)
+    if budget.bytes is not None and state.num_processes > 1 and torch.distributed.is_initialized():
+        t = torch.tensor([budget.bytes], dtype=torch.long, device=args.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+        budget = type(budget)(int(t.item()), budget.source + " (smallest of all processes)")
+    shards = state.num_processes if state.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP) else 1
+    param = next(model.parameters())
+    optim = getattr(args.optim, "value", args.optim)
+    shape = model_shape(model_config, model, lm_head=cfg.train.kind == "lm-tag")
+    return plan_memory(requested_checkpointing(cfg), shape, lengths,
+                       args.per_device_train_batch_size, batching, budget, param_bytes=param.element_size(),
+                       mixed=bool(args.bf16 or args.fp16), optimizer=str(optim), attention=attn or "sdpa", shards=shards)
 
 
 def _present_modules(model: Any, names: Any) -> list[str]:
@@ -547,6 +650,10 @@ def _save_final(trainer: Any, cfg: Config, tokenizer: Any, prepared: Any, output
         "final_loss": result.final_loss,
         "eval": result.eval_metrics,
         "seconds": result.seconds,
+        "gradient_checkpointing": result.gradient_checkpointing,
+        "gradient_checkpointing_reason": (result.memory or {}).get("reason"),
+        "memory": result.memory,
+        "attn_implementation": result.attn_implementation,
     }
     data = {**prepared.metadata.get("data", {}), "cache_key": prepared.metadata.get("cache_key"),
             "splits": prepared.metadata.get("splits", {})}

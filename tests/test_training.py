@@ -146,17 +146,6 @@ def test_length_grouped_sampler_is_a_seeded_permutation_with_less_padding():
     assert len(first[-(203 % 8):]) == 203 % 8  # the one short batch is last
 
 
-def test_auto_batching_is_grouped_without_flash_attention():
-    from transformers import AutoModelForTokenClassification, Qwen2Config
-
-    from prmkit.batching import resolve_batching
-
-    model = AutoModelForTokenClassification.from_config(Qwen2Config(**TRAIN_TINY_MODEL, vocab_size=50, num_labels=2))
-    expected = "packed" if torch.cuda.is_available() and model.config._attn_implementation.startswith("flash") else "grouped"
-    assert resolve_batching("auto", model) == expected
-    assert resolve_batching("padded", model) == "padded"
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Metrics
 

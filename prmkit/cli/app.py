@@ -9,6 +9,7 @@ import typer
 
 from prmkit import __version__
 from prmkit.cli import config_cmd, eval_cmd, prepare_cmd, push_cmd, score_cmd, train_cmd
+from prmkit.memory import use_expandable_segments
 
 app = typer.Typer(
     name="prmkit",
@@ -37,6 +38,9 @@ def root(
         os.environ["PRMKIT_DEBUG"] = "1"
     # prmkit draws its own progress on stderr; datasets' per-save bars would only interleave with it.
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    # Before anything imports torch: the CUDA allocator reads its settings once, and processes launched from here
+    # (accelerate launch, --num-processes) inherit them.
+    use_expandable_segments()
 
 
 app.command("prepare", no_args_is_help=False)(prepare_cmd.prepare)

@@ -192,9 +192,15 @@ def _tables(summary: dict[str, Any]) -> list:
         ("steps", f"{summary['global_step']}/{summary['max_steps']} ({summary['epochs']:.2f} epochs, {summary['train_rows']} rows, "
                   f"{summary['world_size']} process{'es' if summary['world_size'] > 1 else ''})"),
         ("time", f"{summary['seconds']:.1f} s"),
-        ("tokens/s", f"{summary['tokens_per_second']:,.0f} ({summary['tokens']:,} tokens, batching {summary['batching']})"),
+        ("tokens/s", f"{summary['tokens_per_second']:,.0f} ({summary['tokens']:,} tokens, batching {summary['batching']}"
+                     + (f", {summary['attn_implementation']} attention" if summary.get("attn_implementation") else "") + ")"),
         ("train loss", _loss_text(summary.get("train_loss"), loss)),
     ]
+    if summary.get("memory"):
+        mem = summary["memory"]
+        peak = f", peak reserved {summary['peak_memory_gib']:.1f} GiB" if summary.get("peak_memory_gib") is not None else ""
+        rows.append(("memory", f"estimated {mem['estimate']['total_gib']:.1f} GiB{peak}; gradient checkpointing "
+                               f"{'on' if summary.get('gradient_checkpointing') else 'off'} ({mem['reason']})"))
     if summary.get("resumed_from"):
         rows.append(("resumed from", summary["resumed_from"]))
     if summary.get("lora"):
