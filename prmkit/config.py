@@ -236,6 +236,7 @@ RANGES: dict[str, Range] = {
     "score.threshold": _PROBABILITY,
     "score.batch_tokens": _COUNT,
     "score.sort_window": _COUNT,
+    "train.memory_budget_gb": Range(0, low_open=True, note="GiB; null: the device's free memory"),
     "train.lora.r": _COUNT,
     "train.lora.alpha": _POSITIVE,
     "train.lora.dropout": Range(0, 1, high_open=True),

@@ -161,6 +161,17 @@ def test_estimate_of_the_issue_setting_brackets_the_h200_measurements():
     assert sharded.weights == params and sharded.activations == off.activations
 
 
+def test_an_lm_head_adds_vocabulary_logits():
+    """lm-tag trains a causal LM: its logits (and their gradient) are positions x vocabulary, not x 2."""
+    batch = MicroBatch(rows=16, width=1085, sequences=16)
+    head = estimate_memory(QWEN2_05B, batch, param_bytes=2)
+    lm = ModelShape(**{**QWEN2_05B.__dict__, "head_outputs": QWEN2_05B.vocab})
+    assert lm.outputs == 151936 and QWEN2_05B.outputs == 2
+    with_lm = estimate_memory(lm, batch, param_bytes=2)
+    logits = 16 * 1085 * 151936 * 2
+    assert with_lm.activations - head.activations == logits and with_lm.workspace - head.workspace == logits
+
+
 def test_eager_attention_adds_the_score_matrix():
     batch = MicroBatch(rows=4, width=1000, sequences=4)
     sdpa = estimate_memory(QWEN2_05B, batch)
