@@ -463,6 +463,7 @@ def _train_kind_encoder(cfg, tokenizer):
     from prmkit import kinds
 
     settings = kinds.KindSettings.from_sources({**cfg.model.kind_settings(), "kind": kinds.LM_TAG}, None)
+    kinds.ensure_tag_token(tokenizer, settings.tag())  # as train does (a no-op there): `prepare` alone works too
     return kinds.KindEncoder(kinds.LM_TAG, tokenizer, settings, cfg.data.max_length)
 
 
@@ -502,10 +503,11 @@ def prepare_splits(
     if not specs:
         raise UsageError("no data: set data.train (and optionally data.eval)", hint="e.g. --set data.train=rows.jsonl")
     params = TokenizationParams.from_data_config(data)
-    tok_fp = tokenizer_fingerprint(tokenizer)
-    sources = {name: fingerprint_source(resolve_source(spec)) for name, spec in specs.items()}
+    # Before the fingerprint: lm-tag may add its step tag to the tokenizer, which changes its ids.
     kind_encoder = _train_kind_encoder(cfg, tokenizer)
     kind = kind_encoder.settings.to_dict() if kind_encoder is not None else None
+    tok_fp = tokenizer_fingerprint(tokenizer)
+    sources = {name: fingerprint_source(resolve_source(spec)) for name, spec in specs.items()}
     key = cache_key(tok_fp, params, data, sources, kind)
     target = Path(output) if output else cache_root(data.cache_dir) / "prepared" / key
 

@@ -442,3 +442,24 @@ def test_lm_tag_training_refuses_a_step_containing_the_tag(tmp_path, tiny_qwen2_
     rows.write_text(json.dumps({"prompt": "q", "completions": ["a", "b ки c"], "labels": [True, False]}) + "\n")
     with pytest.raises(DataError, match="row 1: step 2 contains the step tag"):
         _train_lm_tag(tmp_path, tiny_qwen2_config_dir, rows)
+
+
+def test_prepare_lm_tag_puts_labels_at_the_tags(tmp_path, train_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    from prmkit.config import load_config
+    from prmkit.dataset import prepare_splits
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"prompt": "What is 2 + 3?", "completions": ["2 + 3 = 5.", "So 6."],
+                                "labels": [True, 0.25]}) + "\n")
+    cfg = load_config(None, None, {"data.train": str(rows), "train.kind": "lm-tag"})
+    tok = AutoTokenizer.from_pretrained(train_tokenizer_dir)
+    prepared = prepare_splits(cfg, tok, output=tmp_path / "prep")
+    row = prepared.load()["train"][0]
+    tag = tok.convert_tokens_to_ids("ки")  # added by prepare, as train adds it
+    assert prepared.metadata["kind"]["kind"] == "lm-tag"
+    assert row["input_ids"] == tok.encode("What is 2 + 3? 2 + 3 = 5. ки\nSo 6. ки")
+    labelled = [(i, v) for i, v in enumerate(row["labels"]) if v != -100]
+    assert [row["input_ids"][i] for i, _ in labelled] == [tag, tag]
+    assert [v for _, v in labelled] == [1.0, 0.25]
