@@ -82,7 +82,10 @@ def remove_path(path: str | Path) -> None:
 
 
 def write_atomic(path: str | Path, data: bytes | str) -> None:
-    """Write to a temporary file beside ``path``, fsync it, and rename it over ``path`` (atomic on one filesystem)."""
+    """Write to a temporary file beside ``path``, fsync it, and rename it over ``path`` (atomic on one filesystem).
+
+    Temporary files an earlier, killed writer of ``path`` left are removed afterwards.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = data.encode("utf-8") if isinstance(data, str) else data
@@ -101,6 +104,7 @@ def write_atomic(path: str | Path, data: bytes | str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    remove_leftovers(path.parent, path.name)  # what a killed writer of this file left
 
 
 def read_json(path: str | Path, hint: str | None = None) -> Any:

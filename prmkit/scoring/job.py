@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from prmkit import __version__
-from prmkit.atomic import write_atomic
+from prmkit.atomic import remove_leftovers, write_atomic
 from prmkit.errors import DataError, PrmkitError, UsageError
 from prmkit.formats import Options, RowError, convert, detect_format, validate
 from prmkit.metrics import aggregate, first_error_index
@@ -273,14 +273,32 @@ def _describe_mismatch(state: dict, job: dict) -> str | None:
     if state.get("settings") != job["settings"]:
         old, new = state.get("settings", {}), job["settings"]
         keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        return f"it was written with other settings ({', '.join(keys)})"
+        changes = "; ".join(f"{k}: {_short(old.get(k))}, now {_short(new.get(k))}" for k in keys[:4])
+        return f"it was written with other settings ({changes}{'; ...' if len(keys) > 4 else ''})"
     return None
+
+
+def _short(value: Any) -> str:
+    text = "not recorded" if value is None else json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _remove(*paths: Path) -> None:
     for p in paths:
         if p.exists() or p.is_symlink():
             p.unlink()
+
+
+def _from_stdin(state: dict) -> bool:
+    return (state.get("input") or {}).get("sha256") is None
+
+
+def _remove_unresumable(paths: dict[str, Path], why: str) -> None:
+    """Remove the partial output, rejects and state of a run that can never be continued, saying why."""
+    there = [p for p in (paths["partial"], paths["rejects_partial"], paths["state"]) if p.exists() or p.is_symlink()]
+    if there:
+        _remove(*there)
+        log.warning(f"{paths['output']}: {why}; removed {', '.join(p.name for p in there)}")
 
 
 def score_file(
@@ -330,7 +348,7 @@ def score_file(
     plan: dict[str, Any] = {}
     if main:
         try:
-            job = _job_identity(scorer, src, fmt, threshold)
+            job = _job_identity(scorer, src, fmt, threshold, window_rows)
             plan = _plan_output(paths, job, src, overwrite) if paths else {}
         except PrmkitError as e:
             plan = {"error": [isinstance(e, UsageError), e.message, e.hint]}
@@ -485,6 +503,14 @@ def score_file(
                     rej_fh.close()
                     rej_fh = None
                 _finish(paths)
+    except BaseException:
+        if main and paths is not None and src.stdin:
+            for fh in (out_fh, rej_fh):
+                if fh is not None:
+                    fh.close()
+            out_fh = rej_fh = None
+            _remove_unresumable(paths, "scoring stdin cannot be resumed (give the input as a file for that)")
+        raise
     finally:
         if paths is not None and out_fh is not None:
             out_fh.close()
@@ -497,8 +523,12 @@ def score_file(
     return summary
 
 
-def _job_identity(scorer: StepScorer, src: InputSource, fmt: str, threshold: float) -> dict[str, Any]:
-    """What must match for a run to continue an earlier one's output."""
+def _job_identity(scorer: StepScorer, src: InputSource, fmt: str, threshold: float, window_rows: int) -> dict[str, Any]:
+    """What must match for a run to continue an earlier one's output.
+
+    The batching settings belong here too: they decide which solutions share a forward pass, and a batch of another
+    shape can round the last bit of a score differently, so a resumed run must batch as the first one did.
+    """
     return {
         "input": {"sha256": src.fingerprint()},
         "input_spec": src.name,
@@ -510,6 +540,11 @@ def _job_identity(scorer: StepScorer, src: InputSource, fmt: str, threshold: flo
             "dtype": str(scorer.dtype).removeprefix("torch."),
             "positive_label_id": scorer.positive_label_id,
             "mode": "prefix" if scorer.prefix_mode else "one-pass",
+            "batch_tokens": scorer.batch_tokens,
+            "sort_window": window_rows,
+            "processes": scorer.world_size,
+            "device": scorer.device.type,
+            "packing": scorer.packing,
         },
     }
 
@@ -529,10 +564,17 @@ def _plan_output(paths: dict[str, Path], job: dict, src: InputSource, overwrite:
     if out.is_dir():
         raise UsageError(f"{out} is a directory; --output takes a JSONL file path")
     out.parent.mkdir(parents=True, exist_ok=True)
+    removed, _ = remove_leftovers(out.parent, paths["state"].name)
+    if removed:
+        log.info(f"removed {removed} temporary file{'s' if removed > 1 else ''} left beside {out} by an interrupted run")
     if overwrite:
         _remove(paths["output"], paths["partial"], paths["rejects"], paths["rejects_partial"], paths["state"])
         return {"fresh": True}
     state = _read_state(paths["state"])
+    if state is not None and _from_stdin(state) and state.get("status") != "complete":
+        # An interrupted run that read stdin: nothing can tell where its input left off, so it cannot be continued.
+        _remove_unresumable(paths, "an earlier run read stdin and was interrupted; it cannot be continued")
+        state = None
     if state is None:
         existing = [p for p in (paths["output"], paths["partial"], paths["rejects"], paths["rejects_partial"]) if p.exists()]
         if existing:
@@ -545,7 +587,9 @@ def _plan_output(paths: dict[str, Path], job: dict, src: InputSource, overwrite:
     why = _describe_mismatch(state, job)
     if why:
         raise UsageError(f"{out}: refusing to continue it: {why}",
-                         hint="pass --overwrite to start over, or choose another --output")
+                         hint="run with the settings it was started with to continue it (a resumed run must batch as "
+                              "the first did to give the same bytes), pass --overwrite to start over, or choose "
+                              "another --output")
     progress = state.get("progress", {})
     if state.get("status") == "complete":
         _finish(paths)
