@@ -35,6 +35,7 @@ def main() -> None:
     if not QWEN2_TOKENIZER.exists():
         raise SystemExit(f"needs the Qwen2 tokenizer at {QWEN2_TOKENIZER} (../shared)")
 
+    import prmkit.atomic as atomic
     import prmkit.dataset as dataset
     from prmkit.config import load_config
 
@@ -67,7 +68,7 @@ def main() -> None:
         assert real_verify(prepared.path, prepared.metadata) is None
         verify_only.append(time.perf_counter() - start)
         start = time.perf_counter()
-        dataset._manifest(prepared.path)
+        atomic.manifest(prepared.path)
         manifest_only.append(time.perf_counter() - start)
 
     result = {

@@ -272,13 +272,14 @@ RANGES: dict[str, Range] = {
 }
 
 
-def check_range(key: str, value: Any, origin: str) -> None:
-    """Refuse a number outside ``RANGES[key]`` with one line naming the key, the value and the allowed range."""
+def check_range(key: str, value: Any, origin: str, name: str | None = None) -> None:
+    """Refuse a number outside ``RANGES[key]`` with one line naming the key (as ``name``, when the file where it was
+    found spells it otherwise), the value and the allowed range."""
     allowed = RANGES.get(key)
     if allowed is None or value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
         return
     if value not in allowed:
-        raise ConfigError(f"{origin}: {key}: {value!r} is out of range; expected {allowed.describe()}")
+        raise ConfigError(f"{origin}: {name or key}: {value!r} is out of range; expected {allowed.describe()}")
 
 
 def _check_lora(value: Any, origin: str) -> None:

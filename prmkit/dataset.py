@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from prmkit import __version__
-from prmkit.atomic import TEMP_SUFFIX, remove_leftovers, remove_path, temp_prefix
+from prmkit.atomic import TEMP_SUFFIX, check_manifest, manifest, remove_leftovers, remove_path, temp_prefix
 from prmkit.errors import DataError, UsageError
 from prmkit.formats import Options, RowError, convert, detect_format
 from prmkit.tokenization import (
@@ -610,44 +610,12 @@ def _read_metadata(target: Path) -> dict | None:
         return None
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()  # OpenSSL's SHA-256 runs at GB/s where the CPU has SHA extensions; blake2b has none
-    buf = bytearray(1 << 20)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as fh:
-        while n := fh.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
-
-
-def _manifest(directory: Path) -> dict[str, dict[str, Any]]:
-    """Size and SHA-256 of every file of a prepared directory (its metadata file aside), by relative path."""
-    files = {}
-    for path in sorted(directory.rglob("*")):
-        if path.is_file() and path.name != METADATA_FILE:
-            files[path.relative_to(directory).as_posix()] = {"size": path.stat().st_size, "sha256": _file_digest(path)}
-    return files
-
-
 def verify_prepared(target: Path, metadata: dict) -> str | None:
-    """What is wrong with a prepared directory's files, or None when each has the size and checksum it was written with.
-
-    Sizes are checked first (a truncated file costs nothing to find), then checksums (zeroed or altered bytes).
-    """
+    """What is wrong with a prepared directory's files, or None when each has the size and checksum it was written with."""
     files = metadata.get("files")
     if not isinstance(files, dict) or not files:
         return f"{METADATA_FILE} records no checksums (written by an older prmkit)"
-    for rel, expected in files.items():
-        try:
-            size = (target / rel).stat().st_size
-        except OSError:
-            return f"{rel} is missing"
-        if size != expected.get("size"):
-            return f"{rel} has {size} bytes, but {expected.get('size')} were written"
-    for rel, expected in files.items():
-        if _file_digest(target / rel) != expected.get("sha256"):
-            return f"{rel} does not match the checksum recorded when it was written"
-    return None
+    return check_manifest(target, files)
 
 
 def _write_into(tmp: Path, dsd, metadata: dict, rejects: list[dict]) -> None:
@@ -659,7 +627,7 @@ def _write_into(tmp: Path, dsd, metadata: dict, rejects: list[dict]) -> None:
         with open(tmp / REJECTS_FILE, "w", encoding="utf-8") as fh:
             for r in rejects:
                 fh.write(json.dumps(r, ensure_ascii=False, default=str) + "\n")
-    metadata["files"] = _manifest(tmp)
+    metadata["files"] = manifest(tmp, exclude=(METADATA_FILE,))
     (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, ensure_ascii=False), encoding="utf-8")
 
 

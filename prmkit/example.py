@@ -10,8 +10,9 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-
+from prmkit.atomic import TEMP_SUFFIX, check_manifest, manifest, read_json, remove_leftovers, remove_path, temp_prefix
 from prmkit.config import Config
+from prmkit.errors import UsageError
 
 if TYPE_CHECKING:  # pragma: no cover
     pass
@@ -22,6 +23,7 @@ EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 EXAMPLE_TRAIN = EXAMPLES_DIR / "prm800k_samples.jsonl"
 EXAMPLE_EVAL = EXAMPLES_DIR / "processbench_gsm8k_sample.json"
 EXAMPLE_OUTPUT_DIR = "runs/example"
+MANIFEST_FILE = "prmkit_files.json"  # sizes and checksums of the cached example model's files
 # TrainingArguments the example fills in when they are still at their defaults: a random tiny model needs a large
 # learning rate and a few epochs for its loss to move within seconds.
 EXAMPLE_TRAINING = {
@@ -101,8 +103,21 @@ def example_base_dir(cache_dir: str | None = None) -> Path:
         if path.is_file():
             h.update(path.read_bytes())
     target = cache_root(cache_dir) / "example-model" / h.hexdigest()[:16]
+    remove_leftovers(target.parent, target.name)
     if (target / "config.json").is_file():
-        return target
+        try:
+            damage = check_manifest(target, read_json(target / MANIFEST_FILE))
+        except (OSError, UsageError):
+            damage = f"{MANIFEST_FILE} is missing or damaged"
+        if damage is None:
+            return target
+        log.warning(f"{target}: {damage}; rebuilding it")
+        try:  # renamed first, so a process building it at the same time never sees it half-deleted
+            stale = target.with_name(f"{temp_prefix(target.name)}stale{TEMP_SUFFIX}")
+            target.rename(stale)
+            remove_path(stale)
+        except OSError:
+            pass
     from transformers import Qwen2Config
 
     tokenizer = build_example_tokenizer()
@@ -110,10 +125,11 @@ def example_base_dir(cache_dir: str | None = None) -> Path:
                          bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     config.architectures = ["Qwen2ForTokenClassification"]
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(target.name), suffix=TEMP_SUFFIX, dir=target.parent))
     try:
         tokenizer.save_pretrained(tmp)
         config.save_pretrained(tmp)
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest(tmp), indent=2), encoding="utf-8")
         try:
             tmp.rename(target)
         except OSError:  # another process (rank) built the same directory first; theirs is identical

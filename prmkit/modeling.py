@@ -17,6 +17,7 @@ from typing import Any
 
 from prmkit import __version__
 from prmkit.atomic import read_json, write_atomic
+from prmkit.errors import UsageError
 from prmkit.tokenization import TokenizationParams
 
 log = logging.getLogger("prmkit")
@@ -69,7 +70,25 @@ def read_metadata(model_dir: str | Path) -> dict[str, Any] | None:
     path = Path(model_dir) / PRMKIT_JSON
     if not path.is_file():
         return None
-    return read_json(path, hint=f"the file is damaged: restore it, or copy {PRMKIT_JSON} from the training run's output")
+    hint = f"the file is damaged: restore it, or copy {PRMKIT_JSON} from the training run's output"
+    metadata = read_json(path, hint=hint)
+    if not isinstance(metadata, dict):
+        raise UsageError(f"{path}: expected a JSON object, got {type(metadata).__name__}", hint=hint)
+    check_recorded_tokenization(metadata.get("tokenization"), str(path))
+    return metadata
+
+
+def check_recorded_tokenization(recorded: Any, origin: str) -> None:
+    """The limits a model directory records go through the config's own type and range checks."""
+    from prmkit.config import check_range
+
+    if not isinstance(recorded, dict):
+        return
+    for key in ("max_length", "max_prompt_length", "max_completion_length"):
+        value = recorded.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise UsageError(f"{origin}: tokenization.{key}: expected an integer or null, got {value!r}")
+        check_range(f"data.{key}", value, origin, name=f"tokenization.{key}")
 
 
 def resolve_tokenization(

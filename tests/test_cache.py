@@ -180,3 +180,18 @@ def test_train_rebuilds_a_damaged_cache(tmp_path, source, tiny_qwen2_config_dir)
     assert res.exit_code == 0, res.output
     assert "rebuilding it" in res.stderr and "Traceback" not in res.output
     assert arrow.read_bytes() == data
+
+
+def test_cached_example_model_is_verified_and_rebuilt(tmp_path, caplog):
+    from prmkit.example import MANIFEST_FILE, example_base_dir
+
+    first = example_base_dir(str(tmp_path / "cache"))
+    assert json.loads((first / MANIFEST_FILE).read_text())["config.json"]["size"] == (first / "config.json").stat().st_size
+    assert example_base_dir(str(tmp_path / "cache")) == first
+    good = (first / "tokenizer.json").read_bytes()
+    (first / "tokenizer.json").write_bytes(good[:-10])
+    caplog.set_level(logging.INFO, logger="prmkit")
+    again = example_base_dir(str(tmp_path / "cache"))
+    assert again == first and (again / "tokenizer.json").read_bytes() == good
+    assert any("tokenizer.json has" in m and m.endswith("; rebuilding it") for m in warnings(caplog))
+    assert [p.name for p in first.parent.iterdir()] == [first.name]

@@ -223,3 +223,20 @@ def test_score_to_a_closed_pipe_is_one_line(tmp_path, prm_dir):
     assert proc.returncode == 1, err
     assert "error: the output pipe was closed before everything was written" in err
     assert "Traceback" not in err and "Exception ignored" not in err
+
+
+@pytest.mark.parametrize("recorded, expected", [
+    ({"max_length": -5}, "tokenization.max_length: -5 is out of range; expected >= 1"),
+    ({"max_prompt_length": "lots"}, "tokenization.max_prompt_length: expected an integer or null, got 'lots'"),
+])
+def test_limits_recorded_in_prmkit_json_are_range_checked(tmp_path, prm_dir, recorded, expected):
+    import shutil
+
+    model = tmp_path / "prm"
+    shutil.copytree(prm_dir, model)
+    meta = json.loads((model / "prmkit.json").read_text())
+    meta["tokenization"].update(recorded)
+    (model / "prmkit.json").write_text(json.dumps(meta))
+    res = runner.invoke(app, ["score", str(model), str(write_jsonl(tmp_path / "in.jsonl", ROWS)), "-o", str(tmp_path / "o.jsonl")])
+    assert res.exit_code == 2, res.output
+    assert f"{model / 'prmkit.json'}: {expected}" in res.stderr and "Traceback" not in res.output
