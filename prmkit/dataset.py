@@ -20,6 +20,7 @@ from prmkit import __version__
 from prmkit.atomic import TEMP_SUFFIX, check_manifest, manifest, remove_leftovers, remove_path, temp_prefix
 from prmkit.errors import DataError, UsageError
 from prmkit.formats import Options, RowError, convert, detect_format
+from prmkit.outputs import refuse_inputs_inside
 from prmkit.tokenization import (
     TokenizationParams,
     TokenizedBatch,
@@ -510,6 +511,11 @@ def prepare_splits(
     sources = {name: fingerprint_source(resolve_source(spec)) for name, spec in specs.items()}
     key = cache_key(tok_fp, params, data, sources, kind)
     target = Path(output) if output else cache_root(data.cache_dir) / "prepared" / key
+    if output:
+        # A rebuild replaces the whole directory: an input inside it would be deleted with it.
+        refuse_inputs_inside(target, [("data.train", data.train), ("data.eval", data.eval),
+                                      ("tokenizer", cfg.tokenizer_name), ("--config", getattr(cfg, "source", None))],
+                             "prepare replaces")
 
     removed, size = remove_leftovers(target.parent, target.name)
     if removed:

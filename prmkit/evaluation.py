@@ -46,6 +46,7 @@ from prmkit.atomic import write_atomic
 from prmkit.dataset import _hub_split, iter_records, read_step_rows, resolve_source
 from prmkit.errors import DataError, PrmkitError, UsageError
 from prmkit.formats import Options
+from prmkit.outputs import refuse_inputs_inside
 
 log = logging.getLogger("prmkit")
 
@@ -570,13 +571,19 @@ def _is_previous_report(path: Path) -> bool:
     return isinstance(previous, dict) and ("subsets" in previous or "models" in previous)
 
 
-def check_output_dir(path: str | Path, overwrite: bool = False) -> bool:
+def check_output_dir(path: str | Path, overwrite: bool = False, models: Sequence[str] = (),
+                     data: Sequence[str] = (), config: str | Path | None = None) -> bool:
     """Refuse a non-empty directory that is not a previous ``prmkit eval`` report unless ``overwrite``.
 
     A directory holding nothing but an earlier report is replaced: it is this command's own output, and
     re-running an evaluation into the same place is the common case. Returns whether files are being replaced.
+    A model, data source or config file inside the directory is refused: the report's files would replace or
+    delete it (a data file named ``rejects.jsonl``), or land in a model directory that gets published.
     """
     path = Path(path)
+    sources = [spec.partition("=")[2] if "=" in spec and not Path(spec).expanduser().exists() else spec for spec in data]
+    refuse_inputs_inside(path, [*(("model", m) for m in models), *(("--data", s) for s in sources),
+                                ("--config", config)], "eval writes its report into")
     if path.exists() and not path.is_dir():
         raise UsageError(f"{path} exists and is not a directory", hint="choose another --output-dir")
     if not path.exists() or not any(path.iterdir()):

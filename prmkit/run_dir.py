@@ -4,22 +4,20 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Sequence
 
 import yaml
 
 from prmkit.atomic import write_atomic
+from prmkit.checkpoints import checkpoint_problem, latest_complete_checkpoint, set_aside
 from prmkit.config import TRAINING_ARGUMENT_DEFAULTS, Config, dump_config
 from prmkit.errors import UsageError
-from prmkit.modeling import (
-    CONFIG_YAML,
-)
-
-if TYPE_CHECKING:  # pragma: no cover
-    pass
+from prmkit.modeling import CONFIG_YAML, PRMKIT_JSON
+from prmkit.outputs import OutputLock, refuse_inputs_inside
 
 log = logging.getLogger("prmkit")
 
@@ -74,6 +72,12 @@ class OutputPlan:
     output_dir: Path
     action: str  # fresh | overwrite | resume
     checkpoint: str | None = None
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    """Checkpoints newer than ``checkpoint`` found incomplete: (path, why). They are set aside before resuming."""
+
+
+def output_dir_of(cfg: Config) -> Path:
+    return Path(cfg.training_arguments.get("output_dir") or TRAINING_ARGUMENT_DEFAULTS["output_dir"])
 
 
 def _is_dangerous_to_delete(path: Path) -> bool:
@@ -82,34 +86,56 @@ def _is_dangerous_to_delete(path: Path) -> bool:
     return resolved in (Path(resolved.anchor), Path.home().resolve()) or resolved == cwd or resolved in cwd.parents
 
 
-def plan_output_dir(cfg: Config, overwrite: bool = False, resume: bool | str | None = None) -> OutputPlan:
+def _train_inputs(cfg: Config, overwrite: bool) -> list[tuple[str, Any]]:
+    """What a run reads, by the name a user would look for; with --overwrite also the config file and the cache."""
+    ta = cfg.training_arguments
+    inputs: list[tuple[str, Any]] = [
+        ("data.train", cfg.data.train), ("data.eval", cfg.data.eval),
+        ("model.name_or_path", cfg.model.name_or_path), ("model.tokenizer", cfg.model.tokenizer),
+    ]
+    inputs += [(f"train.{key}", ta[key]) for key in ("deepspeed", "fsdp_config", "accelerator_config")
+               if isinstance(ta.get(key), (str, Path))]
+    if ta.get("push_to_hub"):
+        inputs.append(("push.eval_report", cfg.push.eval_report))  # read after training, when the model is pushed
+    if overwrite:
+        from prmkit.dataset import cache_root
+
+        # A config file or cache inside a run being resumed is fine (`-c runs/x/prmkit_config.yaml --resume`).
+        inputs += [("--config", cfg.source), ("the prepared-data cache", cache_root(cfg.data.cache_dir))]
+    return inputs
+
+
+def plan_output_dir(cfg: Config, overwrite: bool = False, resume: bool | str | None = None,
+                    extra_inputs: Sequence[tuple[str, Any]] = ()) -> OutputPlan:
     """Decide what to do with the output directory, without touching it; raises UsageError when it is not ours.
 
     An empty or missing directory starts fresh. One holding this same run (same model, data and training keys in its
-    prmkit_config.yaml) is resumed with ``resume``; anything else is refused unless ``overwrite``.
+    prmkit_config.yaml) is resumed with ``resume``, from its newest complete checkpoint; anything else is refused
+    unless ``overwrite``. An input (data, model, tokenizer, config file, cache, ``extra_inputs``) inside a directory
+    this run would replace or write into is refused outright, links resolved.
     """
-    from transformers.trainer_utils import get_last_checkpoint
-
-    out = Path(cfg.training_arguments.get("output_dir") or TRAINING_ARGUMENT_DEFAULTS["output_dir"])
+    out = output_dir_of(cfg)
     if resume and overwrite:
         raise UsageError("--resume and --overwrite contradict each other: continue the run, or start it over")
     if out.exists() and not out.is_dir():
         raise UsageError(f"output directory {out} is a file")
-    occupied = out.is_dir() and any(p.name != FINAL_TMP for p in out.iterdir())
+    occupied = out.is_dir() and any(p.name not in _OWN_HIDDEN for p in out.iterdir())
     if isinstance(resume, str) and resume.lower() not in ("true", "last"):
-        ckpt = Path(resume)
-        if not (ckpt / "trainer_state.json").is_file():
-            raise UsageError(f"cannot resume from {resume}: not a checkpoint directory (no trainer_state.json)")
-        resume_path: str | None = str(ckpt)
+        problem = checkpoint_problem(resume)
+        if problem:
+            raise UsageError(f"cannot resume from {resume}: {problem}", hint="give a complete checkpoint directory")
+        resume_path: str | None = str(resume)
     else:
         resume_path = None
     if not occupied:
         if resume:
             raise UsageError(f"nothing to resume: {out} holds no run", hint="drop --resume to start a new run")
         return OutputPlan(out, "fresh")
+    if overwrite and _is_dangerous_to_delete(out):
+        raise UsageError(f"refusing to delete {out.resolve()} for --overwrite", hint="choose a dedicated --output-dir")
+    refuse_inputs_inside(out, [*_train_inputs(cfg, overwrite), *extra_inputs],
+                         "--overwrite would replace" if overwrite else "training writes into")
     if overwrite:
-        if _is_dangerous_to_delete(out):
-            raise UsageError(f"refusing to delete {out.resolve()} for --overwrite", hint="choose a dedicated --output-dir")
         return OutputPlan(out, "overwrite")
     saved = out / CONFIG_YAML
     if not saved.is_file():
@@ -125,24 +151,119 @@ def plan_output_dir(cfg: Config, overwrite: bool = False, resume: bool | str | N
         shown = ", ".join(differ[:5]) + (f" and {len(differ) - 5} more" if len(differ) > 5 else "")
         raise UsageError(f"output directory {out} holds a different run ({shown} differ)",
                          hint="choose another --output-dir, or pass --overwrite to replace it")
+    if resume_path is not None:
+        return OutputPlan(out, "resume", resume_path)
+    last, skipped = latest_complete_checkpoint(out)
     if not resume:
-        last = get_last_checkpoint(str(out))
         raise UsageError(f"output directory {out} already holds this run",
-                         hint=(f"pass --resume to continue from {Path(last).name}, " if last else "")
+                         hint=(f"pass --resume to continue from {last.name}, " if last else "")
                          + "or --overwrite to start over")
-    if resume_path is None:
-        resume_path = get_last_checkpoint(str(out))
-        if resume_path is None:
-            raise UsageError(f"nothing to resume: {out} holds no checkpoint yet", hint="pass --overwrite to start over")
-    return OutputPlan(out, "resume", resume_path)
+    if last is None:
+        if skipped:
+            names = ", ".join(p.name for p, _ in skipped)
+            path, why = skipped[0]
+            raise UsageError(f"nothing to resume: no complete checkpoint ({names}; {path.name}: {why})",
+                             hint="pass --overwrite to start over")
+        raise UsageError(f"nothing to resume: {out} holds no checkpoint yet", hint="pass --overwrite to start over")
+    return OutputPlan(out, "resume", str(last), [(str(p), why) for p, why in skipped])
+
+
+def claim_output_dir(cfg: Config, overwrite: bool = False, resume: bool | str | None = None,
+                     extra_inputs: Sequence[tuple[str, Any]] = ()) -> tuple[OutputPlan, OutputLock]:
+    """Lock the output directory, settle what a killed ``--overwrite`` left, and plan; the caller releases the lock.
+
+    Raises :class:`prmkit.outputs.OutputBusy` (naming its PID) when another run holds the directory.
+    """
+    out = output_dir_of(cfg)
+    lock = OutputLock(out, "prmkit train").acquire()
+    try:
+        settled = settle_overwrite(out)
+        if settled:
+            log.warning(settled)
+        plan = plan_output_dir(cfg, overwrite=overwrite, resume=resume, extra_inputs=extra_inputs)
+    except BaseException:
+        lock.release()
+        raise
+    return plan, lock
 
 
 def prepare_output_dir(plan: OutputPlan, cfg: Config) -> None:
+    """Make the output directory ready for the run; call it once every input has been read.
+
+    ``--overwrite`` deletes nothing yet: the previous contents move into a hidden directory inside the output, and
+    go for good only once the new run has saved a complete checkpoint or its model (:func:`settle_overwrite`).
+    """
     if plan.action == "overwrite":
-        for item in plan.output_dir.iterdir():
-            shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
+        _set_aside_contents(plan.output_dir)
+    for path, why in plan.skipped:
+        moved = set_aside(Path(path))
+        log.warning(f"skipping {Path(path).name}: incomplete ({why}); moved to {moved.name}")
     plan.output_dir.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(plan.output_dir / FINAL_TMP, ignore_errors=True)
     write_atomic(plan.output_dir / CONFIG_YAML, dump_config(cfg))
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# --overwrite: the previous contents wait, set aside, until the new run has something to keep
+
+REPLACED = ".prmkit-replaced"
+"""The previous contents of an output directory being overwritten (until the new run saves something)."""
+_MOVING = ".prmkit-replacing"  # REPLACED while being filled: if it exists, nothing of the new run was written yet
+_DISCARDED = ".prmkit-discarded"  # REPLACED being deleted
+_OWN_HIDDEN = {FINAL_TMP, REPLACED, _MOVING, _DISCARDED}
+
+
+def _set_aside_contents(out: Path) -> None:
+    moving = out / _MOVING
+    moving.mkdir()
+    for item in list(out.iterdir()):
+        if item.name not in _OWN_HIDDEN:
+            os.rename(item, moving / item.name)
+    os.rename(moving, out / REPLACED)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def _has_something_to_keep(out: Path) -> str | None:
+    if (out / PRMKIT_JSON).is_file():
+        return "its finished model"
+    last, _ = latest_complete_checkpoint(out)
+    return last.name if last is not None else None
+
+
+def settle_overwrite(out: str | Path) -> str | None:
+    """Finish an ``--overwrite`` run's replacement of the previous contents, or undo it; say which, or None.
+
+    The new run is kept once it has a complete checkpoint or its finished model: then the previous contents are
+    deleted. Otherwise (it failed, or was killed, before saving anything) its files go and the previous contents
+    come back exactly as they were.
+    """
+    out = Path(out)
+    if (out / _DISCARDED).exists():
+        shutil.rmtree(out / _DISCARDED, ignore_errors=True)
+    moving, replaced = out / _MOVING, out / REPLACED
+    if moving.is_dir():  # killed while setting aside: the new run has not written anything yet
+        for item in list(moving.iterdir()):
+            os.rename(item, out / item.name)
+        moving.rmdir()
+        return f"{out}: put back the previous contents, which an --overwrite run killed at its start had set aside"
+    if not replaced.is_dir():
+        return None
+    kept = _has_something_to_keep(out)
+    if kept:
+        os.rename(replaced, out / _DISCARDED)
+        shutil.rmtree(out / _DISCARDED, ignore_errors=True)
+        return None if kept == "its finished model" else (
+            f"{out}: the --overwrite run that stopped had saved {kept}; the previous contents are deleted")
+    for item in list(out.iterdir()):
+        if item.name not in _OWN_HIDDEN:
+            _remove(item)
+    for item in list(replaced.iterdir()):
+        os.rename(item, out / item.name)
+    replaced.rmdir()
+    return f"{out}: the --overwrite run stopped before saving anything; the previous contents are back as they were"

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from prmkit import __version__
 from prmkit.config import Config
-from prmkit.errors import ConfigError, TrainingOutOfMemory, UsageError
+from prmkit.errors import ConfigError, PrmkitError, TrainingOutOfMemory, UsageError
 from prmkit.kernels import check_forward_untouched, liger_kernel_config, liger_supports, model_class_for, varlen_kernels_available
 from prmkit.memory import GIB, MemoryPlan, allocator_setting, device_budget, model_shape, oom_hint, plan_memory, size, use_expandable_segments
 from prmkit.modeling import (
@@ -62,7 +62,14 @@ from prmkit.batching import (
     preprocess_logits_for_metrics,
     resolve_batching,
 )
-from prmkit.run_dir import FINAL_TMP, OutputPlan, plan_output_dir, prepare_output_dir
+from prmkit.checkpoints import latest_complete_checkpoint, mark_complete
+from prmkit.run_dir import (
+    FINAL_TMP,
+    OutputPlan,
+    claim_output_dir,
+    prepare_output_dir,
+    settle_overwrite,
+)
 
 log = logging.getLogger("prmkit")
 
@@ -110,6 +117,8 @@ class TrainResult:
     lora: dict[str, Any] | None = None
     world_size: int = 1
     resumed_from: str | None = None
+    skipped_checkpoints: list[dict[str, str]] = field(default_factory=list)
+    """Checkpoints newer than ``resumed_from`` that were incomplete, each with the reason; set aside, not used."""
     interrupted: bool = False
     checkpoint: str | None = None
     """The latest checkpoint directory, if any (after an interrupt: the one to resume from)."""
@@ -155,10 +164,12 @@ def _trainer_classes():
     class StepTrainer(Trainer):
         """The Trainer with prmkit's sampler, token meter and debug row log; the loss is ``compute_loss_func``."""
 
-        def __init__(self, *args: Any, batching: str, lengths: Sequence[int] | None, meter: TokenMeter, **kwargs: Any):
+        def __init__(self, *args: Any, batching: str, lengths: Sequence[int] | None, meter: TokenMeter,
+                     on_checkpoint: Any = None, **kwargs: Any):
             self.prmkit_batching = batching
             self.prmkit_lengths = lengths
             self.prmkit_meter = meter
+            self.prmkit_on_checkpoint = on_checkpoint
             super().__init__(*args, **kwargs)
             # The loss is computed outside the model; don't hand the model loss kwargs it might not expect.
             self.model_accepts_loss_kwargs = False
@@ -181,6 +192,27 @@ def _trainer_classes():
                 if rows is not None and self.prmkit_meter.rows is not None:
                     self.prmkit_meter.rows.extend(int(r) for r in rows.tolist())
             return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+        def _save_checkpoint(self, model, trial):
+            # A checkpoint is complete only once every process has written its part; the marker says so, and older
+            # checkpoints are rotated away only after it exists, so a kill at any moment leaves a complete one.
+            from transformers.trainer_utils import rotate_checkpoints
+
+            limit = self.args.save_total_limit
+            self.args.save_total_limit = None
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self.args.save_total_limit = limit
+            run_dir = self._get_output_dir(trial=trial)
+            path = Path(run_dir) / f"checkpoint-{self.state.global_step}"
+            self.accelerator.wait_for_everyone()
+            if self.args.should_save:
+                mark_complete(path)
+                rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
+                                   best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+                if self.prmkit_on_checkpoint is not None:
+                    self.prmkit_on_checkpoint(path)
 
     class ForwardCheck(TrainerCallback):
         """Liger is applied when training starts: check then that it left the token-classification forward alone."""
@@ -364,8 +396,6 @@ def train(
     import torch
     from accelerate import PartialState
 
-    from prmkit.dataset import load_tokenizer, prepare_splits
-
     cfg = resolve_config(cfg)
     if not torch.cuda.is_initialized():
         use_expandable_segments()  # the CLI did it already; a Python caller gets it here, before CUDA starts
@@ -377,19 +407,43 @@ def train(
     _ = args.device  # initialises the distributed state before PartialState is asked for it
     state = PartialState()
 
-    plan: OutputPlan | None = None
-    with state.main_process_first():
-        if state.is_main_process:
-            plan = plan_output_dir(cfg, overwrite=overwrite, resume=resume)
-            prepare_output_dir(plan, cfg)
-    if plan is None:  # other ranks: the main process checked and prepared the directory
-        from transformers.trainer_utils import get_last_checkpoint
+    # The main process locks the output directory and decides; every process follows its answer, refusals included.
+    lock = None
+    decision: dict[str, Any] = {}
+    if state.is_main_process:
+        try:
+            plan, lock = claim_output_dir(cfg, overwrite=overwrite, resume=resume)
+            decision = {"plan": plan}
+        except PrmkitError as e:
+            decision = {"error": (type(e), e.message, e.hint)}
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
 
-        out = Path(args.output_dir)
-        ckpt = (resume if isinstance(resume, str) and resume.lower() not in ("true", "last")
-                else get_last_checkpoint(str(out)) if resume else None)
-        plan = OutputPlan(out, "resume" if resume else "fresh", ckpt)
+        decision = broadcast_object_list([decision])[0]
+    if "error" in decision:
+        kind, message, hint = decision["error"]
+        raise kind(message, hint=hint)
+    plan = decision["plan"]
+    try:
+        return _train_planned(cfg, plan, state, args, model_config, console, callbacks)
+    except BaseException:
+        if state.is_main_process and plan.action == "overwrite":
+            settled = settle_overwrite(plan.output_dir)
+            if settled:
+                log.warning(settled)
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
 
+
+def _train_planned(cfg: Config, plan: OutputPlan, state: Any, args: Any, model_config: Any, console: Any,
+                   callbacks: list | None) -> TrainResult:
+    import torch
+
+    from prmkit.dataset import load_tokenizer, prepare_splits
+
+    has_eval = bool(cfg.data.eval)
     tokenizer = load_tokenizer(cfg.tokenizer_name, cfg.model.trust_remote_code)
     ensure_pad_token(tokenizer)
     lm_tag = LMTag.setup(cfg, tokenizer) if cfg.train.kind == "lm-tag" else None
@@ -418,6 +472,10 @@ def train(
         if state.is_main_process:
             trainable, total = model.get_nb_trainable_parameters()
             log.info(f"LoRA: training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
+    # Every input has been read (tokenizer, data, weights): only now may the output directory change.
+    if state.is_main_process:
+        prepare_output_dir(plan, cfg)
+    state.wait_for_everyone()
     attn = str(getattr(model.config, "_attn_implementation", None) or attn or "")
     if batching == "packed" and not (cuda and attn.startswith(("flash", "flex"))):
         log.info(f"packed batching with {attn or 'default'} attention: correct, but attention runs over a dense mask of the whole pack")
@@ -464,6 +522,8 @@ def train(
         batching=batching,
         lengths=lengths if batching == "grouped" else None,
         meter=meter,
+        # An --overwrite run that has saved a complete checkpoint has something to keep: the previous contents go.
+        on_checkpoint=(lambda _path: settle_overwrite(plan.output_dir)) if plan.action == "overwrite" else None,
     )
     from transformers import PrinterCallback
 
@@ -476,9 +536,8 @@ def train(
     try:
         output = trainer.train(resume_from_checkpoint=plan.checkpoint if plan.action == "resume" else None)
     except _oom_errors():
-        from transformers.trainer_utils import get_last_checkpoint
-
-        checkpoint = get_last_checkpoint(str(plan.output_dir)) if plan.output_dir.is_dir() else None
+        last, _ = latest_complete_checkpoint(plan.output_dir)
+        checkpoint = str(last) if last else None
         budget = f" of the {size(memory.usable_bytes)} usable" if memory.usable_bytes is not None else ""
         raise TrainingOutOfMemory(
             f"out of memory at step {trainer.state.global_step + 1} (estimated peak {size(memory.estimate.total)}"
@@ -516,12 +575,12 @@ def train(
         lora=lora_info,
         world_size=state.num_processes,
         resumed_from=plan.checkpoint if plan.action == "resume" else None,
+        skipped_checkpoints=[{"checkpoint": p, "reason": why} for p, why in plan.skipped],
     )
     if interrupt.stopped:
-        from transformers.trainer_utils import get_last_checkpoint
-
         result.interrupted = True
-        result.checkpoint = get_last_checkpoint(str(plan.output_dir))
+        last, _ = latest_complete_checkpoint(plan.output_dir)
+        result.checkpoint = str(last) if last else None
         return result
 
     if eval_ds is not None:
@@ -532,10 +591,11 @@ def train(
                                if k.startswith("eval_") and k not in ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second")}
 
     _save_final(trainer, cfg, tokenizer, prepared, plan.output_dir, state, result, lora_info, batching)
+    if state.is_main_process:
+        settle_overwrite(plan.output_dir)  # the finished model is in place: the previous contents go
     result.model_dir = str(plan.output_dir)
-    from transformers.trainer_utils import get_last_checkpoint
-
-    result.checkpoint = get_last_checkpoint(str(plan.output_dir))
+    last, _ = latest_complete_checkpoint(plan.output_dir)
+    result.checkpoint = str(last) if last else None
 
     push_flag = cfg.training_arguments.get("push_to_hub")
     if push_flag and state.is_main_process:

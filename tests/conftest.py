@@ -164,3 +164,21 @@ def tiny_qwen2_config_dir(tmp_path_factory, train_tokenizer_dir) -> Path:
                 eos_token_id=tok.eos_token_id, bos_token_id=None).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def fake_checkpoint(path: Path, step: int = 1, marker: bool = True) -> Path:
+    """A small checkpoint directory laid out as transformers writes one; ``marker`` makes prmkit call it complete."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from prmkit.checkpoints import mark_complete
+
+    path.mkdir(parents=True)
+    save_file({"score.weight": torch.arange(8, dtype=torch.float32).reshape(2, 4)}, str(path / "model.safetensors"))
+    torch.save({"state": {}, "param_groups": []}, path / "optimizer.pt")
+    (path / "trainer_state.json").write_text(json.dumps({"global_step": step, "log_history": []}))
+    if marker:
+        mark_complete(path)
+    return path

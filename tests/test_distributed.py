@@ -43,3 +43,8 @@ def test_two_processes_train_on_different_shards(tmp_path, tiny_qwen2_config_dir
     meta = json.loads((out / "prmkit.json").read_text())
     assert meta["training"]["world_size"] == 2 and meta["training"]["effective_batch_size"] == 4
     assert (out / "model.safetensors").is_file()
+    # Only the main process took the output lock, and released it; the checkpoint was marked complete once both
+    # ranks had written their part.
+    assert not (tmp_path / ".run.prmkit-lock").exists()
+    listed = json.loads((out / "checkpoint-4" / "prmkit_checkpoint.json").read_text())["files"]
+    assert {"rng_state_0.pth", "rng_state_1.pth", "model.safetensors", "trainer_state.json"} <= set(listed)

@@ -319,6 +319,7 @@ def test_two_processes_merge_in_input_order(tmp_path, prm_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])  # one summary: process 0 speaks for both
     assert proc.stdout.count('"lines_in"') == 1 and summary["lines_in"] == 40
+    assert not (tmp_path / ".two.jsonl.prmkit-lock").exists()  # taken by process 0 alone, and released
     one, two = read_jsonl(tmp_path / "one.jsonl"), read_jsonl(tmp_path / "two.jsonl")
     assert [line["id"] for line in two] == [r["id"] for r in rows]
     for a, b in zip(one, two):

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import TRAIN_TINY_MODEL, write_train_rows
+from conftest import TRAIN_TINY_MODEL, fake_checkpoint, write_train_rows
 from prmkit.config import load_config
 from prmkit.errors import UsageError
 from prmkit.tokenization import IGNORE_INDEX
@@ -402,10 +402,10 @@ def test_output_dir_rules(tmp_path, tiny_qwen2_config_dir, monkeypatch):
     assert "--overwrite" in err.value.hint
     with pytest.raises(UsageError, match="no checkpoint yet"):
         plan_output_dir(cfg, resume=True)
-    (out / "checkpoint-3").mkdir()
-    (out / "checkpoint-12").mkdir()
+    fake_checkpoint(out / "checkpoint-3", 3)
+    fake_checkpoint(out / "checkpoint-12", 12)
     plan = plan_output_dir(cfg, resume=True)
-    assert plan.action == "resume" and plan.checkpoint == str(out / "checkpoint-12")
+    assert plan.action == "resume" and plan.checkpoint == str(out / "checkpoint-12") and plan.skipped == []
     longer = make_cfg(tmp_path, tiny_qwen2_config_dir, rows, **{"train__max_steps": 40, "train__save_steps": 7})
     assert plan_output_dir(longer, resume=True).action == "resume"  # run length and cadence may change
     other = make_cfg(tmp_path, tiny_qwen2_config_dir, rows, **{"train__learning_rate": 3e-4})

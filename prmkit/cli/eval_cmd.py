@@ -100,7 +100,8 @@ def evaluate(
     from prmkit import evaluation
 
     out_dir = Path(ev.output_dir).expanduser()
-    evaluation.check_output_dir(out_dir, overwrite)
+    evaluation.check_output_dir(out_dir, overwrite, models=names, data=ev.data,
+                                config=str(config) if config is not None else None)
     if ev.plots:
         evaluation.check_plotting()
 

@@ -6,7 +6,6 @@ import logging
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -27,6 +26,7 @@ from prmkit.cli._options import (
 from prmkit.cli._output import Output, attach_logging, stderr
 from prmkit.config import load_config
 from prmkit.errors import UsageError
+from prmkit.outputs import refuse_output_inside
 
 
 @handle_errors
@@ -65,8 +65,9 @@ def score(
     })
     if json_ and output == "-":
         raise UsageError("--json needs --output FILE: with --output - stdout carries the scored lines")
-    if output != "-" and Path(output).resolve() == Path(input_).resolve():
-        raise UsageError(f"--output {output} is the input file", hint="write the scores to another file")
+    if output != "-" and input_ != "-":
+        # Checked again with the model and every companion file once loaded; this one fails before the model loads.
+        refuse_output_inside(output, [("input", input_)], "--overwrite would replace")
     attach_logging(out)
     if int(os.environ.get("RANK", "0")) != 0:
         logging.getLogger("prmkit").setLevel(logging.ERROR)  # one process speaks for all

@@ -82,7 +82,9 @@ def train(
 
         cfg = training.resolve_config(cfg)
         load_model_config(cfg.model)
-        training.plan_output_dir(cfg, overwrite=overwrite, resume=resume or None)
+        _plan, lock = training.claim_output_dir(cfg, overwrite=overwrite, resume=resume or None,
+                                                extra_inputs=[("--accelerate-config", accelerate_config)])
+        lock.release()  # the launched main process takes it again
         child = _child_args(config, set_, output_dir, model, train_data, eval_data, max_steps, resume, overwrite, example, json_)
         raise typer.Exit(relaunch(child, num_processes, accelerate_config))
 

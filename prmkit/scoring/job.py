@@ -20,6 +20,7 @@ from prmkit.atomic import remove_leftovers, write_atomic
 from prmkit.errors import DataError, PrmkitError, UsageError
 from prmkit.formats import Options, RowError, convert, detect_format, validate
 from prmkit.metrics import aggregate, first_error_index
+from prmkit.outputs import OutputLock, refuse_output_inside
 from prmkit.scoring.engine import StepScorer, StepScores
 
 log = logging.getLogger("prmkit")
@@ -327,7 +328,37 @@ def score_file(
 
     A bad line stops the job with its number and reason (:class:`DataError`), before its window is scored; with
     ``skip_invalid`` it goes to ``OUT.rejects.jsonl`` (``on_reject`` for stdout) and the job goes on.
+
+    A second run writing the same ``output`` is refused while the first is alive (:class:`prmkit.outputs.OutputBusy`
+    names its PID), and so is an output (or one of its companion files) that is the input or lies inside the model.
     """
+    # One run per output file: process 0 takes the lock (in _score_file, so a refusal reaches every process).
+    lock = OutputLock(output, "prmkit score") if str(output) != "-" and scorer.is_main_process else None
+    try:
+        return _score_file(lock, scorer, input_spec, output, fmt=fmt, threshold=threshold, skip_invalid=skip_invalid,
+                           overwrite=overwrite, sort_window=sort_window, on_progress=on_progress, on_steps=on_steps,
+                           stdout=stdout, on_reject=on_reject)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _score_file(
+    lock: OutputLock | None,
+    scorer: StepScorer,
+    input_spec: str,
+    output: str,
+    *,
+    fmt: str = "auto",
+    threshold: float = 0.5,
+    skip_invalid: bool = False,
+    overwrite: bool = False,
+    sort_window: int | None = None,
+    on_progress: Callable[[dict[str, int]], None] | None = None,
+    on_steps: Callable[[int], None] | None = None,
+    stdout: Any = None,
+    on_reject: Callable[[str], None] | None = None,
+) -> ScoreSummary:
     if not 0.0 <= threshold <= 1.0:
         raise UsageError(f"score.threshold must lie in [0, 1], got {threshold}")
     if fmt not in ("auto", "stepwise", "math-shepherd", "prm800k", "processbench"):
@@ -348,6 +379,10 @@ def score_file(
     plan: dict[str, Any] = {}
     if main:
         try:
+            if paths:
+                _refuse_overlap(paths, src, scorer)
+            if lock is not None:
+                lock.acquire()
             job = _job_identity(scorer, src, fmt, threshold, window_rows)
             plan = _plan_output(paths, job, src, overwrite) if paths else {}
         except PrmkitError as e:
@@ -547,6 +582,13 @@ def _job_identity(scorer: StepScorer, src: InputSource, fmt: str, threshold: flo
             "packing": scorer.packing,
         },
     }
+
+
+def _refuse_overlap(paths: dict[str, Path], src: InputSource, scorer: StepScorer) -> None:
+    """The output and its companions (partial, state, rejects) must be neither the input nor inside the model."""
+    inputs = [("input", None if src.stdin else src.spec), ("model directory", scorer.identity.get("name"))]
+    for path in paths.values():
+        refuse_output_inside(path, inputs, "--overwrite would replace" if path == paths["output"] else "scoring writes")
 
 
 def _finish(paths: dict[str, Path]) -> None:
