@@ -51,30 +51,23 @@ def is_within(path: Path, directory: Path) -> bool:
 
 
 def refuse_inputs_inside(output: str | os.PathLike, inputs: Iterable[tuple[str, str | os.PathLike | None]],
-                         why: str) -> None:
-    """Raise UsageError when an input (``(label, spec)`` pairs) is the output or lies inside it.
+                         why: str, output_inside: bool = False) -> None:
+    """Raise UsageError when an input (``(label, spec)`` pairs) is the output or lies inside it; with
+    ``output_inside`` (an output file), when the output is an input or lies inside an input directory instead.
 
     ``why`` ends the sentence "..., which <why>", e.g. "--overwrite would replace".
     """
     out = Path(output).expanduser().resolve()
     for label, spec in inputs:
         path = local_path(spec)
-        if path is not None and is_within(path, out):
-            where = "is" if path == out else "lies inside"
-            raise UsageError(f"{label} {spec} {where} the output {output}, which {why}",
-                             hint="move the input out of it, or choose another output")
-
-
-def refuse_output_inside(output: str | os.PathLike, inputs: Iterable[tuple[str, str | os.PathLike | None]],
-                         why: str) -> None:
-    """Raise UsageError when an output file is an input file or lies inside an input directory."""
-    out = Path(output).expanduser().resolve()
-    for label, spec in inputs:
-        path = local_path(spec)
-        if path is not None and is_within(out, path):
-            where = "is" if path == out else "lies inside"
+        if path is None or not (is_within(out, path) if output_inside else is_within(path, out)):
+            continue
+        where = "is" if path == out else "lies inside"
+        if output_inside:
             raise UsageError(f"the output {output} {where} the {label} {spec}, which {why}",
                              hint="write the output somewhere else")
+        raise UsageError(f"{label} {spec} {where} the output {output}, which {why}",
+                         hint="move the input out of it, or choose another output")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import yaml
 
-from prmkit.atomic import write_atomic
+from prmkit.atomic import remove_path, write_atomic
 from prmkit.checkpoints import checkpoint_problem, latest_complete_checkpoint, set_aside
 from prmkit.config import TRAINING_ARGUMENT_DEFAULTS, Config, dump_config
 from prmkit.errors import UsageError
@@ -222,13 +222,6 @@ def _set_aside_contents(out: Path) -> None:
     os.rename(moving, out / REPLACED)
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink()
-
-
 def _has_something_to_keep(out: Path) -> str | None:
     if (out / PRMKIT_JSON).is_file():
         return "its finished model"
@@ -262,7 +255,7 @@ def settle_overwrite(out: str | Path) -> str | None:
             f"{out}: the --overwrite run that stopped had saved {kept}; the previous contents are deleted")
     for item in list(out.iterdir()):
         if item.name not in _OWN_HIDDEN:
-            _remove(item)
+            remove_path(item)
     for item in list(replaced.iterdir()):
         os.rename(item, out / item.name)
     replaced.rmdir()

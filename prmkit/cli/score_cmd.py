@@ -26,7 +26,7 @@ from prmkit.cli._options import (
 from prmkit.cli._output import Output, attach_logging, stderr
 from prmkit.config import load_config
 from prmkit.errors import UsageError
-from prmkit.outputs import refuse_output_inside
+from prmkit.outputs import refuse_inputs_inside
 
 
 @handle_errors
@@ -67,7 +67,7 @@ def score(
         raise UsageError("--json needs --output FILE: with --output - stdout carries the scored lines")
     if output != "-" and input_ != "-":
         # Checked again with the model and every companion file once loaded; this one fails before the model loads.
-        refuse_output_inside(output, [("input", input_)], "--overwrite would replace")
+        refuse_inputs_inside(output, [("input", input_)], "--overwrite would replace", output_inside=True)
     attach_logging(out)
     if int(os.environ.get("RANK", "0")) != 0:
         logging.getLogger("prmkit").setLevel(logging.ERROR)  # one process speaks for all

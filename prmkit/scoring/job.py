@@ -6,6 +6,7 @@ where it stopped and the finished output is byte-identical to an uninterrupted r
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -20,7 +21,7 @@ from prmkit.atomic import remove_leftovers, write_atomic
 from prmkit.errors import DataError, PrmkitError, UsageError
 from prmkit.formats import Options, RowError, convert, detect_format, validate
 from prmkit.metrics import aggregate, first_error_index
-from prmkit.outputs import OutputLock, refuse_output_inside
+from prmkit.outputs import OutputLock, refuse_inputs_inside
 from prmkit.scoring.engine import StepScorer, StepScores
 
 log = logging.getLogger("prmkit")
@@ -302,6 +303,23 @@ def _remove_unresumable(paths: dict[str, Path], why: str) -> None:
         log.warning(f"{paths['output']}: {why}; removed {', '.join(p.name for p in there)}")
 
 
+def _one_run_per_output(func: Callable[..., ScoreSummary]) -> Callable[..., ScoreSummary]:
+    """Give ``func`` process 0's lock on a file output (taken inside, so a refusal reaches every process), and
+    release it however ``func`` ends."""
+
+    @functools.wraps(func)
+    def wrapper(scorer: StepScorer, input_spec: str, output: str, **kwargs: Any) -> ScoreSummary:
+        lock = OutputLock(output, "prmkit score") if str(output) != "-" and scorer.is_main_process else None
+        try:
+            return func(scorer, input_spec, output, lock=lock, **kwargs)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    return wrapper
+
+
+@_one_run_per_output
 def score_file(
     scorer: StepScorer,
     input_spec: str,
@@ -316,6 +334,7 @@ def score_file(
     on_steps: Callable[[int], None] | None = None,
     stdout: Any = None,
     on_reject: Callable[[str], None] | None = None,
+    lock: OutputLock | None = None,
 ) -> ScoreSummary:
     """Score every solution of ``input_spec`` into JSONL ``output`` (``-``: the text stream ``stdout``), resumably.
 
@@ -331,34 +350,8 @@ def score_file(
 
     A second run writing the same ``output`` is refused while the first is alive (:class:`prmkit.outputs.OutputBusy`
     names its PID), and so is an output (or one of its companion files) that is the input or lies inside the model.
+    ``lock`` is supplied by the wrapper that takes and releases it; callers leave it out.
     """
-    # One run per output file: process 0 takes the lock (in _score_file, so a refusal reaches every process).
-    lock = OutputLock(output, "prmkit score") if str(output) != "-" and scorer.is_main_process else None
-    try:
-        return _score_file(lock, scorer, input_spec, output, fmt=fmt, threshold=threshold, skip_invalid=skip_invalid,
-                           overwrite=overwrite, sort_window=sort_window, on_progress=on_progress, on_steps=on_steps,
-                           stdout=stdout, on_reject=on_reject)
-    finally:
-        if lock is not None:
-            lock.release()
-
-
-def _score_file(
-    lock: OutputLock | None,
-    scorer: StepScorer,
-    input_spec: str,
-    output: str,
-    *,
-    fmt: str = "auto",
-    threshold: float = 0.5,
-    skip_invalid: bool = False,
-    overwrite: bool = False,
-    sort_window: int | None = None,
-    on_progress: Callable[[dict[str, int]], None] | None = None,
-    on_steps: Callable[[int], None] | None = None,
-    stdout: Any = None,
-    on_reject: Callable[[str], None] | None = None,
-) -> ScoreSummary:
     if not 0.0 <= threshold <= 1.0:
         raise UsageError(f"score.threshold must lie in [0, 1], got {threshold}")
     if fmt not in ("auto", "stepwise", "math-shepherd", "prm800k", "processbench"):
@@ -588,7 +581,8 @@ def _refuse_overlap(paths: dict[str, Path], src: InputSource, scorer: StepScorer
     """The output and its companions (partial, state, rejects) must be neither the input nor inside the model."""
     inputs = [("input", None if src.stdin else src.spec), ("model directory", scorer.identity.get("name"))]
     for path in paths.values():
-        refuse_output_inside(path, inputs, "--overwrite would replace" if path == paths["output"] else "scoring writes")
+        refuse_inputs_inside(path, inputs, "--overwrite would replace" if path == paths["output"] else "scoring writes",
+                             output_inside=True)
 
 
 def _finish(paths: dict[str, Path]) -> None:
