@@ -46,7 +46,7 @@ from prmkit.atomic import write_atomic
 from prmkit.dataset import _hub_split, iter_records, read_step_rows, resolve_source
 from prmkit.errors import DataError, PrmkitError, UsageError
 from prmkit.formats import Options
-from prmkit.outputs import refuse_inputs_inside
+from prmkit.outputs import OutputLock, refuse_inputs_inside
 
 log = logging.getLogger("prmkit")
 
@@ -621,15 +621,17 @@ def write_outputs(result: EvalResult, out_dir: str | Path, plots: bool = True) -
     from prmkit.report import write_report
 
     out_dir = Path(out_dir)
-    if (out_dir / "report.json").exists():
-        log.warning(f"replacing the previous report in {out_dir}")
-    written = write_report(result.report, out_dir, plots=plots, raw=result.raw)
-    if result.rejects:
-        rejects_path = out_dir / REJECTS_FILE
-        _write_jsonl_atomic(rejects_path, result.rejects)
-        written.append(rejects_path)
-    keep = {p.name for p in written}
-    for name in OWN_FILES - keep:
-        with contextlib.suppress(FileNotFoundError):
-            (out_dir / name).unlink()
+    # Two evaluations into one directory each write a whole report, one after the other, never a mix of both.
+    with OutputLock(out_dir, "prmkit eval").acquire(wait=True):
+        if (out_dir / "report.json").exists():
+            log.warning(f"replacing the previous report in {out_dir}")
+        written = write_report(result.report, out_dir, plots=plots, raw=result.raw)
+        if result.rejects:
+            rejects_path = out_dir / REJECTS_FILE
+            _write_jsonl_atomic(rejects_path, result.rejects)
+            written.append(rejects_path)
+        keep = {p.name for p in written}
+        for name in OWN_FILES - keep:
+            with contextlib.suppress(FileNotFoundError):
+                (out_dir / name).unlink()
     return written

@@ -97,8 +97,8 @@ class OutputLock:
     def held(self) -> bool:
         return self._fd is not None
 
-    def acquire(self) -> "OutputLock":
-        """Take the lock or raise :class:`OutputBusy` naming the holder; never waits."""
+    def acquire(self, wait: bool = False) -> "OutputLock":
+        """Take the lock, or raise :class:`OutputBusy` naming the holder; with ``wait``, wait for it instead."""
         if self._fd is not None:
             return self
         if fcntl is None:  # pragma: no cover - Windows
@@ -108,7 +108,7 @@ class OutputLock:
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = _read_holder(fd)
                 os.close(fd)

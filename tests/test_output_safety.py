@@ -252,11 +252,12 @@ def test_eval_refuses_an_input_inside_its_output_dir(tmp_path, prm_dir):
 # One run per output
 
 
-def _hold_lock(target: Path, command: str) -> subprocess.Popen:
-    """A separate process holding the output lock of ``target`` until killed."""
+def _hold_lock(target: Path, command: str, seconds: float = 300) -> subprocess.Popen:
+    """A separate process holding the output lock of ``target`` for ``seconds`` (or until killed)."""
     code = ("import sys, time; from prmkit.outputs import OutputLock; "
-            "OutputLock(sys.argv[1], sys.argv[2]).acquire(); print('locked', flush=True); time.sleep(300)")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(target), command], stdout=subprocess.PIPE, text=True)
+            "OutputLock(sys.argv[1], sys.argv[2]).acquire(); print('locked', flush=True); time.sleep(float(sys.argv[3]))")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(target), command, str(seconds)], stdout=subprocess.PIPE,
+                            text=True)
     assert proc.stdout.readline().strip() == "locked"
     return proc
 
@@ -317,3 +318,23 @@ def test_a_second_score_into_the_same_output_is_refused_naming_the_first(tmp_pat
     result = runner.invoke(app, ["score", str(prm_dir), str(src), "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert len(out.read_text().splitlines()) == 3 and not (tmp_path / ".scored.jsonl.prmkit-lock").exists()
+
+
+def test_two_evals_into_one_directory_write_one_whole_report_after_the_other(tmp_path):
+    from eval_fixtures import write_json
+    from test_eval import _fake, _pb
+
+    from prmkit import evaluation
+
+    data = write_json(tmp_path / "d.json", [_pb("p1", ["ok", "bad"], 1), _pb("p2", ["ok"], -1)])
+    result = evaluation.evaluate(["f"], [str(data)], load_scorer=_fake)
+    out = tmp_path / "eval"
+    holder = _hold_lock(out, "prmkit eval", seconds=2)  # another evaluation, in the middle of writing its report
+    started = time.monotonic()
+    files = evaluation.write_outputs(result, out, plots=False)
+    waited = time.monotonic() - started
+    holder.wait(timeout=30)
+    assert waited > 1.0  # it waited for the other writer instead of mixing its files with the other one's
+    assert sorted(p.name for p in files) == ["report.json", "report.md"]
+    assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(result.report))
+    assert not (tmp_path / ".eval.prmkit-lock").exists()
