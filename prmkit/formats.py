@@ -3,7 +3,9 @@
 - ``stepwise``: TRL's stepwise-supervision rows, as they are.
 - ``math-shepherd``: raw ``{input, label}``; steps end with the tag ``ки`` in ``input`` and ``label`` holds ``+``/``-``
   at the same places. Converted as TRL's ``examples/datasets/math_shepherd.py`` did.
-- ``prm800k``: raw OpenAI lines, expanded along the labelled path as TRL's ``examples/datasets/prm800k.py`` did.
+- ``prm800k``: raw OpenAI lines, expanded along the labelled path as TRL's ``examples/datasets/prm800k.py`` did,
+  except that a path with no step (the first step was rated and none chosen) is no row: TRL emits it with no
+  completion and no label, which teaches nothing and, alone in a batch, gives a 0/0 (NaN) loss.
 - ``processbench``: ``{problem, steps, label}`` with ``label`` the first wrong step or -1.
 
 A converter raises :class:`RowError` naming the field and the reason; the caller adds file and row.
@@ -113,8 +115,9 @@ def validate(row: dict[str, Any], label_threshold: float | None = None, allow_un
     for i, step in enumerate(steps):
         if not isinstance(step, str):
             raise RowError(f"completions[{i}]", f"expected a string, got {_kind(step)}")
-        if not step:
-            raise RowError(f"completions[{i}]", "empty step")
+        if not step.strip():
+            # A whitespace-only step says nothing, just as an empty one: its label would sit on the separator alone.
+            raise RowError(f"completions[{i}]", "empty step" + (" (whitespace only)" if step else ""))
     labels = row.get("labels")
     if not isinstance(labels, list):
         raise RowError("labels", f"expected a list, got {_kind(labels)}")
@@ -155,8 +158,13 @@ def _math_shepherd(record: dict) -> dict:
     if not isinstance(label, str):
         raise RowError("label", f"expected a string, got {_kind(label)}")
     marked = text.replace(SHEPHERD_TAG, _SHEPHERD_MARK)
-    if len(marked) != len(label):
-        raise RowError("label", f"length {len(label)} does not match input with tags as one character ({len(marked)})")
+    # TRL reads `label` only at the tag positions, so a longer label converts there whatever follows. A tail of
+    # whitespace changes nothing and converts as in TRL; anything else means the two texts do not line up (a '+' or
+    # '-' there would be a label for a step without a tag, which TRL drops unseen), so it is refused.
+    tail = label[len(marked):]
+    if len(label) < len(marked) or tail.strip():
+        raise RowError("label", f"length {len(label)} does not match input with tags as one character ({len(marked)})"
+                       + (f"; it ends with {tail!r} past the input" if tail.strip() else ""))
     indexes = [m.start() for m in re.finditer(_SHEPHERD_MARK, marked)]
     if not indexes:
         raise RowError("input", f"no step tag {SHEPHERD_TAG!r} found")
@@ -169,14 +177,19 @@ def _math_shepherd(record: dict) -> dict:
     if prompt.startswith(_SHEPHERD_QUIRKS):
         labels = labels[1:]
     else:
-        for marker in ("Step 1:", "step 1:"):
-            if marker in prompt:
-                prompt, first = prompt.split(marker, 1)
-                completions = [(marker + first).strip(), *completions]
-                break
+        # The first step is not tagged at its start: it begins at 'Step 1:' (else 'step 1:', else after the '?').
+        # Found twice, it could begin at either (the problem may quote 'Step 1:'), so the row is refused, where
+        # TRL's converter raises and stops the whole conversion.
+        marker = next((m for m in ("Step 1:", "step 1:") if m in prompt), None)
+        if marker is None and "?" not in prompt:
+            raise RowError("input", "cannot find where the first step starts (no 'Step 1:' and no '?')")
+        if prompt.count(marker or "?") > 1:
+            raise RowError("input", f"{marker or '?'!r} appears {prompt.count(marker or '?')} times before the first step "
+                           "tag, so where the first step starts is ambiguous")
+        if marker is not None:
+            prompt, first = prompt.split(marker, 1)
+            completions = [(marker + first).strip(), *completions]
         else:
-            if "?" not in prompt:
-                raise RowError("input", "cannot find where the first step starts (no 'Step 1:' and no '?')")
             prompt, first = prompt.split("?", 1)
             prompt += "?"
             completions = [first.strip(), *completions]
@@ -230,7 +243,7 @@ def _prm800k(record: dict, neutral: str) -> list[dict]:
             break  # `drop`: a neutral step on the path ends it; nothing after it has a trustworthy prefix
         done.append(picked.get("text"))
         done_labels.append(verdict)
-    if done:
+    if done:  # TRL appends the path even when empty; with no step it has no label (see the module docstring)
         rows.append({"prompt": prompt, "completions": done, "labels": done_labels})
     return rows
 

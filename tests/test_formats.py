@@ -154,3 +154,71 @@ def test_detect_format():
         detect_format(["text"], "x")
     with pytest.raises(DataError, match="several formats"):
         detect_format(["prompt", "completions", "labels", "input", "label"], "x")
+
+
+# --- edge cases where TRL 1.13's converters and prmkit part ways, each on an edited real line (issue #11) ------------
+
+
+def _real_shepherd_line() -> dict:
+    return json.loads((SHARED / "data" / "math-shepherd" / "samples.jsonl").read_text().splitlines()[0])
+
+
+@requires_shared
+def test_math_shepherd_label_longer_than_input_converts_only_when_the_tail_is_whitespace():
+    rec = _real_shepherd_line()
+    [expected] = convert("math-shepherd", rec, Options())
+    # TRL reads the label at the tag positions only, so a longer label converts. A whitespace tail changes nothing.
+    for tail in ("\n", " "):
+        assert convert("math-shepherd", {**rec, "label": rec["label"] + tail}, Options()) == [expected]
+    # Anything else past the input means the texts do not line up; a '+' there is a label for a step with no tag,
+    # which TRL would drop without a word. Refused, naming what is there.
+    for tail in ("+", "x"):
+        with pytest.raises(RowError, match=rf"ends with '\{tail}' past the input" if tail == "+" else "ends with 'x'") as e:
+            convert("math-shepherd", {**rec, "label": rec["label"] + tail}, Options())
+        assert e.value.field == "label"
+    with pytest.raises(RowError, match="does not match input"):  # shorter: TRL fails with an IndexError
+        convert("math-shepherd", {**rec, "label": rec["label"][:-1]}, Options())
+
+
+@requires_shared
+def test_math_shepherd_step_1_twice_before_the_first_tag_is_refused():
+    rec = _real_shepherd_line()
+    assert rec["input"].count("Step 1:") == 1
+    # The same edit in input and label keeps them aligned: now 'Step 1:' appears twice before the first tag. TRL's
+    # `prompt.split("Step 1:")` then raises (and stops the whole conversion); splitting at the first occurrence, as
+    # prmkit did, would guess. The row is refused with the reason, and --skip-invalid sets it aside.
+    edited = {k: rec[k].replace("Step 1:", "Step 1: Step 1:", 1) for k in ("input", "label")}
+    with pytest.raises(RowError, match="'Step 1:' appears 2 times before the first step tag") as e:
+        convert("math-shepherd", edited, Options())
+    assert e.value.field == "input"
+    # The '?' fallback likewise (TRL's `prompt.split("?")` raises on two).
+    with pytest.raises(RowError, match="'\\?' appears 2 times"):
+        convert("math-shepherd", {"input": "Is it? Really? Yes. ки", "label": "Is it? Really? Yes. +"}, Options())
+
+
+@requires_shared
+def test_prm800k_first_step_in_error_gives_no_empty_path_row():
+    # Real line 13 ends with a step rated by the labeller, none chosen and no human step (it found the error). With
+    # its first step removed, that step is the first: TRL's converter emits a row per rated completion (5) and then
+    # the path so far, which is empty: a row with no completion and no label, a 0/0 (NaN) loss alone in a batch.
+    # prmkit deliberately emits only the 5 (README, PRM800K).
+    rec = json.loads((SHARED / "data" / "prm800k" / "raw_samples.jsonl").read_text().splitlines()[13])
+    rec["label"]["steps"] = rec["label"]["steps"][1:]
+    [step] = rec["label"]["steps"]
+    assert step["chosen_completion"] is None and step["human_completion"] is None and len(step["completions"]) == 5
+    rows = convert("prm800k", rec, Options())
+    assert [(r["completions"], r["labels"]) for r in rows] == [
+        ([c["text"]], [int(c["rating"] == 1)]) for c in step["completions"]
+    ]
+
+
+@pytest.mark.parametrize("fmt, record, reason", [
+    ("stepwise", {"prompt": "p", "completions": ["a", " \n\t"], "labels": [1, 1]}, "empty step (whitespace only)"),
+    ("processbench", {"problem": "p", "steps": ["a", "  "], "label": -1}, "empty step (whitespace only)"),
+    # Math-Shepherd steps are stripped, as in TRL's converter: the step between the two tags is then empty.
+    ("math-shepherd", {"input": "Q? Step 1: a ки \n ки", "label": "Q? Step 1: a + \n +"}, "empty step"),
+])
+def test_whitespace_only_step_is_an_empty_step(fmt, record, reason):
+    with pytest.raises(RowError) as e:
+        convert(fmt, record, Options(is_eval=True))
+    assert (e.value.field, e.value.reason) == ("completions[1]", reason)
