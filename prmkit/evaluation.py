@@ -285,7 +285,10 @@ def choose_threshold(
     threshold: float | None = None,
     tune_on: str | None = None,
 ) -> tuple[float, str]:
-    """``(threshold, source)``: tuned on ``tune_on``'s first-error F1, else ``threshold`` as given, else 0.5."""
+    """``(threshold, source)``: tuned on ``tune_on``'s first-error F1, else ``threshold`` as given, else 0.5.
+
+    Tuning sweeps the scores already computed (the one scoring pass): it never scores again.
+    """
     if tune_on is not None:
         subset = _find_subset(subsets, tune_on)
         samples = [(s, fe) for s, fe in zip(scores[subset.name], subset.first_errors) if fe is not None]
@@ -395,6 +398,7 @@ def build_model_report(
     threshold: float | None = None,
     tune_on: str | None = None,
     tokenization: Mapping[str, Any] | None = None,
+    differs_from_training: Mapping[str, tuple[Any, Any]] | None = None,
 ) -> tuple[dict[str, Any], dict[str, dict[str, list[float]]]]:
     """A single-model report (the shape ``prmkit.report`` documents) and its raw scores for the plots."""
     value, source = choose_threshold(subsets, scores, threshold, tune_on)
@@ -402,18 +406,27 @@ def build_model_report(
     raw: dict[str, dict[str, list[float]]] = {}
     for subset in subsets:
         report_subsets[subset.name], raw[subset.name] = subset_report(subset, scores[subset.name], value)
-    f1s = {name: (sub["first_error"] or {}).get("f1") for name, sub in report_subsets.items()}
+    mean = metrics.mean_f1_summary({name: sub["first_error"] for name, sub in report_subsets.items()})
+    if mean["left_out"] and any(sub["first_error"] is not None for sub in report_subsets.values()):
+        covered = f"covers {', '.join(mean['subsets'])} only" if mean["subsets"] else "is undefined"
+        log.warning(f"{model}: mean_f1 {covered}; left out: "
+                    + "; ".join(f"{name} ({why})" for name, why in mean["left_out"].items()))
     report: dict[str, Any] = {
         "model": model,
         "threshold": value,
         "threshold_source": source,
         "subsets": report_subsets,
         # Unweighted, as ProcessBench defines its headline: every subset counts the same whatever its size.
-        "mean_f1": metrics.mean_f1(f1s),
+        "mean_f1": mean["mean_f1"],
+        "mean_f1_subsets": mean["subsets"],
+        "mean_f1_left_out": mean["left_out"],
         "prmkit_version": __version__,
     }
     if tokenization is not None:
         report["tokenization"] = dict(tokenization)
+    if differs_from_training:
+        # Settings the user chose over the model's prmkit.json: these figures are not the trained tokenization's.
+        report["differs_from_training"] = {k: {"trained": a, "used": b} for k, (a, b) in differs_from_training.items()}
     return report, raw
 
 
@@ -501,11 +514,15 @@ def evaluate(
     progress: ProgressFn | None = None,
     load_scorer: Callable[..., Any] | None = None,
     kind_settings: dict[str, Any] | None = None,
+    tokenization: Mapping[str, Any] | None = None,
+    tokenizer: str | None = None,
 ) -> EvalResult:
     """Evaluate one model or several on every ``data`` subset.
 
     ``threshold=None`` with no ``tune_threshold`` means the default 0.5. ``load_scorer(model, **kwargs)`` defaults
-    to ``StepScorer.from_pretrained``; every model is loaded, used and released in turn.
+    to ``StepScorer.from_pretrained``; every model is loaded, used and released in turn. ``tokenization`` (``data.*``
+    keys the user set) and ``tokenizer`` apply over what each model recorded, as in ``prmkit score``; the report's
+    ``differs_from_training`` says where that changed a model's tokenization.
     """
     models = [str(m) for m in models]
     if not models:
@@ -517,15 +534,17 @@ def evaluate(
         raise UsageError(f"model given twice: {', '.join(dupes)}")
     rejects: list[dict] = []
     subsets = load_subsets(
-        data, fmt, separator=_separator_for_warnings(models[0], step_separator), prm800k_neutral=prm800k_neutral,
+        data, fmt, separator=_separator_for_warnings(models[0], step_separator if step_separator is not None else
+                                                     (tokenization or {}).get("step_separator")),
+        prm800k_neutral=prm800k_neutral,
         label_threshold=label_threshold, skip_invalid=skip_invalid, rejects=rejects,
     )
     if tune_threshold is not None:
         _find_subset(subsets, tune_threshold)  # fail before loading any model
     load = load_scorer or _default_loader
     # Passed only when set, so a loader with just the basic StepScorer.from_pretrained keywords works too.
-    extra = {k: v for k, v in (("allow_bidirectional", allow_bidirectional),
-                               ("attn_implementation", attn_implementation)) if v}
+    extra = {k: v for k, v in (("allow_bidirectional", allow_bidirectional), ("attn_implementation", attn_implementation),
+                               ("tokenization", dict(tokenization or {})), ("tokenizer", tokenizer)) if v}
     reports: dict[str, dict[str, Any]] = {}
     raws: dict[str, dict[str, Any]] = {}
     all_scores: dict[str, dict[str, list[list[float | None]]]] = {}
@@ -539,14 +558,14 @@ def evaluate(
         params = getattr(scorer, "params", None)
         # Another kind's model reads its own input layout: the report records that instead of TRL's tokenization.
         kind = (getattr(scorer, "identity", None) or {}).get("kind")
-        tokenization = kind if kind else params.to_dict() if hasattr(params, "to_dict") else None
+        used = kind if kind else params.to_dict() if hasattr(params, "to_dict") else None
+        differs = dict(getattr(scorer, "differs_from_training", None) or {})
         scores = score_subsets(scorer, subsets, progress, label=model if len(models) > 1 else "")
         # Free one model before loading the next: two 7B models need not fit at once.
         del scorer
         _free_memory()
         reports[model], raws[model] = build_model_report(
-            model, subsets, scores, threshold, tune_threshold,
-            tokenization=tokenization,
+            model, subsets, scores, threshold, tune_threshold, tokenization=used, differs_from_training=differs,
         )
         all_scores[model] = scores
     report, raw = combine_reports(reports, raws)

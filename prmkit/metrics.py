@@ -28,6 +28,7 @@ __all__ = [
     "first_error_index",
     "first_error_metrics",
     "mean_f1",
+    "mean_f1_summary",
     "outcome_metrics",
     "step_metrics",
     "tune_threshold",
@@ -307,11 +308,14 @@ def first_error_metrics(predictions: Sequence[int], labels: Sequence[int]) -> di
     - ``error_accuracy``: share of samples with ``label != -1`` whose
       prediction equals the label;
     - ``correct_accuracy``: the same over samples with ``label == -1``;
-    - ``f1``: harmonic mean of the two (0.0 when both are 0).
+    - ``f1``: harmonic mean of the two.
 
     Unlike the paper, which prints percentages, these are fractions in
     ``[0, 1]``. When a group is empty its accuracy is ``None`` and so is
-    ``f1``. ``n_error`` and ``n_correct`` are the group sizes.
+    ``f1``; when both accuracies are 0, ``f1`` is ``None`` too, where
+    ``run_eval.py`` computes 0/0 = nan (0.0 would pass for a defined figure
+    in an average). ``f1_undefined`` says why ``f1`` is ``None`` (else it is
+    ``None`` itself). ``n_error`` and ``n_correct`` are the group sizes.
     """
     pred = np.asarray(predictions)
     lab = np.asarray(labels)
@@ -327,11 +331,20 @@ def first_error_metrics(predictions: Sequence[int], labels: Sequence[int]) -> di
     n_correct = int(lab.size - n_error)
     ea = float(match[is_error].mean()) if n_error else None
     ca = float(match[~is_error].mean()) if n_correct else None
-    f1 = None if ea is None or ca is None else _f1(ea, ca)
+    f1 = why = None
+    if ea is None:
+        why = "no erroneous samples (label != -1), so the error accuracy is undefined"
+    elif ca is None:
+        why = "no correct samples (label == -1), so the correct accuracy is undefined"
+    elif ea + ca == 0:
+        why = "error and correct accuracy are both 0, so F1 is 0/0 (nan in run_eval.py)"
+    else:
+        f1 = _f1(ea, ca)
     return {
         "error_accuracy": ea,
         "correct_accuracy": ca,
         "f1": f1,
+        "f1_undefined": why,
         "n_error": n_error,
         "n_correct": n_correct,
     }
@@ -350,6 +363,31 @@ def mean_f1(subset_f1s: Mapping[str, float | None]) -> float | None:
     if not values:
         return None
     return sum(values) / len(values)
+
+
+NO_FIRST_ERROR_LABELS = "no first-error labels (soft or missing step labels)"
+
+
+def mean_f1_summary(first_errors: Mapping[str, Mapping[str, Any] | None]) -> dict[str, Any]:
+    """``mean_f1`` over the subsets that have a first-error F1, and which were left out and why.
+
+    ``first_errors`` maps each subset to its ``first_error_metrics`` (or
+    ``None`` when it has no first-error labels). Returns ``{"mean_f1",
+    "subsets": [names averaged], "left_out": {name: reason}}``.
+    ``run_eval.py`` would print nan for the mean as soon as one subset's F1 is
+    nan; leaving such a subset out keeps a figure, and ``left_out`` keeps it
+    honest.
+    """
+    f1s: dict[str, float] = {}
+    left_out: dict[str, str] = {}
+    for name, fe in first_errors.items():
+        if fe is None:
+            left_out[name] = NO_FIRST_ERROR_LABELS
+        elif fe.get("f1") is None:
+            left_out[name] = fe.get("f1_undefined") or "F1 undefined"
+        else:
+            f1s[name] = float(fe["f1"])
+    return {"mean_f1": mean_f1(f1s), "subsets": list(f1s), "left_out": left_out}
 
 
 def _default_grid(endpoints: np.ndarray) -> np.ndarray:

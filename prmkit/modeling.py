@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Mapping
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -91,28 +93,85 @@ def check_recorded_tokenization(recorded: Any, origin: str) -> None:
         check_range(f"data.{key}", value, origin, name=f"tokenization.{key}")
 
 
-def resolve_tokenization(
-    model: str | Path, metadata: dict[str, Any] | None, step_separator: str | None = None, **overrides: Any
-) -> tuple[TokenizationParams, bool]:
-    """The tokenization a model was trained with; returns (params, assumed) where assumed means no prmkit.json.
+TOKENIZATION_KEYS = tuple(f.name for f in fields(TokenizationParams))
+# Keys that shape how a solution is tokenized for scoring. train_on_last_step_only only picks which steps TRAINING
+# labels: score and eval always score every step, so it has nothing to apply to there.
+SCORING_TOKENIZATION_KEYS = ("step_separator", "max_length", "max_prompt_length", "max_completion_length")
 
-    Explicit arguments win over prmkit.json, with a warning when they contradict it: scoring at a separator
-    training never used places labels where the model learned nothing.
+
+def explicit_tokenization(data: Any, is_set: Callable[[str], bool]) -> dict[str, Any]:
+    """The ``data.*`` tokenization keys a user set (config file, ``--set``), for score and eval to apply over
+    ``prmkit.json``; ``None`` values (no limit) are settings too."""
+    return {k: getattr(data, k) for k in TOKENIZATION_KEYS if is_set(f"data.{k}")}
+
+
+def resolve_tokenization(
+    model: str | Path,
+    metadata: dict[str, Any] | None,
+    step_separator: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> tuple[TokenizationParams, dict[str, tuple[Any, Any]]]:
+    """The tokenization to score ``model`` with, and what differs from its training: ``{key: (trained, used)}``.
+
+    ``prmkit.json`` records the training tokenization. ``overrides`` (keys the user set) and ``step_separator`` (a
+    command's flag, which wins over an override) are honoured, never dropped: where they contradict the record a
+    warning says so, since a label may then sit where the model learned nothing. Without ``prmkit.json`` (a model
+    trained with TRL) they state how it was trained, and the rest is TRL 1.13's defaults.
     """
+    asked = dict(overrides or {})
+    unknown = sorted(set(asked) - set(TOKENIZATION_KEYS))
+    if unknown:
+        raise UsageError(f"not a tokenization key: {', '.join(unknown)}", hint=f"use {', '.join(TOKENIZATION_KEYS)}")
+    if step_separator is not None:
+        asked["step_separator"] = step_separator
+    if metadata is None:
+        if "step_separator" not in asked:
+            log.warning(f"{model}: no {PRMKIT_JSON}; assuming step separator '\\n' (TRL's default). Pass "
+                        "--step-separator if it was trained with another")
+        trained = TokenizationParams()
+    else:
+        trained = TokenizationParams.from_dict(metadata.get("tokenization", {}))
+    if asked.get("train_on_last_step_only", trained.train_on_last_step_only) != trained.train_on_last_step_only:
+        raise UsageError(
+            f"data.train_on_last_step_only={_yaml(asked['train_on_last_step_only'])} cannot apply to scoring: it only "
+            f"picks which steps training labels, and scoring scores every step ({model} was trained with "
+            f"{_yaml(trained.train_on_last_step_only)})",
+            hint="drop it from --set or the config for score and eval",
+        )
+    used = TokenizationParams(**{**trained.to_dict(), **asked})
+    differs = {k: (getattr(trained, k), getattr(used, k)) for k in SCORING_TOKENIZATION_KEYS
+               if getattr(trained, k) != getattr(used, k)}
     if metadata is not None:
-        params = TokenizationParams.from_dict(metadata.get("tokenization", {}))
-        if step_separator is not None and step_separator != params.step_separator:
-            log.warning(f"{model}: trained with separator {params.step_separator!r}, scoring with {step_separator!r} as asked")
-            params = TokenizationParams(**{**params.to_dict(), "step_separator": step_separator})
-        clean = {k: v for k, v in overrides.items() if v is not None}
-        if clean:
-            params = TokenizationParams(**{**params.to_dict(), **clean})
-        return params, False
-    sep = "\n" if step_separator is None else step_separator
-    if step_separator is None:
-        log.warning(f"{model}: no {PRMKIT_JSON}; assuming step separator {sep!r} (TRL's default). Pass --step-separator if it was trained with another")
-    clean = {k: v for k, v in overrides.items() if v is not None}
-    return TokenizationParams(**{"step_separator": sep, **clean}), True
+        for key, (before, after) in differs.items():
+            log.warning(f"{model}: trained with data.{key}={_yaml(before)} ({PRMKIT_JSON}); scoring with "
+                        f"{_yaml(after)} as asked, so the tokens differ from training")
+    return used, differs if metadata is not None else {}
+
+
+def kind_tokenization(
+    model: str | Path, kind: str, overrides: Mapping[str, Any] | None, step_separator: str | None = None
+) -> int | None:
+    """The ``max_length`` to score a PRM of another kind with (None: the model's own limit).
+
+    Such a model has its own input layout (its kind's), so of the tokenization keys only ``max_length`` applies; a
+    setting of another one that would change something is refused rather than dropped.
+    """
+    asked = dict(overrides or {})
+    if step_separator is not None:
+        asked["step_separator"] = step_separator
+    default = TokenizationParams()
+    moot = [k for k, v in asked.items() if k != "max_length" and v != getattr(default, k)]
+    if moot:
+        raise UsageError(
+            f"{model} is a {kind} PRM, which lays out its input its own way: "
+            + ", ".join(f"data.{k}={_yaml(asked[k])}" for k in moot) + " cannot apply to it",
+            hint="drop the setting (or --step-separator) for this model, or score it in a run of its own",
+        )
+    return asked.get("max_length")
+
+
+def _yaml(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False) if value is not None else "null"
 
 
 # ---------------------------------------------------------------------------------------------------------------------

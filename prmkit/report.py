@@ -15,7 +15,9 @@ A report is a plain dict::
                 "best_of_n": {...},       # optional, best_of_n
             },
         },
-        "mean_f1": float | None,
+        "mean_f1": float | None,          # unweighted over the subsets that have a first-error F1
+        "mean_f1_subsets": [NAME, ...],   # the subsets averaged
+        "mean_f1_left_out": {NAME: why},  # the others, with the reason (e.g. no erroneous samples)
     }
 
 To compare models, ``{"models": {MODEL: report, ...}}`` holds one such report
@@ -238,6 +240,21 @@ def _h(level: int, text: str) -> str:
     return "#" * min(level, 6) + " " + text
 
 
+def _mean_f1_line(rep: Mapping[str, Any]) -> str:
+    """The mean first-error F1 and what it covers: a mean that silently averaged fewer subsets would mislead."""
+    text = _fmt(rep.get("mean_f1"))
+    left_out = rep.get("mean_f1_left_out") or {}
+    if not left_out:
+        return text
+    covered = rep.get("mean_f1_subsets") or []
+    over = f" over {', '.join(map(str, covered))} only" if covered else ""
+    return f"{text}{over}; left out: {_left_out(rep)}"
+
+
+def _left_out(rep: Mapping[str, Any]) -> str:
+    return "; ".join(f"{name} ({why})" for name, why in (rep.get("mean_f1_left_out") or {}).items()) or "none"
+
+
 def _threshold_line(rep: Mapping[str, Any]) -> str:
     source = rep.get("threshold_source") or "not recorded"
     return f"{_fmt_threshold(rep.get('threshold'))} (chosen by: {source})"
@@ -306,6 +323,8 @@ def _md_subset(name: str, sub: Mapping[str, Any], level: int) -> list[str]:
                 align="rrrrr",
             )
         )
+        if fe.get("f1") is None and fe.get("f1_undefined"):
+            out.append(f"F1 undefined: {fe['f1_undefined']}; this subset is left out of the mean.")
 
     oc = sub.get("outcome")
     if isinstance(oc, Mapping):
@@ -389,7 +408,7 @@ def build_markdown(report: Mapping[str, Any]) -> str:
         if "mean_f1" in rep:
             facts.append(
                 "- **Mean first-error F1** (unweighted over subsets, as in ProcessBench): "
-                f"{_fmt(rep.get('mean_f1'))}"
+                f"{_mean_f1_line(rep)}"
             )
         out.append("\n".join(facts))
         out.append(_md_preamble(multi=False))
@@ -412,6 +431,8 @@ def build_markdown(report: Mapping[str, Any]) -> str:
                 ["Threshold chosen by", *(r.get("threshold_source") or "not recorded" for r in reps)],
                 ["Mean first-error F1 (unweighted)",
                  *(f"**{_fmt(v)}**" if i in best else _fmt(v) for i, v in enumerate(mean_f1s))],
+                *([["Mean F1 leaves out", *(_left_out(r) for r in reps)]]
+                  if any(r.get("mean_f1_left_out") for r in reps) else []),
             ],
         )
     )
@@ -454,6 +475,8 @@ def rich_tables(report: Mapping[str, Any]) -> list[Table]:
             "Mean first-error F1",
             *(f"[bold]{_fmt(v)}[/bold]" if i in best else _fmt(v) for i, v in enumerate(mean_f1s)),
         )
+        if any(r.get("mean_f1_left_out") for r in reps):
+            head.add_row("Mean F1 leaves out", *(escape(_left_out(r)) for r in reps))
         tables.append(head)
         for subset in _subset_names(reps):
             subs = [_subsets(r).get(subset) for r in reps]
@@ -485,7 +508,7 @@ def rich_tables(report: Mapping[str, Any]) -> list[Table]:
     if with_fe:
         table = Table(
             title="First error (ProcessBench)",
-            caption=f"mean F1 (unweighted): {_fmt(rep.get('mean_f1'))}",
+            caption=escape(f"mean F1 (unweighted): {_mean_f1_line(rep)}"),
         )
         for col in ("Subset", "Acc. erroneous", "Acc. correct", "F1", "Erroneous", "Correct"):
             table.add_column(col, justify="left" if col == "Subset" else "right")

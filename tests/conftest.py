@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from pathlib import Path
 
@@ -75,6 +77,27 @@ def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("PRMKIT_CACHE", str(tmp_path / "prmkit-cache"))
 
 
+@contextlib.contextmanager
+def prmkit_log():
+    """Records of the `prmkit` logger, whatever an earlier CLI test did to its propagation."""
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    logger = logging.getLogger("prmkit")
+    handler = Keep(logging.DEBUG)
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+
+
 def make_tiny_prm(path: Path, tokenizer_dir: Path, seed: int = 0, step_separator: str = "\n") -> Path:
     """A random tiny Qwen2 token-classification PRM directory (weights, tokenizer, prmkit.json).
 
@@ -100,6 +123,23 @@ def make_tiny_prm(path: Path, tokenizer_dir: Path, seed: int = 0, step_separator
     probe = "Hence, 9.11 > 9.8.  Step 2: 3 + 5 = 8 (twice)"
     assert AutoTokenizer.from_pretrained(path)(probe)["input_ids"] == tok(probe)["input_ids"], "tokenizer changed on reload"
     return path
+
+
+def prm_twins(root: Path, tokenizer_dir: Path, trained: dict, other: dict) -> tuple[Path, Path]:
+    """One tiny PRM's weights in two directories whose prmkit.json records different tokenization parameters.
+
+    Scoring the second one as it is gives the reference for scoring the first with ``other`` set by hand.
+    """
+    import shutil
+
+    from prmkit.modeling import build_metadata, write_metadata
+    from prmkit.tokenization import TokenizationParams
+
+    first = make_tiny_prm(root / "trained", tokenizer_dir, seed=3)
+    second = Path(shutil.copytree(first, root / "other"))
+    write_metadata(first, build_metadata(TokenizationParams(**trained), base_model=None))
+    write_metadata(second, build_metadata(TokenizationParams(**{**trained, **other}), base_model=None))
+    return first, second
 
 
 @pytest.fixture(scope="session")

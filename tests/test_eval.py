@@ -7,10 +7,12 @@ bottom use a fake scorer whose scores are chosen by hand, so the expected figure
 from __future__ import annotations
 
 import json
+import logging
 import statistics
 from pathlib import Path
 
 import pytest
+from conftest import prmkit_log
 from eval_fixtures import (
     best_threshold_f1,
     binary_cross_entropy,
@@ -358,11 +360,46 @@ def test_mean_f1_is_unweighted(tmp_path):
     rep = evaluation.evaluate(["fake"], [str(big), str(small)], load_scorer=_fake).report
     assert rep["subsets"]["big"]["first_error"]["f1"] == 1.0
     assert rep["subsets"]["small"]["first_error"] == {
-        "error_accuracy": 0.0, "correct_accuracy": 1.0, "f1": 0.0, "n_error": 1, "n_correct": 1,
+        "error_accuracy": 0.0, "correct_accuracy": 1.0, "f1": 0.0, "f1_undefined": None, "n_error": 1, "n_correct": 1,
         "labels_from": "processbench",
     }
     assert rep["mean_f1"] == 0.5
+    assert rep["mean_f1_subsets"] == ["big", "small"] and rep["mean_f1_left_out"] == {}
     assert "tokenization" not in rep  # the fake scorer has no params
+
+
+def test_mean_f1_says_which_subsets_it_leaves_out_and_why(tmp_path):
+    # mixed: F1 1. onlycorrect: no erroneous sample, so no error accuracy. bothzero: the error is missed and the
+    # correct solution flagged, so both accuracies are 0 and F1 is 0/0 (run_eval.py prints nan; 0.0 would drag the
+    # mean down as if it were a measured F1). stepwise rows with soft labels have no first-error label at all.
+    mixed = write_json(tmp_path / "mixed.json", [_pb("p1", ["ok", "bad"], 1), _pb("p2", ["ok"], -1)])
+    onlycorrect = write_json(tmp_path / "onlycorrect.json", [_pb("q1", ["ok"], -1), _pb("q2", ["ok", "ok"], -1)])
+    bothzero = write_json(tmp_path / "bothzero.json", [_pb("r1", ["ok", "wrong"], 1), _pb("r2", ["bad"], -1)])
+    soft = write_jsonl(tmp_path / "soft.jsonl", [{"prompt": "s", "completions": ["ok"], "labels": [0.7]}])
+    with prmkit_log() as records:
+        rep = evaluation.evaluate(["fake"], [str(onlycorrect), str(mixed), str(bothzero), str(soft)],
+                                  load_scorer=_fake).report
+    subs = rep["subsets"]
+    assert subs["mixed"]["first_error"]["f1"] == 1.0 and subs["mixed"]["first_error"]["f1_undefined"] is None
+    assert subs["onlycorrect"]["first_error"]["f1"] is None
+    assert subs["onlycorrect"]["first_error"]["correct_accuracy"] == 1.0
+    assert (subs["bothzero"]["first_error"]["error_accuracy"], subs["bothzero"]["first_error"]["correct_accuracy"],
+            subs["bothzero"]["first_error"]["f1"]) == (0.0, 0.0, None)
+    assert rep["mean_f1"] == 1.0 and rep["mean_f1_subsets"] == ["mixed"]
+    assert rep["mean_f1_left_out"] == {
+        "onlycorrect": "no erroneous samples (label != -1), so the error accuracy is undefined",
+        "bothzero": "error and correct accuracy are both 0, so F1 is 0/0 (nan in run_eval.py)",
+        "soft": "no first-error labels (soft or missing step labels)",
+    }
+    warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+    assert any(w.startswith("fake: mean_f1 covers mixed only; left out: onlycorrect (no erroneous samples")
+               for w in warnings), warnings
+
+    evaluation.write_outputs(evaluation.EvalResult(rep, {}), tmp_path / "out", plots=False)
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "1.000 over mixed only; left out: onlycorrect (no erroneous samples" in md
+    assert "F1 undefined: error and correct accuracy are both 0, so F1 is 0/0 (nan in run_eval.py)" in md
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["mean_f1_left_out"] == rep["mean_f1_left_out"]
 
 
 def test_threshold_sources(tmp_path):

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import prm_twins
 from eval_fixtures import processbench_first_error, processbench_records, read_records, write_json
 from typer.testing import CliRunner
 
@@ -214,3 +215,84 @@ def test_dtype_and_device_reach_the_scorer(tiny_prm_pair, data, tmp_path, monkey
     res = run(tiny_prm_pair[0], "--data", data["a"], "-o", tmp_path / "o2", "--no-plots", "--config", cfg)
     assert res.exit_code == 0, res.stderr
     assert seen[-1] == ("float32", "cpu", "torch.float32", "cpu")
+
+
+def test_overrides_of_recorded_tokenization_are_honoured_with_a_warning_or_refused(train_tokenizer_dir, data, tmp_path):
+    prm, twin = prm_twins(tmp_path, train_tokenizer_dir, {"max_prompt_length": 4}, {"max_prompt_length": None})
+
+    def report(model, *args):
+        out = tmp_path / f"out-{len(list(tmp_path.iterdir()))}"
+        res = run(model, "--data", data["a"], "-o", out, "--no-plots", *args)
+        assert res.exit_code == 0, res.stderr
+        return json.loads((out / "report.json").read_text()), res.stderr
+
+    trained, _ = report(prm)
+    expected, _ = report(twin)
+    assert trained["subsets"]["a"]["step"] != expected["subsets"]["a"]["step"]
+    assert "differs_from_training" not in trained
+
+    got, stderr = report(prm, "--set", "data.max_prompt_length=null")
+    assert got["subsets"]["a"]["step"] == expected["subsets"]["a"]["step"]
+    assert got["subsets"]["a"]["first_error"] == expected["subsets"]["a"]["first_error"]
+    assert got["tokenization"]["max_prompt_length"] is None
+    assert got["differs_from_training"] == {"max_prompt_length": {"trained": 4, "used": None}}
+    assert "trained with data.max_prompt_length=4 (prmkit.json); scoring with null as asked" in stderr
+
+    res = run(prm, "--data", data["a"], "-o", tmp_path / "never", "--set", "data.train_on_last_step_only=true")
+    assert res.exit_code == 2 and "data.train_on_last_step_only=true cannot apply to scoring" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_mean_f1_says_it_covers_mixed_only(tiny_prm_pair, tmp_path):
+    records = processbench_records(16, seed=1)
+    onlycorrect = write_json(tmp_path / "onlycorrect.json", [r for r in records if r["label"] == -1])
+    mixed = write_json(tmp_path / "mixed.json", records)
+    out = tmp_path / "out"
+    res = run(tiny_prm_pair[0], "--data", onlycorrect, "--data", mixed, "-o", out, "--no-plots")
+    assert res.exit_code == 0, res.stderr
+    written = json.loads((out / "report.json").read_text())
+    assert written["subsets"]["onlycorrect"]["first_error"]["f1"] is None
+    assert written["mean_f1"] == written["subsets"]["mixed"]["first_error"]["f1"] is not None
+    assert (written["mean_f1_subsets"], list(written["mean_f1_left_out"])) == (["mixed"], ["onlycorrect"])
+    stderr = " ".join(res.stderr.split())
+    assert "mean_f1 covers mixed only; left out: onlycorrect (no erroneous samples (label != -1)" in stderr
+    assert "over mixed only; left out: onlycorrect" in " ".join(res.stdout.split())
+    assert "over mixed only; left out: onlycorrect" in (out / "report.md").read_text()
+
+
+def test_tuning_the_threshold_reuses_the_one_scoring_pass(tiny_prm_pair, data, tmp_path, monkeypatch):
+    # Score once, then sweep: --tune-threshold must run exactly the forward passes of a fixed-threshold eval, score
+    # every solution once, and reach the same scores (the figures at the tuned threshold come from them).
+    import prmkit.evaluation as evaluation
+
+    real = evaluation._default_loader
+    counts: list[dict] = []
+
+    def counting(model, **kwargs):
+        scorer = real(model, **kwargs)
+        seen = {"forward": 0, "solutions": 0}
+        counts.append(seen)
+        scorer.model.register_forward_hook(lambda *_: seen.__setitem__("forward", seen["forward"] + 1))
+        score_batch = scorer.score_batch
+
+        def counted(items):
+            seen["solutions"] += len(items)
+            return score_batch(items)
+
+        scorer.score_batch = counted
+        return scorer
+
+    monkeypatch.setattr(evaluation, "_default_loader", counting)
+    fixed = run(tiny_prm_pair[0], "--data", data["a"], "--data", data["b"], "-o", tmp_path / "f", "--no-plots",
+                "--threshold", "0.5")
+    tuned = run(tiny_prm_pair[0], "--data", data["a"], "--data", data["b"], "-o", tmp_path / "t", "--no-plots",
+                "--tune-threshold", "a")
+    assert fixed.exit_code == 0 and tuned.exit_code == 0, fixed.stderr + tuned.stderr
+    assert len(counts) == 2 and counts[0] == counts[1]
+    assert counts[1]["solutions"] == 16 + 7 and counts[1]["forward"] > 0
+    fixed_rep = json.loads((tmp_path / "f" / "report.json").read_text())
+    tuned_rep = json.loads((tmp_path / "t" / "report.json").read_text())
+    assert tuned_rep["threshold_source"].startswith("tuned on a")
+    # Threshold-free figures are the same, so the scores were.
+    assert tuned_rep["subsets"]["a"]["step"]["auroc"] == fixed_rep["subsets"]["a"]["step"]["auroc"]
+    assert tuned_rep["subsets"]["b"]["step"]["log_loss"] == fixed_rep["subsets"]["b"]["step"]["log_loss"]

@@ -12,6 +12,7 @@ from prmkit.metrics import (
     first_error_index,
     first_error_metrics,
     mean_f1,
+    mean_f1_summary,
     outcome_metrics,
     step_metrics,
     tune_threshold,
@@ -173,11 +174,16 @@ def test_processbench_formula_worked_example():
 
 
 def test_first_error_metrics_edge_cases():
+    # Both accuracies 0: run_eval.py computes 0/0 = nan. prmkit reports no F1 (JSON has no nan) and says why,
+    # rather than a 0.0 that would pass for a measured figure in the mean.
     both_zero = first_error_metrics([0, 1], [1, -1])
-    assert both_zero["f1"] == 0.0
+    assert (both_zero["error_accuracy"], both_zero["correct_accuracy"], both_zero["f1"]) == (0.0, 0.0, None)
+    assert both_zero["f1_undefined"] == "error and correct accuracy are both 0, so F1 is 0/0 (nan in run_eval.py)"
     no_correct = first_error_metrics([1], [1])
     assert no_correct["correct_accuracy"] is None and no_correct["f1"] is None
     assert no_correct["error_accuracy"] == 1.0
+    assert no_correct["f1_undefined"] == "no correct samples (label == -1), so the correct accuracy is undefined"
+    assert first_error_metrics([1, -1], [1, -1])["f1_undefined"] is None
     with pytest.raises(ValueError):
         first_error_metrics([1, 2], [1])
 
@@ -188,6 +194,26 @@ def test_mean_f1_is_unweighted():
     assert mean_f1({"gsm8k": 0.8, "math": 0.4, "olympiad": None}) == approx(0.6)
     assert mean_f1({"a": None}) is None
     assert mean_f1({}) is None
+
+
+def test_mean_f1_summary_names_what_it_leaves_out():
+    fe = {
+        "gsm8k": first_error_metrics([1, -1, -1], [1, -1, 2]),  # ea 1/2, ca 1 -> 2/3
+        "onlycorrect": first_error_metrics([-1], [-1]),
+        "bothzero": first_error_metrics([0, 1], [1, -1]),
+        "math": first_error_metrics([0, -1], [0, -1]),  # 1
+        "soft": None,
+    }
+    got = mean_f1_summary(fe)
+    assert got["mean_f1"] == approx((2 / 3 + 1) / 2)
+    assert got["subsets"] == ["gsm8k", "math"]
+    assert got["left_out"] == {
+        "onlycorrect": "no erroneous samples (label != -1), so the error accuracy is undefined",
+        "bothzero": "error and correct accuracy are both 0, so F1 is 0/0 (nan in run_eval.py)",
+        "soft": "no first-error labels (soft or missing step labels)",
+    }
+    assert mean_f1_summary({"soft": None}) == {
+        "mean_f1": None, "subsets": [], "left_out": {"soft": "no first-error labels (soft or missing step labels)"}}
 
 
 # ---------------------------------------------------------------- tuning

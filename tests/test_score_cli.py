@@ -14,7 +14,7 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
-from conftest import EXAMPLES, ROOT, make_tiny_prm
+from conftest import EXAMPLES, ROOT, make_tiny_prm, prm_twins
 from typer.testing import CliRunner
 
 from prmkit.cli.app import app
@@ -356,3 +356,39 @@ def test_batch_budget_defaults_to_a_cpu_sized_one_and_does_not_change_scores(tmp
     assert summary_of(small)["batch_tokens"] == 64 and summary_of(small)["dtype"] == "float32"
     for a, b in zip(read_jsonl(tmp_path / "a.jsonl"), read_jsonl(tmp_path / "b.jsonl")):
         assert b["step_scores"] == pytest.approx(a["step_scores"], abs=1e-5)
+
+
+def test_overrides_of_recorded_tokenization_are_honoured_with_a_warning_or_refused(tmp_path, train_tokenizer_dir):
+    # The model recorded max_prompt_length 4 at training; the twin records null. `--set data.max_prompt_length=null`
+    # must score as the twin does, and say that it differs from training.
+    prm, twin = prm_twins(tmp_path, train_tokenizer_dir, {"max_prompt_length": 4}, {"max_prompt_length": None})
+    src = write_jsonl(tmp_path / "in.jsonl", make_rows(6, seed=11))
+    assert score_cli(prm, src, "-o", tmp_path / "trained.jsonl").exit_code == 0
+    assert score_cli(twin, src, "-o", tmp_path / "twin.jsonl").exit_code == 0
+    trained = [r["step_scores"] for r in read_jsonl(tmp_path / "trained.jsonl")]
+    expected = [r["step_scores"] for r in read_jsonl(tmp_path / "twin.jsonl")]
+    assert trained != expected  # the prompt limit matters for these rows
+
+    proc = subprocess.run([sys.executable, "-m", "prmkit", "score", str(prm), str(src), "-o", str(tmp_path / "o.jsonl"),
+                           "--set", "data.max_prompt_length=null"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert [r["step_scores"] for r in read_jsonl(tmp_path / "o.jsonl")] == expected
+    assert "trained with data.max_prompt_length=4 (prmkit.json); scoring with null as asked" in proc.stderr
+
+    # The recorded value, set again, is no difference and draws no warning.
+    res = score_cli(prm, src, "-o", tmp_path / "same.jsonl", "--set", "data.max_prompt_length=4")
+    assert res.exit_code == 0 and "trained with" not in res.stderr
+    assert [r["step_scores"] for r in read_jsonl(tmp_path / "same.jsonl")] == trained
+
+    # max_length from a config file is honoured too: steps past 12 tokens get no score.
+    cfg = tmp_path / "prmkit.yaml"
+    cfg.write_text("data:\n  max_length: 12\n", encoding="utf-8")
+    res = score_cli(prm, src, "-o", tmp_path / "short.jsonl", "-c", cfg)
+    assert res.exit_code == 0, res.stderr
+    assert "trained with data.max_length=1024 (prmkit.json); scoring with 12 as asked" in res.stderr
+    assert all(r["truncated"] for r in read_jsonl(tmp_path / "short.jsonl"))
+
+    # A key that cannot apply to scoring is refused in one line, before anything is written.
+    res = score_cli(prm, src, "-o", tmp_path / "never.jsonl", "--set", "data.train_on_last_step_only=true")
+    assert res.exit_code == 2 and "data.train_on_last_step_only=true cannot apply to scoring" in res.stderr
+    assert "Traceback" not in res.stderr and not (tmp_path / "never.jsonl").exists()

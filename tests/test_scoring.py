@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_prm
+from conftest import make_tiny_prm, prmkit_log
 
 from prmkit.errors import UsageError
 from prmkit.modeling import PRMKIT_JSON, build_metadata, write_metadata
@@ -25,27 +24,6 @@ SOLUTIONS = [
     ("Step 1: Janet spends 3 hours + 5 hours = 8 hours per week on music lessons.",
      ["11 is greater than 8.", "Hence, 9.11 > 9.8.", "So the answer is 42."]),
 ]
-
-
-@contextlib.contextmanager
-def prmkit_log():
-    """Records of the `prmkit` logger, whatever an earlier CLI test did to its propagation."""
-    records: list[logging.LogRecord] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record):
-            records.append(record)
-
-    logger = logging.getLogger("prmkit")
-    handler = Keep(logging.DEBUG)
-    old_level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        yield records
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(old_level)
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +124,8 @@ def test_prmkit_json_separator_is_used(tmp_path, train_tokenizer_dir):
     # An explicit separator wins, with a warning that it contradicts training.
     with prmkit_log() as records:
         assert StepScorer.from_pretrained(model_dir, step_separator="\n").params.step_separator == "\n"
-    assert any("trained with separator" in r.getMessage() for r in records)
+    assert any('trained with data.step_separator=" ки\\n" (prmkit.json); scoring with "\\n" as asked' in r.getMessage()
+               for r in records)
 
 
 def test_directory_without_prmkit_json_warns_and_uses_newline(tmp_path, train_tokenizer_dir):
@@ -232,3 +211,33 @@ def test_bad_settings_are_usage_errors(scorer):
         if torch.cuda.is_available():
             raise UsageError("CUDA is here; nothing to check")
         _resolve_device("cuda")
+
+
+def test_settings_over_the_recorded_tokenizer_and_tokenization(tmp_path, train_tokenizer_dir):
+    from prmkit.modeling import kind_tokenization, resolve_tokenization
+
+    model_dir = make_tiny_prm(tmp_path / "prm", train_tokenizer_dir, seed=2)
+    # No fingerprint recorded: an explicit tokenizer is used, with a word that nothing can vouch for it.
+    with prmkit_log() as records:
+        sc = StepScorer.from_pretrained(model_dir, tokenizer=str(train_tokenizer_dir))
+    assert sc.tokenizer.name_or_path == str(train_tokenizer_dir)
+    assert any("scoring with the tokenizer of" in r.getMessage() and "as asked" in r.getMessage() for r in records)
+    # A recorded fingerprint it does not match: a warning, and the report-facing record of the difference.
+    write_metadata(model_dir, build_metadata(TokenizationParams(), base_model=None, tokenizer={"sha256": "0" * 64}))
+    with prmkit_log() as records:
+        sc = StepScorer.from_pretrained(model_dir, tokenizer=str(train_tokenizer_dir))
+    assert any("differs from the one recorded in prmkit.json" in r.getMessage() for r in records)
+    assert sc.differs_from_training["tokenizer"][0] == "0" * 64
+
+    # Without prmkit.json (a TRL model) settings say how it was trained: used as given, TRL's defaults for the rest.
+    params, differs = resolve_tokenization("trl-model", None, overrides={"max_length": 2048, "step_separator": "\n\n"})
+    assert params == TokenizationParams(step_separator="\n\n", max_length=2048) and differs == {}
+
+    # Another kind of PRM lays out its own input: max_length applies, anything else that would change something is
+    # refused, and a value equal to the default (a full config template) is no change.
+    assert kind_tokenization("m", "qwen-prm", {"max_length": 300, "max_prompt_length": None}) == 300
+    assert kind_tokenization("m", "qwen-prm", {"step_separator": "\n"}) is None
+    with pytest.raises(UsageError, match=r"data.max_prompt_length=512 cannot apply"):
+        kind_tokenization("m", "qwen-prm", {"max_prompt_length": 512})
+    with pytest.raises(UsageError, match=r'data.step_separator="\\n\\n" cannot apply'):
+        kind_tokenization("m", "lm-tag", None, step_separator="\n\n")

@@ -122,6 +122,7 @@ def evaluate(
 
     hf_logging.disable_progress_bar()  # the weight-loading bar is noise beside our own progress
 
+    from prmkit.modeling import explicit_tokenization
     from prmkit.scoring import end_distributed
 
     with _progress(enabled=main) as progress:
@@ -135,6 +136,7 @@ def evaluate(
                 attn_implementation=cfg.model.attn_implementation, prm800k_neutral=cfg.data.prm800k_neutral,
                 label_threshold=cfg.data.label_threshold, skip_invalid=bool(skip_invalid), progress=progress,
                 kind_settings=cfg.model.kind_settings(),
+                tokenization=explicit_tokenization(cfg.data, cfg.is_set), tokenizer=cfg.model.tokenizer,
             )
         finally:
             end_distributed()

@@ -74,13 +74,15 @@ def score(
 
     from transformers.utils import logging as hf_logging
 
+    from prmkit.modeling import explicit_tokenization
     from prmkit.scoring import StepScorer, end_distributed, score_file
 
     hf_logging.disable_progress_bar()  # a weight-loading bar per process is noise beside our own progress
 
     sc = cfg.score
     scorer = StepScorer.from_pretrained(
-        model, step_separator=unescape(step_separator), dtype=sc.dtype, device=sc.device,
+        model, step_separator=unescape(step_separator), dtype=sc.dtype if sc.dtype != "auto" else cfg.model.dtype,
+        device=sc.device, tokenization=explicit_tokenization(cfg.data, cfg.is_set), tokenizer=cfg.model.tokenizer,
         batch_tokens=sc.batch_tokens, sort_window=sc.sort_window, trust_remote_code=cfg.model.trust_remote_code,
         allow_bidirectional=cfg.model.allow_bidirectional, attn_implementation=cfg.model.attn_implementation,
         kind_settings=cfg.model.kind_settings(),

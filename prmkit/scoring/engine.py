@@ -26,7 +26,13 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from prmkit.atomic import read_json
 from prmkit.errors import PrmkitError, UsageError
-from prmkit.modeling import POSITIVE_LABEL_ID, PRMKIT_JSON, read_metadata, resolve_tokenization
+from prmkit.modeling import (
+    POSITIVE_LABEL_ID,
+    PRMKIT_JSON,
+    kind_tokenization,
+    read_metadata,
+    resolve_tokenization,
+)
 from prmkit.tokenization import Encoded, TextEncoder, TokenizationParams, encode_solutions, tokenizer_fingerprint
 
 log = logging.getLogger("prmkit")
@@ -129,6 +135,8 @@ class StepScorer:
         pad = tokenizer.pad_token_id
         self._pad_id = pad if pad is not None else (tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0)
         self._torch = torch
+        self.differs_from_training: dict[str, tuple[Any, Any]] = {}
+        """``{key: (trained, used)}``: settings the user chose that differ from what the model recorded."""
 
     # -- loading --------------------------------------------------------------------------------------------------
 
@@ -148,11 +156,16 @@ class StepScorer:
         revision: str | None = None,
         packing: bool | None = None,
         kind_settings: dict[str, Any] | None = None,
+        tokenization: dict[str, Any] | None = None,
+        tokenizer: str | None = None,
     ) -> "StepScorer":
         """Load a PRM (a prmkit output dir, a local transformers dir, or a Hub id) with its tokenizer.
 
         The step separator and tokenization come from the model's ``prmkit.json``; without one (a model trained
         with TRL) the separator defaults to ``"\\n"`` with a warning. ``step_separator`` overrides it.
+        ``tokenization`` (``data.*`` keys the user set) and ``tokenizer`` (a tokenizer to load instead of the model's
+        own) are honoured over what the model recorded, with a warning where they differ from training; settings
+        that cannot apply are refused (:func:`prmkit.modeling.resolve_tokenization`).
         Under ``accelerate launch`` with several processes, each process takes its own device and scores a share.
         """
         import torch
@@ -182,11 +195,13 @@ class StepScorer:
         if kind != kinds.TOKEN_CLASSIFICATION:
             if attn_implementation:
                 load_kwargs["attn_implementation"] = attn_implementation
+            max_length = kind_tokenization(name, kind, tokenization, step_separator)
             return kinds.scorer_for_kind(
-                cls, kind, name, kind_tokenizer or load_tokenizer(name, trust_remote_code), settings,
-                load_kwargs=load_kwargs, device=dev,
+                cls, kind, name, load_tokenizer(tokenizer, trust_remote_code) if tokenizer else
+                kind_tokenizer or load_tokenizer(name, trust_remote_code), settings,
+                load_kwargs=load_kwargs, device=dev, max_length=max_length,
                 batch_tokens=batch_tokens, sort_window=sort_window, packing=packing, rank=rank, world_size=world_size)
-        params, _assumed = resolve_tokenization(name, metadata, step_separator)
+        params, changes = resolve_tokenization(name, metadata, step_separator, tokenization)
         positive = int(((metadata or {}).get("labels") or {}).get("positive_label_id", POSITIVE_LABEL_ID))
         try:
             if is_local and (local / "adapter_config.json").is_file():
@@ -209,18 +224,24 @@ class StepScorer:
                 hint="score with a PRM trained by `prmkit train` (or TRL's PRMTrainer), not a base model",
             )
         model.to(dev)
-        tokenizer = load_tokenizer(name, trust_remote_code)
+        tok = load_tokenizer(tokenizer or name, trust_remote_code)
         recorded = ((metadata or {}).get("tokenizer") or {}).get("sha256")
-        if recorded and tokenizer_fingerprint(tokenizer)["sha256"] != recorded:
+        if recorded and tokenizer_fingerprint(tok)["sha256"] != recorded:
             # e.g. transformers picking the architecture's tokenizer class over the saved tokenizer.json
-            log.warning(f"{name}: the tokenizer loaded now differs from the one recorded in {PRMKIT_JSON} at training; "
-                        "steps may be tokenized differently from training")
+            log.warning(f"{name}: the tokenizer loaded now{f' ({tokenizer})' if tokenizer else ''} differs from the one "
+                        f"recorded in {PRMKIT_JSON} at training; steps may be tokenized differently from training")
+            changes["tokenizer"] = (recorded, tokenizer_fingerprint(tok)["sha256"])
+        elif tokenizer and not recorded and tokenizer != name:
+            log.warning(f"{name}: scoring with the tokenizer of {tokenizer} as asked (model.tokenizer), not the one "
+                        "saved with the model; nothing records which one training used")
         identity = model_identity(name, model)
-        return cls(
-            model, tokenizer, params, batch_tokens=batch_tokens, sort_window=sort_window, positive_label_id=positive,
+        scorer = cls(
+            model, tok, params, batch_tokens=batch_tokens, sort_window=sort_window, positive_label_id=positive,
             allow_bidirectional=allow_bidirectional, packing=packing, identity=identity, rank=rank,
             world_size=world_size,
         )
+        scorer.differs_from_training = changes
+        return scorer
 
     # -- public scoring API ---------------------------------------------------------------------------------------
 
