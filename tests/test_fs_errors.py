@@ -99,6 +99,7 @@ def test_prepare_into_a_read_only_directory(tmp_path, monkeypatch, tiny_tokenize
     refuse_writes_under(monkeypatch, ro, errno.EROFS)
     res = runner.invoke(app, ["prepare", "--train", str(src), "--tokenizer", str(tiny_tokenizer_dir), "-o", str(ro / "out")])
     assert_one_line(res, f"{ro}: cannot write here: read-only file system")
+    assert "detected format" not in res.stderr  # refused before any row was read or tokenized
     monkeypatch.undo()
     assert list(ro.iterdir()) == []
 
