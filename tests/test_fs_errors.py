@@ -88,6 +88,8 @@ def test_os_errors_are_described_with_path_and_hint(code, what, hint):
     # prmkit's hidden temporary names are replaced by the directory they were going into.
     message, _ = describe_os_error(OSError(code, os.strerror(code), "/data/.out.123@host.ab12.tmp"))
     assert message == f"/data: cannot write here: {what}"
+    message, _ = describe_os_error(OSError(code, os.strerror(code), "./.out.123@host.ab12.tmp"))
+    assert message == f"{os.getcwd()}: cannot write here: {what}"
     # A failed write() names no file.
     assert describe_os_error(OSError(code, os.strerror(code)))[0] == what
 

@@ -27,8 +27,8 @@ _FULL = "free some space or write somewhere else, then run the same command agai
 
 # errno -> (what happened, what to do)
 _OS_ERRORS: dict[int, tuple[str, str | None]] = {
-    errno.EACCES: ("permission denied", f"check the permissions there, or {_ELSEWHERE}"),
-    errno.EPERM: ("operation not permitted", f"check the permissions there, or {_ELSEWHERE}"),
+    errno.EACCES: ("permission denied", f"check the permissions there, or (for an output) {_ELSEWHERE}"),
+    errno.EPERM: ("operation not permitted", f"check the permissions there, or (for an output) {_ELSEWHERE}"),
     errno.EROFS: ("read-only file system", _ELSEWHERE),
     errno.ENOSPC: ("no space left on device", _FULL),
     errno.EDQUOT: ("disk quota exceeded", _FULL),
@@ -68,9 +68,9 @@ def describe_os_error(err: OSError) -> tuple[str, str | None]:
     if err.filename is None:
         return what, hint
     path = Path(os.fsdecode(err.filename))
-    if path.name.startswith(".") and path.parent != Path("."):
+    if path.name.startswith("."):
         # prmkit's hidden temporary names mean nothing to a user; the directory they go in does.
-        return f"{path.parent}: cannot write here: {what}", hint
+        return f"{os.path.abspath(path.parent)}: cannot write here: {what}", hint
     where = f"{path} -> {os.fsdecode(err.filename2)}" if err.filename2 is not None else str(path)
     return f"{where}: {what}", hint
 
