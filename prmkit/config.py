@@ -332,11 +332,11 @@ class Config:
         return out
 
 
-def training_argument_fields() -> dict[str, dataclasses.Field]:
-    # Imported lazily: transformers costs seconds, and only `train` keys need it.
-    from transformers import TrainingArguments
+def training_argument_fields():
+    # Read from transformers' source, not imported: importing it costs seconds of torch, and config checks need none.
+    from prmkit.training_fields import training_argument_fields as fields
 
-    return {f.name: f for f in dataclasses.fields(TrainingArguments) if f.init}
+    return fields()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -495,7 +495,7 @@ def _coerce(value: Any, annotation: Any, key: str, origin: str) -> Any:
     raise ConfigError(f"{origin}: {key}: expected {expected}, got {value!r} ({type(value).__name__})")
 
 
-def _coerce_training_argument(value: Any, fld: dataclasses.Field, key: str, origin: str) -> Any:
+def _coerce_training_argument(value: Any, fld: Any, key: str, origin: str) -> Any:
     default = fld.default if fld.default is not dataclasses.MISSING else None
     if key.endswith("_strategy") and value is False:
         return "no"  # YAML 1.1 reads the documented value `no` as false

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.table import Table
@@ -13,7 +13,9 @@ from prmkit.cli._options import ConfigOpt, JsonOpt, SetOpt
 from prmkit.cli._output import Output, attach_logging
 from prmkit.config import load_config
 from prmkit.errors import UsageError
-from prmkit.hub import PushResult, human_size, push_with_config
+
+if TYPE_CHECKING:
+    from prmkit.hub import PushResult
 
 
 @handle_errors
@@ -63,11 +65,15 @@ def push(
     })
     if not cfg.push.repo_id:
         raise UsageError("no repo id: pass --repo-id or set push.repo_id", hint="e.g. --repo-id alice/qwen2-prm")
+    from prmkit.hub import push_with_config  # huggingface_hub: not for --help
+
     result = push_with_config(model_dir, cfg.push, dry_run=dry_run, token=token)
     out.result(result.to_dict(), *_render(result))
 
 
 def _render(result: PushResult) -> list:
+    from prmkit.hub import human_size
+
     title = f"{result.repo_id}@{result.revision}"
     if result.dry_run:
         title = f"dry run: would upload to {title} ({result.mode} model)"
