@@ -73,8 +73,12 @@ def resolve_source(spec: str) -> Source:
         return Source(spec, kind, path, unit="line" if kind == "jsonl" else "row")
     if path.exists():
         raise DataError(f"{spec}: unsupported file type {suffix or '(none)'}", hint="use .jsonl, .json, .parquet or .csv")
-    if os.sep in spec.strip("/") and spec.startswith((".", "/", "~")):
-        raise DataError(f"{spec}: file not found")
+    from prmkit.locate import locate
+
+    try:
+        locate(_hub_split(spec)[0], "dataset", repo_type="dataset")
+    except UsageError as e:
+        raise DataError(e.message, hint=e.hint) from None
     return Source(spec, "hub")
 
 
@@ -425,6 +429,9 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     """Load only the tokenizer (never weights); a directory holding just tokenizer files works."""
     from transformers import AutoTokenizer
 
+    from prmkit.locate import locate
+
+    name_or_path = locate(name_or_path, "tokenizer")
     try:
         return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except OSError as e:

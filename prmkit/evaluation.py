@@ -532,6 +532,12 @@ def evaluate(
     dupes = sorted({m for m in models if models.count(m) > 1})
     if dupes:
         raise UsageError(f"model given twice: {', '.join(dupes)}")
+    if load_scorer is None:
+        from prmkit.locate import locate
+
+        for model in models:  # every model before any scoring: a typo in the last one should not wait for the first
+            if not Path(model).expanduser().is_dir():
+                locate(model, "model")
     rejects: list[dict] = []
     subsets = load_subsets(
         data, fmt, separator=_separator_for_warnings(models[0], step_separator if step_separator is not None else

@@ -262,6 +262,9 @@ def load_model_config(model_cfg: Any):
     name = model_cfg.name_or_path
     if not name:
         raise UsageError("no model: set model.name_or_path", hint="e.g. --model Qwen/Qwen2-0.5B, or --example for a smoke run")
+    from prmkit.locate import locate
+
+    name = locate(name, "model")
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=model_cfg.trust_remote_code)
     except (OSError, ValueError) as e:

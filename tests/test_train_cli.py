@@ -70,7 +70,7 @@ def test_human_summary_goes_to_stdout_and_progress_to_stderr(tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["--set", "train.learning_rate=fast"], "train.learning_rate: expected a number"),
-    (["--model", "/nonexistent/model"], "could not be loaded"),
+    (["--model", "/nonexistent/model"], "model '/nonexistent/model': no such file or directory"),
     (["--set", "train.lora={rank: 8}"], "unknown key 'rank'"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):

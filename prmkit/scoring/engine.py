@@ -168,16 +168,21 @@ class StepScorer:
         that cannot apply are refused (:func:`prmkit.modeling.resolve_tokenization`).
         Under ``accelerate launch`` with several processes, each process takes its own device and scores a share.
         """
+        from prmkit.locate import locate
+
+        name = str(path_or_id)
+        local = Path(name).expanduser()
+        is_local = local.is_dir()
+        if local.exists() and not is_local:
+            raise UsageError(f"model {name!r}: not a directory", hint="give a model directory or a Hub id")
+        if not is_local:
+            locate(name, "model", revision=revision)  # before torch: a mistyped path is said at once
+
         import torch
         from transformers import AutoModelForTokenClassification
 
         from prmkit.dataset import load_tokenizer
 
-        name = str(path_or_id)
-        local = Path(name).expanduser()
-        is_local = local.is_dir()
-        if not is_local and (name.startswith((".", "/", "~")) or local.exists()):
-            raise UsageError(f"model {name!r}: not a directory", hint="give a model directory or a Hub id")
         metadata = read_metadata(local) if is_local else _hub_metadata(name, revision)
         from prmkit import kinds
 
