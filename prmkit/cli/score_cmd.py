@@ -105,7 +105,10 @@ def score(
         out.info(f"{output} is already complete ({data['rows_out']} rows); nothing to do (--overwrite scores again)")
     else:
         rate = f"{data['lines_per_s']} lines/s, {data['steps_per_s']} steps/s" if data["lines_per_s"] else ""
-        resumed = f" (resumed after line {summary.resumed_at_line})" if summary.resumed_at_line else ""
+        parts = [f"resumed after line {summary.resumed_at_line}"] if summary.resumed_at_line else []
+        if summary.batches_reused:
+            parts.append(f"{summary.batches_reused} batches reused from the interrupted run")
+        resumed = f" ({'; '.join(parts)})" if parts else ""
         out.info(
             f"scored {data['lines_scored']} of {data['lines_in']} lines{resumed}: {data['rows_out']} rows, "
             f"{data['steps']} steps in {data['seconds']:.1f} s ({rate}); {data['lines_rejected']} rejected"

@@ -283,12 +283,16 @@ class StepScorer:
                                 self._encoder)
 
     def score_solutions(
-        self, items: Sequence[tuple[str, Sequence[str]]], on_batch: Callable[[int], None] | None = None
+        self, items: Sequence[tuple[str, Sequence[str]]], on_batch: Callable[[int], None] | None = None,
+        batch_log: Any = None,
     ) -> list[StepScores]:
         """Score one window of solutions at once: sorted by length, batched by token budget.
 
         Under several processes every process must call this with the same items (they split the work and gather
-        the results); ``on_batch(steps)`` is called after each forward pass.
+        the results); ``on_batch(steps)`` is called after each forward pass. ``batch_log`` (see
+        :class:`prmkit.scoring.job.BatchJournal`) keeps each batch's scores as it finishes and gives back those of
+        batches an interrupted run already did: ``replay(index, targets)`` returns them or None,
+        ``record(index, targets, scores)`` keeps them.
         """
         items = list(items)
         if not items:
@@ -318,7 +322,7 @@ class StepScorer:
                     ids = ids[: max(p for _, _, p in targets) + 1]
                 seqs.append(_Seq(ids, targets))
 
-        values = self._run(seqs, on_batch)
+        values = self._run(seqs, on_batch, batch_log)
         results = [StepScores([None] * len(steps), any(p < 0 for p in enc.step_positions), len(enc.input_ids))
                    for (_, steps), enc in zip(items, encoded)]
         for (i, k, _), value in values:
@@ -353,16 +357,21 @@ class StepScorer:
             batches.append(current)
         return batches
 
-    def _run(self, seqs: list[_Seq], on_batch: Callable[[int], None] | None) -> list[tuple[tuple[int, int, int], float]]:
+    def _run(self, seqs: list[_Seq], on_batch: Callable[[int], None] | None,
+             batch_log: Any = None) -> list[tuple[tuple[int, int, int], float]]:
         torch = self._torch
         mine: list[tuple[tuple[int, int, int], float]] = []
         with torch.inference_mode():
-            for batch in self._plan(seqs):
-                probs = self._forward_packed(seqs, batch) if self.packing else self._forward_padded(seqs, batch)
+            for index, batch in enumerate(self._plan(seqs)):
                 targets = [t for i in batch for t in seqs[i].targets]
+                probs = batch_log.replay(index, targets) if batch_log is not None else None
+                if probs is None:
+                    probs = self._forward_packed(seqs, batch) if self.packing else self._forward_padded(seqs, batch)
+                    if batch_log is not None:
+                        batch_log.record(index, targets, probs)
+                    if on_batch is not None:
+                        on_batch(len(targets))
                 mine.extend(zip(targets, probs))
-                if on_batch is not None:
-                    on_batch(len(targets))
         values = mine
         if self.world_size > 1:
             import torch.distributed as dist
