@@ -41,6 +41,9 @@ class ModelConfig:
     """eager | sdpa | flash_attention_2 | ... ; null lets transformers choose."""
     init_from_config: bool = False
     """Build random weights from `name_or_path`'s config instead of loading weights (smoke runs, benchmarks)."""
+    tiny: str | None = None
+    """Train a small random model of this architecture (qwen2, llama, mistral, gpt2, ...) sized to model.tokenizer's
+    vocabulary, instead of name_or_path: an offline smoke run on your own data."""
     kind: str = "auto"
     """score/eval: auto | token-classification | qwen-prm | lm-tag | chat-plus-minus (README, "PRM kinds")."""
     step_tag: str | None = None

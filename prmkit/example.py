@@ -1,4 +1,6 @@
-"""The bundled example: data in the package, a tokenizer trained from it, a tiny random Qwen2 (`train --example`)."""
+"""Small models for offline runs: the bundled example (`train --example`: data in the package, a tokenizer trained
+from it, a tiny random Qwen2) and a tiny model of any architecture for your own tokenizer and data (`train --tiny`).
+"""
 
 from __future__ import annotations
 
@@ -8,11 +10,11 @@ import logging
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
 from prmkit.atomic import TEMP_SUFFIX, check_manifest, manifest, read_json, remove_leftovers, remove_path, temp_prefix
-from prmkit.config import Config
-from prmkit.errors import UsageError
+from prmkit.config import Config, _did_you_mean
+from prmkit.errors import ConfigError, UsageError
 
 if TYPE_CHECKING:  # pragma: no cover
     pass
@@ -23,7 +25,7 @@ EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 EXAMPLE_TRAIN = EXAMPLES_DIR / "prm800k_samples.jsonl"
 EXAMPLE_EVAL = EXAMPLES_DIR / "processbench_gsm8k_sample.json"
 EXAMPLE_OUTPUT_DIR = "runs/example"
-MANIFEST_FILE = "prmkit_files.json"  # sizes and checksums of the cached example model's files
+MANIFEST_FILE = "prmkit_files.json"  # sizes and checksums of a cached model directory's files (example, tiny)
 # TrainingArguments the example fills in when they are still at their defaults: a random tiny model needs a large
 # learning rate and a few epochs for its loss to move within seconds.
 EXAMPLE_TRAINING = {
@@ -103,6 +105,22 @@ def example_base_dir(cache_dir: str | None = None) -> Path:
         if path.is_file():
             h.update(path.read_bytes())
     target = cache_root(cache_dir) / "example-model" / h.hexdigest()[:16]
+
+    def build() -> tuple[Any, ...]:
+        from transformers import Qwen2Config
+
+        tokenizer = build_example_tokenizer()
+        config = Qwen2Config(**EXAMPLE_MODEL, vocab_size=len(tokenizer), num_labels=2, tie_word_embeddings=False,
+                             bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        config.architectures = ["Qwen2ForTokenClassification"]
+        return tokenizer, config
+
+    return _cached_dir(target, build)
+
+
+def _cached_dir(target: Path, build: Callable[[], tuple[Any, ...]]) -> Path:
+    """``target`` when it holds a complete build whose manifest checks; else built now: each of ``build()``'s objects
+    saved (``save_pretrained``) with a manifest beside ``target``, then renamed into place."""
     remove_leftovers(target.parent, target.name)
     if (target / "config.json").is_file():
         try:
@@ -118,17 +136,12 @@ def example_base_dir(cache_dir: str | None = None) -> Path:
             remove_path(stale)
         except OSError:
             pass
-    from transformers import Qwen2Config
-
-    tokenizer = build_example_tokenizer()
-    config = Qwen2Config(**EXAMPLE_MODEL, vocab_size=len(tokenizer), num_labels=2, tie_word_embeddings=False,
-                         bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    config.architectures = ["Qwen2ForTokenClassification"]
+    objects = build()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(target.name), suffix=TEMP_SUFFIX, dir=target.parent))
     try:
-        tokenizer.save_pretrained(tmp)
-        config.save_pretrained(tmp)
+        for obj in objects:
+            obj.save_pretrained(tmp)
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest(tmp), indent=2), encoding="utf-8")
         try:
             tmp.rename(target)
@@ -164,3 +177,97 @@ def apply_example(cfg: Config) -> None:
     for key, value in EXAMPLE_TRAINING.items():
         if not cfg.is_set(f"train.{key}"):
             ta[key] = value
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# `train --tiny ARCH`: a tiny random model of a named architecture, for your tokenizer
+
+
+TINY_DIR = "tiny-model"
+TINY_LEARNING_RATE = EXAMPLE_TRAINING["learning_rate"]
+
+
+def tiny_architectures() -> list[str]:
+    """Architectures `--tiny` can build: transformers model types with a causal-LM and a token-classification class.
+
+    A few encoders are among them (BERT has a causal-LM head); training then refuses them as for any non-causal
+    model, unless ``model.allow_bidirectional`` is set.
+    """
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES,
+    )
+
+    return sorted(set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) & set(MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES))
+
+
+# Text whose ids tell whether a tokenizer still tokenizes the same way after a reload.
+_PROBE_TEXT = "Step 1: 3 + 5 = 8.\n\nSo x = 4.14 (twice)\tthen  two  spaces, ünïcödé, 日本語, <|endoftext|> end"
+
+
+def tiny_base_dir(arch: str, tokenizer: str, trust_remote_code: bool = False, cache_dir: str | None = None) -> Path:
+    """A directory holding ``tokenizer`` beside a tiny config of ``arch`` (no weights), built once and cached.
+
+    The sizes are the example model's (2 layers, hidden size 64), given to the config's constructor, which maps them
+    to each architecture's own names (GPT-2's ``n_embd``). The tokenizer is saved beside the config, as in a trained
+    model directory, because transformers may then load it with the architecture's tokenizer class: training uses
+    it as it will load back for scoring, and it is refused if that changes a single token id.
+    """
+    from transformers import AutoConfig
+
+    from prmkit.dataset import cache_root, load_tokenizer
+    from prmkit.tokenization import tokenizer_fingerprint
+
+    known = tiny_architectures()
+    if arch not in known:
+        raise ConfigError(f"model.tiny: {arch!r} is not an architecture prmkit can build{_did_you_mean(arch, known)}",
+                          hint="a causal transformers model type with a token-classification head, e.g. "
+                               "qwen2, llama, mistral, gpt2")
+    tok = load_tokenizer(tokenizer, trust_remote_code)
+    sizes = {k: v for k, v in EXAMPLE_MODEL.items() if k != "max_position_embeddings"}
+    key = json.dumps({"arch": arch, "sizes": sizes, "tokenizer": tokenizer_fingerprint(tok)["sha256"],
+                      "vocab": len(tok), "specials": [tok.bos_token_id, tok.eos_token_id, tok.pad_token_id]},
+                     sort_keys=True)
+    target = cache_root(cache_dir) / TINY_DIR / f"{arch}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+    def build() -> tuple[Any, ...]:
+        default = AutoConfig.for_model(arch)
+        # Given to the constructor, which derives the rest from them (per-layer attention types, for one).
+        kwargs = {name: value for name, value in sizes.items() if hasattr(default, name)}
+        if getattr(default, "head_dim", None) is not None:  # Gemma and others fix it apart from the hidden size
+            kwargs["head_dim"] = sizes["hidden_size"] // sizes["num_attention_heads"]
+        config = AutoConfig.for_model(arch, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **kwargs)
+        return tok, config
+
+    _cached_dir(target, build)
+    again = load_tokenizer(str(target), trust_remote_code)
+    if again(_PROBE_TEXT)["input_ids"] != tok(_PROBE_TEXT)["input_ids"] or len(again) != len(tok):
+        raise ConfigError(f"model.tiny: beside a {arch} config, transformers loads {tokenizer} as "
+                          f"{type(again).__name__}, which tokenizes differently",
+                          hint="choose the architecture this tokenizer was made for (e.g. qwen2 for a Qwen2 tokenizer)")
+    return target
+
+
+def apply_tiny(cfg: Config) -> None:
+    """Point the model (and tokenizer) at a tiny ``model.tiny`` built for ``model.tokenizer``, weights initialised."""
+    from prmkit.dataset import cache_root
+
+    model = cfg.model
+    tiny_root = cache_root(cfg.data.cache_dir) / TINY_DIR
+    if model.name_or_path and Path(model.name_or_path).parent == tiny_root and model.init_from_config:
+        return  # already applied (a config saved by a --tiny run)
+    if not model.tokenizer:
+        raise UsageError(f"model.tiny {model.tiny!r} needs a tokenizer: set model.tokenizer",
+                         hint=f"e.g. prmkit train --tiny {model.tiny} --tokenizer path/to/tokenizer --train rows.jsonl")
+    if model.name_or_path:
+        raise ConfigError(f"model.tiny builds the model, but model.name_or_path is also set ({model.name_or_path!r})",
+                          hint="drop one of them")
+    base = str(tiny_base_dir(model.tiny, model.tokenizer, model.trust_remote_code, cfg.data.cache_dir))
+    log.info(f"tiny {model.tiny} model for the tokenizer {model.tokenizer}: {base}")
+    model.name_or_path = model.tokenizer = base
+    model.init_from_config = True
+    if not cfg.is_set("train.learning_rate"):
+        # A random tiny model barely moves at a fine-tuning learning rate.
+        cfg.training_arguments["learning_rate"] = TINY_LEARNING_RATE
+        log.info(f"tiny model: learning_rate {TINY_LEARNING_RATE} (set train.learning_rate to choose another)")

@@ -52,7 +52,7 @@ from prmkit.tokenization import TokenizationParams
 if TYPE_CHECKING:  # pragma: no cover
     pass
 
-from prmkit.example import apply_example
+from prmkit.example import apply_example, apply_tiny
 from prmkit.kinds import LMTag
 from prmkit.batching import (
     LengthGroupedSampler,
@@ -130,7 +130,9 @@ class TrainResult:
 
 
 def resolve_config(cfg: Config) -> Config:
-    """The config a run actually uses (the example filled in); recorded as prmkit_config.yaml."""
+    """The config a run actually uses (the tiny model and the example filled in); recorded as prmkit_config.yaml."""
+    if cfg.model.tiny:
+        apply_tiny(cfg)
     if cfg.train.example:
         apply_example(cfg)
     if not cfg.model.name_or_path:

@@ -34,6 +34,8 @@ def train(
     set_: SetOpt = None,
     output_dir: Annotated[Optional[Path], typer.Option("--output-dir", "-o", help="Where the model and checkpoints go (sets train.output_dir).")] = None,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Base model: a Hub id or a local directory (sets model.name_or_path).")] = None,
+    tokenizer: Annotated[Optional[str], typer.Option("--tokenizer", help="Tokenizer, if not the model's: a Hub id or a local directory (sets model.tokenizer).")] = None,
+    tiny: Annotated[Optional[str], typer.Option("--tiny", metavar="ARCH", help="Train a tiny random model of this architecture (qwen2, llama, mistral, gpt2, ...) for --tokenizer instead of --model: an offline smoke run on your own data (sets model.tiny).")] = None,
     train_data: Annotated[Optional[str], typer.Option("--train", help="Training data (sets data.train).")] = None,
     eval_data: Annotated[Optional[str], typer.Option("--eval", help="Evaluation data, scored during training (sets data.eval).")] = None,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Stop after this many optimizer steps (sets train.max_steps).", min=1)] = None,
@@ -53,6 +55,8 @@ def train(
 
       prmkit train --example -o runs/example
 
+      prmkit train --tiny qwen2 --tokenizer path/to/tokenizer --train my.jsonl -o runs/tiny
+
       prmkit train -c examples/qwen2-0.5b-math-shepherd.yaml
 
       prmkit train -c cfg.yaml --num-processes 4 --accelerate-config examples/accelerate/deepspeed_zero3.yaml
@@ -67,6 +71,8 @@ def train(
     flags = {
         "train.output_dir": str(output_dir) if output_dir is not None else None,
         "model.name_or_path": model,
+        "model.tokenizer": tokenizer,
+        "model.tiny": tiny,
         "data.train": train_data,
         "data.eval": eval_data,
         "train.max_steps": max_steps,
@@ -85,7 +91,8 @@ def train(
         _plan, lock = training.claim_output_dir(cfg, overwrite=overwrite, resume=resume or None,
                                                 extra_inputs=[("--accelerate-config", accelerate_config)])
         lock.release()  # the launched main process takes it again
-        child = _child_args(config, set_, output_dir, model, train_data, eval_data, max_steps, resume, overwrite, example, json_)
+        child = _child_args(config, set_, output_dir, model, train_data, eval_data, max_steps, resume, overwrite, example,
+                            json_, tokenizer, tiny)
         raise typer.Exit(relaunch(child, num_processes, accelerate_config))
 
     _quiet_libraries(main_rank)
@@ -120,14 +127,15 @@ def _quiet_libraries(main_rank: bool) -> None:
     transformers.logging.set_verbosity_error() if not main_rank else transformers.logging.set_verbosity_warning()
 
 
-def _child_args(config, set_, output_dir, model, train_data, eval_data, max_steps, resume, overwrite, example, json_) -> list[str]:
+def _child_args(config, set_, output_dir, model, train_data, eval_data, max_steps, resume, overwrite, example, json_,
+                tokenizer=None, tiny=None) -> list[str]:
     args: list[str] = []
     if config is not None:
         args += ["--config", str(config)]
     for item in set_ or []:
         args += ["--set", item]
-    for flag, value in (("--output-dir", output_dir), ("--model", model), ("--train", train_data),
-                        ("--eval", eval_data), ("--max-steps", max_steps)):
+    for flag, value in (("--output-dir", output_dir), ("--model", model), ("--tokenizer", tokenizer), ("--tiny", tiny),
+                        ("--train", train_data), ("--eval", eval_data), ("--max-steps", max_steps)):
         if value is not None:
             args += [flag, str(value)]
     for flag, on in (("--resume", resume), ("--overwrite", overwrite), ("--example", example), ("--json", json_)):
