@@ -433,14 +433,13 @@ def build_model_report(
 def combine_reports(
     reports: Mapping[str, Mapping[str, Any]], raws: Mapping[str, Mapping[str, Any]]
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """One report for several models side by side: ``{"model": [...], "models": {name: report}}``."""
+    """One report for one model or several (:func:`prmkit.report.make_report`), and the raw scores for the plots."""
+    from prmkit.report import make_report
+
     if len(reports) == 1:
-        (name, report), = reports.items()
-        return dict(report), dict(raws[name])
-    return (
-        {"model": list(reports), "models": {n: dict(r) for n, r in reports.items()}, "prmkit_version": __version__},
-        {n: dict(r) for n, r in raws.items()},
-    )
+        (name, _), = reports.items()
+        return make_report(reports), dict(raws[name])
+    return make_report(reports), {n: dict(r) for n, r in raws.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------------

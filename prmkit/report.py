@@ -1,9 +1,12 @@
 """Evaluation reports: JSON, Markdown and terminal tables; the PNG plots are in :mod:`prmkit.plots`.
 
-A report is a plain dict::
+A report is a plain dict, the same shape for one model and for several (``prmkit/schemas/report.schema.json``
+writes it down; :func:`make_report` builds it)::
 
     {
-        "model": str | list[str],
+        "report_version": 1,
+        "prmkit_version": str,
+        "model": str,                     # the first (or only) model: its figures fill the top level
         "threshold": float,
         "threshold_source": str,          # how the threshold was chosen
         "subsets": {
@@ -18,10 +21,12 @@ A report is a plain dict::
         "mean_f1": float | None,          # unweighted over the subsets that have a first-error F1
         "mean_f1_subsets": [NAME, ...],   # the subsets averaged
         "mean_f1_left_out": {NAME: why},  # the others, with the reason (e.g. no erroneous samples)
+        "models": {MODEL: {"model", "threshold", "threshold_source", "subsets", "mean_f1", ...}, ...},
     }
 
-To compare models, ``{"models": {MODEL: report, ...}}`` holds one such report
-per model; the Markdown and terminal tables then put models side by side.
+``models`` holds every model's figures in the order given, the first included, so a reader of one model's report
+reads the top level and a comparison iterates ``models``; with several models the Markdown and terminal tables put
+them side by side.
 
 Raw step scores are not part of the report (they would bloat
 ``report.json``); the plots that need them take them through ``raw``.
@@ -43,7 +48,13 @@ from prmkit.metrics import AGGREGATES
 if TYPE_CHECKING:
     from rich.table import Table
 
-__all__ = ["MissingExtraError", "build_markdown", "rich_tables", "write_report"]
+__all__ = ["REPORT_VERSION", "MissingExtraError", "build_markdown", "make_report", "report_schema", "rich_tables",
+           "write_report"]
+
+REPORT_VERSION = 1
+"""The version of ``prmkit/schemas/report.schema.json`` that :func:`make_report` follows."""
+MODEL_KEYS = ("model", "threshold", "threshold_source", "subsets", "mean_f1", "mean_f1_subsets", "mean_f1_left_out",
+              "tokenization")
 
 
 class MissingExtraError(PrmkitError, RuntimeError):
@@ -65,8 +76,32 @@ class MissingExtraError(PrmkitError, RuntimeError):
 # report shape helpers
 
 
+def make_report(model_reports: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The report for one model or several: the first model's figures on top, every model's in ``models``.
+
+    Each value of ``model_reports`` holds one model's ``model``, ``threshold``, ``threshold_source``, ``subsets``,
+    ``mean_f1`` and optionally ``tokenization``; other keys are left out (the schema admits no others).
+    """
+    from prmkit import __version__
+
+    if not model_reports:
+        raise ValueError("a report needs at least one model")
+    models = {str(name): {k: rep[k] for k in MODEL_KEYS if k in rep} for name, rep in model_reports.items()}
+    first = next(iter(models.values()))
+    return {"report_version": REPORT_VERSION, "prmkit_version": __version__, **first, "models": models}
+
+
+def report_schema() -> dict[str, Any]:
+    """The JSON Schema every ``report.json`` follows (``prmkit/schemas/report.schema.json``)."""
+    from importlib.resources import files
+
+    return json.loads(files("prmkit").joinpath("schemas", "report.schema.json").read_text(encoding="utf-8"))
+
+
 def _is_multi(report: Mapping[str, Any]) -> bool:
-    return isinstance(report.get("models"), Mapping)
+    # One entry in `models` is the top level again; a report without a top level (before report_version 1) compared.
+    models = report.get("models")
+    return isinstance(models, Mapping) and (len(models) > 1 or "subsets" not in report)
 
 
 def _model_reports(report: Mapping[str, Any]) -> list[tuple[str | None, Mapping[str, Any]]]:

@@ -98,6 +98,47 @@ def prmkit_log():
         logger.setLevel(old_level)
 
 
+# --- every report.json a test leaves behind follows prmkit/schemas/report.schema.json ------------------------------
+
+_CHECKED_REPORTS: set[Path] = set()
+
+
+def validate_report(report) -> None:
+    """Raise jsonschema.ValidationError unless ``report`` (a report.json's content) follows the packaged schema."""
+    import jsonschema
+
+    from prmkit.report import report_schema
+
+    jsonschema.Draft202012Validator(report_schema()).validate(report)
+
+
+def _check_reports_under(root: Path) -> None:
+    import json
+
+    for path in sorted(root.rglob("report.json")):
+        if path in _CHECKED_REPORTS:
+            continue
+        _CHECKED_REPORTS.add(path)
+        try:
+            validate_report(json.loads(path.read_text(encoding="utf-8")))
+        except Exception as e:
+            raise AssertionError(f"{path} does not follow prmkit/schemas/report.schema.json: {e}") from None
+
+
+@pytest.fixture(autouse=True)
+def _reports_follow_the_schema(tmp_path):
+    # After the test, so reports written by subprocesses and by the CLI are checked as much as the library's.
+    yield
+    _check_reports_under(tmp_path)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _session_reports_follow_the_schema(tmp_path_factory):
+    # Reports in module- and session-scoped directories, which no single test's tmp_path holds.
+    yield
+    _check_reports_under(tmp_path_factory.getbasetemp())
+
+
 def make_tiny_prm(path: Path, tokenizer_dir: Path, seed: int = 0, step_separator: str = "\n") -> Path:
     """A random tiny Qwen2 token-classification PRM directory (weights, tokenizer, prmkit.json).
 

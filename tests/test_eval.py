@@ -271,8 +271,10 @@ def test_two_models_side_by_side(tiny_prm_pair, data, reference, tmp_path):
     threshold = 0.5
     result = evaluation.evaluate([a, b], [str(data["a"])], threshold=threshold)
     rep = result.report
-    assert rep["model"] == [a, b]
-    assert list(rep["models"]) == [a, b]
+    # One shape for one model and for many: the first model's figures on top, every model's under "models".
+    assert rep["report_version"] == 1 and rep["model"] == a and list(rep["models"]) == [a, b]
+    assert {k: rep[k] for k in ("threshold", "threshold_source", "subsets", "mean_f1")} == {
+        k: rep["models"][a][k] for k in ("threshold", "threshold_source", "subsets", "mean_f1")}
     # Model b's prmkit.json says "\n\n": its own tokenization is used, and its figures follow from its own scores.
     assert rep["models"][b]["tokenization"]["step_separator"] == "\n\n"
     assert reference[tiny_prm_pair[0]]["a"] != reference[tiny_prm_pair[1]]["a"]

@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 
 from hub_server import HubServer, git_blob_sha1
 from prmkit.cli.app import app
+from prmkit.report import make_report
 from prmkit.modeling import build_metadata, write_metadata
 from prmkit.tokenization import TokenizationParams, encode_solutions
 
@@ -32,17 +33,22 @@ TOKEN = "hf_TestToken_5f3c9a1e7d"
 REPO = "alice/tiny-prm"
 PUSHED = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "prmkit.json",
           "prmkit_config.yaml", "README.md"}
-REPORT = {
+_CONFUSION = {"tp": 8, "fp": 2, "tn": 5, "fn": 1}
+FIGURES = {
     "model": "runs/tiny",
     "threshold": 0.5,
+    "threshold_source": "default",
     "subsets": {
-        "gsm8k": {"step": {"accuracy": 0.8125, "correct_f1": 0.85, "wrong_f1": 0.7, "prm_score": 0.61, "auroc": 0.74},
+        "gsm8k": {"step": {"n": 16, "accuracy": 0.8125, "correct_f1": 0.85, "wrong_f1": 0.7, "prm_score": 0.61,
+                           "auroc": 0.74, "confusion": _CONFUSION}, "by_position": [],
                   "first_error": {"error_accuracy": 0.5, "correct_accuracy": 0.75, "f1": 0.6}},
-        "math": {"step": {"accuracy": 0.7, "correct_f1": 0.8, "wrong_f1": 0.5, "prm_score": 0.55, "auroc": 0.66},
+        "math": {"step": {"n": 16, "accuracy": 0.7, "correct_f1": 0.8, "wrong_f1": 0.5, "prm_score": 0.55,
+                          "auroc": 0.66, "confusion": _CONFUSION}, "by_position": [],
                  "first_error": {"error_accuracy": 0.4, "correct_accuracy": 0.6, "f1": 0.48}},
     },
     "mean_f1": 0.54,
 }
+REPORT = make_report({"runs/tiny": FIGURES})
 TEXT = ["What is 2 + 3?\n2 + 3 = 5.\nThe answer is 5.\n", "Tom has 3 apples.\nHe buys 2 more.\nSo he has 5.\n",
         "Step one.\nStep two.\nSo x = 4.\n"] * 40
 
@@ -383,7 +389,7 @@ def test_eval_report_option_and_missing_prmkit_json(hub, model_dir, tmp_path):
     (model_dir / "report.json").unlink()
     (model_dir / "prmkit.json").unlink()
     other = tmp_path / "elsewhere.json"
-    other.write_text(json.dumps({**REPORT, "mean_f1": 0.777}))
+    other.write_text(json.dumps(make_report({"runs/tiny": {**FIGURES, "mean_f1": 0.777}})))
     result = push(str(model_dir), "--repo-id", REPO, "--eval-report", str(other))
     assert result.exit_code == 0, result.stderr
     assert "no prmkit.json" in result.stderr  # a warning, not a failure

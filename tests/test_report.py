@@ -12,7 +12,7 @@ from prmkit.metrics import (
     outcome_metrics,
     step_metrics,
 )
-from prmkit.report import MissingExtraError, build_markdown, rich_tables, write_report
+from prmkit.report import MissingExtraError, build_markdown, make_report, rich_tables, write_report
 
 # matplotlib is the optional "plot" extra (installed by "test"); without it
 # only the plotting tests are skipped.
@@ -42,6 +42,10 @@ def _subset(raw, positions, first_error=None, bon=None):
 
 
 def _report(model="org/prm-7b", math_fe=(0, -1)):
+    return make_report({model: _model(model, math_fe)})
+
+
+def _model(model="org/prm-7b", math_fe=(0, -1)):
     fe_gsm = first_error_metrics([1, 2, 1, -1, 3], [1, 2, 0, -1, -1])  # F1 4/7
     fe_math = first_error_metrics(list(math_fe), [0, -1])
     bon = best_of_n(
@@ -104,20 +108,17 @@ def test_markdown_contents():
 
 
 def test_markdown_escapes_pipes_in_table_cells():
-    md = build_markdown({"models": {"weird|name": _report(), "b": _report()}})
+    md = build_markdown(make_report({"weird|name": _model(), "b": _model()}))
     assert "| Metric | weird\\|name | b |" in md
 
 
 @needs_mpl
 def test_multi_model_side_by_side(tmp_path):
-    multi = {
-        "models": {
-            "prm-a": _report("org/prm-a"),
-            # prm-b misses the erroneous math sample: math F1 0, mean F1 (4/7 + 0) / 2
-            "prm-b": {**_report("org/prm-b", math_fe=(1, -1)), "threshold": 0.42,
-                      "threshold_source": "tuned on gsm8k"},
-        }
-    }
+    multi = make_report({
+        "prm-a": _model("org/prm-a"),
+        # prm-b misses the erroneous math sample: math F1 0, mean F1 (4/7 + 0) / 2
+        "prm-b": {**_model("org/prm-b", math_fe=(1, -1)), "threshold": 0.42, "threshold_source": "tuned on gsm8k"},
+    })
     md = build_markdown(multi)
     assert "| Metric | prm-a | prm-b |" in md
     assert "tuned on gsm8k" in md and "0.42" in md
@@ -134,9 +135,9 @@ def test_multi_model_side_by_side(tmp_path):
 
 @needs_mpl
 def test_multi_model_with_missing_subset(tmp_path):
-    partial = _report("org/prm-b")
+    partial = _model("org/prm-b")
     del partial["subsets"]["gsm8k"]
-    multi = {"models": {"prm-a": _report("org/prm-a"), "prm-b": partial}}
+    multi = make_report({"prm-a": _model("org/prm-a"), "prm-b": partial})
     md = build_markdown(multi)
     assert "| Steps | 5 | n/a |" in md  # gsm8k row: prm-b has no figures
     raw = {"prm-a": RAW, "prm-b": {"math": RAW["math"]}}
@@ -187,7 +188,7 @@ def test_rich_tables():
     assert "Best-of-N accuracy" in titles and "Outcome" in titles
     assert tables[0].row_count == 2  # one row per subset
 
-    multi = rich_tables({"models": {"a": _report("a"), "b": _report("b")}})
+    multi = rich_tables(make_report({"a": _model("a"), "b": _model("b")}))
     assert [str(t.title) for t in multi] == ["Models", "Subset: gsm8k", "Subset: math"]
     console = Console(record=True, width=160)
     for t in multi:
