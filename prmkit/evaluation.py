@@ -535,8 +535,9 @@ def evaluate(
         from prmkit.locate import locate
 
         for model in models:  # every model before any scoring: a typo in the last one should not wait for the first
-            if not Path(model).expanduser().is_dir():
-                locate(model, "model")
+            path = split_kind(model)[0]
+            if not Path(path).expanduser().is_dir():
+                locate(path, "model")
     rejects: list[dict] = []
     subsets = load_subsets(
         data, fmt, separator=_separator_for_warnings(models[0], step_separator if step_separator is not None else
