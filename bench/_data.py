@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -12,7 +13,8 @@ WORDS = (
     "then after before more less than sum product difference ratio percent dollars cents meters kilometers"
 ).split()
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+# ../shared beside the repository; PRMKIT_SHARED points elsewhere (a git worktree kept apart from its clone, say).
+SHARED = Path(os.environ.get("PRMKIT_SHARED") or Path(__file__).resolve().parents[2] / "shared")
 QWEN2_TOKENIZER = SHARED / "fixtures" / "qwen2-tokenizer"
 
 

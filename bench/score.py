@@ -13,6 +13,10 @@ and the same distinct rows for all three:
     in-process, timing only the forward passes.
 
     python bench/score.py               # 1,000 rows; --rows 400 for a quicker run (start-up then weighs more)
+    python bench/score.py --journal-cost   # only: what committing every batch (the resume journal) costs
+
+``--journal-cost`` runs the engine in-process on the same rows with the batch journal as shipped and with a journal
+that keeps nothing (score's behaviour before it: work committed only at window ends), alternating, and reports both.
 """
 
 from __future__ import annotations
@@ -124,6 +128,58 @@ def recipe(model_dir: Path, rows: list[dict]) -> tuple[float, list[list[float]],
     return elapsed, scores, merged / total, tokens
 
 
+def journal_cost(model_dir: Path, src: Path, work: Path, repeats: int) -> dict:
+    """Engine seconds of `score_file` with the batch journal and without, alternating; outputs must be identical."""
+    import statistics
+
+    from prmkit.scoring import StepScorer, job, score_file
+
+    class NoJournal(job.BatchJournal):
+        """Keeps nothing: a killed run would redo the whole window, as before the journal."""
+
+        def __init__(self, path: Path, header: dict) -> None:
+            self.replayed = 0
+
+        def replay(self, index: int, targets: list) -> None:
+            return None
+
+        def record(self, index: int, targets: list, scores: list) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    scorer = StepScorer.from_pretrained(model_dir)
+    shipped = job.BatchJournal
+    seconds: dict[str, list[float]] = {"journal": [], "none": []}
+    batches: list[int] = []
+    outputs: dict[str, bytes] = {}
+    for i in range(repeats):
+        for mode in (("journal", "none") if i % 2 == 0 else ("none", "journal")):
+            out = work / f"journal-{mode}-{i}.jsonl"
+            job.BatchJournal = shipped if mode == "journal" else NoJournal
+            counted: list[int] = []
+            try:
+                summary = score_file(scorer, str(src), str(out), on_steps=counted.append)
+            finally:
+                job.BatchJournal = shipped
+            seconds[mode].append(summary.seconds)
+            batches.append(len(counted))
+            data = out.read_bytes()
+            assert outputs.setdefault(mode, data) == data and outputs.get("journal", data) == outputs.get("none", data)
+    with_j, without = statistics.median(seconds["journal"]), statistics.median(seconds["none"])
+    return {
+        "repeats": repeats,
+        "forward_batches": batches[0],
+        "windows": -(-sum(1 for _ in open(src)) // scorer.sort_window),
+        "engine_seconds_with_journal": round(with_j, 3),
+        "engine_seconds_without_journal": round(without, 3),
+        "engine_seconds_runs": {k: [round(x, 3) for x in v] for k, v in seconds.items()},
+        "journal_overhead": round(with_j / without - 1, 4),
+        "outputs_identical": True,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=1000)
@@ -134,6 +190,9 @@ def main() -> None:
                     help="torch threads for all three (the subprocess gets OMP_NUM_THREADS); on a machine shared with "
                          "other work, 1 avoids OpenMP threads stalling on each other, which hurts the recipe's many "
                          "small forward passes far more than batched ones")
+    ap.add_argument("--journal-cost", action="store_true",
+                    help="only measure the engine with and without the batch journal (bench/results/score-journal.json)")
+    ap.add_argument("--repeats", type=int, default=5, help="runs of each for --journal-cost")
     args = ap.parse_args()
     if not QWEN2_TOKENIZER.exists():
         raise SystemExit(f"needs the Qwen2 tokenizer at {QWEN2_TOKENIZER} (../shared)")
@@ -154,6 +213,18 @@ def main() -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(work / "hf")}
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
+
+    if args.journal_cost:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        result = {"rows": args.rows, "steps": steps, "threads": torch.get_num_threads(),
+                  **journal_cost(model_dir, src, work, args.repeats),
+                  "loadavg_1min": round(os.getloadavg()[0], 2),
+                  "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                             f"torch {torch.__version__}, Python {platform.python_version()}"}
+        out = Path(__file__).resolve().parent / "results" / "score-journal.json"
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result, indent=2))
+        return
 
     from prmkit.scoring import default_batch_tokens
 

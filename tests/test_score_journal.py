@@ -48,7 +48,7 @@ def crash_after(monkeypatch, n: int) -> None:
 
 
 def test_a_run_stopped_mid_window_reuses_its_batches_and_ends_byte_identical(tmp_path, small_batches, monkeypatch):
-    src = write_jsonl(tmp_path / "in.jsonl", make_rows(40, seed=21))
+    src = write_jsonl(tmp_path / "in.jsonl", make_rows(24, seed=21))
     ref = tmp_path / "ref.jsonl"
     ref_batches: list[int] = []
     score_file(small_batches, str(src), str(ref), on_steps=ref_batches.append)
@@ -64,7 +64,7 @@ def test_a_run_stopped_mid_window_reuses_its_batches_and_ends_byte_identical(tmp
     # One window holds the whole input: no output line is committed yet, the five batches are in the journal.
     assert state["status"] == "running" and state["progress"]["input_line"] == 0
     journal = journal_path(paths, 0).read_text().splitlines()
-    assert len(journal) == 1 + 5 and json.loads(journal[0])["window"] == [1, 40]
+    assert len(journal) == 1 + 5 and json.loads(journal[0])["window"] == [1, 24]
     # What kill -9 in the middle of the sixth record leaves behind.
     with open(journal_path(paths, 0), "a") as fh:
         fh.write('{"batch": 5, "targets": "ab')
@@ -78,7 +78,7 @@ def test_a_run_stopped_mid_window_reuses_its_batches_and_ends_byte_identical(tmp
 
 
 def test_a_journal_from_other_batches_is_not_replayed(tmp_path, prm_dir, small_batches, monkeypatch):
-    src = write_jsonl(tmp_path / "in.jsonl", make_rows(30, seed=22))
+    src = write_jsonl(tmp_path / "in.jsonl", make_rows(20, seed=22))
     out = tmp_path / "out.jsonl"
     with monkeypatch.context() as m:
         crash_after(m, 3)
@@ -86,6 +86,26 @@ def test_a_journal_from_other_batches_is_not_replayed(tmp_path, prm_dir, small_b
             score_file(small_batches, str(src), str(out))
     # Resumed with another budget the engine plans other batches: none of the journal's may be used.
     other = StepScorer.from_pretrained(prm_dir, batch_tokens=160)
+    summary = score_file(other, str(src), str(out))
+    assert summary.batches_reused == 0
+    ref = tmp_path / "ref.jsonl"
+    score_file(other, str(src), str(ref))
+    assert out.read_bytes() == ref.read_bytes()
+
+
+def test_a_journal_left_without_its_state_is_not_replayed(tmp_path, train_tokenizer_dir, small_batches, monkeypatch):
+    src = write_jsonl(tmp_path / "in.jsonl", make_rows(20, seed=25))
+    out = tmp_path / "out.jsonl"
+    paths = output_paths(out)
+    with monkeypatch.context() as m:
+        crash_after(m, 4)
+        with pytest.raises(Crash):
+            score_file(small_batches, str(src), str(out))
+    paths["state"].unlink()
+    paths["partial"].unlink()
+    # Another model with the same tokenizer plans the very same batches: only the job in the header tells them apart.
+    other_dir = make_tiny_prm(tmp_path / "other", train_tokenizer_dir, seed=12)
+    other = StepScorer.from_pretrained(other_dir, batch_tokens=96)
     summary = score_file(other, str(src), str(out))
     assert summary.batches_reused == 0
     ref = tmp_path / "ref.jsonl"
@@ -132,7 +152,7 @@ def test_windows_already_committed_and_the_journal_combine(tmp_path, small_batch
 
 @pytest.mark.slow
 def test_kill_9_in_the_first_window_loses_at_most_a_batch(tmp_path, prm_dir):
-    src = write_jsonl(tmp_path / "in.jsonl", make_rows(400, seed=24))
+    src = write_jsonl(tmp_path / "in.jsonl", make_rows(160, seed=24))
     args = ["score", str(prm_dir), str(src), "--batch-tokens", "96"]
     ref = tmp_path / "ref.jsonl"
     done = subprocess.run([sys.executable, "-m", "prmkit", *args, "-o", str(ref)], capture_output=True, text=True,

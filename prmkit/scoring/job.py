@@ -328,9 +328,9 @@ class BatchJournal:
             self._synced = now
 
     def close(self) -> None:
+        # No fsync: after a whole window its output is committed (and fsync'd) instead; after a crash what was flushed
+        # survives a killed process, and record() has synced it within the last second against a power cut.
         if self._fh is not None:
-            self._fh.flush()
-            os.fsync(self._fh.fileno())
             self._fh.close()
             self._fh = None
 
@@ -489,6 +489,8 @@ def score_file(
                 lock.acquire()
             job = _job_identity(scorer, src, fmt, threshold, window_rows)
             plan = _plan_output(paths, job, src, overwrite) if paths else {}
+            # Every process's batch journal names the job, so one left by another model or input is never replayed.
+            plan["job"] = _job_digest(job)
         except PrmkitError as e:
             plan = {"error": [isinstance(e, UsageError), e.message, e.hint]}
     plan = scorer.broadcast(plan)
@@ -603,7 +605,8 @@ def score_file(
             journal = None
             if paths is not None and items and not src.stdin:  # stdin cannot be resumed: nothing to keep
                 journal = BatchJournal(journal_path(paths, scorer.rank), {
-                    "prmkit_version": __version__, "window": [pending[0][0].number, pending[-1][0].number],
+                    "prmkit_version": __version__, "job": plan.get("job"),
+                    "window": [pending[0][0].number, pending[-1][0].number],
                     "solutions": len(items), "batch_tokens": scorer.batch_tokens, "packing": scorer.packing,
                     "rank": scorer.rank, "world_size": scorer.world_size,
                 })
@@ -712,6 +715,13 @@ def _refuse_overlap(paths: dict[str, Path], src: InputSource, scorer: StepScorer
                              output_inside=True)
 
 
+def _job_digest(job: dict[str, Any]) -> str:
+    # What the state file checks before resuming (content, not names: the same file or model named otherwise matches).
+    model = job["model"]
+    key = {"input": job["input"], "model": model.get("sha256", model), "settings": job["settings"]}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
 def _finish(paths: dict[str, Path]) -> None:
     # The state already says complete; renaming is idempotent, so a crash in between is finished by the next run.
     if paths["rejects_partial"].exists():
@@ -745,6 +755,7 @@ def _plan_output(paths: dict[str, Path], job: dict, src: InputSource, overwrite:
         if existing:
             raise UsageError(f"{existing[0]} exists and no scoring state records how it was made",
                              hint="pass --overwrite to replace it, or choose another --output")
+        _remove_journals(paths)  # no state says whose they are
         return {"fresh": True}
     if src.stdin:
         raise UsageError(f"{out}: cannot check that stdin is the input an earlier run scored",
