@@ -7,9 +7,11 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import write_train_rows
 
 
+@pytest.mark.slow
 def test_two_processes_train_on_different_shards(tmp_path, tiny_qwen2_config_dir):
     train_file = write_train_rows(tmp_path / "train.jsonl", n=16, seed=5)
     eval_file = write_train_rows(tmp_path / "eval.jsonl", n=7, seed=6)  # ranks get different numbers of steps

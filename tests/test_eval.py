@@ -178,6 +178,7 @@ def test_tuned_threshold_is_the_best_on_its_subset_and_applies_to_all(tiny_prm_p
         sum((s >= t) == (y >= 0.5) for s, y in pairs) / len(pairs))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not SHARED_GSM8K.exists(), reason="needs ../shared/data/processbench/gsm8k.json, absent from this clone")
 def test_real_processbench_gsm8k(tiny_prm_pair, tmp_path):
     import shutil

@@ -172,6 +172,7 @@ def test_two_models_positional_and_option(tiny_prm_pair, data, tmp_path):
         p.name for p in out.iterdir()}
 
 
+@pytest.mark.slow
 def test_python_m_prmkit_subprocess(tiny_prm_pair, data, tmp_path):
     out = tmp_path / "sub"
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}

@@ -285,6 +285,7 @@ def test_reward_tokens_must_be_single_tokens(chat_model):
 # On the command line: eval side by side across kinds, score with a kind
 
 
+@pytest.mark.slow
 def test_eval_compares_kinds_side_by_side_in_a_subprocess(tmp_path, tiny_prm_pair, qwen_prm_model, chat_model):
     import os
     import subprocess
@@ -362,6 +363,7 @@ def _train_lm_tag(tmp_path, config_dir, rows, out="lm", **keys):
     return train(load_config(None, None, flags)), tmp_path / out
 
 
+@pytest.mark.slow
 def test_lm_tag_training_writes_a_model_that_scores_as_the_model_card_reads_it(tmp_path, tiny_qwen2_config_dir):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -423,6 +425,7 @@ def test_lm_tag_loss_is_cross_entropy_over_the_two_reward_tokens_with_soft_label
     assert got.item() == pytest.approx(torch.stack(want).mean().item(), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_lm_tag_training_with_lora_merges_and_scores(tmp_path, tiny_qwen2_config_dir):
     from tests.conftest import write_train_rows
 

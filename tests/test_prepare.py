@@ -255,6 +255,7 @@ def test_bundled_examples_prepare(tmp_path, tiny_tokenizer_dir):
     assert prepared.reports["eval"].format == "processbench" and prepared.reports["eval"].rows_in == 120
 
 
+@pytest.mark.slow
 def test_prepare_as_a_real_subprocess(tmp_path, tiny_tokenizer_dir):
     src = write_jsonl(tmp_path / "rows.jsonl", ROWS)
     proc = subprocess.run(

@@ -587,6 +587,7 @@ def test_card_snippet_with_qwen2_tokenizer(tmp_path):
 # The real thing: HF_ENDPOINT set before huggingface_hub is imported, in a fresh process
 
 
+@pytest.mark.slow
 def test_subprocess_with_hf_endpoint(model_dir, tmp_path):
     with HubServer(token=TOKEN, user="alice") as server:
         home = tmp_path / "home"

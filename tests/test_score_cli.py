@@ -242,6 +242,7 @@ def test_resume_after_a_crash_with_a_half_written_line_is_byte_identical(tmp_pat
     assert out.read_bytes() == ref.read_bytes()
 
 
+@pytest.mark.slow
 def test_kill_9_mid_run_then_rerun_equals_an_uninterrupted_run(tmp_path, prm_dir):
     src = write_jsonl(tmp_path / "in.jsonl", make_rows(1000, seed=4, short=True))
     ref = tmp_path / "ref.jsonl"
@@ -273,6 +274,7 @@ def test_kill_9_mid_run_then_rerun_equals_an_uninterrupted_run(tmp_path, prm_dir
     assert out.read_bytes() == ref.read_bytes()
 
 
+@pytest.mark.slow
 def test_subprocess_stdin_to_stdout(tmp_path, prm_dir):
     rows = make_rows(7, seed=5)
     src = write_jsonl(tmp_path / "in.jsonl", rows)
@@ -287,6 +289,7 @@ def test_subprocess_stdin_to_stdout(tmp_path, prm_dir):
     assert res.exit_code == 2 and "--json" in res.stderr
 
 
+@pytest.mark.slow
 def test_memory_does_not_grow_with_input_size(tmp_path, scorer):
     # Python-side peak while scoring 100 vs 1000 lines through a window of 8: the same, give or take.
     peaks = {}
@@ -306,6 +309,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_merge_in_input_order(tmp_path, prm_dir):
     rows = make_rows(40, seed=7)
     src = write_jsonl(tmp_path / "in.jsonl", rows)

@@ -28,6 +28,7 @@ def test_help_is_fast_and_lists_the_options():
         assert option in proc.stdout, option
 
 
+@pytest.mark.slow
 def test_example_smoke_run_refusal_and_resume(tmp_path, monkeypatch):
     out = tmp_path / "run"
     result = runner.invoke(app, ["train", "--example", "-o", str(out), "--max-steps", "2", "--json"])
@@ -58,6 +59,7 @@ def test_example_smoke_run_refusal_and_resume(tmp_path, monkeypatch):
     assert summary["resumed_from"] == str(out / "checkpoint-2") and summary["global_step"] == 3
 
 
+@pytest.mark.slow
 def test_human_summary_goes_to_stdout_and_progress_to_stderr(tmp_path):
     out = tmp_path / "run"
     result = runner.invoke(app, ["train", "--example", "-o", str(out), "--max-steps", "2",

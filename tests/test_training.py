@@ -89,6 +89,7 @@ def _features(tokenizer_dir: Path, rows_file: Path, n: int = 6):
     return tok, [{"input_ids": i, "labels": lab, "row": k} for k, (i, lab) in enumerate(zip(cols["input_ids"], cols["labels"]))]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_every_batching_mode_gives_the_same_loss(tmp_path, train_tokenizer_dir, attn):
     from transformers import AutoModelForTokenClassification, Qwen2Config
@@ -236,6 +237,7 @@ def test_disable_dropout():
 # Whole runs
 
 
+@pytest.mark.slow
 def test_train_writes_a_self_describing_model_dir(tmp_path, tiny_qwen2_config_dir, monkeypatch):
     from prmkit.modeling import load_trained_model
     from prmkit.training import train
@@ -292,6 +294,7 @@ def _logits_callback(store: dict, input_ids: torch.Tensor):
     return Capture()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("merge", [True, False])
 def test_lora_output_reloads_with_the_logits_it_had_in_memory(tmp_path, tiny_qwen2_config_dir, merge):
     from safetensors.torch import load_file
@@ -327,6 +330,7 @@ class _Killed(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, tiny_qwen2_config_dir):
     from transformers import TrainerCallback
 
@@ -355,6 +359,7 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, tin
     assert full.global_step == 9
 
 
+@pytest.mark.slow
 def test_sigint_saves_a_checkpoint_and_the_run_resumes(tmp_path, tiny_qwen2_config_dir):
     from transformers import TrainerCallback
 
