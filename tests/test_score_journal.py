@@ -93,7 +93,7 @@ def test_a_journal_from_other_batches_is_not_replayed(tmp_path, prm_dir, small_b
     assert out.read_bytes() == ref.read_bytes()
 
 
-def test_a_journal_left_without_its_state_is_not_replayed(tmp_path, train_tokenizer_dir, small_batches, monkeypatch):
+def test_a_journal_left_without_its_state_is_not_replayed(tmp_path, tiny_prm_pair, small_batches, monkeypatch):
     src = write_jsonl(tmp_path / "in.jsonl", make_rows(20, seed=25))
     out = tmp_path / "out.jsonl"
     paths = output_paths(out)
@@ -103,9 +103,8 @@ def test_a_journal_left_without_its_state_is_not_replayed(tmp_path, train_tokeni
             score_file(small_batches, str(src), str(out))
     paths["state"].unlink()
     paths["partial"].unlink()
-    # Another model with the same tokenizer plans the very same batches: only the job in the header tells them apart.
-    other_dir = make_tiny_prm(tmp_path / "other", train_tokenizer_dir, seed=12)
-    other = StepScorer.from_pretrained(other_dir, batch_tokens=96)
+    # Another model with the same tokenizer and separator plans the very same batches; its scores must be its own.
+    other = StepScorer.from_pretrained(tiny_prm_pair[0], batch_tokens=96)
     summary = score_file(other, str(src), str(out))
     assert summary.batches_reused == 0
     ref = tmp_path / "ref.jsonl"
