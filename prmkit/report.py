@@ -54,7 +54,7 @@ __all__ = ["REPORT_VERSION", "MissingExtraError", "build_markdown", "make_report
 REPORT_VERSION = 1
 """The version of ``prmkit/schemas/report.schema.json`` that :func:`make_report` follows."""
 MODEL_KEYS = ("model", "threshold", "threshold_source", "subsets", "mean_f1", "mean_f1_subsets", "mean_f1_left_out",
-              "tokenization")
+              "tokenization", "differs_from_training")
 
 
 class MissingExtraError(PrmkitError, RuntimeError):

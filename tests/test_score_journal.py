@@ -77,22 +77,6 @@ def test_a_run_stopped_mid_window_reuses_its_batches_and_ends_byte_identical(tmp
     assert not journal_path(paths, 0).exists() and not paths["partial"].exists()
 
 
-def test_a_journal_from_other_batches_is_not_replayed(tmp_path, prm_dir, small_batches, monkeypatch):
-    src = write_jsonl(tmp_path / "in.jsonl", make_rows(20, seed=22))
-    out = tmp_path / "out.jsonl"
-    with monkeypatch.context() as m:
-        crash_after(m, 3)
-        with pytest.raises(Crash):
-            score_file(small_batches, str(src), str(out))
-    # Resumed with another budget the engine plans other batches: none of the journal's may be used.
-    other = StepScorer.from_pretrained(prm_dir, batch_tokens=160)
-    summary = score_file(other, str(src), str(out))
-    assert summary.batches_reused == 0
-    ref = tmp_path / "ref.jsonl"
-    score_file(other, str(src), str(ref))
-    assert out.read_bytes() == ref.read_bytes()
-
-
 def test_a_journal_left_without_its_state_is_not_replayed(tmp_path, tiny_prm_pair, small_batches, monkeypatch):
     src = write_jsonl(tmp_path / "in.jsonl", make_rows(20, seed=25))
     out = tmp_path / "out.jsonl"
