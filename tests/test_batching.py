@@ -81,6 +81,7 @@ def _features(tok, path, n=8):
     return [{"input_ids": i, "labels": lab} for i, lab in zip(cols["input_ids"], cols["labels"])]
 
 
+@pytest.mark.slow
 def test_packed_flex_attention_loss_equals_the_unpacked_run(tmp_path, train_tokenizer_dir):
     """FlexAttention with the document mask transformers builds from restarting position_ids: each packed sequence
     sees only itself, so loss and step probabilities equal padded SDPA batches (fp32 on CPU: 1e-5). Flex has no
@@ -227,6 +228,7 @@ def test_a_replaced_forward_is_refused(train_tokenizer_dir):
         check_forward_untouched(torch.nn.Sequential(model))
 
 
+@pytest.mark.slow
 def test_torch_compile_passes_through_and_trains_the_same(tmp_path, tiny_qwen2_config_dir):
     """train.torch_compile reaches the Trainer, which compiles the model; the losses equal the eager run's. The
     aot_eager backend runs dynamo and AOTAutograd, the parts prmkit's batches and loss go through, without a C++

@@ -96,6 +96,7 @@ def test_the_newest_complete_checkpoint_is_chosen_and_newer_ones_are_named(tmp_p
 # Training writes markers, rotates after them, and resumes past a partial checkpoint
 
 
+@pytest.mark.slow
 def test_resume_skips_a_partial_checkpoint_says_why_and_sets_it_aside(tmp_path, tiny_qwen2_config_dir, caplog):
     from test_training import make_cfg
 
@@ -131,6 +132,7 @@ def test_resume_skips_a_partial_checkpoint_says_why_and_sets_it_aside(tmp_path, 
     assert (out / "prmkit.json").is_file()
 
 
+@pytest.mark.slow
 def test_resume_with_no_complete_checkpoint_is_one_line_not_a_traceback(tmp_path):
     from prmkit.config import dump_config, load_config
     from prmkit.training import resolve_config

@@ -200,6 +200,7 @@ def test_damaged_prmkit_json_names_the_file(tmp_path, prm_dir):
     assert "Traceback" not in res.output
 
 
+@pytest.mark.slow
 def test_subprocess_real_not_a_directory_and_debug_traceback(tmp_path, tiny_tokenizer_dir):
     src = write_jsonl(tmp_path / "rows.jsonl", ROWS)
     (tmp_path / "afile").write_text("not a directory")
@@ -213,6 +214,7 @@ def test_subprocess_real_not_a_directory_and_debug_traceback(tmp_path, tiny_toke
     assert debug.returncode != 0 and "Traceback" in debug.stderr and "FileExistsError" in debug.stderr
 
 
+@pytest.mark.slow
 def test_score_to_a_closed_pipe_is_one_line(tmp_path, prm_dir):
     rows = [{"prompt": f"Q{i}: {r['prompt']}", "completions": r["completions"]} for i, r in enumerate(ROWS * 40)]
     src = write_jsonl(tmp_path / "in.jsonl", rows)

@@ -74,6 +74,7 @@ runpy.run_module("prmkit", run_name="__main__")
 """
 
 
+@pytest.mark.slow
 def test_cli_sets_the_allocator_before_torch_is_imported(tmp_path):
     """`python -m prmkit train` (also what `accelerate launch -m prmkit train` runs in each process): the variable is
     in the environment at the moment torch is first imported, so before CUDA can initialise."""
@@ -309,6 +310,7 @@ def _cfg(tmp_path: Path, model_dir: Path, **keys):
     return load_config(None, None, flags)
 
 
+@pytest.mark.slow
 def test_auto_checkpointing_follows_the_budget_and_is_recorded(tmp_path, tiny_qwen2_config_dir, caplog):
     from transformers import TrainerCallback
 
@@ -349,6 +351,7 @@ def test_auto_checkpointing_follows_the_budget_and_is_recorded(tmp_path, tiny_qw
     assert result.gradient_checkpointing is False and result.memory["reason"] == "auto: no CUDA device, nothing to fit"
 
 
+@pytest.mark.slow
 def test_out_of_memory_is_one_message_and_keeps_the_last_checkpoint(tmp_path, tiny_qwen2_config_dir, monkeypatch):
     from transformers import Trainer
 

@@ -82,6 +82,7 @@ def test_train_overwrite_refuses_an_input_inside_the_output(tmp_path, tiny_qwen2
     assert snapshot(victim) == before
 
 
+@pytest.mark.slow
 def test_train_overwrite_refusal_as_a_real_process(tmp_path):
     victim = tmp_path / "victim"
     old_run(victim)
@@ -113,6 +114,7 @@ class _Crash(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_overwrite_keeps_the_old_output_until_the_new_run_saves_a_checkpoint(tmp_path, tiny_qwen2_config_dir):
     from transformers import TrainerCallback
 

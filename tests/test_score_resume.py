@@ -65,6 +65,7 @@ def prm_dir(tmp_path_factory, train_tokenizer_dir) -> Path:
     return make_tiny_prm(tmp_path_factory.mktemp("score-resume") / "prm", train_tokenizer_dir, seed=5)
 
 
+@pytest.mark.slow
 def test_resume_refuses_other_batch_settings_and_cleans_state_temp_files(tmp_path, prm_dir):
     src = write_jsonl(tmp_path / "in.jsonl", rows(24))
     ref, out = tmp_path / "ref.jsonl", tmp_path / "out.jsonl"
@@ -93,6 +94,7 @@ def test_resume_refuses_other_batch_settings_and_cleans_state_temp_files(tmp_pat
         "batch_tokens": 64, "sort_window": 4, "processes": 1, "device": "cpu", "packing": False}
 
 
+@pytest.mark.slow
 def test_an_interrupted_stdin_run_does_not_block_the_next(tmp_path, prm_dir):
     lines = "".join(json.dumps(r) + "\n" for r in rows(12))
     out = tmp_path / "out.jsonl"
@@ -129,11 +131,11 @@ def test_every_atomic_write_removes_what_a_killed_writer_of_that_file_left(tmp_p
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     pid = int(dead.stdout)
-    stale = tmp_path / f".report.json.{pid}@{_HOST}.x1y2{TEMP_SUFFIX}"
+    stale = tmp_path / f".summary.json.{pid}@{_HOST}.x1y2{TEMP_SUFFIX}"
     other = tmp_path / f".report.md.{pid}@{_HOST}.x1y2{TEMP_SUFFIX}"
-    live = tmp_path / f".report.json.{os.getpid()}@{_HOST}.z3{TEMP_SUFFIX}"
+    live = tmp_path / f".summary.json.{os.getpid()}@{_HOST}.z3{TEMP_SUFFIX}"
     for p in (stale, other, live):
         p.write_text("half")
-    write_atomic(tmp_path / "report.json", "{}")
-    assert (tmp_path / "report.json").read_text() == "{}"
+    write_atomic(tmp_path / "summary.json", "{}")
+    assert (tmp_path / "summary.json").read_text() == "{}"
     assert not stale.exists() and other.exists() and live.exists()  # only this file's, only dead writers'
