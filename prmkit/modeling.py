@@ -71,6 +71,11 @@ def read_metadata(model_dir: str | Path) -> dict[str, Any] | None:
     """`prmkit.json` of a local model directory, or None when there is none (e.g. a model trained with TRL)."""
     path = Path(model_dir) / PRMKIT_JSON
     if not path.is_file():
+        if (Path(model_dir) / CONFIG_YAML).is_file():
+            # `prmkit train` writes prmkit.json last: without it the weights may be missing, partial or stale.
+            raise UsageError(f"{model_dir}: a prmkit training run that has not finished (no {PRMKIT_JSON} yet)",
+                             hint="finish it with the same `prmkit train` command plus --resume, or use one of its "
+                                  "checkpoint-N directories")
         return None
     hint = f"the file is damaged: restore it, or copy {PRMKIT_JSON} from the training run's output"
     metadata = read_json(path, hint=hint)

@@ -166,3 +166,22 @@ def test_an_explicit_resume_path_is_checked(tmp_path, tiny_qwen2_config_dir):
     (partial / "optimizer.pt").write_bytes(b"PK\x03\x04 half")
     with pytest.raises(UsageError, match="cannot resume from .*checkpoint-5: optimizer.pt is truncated"):
         plan_output_dir(cfg, resume=str(partial))
+
+
+def test_an_unfinished_training_output_is_not_scored_as_a_model(tmp_path, tiny_prm_pair):
+    """A run killed during its final save (or still training) has prmkit_config.yaml but no prmkit.json yet: its
+    weights may be partial or stale, so score and eval refuse it instead of guessing its separator."""
+    from typer.testing import CliRunner
+
+    from prmkit.cli.app import app
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_prm_pair[0], run)
+    (run / "prmkit.json").unlink()
+    (run / "prmkit_config.yaml").write_text("model: {name_or_path: base}\n")
+    rows = tmp_path / "in.jsonl"
+    rows.write_text(json.dumps({"prompt": "Q?", "completions": ["a.", "b."]}) + "\n")
+    result = CliRunner().invoke(app, ["score", str(run), str(rows), "-o", str(tmp_path / "out.jsonl")])
+    assert result.exit_code == 2, result.output
+    assert f"{run}: a prmkit training run that has not finished (no prmkit.json yet)" in result.stderr
+    assert "--resume" in result.stderr and not (tmp_path / "out.jsonl").exists()
