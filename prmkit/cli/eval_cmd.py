@@ -111,7 +111,7 @@ def evaluate(
     tune_on = ev.tune_threshold
     if threshold is not None:
         given, tune_on = threshold, None
-    elif tune_on is None and _threshold_given(config, set_):
+    elif tune_on is None and "eval.threshold" in cfg.explicit:
         given = ev.threshold
 
     # Under `accelerate launch` every process scores a share and receives all scores; one of them speaks and writes.
@@ -159,19 +159,6 @@ def evaluate(
     else:
         out.hint(f"to put a model's figures in its card: prmkit push MODEL --eval-report {report_path} "
                  "(push quotes that model's part of the comparison)")
-
-
-def _threshold_given(config: Optional[Path], set_: Optional[list[str]]) -> bool:
-    if any(item.partition("=")[0].strip() == "eval.threshold" for item in set_ or []):
-        return True
-    if config is None:
-        return False
-    import yaml
-
-    # load_config has already read and validated this file; here only the key's presence matters.
-    data = yaml.safe_load(Path(config).read_text(encoding="utf-8")) or {}
-    section = data.get("eval") or {}
-    return isinstance(section, dict) and "threshold" in section
 
 
 class _progress:
