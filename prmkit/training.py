@@ -428,13 +428,12 @@ def train(
     plan = decision["plan"]
     try:
         return _train_planned(cfg, plan, state, args, model_config, console, callbacks)
-    except BaseException:
+    finally:
+        # However the run ended (finished, interrupted, failed): keep it if it saved something, else restore.
         if state.is_main_process and plan.action == "overwrite":
             settled = settle_overwrite(plan.output_dir)
             if settled:
                 log.warning(settled)
-        raise
-    finally:
         if lock is not None:
             lock.release()
 
