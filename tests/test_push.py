@@ -606,3 +606,15 @@ def test_subprocess_with_hf_endpoint(model_dir, tmp_path):
         assert ("GET", "/api/whoami-v2") in server.requests
         home_files = [p for p in home.rglob("*") if p.is_file()]
         assert all(TOKEN.encode() not in p.read_bytes() for p in home_files)
+
+
+def test_card_says_which_subsets_the_mean_f1_leaves_out():
+    from prmkit.hub import build_card
+
+    report = {**REPORT, "mean_f1": 0.6, "mean_f1_subsets": ["gsm8k"],
+              "mean_f1_left_out": {"math": "no erroneous samples (label != -1), so the error accuracy is undefined"}}
+    card = build_card(REPO, _metadata(), report=report)
+    assert ("Mean first-error F1 (ProcessBench's metric, unweighted over subsets): **0.600** at threshold 0.5.\n"
+            "It averages gsm8k only; left out: math (no erroneous samples (label != -1), so the error accuracy is "
+            "undefined).") in card
+    assert "It averages" not in build_card(REPO, _metadata(), report=REPORT)

@@ -106,6 +106,10 @@ def _eval_section(report: dict, where: str | None) -> tuple[list[str], list[Any]
     if mean is not None:
         lines.append(f"Mean first-error F1 (ProcessBench's metric, unweighted over subsets): **{_fmt(mean)}**"
                      + (f" at threshold {threshold:g}." if isinstance(threshold, (int, float)) else "."))
+        left_out = report.get("mean_f1_left_out") or {}
+        if left_out:  # a headline over fewer subsets than the table shows must say so
+            lines.append(f"It averages {', '.join(map(str, report.get('mean_f1_subsets') or []))} only; left out: "
+                         + "; ".join(f"{name} ({why})" for name, why in left_out.items()) + ".")
         lines.append("")
     lines += [
         "| subset | first-error F1 | error acc. | correct acc. | step acc. | step AUROC | PRMScore |",
