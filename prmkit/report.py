@@ -404,6 +404,12 @@ def _md_subset(name: str, sub: Mapping[str, Any], level: int) -> list[str]:
 def _md_single_body(rep: Mapping[str, Any], level: int) -> list[str]:
     subsets = _subsets(rep)
     out: list[str] = []
+    differs = rep.get("differs_from_training")
+    if isinstance(differs, Mapping) and differs:
+        # Settings chosen over the model's prmkit.json: say so where the figures are, not only on stderr.
+        out.append("**Not the trained tokenization:** " + "; ".join(
+            f"`{key}` {json.dumps(d.get('used'))} (trained with {json.dumps(d.get('trained'))})"
+            for key, d in differs.items() if isinstance(d, Mapping)) + ".")
     if subsets:
         subs = list(subsets.values())
         metrics = [m for m in _SUMMARY if any(_get(s, *m.path) is not None for s in subs)]

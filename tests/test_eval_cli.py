@@ -225,19 +225,20 @@ def test_overrides_of_recorded_tokenization_are_honoured_with_a_warning_or_refus
         out = tmp_path / f"out-{len(list(tmp_path.iterdir()))}"
         res = run(model, "--data", data["a"], "-o", out, "--no-plots", *args)
         assert res.exit_code == 0, res.stderr
-        return json.loads((out / "report.json").read_text()), res.stderr
+        return json.loads((out / "report.json").read_text()), res.stderr, (out / "report.md").read_text()
 
-    trained, _ = report(prm)
-    expected, _ = report(twin)
+    trained, _, _ = report(prm)
+    expected, _, _ = report(twin)
     assert trained["subsets"]["a"]["step"] != expected["subsets"]["a"]["step"]
     assert "differs_from_training" not in trained
 
-    got, stderr = report(prm, "--set", "data.max_prompt_length=null")
+    got, stderr, markdown = report(prm, "--set", "data.max_prompt_length=null")
     assert got["subsets"]["a"]["step"] == expected["subsets"]["a"]["step"]
     assert got["subsets"]["a"]["first_error"] == expected["subsets"]["a"]["first_error"]
     assert got["tokenization"]["max_prompt_length"] is None
     assert got["differs_from_training"] == {"max_prompt_length": {"trained": 4, "used": None}}
     assert "trained with data.max_prompt_length=4 (prmkit.json); scoring with null as asked" in stderr
+    assert "**Not the trained tokenization:** `max_prompt_length` null (trained with 4)." in markdown
 
     res = run(prm, "--data", data["a"], "-o", tmp_path / "never", "--set", "data.train_on_last_step_only=true")
     assert res.exit_code == 2 and "data.train_on_last_step_only=true cannot apply to scoring" in res.stderr
