@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from prmkit.errors import ConfigError
+from prmkit.redact import collect_secrets, mask, redact
 
 FORMATS = ("auto", "stepwise", "math-shepherd", "prm800k", "processbench")
 PRM800K_NEUTRAL = ("negative", "positive", "drop")
@@ -355,14 +356,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         path = Path(path)
         cfg.source = str(path)
-        for section, values in _read_yaml(path).items():
+        sections = _read_yaml(path)
+        collect_secrets(sections)  # before anything can echo a value back in an error
+        for section, values in sections.items():
             for key, value in values.items():
                 set_key(cfg, f"{section}.{key}", value, origin=str(path))
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. --set data.max_length=2048")
-        set_key(cfg, key.strip(), _parse_scalar(raw), origin="--set")
+            raise ConfigError(f"--set {mask(item)!r}: expected section.key=value, e.g. --set data.max_length=2048")
+        value = _parse_scalar(raw)
+        collect_secrets({key.strip(): value})
+        set_key(cfg, key.strip(), value, origin="--set")
     for key, value in (flags or {}).items():
         if value is not None:
             set_key(cfg, key, value, origin="command line")
@@ -577,4 +582,5 @@ def _field_docs(cls: type) -> dict[str, str]:
 
 
 def dump_config(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True)
+    """The resolved config as YAML, secrets redacted: what prmkit_config.yaml holds and `config show` prints."""
+    return yaml.safe_dump(redact(cfg.to_dict()), sort_keys=False, allow_unicode=True)

@@ -21,6 +21,7 @@ from prmkit.atomic import TEMP_SUFFIX, check_manifest, manifest, remove_leftover
 from prmkit.errors import DataError, UsageError
 from prmkit.formats import Options, RowError, convert, detect_format
 from prmkit.outputs import refuse_inputs_inside
+from prmkit.redact import mask, redact
 from prmkit.tokenization import (
     TokenizationParams,
     TokenizedBatch,
@@ -272,7 +273,7 @@ def read_step_rows(
             if len(problems) < 1000:
                 problems.append(line)
             if rejects is not None:
-                rejects.append({"source": spec, source.unit: number, "field": e.field, "reason": e.reason, "record": record})
+                rejects.append({"source": mask(spec), source.unit: number, "field": e.field, "reason": e.reason, "record": record})
             continue
         for row in rows:
             out.prompts.append(row["prompt"])
@@ -641,7 +642,7 @@ def _write_into(tmp: Path, dsd, metadata: dict, rejects: list[dict]) -> None:
             for r in rejects:
                 fh.write(json.dumps(r, ensure_ascii=False, default=str) + "\n")
     metadata["files"] = manifest(tmp, exclude=(METADATA_FILE,))
-    (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, ensure_ascii=False), encoding="utf-8")
+    (tmp / METADATA_FILE).write_text(json.dumps(redact(metadata), indent=2, ensure_ascii=False), encoding="utf-8")
 
 
 def _swap_in(tmp: Path, target: Path) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 from prmkit import __version__
 from prmkit.atomic import read_json, write_atomic
 from prmkit.errors import UsageError
+from prmkit.redact import redact
 from prmkit.tokenization import TokenizationParams
 
 log = logging.getLogger("prmkit")
@@ -58,7 +59,8 @@ def build_metadata(
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    """Metadata as JSON, secrets redacted (prmkit.redact): nothing prmkit saves holds a token or password."""
+    write_atomic(path, json.dumps(redact(obj), indent=2, ensure_ascii=False) + "\n")
 
 
 def write_metadata(model_dir: str | Path, metadata: dict[str, Any]) -> Path:

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prmkit.atomic import write_atomic
+from prmkit.redact import redact
 from prmkit.errors import PrmkitError
 from prmkit.metrics import AGGREGATES
 
@@ -661,8 +662,9 @@ def write_report(
             raise MissingExtraError() from exc
     out_dir = Path(out_dir)
     raw_models = _raw_by_model(report, raw)  # validate before touching the disk
+    report = redact(_jsonable(report))  # a model or data spec may be a URL with credentials in it
     markdown = build_markdown(report)
-    payload = json.dumps(_jsonable(report), indent=2, allow_nan=False) + "\n"
+    payload = json.dumps(report, indent=2, allow_nan=False) + "\n"
 
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []

@@ -18,6 +18,7 @@ from prmkit.config import TRAINING_ARGUMENT_DEFAULTS, Config, dump_config
 from prmkit.errors import UsageError
 from prmkit.modeling import CONFIG_YAML, PRMKIT_JSON
 from prmkit.outputs import OutputLock, refuse_inputs_inside
+from prmkit.redact import redact
 
 log = logging.getLogger("prmkit")
 
@@ -53,7 +54,8 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def run_identity(config_dict: dict[str, Any]) -> dict[str, Any]:
     """The keys that make two configs the same run (model, data, training), without where/how often it writes."""
-    flat = _flatten(json.loads(json.dumps(config_dict, default=str)))
+    # prmkit_config.yaml is saved redacted, so both sides are compared redacted.
+    flat = _flatten(json.loads(json.dumps(redact(config_dict), default=str)))
     keep: dict[str, Any] = {}
     for key, value in flat.items():
         section, _, name = key.partition(".")

@@ -357,6 +357,8 @@ def build_training_arguments(cfg: Config, has_eval: bool):
         if value is False and (key.endswith("_strategy") or key == "hub_strategy"):
             ta[key] = "no"
     ta.pop("push_to_hub", None)  # prmkit pushes the finished directory itself (prmkit.hub), not the Trainer
+    # ... with this token (see _push): the Trainer would pickle it into every checkpoint's training_args.bin.
+    ta.pop("hub_token", None)
     ta.pop("resume_from_checkpoint", None)
     ta.setdefault("disable_tqdm", True)
     # transformers' default is 3 epochs; prmkit's template and README promise 1 (the seed recipe's).
@@ -794,5 +796,6 @@ def _push(cfg: Config, output_dir: Path, lora_info: dict | None) -> dict[str, An
         revision=cfg.push.revision, commit_message=cfg.push.commit_message or f"prmkit {__version__}: train",
         create_pr=cfg.push.create_pr, adapter=cfg.push.adapter, eval_report=cfg.push.eval_report,
         overwrite_card=cfg.push.overwrite_card, allow_pickle=cfg.push.allow_pickle, license=cfg.push.license,
+        token=cfg.training_arguments.get("hub_token") or None,
     )
     return pushed.to_dict() if hasattr(pushed, "to_dict") else {"repo_id": repo_id}

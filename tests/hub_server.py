@@ -44,6 +44,8 @@ class HubServer:
         """Organisations that exist; those outside `orgs` exist but the user is not a member."""
         self.forbidden: set[str] = set()
         """Repos the user can read but not write (answered 403 on preupload and commit)."""
+        self.canned: dict[str, tuple[int, object]] = {}
+        """Fixed answers by request path, before any other handling: (status, dict sent as JSON or str as HTML)."""
         self.repos: dict[str, Repo] = {}
         self.commits: list[dict] = []
         self.requests: list[tuple[str, str]] = []
@@ -133,9 +135,10 @@ def _make_handler(hub: HubServer):
 
         # -- plumbing -------------------------------------------------------------------------------------------------
         def _send(self, status: int, body: object = None, error_code: str | None = None) -> None:
-            data = json.dumps(body if body is not None else {}).encode()
+            html = isinstance(body, str)  # what a proxy or a captive portal answers instead of the Hub
+            data = body.encode() if html else json.dumps(body if body is not None else {}).encode()
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", "text/html" if html else "application/json")
             self.send_header("Content-Length", str(len(data)))
             if error_code:
                 self.send_header("X-Error-Code", error_code)
@@ -154,6 +157,8 @@ def _make_handler(hub: HubServer):
             body = self._body()
             with hub.lock:
                 hub.requests.append((method, path))
+                if path in hub.canned:
+                    return self._send(*hub.canned[path])
                 if self.headers.get("Authorization") != f"Bearer {hub.token}":
                     return self._send(401, {"error": "Invalid credentials in Authorization header"})
                 try:

@@ -254,7 +254,8 @@ def test_train_writes_a_self_describing_model_dir(tmp_path, tiny_qwen2_config_di
     train_file = write_train_rows(tmp_path / "train.jsonl", n=16, soft=True)
     eval_file = write_train_rows(tmp_path / "eval.jsonl", n=9, seed=1)
     cfg = make_cfg(tmp_path, tiny_qwen2_config_dir, train_file, eval_=eval_file,
-                   **{"train__push_to_hub": True, "push__repo_id": "me/tiny-prm", "data__step_separator": "\n\n"})
+                   **{"train__push_to_hub": True, "push__repo_id": "me/tiny-prm", "data__step_separator": "\n\n",
+                      "train__hub_token": "hf_TrainSecret0123456789abcdef"})
     result = train(cfg)
     out = tmp_path / "out"
     assert result.model_dir == str(out) and result.global_step == 4 and not result.interrupted
@@ -280,6 +281,12 @@ def test_train_writes_a_self_describing_model_dir(tmp_path, tiny_qwen2_config_di
     model = load_trained_model(out)
     assert model.config.num_labels == 2
     assert pushed["repo_id"] == "me/tiny-prm" and pushed["model_dir"] == str(out)
+    # The token pushes, and lands in no file: not the config, prmkit.json, nor a checkpoint's pickled arguments.
+    assert pushed["token"] == "hf_TrainSecret0123456789abcdef"
+    assert yaml.safe_load((out / "prmkit_config.yaml").read_text())["train"]["hub_token"] == "***"
+    assert list(out.glob("checkpoint-*/training_args.bin"))
+    leaks = [p for p in out.rglob("*") if p.is_file() and b"TrainSecret" in p.read_bytes()]
+    assert leaks == []
 
 
 def _logits_callback(store: dict, input_ids: torch.Tensor):

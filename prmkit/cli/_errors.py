@@ -1,4 +1,4 @@
-"""Known errors become one actionable line and an exit code; only --debug shows a traceback.
+"""Known errors become one actionable line and an exit code; only --debug shows a traceback, with secrets masked.
 
 Besides prmkit's own errors, the environment's failures are mapped here, in one place: file-system errors
 (`OSError`: permission denied, read-only file system, full disk, ...) and malformed JSON that reached the top.
@@ -11,13 +11,15 @@ import functools
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Callable
 
 import typer
 
-from prmkit.cli._output import Output
+from prmkit.cli._output import MaskedStream, Output
 from prmkit.errors import DataError, PrmkitError
+from prmkit.redact import mask
 
 MAX_PROBLEMS = 10
 
@@ -88,6 +90,21 @@ def _broken_pipe() -> None:
     except (OSError, ValueError):
         pass
     Output().error("the output pipe was closed before everything was written")
+
+
+def mask_stderr() -> None:
+    """From here on, mask secrets in everything that reaches stderr: tracebacks, and libraries' logs and warnings.
+
+    Called once by the CLI's entry point. stdout is left alone: `score -o -` writes the user's data there.
+    """
+    if not isinstance(sys.stderr, MaskedStream):
+        sys.stderr = MaskedStream(sys.stderr)
+    sys.excepthook = _masked_excepthook
+
+
+def _masked_excepthook(exc_type, exc, tb) -> None:
+    sys.stderr.write(mask("".join(traceback.format_exception(exc_type, exc, tb))))
+    sys.stderr.flush()
 
 
 def handle_errors(func: Callable) -> Callable:

@@ -1,4 +1,7 @@
-"""The one place that prints: results to stdout, progress, warnings, errors and hints to stderr."""
+"""The one place that prints: results to stdout, progress, warnings, errors and hints to stderr.
+
+Everything printed here goes through prmkit.redact: no token, password or URL credential reaches the terminal.
+"""
 
 from __future__ import annotations
 
@@ -9,14 +12,34 @@ from typing import Any
 
 from rich.console import Console
 
+from prmkit.redact import mask, redact
+
+
+class MaskedStream:
+    """A text stream that masks secrets in what is written to it and passes everything else through."""
+
+    def __init__(self, stream: Any):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        self._stream.write(mask(text))
+        return len(text)
+
+    def writelines(self, lines: Any) -> None:
+        for line in lines:
+            self.write(line)
+
+    def __getattr__(self, name: str) -> Any:  # isatty, fileno, flush, encoding, ... of the real stream
+        return getattr(self._stream, name)
+
 
 def _stdout() -> Console:
     # Built per call so that a redirected sys.stdout (CliRunner, pipes) is honoured.
-    return Console(file=sys.stdout, soft_wrap=True, highlight=False)
+    return Console(file=MaskedStream(sys.stdout), soft_wrap=True, highlight=False)
 
 
 def stderr() -> Console:
-    return Console(file=sys.stderr, soft_wrap=True, highlight=False)
+    return Console(file=MaskedStream(sys.stderr), soft_wrap=True, highlight=False)
 
 
 class Output:
@@ -26,7 +49,8 @@ class Output:
     def result(self, data: dict[str, Any] | None = None, *renderables: Any) -> None:
         """Print a command's result: one JSON object with --json, else the rich renderables (or the data as text)."""
         if self.json_mode:
-            sys.stdout.write(json.dumps(data if data is not None else {}, ensure_ascii=False, default=str) + "\n")
+            payload = json.loads(json.dumps(data if data is not None else {}, default=str))
+            sys.stdout.write(json.dumps(redact(payload), ensure_ascii=False) + "\n")
             sys.stdout.flush()
             return
         console = _stdout()
@@ -38,6 +62,7 @@ class Output:
                 console.print(f"{key}: {value}", markup=False)
 
     def text(self, text: str) -> None:
+        text = mask(text)
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
 
     def info(self, message: str) -> None:

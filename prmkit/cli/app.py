@@ -9,6 +9,7 @@ import typer
 
 from prmkit import __version__
 from prmkit.cli import config_cmd, eval_cmd, prepare_cmd, push_cmd, score_cmd, train_cmd
+from prmkit.cli._errors import mask_stderr
 from prmkit.memory import use_expandable_segments
 
 app = typer.Typer(
@@ -52,6 +53,7 @@ app.add_typer(config_cmd.app, name="config")
 
 
 def main() -> None:
+    mask_stderr()
     app()
 
 

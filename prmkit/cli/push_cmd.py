@@ -13,6 +13,7 @@ from prmkit.cli._options import ConfigOpt, JsonOpt, SetOpt
 from prmkit.cli._output import Output, attach_logging
 from prmkit.config import load_config
 from prmkit.errors import UsageError
+from prmkit.redact import register_secret
 
 if TYPE_CHECKING:
     from prmkit.hub import PushResult
@@ -56,6 +57,7 @@ def push(
     out = Output(json_)
     attach_logging(out)
     if token:
+        register_secret(token)  # masked in every message from here on, tracebacks included
         out.warn("--token is saved in your shell history; prefer `hf auth login` or the HF_TOKEN variable")
     cfg = load_config(config, set_, {
         "push.repo_id": repo_id, "push.private": private, "push.revision": revision,
@@ -84,7 +86,7 @@ def _render(result: PushResult) -> list:
     if not result.dry_run:
         table.add_column("status")
     for f in result.files:
-        row = [f.path, human_size(f.size), f.source]
+        row = [f.path, human_size(f.size), f.source + (f" ({f.note})" if f.note else "")]
         table.add_row(*row, *([] if result.dry_run else [f.status or ""]))
     for path in result.deleted:
         table.add_row(path, "", "", "deleted")

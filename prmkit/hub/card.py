@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from prmkit.errors import UsageError
+from prmkit.hub.files import inside, read_text_capped
 from prmkit.modeling import CONFIG_YAML, PRMKIT_JSON
 
 log = logging.getLogger("prmkit")
@@ -42,15 +43,18 @@ def _sources(value: Any) -> list[str]:
 
 
 def load_eval_report(model_dir: Path, eval_report: str | Path | None, repo_id: str) -> tuple[dict | None, str | None]:
-    """The report.json to quote in the card: --eval-report, else MODEL_DIR/report.json; (report, where)."""
+    """The report.json to quote in the card: --eval-report, else MODEL_DIR/report.json; (report, where).
+
+    A report named on the command line may be anywhere; the default one must not be a link out of the directory.
+    """
     path = Path(eval_report).expanduser() if eval_report else model_dir / "report.json"
     if not path.is_file():
         if eval_report:
             raise UsageError(f"--eval-report {eval_report}: file not found")
         return None, None
     try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        report = json.loads(read_text_capped(path if eval_report else inside(path, model_dir)))
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
         raise UsageError(f"{path}: not valid JSON ({e})") from None
     if isinstance(report, dict) and isinstance(report.get("models"), dict):
         models = report["models"]

@@ -10,7 +10,7 @@ from typing import Any, Iterator
 from prmkit.errors import UsageError
 from prmkit.hub.card import hub_id
 from prmkit.hub.errors import first_line
-from prmkit.hub.files import TOKENIZER_VOCAB_FILES
+from prmkit.hub.files import TOKENIZER_VOCAB_FILES, read_text_capped
 from prmkit.modeling import CONFIG_YAML
 
 
@@ -41,7 +41,7 @@ def check_weights(model_dir: Path, files: list[tuple[str, Path]]) -> None:
         if not name.endswith(".safetensors.index.json"):
             continue
         try:
-            weight_map: dict[str, str] = json.loads(p.read_text(encoding="utf-8"))["weight_map"]
+            weight_map: dict[str, str] = json.loads(read_text_capped(p))["weight_map"]
         except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
             raise UsageError(f"{p}: not a valid safetensors index (no weight_map)") from None
         for shard in sorted(set(weight_map.values())):
@@ -77,7 +77,7 @@ def trust_remote_code(model_dir: Path) -> bool:
     import yaml
 
     try:
-        cfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        cfg = yaml.safe_load(read_text_capped(path)) or {}
         return bool((cfg.get("model") or {}).get("trust_remote_code", False))
     except (yaml.YAMLError, AttributeError, UnicodeDecodeError):
         return False
@@ -119,7 +119,7 @@ def check_model_loads(model_dir: Path, warnings: list[str]) -> None:
 def check_adapter(adapter_dir: Path, warnings: list[str]) -> dict[str, Any]:
     path = adapter_dir / "adapter_config.json"
     try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
+        cfg = json.loads(read_text_capped(path))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UsageError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(cfg, dict) or "peft_type" not in cfg:
@@ -129,8 +129,8 @@ def check_adapter(adapter_dir: Path, warnings: list[str]) -> dict[str, Any]:
     if not base:
         warnings.append("adapter_config.json names no base model; users must load the base model themselves")
     elif hub_id(base) is None:
-        warnings.append(f"the adapter's base model {base!r} is a local path: others cannot load the adapter from "
-                        "the Hub until base_model_name_or_path names a Hub model")
+        warnings.append(f"the adapter's base model {base!r} is a local path: it is published as its name only, and "
+                        "others cannot load the adapter from the Hub until base_model_name_or_path names a Hub model")
     return cfg
 
 

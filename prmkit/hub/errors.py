@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 from typing import Iterator
 
 from prmkit.errors import PrmkitError, UsageError
+from prmkit.redact import mask, register_secret
 
 
 def resolve_token(token: str | None = None) -> str:
-    if token:
-        return token
-    from huggingface_hub import get_token
+    """The token to push with: ``token``, else the login huggingface_hub finds; remembered so output masks it."""
+    if not token:
+        from huggingface_hub import get_token
 
-    found = get_token()
-    if not found:
+        token = get_token()
+    if not token:
         raise PrmkitError("not logged in to the Hugging Face Hub",
                           hint="run `hf auth login`, or set HF_TOKEN to a token with write access")
-    return found
+    register_secret(token)
+    return token
 
 
 def hub_error(exc: BaseException, repo_id: str | None = None, token: str | None = None,
@@ -70,9 +74,26 @@ def hub_error(exc: BaseException, repo_id: str | None = None, token: str | None 
     elif _is_network_error(exc):
         err = PrmkitError(f"cannot reach the Hub at {constants.ENDPOINT}: {first_line(exc)}",
                           hint="check the network connection, proxy settings and HF_ENDPOINT")
-    if err is not None and token:
-        err.message = err.message.replace(token, "***")
-    return err
+    elif isinstance(exc, json.JSONDecodeError) or (isinstance(exc, (KeyError, TypeError, AttributeError))
+                                                   and _raised_in_huggingface_hub(exc)):
+        what = "is not JSON" if isinstance(exc, json.JSONDecodeError) else "is not what the Hub sends"
+        err = PrmkitError(f"the Hub at {constants.ENDPOINT} sent a response that {what} "
+                          f"({type(exc).__name__}: {first_line(exc)})",
+                          hint="a proxy, a login page or a wrong HF_ENDPOINT may have answered instead of the Hub; "
+                               "check HF_ENDPOINT and proxy settings, or try again later")
+    if err is None:
+        return None
+    # The Hub's own words may quote the token back; the message, its args and so any traceback hide it.
+    return type(err)(mask(err.message, [token] if token else []), hint=err.hint)
+
+
+def _raised_in_huggingface_hub(exc: BaseException) -> bool:
+    """Whether ``exc`` came from huggingface_hub's own code (reading an answer), not from prmkit's."""
+    tb = exc.__traceback__
+    last = None
+    while tb is not None:
+        last, tb = tb.tb_frame.f_code.co_filename, tb.tb_next
+    return last is not None and f"{os.sep}huggingface_hub{os.sep}" in last
 
 
 def _is_network_error(exc: BaseException) -> bool:

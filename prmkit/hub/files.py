@@ -1,8 +1,13 @@
-"""Which files of a model directory go up: safetensors weights, config, tokenizer, prmkit metadata, the card."""
+"""Which files of a model directory go up: safetensors weights, config, tokenizer, prmkit metadata, the card.
+
+Nothing outside the model directory is read: a file or directory link that resolves outside it is refused, and every
+file is read through its resolved path, which is also what a dry run shows.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -24,6 +29,11 @@ TOKENIZER_VOCAB_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer
                          "sentencepiece.bpe.model")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 README = "README.md"
+# Read by transformers when the tokenizer is checked, though not uploaded.
+LOADER_DIRS = ("additional_chat_templates",)
+# The JSON and YAML files push parses (prmkit.json, configs, a shard index, report.json) are small; anything bigger
+# is not a file prmkit or transformers wrote, and reading it whole could exhaust memory.
+METADATA_MAX_BYTES = 16 << 20
 
 
 @dataclass
@@ -37,6 +47,8 @@ class PushFile:
     """new | changed | unchanged | deleted; None in a dry run (the Hub is not asked)."""
     content: bytes | None = field(default=None, repr=False)
     local: Path | None = field(default=None, repr=False)
+    note: str | None = None
+    """What push changed on the way up, e.g. local paths made relative; None when the file goes up as it is."""
     _hashes: tuple[str, str] | None = field(default=None, repr=False)
 
     def hashes(self) -> tuple[str, str]:
@@ -60,7 +72,7 @@ class PushFile:
                 yield chunk
 
     def to_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "size": self.size, "source": self.source, "status": self.status}
+        return {"path": self.path, "size": self.size, "source": self.source, "status": self.status, "note": self.note}
 
 
 def find_adapter_dir(model_dir: Path, metadata: dict | None = None) -> Path | None:
@@ -142,11 +154,66 @@ def select_files(model_dir: Path, adapter: bool, allow_pickle: bool, metadata: d
 
     if README in names:
         chosen[README] = model_dir / README
-    taken = {p.resolve() for p in chosen.values()}
+    resolved = _inside(model_dir, chosen, [d / sub for d in {model_dir, tok_dir} for sub in LOADER_DIRS])
+    taken = set(resolved.values())
     parents = {d for p in taken for d in p.parents}
     skipped = sorted(p.name + ("/" if p.is_dir() else "") for p in model_dir.iterdir()
                      if not p.name.startswith(".") and p.resolve() not in taken and p.resolve() not in parents)
-    return sorted(chosen.items()), skipped, tok_dir, adapter_dir if adapter else None
+    return sorted(resolved.items()), skipped, tok_dir, adapter_dir if adapter else None
+
+
+def _inside(model_dir: Path, chosen: dict[str, Path], also_read: list[Path]) -> dict[str, Path]:
+    """``chosen`` with every path resolved; refuses, naming them, links that lead out of the model directory.
+
+    ``also_read`` are directories the checks read through transformers without uploading them. Hard links are
+    files of the directory like any other and need no check.
+    """
+    root = model_dir.resolve()
+    resolved = {name: p.resolve() for name, p in chosen.items()}
+    escapes = [(p, resolved[name]) for name, p in chosen.items() if not resolved[name].is_relative_to(root)]
+    for d in also_read:
+        if not d.exists():
+            continue
+        # os.walk lists a linked directory without entering it, so a link to / is caught, not walked.
+        inner = [Path(top) / n for top, dirs, files in os.walk(d) for n in dirs + files] \
+            if d.resolve().is_relative_to(root) else []
+        escapes += [(p, p.resolve()) for p in [d, *inner] if not p.resolve().is_relative_to(root)]
+    _refuse_escapes(model_dir, escapes)
+    return resolved
+
+
+def inside(path: Path, model_dir: Path) -> Path:
+    """``path`` resolved, after checking that it does not lead out of ``model_dir`` (see ``select_files``)."""
+    real = path.resolve()
+    if not real.is_relative_to(model_dir.resolve()):
+        _refuse_escapes(model_dir, [(path, real)])
+    return real
+
+
+def _refuse_escapes(model_dir: Path, escapes: list[tuple[Path, Path]]) -> None:
+    if escapes:
+        shown = ", ".join(f"{relative_to_dir(p, model_dir)} -> {real}" for p, real in escapes)
+        raise UsageError(f"{model_dir}: refusing to push links that lead outside the model directory: {shown}",
+                         hint="copy what you mean to publish into the directory, or remove the links")
+
+
+def read_text_capped(path: Path, limit: int = METADATA_MAX_BYTES) -> str:
+    """A small text file's content, refusing one over ``limit`` bytes before reading it."""
+    size = path.stat().st_size
+    if size > limit:
+        raise UsageError(f"{path}: {human_size(size)} is too large for this file (at most {human_size(limit)})",
+                         hint="this is not a file prmkit or transformers wrote; replace or remove it")
+    with open(path, encoding="utf-8") as fh:
+        return fh.read(limit + 1)
+
+
+def human_size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if size < 1024 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
 
 
 def relative_to_dir(path: Path, root: Path) -> str:

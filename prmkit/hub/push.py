@@ -13,10 +13,21 @@ from prmkit.errors import PrmkitError, UsageError
 from prmkit.hub.card import HUB_ID, build_card, is_template_card, load_eval_report
 from prmkit.hub.checks import check_adapter, check_model_loads, check_tokenizer, check_weights, trust_remote_code
 from prmkit.hub.errors import hub_errors, resolve_token
-from prmkit.hub.files import ADAPTER_FILES, README, PushFile, is_weight, relative_to_dir, select_files
+from prmkit.hub.files import (
+    ADAPTER_FILES, README, PushFile, human_size, inside, is_weight, read_text_capped, relative_to_dir, select_files,
+)
+from prmkit.hub.sanitize import (
+    REWRITTEN_JSON, REWRITTEN_YAML, holds_secret, publishable, refuse_secret_files, rewrite_for_upload, secrets_in_use,
+)
 from prmkit.modeling import CONFIG_YAML, PRMKIT_JSON
+from prmkit.redact import mask, redact
 
 log = logging.getLogger("prmkit")
+
+# A model card is text for people; one this large is a mistake, and huggingface_hub reads it whole to validate it.
+CARD_MAX_BYTES = 10 << 20
+# PEFT's blank template is about 5 KB: the start of a README is enough to recognise it.
+_CARD_PROBE_CHARS = 64 << 10
 
 
 @dataclass
@@ -26,7 +37,8 @@ class PushPlan:
     mode: str
     """full | adapter."""
     files: list[PushFile]
-    card: str
+    card: str | None
+    """The generated card's text; None when the directory's own README.md goes up as it is."""
     card_source: str
     """generated | model_dir (an existing README.md kept as it is)."""
     skipped: list[str] = field(default_factory=list)
@@ -75,17 +87,23 @@ def plan_push(
     overwrite_card: bool = False,
     allow_pickle: bool = False,
     license: str | None = None,
+    token: str | None = None,
 ) -> PushPlan:
-    """Choose and check the files to upload and build the card; touches no network and writes nothing."""
+    """Choose and check the files to upload and build the card; touches no network and writes nothing.
+
+    Refuses links that lead out of the model directory and any file that holds the token in use (``token``, or
+    the login huggingface_hub would use); prmkit's metadata files go up with secrets and local paths removed.
+    """
     model_dir = Path(model_dir).expanduser()
     if not model_dir.is_dir():
         raise UsageError(f"{model_dir}: not a directory")
+    root = model_dir.resolve()
     warnings: list[str] = []
     metadata = None
     if (model_dir / PRMKIT_JSON).is_file():
         try:
-            metadata = json.loads((model_dir / PRMKIT_JSON).read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            metadata = json.loads(read_text_capped(inside(model_dir / PRMKIT_JSON, model_dir)))
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
             raise UsageError(f"{model_dir / PRMKIT_JSON}: not valid JSON ({e})") from None
     files, skipped, tok_dir, adapter_dir = select_files(model_dir, adapter, allow_pickle, metadata, warnings)
     if metadata is None and not (adapter_dir and (adapter_dir / PRMKIT_JSON).is_file()):
@@ -103,29 +121,86 @@ def plan_push(
     if license is None:
         warnings.append("no license given (--license or push.license): the card declares none")
 
-    pushed = [PushFile(name, p.stat().st_size, relative_to_dir(p, model_dir), local=p) for name, p in files if name != README]
-    existing = (model_dir / README).read_text(encoding="utf-8", errors="replace") if README in dict(files) else None
-    if existing is not None and not overwrite_card and is_template_card(existing):
+    secrets = secrets_in_use(token)
+    local = dict(files)
+    pushed = [PushFile(name, p.stat().st_size, relative_to_dir(p, root), local=p) for name, p in files if name != README]
+    for f in pushed:
+        if f.path in REWRITTEN_JSON + REWRITTEN_YAML:
+            _rewrite(f, root, warnings)
+
+    card: str | None = None
+    if README in local and not overwrite_card and is_template_card(_card_head(local[README], model_dir)):
         log.info(f"{model_dir / README} is the unedited card template PEFT writes beside an adapter; generating the "
                  "card instead")
         overwrite_card = True
-    if existing is not None and not overwrite_card:
-        card = existing
-        readme = PushFile(README, (model_dir / README).stat().st_size, README, local=model_dir / README)
+    if README in local and not overwrite_card:
+        readme = PushFile(README, local[README].stat().st_size, relative_to_dir(local[README], root),
+                          local=local[README])
         card_source = "model_dir"
     else:
-        card = build_card(repo_id, metadata, report, report_path, license, adapter_config,
-                          has_config_yaml=CONFIG_YAML in dict(files))
+        card = mask(build_card(repo_id, _card_metadata(metadata, root), report, report_path, license, adapter_config,
+                               has_config_yaml=CONFIG_YAML in local), secrets)
         data = card.encode("utf-8")
         readme = PushFile(README, len(data), "generated", content=data)
         card_source = "generated"
-        if README in dict(files):
+        if README in local:
             skipped = sorted({*skipped, README})
     pushed.append(readme)
+    refuse_secret_files([f.path for f in pushed if _holds(f, secrets)], model_dir)
     for w in warnings:
         log.warning(w)
     return PushPlan(model_dir, repo_id, "adapter" if adapter_dir else "full", pushed, card, card_source, skipped,
                     warnings)
+
+
+def _rewrite(f: PushFile, root: Path, warnings: list[str]) -> None:
+    """Upload prmkit's metadata (and adapter_config.json) without secrets or local paths; the local file stays."""
+    assert f.local is not None
+    content, paths, secret = rewrite_for_upload(f.path, f.local, root)
+    if content is None:
+        return
+    f.content, f.size = content, len(content)
+    notes = []
+    if paths:
+        notes.append("local paths made relative")
+        log.info(f"{f.path}: uploading {', '.join(paths)} as paths relative to the model or file names; the local "
+                 "file keeps the full paths")
+    if secret:
+        notes.append("secrets redacted")
+        warnings.append(f"{f.path} holds {', '.join(secret)}: uploading it redacted")
+    f.note = ", ".join(notes)
+
+
+def _card_metadata(metadata: dict | None, root: Path) -> dict | None:
+    """prmkit.json for the card: secrets redacted, and local paths out of the hyperparameters it lists.
+
+    The base model and data keep their local paths here: the card tells them from Hub ids by those paths, and
+    names only the file or directory.
+    """
+    if not metadata:
+        return metadata
+    card = redact(metadata)
+    if isinstance(card.get("training"), dict):
+        card["training"] = publishable(card["training"], root)
+    return card
+
+
+def _card_head(path: Path, model_dir: Path) -> str:
+    """The start of an existing README.md, enough to recognise a template; a card too big to publish is refused."""
+    size = path.stat().st_size
+    if size > CARD_MAX_BYTES:
+        raise UsageError(f"{model_dir / README}: {human_size(size)} is too large for a model card (at most "
+                         f"{human_size(CARD_MAX_BYTES)})",
+                         hint="shorten it, or pass --overwrite-card to push a generated card instead")
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        return fh.read(_CARD_PROBE_CHARS)
+
+
+def _holds(f: PushFile, secrets: list[str]) -> bool:
+    if f.content is not None:
+        return any(s.encode("utf-8") in f.content for s in secrets)
+    assert f.local is not None
+    return holds_secret(f.local, secrets, header_only=f.path.endswith(".safetensors"))
 
 
 def _is_stale(path: str, mode: str) -> bool:
@@ -203,7 +278,7 @@ def push_model(
         raise UsageError(f"{repo_id!r} is not a valid repo id; expected namespace/name, e.g. alice/qwen2-prm")
     branch = revision or "main"
     plan = plan_push(model_dir, repo_id, adapter=adapter, eval_report=eval_report, overwrite_card=overwrite_card,
-                     allow_pickle=allow_pickle, license=license)
+                     allow_pickle=allow_pickle, license=license, token=token)
     result = PushResult(repo_id, branch, plan.mode, plan.files, dry_run=dry_run, skipped=plan.skipped,
                         warnings=list(plan.warnings), card_source=plan.card_source)
     if dry_run:
@@ -216,6 +291,9 @@ def push_model(
     api = HfApi(token=token)
     with hub_errors(repo_id, token, revision):
         who = api.whoami()
+        if not isinstance(who, dict):
+            raise PrmkitError(f"the Hub at {api.endpoint} answered whoami with {type(who).__name__}, not an account",
+                              hint="a proxy or a wrong HF_ENDPOINT may have answered instead of the Hub")
         role = ((who.get("auth") or {}).get("accessToken") or {}).get("role")
         if role == "read":
             raise PrmkitError("this token is read-only: pushing needs a token with write access",
@@ -269,12 +347,3 @@ def push_with_config(model_dir: str | Path, push: Any, *, dry_run: bool = False,
         eval_report=push.eval_report, overwrite_card=push.overwrite_card, allow_pickle=push.allow_pickle,
         license=push.license, dry_run=dry_run, token=token,
     )
-
-
-def human_size(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if size < 1024 or unit == "TB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"

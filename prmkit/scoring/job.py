@@ -24,6 +24,7 @@ from prmkit.errors import DataError, PrmkitError, UsageError
 from prmkit.formats import Options, RowError, convert, detect_format, validate
 from prmkit.metrics import aggregate, first_error_index
 from prmkit.outputs import OutputLock, refuse_inputs_inside
+from prmkit.redact import mask, redact
 from prmkit.scoring.engine import StepScorer, StepScores
 
 log = logging.getLogger("prmkit")
@@ -360,7 +361,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _write_state(path: Path, state: dict) -> None:
-    write_atomic(path, json.dumps(state, indent=2, ensure_ascii=False) + "\n")
+    write_atomic(path, json.dumps(redact(state), indent=2, ensure_ascii=False) + "\n")
     _fsync_dir(path.parent)
 
 
@@ -543,7 +544,7 @@ def score_file(
             return
         if rej_fh is None:
             rej_fh = open(paths["rejects_partial"], "wb")
-        entry = {"source": src.name, src.unit: rec.number, "field": field_name, "reason": reason, "record": rec.record}
+        entry = {"source": mask(src.name), src.unit: rec.number, "field": field_name, "reason": reason, "record": rec.record}
         rej_fh.write((json.dumps(entry, ensure_ascii=False, default=str) + "\n").encode("utf-8"))
 
     opts = Options(is_eval=True)
