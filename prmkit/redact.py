@@ -104,11 +104,13 @@ def redact(obj: Any) -> Any:
     if isinstance(obj, dict):
         out = {}
         for key, value in obj.items():
+            # Keys are masked too: a report keys its models by name, and a name may be a URL with credentials.
+            name = mask(key) if isinstance(key, str) else key
             if is_secret_key(key) and _is_secret_value(value):
                 _register_all(value)
-                out[key] = _masked_value(value)
+                out[name] = _masked_value(value)
             else:
-                out[key] = redact(value)
+                out[name] = redact(value)
         return out
     if isinstance(obj, (list, tuple)):
         return [redact(v) for v in obj]

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prmkit.atomic import write_atomic
-from prmkit.redact import redact
+from prmkit.redact import mask, redact
 from prmkit.errors import PrmkitError
 from prmkit.metrics import AGGREGATES
 
@@ -675,5 +675,7 @@ def write_report(
     if plots:
         from prmkit.plots import write_plots
 
+        # The plots show the saved (redacted) model names; raw scores follow them.
+        raw_models = {mask(k) if isinstance(k, str) else k: v for k, v in raw_models.items()}
         written.extend(write_plots(report, out_dir, raw_models))
     return written

@@ -97,11 +97,11 @@ def test_redact_unit_values():
     assert mask("export HF_TOKEN=hf_" + "a1" * 17) == "export HF_TOKEN=***"
     assert mask("see https://huggingface.co/alice/prm?revision=main") == "see https://huggingface.co/alice/prm?revision=main"
     # Counts, flags and null under secret-sounding keys stay; strings and structures under them go.
-    assert redact({"batch_tokens": 2048, "use_auth_token": True, "hub_token": None, "token": "abcdefgh",
+    assert redact({"batch_tokens": 2048, "use_auth_token": True, "hub_token": None, "token": "tokvalue-9f8e7d",
                    "credentials": {"user": "bob", "key": "k3y-k3y-k3y"}, "pad_token": "<pad>"}) == {
         "batch_tokens": 2048, "use_auth_token": True, "hub_token": None, "token": "***",
         "credentials": {"user": "***", "key": "***"}, "pad_token": "<pad>"}
-    assert mask("later: abcdefgh and k3y-k3y-k3y") == "later: *** and ***"  # redacted values are remembered
+    assert mask("later: tokvalue-9f8e7d and k3y-k3y-k3y") == "later: *** and ***"  # redacted values are remembered
 
 
 def test_every_saved_config_and_metadata_is_redacted(tmp_path):

@@ -3,7 +3,9 @@
 ``push_model`` is what `prmkit push` and ``train.push_to_hub`` call. It works in three steps:
 
 1. ``plan_push`` (local only, no network): choose the files to upload (safetensors weights, config, tokenizer,
-   ``prmkit.json``, the card), run the pre-flight checks, and build the model card.
+   ``prmkit.json``, the card; ``files``), run the pre-flight checks (``checks``), keep secrets and local paths out
+   of what goes up (``sanitize``), and build the model card (``card``). Nothing outside the model directory is
+   read, except an eval report named explicitly.
 2. Compare with the remote branch (``list_repo_tree``): a file whose git blob sha1 (or LFS sha256) matches is not sent
    again, and a directory that matches completely is a no-op without a commit.
 3. One ``create_commit`` with every changed file, so the repo never shows half a model.

@@ -18,7 +18,7 @@ import yaml
 
 from prmkit.errors import UsageError
 from prmkit.hub.files import read_text_capped
-from prmkit.redact import MASK, known_secrets, redact, register_secret
+from prmkit.redact import MASK, redact, register_secret
 
 # Files rewritten on the way up, by how they are parsed.
 REWRITTEN_JSON = ("prmkit.json", "adapter_config.json")
@@ -30,10 +30,10 @@ _SCAN_CHUNK = 1 << 20
 
 
 def secrets_in_use(token: str | None = None) -> list[str]:
-    """The values to keep out of every upload: ``token``, the stored login, and whatever prmkit knows as secret."""
+    """The Hub tokens no upload may hold: ``token`` (the one pushing), and the login huggingface_hub would use."""
     from huggingface_hub import get_token
 
-    found = {token, get_token(), *known_secrets()}
+    found = {token, get_token()}
     for value in found:
         register_secret(value)  # so that the redaction of metadata masks them too
     return sorted((v for v in found if v and len(v) >= 6), key=len, reverse=True)
