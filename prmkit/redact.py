@@ -27,9 +27,10 @@ MASK = "***"
 # "author").
 _SECRET_KEY = re.compile(r"token(?!i[sz])|passw|passphrase|secret|credential|api[_-]?key|private[_-]?key|"
                          r"access[_-]?key|auth(?!or)|cookie|signature", re.I)
-# Keys that contain "token" and name a tokenizer's special tokens or token ids, never a credential. (Counts such as
-# batch_tokens are numbers, which are kept anyway.)
-_NOT_SECRET_KEY = re.compile(r"^(pad|bos|eos|unk|sep|cls|mask)_token$|special_tokens?|token_ids?$|token_type", re.I)
+# Keys that contain "token" and name vocabulary items, never a credential: a tokenizer's special tokens, token ids,
+# and plurals (reward_tokens: ["+", "-"], tokens_per_second). A credential is one value under a singular name.
+_NOT_SECRET_KEY = re.compile(r"^(pad|bos|eos|unk|sep|cls|mask)_token$|special_tokens?|tokens?_ids?$|token_type|"
+                             r"tokens(_|$)", re.I)
 # Query parameters that carry credentials beyond the secret key names: signed-URL signatures and keys.
 _SECRET_PARAMS = {"sig", "key", "code", "x-amz-signature", "x-amz-credential", "x-amz-security-token",
                   "x-goog-signature", "x-goog-credential"}

@@ -89,7 +89,7 @@ def test_redact_unit_values():
                 "client_secret", "api_key", "apiKey", "aws_secret_access_key", "private_key", "use_auth_token"):
         assert is_secret_key(key), key
     for key in ("tokenizer", "tokenization", "pad_token", "bos_token_id", "additional_special_tokens", "author",
-                "cache_key", "step_separator", "max_length"):
+                "cache_key", "step_separator", "max_length", "reward_tokens", "tokens_per_second"):
         assert not is_secret_key(key), key
     assert mask("git+https://x-access-token:ghp_abc@github.com/o/r") == "git+https://***@github.com/o/r"
     assert mask("s3://b/k?X-Amz-Signature=abc&X-Amz-Credential=def&v=1") == "s3://b/k?X-Amz-Signature=***&X-Amz-Credential=***&v=1"
@@ -98,9 +98,9 @@ def test_redact_unit_values():
     assert mask("see https://huggingface.co/alice/prm?revision=main") == "see https://huggingface.co/alice/prm?revision=main"
     # Counts, flags and null under secret-sounding keys stay; strings and structures under them go.
     assert redact({"batch_tokens": 2048, "use_auth_token": True, "hub_token": None, "token": "tokvalue-9f8e7d",
-                   "credentials": {"user": "bob", "key": "k3y-k3y-k3y"}, "pad_token": "<pad>"}) == {
+                   "credentials": {"user": "bob", "key": "k3y-k3y-k3y"}, "pad_token": "<pad>", "reward_tokens": ["+", "-"]}) == {
         "batch_tokens": 2048, "use_auth_token": True, "hub_token": None, "token": "***",
-        "credentials": {"user": "***", "key": "***"}, "pad_token": "<pad>"}
+        "credentials": {"user": "***", "key": "***"}, "pad_token": "<pad>", "reward_tokens": ["+", "-"]}
     assert mask("later: tokvalue-9f8e7d and k3y-k3y-k3y") == "later: *** and ***"  # redacted values are remembered
 
 
