@@ -47,6 +47,7 @@ from prmkit.dataset import _hub_split, iter_records, read_step_rows, resolve_sou
 from prmkit.errors import DataError, PrmkitError, UsageError
 from prmkit.formats import Options
 from prmkit.outputs import OutputLock, refuse_inputs_inside
+from prmkit.redact import mask
 
 log = logging.getLogger("prmkit")
 
@@ -653,7 +654,9 @@ def write_outputs(result: EvalResult, out_dir: str | Path, plots: bool = True) -
         written = write_report(result.report, out_dir, plots=plots, raw=result.raw)
         if result.rejects:
             rejects_path = out_dir / REJECTS_FILE
-            _write_jsonl_atomic(rejects_path, result.rejects)
+            # The rows are the user's data, kept as they are; the source's name may be a URL with credentials.
+            _write_jsonl_atomic(rejects_path, [{**r, "source": mask(r["source"])} if isinstance(r.get("source"), str)
+                                               else r for r in result.rejects])
             written.append(rejects_path)
         keep = {p.name for p in written}
         for name in OWN_FILES - keep:
