@@ -19,7 +19,7 @@ from hub_server import HubServer
 from prmkit.cli.app import app
 from prmkit.modeling import write_metadata
 from push_fixtures import (  # noqa: F401 - fixtures register by being imported
-    PUSHED, REPO, TOKEN, _assert_one_line_error, _loopback_only, _metadata, base_model_dir_fixture, hub_fixture,
+    FIGURES, PUSHED, REPO, TOKEN, _assert_one_line_error, _loopback_only, _metadata, base_model_dir_fixture, hub_fixture,
     model_dir_fixture, push,
 )
 
@@ -107,7 +107,7 @@ def test_redact_unit_values():
 def test_every_saved_config_and_metadata_is_redacted(tmp_path):
     """prmkit_config.yaml (dump_config), prmkit.json (write_metadata), report.json and score state are redacted."""
     from prmkit.config import dump_config, load_config
-    from prmkit.report import write_report
+    from prmkit.report import make_report, write_report
     from prmkit.run_dir import run_identity
     from prmkit.scoring.job import _write_state
 
@@ -123,7 +123,7 @@ def test_every_saved_config_and_metadata_is_redacted(tmp_path):
 
     write_metadata(tmp_path, {"base_model": url, "training": {"hub_token": "hf_SavedSecretToken12345"},
                               "notes": {"api_secret": "topsecretvalue"}})
-    write_report({"model": url, "threshold": 0.5, "subsets": {}, "mean_f1": None}, tmp_path / "eval", plots=False)
+    write_report(make_report({url: {**FIGURES, "model": url}}), tmp_path / "eval", plots=False)
     _write_state(tmp_path / "state.json", {"input_spec": url + "?sig=abcdef", "model": {"name": url}})
     for path in (tmp_path / "prmkit.json", tmp_path / "eval" / "report.json", tmp_path / "eval" / "report.md",
                  tmp_path / "state.json"):
@@ -238,6 +238,7 @@ def _env(server: HubServer, tmp_path: Path) -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow
 def test_token_masked_in_debug_traceback(model_dir, tmp_path):
     """The Hub quotes the token back in its error; --debug shows the traceback, with the token masked."""
     with HubServer(token=TOKEN, user="alice") as server:
