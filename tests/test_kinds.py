@@ -440,6 +440,7 @@ def test_lm_tag_training_with_lora_merges_and_scores(tmp_path, tiny_qwen2_config
                       **{"train.lora": lora, "train.lora_merge": False})
 
 
+@pytest.mark.slow
 def test_lm_tag_training_refuses_a_step_containing_the_tag(tmp_path, tiny_qwen2_config_dir):
     rows = tmp_path / "bad.jsonl"
     rows.write_text(json.dumps({"prompt": "q", "completions": ["a", "b ки c"], "labels": [True, False]}) + "\n")
@@ -466,3 +467,32 @@ def test_prepare_lm_tag_puts_labels_at_the_tags(tmp_path, train_tokenizer_dir):
     labelled = [(i, v) for i, v in enumerate(row["labels"]) if v != -100]
     assert [row["input_ids"][i] for i, _ in labelled] == [tag, tag]
     assert [v for _, v in labelled] == [1.0, 0.25]
+
+
+@pytest.mark.slow
+def test_push_plans_an_lm_tag_model_and_its_card_snippet_scores_as_prmkit(tmp_path, tiny_qwen2_config_dir):
+    import re
+    import shutil
+
+    from prmkit.hub import plan_push
+
+    from tests.conftest import write_train_rows
+
+    rows = write_train_rows(tmp_path / "train.jsonl", n=8)
+    _, out = _train_lm_tag(tmp_path, tiny_qwen2_config_dir, rows, out="pushme", **{"train.max_steps": 2})
+    plan = plan_push(out, "me/lm-prm", license="mit")
+    names = {f.path for f in plan.files}
+    assert {"model.safetensors", "config.json", "prmkit.json", "README.md"} <= names
+    assert "pipeline_tag: text-generation" in plan.card and "lm-tag" in plan.card
+    # The card's transformers code, run against the local copy, gives prmkit's scores.
+    code = re.search(r"### transformers\n\n.*?```python\n(.*?)```", plan.card, re.S).group(1)
+    ns: dict = {}
+    exec(code.replace('"me/lm-prm"', repr(str(out))).replace("print(step_scores)", ""), ns)
+    want = _scorer(out).score(ns["prompt"], ns["steps"])
+    assert ns["step_scores"] == pytest.approx(want, abs=1e-6)
+    # An unfinished training output (no prmkit.json yet) is refused, as score and eval refuse it.
+    half = tmp_path / "half"
+    shutil.copytree(out, half)
+    (half / "prmkit.json").unlink()
+    with pytest.raises(UsageError, match="did not finish"):
+        plan_push(half, "me/lm-prm")

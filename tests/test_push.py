@@ -224,6 +224,8 @@ def test_existing_readme_kept_unless_overwrite_card(hub, model_dir):
 def test_eval_report_option_and_missing_prmkit_json(hub, model_dir, tmp_path):
     (model_dir / "report.json").unlink()
     (model_dir / "prmkit.json").unlink()
+    # A model trained elsewhere (TRL) has neither file; prmkit_config.yaml alone means an unfinished prmkit run.
+    (model_dir / "prmkit_config.yaml").unlink(missing_ok=True)
     other = tmp_path / "elsewhere.json"
     other.write_text(json.dumps(make_report({"runs/tiny": {**FIGURES, "mean_f1": 0.777}})))
     result = push(str(model_dir), "--repo-id", REPO, "--eval-report", str(other))

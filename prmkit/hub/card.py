@@ -174,7 +174,36 @@ step_scores = logits[positions].softmax(dim=-1)[:, 1].tolist()  # p(step is corr
 print(step_scores)
 '''
 
+LM_TAG_SNIPPET = '''\
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+repo = "{repo_id}"
+tokenizer = AutoTokenizer.from_pretrained(repo)
+model = AutoModelForCausalLM.from_pretrained(repo).eval()
+tag, good, bad = {tag}, {good}, {bad}  # prmkit.json: kind.step_tag, kind.reward_tokens
+
+prompt = "Tom has 3 apples and buys 2 more. How many apples does he have?"
+steps = ["Tom starts with 3 apples.", "He buys 2 more, so 3 + 2 = 5.", "The answer is 5."]
+
+# As in training: "{{prompt}} {{step 1}} {{tag}}\\n{{step 2}} {{tag}}...", tokenized as one text; each step is scored
+# at its tag, by the LM's logits for the two reward tokens.
+input_ids = tokenizer(prompt + " " + "\\n".join(f"{{step}} {{tag}}" for step in steps), return_tensors="pt").input_ids
+reward_ids = tokenizer.encode(f"{{good}} {{bad}}", add_special_tokens=False)  # [good, bad]
+tag_id = tokenizer.encode(tag, add_special_tokens=False)[-1]
+with torch.no_grad():
+    logits = model(input_ids=input_ids).logits[0][:, reward_ids]
+step_scores = logits.softmax(dim=-1)[:, 0][input_ids[0] == tag_id].tolist()  # p(step is correct)
+print(step_scores)
+'''
+
 PRMKIT_CLI_USAGE = "prmkit score {repo_id} solutions.jsonl -o scored.jsonl"
+
+
+def lm_tag_snippet(repo_id: str, kind: dict) -> str:
+    """Plain-transformers scoring code for an lm-tag PRM, reading each step where ``prmkit.kinds`` does."""
+    good, bad = kind.get("reward_tokens") or ["+", "-"]
+    return LM_TAG_SNIPPET.format(repo_id=repo_id, tag=repr(kind.get("step_tag", "ки")), good=repr(good), bad=repr(bad))
 
 
 def transformers_snippet(repo_id: str, separator: str, adapter: bool = False) -> str:
@@ -310,9 +339,11 @@ def build_card(repo_id: str, metadata: dict | None, report: dict | None = None, 
                        if (h := hub_id(s))})
 
     eval_lines, eval_results = _eval_section(report, report_path) if report else ([], [])
+    kind_info = meta.get("kind") if isinstance(meta.get("kind"), dict) else {}
+    lm_tag = kind_info.get("kind") == "lm-tag"
     card_data = ModelCardData(
         library_name="peft" if adapter_config is not None else "transformers",
-        pipeline_tag="token-classification",
+        pipeline_tag="text-generation" if lm_tag else "token-classification",
         tags=list(TAGS),
         base_model=base_id,
         datasets=datasets or None,
@@ -325,8 +356,14 @@ def build_card(repo_id: str, metadata: dict | None, report: dict | None = None, 
     lines = [f"# {repo_id.split('/')[-1]}", ""]
     intro = f"{kind}, trained with prmkit"
     intro += f" from {_describe_model(base)}." if base and not random_init else "."
+    if lm_tag:
+        good, bad = kind_info.get("reward_tokens") or ["+", "-"]
+        where = (f"a causal LM's softmax over the reward tokens `{good}`/`{bad}` at the tag "
+                 f"`{kind_info.get('step_tag')}` that follows each step (prmkit's `lm-tag` kind)")
+    else:
+        where = "`softmax(logits)[..., 1]` (`LABEL_1`) at the last token of the step's separator"
     lines += [intro + " Given a problem and a step-by-step solution it gives every step the probability that the step "
-              "is correct: `softmax(logits)[..., 1]` (`LABEL_1`) at the last token of the step's separator.", ""]
+              f"is correct: {where}.", ""]
     lines += eval_lines
 
     lines += ["## Usage", "", "### prmkit", "", "```bash", PRMKIT_CLI_USAGE.format(repo_id=repo_id), "```", "",
@@ -334,14 +371,20 @@ def build_card(repo_id: str, metadata: dict | None, report: dict | None = None, 
               f'scorer = StepScorer.from_pretrained("{repo_id}")',
               'scores = scorer.score("What is 2 + 3?", ["2 + 3 = 5.", "The answer is 5."])  # one p(correct) per step',
               "```", "",
-              "prmkit reads the separator and the tokenization parameters from `prmkit.json` in this repo.", "",
-              "### transformers", "",
-              f"The step separator is `{json.dumps(separator, ensure_ascii=False)}`. Tokenize the prompt and every step "
-              "separately and put the separator's tokens after each step, exactly as training did. Do not join "
-              "`prompt + separator + step + ...` into one string: BPE merges characters across the boundary (with "
-              "Qwen2, `.\\n` is a single token), so the separator's last token is not where the model learned to "
-              "score, and the scores are wrong without any error.", "",
-              "```python", transformers_snippet(repo_id, separator, adapter_config is not None).rstrip(), "```", ""]
+              "prmkit reads the separator and the tokenization parameters from `prmkit.json` in this repo.", ""]
+    if lm_tag:
+        lines += ["### transformers", "",
+                  "Follow each step with the tag and tokenize the whole text at once, as training did; read the two "
+                  "reward tokens' logits at every tag.", "",
+                  "```python", lm_tag_snippet(repo_id, kind_info).rstrip(), "```", ""]
+    else:
+        lines += ["### transformers", "",
+                  f"The step separator is `{json.dumps(separator, ensure_ascii=False)}`. Tokenize the prompt and every step "
+                  "separately and put the separator's tokens after each step, exactly as training did. Do not join "
+                  "`prompt + separator + step + ...` into one string: BPE merges characters across the boundary (with "
+                  "Qwen2, `.\\n` is a single token), so the separator's last token is not where the model learned to "
+                  "score, and the scores are wrong without any error.", "",
+                  "```python", transformers_snippet(repo_id, separator, adapter_config is not None).rstrip(), "```", ""]
     if tok.get("max_length"):
         lines += [f"Training truncated sequences to {tok['max_length']} tokens; keep solutions within that.", ""]
 

@@ -83,13 +83,15 @@ def trust_remote_code(model_dir: Path) -> bool:
         return False
 
 
-def check_model_loads(model_dir: Path, warnings: list[str]) -> None:
+def check_model_loads(model_dir: Path, warnings: list[str], causal_lm: bool = False) -> None:
     """Instantiate the model on the meta device from config.json and the checkpoint's headers.
 
     This runs transformers' own key matching (renames, tied weights, shapes) without reading a tensor, so it takes
-    about a second whatever the model's size.
+    about a second whatever the model's size. An lm-tag PRM (``causal_lm``) is the causal LM itself.
     """
-    from transformers import AutoConfig, AutoModelForTokenClassification
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForTokenClassification
+
+    auto = AutoModelForCausalLM if causal_lm else AutoModelForTokenClassification
 
     trust = trust_remote_code(model_dir)
     with _quiet_transformers():
@@ -97,13 +99,13 @@ def check_model_loads(model_dir: Path, warnings: list[str]) -> None:
             config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust)
         except (OSError, ValueError, KeyError) as e:
             raise UsageError(f"{model_dir / 'config.json'}: does not load: {first_line(e)}") from None
-        if getattr(config, "num_labels", 2) != 2:
+        if not causal_lm and getattr(config, "num_labels", 2) != 2:
             warnings.append(f"config.json has num_labels={config.num_labels}; a prmkit PRM has 2 (wrong, correct)")
         try:
-            _, info = AutoModelForTokenClassification.from_pretrained(
+            _, info = auto.from_pretrained(
                 model_dir, device_map="meta", output_loading_info=True, trust_remote_code=trust)
         except Exception as e:  # whatever stops it loading is the finding
-            raise UsageError(f"{model_dir}: the model does not load with AutoModelForTokenClassification: "
+            raise UsageError(f"{model_dir}: the model does not load with {auto.__name__}: "
                               f"{first_line(e)}") from None
     problems = [("missing", sorted(info.get("missing_keys") or [])),
                 ("with the wrong shape", sorted(str(k) for k in info.get("mismatched_keys") or []))]

@@ -105,6 +105,10 @@ def plan_push(
             metadata = json.loads(read_text_capped(inside(model_dir / PRMKIT_JSON, model_dir)))
         except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
             raise UsageError(f"{model_dir / PRMKIT_JSON}: not valid JSON ({e})") from None
+    if metadata is None and (model_dir / CONFIG_YAML).is_file():
+        # prmkit writes prmkit.json last: a training output without it is unfinished (killed, or still running).
+        raise UsageError(f"{model_dir}: holds a prmkit training run that did not finish (no {PRMKIT_JSON})",
+                         hint="push a finished model: let the run finish, or `prmkit train --resume` it")
     files, skipped, tok_dir, adapter_dir = select_files(model_dir, adapter, allow_pickle, metadata, warnings)
     if metadata is None and not (adapter_dir and (adapter_dir / PRMKIT_JSON).is_file()):
         warnings.append(f"no {PRMKIT_JSON}: the card cannot state the step separator and scorers will assume '\\n'")
@@ -114,7 +118,8 @@ def plan_push(
         adapter_config = check_adapter(adapter_dir, warnings)
     else:
         check_weights(model_dir, files)
-        check_model_loads(model_dir, warnings)
+        kind = (metadata or {}).get("kind") or {}
+        check_model_loads(model_dir, warnings, causal_lm=isinstance(kind, dict) and kind.get("kind") == "lm-tag")
     check_tokenizer(tok_dir, {p.name for p in tok_dir.iterdir()}, trust_remote_code(model_dir))
 
     report, report_path = load_eval_report(model_dir, eval_report, repo_id)
