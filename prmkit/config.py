@@ -519,12 +519,12 @@ def _coerce_training_argument(value: Any, fld: Any, key: str, origin: str) -> An
             return int(value) if int in kinds and float not in kinds else float(value)
         except ValueError:
             raise ConfigError(f"{origin}: train.{key}: expected a number, got {value!r}") from None
-    if float in kinds and not isinstance(value, bool) and isinstance(value, int):
-        return float(value) if int not in kinds else value
     if kinds == {int} and isinstance(value, float):
         if not value.is_integer():
             raise ConfigError(f"{origin}: train.{key}: expected an integer, got {value!r}")
         return int(value)
+    # An integer stays one where the field takes a float (num_train_epochs: 1): TrainingArguments takes it as it is,
+    # and `config show` then prints what the user wrote.
     return value
 
 
@@ -559,8 +559,22 @@ def render_template() -> str:
     return "\n".join(lines)
 
 
+class _Dumper(yaml.SafeDumper):
+    """Writes a string holding a line break, tab or other control character double-quoted with escapes ("\\n"), so
+    a separator stays one readable line instead of a quoted string spanning lines."""
+
+
+def _represent_str(dumper: yaml.SafeDumper, text: str) -> yaml.Node:
+    style = '"' if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text) else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", text, style=style)
+
+
+_Dumper.add_representer(str, _represent_str)
+
+
 def _yaml_value(value: Any) -> str:
-    return yaml.safe_dump(value, default_flow_style=True, allow_unicode=False).strip().removesuffix("...").strip()
+    text = yaml.dump(value, Dumper=_Dumper, default_flow_style=True, allow_unicode=False, width=1 << 16)
+    return text.strip().removesuffix("...").strip()
 
 
 def _field_docs(cls: type) -> dict[str, str]:
@@ -583,4 +597,4 @@ def _field_docs(cls: type) -> dict[str, str]:
 
 def dump_config(cfg: Config) -> str:
     """The resolved config as YAML, secrets redacted: what prmkit_config.yaml holds and `config show` prints."""
-    return yaml.safe_dump(redact(cfg.to_dict()), sort_keys=False, allow_unicode=True)
+    return yaml.dump(redact(cfg.to_dict()), Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=1 << 16)

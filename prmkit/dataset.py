@@ -19,7 +19,8 @@ from typing import Any, Callable, Iterator
 from prmkit import __version__
 from prmkit.atomic import TEMP_SUFFIX, check_manifest, manifest, remove_leftovers, remove_path, temp_prefix
 from prmkit.errors import DataError, UsageError
-from prmkit.formats import Options, RowError, convert, detect_format
+from prmkit.formats import Options, RowError, check_format, convert, detect_format
+from prmkit.jsonio import dumps, nonfinite_field
 from prmkit.outputs import refuse_inputs_inside
 from prmkit.redact import mask, redact
 from prmkit.tokenization import (
@@ -59,6 +60,11 @@ class Source:
 
 
 def resolve_source(spec: str) -> Source:
+    if spec == "-":
+        # prepare, train and eval read a source more than once (fingerprint, rows, extras), and a launched training
+        # run's processes share no stdin: only `prmkit score` streams it.
+        raise DataError("-: reading data from stdin works only for `prmkit score`",
+                        hint="save it to a file first (e.g. `... > rows.jsonl`) and pass that path")
     path = Path(spec).expanduser()
     if path.is_dir():
         if (path / "dataset_info.json").exists() or (path / "state.json").exists() or (path / "dataset_dict.json").exists():
@@ -71,6 +77,9 @@ def resolve_source(spec: str) -> Source:
         if path.stat().st_size == 0:
             raise DataError(f"{spec}: the file is empty")
         kind = "jsonl" if suffix == ".jsonl" else suffix[1:]
+        if kind != "parquet":
+            with open(path, "rb") as fh:
+                check_encoding(fh.read(4), spec)
         return Source(spec, kind, path, unit="line" if kind == "jsonl" else "row")
     if path.exists():
         raise DataError(f"{spec}: unsupported file type {suffix or '(none)'}", hint="use .jsonl, .json, .parquet or .csv")
@@ -83,10 +92,85 @@ def resolve_source(spec: str) -> Source:
     return Source(spec, "hub")
 
 
-def iter_records(source: Source) -> Iterator[tuple[int, Any, str | None]]:
-    """Yield (1-based row or line number, record, problem). A record that cannot be parsed has a problem instead."""
+UTF8_BOM = b"\xef\xbb\xbf"
+_OTHER_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32LE"), (b"\x00\x00\xfe\xff", "UTF-32BE"), (b"\xff\xfe", "UTF-16LE"),
+               (b"\xfe\xff", "UTF-16BE"))
+
+
+def check_encoding(head: bytes, name: str) -> None:
+    """Refuse text that is UTF-16 or UTF-32 (told by its first bytes) with the encoding named; UTF-8 passes.
+
+    Line numbers, byte offsets for resuming and the rejects file all assume UTF-8, so such a file is converted once
+    by the user rather than decoded here.
+    """
+    found = next((enc for bom, enc in _OTHER_BOMS if head.startswith(bom)), None)
+    if found is None and len(head) == 4:
+        # JSON and CSV start with an ASCII character; without a byte-order mark, zeros beside it tell the encoding.
+        zeros = tuple(b == 0 for b in head)
+        found = {(False, True, True, True): "UTF-32LE", (True, True, True, False): "UTF-32BE",
+                 (False, True, False, True): "UTF-16LE", (True, False, True, False): "UTF-16BE"}.get(zeros)
+    if found is not None:
+        raise DataError(f"{name}: the text is encoded in {found}, not UTF-8",
+                        hint=f"convert it once: iconv -f {found} -t UTF-8 IN > OUT (a leading byte-order mark is "
+                             "fine in UTF-8)")
+
+
+@dataclass
+class SourceRecord:
+    """One record as read: its 1-based line or row number, and the parsed record or the reason it has none.
+
+    ``raw`` is a JSONL line's text, kept so a rejects file can hold a line that JSON cannot write back (malformed, or
+    holding NaN) for fixing and replay; ``offset`` is the byte offset just after the line, for resuming with a seek.
+    """
+
+    number: int
+    record: Any
+    problem: str | None = None
+    raw: str | None = None
+    offset: int | None = None
+
+
+def parse_jsonl_line(raw: bytes) -> tuple[Any, str | None, str]:
+    """(record, problem, text) of one JSONL line. A UTF-8 byte-order mark and CRLF line ends are accepted."""
+    skip = len(UTF8_BOM) if raw.startswith(UTF8_BOM) else 0
+    nul = raw.find(b"\x00")
+    try:
+        text = raw[skip:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        problem = f"not UTF-8 ({e.reason} at byte {e.start + skip})"
+        text = raw[skip:].decode("utf-8", "backslashreplace")
+    else:
+        problem = None
+    if nul >= 0:
+        problem = f"a NUL byte at byte {nul}: not text (a binary or UTF-16 file?)"
+    text = text.rstrip("\r\n")
+    if problem is not None:
+        return None, problem, text
+    try:
+        return json.loads(text), None, text
+    except json.JSONDecodeError as e:
+        return None, f"malformed JSON ({e.msg} at column {e.colno})", text
+
+
+def read_jsonl(fh, name: str, number: int = 0, offset: int = 0) -> Iterator[SourceRecord]:
+    """Records of a binary JSONL stream (a file, or stdin), numbered after ``number``; blank lines are skipped."""
+    for raw in fh:
+        if offset == 0:
+            check_encoding(raw[:4], name)
+        number += 1
+        offset += len(raw)
+        if not raw.strip() or raw.strip() == UTF8_BOM:
+            continue
+        record, problem, text = parse_jsonl_line(raw)
+        yield SourceRecord(number, record, problem, text, offset)
+
+
+def iter_records(source: Source) -> Iterator[SourceRecord]:
+    """Every record of a source, in order. A record that cannot be parsed has a problem instead."""
     if source.kind == "jsonl":
-        yield from _iter_jsonl(source)
+        assert source.path is not None
+        with open(source.path, "rb") as fh:
+            yield from read_jsonl(fh, source.spec)
     elif source.kind == "json":
         yield from _iter_json(source)
     else:
@@ -96,48 +180,43 @@ def iter_records(source: Source) -> Iterator[tuple[int, Any, str | None]]:
             keys = list(batch)
             for values in zip(*(batch[k] for k in keys)):
                 number += 1
-                yield number, dict(zip(keys, values)), None
+                yield SourceRecord(number, dict(zip(keys, values)))
 
 
-def _iter_jsonl(source: Source) -> Iterator[tuple[int, Any, str | None]]:
+def _iter_json(source: Source) -> Iterator[SourceRecord]:
     assert source.path is not None
-    with open(source.path, "rb") as fh:
-        for number, raw in enumerate(fh, start=1):
-            if not raw.strip():
-                continue
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield number, None, f"not UTF-8 ({e.reason} at byte {e.start})"
-                continue
-            try:
-                yield number, json.loads(text), None
-            except json.JSONDecodeError as e:
-                yield number, None, f"malformed JSON ({e.msg} at column {e.colno})"
-
-
-def _iter_json(source: Source) -> Iterator[tuple[int, Any, str | None]]:
-    assert source.path is not None
+    raw = source.path.read_bytes()
+    skip = len(UTF8_BOM) if raw.startswith(UTF8_BOM) else 0
     try:
-        data = json.loads(source.path.read_bytes().decode("utf-8"))
+        data = json.loads(raw[skip:].decode("utf-8"))
     except UnicodeDecodeError as e:
-        raise DataError(f"{source.spec}: not UTF-8 ({e.reason} at byte {e.start})") from None
+        raise DataError(f"{source.spec}: not UTF-8 ({e.reason} at byte {e.start + skip})") from None
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":
             raise DataError(f"{source.spec}: line {e.lineno}: malformed JSON (extra data; is it JSON Lines? name it .jsonl)") from None
         raise DataError(f"{source.spec}: line {e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+    expected = "expected a JSON array of rows (objects), or an object holding one such array"
     if isinstance(data, dict):
         # {"data": [...]} or {"train": [...]} wrappers, as datasets' json loader's `field` would take them.
-        lists = [v for v in data.values() if isinstance(v, list)]
+        lists = [k for k, v in data.items() if isinstance(v, list) and v and isinstance(v[0], dict)]
         if len(lists) != 1:
-            raise DataError(f"{source.spec}: expected a JSON array of rows (or an object holding one array)")
-        data = lists[0]
+            found = (f"one object with keys {sorted(data)}" if not lists
+                     else f"an object with several arrays of rows ({', '.join(sorted(lists))})")
+            hint = ("a single row needs to be in an array: [{...}], or one object per line in a .jsonl file"
+                    if not lists else "keep one array of rows in the file")
+            raise DataError(f"{source.spec}: found {found}; {expected}", hint=hint)
+        data = data[lists[0]]
     if not isinstance(data, list):
-        raise DataError(f"{source.spec}: expected a JSON array of rows, got {type(data).__name__}")
+        raise DataError(f"{source.spec}: found a JSON {_json_kind(data)}; {expected}")
     if not data:
-        raise DataError(f"{source.spec}: no rows")
+        raise DataError(f"{source.spec}: no rows (an empty JSON array)")
     for number, record in enumerate(data, start=1):
-        yield number, record, None
+        yield SourceRecord(number, record)
+
+
+def _json_kind(value: Any) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}.get(
+        type(value), "null" if value is None else type(value).__name__)
 
 
 def _load_with_datasets(source: Source):
@@ -251,21 +330,20 @@ def read_step_rows(
     out = StepRows()
     records = iter_records(source)
     if fmt == "auto":
-        first = next(records, None)
-        if first is None:
-            raise DataError(f"{spec}: no rows")
-        keys = first[1].keys() if isinstance(first[1], dict) else []
-        fmt = detect_format(keys, spec)
-        log.info(f"{spec}: detected format {fmt} (columns {', '.join(sorted(keys))})")
-        records = _chain([first], records)
+        fmt, number, records = _detect(source, records)
+        origin = f"the format detected from {source.unit} {number}"
+    else:
+        origin = "the format given"
     report.format = fmt
     problems: list[str] = []
     soft_sum = 0.0
-    for number, record, problem in records:
+    for rec in records:
+        number, record = rec.number, rec.record
         report.rows_in += 1
         try:
-            if problem is not None:
-                raise RowError("row", problem)
+            if rec.problem is not None:
+                raise RowError("row", rec.problem)
+            check_format(fmt, record, origin)
             rows = convert(fmt, record, opts)
         except RowError as e:
             report.rows_rejected += 1
@@ -273,7 +351,7 @@ def read_step_rows(
             if len(problems) < 1000:
                 problems.append(line)
             if rejects is not None:
-                rejects.append({"source": mask(spec), source.unit: number, "field": e.field, "reason": e.reason, "record": record})
+                rejects.append(reject_entry(spec, source.unit, rec, e.field, e.reason))
             continue
         for row in rows:
             out.prompts.append(row["prompt"])
@@ -311,6 +389,40 @@ def read_step_rows(
             "the model sees it inside a step as well as after it"
         )
     return out, report
+
+
+DETECT_SCAN = 100
+
+
+def _detect(source: Source, records: Iterator[SourceRecord]) -> tuple[str, int, Iterator[SourceRecord]]:
+    """The format, from the first record that is a JSON object (bad lines before it are left for the caller)."""
+    seen: list[SourceRecord] = []
+    for rec in records:
+        seen.append(rec)
+        if rec.problem is None and isinstance(rec.record, dict):
+            fmt = detect_format(rec.record.keys(), source.where(rec.number))
+            log.info(f"{source.spec}: detected format {fmt} from {source.unit} {rec.number} "
+                     f"(columns {', '.join(sorted(rec.record))})")
+            return fmt, rec.number, _chain(seen, records)
+        if len(seen) >= DETECT_SCAN:
+            break
+    if not seen:
+        raise DataError(f"{source.spec}: no rows")
+    raise DataError(
+        f"{source.spec}: cannot detect the data format: none of the first {len(seen)} {source.unit}s is a JSON object",
+        problems=[f"{source.where(r.number)}: {r.problem or 'a JSON ' + _json_kind(r.record) + ', expected an object'}"
+                  for r in seen],
+        hint="each row is one JSON object, e.g. {\"prompt\": ..., \"completions\": [...], \"labels\": [...]}",
+    )
+
+
+def reject_entry(spec: str, unit: str, rec: SourceRecord, field_name: str, reason: str) -> dict[str, Any]:
+    """A rejects-file line: where, why, the record, and the line's own text when the record cannot say it (a line
+    that could not be parsed has record null; NaN would be written as null)."""
+    entry = {"source": mask(spec), unit: rec.number, "field": field_name, "reason": reason, "record": rec.record}
+    if rec.raw is not None and (rec.problem is not None or nonfinite_field(rec.record) is not None):
+        entry["raw"] = rec.raw
+    return entry
 
 
 def _chain(first: list, rest: Iterator) -> Iterator:
@@ -640,9 +752,9 @@ def _write_into(tmp: Path, dsd, metadata: dict, rejects: list[dict]) -> None:
     if rejects:
         with open(tmp / REJECTS_FILE, "w", encoding="utf-8") as fh:
             for r in rejects:
-                fh.write(json.dumps(r, ensure_ascii=False, default=str) + "\n")
+                fh.write(dumps(r) + "\n")
     metadata["files"] = manifest(tmp, exclude=(METADATA_FILE,))
-    (tmp / METADATA_FILE).write_text(json.dumps(redact(metadata), indent=2, ensure_ascii=False), encoding="utf-8")
+    (tmp / METADATA_FILE).write_text(dumps(redact(metadata), indent=2), encoding="utf-8")
 
 
 def _swap_in(tmp: Path, target: Path) -> None:

@@ -46,6 +46,7 @@ from prmkit.atomic import write_atomic
 from prmkit.dataset import _hub_split, iter_records, read_step_rows, resolve_source
 from prmkit.errors import DataError, PrmkitError, UsageError
 from prmkit.formats import Options
+from prmkit.jsonio import dumps
 from prmkit.outputs import OutputLock, refuse_inputs_inside
 from prmkit.redact import mask
 
@@ -165,7 +166,8 @@ def _read_extras(
     source = resolve_source(spec)
     out: dict[int, tuple[bool | None, str | None]] = {}
     problems: list[str] = []
-    for number, record, _problem in iter_records(source):
+    for rec in iter_records(source):
+        number, record = rec.number, rec.record
         if number not in numbers or not isinstance(record, dict):
             continue
         fac = record.get("final_answer_correct")
@@ -635,7 +637,7 @@ def check_plotting() -> None:
 
 
 def _write_jsonl_atomic(path: Path, records: Sequence[Mapping[str, Any]]) -> None:
-    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in records))
+    write_atomic(path, "".join(dumps(r) + "\n" for r in records))
 
 
 def write_outputs(result: EvalResult, out_dir: str | Path, plots: bool = True) -> list[Path]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from prmkit.errors import DataError
-from prmkit.tokenization import normalize_label
+from prmkit.tokenization import normalize_label, text_problem
 
 FORMAT_NAMES = ("stepwise", "math-shepherd", "prm800k", "processbench")
 
@@ -87,6 +87,20 @@ def detect_format(columns: Iterable[str], source: str) -> str:
     return matches[0]
 
 
+def check_format(fmt: str, record: Any, origin: str, signatures: dict[str, tuple[str, ...]] = SIGNATURES) -> None:
+    """Raise RowError when ``record`` lacks a column of ``fmt`` but has every column of one other format.
+
+    ``origin`` says where ``fmt`` came from ("the format detected from line 1"), so a file that mixes formats is
+    named as such rather than reported as a row with a missing field.
+    """
+    if not isinstance(record, dict) or fmt not in signatures or set(signatures[fmt]) <= record.keys():
+        return
+    others = [name for name, sig in signatures.items() if name != fmt and set(sig) <= record.keys()]
+    if len(others) == 1:
+        cols = ", ".join(sorted(record))
+        raise RowError("row", f"a {others[0]} row (columns {cols}), but {origin} is {fmt}; one source holds one format")
+
+
 def convert(fmt: str, record: dict[str, Any], opts: Options) -> list[dict[str, Any]]:
     """Convert one source record into zero or more validated stepwise rows."""
     if not isinstance(record, dict):
@@ -109,15 +123,16 @@ def validate(row: dict[str, Any], label_threshold: float | None = None, allow_un
     prompt = row.get("prompt")
     if not isinstance(prompt, str):
         raise RowError("prompt", f"expected a string, got {_kind(prompt)}")
+    _check_text("prompt", prompt)
     steps = row.get("completions")
-    if not isinstance(steps, list) or not steps:
-        raise RowError("completions", "expected a non-empty list of strings" + ("" if isinstance(steps, list) else f", got {_kind(steps)}"))
+    _check_steps("completions", steps)
     for i, step in enumerate(steps):
         if not isinstance(step, str):
             raise RowError(f"completions[{i}]", f"expected a string, got {_kind(step)}")
         if not step.strip():
             # A whitespace-only step says nothing, just as an empty one: its label would sit on the separator alone.
             raise RowError(f"completions[{i}]", "empty step" + (" (whitespace only)" if step else ""))
+        _check_text(f"completions[{i}]", step)
     labels = row.get("labels")
     if not isinstance(labels, list):
         raise RowError("labels", f"expected a list, got {_kind(labels)}")
@@ -142,6 +157,19 @@ def validate(row: dict[str, Any], label_threshold: float | None = None, allow_un
 
 def _kind(value: Any) -> str:
     return "null" if value is None else type(value).__name__
+
+
+def _check_steps(name: str, steps: Any) -> None:
+    if not isinstance(steps, list):
+        raise RowError(name, f"expected a non-empty list of strings, got {_kind(steps)}")
+    if not steps:
+        raise RowError(name, "empty: expected a non-empty list of strings")
+
+
+def _check_text(name: str, text: str) -> None:
+    problem = text_problem(text)
+    if problem is not None:
+        raise RowError(name, problem)
 
 
 def _stepwise(record: dict) -> dict:
@@ -250,8 +278,7 @@ def _prm800k(record: dict, neutral: str) -> list[dict]:
 
 def _processbench(record: dict, is_eval: bool) -> dict:
     problem, steps, label = record.get("problem"), record.get("steps"), record.get("label")
-    if not isinstance(steps, list) or not steps:
-        raise RowError("steps", f"expected a non-empty list of strings, got {_kind(steps)}")
+    _check_steps("steps", steps)
     if not isinstance(label, int) or isinstance(label, bool) or not -1 <= label < len(steps):
         raise RowError("label", f"expected -1 or a step index below {len(steps)}, got {label!r}")
     if label == -1:

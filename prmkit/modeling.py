@@ -20,6 +20,7 @@ from typing import Any
 from prmkit import __version__
 from prmkit.atomic import read_json, write_atomic
 from prmkit.errors import UsageError
+from prmkit.jsonio import dumps
 from prmkit.redact import redact
 from prmkit.tokenization import TokenizationParams
 
@@ -60,7 +61,7 @@ def build_metadata(
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Metadata as JSON, secrets redacted (prmkit.redact): nothing prmkit saves holds a token or password."""
-    write_atomic(path, json.dumps(redact(obj), indent=2, ensure_ascii=False) + "\n")
+    write_atomic(path, dumps(redact(obj), indent=2) + "\n")
 
 
 def write_metadata(model_dir: str | Path, metadata: dict[str, Any]) -> Path:

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 from prmkit.atomic import write_atomic
 from prmkit.redact import mask, redact
 from prmkit.errors import PrmkitError
+from prmkit.jsonio import dumps, finite
 from prmkit.metrics import AGGREGATES
 
 if TYPE_CHECKING:
@@ -595,22 +596,6 @@ def rich_tables(report: Mapping[str, Any]) -> list[Table]:
 # files
 
 
-def _jsonable(obj: Any) -> Any:
-    # Reports are built from numpy results; make sure nothing numpy-typed or
-    # NaN reaches json (NaN would produce invalid JSON).
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):
-        return _jsonable(obj.tolist())  # numpy scalar or array
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
 def _is_raw_leaf(value: Any) -> bool:
     return isinstance(value, Mapping) and "scores" in value and not isinstance(value["scores"], Mapping)
 
@@ -662,9 +647,9 @@ def write_report(
             raise MissingExtraError() from exc
     out_dir = Path(out_dir)
     raw_models = _raw_by_model(report, raw)  # validate before touching the disk
-    report = redact(_jsonable(report))  # a model or data spec may be a URL with credentials in it
+    report = redact(finite(report))  # a model or data spec may be a URL with credentials in it
     markdown = build_markdown(report)
-    payload = json.dumps(report, indent=2, allow_nan=False) + "\n"
+    payload = dumps(report, indent=2) + "\n"
 
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []

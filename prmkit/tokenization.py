@@ -163,7 +163,16 @@ class TextEncoder:
         if self._backend is None:
             return self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
         encode = self._encode_fast or self._backend.encode_batch
-        return [e.ids for e in encode(texts, add_special_tokens=False)]
+        try:
+            return [e.ids for e in encode(texts, add_special_tokens=False)]
+        except TypeError:
+            # Rows read by prmkit are checked before they get here; this names the text for direct library callers.
+            bad = next(((i, p) for i, t in enumerate(texts) if isinstance(t, str) and (p := text_problem(t))), None)
+            if bad is None:
+                raise
+            from prmkit.errors import DataError
+
+            raise DataError(f"cannot tokenize {texts[bad[0]][:40]!r}: {bad[1]}") from None
 
     def encode_pools(self, batches: Iterable[tuple[Any, Sequence[str]]], processes: int = 1) -> Iterator[tuple[Any, TokenPool]]:
         """Encode ``(tag, texts)`` batches in order, yielding ``(tag, pool)``; each distinct text once per batch.
@@ -599,6 +608,22 @@ def step_label_array(labels: Sequence[Sequence[int | float | None]]) -> np.ndarr
     """Every step's label in one float array, NaN for an unlabelled step."""
     flat = list(itertools.chain.from_iterable(labels))
     return np.fromiter((np.nan if v is None else v for v in flat), dtype=np.float64, count=len(flat))
+
+
+def text_problem(text: str) -> str | None:
+    """Why ``text`` cannot be tokenized as text, or None.
+
+    A lone surrogate (a JSON ``"\\ud800"`` escape without its pair) is not Unicode: it has no UTF-8 form, and the
+    Rust tokenizer refuses it. A NUL character is never text in step-labelled data, and C-based tools stop at it.
+    """
+    if "\0" in text:
+        return f"NUL character (U+0000) at character {text.index(chr(0))}: not text"
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return f"lone surrogate U+{ord(text[e.start]):04X} at character {e.start}: not valid Unicode"
+    return None
 
 
 def normalize_label(value: Any, label_threshold: float | None = None) -> int | float | None:

@@ -400,10 +400,15 @@ def train(
     import torch
     from accelerate import PartialState
 
+    from prmkit.dataset import resolve_source
+
     cfg = resolve_config(cfg)
     if not torch.cuda.is_initialized():
         use_expandable_segments()  # the CLI did it already; a Python caller gets it here, before CUDA starts
     model_config = load_model_config(cfg.model)  # a missing or bidirectional model fails here, before any data work
+    for spec in (cfg.data.train, cfg.data.eval):
+        if spec:
+            resolve_source(spec)  # a missing, empty, UTF-16 or stdin source too, before the output directory is touched
     if resume is None:
         resume = cfg.training_arguments.get("resume_from_checkpoint") or None
     has_eval = bool(cfg.data.eval)

@@ -49,8 +49,10 @@ class Output:
     def result(self, data: dict[str, Any] | None = None, *renderables: Any) -> None:
         """Print a command's result: one JSON object with --json, else the rich renderables (or the data as text)."""
         if self.json_mode:
-            payload = json.loads(json.dumps(data if data is not None else {}, default=str))
-            sys.stdout.write(json.dumps(redact(payload), ensure_ascii=False) + "\n")
+            from prmkit.jsonio import dumps
+
+            payload = json.loads(dumps(data if data is not None else {}))  # plain types, so redact sees every string
+            sys.stdout.write(dumps(redact(payload)) + "\n")
             sys.stdout.flush()
             return
         console = _stdout()

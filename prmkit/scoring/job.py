@@ -21,10 +21,12 @@ from typing import Any, Callable, Iterator
 from prmkit import __version__
 from prmkit.atomic import remove_leftovers, write_atomic
 from prmkit.errors import DataError, PrmkitError, UsageError
-from prmkit.formats import Options, RowError, convert, detect_format, validate
+from prmkit.dataset import SourceRecord, reject_entry
+from prmkit.formats import SIGNATURES, Options, RowError, check_format, convert, detect_format, validate
+from prmkit.jsonio import dumps, dumps_record, nonfinite_field
 from prmkit.metrics import aggregate, first_error_index
 from prmkit.outputs import OutputLock, refuse_inputs_inside
-from prmkit.redact import mask, redact
+from prmkit.redact import redact
 from prmkit.scoring.engine import StepScorer, StepScores
 
 log = logging.getLogger("prmkit")
@@ -40,14 +42,6 @@ PARTIAL_SUFFIX = ".partial"
 REJECTS_SUFFIX = ".rejects.jsonl"
 BATCHES_SUFFIX = ".prmkit-batches"
 JOURNAL_SYNC_SECONDS = 1.0
-
-
-@dataclass
-class _Record:
-    number: int
-    record: Any
-    problem: str | None
-    offset: int | None  # byte offset just after this line (JSONL), for resuming with a seek
 
 
 class InputSource:
@@ -95,55 +89,40 @@ class InputSource:
                 last = block[-1:]
         return n + (last != b"\n")
 
-    def records(self, after_line: int = 0, after_offset: int | None = None) -> Iterator[_Record]:
-        if self.source.kind != "jsonl":
-            from prmkit.dataset import iter_records
+    def records(self, after_line: int = 0, after_offset: int | None = None) -> Iterator[SourceRecord]:
+        from prmkit.dataset import iter_records, read_jsonl
 
-            for number, record, problem in iter_records(self.source):
-                if number > after_line:
-                    yield _Record(number, record, problem, None)
+        if self.source.kind != "jsonl":
+            for rec in iter_records(self.source):
+                if rec.number > after_line:
+                    yield rec
             return
         if self.stdin:
             import sys
 
-            yield from _jsonl_lines(sys.stdin.buffer, 0, 0)
+            yield from read_jsonl(sys.stdin.buffer, self.name)
             return
         assert self.source.path is not None
         with open(self.source.path, "rb") as fh:
             if after_offset is not None:
                 fh.seek(after_offset)
-                yield from _jsonl_lines(fh, after_line, after_offset)
+                yield from read_jsonl(fh, self.name, after_line, after_offset)
             else:
-                for rec in _jsonl_lines(fh, 0, 0):
+                for rec in read_jsonl(fh, self.name):
                     if rec.number > after_line:
                         yield rec
 
 
-def _jsonl_lines(fh, number: int, offset: int) -> Iterator[_Record]:
-    # The same parsing and messages as prmkit.dataset's JSONL reader, plus the offset needed to resume with a seek.
-    for raw in fh:
-        number += 1
-        offset += len(raw)
-        if not raw.strip():
-            continue
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            yield _Record(number, None, f"not UTF-8 ({e.reason} at byte {e.start})", offset)
-            continue
-        try:
-            yield _Record(number, json.loads(text), None, offset)
-        except json.JSONDecodeError as e:
-            yield _Record(number, None, f"malformed JSON ({e.msg} at column {e.colno})", offset)
+# What each format needs to be scored: labels are optional, so stepwise needs only prompt + completions.
+SCORE_SIGNATURES = {**SIGNATURES, "stepwise": ("prompt", "completions"), "processbench": ("problem", "steps")}
 
 
 def detect_score_format(record: dict, source: str) -> str:
-    """The format of records to score: labels are optional, so stepwise needs only prompt + completions."""
+    """The format of records to score."""
     keys = set(record)
-    if {"prompt", "completions"} <= keys:
-        return "stepwise"
-    if {"problem", "steps"} <= keys:
-        return "processbench"
+    for fmt in SCORABLE:
+        if set(SCORE_SIGNATURES[fmt]) <= keys:
+            return fmt
     return detect_format(keys, source)
 
 
@@ -152,26 +131,37 @@ def rows_to_score(fmt: str, record: Any, unit: str, number: int, opts: Options) 
 
     Stepwise and ProcessBench records are scored as they are and written back whole; formats that need conversion
     (math-shepherd, prm800k) are written as their converted stepwise rows with the source line or row number.
+    Labels are optional, but when a record has them (not null) they are checked as `eval` checks them, and a record
+    holding a number that JSON cannot write (NaN, Infinity) is refused, since its line could not be written back.
     """
     if not isinstance(record, dict):
         raise RowError("row", f"expected a JSON object, got {'null' if record is None else type(record).__name__}")
-    if fmt in SCORABLE:
-        prompt_key, steps_key = ("prompt", "completions") if fmt == "stepwise" else ("problem", "steps")
-        for key in (prompt_key, steps_key):
-            if key not in record:
-                raise RowError(key, "missing")
-        steps = record[steps_key]
-        labels = [None] * len(steps) if isinstance(steps, list) else None
-        try:
-            row = validate({"prompt": record[prompt_key], "completions": steps, "labels": labels}, allow_unlabelled=True)
-        except RowError as e:
-            # Name the field as the record spells it.
-            name = {"prompt": prompt_key, "completions": steps_key}.get(e.field.split("[")[0], e.field.split("[")[0])
-            raise RowError(name + e.field[len(e.field.split("[")[0]):], e.reason) from None
-        return [(record, row["prompt"], row["completions"])]
-    rows = convert(fmt, record, opts)
-    return [({"prompt": r["prompt"], "completions": r["completions"], "labels": r["labels"], unit: number},
-             r["prompt"], r["completions"]) for r in rows]
+    if fmt not in SCORABLE:
+        rows = convert(fmt, record, opts)
+        return [({"prompt": r["prompt"], "completions": r["completions"], "labels": r["labels"], unit: number},
+                 r["prompt"], r["completions"]) for r in rows]
+    prompt_key, steps_key, labels_key = ("prompt", "completions", "labels") if fmt == "stepwise" else ("problem", "steps", "label")
+    for key in (prompt_key, steps_key):
+        if key not in record:
+            raise RowError(key, "missing")
+    prompt, steps, labels = record[prompt_key], record[steps_key], record.get(labels_key)
+    try:
+        if labels is None:
+            validate({"prompt": prompt, "completions": steps, "labels": [None] * len(steps) if isinstance(steps, list) else None},
+                     allow_unlabelled=True)
+        elif fmt == "stepwise":
+            validate({"prompt": prompt, "completions": steps, "labels": labels})
+        else:
+            convert("processbench", {"problem": prompt, "steps": steps, "label": labels}, opts)
+    except RowError as e:
+        # Name the field as the record spells it.
+        head = e.field.split("[")[0]
+        name = {"prompt": prompt_key, "completions": steps_key}.get(head, head)
+        raise RowError(name + e.field[len(head):], e.reason) from None
+    bad = nonfinite_field(record)
+    if bad is not None:
+        raise RowError(bad, "NaN or Infinity is not valid JSON, so the scored line could not be written")
+    return [(record, prompt, steps)]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -361,7 +351,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _write_state(path: Path, state: dict) -> None:
-    write_atomic(path, json.dumps(redact(state), indent=2, ensure_ascii=False) + "\n")
+    write_atomic(path, dumps(redact(state), indent=2) + "\n")
     _fsync_dir(path.parent)
 
 
@@ -510,6 +500,7 @@ def score_file(
     after_offset = plan.get("input_offset")
     summary.resumed_at_line = after_line or None
     fmt_used: str | None = plan.get("format_detected")
+    fmt_origin = "the format given" if fmt != "auto" else "the format detected when this output was started"
     out_fh = rej_fh = None
 
     def commit(line: int, offset: int | None, final: bool = False) -> None:
@@ -536,7 +527,7 @@ def score_file(
             "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         })
 
-    def write_reject(rec: _Record, field_name: str, reason: str) -> None:
+    def write_reject(rec: SourceRecord, field_name: str, reason: str) -> None:
         nonlocal rej_fh
         if paths is None:
             if on_reject is not None:
@@ -544,8 +535,7 @@ def score_file(
             return
         if rej_fh is None:
             rej_fh = open(paths["rejects_partial"], "wb")
-        entry = {"source": mask(src.name), src.unit: rec.number, "field": field_name, "reason": reason, "record": rec.record}
-        rej_fh.write((json.dumps(entry, ensure_ascii=False, default=str) + "\n").encode("utf-8"))
+        rej_fh.write((dumps(reject_entry(src.name, src.unit, rec, field_name, reason)) + "\n").encode("utf-8"))
 
     opts = Options(is_eval=True)
     lines_this_run = steps_this_run = 0
@@ -573,7 +563,7 @@ def score_file(
         exhausted = False
         while not exhausted:
             # One window of whole records, so a resumed run sees exactly the windows of an uninterrupted one.
-            pending: list[tuple[_Record, list[tuple[dict, str, list[str]]] | None, tuple[str, str] | None]] = []
+            pending: list[tuple[SourceRecord, list[tuple[dict, str, list[str]]] | None, tuple[str, str] | None]] = []
             n_rows = 0
             while n_rows < window_rows:
                 rec = next(records, None)
@@ -584,10 +574,13 @@ def score_file(
                 rows = None
                 if problem is None:
                     if fmt_used is None and isinstance(rec.record, dict):
-                        fmt_used = fmt if fmt != "auto" else detect_score_format(rec.record, src.name)
+                        fmt_used = fmt if fmt != "auto" else detect_score_format(rec.record, src.where(rec.number))
                         if fmt == "auto":
-                            log.info(f"{src.name}: scoring {fmt_used} records")
+                            fmt_origin = f"the format detected from {src.unit} {rec.number}"
+                            log.info(f"{src.name}: scoring {fmt_used} records (detected from {src.unit} {rec.number})")
                     try:
+                        if fmt_used is not None:
+                            check_format(fmt_used, rec.record, fmt_origin, SCORE_SIGNATURES)
                         rows = rows_to_score(fmt_used or "stepwise", rec.record, src.unit, rec.number, opts)
                     except RowError as e:
                         problem = (e.field, e.reason)
@@ -635,7 +628,7 @@ def score_file(
                     counts.steps_truncated += sum(s is None for s in res.scores)
                     counts.rows_truncated += bool(res.truncated)
                     if main:
-                        line = json.dumps(_scored_object(obj, res, threshold), ensure_ascii=False) + "\n"
+                        line = _scored_line(obj, res, threshold, src.where(rec.number))
                         out_fh.write(line if paths is None else line.encode("utf-8"))
             last_line, last_offset = pending[-1][0].number, pending[-1][0].offset
             if main:
@@ -646,9 +639,7 @@ def score_file(
                                  "steps_this_run": steps_this_run})
         summary.format = fmt_used or fmt
         if counts.lines_in == 0:
-            if paths is not None:
-                raise DataError(f"{src.name}: no lines to score")
-            log.warning(f"{src.name}: no lines to score")
+            raise DataError(f"{src.name}: no lines to score")
         if main:
             if paths is None:
                 out_fh.flush()
@@ -794,6 +785,14 @@ def _plan_output(paths: dict[str, Path], job: dict, src: InputSource, overwrite:
 
 
 PRMKIT_FIELDS = ("step_scores", "aggregates", "first_error", "truncated")
+
+
+def _scored_line(obj: dict, res: StepScores, threshold: float, where: str) -> str:
+    try:
+        return dumps_record(_scored_object(obj, res, threshold)) + "\n"
+    except ValueError:  # the record was checked before scoring, so only a score can be NaN
+        raise PrmkitError(f"{where}: the model gave a score that is not a number (NaN); stopped before writing it",
+                          hint="a float16 model can overflow: try --dtype float32 (or bfloat16)") from None
 
 
 def _scored_object(obj: dict, res: StepScores, threshold: float) -> dict:
