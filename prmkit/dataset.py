@@ -115,7 +115,7 @@ def check_encoding(head: bytes, name: str) -> None:
                              "fine in UTF-8)")
 
 
-@dataclass
+@dataclass(slots=True)
 class SourceRecord:
     """One record as read: its 1-based line or row number, and the parsed record or the reason it has none.
 
