@@ -17,6 +17,7 @@ import zipfile
 from pathlib import Path
 
 from prmkit.atomic import write_atomic
+from prmkit.jsonio import dumps
 
 MARKER = "prmkit_checkpoint.json"
 TRAINER_STATE = "trainer_state.json"
@@ -45,7 +46,7 @@ def mark_complete(path: str | Path) -> None:
         if item.is_file() and item.name != MARKER:
             _fsync(item)
             files[item.relative_to(path).as_posix()] = item.stat().st_size
-    write_atomic(path / MARKER, json.dumps({"format": 1, "files": files}, indent=1) + "\n")
+    write_atomic(path / MARKER, dumps({"format": 1, "files": files}, indent=1) + "\n")
     _fsync(path)
 
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from prmkit.atomic import TEMP_SUFFIX, check_manifest, manifest, read_json, remove_leftovers, remove_path, temp_prefix
 from prmkit.config import Config, _did_you_mean
 from prmkit.errors import ConfigError, UsageError
+from prmkit.jsonio import dumps
 
 if TYPE_CHECKING:  # pragma: no cover
     pass
@@ -142,7 +143,7 @@ def _cached_dir(target: Path, build: Callable[[], tuple[Any, ...]]) -> Path:
     try:
         for obj in objects:
             obj.save_pretrained(tmp)
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest(tmp), indent=2), encoding="utf-8")
+        (tmp / MANIFEST_FILE).write_text(dumps(manifest(tmp), indent=2), encoding="utf-8")
         try:
             tmp.rename(target)
         except OSError:  # another process (rank) built the same directory first; theirs is identical

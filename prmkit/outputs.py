@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterable
 
 from prmkit.errors import UsageError
+from prmkit.jsonio import dumps
 
 try:  # POSIX; elsewhere runs are not locked (and say so once)
     import fcntl
@@ -131,7 +132,7 @@ class OutputLock:
         info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                 "command": self.command}
         os.ftruncate(fd, 0)
-        os.write(fd, (json.dumps(info) + "\n").encode())
+        os.write(fd, (dumps(info) + "\n").encode())
         self._fd = fd
         return self
 

@@ -17,7 +17,6 @@ Everything here is callable from Python: ``train(load_config("cfg.yaml"))``.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -33,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from prmkit import __version__
 from prmkit.config import Config
 from prmkit.errors import ConfigError, PrmkitError, TrainingOutOfMemory, UsageError
+from prmkit.jsonio import dumps
 from prmkit.kernels import check_forward_untouched, liger_kernel_config, liger_supports, model_class_for, varlen_kernels_available
 from prmkit.memory import GIB, MemoryPlan, allocator_setting, device_budget, model_shape, oom_hint, plan_memory, size, use_expandable_segments
 from prmkit.modeling import (
@@ -666,7 +666,7 @@ def _write_debug_rows(meter: TokenMeter, rank: int) -> None:
     if not directory or meter.rows is None:
         return
     Path(directory).mkdir(parents=True, exist_ok=True)
-    (Path(directory) / f"rows-rank{rank}.json").write_text(json.dumps(meter.rows), encoding="utf-8")
+    (Path(directory) / f"rows-rank{rank}.json").write_text(dumps(meter.rows), encoding="utf-8")
 
 
 def _save_final(trainer: Any, cfg: Config, tokenizer: Any, prepared: Any, output_dir: Path, state: Any,

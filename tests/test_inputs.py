@@ -7,7 +7,6 @@ source, the line and the field, exit 2 and no traceback; prmkit writes only vali
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
