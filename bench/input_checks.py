@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -20,10 +21,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _data import make_rows, write_jsonl  # noqa: E402
-
-
-def median(values: list[float]) -> float:
-    return sorted(values)[len(values) // 2]
 
 
 def main() -> None:
@@ -58,10 +55,10 @@ def main() -> None:
     result = {
         "rows": args.rows,
         "steps": sum(len(r["completions"]) for r in make_rows(args.rows)),
-        "seconds_without_checks": round(median(off), 3),
-        "seconds_with_checks": round(median(on), 3),
-        "added_us_per_row": round((median(on) - median(off)) / args.rows * 1e6, 2),
-        "ratio": round(median(on) / median(off), 3),
+        "seconds_without_checks": round(statistics.median(off), 3),
+        "seconds_with_checks": round(statistics.median(on), 3),
+        "added_us_per_row": round((statistics.median(on) - statistics.median(off)) / args.rows * 1e6, 2),
+        "ratio": round(statistics.median(on) / statistics.median(off), 3),
         "all_without": [round(x, 3) for x in off],
         "all_with": [round(x, 3) for x in on],
         "machine": {"python": platform.python_version(), "platform": platform.platform(), "processor": platform.machine()},
