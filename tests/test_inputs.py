@@ -152,6 +152,7 @@ def test_a_raw_nul_byte_is_a_bad_line(tmp_path, train_tokenizer_dir):
     assert "rows.jsonl: line 2: row: a NUL byte at byte 13" in result.stderr
 
 
+@pytest.mark.slow
 def test_prepare_subprocess_bad_text_and_utf16(tmp_path, train_tokenizer_dir):
     cmd = [sys.executable, "-m", "prmkit", "prepare", "--tokenizer", str(train_tokenizer_dir), "-o", str(tmp_path / "o")]
     bad = write(tmp_path / "bad.jsonl", lines(GOOD[0], BAD_TEXT[0][0]))
@@ -183,6 +184,7 @@ def test_score_refuses_bad_labels_as_eval_does(tmp_path, prm_dir, line, field, r
     assert not (tmp_path / "out.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_score_subprocess_rejects_bad_labels_and_text_and_writes_valid_json(tmp_path, prm_dir):
     unlabelled = {"prompt": "What is 2 + 3?", "completions": ["2 + 3 = 5."], "labels": None, "id": "x\ud800"}
     records = [GOOD[0], *(line for line, _, _ in BAD_LABELS[:3]), BAD_LABELS[4][0], BAD_TEXT[0][0], unlabelled]
@@ -201,6 +203,11 @@ def test_score_subprocess_rejects_bad_labels_and_text_and_writes_valid_json(tmp_
     # A NaN cannot be written as JSON: the record says null there, and `raw` keeps the line as it was.
     assert rejects[1]["record"]["labels"] == [None] and rejects[1]["raw"] == BAD_LABELS[1][0]
     assert "raw" not in rejects[0]
+
+    # Empty stdin is an error (exit 2), as an empty file is.
+    proc = subprocess.run([sys.executable, "-m", "prmkit", "score", str(prm_dir), "-", "-o", "-"], input="",
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 2 and "<stdin>: no lines to score" in proc.stderr, proc.stderr
 
 
 def test_json_writers_never_write_nan(tmp_path):
@@ -257,9 +264,6 @@ def test_empty_stdin_is_an_error_like_an_empty_file(tmp_path, prm_dir):
     assert from_file.exit_code == from_stdin.exit_code == blank_stdin.exit_code == 2
     assert "empty.jsonl: the file is empty" in from_file.stderr
     assert "<stdin>: no lines to score" in from_stdin.stderr and from_stdin.stdout == ""
-    proc = subprocess.run([sys.executable, "-m", "prmkit", "score", str(prm_dir), "-", "-o", "-"], input="",
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert proc.returncode == 2 and "<stdin>: no lines to score" in proc.stderr, proc.stderr
 
 
 def test_stdin_is_refused_clearly_where_data_is_read_more_than_once(tmp_path, prm_dir, train_tokenizer_dir,
