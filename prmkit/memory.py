@@ -398,7 +398,7 @@ def plan_memory(
         reason = f"auto: {budget.source}, nothing to fit"
     elif off.total <= usable:
         enabled = False
-        reason = f"auto: fits without it ({size(off.total)} of {size(usable)} usable)"
+        reason = f"auto: fits without it, {size(off.total)} of {size(usable)} usable"
     else:
         enabled = True
         reason = f"auto: {size(off.total)} without it exceeds the usable {size(usable)}; {size(on.total)} with it"
