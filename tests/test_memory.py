@@ -382,3 +382,22 @@ def test_out_of_memory_is_one_message_and_keeps_the_last_checkpoint(tmp_path, ti
         assert fix in result.stderr, fix
     assert (out / "checkpoint-2" / "model.safetensors").is_file()
     assert not (out / "prmkit.json").exists()  # not a finished model
+
+
+def test_transformers_newer_name_counts_as_explicit_and_both_names_are_set(tmp_path):
+    from prmkit.config import load_config
+    from prmkit.training import build_training_arguments, requested_checkpointing, set_checkpointing
+
+    assert requested_checkpointing(load_config(None, [])) == "auto"
+    assert requested_checkpointing(load_config(None, ["train.gradient_checkpointing=false"])) is False
+    args = build_training_arguments(load_config(None, [f"train.output_dir={tmp_path}"]), has_eval=False)
+    set_checkpointing(args, True)
+    # The Trainer of transformers 5.17 reads gradient_checkpointing; later ones read activation_checkpointing.
+    assert args.gradient_checkpointing is True
+    assert getattr(args, "activation_checkpointing", True) is True
+    set_checkpointing(args, False)
+    assert args.gradient_checkpointing is False and getattr(args, "activation_checkpointing", False) is False
+    from prmkit.config import training_argument_fields
+
+    if "activation_checkpointing" in training_argument_fields():  # transformers 5.2x; 5.17 has only the old name
+        assert requested_checkpointing(load_config(None, ["train.activation_checkpointing=true"])) is True
