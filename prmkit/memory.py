@@ -332,7 +332,8 @@ def device_budget(explicit_gb: float | None = None, device: Any = None) -> Budge
     index = dev.index if dev.index is not None else torch.cuda.current_device()
     free, total = torch.cuda.mem_get_info(index)
     fraction = 1.0
-    getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    # Public since torch 2.8; the private getter it wraps is older.
+    getter = getattr(torch.cuda, "get_per_process_memory_fraction", None) or getattr(torch._C, "_cuda_getMemoryFraction", None)
     if getter is not None:
         fraction = float(getter(index))
     name = torch.cuda.get_device_name(index)
