@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import requires_shared
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,6 +25,7 @@ def _bench():
     return module
 
 
+@pytest.mark.slow
 def test_help_lists_the_modes():
     proc = subprocess.run([sys.executable, str(BENCH), "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -32,6 +35,7 @@ def test_help_lists_the_modes():
     assert bad.returncode == 2 and "unknown run 'prmkit-fastest'" in bad.stderr
 
 
+@pytest.mark.slow
 @requires_shared
 def test_dry_run_plans_the_h200_runs(tmp_path):
     proc = subprocess.run([sys.executable, str(BENCH), "--dry-run", "--rows", "96"], capture_output=True, text=True,

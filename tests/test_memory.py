@@ -75,6 +75,7 @@ runpy.run_module("prmkit", run_name="__main__")
 
 
 @pytest.mark.slow
+@pytest.mark.slow
 def test_cli_sets_the_allocator_before_torch_is_imported(tmp_path):
     """`python -m prmkit train` (also what `accelerate launch -m prmkit train` runs in each process): the variable is
     in the environment at the moment torch is first imported, so before CUDA can initialise."""
@@ -94,6 +95,7 @@ def test_cli_sets_the_allocator_before_torch_is_imported(tmp_path):
     assert json.loads(seen.read_text()) == {"env": "garbage_collection_threshold:0.6"}
 
 
+@pytest.mark.slow
 def test_num_processes_launches_children_with_the_allocator_setting(tmp_path, monkeypatch):
     import prmkit.cli.train_cmd as train_cmd
     from prmkit.cli.app import app
@@ -311,6 +313,7 @@ def _cfg(tmp_path: Path, model_dir: Path, **keys):
 
 
 @pytest.mark.slow
+@pytest.mark.slow
 def test_auto_checkpointing_follows_the_budget_and_is_recorded(tmp_path, tiny_qwen2_config_dir, caplog):
     from transformers import TrainerCallback
 
@@ -351,6 +354,7 @@ def test_auto_checkpointing_follows_the_budget_and_is_recorded(tmp_path, tiny_qw
     assert result.gradient_checkpointing is False and result.memory["reason"] == "auto: no CUDA device, nothing to fit"
 
 
+@pytest.mark.slow
 @pytest.mark.slow
 def test_out_of_memory_is_one_message_and_keeps_the_last_checkpoint(tmp_path, tiny_qwen2_config_dir, monkeypatch):
     from transformers import Trainer
