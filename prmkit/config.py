@@ -319,6 +319,10 @@ class Config:
     def tokenizer_name(self) -> str | None:
         return self.model.tokenizer or self.model.name_or_path
 
+    def kind_settings(self) -> dict[str, Any]:
+        """The PRM-kind keys the user chose (score/eval): unset ones leave what a model's prmkit.json records."""
+        return {k: v for k, v in self.model.kind_settings().items() if self.is_set(f"model.{k}")}
+
     def is_set(self, dotted: str) -> bool:
         """Whether the user chose this key: set explicitly, or (from Python) changed from its default."""
         if dotted in self.explicit:

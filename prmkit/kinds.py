@@ -81,6 +81,9 @@ class KindSettings:
         for source in (recorded or {}, explicit or {}):
             for key, value in source.items():
                 if key in cls.__dataclass_fields__ and value is not None and not (key == "kind" and value == "auto"):
+                    if source is explicit and key in merged and _same(merged[key]) != _same(value):
+                        log.warning(f"model.{key}: using {value!r}, not the {merged[key]!r} the model recorded "
+                                    "at training; its scores may not mean what they meant then")
                     merged[key] = value
         if "reward_tokens" in merged:
             tokens = merged["reward_tokens"]
@@ -88,6 +91,10 @@ class KindSettings:
                 raise UsageError(f"model.reward_tokens must be two non-empty strings (correct, wrong), got {tokens!r}")
             merged["reward_tokens"] = tuple(tokens)
         return cls(**merged)
+
+
+def _same(value: Any) -> Any:
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 # ---------------------------------------------------------------------------------------------------------------------

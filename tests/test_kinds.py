@@ -496,3 +496,26 @@ def test_push_plans_an_lm_tag_model_and_its_card_snippet_scores_as_prmkit(tmp_pa
     (half / "prmkit.json").unlink()
     with pytest.raises(UsageError, match="did not finish"):
         plan_push(half, "me/lm-prm")
+
+
+def test_recorded_kind_settings_win_over_defaults_and_an_explicit_change_warns(tmp_path, lm_tag_model, caplog):
+    import shutil
+
+    from prmkit.config import load_config
+
+    path = tmp_path / "recorded"
+    shutil.copytree(lm_tag_model[0], path)
+    (path / "prmkit.json").write_text(json.dumps({"kind": {"kind": "lm-tag", "step_tag": "ки", "reward_tokens": ["-", "+"]},
+                                                  "tokenization": {"max_length": 64}}))
+    # The CLI passes only the keys the user set: the default reward_tokens must not replace the recorded ones.
+    assert load_config(None, None, {}).kind_settings() == {}
+    assert load_config(None, ["model.reward_tokens=[\"+\", \"-\"]"], {}).kind_settings() == {"reward_tokens": ["+", "-"]}
+    recorded = _scorer(path)
+    assert recorded.kind_encoder.settings.reward_tokens == ("-", "+")
+    assert recorded.kind_encoder.max_length == 64  # the training limit prmkit.json records
+    from prmkit.kinds import reward_token_ids
+
+    assert recorded.kind_encoder.reward_ids == reward_token_ids(recorded.tokenizer, ("-", "+"), "lm-tag")
+    with caplog.at_level("WARNING", logger="prmkit"):
+        _scorer(path, reward_tokens=["+", "-"])
+    assert "model.reward_tokens: using ['+', '-'], not the ['-', '+'] the model recorded" in caplog.text

@@ -135,7 +135,7 @@ def evaluate(
                 trust_remote_code=cfg.model.trust_remote_code, allow_bidirectional=cfg.model.allow_bidirectional,
                 attn_implementation=cfg.model.attn_implementation, prm800k_neutral=cfg.data.prm800k_neutral,
                 label_threshold=cfg.data.label_threshold, skip_invalid=bool(skip_invalid), progress=progress,
-                kind_settings=cfg.model.kind_settings(),
+                kind_settings=cfg.kind_settings(),
                 tokenization=explicit_tokenization(cfg.data, cfg.is_set), tokenizer=cfg.model.tokenizer,
             )
         finally:

@@ -85,7 +85,7 @@ def score(
         device=sc.device, tokenization=explicit_tokenization(cfg.data, cfg.is_set), tokenizer=cfg.model.tokenizer,
         batch_tokens=sc.batch_tokens, sort_window=sc.sort_window, trust_remote_code=cfg.model.trust_remote_code,
         allow_bidirectional=cfg.model.allow_bidirectional, attn_implementation=cfg.model.attn_implementation,
-        kind_settings=cfg.model.kind_settings(),
+        kind_settings=cfg.kind_settings(),
     )
     main = scorer.is_main_process
     progress = _Progress(total=_total(input_) if main else None, enabled=main)

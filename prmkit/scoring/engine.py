@@ -201,6 +201,8 @@ class StepScorer:
             if attn_implementation:
                 load_kwargs["attn_implementation"] = attn_implementation
             max_length = kind_tokenization(name, kind, tokenization, step_separator)
+            if max_length is None and kind == kinds.LM_TAG:  # a prmkit-trained lm-tag model: its training limit
+                max_length = ((metadata or {}).get("tokenization") or {}).get("max_length")
             return kinds.scorer_for_kind(
                 cls, kind, name, load_tokenizer(tokenizer, trust_remote_code) if tokenizer else
                 kind_tokenizer or load_tokenizer(name, trust_remote_code), settings,
