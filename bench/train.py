@@ -63,7 +63,8 @@ json.dump({"train_loss": result.training_loss, "final_loss": losses[-1], "losses
 
 
 def run(cmd: list[str], env: dict) -> tuple[float, float, subprocess.CompletedProcess]:
-    """Wall seconds, peak RSS (MiB) of the process, and its output."""
+    """Wall seconds, peak RSS (MiB) of the process, and its output; ``run.cpu`` holds its CPU seconds (user + system,
+    children included), which a shared machine inflates far less than wall time."""
     start = time.perf_counter()
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err)
@@ -75,6 +76,7 @@ def run(cmd: list[str], env: dict) -> tuple[float, float, subprocess.CompletedPr
         done = subprocess.CompletedProcess(cmd, proc.returncode, out.read().decode(), err.read().decode())
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(cmd[:5])} failed:\n{done.stderr[-4000:]}")
+    run.cpu = usage.ru_utime + usage.ru_stime
     return elapsed, usage.ru_maxrss / 1024, done  # ru_maxrss is in KiB on Linux
 
 
@@ -114,7 +116,7 @@ def main() -> None:
         t, rss, _ = run([sys.executable, "-c", TRL_SCRIPT, str(data), str(model_dir), str(out), str(SEED),
                          str(LEARNING_RATE), str(BATCH_SIZE), str(LOGGING_STEPS),
                          "1" if args.trl_gradient_checkpointing else "0"], env)
-        runs["trl"].append({"seconds": t, "peak_rss_mib": rss, **json.loads((out / "bench.json").read_text())})
+        runs["trl"].append({"seconds": t, "cpu_seconds": run.cpu, "peak_rss_mib": rss, **json.loads((out / "bench.json").read_text())})
 
         out = work / f"prmkit{i}"
         t, rss, done = run([sys.executable, "-m", "prmkit", "train", "--model", str(model_dir), "--train", str(data),
@@ -125,7 +127,7 @@ def main() -> None:
                             "--set", "train.num_train_epochs=1", "--set", f"train.logging_steps={LOGGING_STEPS}",
                             "--set", "train.save_strategy=no"], env)
         summary = json.loads(done.stdout.strip().splitlines()[-1])
-        runs["prmkit"].append({"seconds": t, "peak_rss_mib": rss, "train_loss": summary["train_loss"],
+        runs["prmkit"].append({"seconds": t, "cpu_seconds": run.cpu, "peak_rss_mib": rss, "train_loss": summary["train_loss"],
                                "final_loss": summary["final_loss"], "global_step": summary["global_step"],
                                "batching": summary["batching"], "tokens": summary["tokens"]})
         print(f"run {i + 1}/{args.repeats}: TRL {runs['trl'][-1]['seconds']:.1f} s, prmkit {t:.1f} s", file=sys.stderr)
@@ -149,6 +151,8 @@ def main() -> None:
         "trl_seconds": round(trl_t, 2),
         "prmkit_seconds": round(ours_t, 2),
         "speedup": round(trl_t / ours_t, 2),
+        "cpu_seconds": {"trl": round(med("trl", "cpu_seconds"), 1), "prmkit": round(med("prmkit", "cpu_seconds"), 1)},
+        "cpu_speedup": round(med("trl", "cpu_seconds") / med("prmkit", "cpu_seconds"), 2),
         "trl_train_loss": round(trl_loss, 4),
         "prmkit_train_loss": round(ours_loss, 4),
         "train_loss_rel_diff": round(abs(ours_loss - trl_loss) / trl_loss, 4),
