@@ -33,99 +33,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _data import QWEN2_TOKENIZER, make_rows, write_jsonl  # noqa: E402
+from _scoring import bare_limit, build_model, encode_rows, recipe  # noqa: E402
 
-SEP = "\n"
-
-
-def build_model(path: Path, seed: int) -> None:
-    import torch
-    from transformers import AutoModelForTokenClassification, AutoTokenizer, Qwen2Config
-
-    from prmkit.modeling import build_metadata, write_metadata
-    from prmkit.tokenization import TokenizationParams, tokenizer_fingerprint
-
-    tok = AutoTokenizer.from_pretrained(QWEN2_TOKENIZER)
-    cfg = Qwen2Config(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                      intermediate_size=1024, vocab_size=len(tok), num_labels=2, pad_token_id=tok.pad_token_id)
-    torch.manual_seed(seed)
-    model = AutoModelForTokenClassification.from_config(cfg)
-    # Random weights give scores near 0.5 everywhere; a larger head spreads them so comparisons mean something.
-    with torch.no_grad():
-        model.score.weight.mul_(20)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    params = TokenizationParams(step_separator=SEP)
-    write_metadata(path, build_metadata(params, base_model="bench:qwen2-h256-l4", tokenizer=tokenizer_fingerprint(tok)))
+SHAPE = {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+         "intermediate_size": 1024}
 
 
-def bare_limit(model_dir: Path, rows: list[dict], batch_tokens: int) -> tuple[float, list[list[float]]]:
+def forward_limit(model_dir: Path, rows: list[dict], batch_tokens: int) -> tuple[float, list[list[float]]]:
     """Seconds spent in forward passes alone, over the tokens and batches prmkit would use; and the scores."""
     import torch
     from transformers import AutoModelForTokenClassification, AutoTokenizer
 
-    from prmkit.tokenization import TokenizationParams, encode_solutions
-
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForTokenClassification.from_pretrained(model_dir, dtype=torch.float32).eval()
-    enc = encode_solutions(tok, [r["prompt"] for r in rows], [r["completions"] for r in rows],
-                           TokenizationParams(step_separator=SEP))
-    lengths = [len(e.input_ids) for e in enc]
-    order = sorted(range(len(enc)), key=lambda i: -lengths[i])
-    batches, cur, width = [], [], 0
-    for i in order:
-        if cur and max(width, lengths[i]) * (len(cur) + 1) > batch_tokens:
-            batches.append(cur)
-            cur, width = [], 0
-        cur.append(i)
-        width = max(width, lengths[i])
-    batches.append(cur)
-    tensors = []
-    for b in batches:
-        ids = torch.full((len(b), max(lengths[i] for i in b)), tok.pad_token_id, dtype=torch.long)
-        for r, i in enumerate(b):
-            ids[r, : lengths[i]] = torch.tensor(enc[i].input_ids)
-        tensors.append(ids)
-    scores: list[list[float]] = [[] for _ in rows]
-    elapsed = 0.0
-    with torch.inference_mode():
-        for b, ids in zip(batches, tensors):
-            start = time.perf_counter()
-            logits = model(input_ids=ids, use_cache=False).logits
-            elapsed += time.perf_counter() - start
-            probs = logits.float().softmax(-1)[..., 1]
-            for r, i in enumerate(b):
-                scores[i] = [probs[r, p].item() for p in enc[i].step_positions]
-    return elapsed, scores
-
-
-def recipe(model_dir: Path, rows: list[dict]) -> tuple[float, list[list[float]], float, int]:
-    """TRL's documented recipe; returns seconds, scores, the share of steps read at a merged token, tokens read."""
-    import torch
-    from transformers import AutoModelForTokenClassification, AutoTokenizer, pipeline
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForTokenClassification.from_pretrained(model_dir, dtype=torch.float32).eval()
-    pipe = pipeline("token-classification", model=model, tokenizer=tok, device="cpu")
-    sep_ids = tok(SEP, add_special_tokens=False)["input_ids"]
-    scores: list[list[float]] = []
-    merged = total = tokens = 0
-    start = time.perf_counter()
-    for r in rows:
-        row_scores = []
-        for k in range(1, len(r["completions"]) + 1):
-            text = SEP.join((r["prompt"], *r["completions"][:k])) + SEP
-            last = pipe(text)[-1]
-            p = float(last["score"])
-            row_scores.append(p if last["entity"] == "LABEL_1" else 1.0 - p)
-        scores.append(row_scores)
-    elapsed = time.perf_counter() - start
-    for r in rows:  # outside the timing: where the recipe's last token is not the separator token training used
-        for k in range(1, len(r["completions"]) + 1):
-            ids = tok(SEP.join((r["prompt"], *r["completions"][:k])) + SEP, add_special_tokens=False)["input_ids"]
-            merged += ids[-len(sep_ids):] != sep_ids
-            total += 1
-            tokens += len(ids)
-    return elapsed, scores, merged / total, tokens
+    return bare_limit(model, encode_rows(tok, rows), batch_tokens, tok.pad_token_id)
 
 
 def journal_cost(model_dir: Path, src: Path, work: Path, repeats: int) -> dict:
@@ -206,7 +127,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="prmkit-bench-score-"))
     model_dir = work / "model"
-    build_model(model_dir, args.seed)
+    from transformers import AutoTokenizer
+
+    build_model(model_dir, AutoTokenizer.from_pretrained(QWEN2_TOKENIZER), SHAPE, seed=args.seed)
     rows = [{"prompt": r["prompt"], "completions": r["completions"]} for r in make_rows(args.rows, seed=args.seed + 1)]
     src = write_jsonl(rows, work / "rows.jsonl")
     steps = sum(len(r["completions"]) for r in rows)
@@ -230,7 +153,7 @@ def main() -> None:
 
     budget = args.batch_tokens or default_batch_tokens("cpu")
     load_before = os.getloadavg()
-    limit_1, limit_scores = bare_limit(model_dir, rows, budget)
+    limit_1, limit_scores = forward_limit(model_dir, rows, budget)
 
     runs = []
     for i in range(2):  # twice, keeping the faster: a shared machine's neighbours come and go
@@ -247,9 +170,10 @@ def main() -> None:
     engine = min(r[1]["seconds"] for r in runs)
     ours = [json.loads(line)["step_scores"] for line in (work / "scored0.jsonl").read_text().splitlines()]
 
-    recipe_t, recipe_scores, merged_share, recipe_tokens = recipe(model_dir, rows)
+    base = recipe(model_dir, rows)
+    recipe_t, recipe_scores, merged_share, recipe_tokens = base["seconds"], base["scores"], base["merged_share"], base["tokens"]
     # The limit again, after the others, keeping its faster run (the stricter ratio).
-    limit_2, _ = bare_limit(model_dir, rows, budget)
+    limit_2, _ = forward_limit(model_dir, rows, budget)
     limit = min(limit_1, limit_2)
 
     pairs = [(a, b) for x, y in zip(ours, limit_scores) for a, b in zip(x, y)]
@@ -270,6 +194,9 @@ def main() -> None:
         "recipe_seconds": round(recipe_t, 2),
         "prmkit_whole_process_seconds": round(whole, 2),
         "prmkit_engine_seconds": round(engine, 2),
+        "prmkit_timings": summary.get("timings"),
+        "prmkit_outside_forward_and_io_seconds": round(
+            whole - summary["timings"]["forward"] - summary["timings"]["write"], 2),
         "limit_seconds": round(limit, 2),
         "limit_seconds_runs": [round(limit_1, 2), round(limit_2, 2)],
         "recipe_steps_per_s": round(rate(recipe_t), 1),
@@ -307,6 +234,10 @@ def main() -> None:
           f"{result['share_of_limit_engine']:.1%} |")
     print(f"| (c) limit: bare padded forward passes | {result['limit_seconds']} | {result['limit_steps_per_s']} | "
           f"{recipe_t / limit:.2f}x | 100% |")
+    t = summary["timings"]
+    print(f"\nprmkit's timings (the faster run): start-up {t['startup']} s (interpreter, imports), model load "
+          f"{t['model_load']} s, tokenize {t['tokenize']} s, forward {t['forward']} s, write {t['write']} s; outside "
+          f"forward passes and I/O {result['prmkit_outside_forward_and_io_seconds']} s")
     print(f"\nprmkit vs bare forward: max |diff| {max_vs_limit:.2e}. The recipe reads {merged_share:.1%} of steps at a "
           f"token where BPE merged the separator into the step (max |diff| vs prmkit {max_vs_recipe:.3f}; verdict at "
           f"0.5 differs on {verdict_differs:.1%} of steps).\nThe recipe reads {recipe_tokens / summary['tokens']:.2f}x "

@@ -130,7 +130,7 @@ class EvalConfig:
     output_dir: str = "eval"
     plots: bool = True
     batch_tokens: int | None = None
-    """Token budget of one forward batch; null: 2048 on CPU, 16384 on a GPU."""
+    """Token budget of one forward batch; null: 2048 on CPU, sized to the free memory on a CUDA GPU."""
     dtype: str = "auto"
     """auto | float32 | bfloat16 | float16 (auto: model.dtype, which is bf16 on GPU and fp32 on CPU by default)."""
     device: str = "auto"
@@ -141,8 +141,11 @@ class EvalConfig:
 class ScoreConfig:
     threshold: float = 0.5
     batch_tokens: int | None = None
-    """Token budget of one forward batch (padded length x rows); null: 2048 on CPU (cache-sized batches run fastest
-    there), 16384 on a GPU."""
+    """Token budget of one forward batch (padded length x rows, or tokens of a pack); null: 2048 on CPU (cache-sized
+    batches run fastest there), sized to the free memory and the model on a CUDA GPU (up to 131072)."""
+    packing: bool | None = None
+    """Pack solutions into one row without padding; null: on CUDA when a varlen attention kernel is at hand
+    (flash-attention, torch's own, or FlexAttention), padded batches elsewhere."""
     sort_window: int = 2048
     """Rows read ahead and sorted by length before batching; memory stays bounded by it."""
     dtype: str = "auto"

@@ -58,6 +58,9 @@ def score(
 
       accelerate launch -m prmkit score runs/prm solutions.jsonl -o scored.jsonl
     """
+    from prmkit.scoring.timings import Timings
+
+    timings = Timings.since_process_start()
     out = Output(json_)
     cfg = load_config(config, set_, {
         "score.threshold": threshold, "score.batch_tokens": batch_tokens, "score.dtype": dtype,
@@ -85,7 +88,7 @@ def score(
         device=sc.device, tokenization=explicit_tokenization(cfg.data, cfg.is_set), tokenizer=cfg.model.tokenizer,
         batch_tokens=sc.batch_tokens, sort_window=sc.sort_window, trust_remote_code=cfg.model.trust_remote_code,
         allow_bidirectional=cfg.model.allow_bidirectional, attn_implementation=cfg.model.attn_implementation,
-        kind_settings=cfg.kind_settings(),
+        kind_settings=cfg.kind_settings(), packing=sc.packing, timings=timings,
     )
     main = scorer.is_main_process
     progress = _Progress(total=_total(input_) if main else None, enabled=main)

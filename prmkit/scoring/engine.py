@@ -10,9 +10,12 @@ very token it was trained on.
   (one sequence per step), which is slower; ``allow_bidirectional`` scores it in one pass, the way it was trained.
 
 Throughput comes from sorting a window of solutions by length and cutting it into batches under a token budget
-(padded length x rows), and from ``torch.inference_mode``. On CUDA with flash-attention installed, sequences are
-packed into one row with ``position_ids`` restarting at 0 and no padding at all. Under ``accelerate launch`` each
-process scores a share of every window and the results are gathered, so every process returns them in input order.
+(padded length x rows), and from ``torch.inference_mode``. The budget is 2,048 tokens on a CPU and sized to the free
+memory on a GPU (:mod:`prmkit.scoring.budget`); a batch that still runs out of memory is split in two and retried.
+On CUDA, causal models are packed into one row with ``position_ids`` restarting at 0 and no padding at all, through
+a varlen attention kernel (:mod:`prmkit.scoring.attention`). Results stay on the device until a window is done, so
+the host prepares the next batch while the device computes. Under ``accelerate launch`` each process scores a share
+of every window and the results are gathered, so every process returns them in input order.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from prmkit.modeling import (
     read_metadata,
     resolve_tokenization,
 )
+from prmkit.scoring import attention, budget
+from prmkit.scoring.timings import Timings
 from prmkit.tokenization import Encoded, TextEncoder, TokenizationParams, encode_solutions, tokenizer_fingerprint
 
 log = logging.getLogger("prmkit")
@@ -60,17 +65,26 @@ class _Seq:
 # The engine
 
 
-CPU_BATCH_TOKENS = 2048
-ACCELERATOR_BATCH_TOKENS = 16384
+PAD_MULTIPLE = 16
+"""Rows are padded to a multiple of this. Attention sums over the padded width, so a row's scores would move in the
+last bits with the width of the batch it lands in; a width set by the row alone keeps them identical. (Matrix
+products on a CPU are the same bits for any number of rows from 8 up, which a multiple of 16 always is.)"""
+
+
+def padded_width(length: int) -> int:
+    """The width a row of ``length`` tokens is padded to: the next multiple of :data:`PAD_MULTIPLE`."""
+    return -(-length // PAD_MULTIPLE) * PAD_MULTIPLE
 
 
 def default_batch_tokens(device_type: str) -> int:
-    """The token budget of one forward batch when none is given.
+    """The token budget of one forward batch when none is given and the device's memory is not consulted.
 
-    A GPU wants big batches. A CPU runs small ones faster: with 2,048 tokens the activations and attention scores stay
-    in cache, and the score benchmark's forward passes take 25% less time than with 16,384 (BENCHMARKS.md).
+    A CPU runs small batches faster: with 2,048 tokens the activations and attention scores stay in cache, and the
+    score benchmark's forward passes take 25% less time than with 16,384 (BENCHMARKS.md). A CUDA device's budget is
+    sized to its free memory when a scorer is built (:func:`prmkit.scoring.budget.device_batch_tokens`); this is the
+    figure for accelerators whose memory cannot be read.
     """
-    return CPU_BATCH_TOKENS if device_type == "cpu" else ACCELERATOR_BATCH_TOKENS
+    return budget.CPU_BATCH_TOKENS if device_type == "cpu" else budget.FALLBACK_ACCELERATOR_BATCH_TOKENS
 
 
 class StepScorer:
@@ -98,9 +112,11 @@ class StepScorer:
         rank: int = 0,
         world_size: int = 1,
         kind_encoder: Any = None,
+        timings: Timings | None = None,
     ):
         import torch
 
+        self._torch = torch
         if batch_tokens is not None and batch_tokens < 1:
             raise UsageError(f"score.batch_tokens must be at least 1, got {batch_tokens}")
         if sort_window < 1:
@@ -109,7 +125,6 @@ class StepScorer:
         self.tokenizer = tokenizer
         self.params = params
         self.device = next(model.parameters()).device
-        self.batch_tokens = int(batch_tokens) if batch_tokens is not None else default_batch_tokens(self.device.type)
         self.sort_window = int(sort_window)
         self.positive_label_id = positive_label_id
         self.num_labels = int(getattr(model.config, "num_labels", 2))
@@ -126,17 +141,50 @@ class StepScorer:
                 f"{_model_name(model)} is not causal: scoring prefix by prefix (one forward pass per step), which is "
                 "slower; set model.allow_bidirectional to score in one pass, the way it was trained"
             )
+        self.kernel = attention.packing_kernel(model)
         if packing is None:
-            packing = self.device.type == "cuda" and self.causal and _uses_varlen_attention(model)
+            # The varlen function reads packed rows only; other kernels pack by default where they pay: on CUDA.
+            packing = self.causal and (self.kernel == "varlen" or (self.device.type == "cuda" and self.kernel is not None))
+        if self.kernel == "varlen" and not packing:
+            raise UsageError(f"attention {attention.VARLEN!r} scores packed batches only", hint="leave packing on")
         self.packing = bool(packing)
+        self.batch_tokens, self.batch_tokens_source = (int(batch_tokens), "given") if batch_tokens is not None \
+            else self._device_budget()
+        self.timings = timings or Timings()
         self.identity = identity or {"name": _model_name(model)}
         self.rank, self.world_size = rank, world_size
         self._encoder = TextEncoder(tokenizer)
         pad = tokenizer.pad_token_id
         self._pad_id = pad if pad is not None else (tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0)
-        self._torch = torch
         self.differs_from_training: dict[str, tuple[Any, Any]] = {}
         """``{key: (trained, used)}``: settings the user chose that differ from what the model recorded."""
+
+    def _device_budget(self) -> tuple[int, str]:
+        """The batch budget when none is given, and where it came from (the summary and the log say it)."""
+        if self.device.type == "cpu":
+            return budget.CPU_BATCH_TOKENS, "cpu default"
+        from prmkit.memory import model_shape
+
+        memory = budget.free_device_memory(self.device)
+        shape = model_shape(self.model.config)
+        if memory is None or not shape.hidden or not shape.intermediate:
+            return default_batch_tokens(self.device.type), "default"
+        if self.packing and self.kernel is None:
+            # A pack through sdpa or eager attention carries a dense mask over the whole pack: keep it small.
+            return default_batch_tokens(self.device.type), "default (packing without a varlen kernel)"
+        free, total = memory
+        eager = (getattr(self.model.config, "_attn_implementation", None) or "") == "eager"
+        # Rows of a non-causal model carry a padding mask, and eager attention materialises its scores.
+        width = (self.params.max_length or 4096) if (not self.causal or eager) else None
+        tokens = budget.device_batch_tokens(free, total, shape, self._dtype_bytes, dense_attention_width=width,
+                                            eager_attention=eager)
+        source = f"{free / 2**30:.1f} GiB free on {self.device}"
+        log.info(f"batch budget {tokens} tokens, sized to {source}")
+        return tokens, source
+
+    @property
+    def _dtype_bytes(self) -> int:
+        return self._torch.finfo(self.dtype).bits // 8 if self.dtype.is_floating_point else 4
 
     # -- loading --------------------------------------------------------------------------------------------------
 
@@ -158,6 +206,7 @@ class StepScorer:
         kind_settings: dict[str, Any] | None = None,
         tokenization: dict[str, Any] | None = None,
         tokenizer: str | None = None,
+        timings: Timings | None = None,
     ) -> "StepScorer":
         """Load a PRM (a prmkit output dir, a local transformers dir, or a Hub id) with its tokenizer.
 
@@ -167,9 +216,14 @@ class StepScorer:
         own) are honoured over what the model recorded, with a warning where they differ from training; settings
         that cannot apply are refused (:func:`prmkit.modeling.resolve_tokenization`).
         Under ``accelerate launch`` with several processes, each process takes its own device and scores a share.
+        The config is read once and handed to the model, whose weights are read straight onto the device. On CUDA
+        a causal model is loaded with a varlen attention kernel for packed batches (:mod:`prmkit.scoring.attention`)
+        unless ``packing`` is False or ``attn_implementation`` is given. ``timings`` collects the seconds spent loading
+        (``model_load``: the architecture's code, weights, tokenizer), tokenizing and in forward passes.
         """
         from prmkit.locate import locate
 
+        timings = timings or Timings()
         name = str(path_or_id)
         local = Path(name).expanduser()
         is_local = local.is_dir()
@@ -179,9 +233,10 @@ class StepScorer:
             locate(name, "model", revision=revision)  # before torch: a mistyped path is said at once
 
         import torch
-        from transformers import AutoModelForTokenClassification
+        from transformers import AutoConfig, AutoModelForTokenClassification
 
         from prmkit.dataset import load_tokenizer
+        from prmkit.modeling import is_causal
 
         metadata = read_metadata(local) if is_local else _hub_metadata(name, revision)
         from prmkit import kinds
@@ -191,61 +246,76 @@ class StepScorer:
 
         rank, world_size, dev = _resolve_device(device)
         torch_dtype = _resolve_dtype(dtype, dev)
-        load_kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
-        if revision:
-            load_kwargs["revision"] = revision
-        if attn_implementation is None and packing is not False and dev.type == "cuda" and _flash_attn_available() \
-                and torch_dtype in (torch.bfloat16, torch.float16):
-            attn_implementation = "flash_attention_2"
-        if kind != kinds.TOKEN_CLASSIFICATION:
-            if attn_implementation:
-                load_kwargs["attn_implementation"] = attn_implementation
-            max_length = kind_tokenization(name, kind, tokenization, step_separator)
-            if max_length is None and kind == kinds.LM_TAG:  # a prmkit-trained lm-tag model: its training limit
-                max_length = ((metadata or {}).get("tokenization") or {}).get("max_length")
-            return kinds.scorer_for_kind(
-                cls, kind, name, load_tokenizer(tokenizer, trust_remote_code) if tokenizer else
-                kind_tokenizer or load_tokenizer(name, trust_remote_code), settings,
-                load_kwargs=load_kwargs, device=dev, max_length=max_length,
-                batch_tokens=batch_tokens, sort_window=sort_window, packing=packing, rank=rank, world_size=world_size)
-        params, changes = resolve_tokenization(name, metadata, step_separator, tokenization)
-        positive = int(((metadata or {}).get("labels") or {}).get("positive_label_id", POSITIVE_LABEL_ID))
-        try:
-            if is_local and (local / "adapter_config.json").is_file():
-                # A LoRA adapter that `prmkit train` saved unmerged: its base, the adapter, and the trained head.
-                from prmkit.modeling import load_trained_model
+        if dev.type == "cuda":
+            torch.cuda.init()  # the CUDA context is start-up, not model loading
+        adapter = is_local and (local / "adapter_config.json").is_file()
+        with timings.stage("model_load"):
+            config = None
+            if not adapter:
+                try:
+                    config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code,
+                                                        **({"revision": revision} if revision else {}))
+                except (OSError, ValueError) as e:
+                    raise _load_error(name, e) from None
+            chosen = attn_implementation is None and packing is not False and config is not None
+            if chosen:
+                attn_implementation = attention.choose_attention(
+                    dev.type, str(torch_dtype).removeprefix("torch."), is_causal(config), config)
+            elif attn_implementation == attention.VARLEN:
+                attention.register_varlen_attention()
+            load_kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+            if revision:
+                load_kwargs["revision"] = revision
+            if kind != kinds.TOKEN_CLASSIFICATION:
+                if attn_implementation:
+                    load_kwargs["attn_implementation"] = attn_implementation
+                max_length = kind_tokenization(name, kind, tokenization, step_separator)
+                if max_length is None and kind == kinds.LM_TAG:  # a prmkit-trained lm-tag model: its training limit
+                    max_length = ((metadata or {}).get("tokenization") or {}).get("max_length")
+                return kinds.scorer_for_kind(
+                    cls, kind, name, load_tokenizer(tokenizer, trust_remote_code) if tokenizer else
+                    kind_tokenizer or load_tokenizer(name, trust_remote_code), settings,
+                    load_kwargs=load_kwargs, device=dev, max_length=max_length, batch_tokens=batch_tokens,
+                    sort_window=sort_window, packing=packing, rank=rank, world_size=world_size, timings=timings)
+            params, changes = resolve_tokenization(name, metadata, step_separator, tokenization)
+            positive = int(((metadata or {}).get("labels") or {}).get("positive_label_id", POSITIVE_LABEL_ID))
+            try:
+                if adapter:
+                    # A LoRA adapter that `prmkit train` saved unmerged: its base, the adapter, and the trained head.
+                    from prmkit.modeling import load_trained_model
 
-                extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
-                model, info = load_trained_model(local, torch_dtype, trust_remote_code, **extra), {}
-            else:
-                model, info = _load_model(AutoModelForTokenClassification, name, load_kwargs, attn_implementation)
-        except (OSError, ValueError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UsageError(f"model {name!r} could not be loaded: {first}",
-                             hint="give a prmkit output directory, a transformers model directory, or a reachable Hub id") from None
-        missing = [k for k in info.get("missing_keys", []) if k.split(".")[0] in ("score", "classifier")]
-        if missing:
-            raise UsageError(
-                f"model {name!r} has no trained token-classification head ({', '.join(sorted(missing)[:2])} missing); "
-                "its scores would be random",
-                hint="score with a PRM trained by `prmkit train` (or TRL's PRMTrainer), not a base model",
-            )
-        model.to(dev)
-        tok = load_tokenizer(tokenizer or name, trust_remote_code)
-        recorded = ((metadata or {}).get("tokenizer") or {}).get("sha256")
-        if recorded and tokenizer_fingerprint(tok)["sha256"] != recorded:
-            # e.g. transformers picking the architecture's tokenizer class over the saved tokenizer.json
-            log.warning(f"{name}: the tokenizer loaded now{f' ({tokenizer})' if tokenizer else ''} differs from the one "
-                        f"recorded in {PRMKIT_JSON} at training; steps may be tokenized differently from training")
-            changes["tokenizer"] = (recorded, tokenizer_fingerprint(tok)["sha256"])
-        elif tokenizer and not recorded and tokenizer != name:
-            log.warning(f"{name}: scoring with the tokenizer of {tokenizer} as asked (model.tokenizer), not the one "
-                        "saved with the model; nothing records which one training used")
-        identity = model_identity(name, model)
+                    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+                    model, info = load_trained_model(local, torch_dtype, trust_remote_code, **extra), {}
+                    model.to(dev)
+                else:
+                    model, info = _load_model(AutoModelForTokenClassification, name,
+                                              {**load_kwargs, "config": config, "device_map": dev}, attn_implementation,
+                                              fall_back=chosen)
+            except (OSError, ValueError) as e:
+                raise _load_error(name, e) from None
+            missing = [k for k in info.get("missing_keys", []) if k.split(".")[0] in ("score", "classifier")]
+            if missing:
+                raise UsageError(
+                    f"model {name!r} has no trained token-classification head ({', '.join(sorted(missing)[:2])} "
+                    "missing); its scores would be random",
+                    hint="score with a PRM trained by `prmkit train` (or TRL's PRMTrainer), not a base model",
+                )
+            tok = load_tokenizer(tokenizer or name, trust_remote_code)
+            recorded = ((metadata or {}).get("tokenizer") or {}).get("sha256")
+            if recorded and tokenizer_fingerprint(tok)["sha256"] != recorded:
+                # e.g. transformers picking the architecture's tokenizer class over the saved tokenizer.json
+                log.warning(f"{name}: the tokenizer loaded now{f' ({tokenizer})' if tokenizer else ''} differs from "
+                            f"the one recorded in {PRMKIT_JSON} at training; steps may be tokenized differently from "
+                            "training")
+                changes["tokenizer"] = (recorded, tokenizer_fingerprint(tok)["sha256"])
+            elif tokenizer and not recorded and tokenizer != name:
+                log.warning(f"{name}: scoring with the tokenizer of {tokenizer} as asked (model.tokenizer), not the one "
+                            "saved with the model; nothing records which one training used")
+            identity = model_identity(name, model)
         scorer = cls(
             model, tok, params, batch_tokens=batch_tokens, sort_window=sort_window, positive_label_id=positive,
             allow_bidirectional=allow_bidirectional, packing=packing, identity=identity, rank=rank,
-            world_size=world_size,
+            world_size=world_size, timings=timings,
         )
         scorer.differs_from_training = changes
         return scorer
@@ -291,14 +361,25 @@ class StepScorer:
         """Score one window of solutions at once: sorted by length, batched by token budget.
 
         Under several processes every process must call this with the same items (they split the work and gather
-        the results); ``on_batch(steps)`` is called after each forward pass. ``batch_log`` (see
-        :class:`prmkit.scoring.job.BatchJournal`) keeps each batch's scores as it finishes and gives back those of
-        batches an interrupted run already did: ``replay(index, targets)`` returns them or None,
+        the results); ``on_batch(steps)`` is called after each forward pass's scores reach the host. ``batch_log``
+        (see :class:`prmkit.scoring.job.BatchJournal`) keeps each batch's scores as they reach the host and gives
+        back those of batches an interrupted run already did: ``replay(index, targets)`` returns them or None,
         ``record(index, targets, scores)`` keeps them.
         """
         items = list(items)
         if not items:
             return []
+        with self.timings.stage("tokenize"):
+            encoded, seqs = self._sequences(items)
+        values = self._run(seqs, on_batch, batch_log)
+        results = [StepScores([None] * len(steps), any(p < 0 for p in enc.step_positions), len(enc.input_ids))
+                   for (_, steps), enc in zip(items, encoded)]
+        for (i, k, _), value in values:
+            results[i].scores[k] = value
+        return results
+
+    def _sequences(self, items: list[tuple[str, Sequence[str]]]) -> tuple[list[Encoded], list[_Seq]]:
+        """Each solution's encoding, and the sequences the model reads with the positions scored in each."""
         encoded = self.encode(items)
         seqs: list[_Seq] = []
         if self.prefix_mode:
@@ -323,18 +404,17 @@ class StepScorer:
                     # Tokens after the last scored position cannot change a causal model's scores.
                     ids = ids[: max(p for _, _, p in targets) + 1]
                 seqs.append(_Seq(ids, targets))
-
-        values = self._run(seqs, on_batch, batch_log)
-        results = [StepScores([None] * len(steps), any(p < 0 for p in enc.step_positions), len(enc.input_ids))
-                   for (_, steps), enc in zip(items, encoded)]
-        for (i, k, _), value in values:
-            results[i].scores[k] = value
-        return results
+        return encoded, seqs
 
     # -- batching and forward passes ------------------------------------------------------------------------------
 
     def _plan(self, seqs: list[_Seq]) -> list[list[int]]:
-        """Batches of sequence indexes: longest first (so memory trouble shows at once), under the token budget."""
+        """Batches of sequence indexes: longest first (so memory trouble shows at once), under the token budget.
+
+        Padded batches hold rows of one padded width (:func:`padded_width`), which depends on the row alone: a row is
+        computed on the same shape whatever the budget, the batch it lands in, or an out-of-memory split, so its
+        scores are the same to the last bit in float32 on a CPU.
+        """
         order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i].ids))
         if self.world_size > 1:
             # Dealt round-robin after sorting, so every process gets about the same number of tokens.
@@ -348,44 +428,120 @@ class StepScorer:
             if self.packing:
                 fits = used + n <= self.batch_tokens
             else:
-                fits = max(width, n) * (len(current) + 1) <= self.batch_tokens
+                fits = padded_width(n) == width and width * (len(current) + 1) <= self.batch_tokens
             if current and not fits:
                 batches.append(current)
-                current, used, width = [], 0, 0
+                current, used = [], 0
             current.append(i)
             used += n
-            width = max(width, n)
+            width = padded_width(n)
         if current:
             batches.append(current)
         return batches
 
+    def _tokens(self, seqs: list[_Seq], batch: list[int]) -> int:
+        """What a batch costs against the budget: its tokens packed, or padded width x rows."""
+        lengths = [len(seqs[i].ids) for i in batch]
+        return sum(lengths) if self.packing else padded_width(max(lengths)) * len(lengths)
+
     def _run(self, seqs: list[_Seq], on_batch: Callable[[int], None] | None,
              batch_log: Any = None) -> list[tuple[tuple[int, int, int], float]]:
         torch = self._torch
-        mine: list[tuple[tuple[int, int, int], float]] = []
-        with torch.inference_mode():
-            for index, batch in enumerate(self._plan(seqs)):
-                targets = [t for i in batch for t in seqs[i].targets]
-                probs = batch_log.replay(index, targets) if batch_log is not None else None
-                if probs is None:
-                    probs = self._forward_packed(seqs, batch) if self.packing else self._forward_padded(seqs, batch)
-                    if batch_log is not None:
-                        batch_log.record(index, targets, probs)
-                    if on_batch is not None:
-                        on_batch(len(targets))
-                mine.extend(zip(targets, probs))
-        values = mine
+        plan = self._plan(seqs)
+        targets = [[t for i in batch for t in seqs[i].targets] for batch in plan]
+        values: list[list[float] | None] = [None] * len(plan)
+        in_flight: list[tuple[int, Any, Any]] = []
+
+        def settle(keep: int) -> None:
+            # A batch's scores reach the host while the next batch computes: one batch stays in flight on a GPU.
+            while len(in_flight) > keep:
+                index, host, copied = in_flight.pop(0)
+                if copied is not None:
+                    copied.synchronize()
+                values[index] = host.tolist()
+                if batch_log is not None:
+                    batch_log.record(index, targets[index], values[index])
+                if on_batch is not None:
+                    on_batch(len(targets[index]))
+
+        with self.timings.stage("forward"), torch.inference_mode():
+            for index, batch in enumerate(plan):
+                replayed = batch_log.replay(index, targets[index]) if batch_log is not None else None
+                if replayed is not None:
+                    values[index] = list(replayed)
+                    continue
+                probs = torch.cat([p for _, p in self._forward_or_split(seqs, batch)])
+                in_flight.append((index, *self._to_host(probs)))
+                settle(keep=1 if self.device.type == "cuda" else 0)
+            settle(keep=0)
+        mine = [pair for index in range(len(plan)) for pair in zip(targets[index], values[index])]
+        gathered_values = mine
         if self.world_size > 1:
             import torch.distributed as dist
 
             gathered: list[Any] = [None] * self.world_size
             dist.all_gather_object(gathered, mine)
-            values = [pair for part in gathered for pair in part]
+            gathered_values = [pair for part in gathered for pair in part]
         # Checked after the gather, so every process raises together instead of leaving the others waiting.
-        if any(value != value for _, value in values):
+        if any(value != value for _, value in gathered_values):
             raise PrmkitError("the model produced NaN scores",
                               hint="try --dtype float32; a half-precision overflow is the usual cause")
-        return values
+        return gathered_values
+
+    def _to_host(self, probs) -> tuple[Any, Any]:
+        """(host tensor, event) for a batch's probabilities: on CUDA an asynchronous copy into pinned memory and the
+        event that marks it done; elsewhere the tensor itself and None."""
+        if self.device.type != "cuda":
+            return probs, None
+        host = self._torch.empty(probs.shape, dtype=probs.dtype, pin_memory=True)
+        host.copy_(probs, non_blocking=True)
+        copied = self._torch.cuda.Event()
+        copied.record()
+        return host, copied
+
+    def _forward_or_split(self, seqs: list[_Seq], batch: list[int]) -> list[tuple[list[int], Any]]:
+        """(part, probabilities) for a batch: the batch whole, or, when the device runs out of memory, its halves.
+
+        A failed half is halved again, down to single sequences; parts come back in the batch's order, so no row is
+        lost or scored twice. The budget drops to half the failed batch, so later batches do not fail the same way.
+        """
+        done: list[tuple[list[int], Any]] = []
+        pending = [batch]
+        while pending:
+            part = pending.pop(0)
+            try:
+                done.append((part, self._forward(seqs, part)))
+                continue
+            except Exception as e:  # noqa: BLE001 - only out-of-memory errors are handled; the rest is re-raised
+                if not _is_out_of_memory(e):
+                    raise
+                message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            # Outside the except block, so the failed attempt's tensors are released before the retry.
+            self._release_memory()
+            tokens = self._tokens(seqs, part)
+            if len(part) == 1:
+                raise PrmkitError(
+                    f"out of {self.device.type} memory scoring a single sequence of {tokens} tokens ({message})",
+                    hint="lower data.max_length, score in bfloat16, or use a device with more free memory",
+                )
+            half = len(part) // 2
+            pending[:0] = [part[:half], part[half:]]
+            lowered = max(1, tokens // 2)
+            if lowered < self.batch_tokens:
+                self.batch_tokens = lowered
+            log.warning(f"out of {self.device.type} memory on a batch of {len(part)} sequences ({tokens} tokens): "
+                        f"scoring it in two halves; batch budget now {self.batch_tokens} tokens")
+        return done
+
+    def _release_memory(self) -> None:
+        import gc
+
+        gc.collect()
+        if self.device.type == "cuda":
+            self._torch.cuda.empty_cache()
+
+    def _forward(self, seqs: list[_Seq], batch: list[int]):
+        return self._forward_packed(seqs, batch) if self.packing else self._forward_padded(seqs, batch)
 
     def _probabilities(self, logits):
         logits = logits.float()
@@ -393,9 +549,9 @@ class StepScorer:
             return logits[:, 0].sigmoid()
         return logits.softmax(-1)[:, self.positive_label_id]
 
-    def _forward_padded(self, seqs: list[_Seq], batch: list[int]) -> list[float]:
+    def _forward_padded(self, seqs: list[_Seq], batch: list[int]):
         torch = self._torch
-        width = max(len(seqs[i].ids) for i in batch)
+        width = padded_width(max(len(seqs[i].ids) for i in batch))
         ids = torch.full((len(batch), width), self._pad_id, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long) if not self.causal else None
         rows, cols = [], []
@@ -407,29 +563,41 @@ class StepScorer:
             for _, _, pos in seqs[i].targets:
                 rows.append(r)
                 cols.append(pos)
-        kwargs: dict[str, Any] = {"input_ids": ids.to(self.device)}
+        kwargs: dict[str, Any] = {"input_ids": self._to_device(ids)}
         if mask is not None:
-            kwargs["attention_mask"] = mask.to(self.device)
+            kwargs["attention_mask"] = self._to_device(mask)
         # A causal model needs no attention mask with right padding: real tokens never look at the pads after them.
         logits = self.model(**kwargs, use_cache=False).logits
-        picked = logits[torch.as_tensor(rows, device=self.device), torch.as_tensor(cols, device=self.device)]
-        return self._probabilities(picked).tolist()
+        picked = logits[self._to_device(torch.as_tensor(rows)), self._to_device(torch.as_tensor(cols))]
+        return self._probabilities(picked)
 
-    def _forward_packed(self, seqs: list[_Seq], batch: list[int]) -> list[float]:
+    def _forward_packed(self, seqs: list[_Seq], batch: list[int]):
         torch = self._torch
         flat: list[int] = []
-        positions: list[int] = []
         cols: list[int] = []
+        lengths = []
         for i in batch:
             offset = len(flat)
             flat.extend(seqs[i].ids)
-            positions.extend(range(len(seqs[i].ids)))
+            lengths.append(len(seqs[i].ids))
             cols.extend(offset + pos for _, _, pos in seqs[i].targets)
-        ids = torch.as_tensor([flat], dtype=torch.long, device=self.device)
-        pos_ids = torch.as_tensor([positions], dtype=torch.long, device=self.device)
-        # No attention mask and no cache: transformers then reads sequence boundaries from position_ids (varlen).
-        logits = self.model(input_ids=ids, position_ids=pos_ids, use_cache=False).logits[0]
-        return self._probabilities(logits[torch.as_tensor(cols, device=self.device)]).tolist()
+        filler = padded_width(len(flat)) - len(flat)
+        if filler:
+            # A sequence of pads of its own, so the pack's length is a multiple of PAD_MULTIPLE like a padded row's.
+            flat.extend([self._pad_id] * filler)
+            lengths.append(filler)
+        ids = self._to_device(torch.as_tensor([flat], dtype=torch.long))
+        extra = {k: self._to_device(v) if isinstance(v, torch.Tensor) else v
+                 for k, v in attention.packed_inputs(lengths, self.kernel).items()}
+        # No attention mask and no cache: transformers reads the boundaries from position_ids (or cu_seq_lens_*).
+        logits = self.model(input_ids=ids, **extra, use_cache=False).logits[0]
+        return self._probabilities(logits[self._to_device(torch.as_tensor(cols))])
+
+    def _to_device(self, tensor):
+        # Pinned and asynchronous on CUDA: the host goes on to the next batch instead of waiting for this one.
+        if self.device.type == "cuda":
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor.to(self.device)
 
     # -- processes --------------------------------------------------------------------------------------------------
 
@@ -456,15 +624,21 @@ def _model_name(model: Any) -> str:
     return str(getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "") or type(model).__name__)
 
 
-def _load_model(cls, name: str, kwargs: dict, attn_implementation: str | None):
+def _load_model(cls, name: str, kwargs: dict, attn_implementation: str | None, fall_back: bool = False):
     try:
         return cls.from_pretrained(name, output_loading_info=True, attn_implementation=attn_implementation, **kwargs)
     except (ImportError, ValueError) as e:
-        if attn_implementation != "flash_attention_2":
+        if not fall_back or attn_implementation is None:
             raise
-        # The architecture (or this flash-attn build) does not take flash-attention: fall back to padded batches.
-        log.info(f"flash-attention unavailable for {name} ({str(e).splitlines()[0]}); using padded batches")
+        # The architecture (or this build) does not take the packing kernel prmkit chose: fall back to padded batches.
+        log.info(f"{attn_implementation} unavailable for {name} ({str(e).splitlines()[0]}); using padded batches")
         return cls.from_pretrained(name, output_loading_info=True, **kwargs)
+
+
+def _load_error(name: str, e: Exception) -> UsageError:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return UsageError(f"model {name!r} could not be loaded: {first}",
+                      hint="give a prmkit output directory, a transformers model directory, or a reachable Hub id")
 
 
 def _hub_metadata(repo_id: str, revision: str | None) -> dict | None:
@@ -545,15 +719,11 @@ def _resolve_dtype(dtype: str, device):
     return getattr(torch, dtype)
 
 
-def _flash_attn_available() -> bool:
-    import importlib.util
+def _is_out_of_memory(e: BaseException) -> bool:
+    import torch
 
-    return importlib.util.find_spec("flash_attn") is not None
-
-
-def _uses_varlen_attention(model: Any) -> bool:
-    impl = getattr(model.config, "_attn_implementation", None) or ""
-    return "flash" in impl
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
+    return isinstance(e, oom) or (isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
 
 
 def _is_causal(model: Any) -> bool:

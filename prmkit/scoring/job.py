@@ -201,6 +201,10 @@ class ScoreSummary:
     device: str = ""
     dtype: str = ""
     batch_tokens: int | None = None
+    packing: str | None = None
+    """The attention implementation that read packed rows, or None for padded batches."""
+    timings: dict[str, float] = field(default_factory=dict)
+    """Seconds of start-up, model loading, tokenizing, forward passes and writing (:mod:`prmkit.scoring.timings`)."""
 
     def to_dict(self) -> dict[str, Any]:
         c = self.counts
@@ -212,6 +216,7 @@ class ScoreSummary:
             "device": self.device,
             "dtype": self.dtype,
             "batch_tokens": self.batch_tokens,
+            "packing": self.packing,
             **c.to_dict(),
             "rejects": self.rejects,
             "resumed_at_line": self.resumed_at_line,
@@ -220,6 +225,7 @@ class ScoreSummary:
             "seconds": round(self.seconds, 3),
             "lines_per_s": round(self.lines_this_run / self.seconds, 2) if self.seconds > 0 else None,
             "steps_per_s": round(self.steps_this_run / self.seconds, 2) if self.seconds > 0 else None,
+            "timings": self.timings,
         }
 
 
@@ -467,7 +473,8 @@ def score_file(
     started = time.perf_counter()
     summary = ScoreSummary(input=src.name, output=str(output), model=str(scorer.identity.get("name")), format=fmt,
                            device=str(scorer.device), dtype=str(scorer.dtype).removeprefix("torch."),
-                           batch_tokens=scorer.batch_tokens)
+                           batch_tokens=scorer.batch_tokens,
+                           packing=getattr(scorer.model.config, "_attn_implementation", None) if scorer.packing else None)
 
     # Process 0 alone decides where to start; the others follow its answer, refusals included.
     job: dict[str, Any] = {}
@@ -478,6 +485,8 @@ def score_file(
                 _refuse_overlap(paths, src, scorer)
             if lock is not None:
                 lock.acquire()
+            if paths is not None and not overwrite:
+                summary.batch_tokens = _keep_derived_budget(scorer, paths)
             job = _job_identity(scorer, src, fmt, threshold, window_rows)
             plan = _plan_output(paths, job, src, overwrite) if paths else {}
             # Every process's batch journal names the job, so one left by another model or input is never replayed.
@@ -495,6 +504,7 @@ def score_file(
         summary.format = plan.get("format") or fmt
         summary.rejects = str(paths["rejects"]) if paths and paths["rejects"].exists() else None
         summary.seconds = time.perf_counter() - started
+        summary.timings = scorer.timings.to_dict()
         return summary
     after_line = int(plan.get("input_line", 0))
     after_offset = plan.get("input_offset")
@@ -562,6 +572,7 @@ def score_file(
         records = src.records(after_line, after_offset)
         exhausted = False
         while not exhausted:
+            reading = time.perf_counter()
             # One window of whole records, so a resumed run sees exactly the windows of an uninterrupted one.
             pending: list[tuple[SourceRecord, list[tuple[dict, str, list[str]]] | None, tuple[str, str] | None]] = []
             n_rows = 0
@@ -596,6 +607,7 @@ def score_file(
             if not pending:
                 break
             items = [(prompt, steps) for _, rows, _ in pending for _, prompt, steps in rows or ()]
+            scorer.timings.add("tokenize", time.perf_counter() - reading)
             journal = None
             if paths is not None and items and not src.stdin:  # stdin cannot be resumed: nothing to keep
                 journal = BatchJournal(journal_path(paths, scorer.rank), {
@@ -610,6 +622,7 @@ def score_file(
                 if journal is not None:
                     journal.close()
                     summary.batches_reused += journal.replayed
+            writing = time.perf_counter()
             for rec, rows, problem in pending:
                 counts.lines_in += 1
                 lines_this_run += 1
@@ -633,6 +646,7 @@ def score_file(
             last_line, last_offset = pending[-1][0].number, pending[-1][0].offset
             if main:
                 commit(last_line, last_offset)
+                scorer.timings.add("write", time.perf_counter() - writing)
                 if on_progress is not None:
                     on_progress({"line": last_line, "lines": counts.lines_in, "rows": counts.rows_out,
                                  "steps": counts.steps, "lines_this_run": lines_this_run,
@@ -644,7 +658,9 @@ def score_file(
             if paths is None:
                 out_fh.flush()
             else:
+                writing = time.perf_counter()
                 commit(last_line, last_offset, final=True)
+                scorer.timings.add("write", time.perf_counter() - writing)
                 out_fh.close()
                 out_fh = None
                 if rej_fh is not None:
@@ -668,6 +684,7 @@ def score_file(
             rej_fh.close()
     summary.rejects = str(paths["rejects"]) if paths and paths["rejects"].exists() else None
     summary.seconds = time.perf_counter() - started
+    summary.timings = scorer.timings.to_dict()
     summary.lines_this_run = lines_this_run
     summary.steps_this_run = steps_this_run
     return summary
@@ -712,6 +729,17 @@ def _job_digest(job: dict[str, Any]) -> str:
     model = job["model"]
     key = {"input": job["input"], "model": model.get("sha256", model), "settings": job["settings"]}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _keep_derived_budget(scorer: StepScorer, paths: dict[str, Path]) -> int:
+    """A budget sized to the device's free memory (not given) continues with the figure the run started with: free
+    memory varies between runs, and a resumed run must batch as the first one did."""
+    state = _read_state(paths["state"]) if getattr(scorer, "batch_tokens_source", "given") != "given" else None
+    recorded = ((state or {}).get("settings") or {}).get("batch_tokens")
+    if isinstance(recorded, int) and recorded >= 1 and recorded != scorer.batch_tokens:
+        log.info(f"continuing with the batch budget the run started with ({recorded} tokens, not {scorer.batch_tokens})")
+        scorer.batch_tokens = recorded
+    return scorer.batch_tokens
 
 
 def _finish(paths: dict[str, Path]) -> None:
