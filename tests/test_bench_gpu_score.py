@@ -7,9 +7,11 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT
 
 
+@pytest.mark.slow
 def test_the_gpu_score_benchmark_runs_in_its_tiny_cpu_mode(tmp_path):
     out = tmp_path / "gpu-score-tiny.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}

@@ -168,6 +168,7 @@ def test_packed_varlen_scores_equal_padded_ones(varlen_scorer, reference):
         like(varlen_scorer, packing=False)
 
 
+@pytest.mark.slow
 def test_packed_flex_attention_scores_equal_padded_ones(prm_dir, reference):
     # FlexAttention compiles its kernel at the first batch (tens of seconds on two cores): one batch only.
     flex = StepScorer.from_pretrained(prm_dir, device="cpu", dtype="float32", attn_implementation="flex_attention",
@@ -300,6 +301,7 @@ def test_timings_add_up_and_refuse_unknown_stages():
     assert age is None or 0 < age < 24 * 3600
 
 
+@pytest.mark.slow
 def test_the_json_summary_says_where_the_time_went(tmp_path, prm_dir):
     src = write_rows(tmp_path / "in.jsonl", solutions(30, seed=2))
     start = time.perf_counter()
