@@ -109,7 +109,7 @@ def test_every_saved_config_and_metadata_is_redacted(tmp_path):
     from prmkit.config import dump_config, load_config
     from prmkit.report import make_report, write_report
     from prmkit.run_dir import run_identity
-    from prmkit.scoring.job import _write_state
+    from prmkit.scoring.resume import write_state
 
     url = "https://bob:pAssw0rd99@example.com/train.jsonl"
     cfg = load_config(None, ["train.hub_token=hf_SavedSecretToken12345", f"data.train={url}"])
@@ -124,7 +124,7 @@ def test_every_saved_config_and_metadata_is_redacted(tmp_path):
     write_metadata(tmp_path, {"base_model": url, "training": {"hub_token": "hf_SavedSecretToken12345"},
                               "notes": {"api_secret": "topsecretvalue"}})
     write_report(make_report({url: {**FIGURES, "model": url}}), tmp_path / "eval", plots=False)
-    _write_state(tmp_path / "state.json", {"input_spec": url + "?sig=abcdef", "model": {"name": url}})
+    write_state(tmp_path / "state.json", {"input_spec": url + "?sig=abcdef", "model": {"name": url}})
     for path in (tmp_path / "prmkit.json", tmp_path / "eval" / "report.json", tmp_path / "eval" / "report.md",
                  tmp_path / "state.json"):
         data = path.read_text()

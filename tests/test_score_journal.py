@@ -15,7 +15,7 @@ from conftest import make_tiny_prm
 from test_score_cli import make_rows, write_jsonl
 
 from prmkit.scoring import StepScorer, output_paths, score_file
-from prmkit.scoring.job import BatchJournal, journal_path
+from prmkit.scoring.resume import BatchJournal, journal_path
 
 
 class Crash(Exception):

@@ -1,7 +1,10 @@
 """Scoring: the engine (p(step correct) for every step, one forward pass per solution) and `prmkit score`'s job.
 
 - :mod:`prmkit.scoring.engine`: :class:`StepScorer`, device and dtype resolution, model identity.
-- :mod:`prmkit.scoring.job`: reading records, :func:`score_file` with its resumable output and state.
+- :mod:`prmkit.scoring.budget`, :mod:`prmkit.scoring.attention`, :mod:`prmkit.scoring.timings`: the engine's batch
+  budget, packed attention kernels and where a run's time goes.
+- :mod:`prmkit.scoring.source`: the records to score; :mod:`prmkit.scoring.resume`: the state and batch journal that
+  let a killed run resume to the same bytes; :mod:`prmkit.scoring.job`: :func:`score_file`, which joins them.
 """
 
 from prmkit.scoring.engine import (

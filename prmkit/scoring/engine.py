@@ -362,7 +362,7 @@ class StepScorer:
 
         Under several processes every process must call this with the same items (they split the work and gather
         the results); ``on_batch(steps)`` is called after each forward pass's scores reach the host. ``batch_log``
-        (see :class:`prmkit.scoring.job.BatchJournal`) keeps each batch's scores as they reach the host and gives
+        (see :class:`prmkit.scoring.resume.BatchJournal`) keeps each batch's scores as they reach the host and gives
         back those of batches an interrupted run already did: ``replay(index, targets)`` returns them or None,
         ``record(index, targets, scores)`` keeps them.
         """

@@ -1,9 +1,9 @@
 """`prmkit score`'s file job: read records, score them with the engine, write JSONL resumably.
 
 Results are committed window by window to ``OUTPUT.partial`` beside a small state file, and the scores of every
-forward batch of the window in progress go to a journal as the batch finishes (:class:`BatchJournal`), so a killed
-run resumes where it stopped, losing at most one batch, and the finished output is byte-identical to an
-uninterrupted run.
+forward batch of the window in progress go to a journal as the batch finishes (:mod:`prmkit.scoring.resume`), so a
+killed run resumes where it stopped, losing at most one batch, and the finished output is byte-identical to an
+uninterrupted run. Records come from :mod:`prmkit.scoring.source`.
 """
 
 from __future__ import annotations
@@ -16,152 +16,33 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from prmkit import __version__
-from prmkit.atomic import remove_leftovers, write_atomic
-from prmkit.errors import DataError, PrmkitError, UsageError
+from prmkit.atomic import remove_leftovers
 from prmkit.dataset import SourceRecord, reject_entry
-from prmkit.formats import SIGNATURES, Options, RowError, check_format, convert, detect_format, validate
-from prmkit.jsonio import dumps, dumps_record, nonfinite_field
+from prmkit.errors import DataError, PrmkitError, UsageError
+from prmkit.formats import Options, RowError, check_format
+from prmkit.jsonio import dumps, dumps_record
 from prmkit.metrics import aggregate, first_error_index
 from prmkit.outputs import OutputLock, refuse_inputs_inside
-from prmkit.redact import redact
 from prmkit.scoring.engine import StepScorer, StepScores
+from prmkit.scoring.resume import (
+    BatchJournal,
+    describe_mismatch,
+    from_stdin,
+    fsync_dir,
+    journal_path,
+    output_paths,
+    read_state,
+    remove_files,
+    remove_journals,
+    remove_unresumable,
+    write_state,
+)
+from prmkit.scoring.source import SCORE_SIGNATURES, InputSource, detect_score_format, rows_to_score
 
 log = logging.getLogger("prmkit")
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Reading records to score
-
-
-SCORABLE = ("stepwise", "processbench")
-STATE_SUFFIX = ".prmkit-state.json"
-PARTIAL_SUFFIX = ".partial"
-REJECTS_SUFFIX = ".rejects.jsonl"
-BATCHES_SUFFIX = ".prmkit-batches"
-JOURNAL_SYNC_SECONDS = 1.0
-
-
-class InputSource:
-    """A score input: a JSONL file or stdin read line by line with byte offsets, or any source `prepare` reads."""
-
-    def __init__(self, spec: str):
-        from prmkit.dataset import Source, resolve_source
-
-        self.spec = spec
-        self.stdin = spec == "-"
-        self.source = Source("<stdin>", "jsonl", None, unit="line") if self.stdin else resolve_source(spec)
-        self.unit = self.source.unit
-
-    @property
-    def name(self) -> str:
-        return self.source.spec
-
-    def where(self, number: int) -> str:
-        return self.source.where(number)
-
-    def fingerprint(self) -> str | None:
-        """A hash of the content (not the path, so the same file named from elsewhere still matches)."""
-        from prmkit.dataset import fingerprint_source
-
-        if self.stdin:
-            return None
-        path = self.source.path
-        if path is not None and path.is_file():
-            h = hashlib.sha256()
-            with open(path, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(block)
-            return h.hexdigest()
-        return fingerprint_source(self.source)
-
-    def total(self) -> int | None:
-        """Number of lines when cheap to know (a JSONL file: counts newlines), else None."""
-        if self.source.kind != "jsonl" or self.source.path is None:
-            return None
-        n = 0
-        last = b"\n"
-        with open(self.source.path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                n += block.count(b"\n")
-                last = block[-1:]
-        return n + (last != b"\n")
-
-    def records(self, after_line: int = 0, after_offset: int | None = None) -> Iterator[SourceRecord]:
-        from prmkit.dataset import iter_records, read_jsonl
-
-        if self.source.kind != "jsonl":
-            for rec in iter_records(self.source):
-                if rec.number > after_line:
-                    yield rec
-            return
-        if self.stdin:
-            import sys
-
-            yield from read_jsonl(sys.stdin.buffer, self.name)
-            return
-        assert self.source.path is not None
-        with open(self.source.path, "rb") as fh:
-            if after_offset is not None:
-                fh.seek(after_offset)
-                yield from read_jsonl(fh, self.name, after_line, after_offset)
-            else:
-                for rec in read_jsonl(fh, self.name):
-                    if rec.number > after_line:
-                        yield rec
-
-
-# What each format needs to be scored: labels are optional, so stepwise needs only prompt + completions.
-SCORE_SIGNATURES = {**SIGNATURES, "stepwise": ("prompt", "completions"), "processbench": ("problem", "steps")}
-
-
-def detect_score_format(record: dict, source: str) -> str:
-    """The format of records to score."""
-    keys = set(record)
-    for fmt in SCORABLE:
-        if set(SCORE_SIGNATURES[fmt]) <= keys:
-            return fmt
-    return detect_format(keys, source)
-
-
-def rows_to_score(fmt: str, record: Any, unit: str, number: int, opts: Options) -> list[tuple[dict, str, list[str]]]:
-    """(output object, prompt, steps) for each solution in a record. Raises RowError.
-
-    Stepwise and ProcessBench records are scored as they are and written back whole; formats that need conversion
-    (math-shepherd, prm800k) are written as their converted stepwise rows with the source line or row number.
-    Labels are optional, but when a record has them (not null) they are checked as `eval` checks them, and a record
-    holding a number that JSON cannot write (NaN, Infinity) is refused, since its line could not be written back.
-    """
-    if not isinstance(record, dict):
-        raise RowError("row", f"expected a JSON object, got {'null' if record is None else type(record).__name__}")
-    if fmt not in SCORABLE:
-        rows = convert(fmt, record, opts)
-        return [({"prompt": r["prompt"], "completions": r["completions"], "labels": r["labels"], unit: number},
-                 r["prompt"], r["completions"]) for r in rows]
-    prompt_key, steps_key, labels_key = ("prompt", "completions", "labels") if fmt == "stepwise" else ("problem", "steps", "label")
-    for key in (prompt_key, steps_key):
-        if key not in record:
-            raise RowError(key, "missing")
-    prompt, steps, labels = record[prompt_key], record[steps_key], record.get(labels_key)
-    try:
-        if labels is None:
-            validate({"prompt": prompt, "completions": steps, "labels": [None] * len(steps) if isinstance(steps, list) else None},
-                     allow_unlabelled=True)
-        elif fmt == "stepwise":
-            validate({"prompt": prompt, "completions": steps, "labels": labels})
-        else:
-            convert("processbench", {"problem": prompt, "steps": steps, "label": labels}, opts)
-    except RowError as e:
-        # Name the field as the record spells it.
-        head = e.field.split("[")[0]
-        name = {"prompt": prompt_key, "completions": steps_key}.get(head, head)
-        raise RowError(name + e.field[len(head):], e.reason) from None
-    bad = nonfinite_field(record)
-    if bad is not None:
-        raise RowError(bad, "NaN or Infinity is not valid JSON, so the scored line could not be written")
-    return [(record, prompt, steps)]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -227,188 +108,6 @@ class ScoreSummary:
             "steps_per_s": round(self.steps_this_run / self.seconds, 2) if self.seconds > 0 else None,
             "timings": self.timings,
         }
-
-
-def output_paths(output: str | Path) -> dict[str, Path]:
-    out = Path(output)
-    return {
-        "output": out,
-        "partial": out.with_name(out.name + PARTIAL_SUFFIX),
-        "state": out.with_name(out.name + STATE_SUFFIX),
-        "rejects": out.with_name(out.name + REJECTS_SUFFIX),
-        "rejects_partial": out.with_name(out.name + REJECTS_SUFFIX + PARTIAL_SUFFIX),
-        "batches": out.with_name(out.name + BATCHES_SUFFIX),
-    }
-
-
-def journal_path(paths: dict[str, Path], rank: int) -> Path:
-    """Each process keeps its own batch journal (its share of every window's batches)."""
-    base = paths["batches"]
-    return base if rank == 0 else base.with_name(f"{base.name}.{rank}")
-
-
-def _remove_journals(paths: dict[str, Path]) -> None:
-    base = paths["batches"]
-    for p in base.parent.glob(base.name + "*"):
-        p.unlink(missing_ok=True)
-
-
-class BatchJournal:
-    """The scores of each forward batch of the window being scored, appended as the batch finishes.
-
-    Output lines are committed at window ends only: they go out in input order, and a window is sorted by length
-    before it is batched, so its first lines are often among the last scored. Without the journal a killed run
-    would lose up to a whole window of work (2,048 rows; minutes on a CPU). Each batch's scores are written here as
-    soon as it finishes (flushed at once, so kill -9 loses at most the batch in progress; fsync'd at least every
-    second against a power cut), and a resumed run scoring the same window takes them from here instead of running
-    those batches again.
-
-    Replaying is exact: the header must match (the same window of input lines, budget, packing and processes, so the
-    engine plans the same batches), each batch must score the very (solution, step, position) targets it recorded,
-    and the floats come back from JSON bit for bit. The finished output is the bytes an uninterrupted run writes.
-    """
-
-    def __init__(self, path: Path, header: dict[str, Any]):
-        self.path = path
-        self.header = header
-        self.replayed = 0
-        self._fh: Any = None
-        self._valid_bytes = 0
-        self._synced = time.monotonic()
-        self.done = self._read()
-        if self.done:
-            log.info(f"reusing {len(self.done)} batches scored before the interruption ({path.name})")
-
-    def _read(self) -> dict[int, tuple[str, list[float]]]:
-        done: dict[int, tuple[str, list[float]]] = {}
-        try:
-            fh = open(self.path, "rb")
-        except FileNotFoundError:
-            return done
-        with fh:
-            head = fh.readline()
-            if not head.endswith(b"\n") or _loads(head) != self.header:
-                return done  # another window's journal (or a torn header): nothing to reuse
-            size = len(head)
-            for raw in fh:
-                entry = _loads(raw) if raw.endswith(b"\n") else None
-                if not (isinstance(entry, dict) and isinstance(entry.get("batch"), int)
-                        and isinstance(entry.get("targets"), str) and isinstance(entry.get("scores"), list)):
-                    break  # a line cut short by the kill, and anything after it
-                done[entry["batch"]] = (entry["targets"], entry["scores"])
-                size += len(raw)
-        self._valid_bytes = size
-        return done
-
-    def replay(self, index: int, targets: list[tuple[int, int, int]]) -> list[float] | None:
-        entry = self.done.get(index)
-        if entry is None or entry[0] != _targets_digest(targets) or len(entry[1]) != len(targets):
-            return None
-        self.replayed += 1
-        return [float(x) for x in entry[1]]
-
-    def record(self, index: int, targets: list[tuple[int, int, int]], scores: list[float]) -> None:
-        if self._fh is None:
-            if self._valid_bytes:
-                self._fh = open(self.path, "r+b")
-                self._fh.truncate(self._valid_bytes)
-                self._fh.seek(0, os.SEEK_END)
-            else:
-                self._fh = open(self.path, "wb")
-                self._fh.write((json.dumps(self.header) + "\n").encode("utf-8"))
-        entry = {"batch": index, "targets": _targets_digest(targets), "scores": scores}
-        self._fh.write((json.dumps(entry) + "\n").encode("utf-8"))
-        self._fh.flush()
-        now = time.monotonic()
-        if now - self._synced >= JOURNAL_SYNC_SECONDS:
-            os.fsync(self._fh.fileno())
-            self._synced = now
-
-    def close(self) -> None:
-        # No fsync: after a whole window its output is committed (and fsync'd) instead; after a crash what was flushed
-        # survives a killed process, and record() has synced it within the last second against a power cut.
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
-
-
-def _loads(raw: bytes) -> Any:
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        return None
-
-
-def _targets_digest(targets: list[tuple[int, int, int]]) -> str:
-    return hashlib.sha256(json.dumps(targets).encode()).hexdigest()[:24]
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_state(path: Path, state: dict) -> None:
-    write_atomic(path, dumps(redact(state), indent=2) + "\n")
-    _fsync_dir(path.parent)
-
-
-def _read_state(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        raise UsageError(f"{path}: unreadable state file", hint="pass --overwrite to start over") from None
-
-
-def _describe_mismatch(state: dict, job: dict) -> str | None:
-    if state.get("input") != job["input"]:
-        was = state.get("input_spec")
-        return f"it was written for another input ({was!r}, or that file has changed since)"
-    old_model, new_model = state.get("model") or {}, job["model"]
-    same_model = (old_model.get("sha256") == new_model.get("sha256") if "sha256" in old_model and "sha256" in new_model
-                  else old_model == new_model)  # a local directory may move; its content decides
-    if not same_model:
-        return f"it was written by another model ({state.get('model', {}).get('name')!r}, or its files have changed)"
-    if state.get("settings") != job["settings"]:
-        old, new = state.get("settings", {}), job["settings"]
-        keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        changes = "; ".join(f"{k}: {_short(old.get(k))}, now {_short(new.get(k))}" for k in keys[:4])
-        return f"it was written with other settings ({changes}{'; ...' if len(keys) > 4 else ''})"
-    return None
-
-
-def _short(value: Any) -> str:
-    text = "not recorded" if value is None else json.dumps(value, ensure_ascii=False, default=str)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _remove(*paths: Path) -> None:
-    for p in paths:
-        if p.exists() or p.is_symlink():
-            p.unlink()
-
-
-def _from_stdin(state: dict) -> bool:
-    return (state.get("input") or {}).get("sha256") is None
-
-
-def _remove_unresumable(paths: dict[str, Path], why: str) -> None:
-    """Remove the partial output, rejects and state of a run that can never be continued, saying why."""
-    _remove_journals(paths)
-    there = [p for p in (paths["partial"], paths["rejects_partial"], paths["state"]) if p.exists() or p.is_symlink()]
-    if there:
-        _remove(*there)
-        log.warning(f"{paths['output']}: {why}; removed {', '.join(p.name for p in there)}")
 
 
 def _one_run_per_output(func: Callable[..., ScoreSummary]) -> Callable[..., ScoreSummary]:
@@ -522,7 +221,7 @@ def score_file(
         if rej_fh is not None:
             rej_fh.flush()
             os.fsync(rej_fh.fileno())
-        _write_state(paths["state"], {
+        write_state(paths["state"], {
             "prmkit_version": __version__,
             "status": "complete" if final else "running",
             **job,
@@ -675,7 +374,7 @@ def score_file(
                 if fh is not None:
                     fh.close()
             out_fh = rej_fh = None
-            _remove_unresumable(paths, "scoring stdin cannot be resumed (give the input as a file for that)")
+            remove_unresumable(paths, "scoring stdin cannot be resumed (give the input as a file for that)")
         raise
     finally:
         if paths is not None and out_fh is not None:
@@ -734,7 +433,7 @@ def _job_digest(job: dict[str, Any]) -> str:
 def _keep_derived_budget(scorer: StepScorer, paths: dict[str, Path]) -> int:
     """A budget sized to the device's free memory (not given) continues with the figure the run started with: free
     memory varies between runs, and a resumed run must batch as the first one did."""
-    state = _read_state(paths["state"]) if getattr(scorer, "batch_tokens_source", "given") != "given" else None
+    state = read_state(paths["state"]) if getattr(scorer, "batch_tokens_source", "given") != "given" else None
     recorded = ((state or {}).get("settings") or {}).get("batch_tokens")
     if isinstance(recorded, int) and recorded >= 1 and recorded != scorer.batch_tokens:
         log.info(f"continuing with the batch budget the run started with ({recorded} tokens, not {scorer.batch_tokens})")
@@ -748,8 +447,8 @@ def _finish(paths: dict[str, Path]) -> None:
         os.replace(paths["rejects_partial"], paths["rejects"])
     if paths["partial"].exists():
         os.replace(paths["partial"], paths["output"])
-    _remove_journals(paths)
-    _fsync_dir(paths["output"].parent)
+    remove_journals(paths)
+    fsync_dir(paths["output"].parent)
 
 
 def _plan_output(paths: dict[str, Path], job: dict, src: InputSource, overwrite: bool) -> dict[str, Any]:
@@ -762,25 +461,25 @@ def _plan_output(paths: dict[str, Path], job: dict, src: InputSource, overwrite:
     if removed:
         log.info(f"removed {removed} temporary file{'s' if removed > 1 else ''} left beside {out} by an interrupted run")
     if overwrite:
-        _remove(paths["output"], paths["partial"], paths["rejects"], paths["rejects_partial"], paths["state"])
-        _remove_journals(paths)
+        remove_files(paths["output"], paths["partial"], paths["rejects"], paths["rejects_partial"], paths["state"])
+        remove_journals(paths)
         return {"fresh": True}
-    state = _read_state(paths["state"])
-    if state is not None and _from_stdin(state) and state.get("status") != "complete":
+    state = read_state(paths["state"])
+    if state is not None and from_stdin(state) and state.get("status") != "complete":
         # An interrupted run that read stdin: nothing can tell where its input left off, so it cannot be continued.
-        _remove_unresumable(paths, "an earlier run read stdin and was interrupted; it cannot be continued")
+        remove_unresumable(paths, "an earlier run read stdin and was interrupted; it cannot be continued")
         state = None
     if state is None:
         existing = [p for p in (paths["output"], paths["partial"], paths["rejects"], paths["rejects_partial"]) if p.exists()]
         if existing:
             raise UsageError(f"{existing[0]} exists and no scoring state records how it was made",
                              hint="pass --overwrite to replace it, or choose another --output")
-        _remove_journals(paths)  # no state says whose they are
+        remove_journals(paths)  # no state says whose they are
         return {"fresh": True}
     if src.stdin:
         raise UsageError(f"{out}: cannot check that stdin is the input an earlier run scored",
                          hint="pass --overwrite to start over, or give the input as a file to resume")
-    why = _describe_mismatch(state, job)
+    why = describe_mismatch(state, job)
     if why:
         raise UsageError(f"{out}: refusing to continue it: {why}",
                          hint="run with the settings it was started with to continue it (a resumed run must batch as "
