@@ -12,7 +12,9 @@ from conftest import make_tiny_prm, prmkit_log
 from prmkit.errors import UsageError
 from prmkit.modeling import PRMKIT_JSON, build_metadata, write_metadata
 from prmkit.scoring import StepScorer
-from prmkit.scoring.engine import _is_causal, _probe_causal, _resolve_device, _resolve_dtype
+from prmkit.scoring.engine import _is_causal, _probe_causal
+from prmkit.scoring.loading import resolve_device as _resolve_device
+from prmkit.scoring.loading import resolve_dtype as _resolve_dtype
 from prmkit.tokenization import TokenizationParams, encode_solutions
 
 SOLUTIONS = [

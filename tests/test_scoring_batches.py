@@ -323,6 +323,50 @@ def test_the_json_summary_says_where_the_time_went(tmp_path, prm_dir):
     assert engine <= summary["seconds"] + 0.01
 
 
+def test_the_tokenizer_loads_in_a_thread_while_the_weights_load(monkeypatch, prm_dir, scorer, reference):
+    # On CUDA only by default; here the CPU takes the same path.
+    import threading
+
+    import prmkit.dataset
+    from prmkit.scoring import engine
+    from prmkit.tokenization import tokenizer_fingerprint
+
+    loaded_in = []
+    real = prmkit.dataset.load_tokenizer
+
+    def recording(*args):
+        loaded_in.append(threading.current_thread().name)
+        return real(*args)
+
+    monkeypatch.setattr(engine, "OVERLAP_TOKENIZER_ON", ("cpu",))
+    monkeypatch.setattr(prmkit.dataset, "load_tokenizer", recording)
+    overlapped = StepScorer.from_pretrained(prm_dir, device="cpu", dtype="float32")
+    assert len(loaded_in) == 1 and loaded_in[0].startswith("prmkit-load")
+    assert tokenizer_fingerprint(overlapped.tokenizer) == tokenizer_fingerprint(scorer.tokenizer)
+    assert overlapped.score_batch(ITEMS) == reference
+    assert not [t for t in threading.enumerate() if t.name.startswith("prmkit-load")]
+
+    # A tokenizer that cannot be loaded is the same one-line error as without the thread.
+    with pytest.raises(PrmkitError, match="tokenizer .*could not be loaded|no such"):
+        StepScorer.from_pretrained(prm_dir, device="cpu", dtype="float32", tokenizer=str(prm_dir / "missing"))
+
+
+def test_a_finished_command_exits_at_once_with_its_code_output_and_exit_handlers(tmp_path, prm_dir):
+    src = write_rows(tmp_path / "in.jsonl", solutions(40, seed=5))
+    marker = tmp_path / "atexit-ran"
+    code = ("import atexit, sys; atexit.register(lambda path=sys.argv[1]: open(path, 'w').write('ran')); "
+            "sys.argv = ['prmkit', *sys.argv[2:]]; from prmkit.cli.app import main; main()")
+    proc = subprocess.run([sys.executable, "-c", code, str(marker), "score", str(prm_dir), str(src), "-o", "-"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 40 and all(len(json.loads(line)["step_scores"]) >= 1 for line in lines)
+    assert marker.read_text() == "ran"
+    missing = subprocess.run([sys.executable, "-c", code, str(marker), "score", str(prm_dir), str(tmp_path / "nope.jsonl"),
+                              "-o", str(tmp_path / "out.jsonl")], capture_output=True, text=True, timeout=600)
+    assert missing.returncode == 2 and "nope.jsonl" in missing.stderr
+
+
 def test_a_resumed_run_keeps_the_budget_it_derived_at_the_start(tmp_path, scorer):
     src = write_rows(tmp_path / "in.jsonl", solutions(40, seed=9))
     ref, out = tmp_path / "ref.jsonl", tmp_path / "out.jsonl"

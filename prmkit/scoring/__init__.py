@@ -1,21 +1,16 @@
 """Scoring: the engine (p(step correct) for every step, one forward pass per solution) and `prmkit score`'s job.
 
-- :mod:`prmkit.scoring.engine`: :class:`StepScorer`, device and dtype resolution, model identity.
+- :mod:`prmkit.scoring.engine`: :class:`StepScorer`; :mod:`prmkit.scoring.loading`: device and dtype resolution,
+  the weights and tokenizer, model identity.
 - :mod:`prmkit.scoring.budget`, :mod:`prmkit.scoring.attention`, :mod:`prmkit.scoring.timings`: the engine's batch
   budget, packed attention kernels and where a run's time goes.
 - :mod:`prmkit.scoring.source`: the records to score; :mod:`prmkit.scoring.resume`: the state and batch journal that
   let a killed run resume to the same bytes; :mod:`prmkit.scoring.job`: :func:`score_file`, which joins them.
 """
 
-from prmkit.scoring.engine import (
-    DTYPES,
-    StepScorer,
-    StepScores,
-    default_batch_tokens,
-    end_distributed,
-    model_identity,
-)
+from prmkit.scoring.engine import StepScorer, StepScores, default_batch_tokens, end_distributed
 from prmkit.scoring.job import InputSource, ScoreCounts, ScoreSummary, output_paths, score_file
+from prmkit.scoring.loading import DTYPES, model_identity
 
 __all__ = [
     "DTYPES",

@@ -20,14 +20,12 @@ of every window and the results are gathered, so every process returns them in i
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from prmkit.atomic import read_json
 from prmkit.errors import PrmkitError, UsageError
 from prmkit.modeling import (
     POSITIVE_LABEL_ID,
@@ -37,12 +35,22 @@ from prmkit.modeling import (
     resolve_tokenization,
 )
 from prmkit.scoring import attention, budget
+from prmkit.scoring.loading import (
+    OVERLAP_TOKENIZER_ON,
+    Background,
+    architecture_imported,
+    hub_metadata,
+    load_error,
+    load_model,
+    model_identity,
+    resolve_device,
+    resolve_dtype,
+)
 from prmkit.scoring.timings import Timings
 from prmkit.tokenization import Encoded, TextEncoder, TokenizationParams, encode_solutions, tokenizer_fingerprint
 
 log = logging.getLogger("prmkit")
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -238,14 +246,14 @@ class StepScorer:
         from prmkit.dataset import load_tokenizer
         from prmkit.modeling import is_causal
 
-        metadata = read_metadata(local) if is_local else _hub_metadata(name, revision)
+        metadata = read_metadata(local) if is_local else hub_metadata(name, revision)
         from prmkit import kinds
 
         kind, settings, kind_tokenizer = kinds.resolve_kind(name, metadata, kind_settings, local=is_local,
                                                             revision=revision, trust_remote_code=trust_remote_code)
 
-        rank, world_size, dev = _resolve_device(device)
-        torch_dtype = _resolve_dtype(dtype, dev)
+        rank, world_size, dev = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, dev)
         if dev.type == "cuda":
             torch.cuda.init()  # the CUDA context is start-up, not model loading
         adapter = is_local and (local / "adapter_config.json").is_file()
@@ -256,7 +264,7 @@ class StepScorer:
                     config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code,
                                                         **({"revision": revision} if revision else {}))
                 except (OSError, ValueError) as e:
-                    raise _load_error(name, e) from None
+                    raise load_error(name, e) from None
             chosen = attn_implementation is None and packing is not False and config is not None
             if chosen:
                 attn_implementation = attention.choose_attention(
@@ -279,28 +287,31 @@ class StepScorer:
                     sort_window=sort_window, packing=packing, rank=rank, world_size=world_size, timings=timings)
             params, changes = resolve_tokenization(name, metadata, step_separator, tokenization)
             positive = int(((metadata or {}).get("labels") or {}).get("positive_label_id", POSITIVE_LABEL_ID))
-            try:
-                if adapter:
-                    # A LoRA adapter that `prmkit train` saved unmerged: its base, the adapter, and the trained head.
-                    from prmkit.modeling import load_trained_model
+            overlap = (dev.type in OVERLAP_TOKENIZER_ON and not adapter
+                       and architecture_imported(AutoModelForTokenClassification, config))
+            with Background(load_tokenizer, tokenizer or name, trust_remote_code, enabled=overlap) as pending_tokenizer:
+                try:
+                    if adapter:
+                        # A LoRA adapter that `prmkit train` saved unmerged: its base, the adapter, and the trained head.
+                        from prmkit.modeling import load_trained_model
 
-                    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
-                    model, info = load_trained_model(local, torch_dtype, trust_remote_code, **extra), {}
-                    model.to(dev)
-                else:
-                    model, info = _load_model(AutoModelForTokenClassification, name,
-                                              {**load_kwargs, "config": config, "device_map": dev}, attn_implementation,
-                                              fall_back=chosen)
-            except (OSError, ValueError) as e:
-                raise _load_error(name, e) from None
-            missing = [k for k in info.get("missing_keys", []) if k.split(".")[0] in ("score", "classifier")]
-            if missing:
-                raise UsageError(
-                    f"model {name!r} has no trained token-classification head ({', '.join(sorted(missing)[:2])} "
-                    "missing); its scores would be random",
-                    hint="score with a PRM trained by `prmkit train` (or TRL's PRMTrainer), not a base model",
-                )
-            tok = load_tokenizer(tokenizer or name, trust_remote_code)
+                        extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+                        model, info = load_trained_model(local, torch_dtype, trust_remote_code, **extra), {}
+                        model.to(dev)
+                    else:
+                        model, info = load_model(AutoModelForTokenClassification, name,
+                                                  {**load_kwargs, "config": config, "device_map": dev},
+                                                  attn_implementation, fall_back=chosen)
+                except (OSError, ValueError) as e:
+                    raise load_error(name, e) from None
+                missing = [k for k in info.get("missing_keys", []) if k.split(".")[0] in ("score", "classifier")]
+                if missing:
+                    raise UsageError(
+                        f"model {name!r} has no trained token-classification head ({', '.join(sorted(missing)[:2])} "
+                        "missing); its scores would be random",
+                        hint="score with a PRM trained by `prmkit train` (or TRL's PRMTrainer), not a base model",
+                    )
+                tok = pending_tokenizer.result()
             recorded = ((metadata or {}).get("tokenizer") or {}).get("sha256")
             if recorded and tokenizer_fingerprint(tok)["sha256"] != recorded:
                 # e.g. transformers picking the architecture's tokenizer class over the saved tokenizer.json
@@ -624,39 +635,6 @@ def _model_name(model: Any) -> str:
     return str(getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "") or type(model).__name__)
 
 
-def _load_model(cls, name: str, kwargs: dict, attn_implementation: str | None, fall_back: bool = False):
-    try:
-        return cls.from_pretrained(name, output_loading_info=True, attn_implementation=attn_implementation, **kwargs)
-    except (ImportError, ValueError) as e:
-        if not fall_back or attn_implementation is None:
-            raise
-        # The architecture (or this build) does not take the packing kernel prmkit chose: fall back to padded batches.
-        log.info(f"{attn_implementation} unavailable for {name} ({str(e).splitlines()[0]}); using padded batches")
-        return cls.from_pretrained(name, output_loading_info=True, **kwargs)
-
-
-def _load_error(name: str, e: Exception) -> UsageError:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return UsageError(f"model {name!r} could not be loaded: {first}",
-                      hint="give a prmkit output directory, a transformers model directory, or a reachable Hub id")
-
-
-def _hub_metadata(repo_id: str, revision: str | None) -> dict | None:
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
-
-    try:
-        path = hf_hub_download(repo_id, PRMKIT_JSON, revision=revision)
-    except (EntryNotFoundError, LocalEntryNotFoundError):
-        return None
-    except RepositoryNotFoundError:
-        raise UsageError(f"model {repo_id!r}: no such local directory or Hub repository") from None
-    except Exception as e:  # network errors come in many types; loading the weights will say more
-        log.info(f"{repo_id}: could not fetch {PRMKIT_JSON} ({type(e).__name__})")
-        return None
-    return read_json(path, hint="the copy in the Hub cache is damaged: delete it (or pass --step-separator)")
-
-
 def end_distributed() -> None:
     """Leave the process group together, if one was joined.
 
@@ -673,50 +651,6 @@ def end_distributed() -> None:
         if sys.exc_info()[0] is None:
             dist.barrier()
         dist.destroy_process_group()
-
-
-def _resolve_device(device: str):
-    """(rank, world size, torch.device); under several processes accelerate assigns each its device."""
-    import torch
-
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size > 1:
-        from accelerate import PartialState
-
-        # PartialState joins CPU processes (gloo) only when told; accelerate's own Accelerator reads this variable.
-        cpu = (os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or device == "cpu"
-               or not torch.cuda.is_available())
-        state = PartialState(cpu=cpu)
-        if state.num_processes != world_size:
-            raise PrmkitError(f"WORLD_SIZE is {world_size}, but accelerate joined {state.num_processes} processes")
-        # A bare "cuda" means each process's own GPU, not all of them on GPU 0.
-        dev = state.device if device in ("auto", None, "cuda") else torch.device(device)
-        return state.process_index, state.num_processes, dev
-    if device in ("auto", None):
-        if torch.cuda.is_available():
-            return 0, 1, torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return 0, 1, torch.device("mps")
-        return 0, 1, torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise UsageError(f"unknown device {device!r}", hint="auto, cpu, cuda, cuda:1, mps") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"device {device!r} asked for, but CUDA is not available", hint="use --device cpu or auto")
-    return 0, 1, dev
-
-
-def _resolve_dtype(dtype: str, device):
-    import torch
-
-    if dtype not in DTYPES:
-        raise UsageError(f"unknown dtype {dtype!r}", hint=f"one of {', '.join(DTYPES)}")
-    if dtype == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32  # bf16 matmuls are slow on most CPUs, and fp32 is exact
-    return getattr(torch, dtype)
 
 
 def _is_out_of_memory(e: BaseException) -> bool:
@@ -752,31 +686,3 @@ def _probe_causal(model: Any) -> bool:
         logits = model(input_ids=torch.tensor([base, other], device=device), use_cache=False).logits.float()
     diff = (logits[0, :-1] - logits[1, :-1]).abs().max().item()
     return diff <= 1e-5 * (1.0 + logits.abs().max().item())
-
-
-def model_identity(name: str, model: Any | None = None) -> dict[str, Any]:
-    """What a result file records about the model, to refuse resuming with another one.
-
-    A local directory is identified by a hash of its config, tokenizer and metadata files and a sampled hash of
-    its weights (64 spread 64 KiB blocks, so retrained weights of the same shape differ without reading GBs);
-    a Hub model by its id and commit.
-    """
-    path = Path(name).expanduser()
-    if path.is_dir():
-        h = hashlib.sha256()
-        for f in sorted(path.iterdir()):
-            if not f.is_file() or f.suffix not in (".json", ".safetensors", ".bin", ".txt", ".model", ".tiktoken"):
-                continue
-            h.update(f.name.encode() + b"\0")
-            size = f.stat().st_size
-            h.update(str(size).encode() + b"\0")
-            with open(f, "rb") as fh:
-                if size <= 64 << 20:
-                    h.update(fh.read())
-                else:
-                    for k in range(64):
-                        fh.seek(size * k // 64)
-                        h.update(fh.read(64 << 10))
-        return {"name": str(path.resolve()), "sha256": h.hexdigest()}
-    commit = getattr(getattr(model, "config", None), "_commit_hash", None) if model is not None else None
-    return {"name": name, "revision": commit}
