@@ -33,18 +33,23 @@ def small_batches(prm_dir) -> StepScorer:
     return StepScorer.from_pretrained(prm_dir, batch_tokens=96)
 
 
-def crash_after(monkeypatch, n: int) -> None:
-    """Make the journal raise right after its n-th record: a kill between two batches."""
+def stopped_run(monkeypatch, n: int, scorer: StepScorer, src: Path, out: Path, window: list[int] | None = None,
+                **kwargs) -> None:
+    """Score until the journal's n-th record (of ``window``, if given), then stop: a kill between two batches."""
     original = BatchJournal.record
     seen = []
 
     def record(self, index, targets, scores):
         original(self, index, targets, scores)
-        seen.append(index)
-        if len(seen) == n:
-            raise Crash
+        if window is None or self.header["window"] == window:
+            seen.append(index)
+            if len(seen) == n:
+                raise Crash
 
-    monkeypatch.setattr(BatchJournal, "record", record)
+    with monkeypatch.context() as m:
+        m.setattr(BatchJournal, "record", record)
+        with pytest.raises(Crash):
+            score_file(scorer, str(src), str(out), **kwargs)
 
 
 def test_a_run_stopped_mid_window_reuses_its_batches_and_ends_byte_identical(tmp_path, small_batches, monkeypatch):
@@ -56,10 +61,7 @@ def test_a_run_stopped_mid_window_reuses_its_batches_and_ends_byte_identical(tmp
 
     out = tmp_path / "out.jsonl"
     paths = output_paths(out)
-    with monkeypatch.context() as m:
-        crash_after(m, 5)
-        with pytest.raises(Crash):
-            score_file(small_batches, str(src), str(out))
+    stopped_run(monkeypatch, 5, small_batches, src, out)
     state = json.loads(paths["state"].read_text())
     # One window holds the whole input: no output line is committed yet, the five batches are in the journal.
     assert state["status"] == "running" and state["progress"]["input_line"] == 0
@@ -81,10 +83,7 @@ def test_a_journal_left_without_its_state_is_not_replayed(tmp_path, tiny_prm_pai
     src = write_jsonl(tmp_path / "in.jsonl", make_rows(20, seed=25))
     out = tmp_path / "out.jsonl"
     paths = output_paths(out)
-    with monkeypatch.context() as m:
-        crash_after(m, 4)
-        with pytest.raises(Crash):
-            score_file(small_batches, str(src), str(out))
+    stopped_run(monkeypatch, 4, small_batches, src, out)
     paths["state"].unlink()
     paths["partial"].unlink()
     # Another model with the same tokenizer and separator plans the very same batches; its scores must be its own.
@@ -112,20 +111,7 @@ def test_windows_already_committed_and_the_journal_combine(tmp_path, small_batch
     ref = tmp_path / "ref.jsonl"
     score_file(small_batches, str(src), str(ref), sort_window=10)
     out = tmp_path / "out.jsonl"
-    original = BatchJournal.record
-    second_window = []
-
-    def record(self, index, targets, scores):
-        original(self, index, targets, scores)
-        if self.header["window"] == [11, 20]:
-            second_window.append(index)
-            if len(second_window) == 2:
-                raise Crash
-
-    with monkeypatch.context() as m:
-        m.setattr(BatchJournal, "record", record)
-        with pytest.raises(Crash):
-            score_file(small_batches, str(src), str(out), sort_window=10)
+    stopped_run(monkeypatch, 2, small_batches, src, out, window=[11, 20], sort_window=10)
     state = json.loads(output_paths(out)["state"].read_text())
     assert state["progress"]["input_line"] == 10  # the first window is committed, the second is in the journal
     summary = score_file(small_batches, str(src), str(out), sort_window=10)
