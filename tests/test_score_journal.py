@@ -95,6 +95,20 @@ def test_a_journal_left_without_its_state_is_not_replayed(tmp_path, tiny_prm_pai
     assert out.read_bytes() == ref.read_bytes()
 
 
+def test_stderr_says_where_the_partial_output_is(tmp_path, prm_dir):
+    from typer.testing import CliRunner
+
+    from prmkit.cli.app import app
+
+    src = write_jsonl(tmp_path / "in.jsonl", make_rows(3, seed=26))
+    out = tmp_path / "out.jsonl"
+    res = CliRunner().invoke(app, ["score", str(prm_dir), str(src), "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    said = res.stderr.replace("\n", "")
+    assert f"writing {out}.partial, renamed to out.jsonl when complete" in said
+    assert "run the same command again to resume" in said
+
+
 def test_a_batch_whose_targets_differ_is_run_again(tmp_path):
     journal = BatchJournal(tmp_path / "j", {"window": [1, 2]})
     journal.record(0, [(0, 0, 5), (0, 1, 9)], [0.25, 0.75])
