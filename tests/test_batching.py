@@ -111,6 +111,7 @@ def test_packed_flex_attention_loss_equals_the_unpacked_run(tmp_path, train_toke
     assert abs(step_loss(leaky, packed["labels"]).item() - padded_loss) > 1e-3
 
 
+@pytest.mark.slow
 def test_packed_training_step_equals_the_unpacked_one(tmp_path, train_tokenizer_dir):
     """One optimizer step on a pack (block-diagonal mask from position_ids) gives the gradients of padded batches."""
     from transformers import AutoTokenizer

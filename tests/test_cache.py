@@ -130,6 +130,7 @@ def test_overwrite_replaces_a_file_at_the_output_path(tmp_path, source, tiny_tok
     assert out.is_dir() and sorted(p.name for p in tmp_path.iterdir()) == ["prepared", "rows.jsonl"]
 
 
+@pytest.mark.slow
 def test_killed_prepare_leaves_a_temp_dir_that_the_next_run_removes(tmp_path, source, tiny_tokenizer_dir):
     out = tmp_path / "prepared"
     # A real kill -9 in the middle of writing the dataset.
@@ -165,6 +166,7 @@ def test_a_running_prepare_keeps_its_temp_dir(tmp_path, source, tiny_tokenizer_d
     assert live.is_dir()
 
 
+@pytest.mark.slow
 def test_train_rebuilds_a_damaged_cache(tmp_path, source, tiny_qwen2_config_dir):
     from conftest import write_train_rows
 

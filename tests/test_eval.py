@@ -267,6 +267,7 @@ def test_best_of_n_from_grouped_candidates(tiny_prm_pair, data, reference):
     assert (fe["n_error"], fe["n_correct"]) == (6, 4)
 
 
+@pytest.mark.slow
 def test_two_models_side_by_side(tiny_prm_pair, data, reference, tmp_path):
     a, b = (str(m) for m in tiny_prm_pair)
     threshold = 0.5
@@ -291,6 +292,7 @@ def test_two_models_side_by_side(tiny_prm_pair, data, reference, tmp_path):
     assert json.loads((tmp_path / "cmp" / "report.json").read_text())["models"][b]["threshold"] == 0.5
 
 
+@pytest.mark.slow
 def test_plots_are_valid_pngs(tiny_prm_pair, data, tmp_path):
     from matplotlib.image import imread
 

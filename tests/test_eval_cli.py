@@ -71,6 +71,7 @@ def test_tables_on_stdout_logs_on_stderr(tiny_prm_pair, data, tmp_path):
     assert "loading" in res.stderr and "loading" not in res.stdout
 
 
+@pytest.mark.slow
 def test_config_eval_section(tiny_prm_pair, data, tmp_path):
     cfg = tmp_path / "prmkit.yaml"
     out = tmp_path / "from-config"
@@ -130,6 +131,7 @@ def test_skip_invalid(tiny_prm_pair, data, tmp_path):
     assert "1 invalid rows skipped" in res.stderr
 
 
+@pytest.mark.slow
 def test_output_dir_refused_unless_overwrite(tiny_prm_pair, data, tmp_path):
     model = tiny_prm_pair[0]
     out = tmp_path / "out"
@@ -160,6 +162,7 @@ def test_missing_matplotlib_is_one_line_error(tiny_prm_pair, data, tmp_path, mon
     assert not (tmp_path / "out").exists()  # refused before any scoring or writing
 
 
+@pytest.mark.slow
 def test_two_models_positional_and_option(tiny_prm_pair, data, tmp_path):
     a, b = tiny_prm_pair
     out = tmp_path / "cmp"
@@ -194,6 +197,7 @@ def test_python_m_prmkit_subprocess(tiny_prm_pair, data, tmp_path):
     assert bad.returncode == 2 and "row 3" in bad.stderr and "Traceback" not in bad.stderr
 
 
+@pytest.mark.slow
 def test_dtype_and_device_reach_the_scorer(tiny_prm_pair, data, tmp_path, monkeypatch):
     import prmkit.evaluation as evaluation
 
@@ -218,6 +222,7 @@ def test_dtype_and_device_reach_the_scorer(tiny_prm_pair, data, tmp_path, monkey
     assert seen[-1] == ("float32", "cpu", "torch.float32", "cpu")
 
 
+@pytest.mark.slow
 def test_overrides_of_recorded_tokenization_are_honoured_with_a_warning_or_refused(train_tokenizer_dir, data, tmp_path):
     prm, twin = prm_twins(tmp_path, train_tokenizer_dir, {"max_prompt_length": 4}, {"max_prompt_length": None})
 
@@ -262,6 +267,7 @@ def test_mean_f1_says_it_covers_mixed_only(tiny_prm_pair, tmp_path):
     assert "over mixed only; left out: onlycorrect" in (out / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_tuning_the_threshold_reuses_the_one_scoring_pass(tiny_prm_pair, data, tmp_path, monkeypatch):
     # Score once, then sweep: --tune-threshold must run exactly the forward passes of a fixed-threshold eval, score
     # every solution once, and reach the same scores (the figures at the tuned threshold come from them).

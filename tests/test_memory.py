@@ -183,6 +183,7 @@ def test_eager_attention_adds_the_score_matrix():
     assert eager.activations - sdpa.activations == 24 * scores
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["fp32", "bf16", "autocast", "checkpointing"])
 def test_estimate_matches_the_tensors_autograd_saves(mode):
     """The coefficients are measurements: re-measure on a small model of another shape, within 10%."""

@@ -322,6 +322,7 @@ def test_a_second_score_into_the_same_output_is_refused_naming_the_first(tmp_pat
     assert len(out.read_text().splitlines()) == 3 and not (tmp_path / ".scored.jsonl.prmkit-lock").exists()
 
 
+@pytest.mark.slow
 def test_two_evals_into_one_directory_write_one_whole_report_after_the_other(tmp_path):
     from eval_fixtures import write_json
     from test_eval import _fake, _pb

@@ -407,6 +407,7 @@ def test_card_snippet_with_a_multi_token_separator(base_model_dir):
     _check_snippet_against_encode_solutions(base_model_dir, "\n\n## ")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not QWEN2_TOKENIZER.exists(), reason=f"needs ../shared ({QWEN2_TOKENIZER} is missing)")
 def test_card_snippet_with_qwen2_tokenizer(tmp_path):
     from transformers import AutoTokenizer

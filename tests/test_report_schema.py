@@ -27,6 +27,7 @@ def subset(tmp_path_factory) -> Path:
     return write_json(tmp_path_factory.mktemp("schema-data") / "a.json", processbench_records(8, seed=3))
 
 
+@pytest.mark.slow
 def test_one_model_and_several_share_the_documented_top_level(tiny_prm_pair, subset):
     a, b = (str(m) for m in tiny_prm_pair)
     one = evaluation.evaluate([a], [str(subset)]).report

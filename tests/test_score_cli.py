@@ -78,6 +78,7 @@ def scorer(prm_dir) -> StepScorer:
     return StepScorer.from_pretrained(prm_dir)
 
 
+@pytest.mark.slow
 def test_each_line_gets_scores_aggregates_and_first_error(tmp_path, prm_dir, scorer):
     rows = make_rows(12)
     src = write_jsonl(tmp_path / "in.jsonl", rows)
@@ -214,6 +215,7 @@ class Crash(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_resume_after_a_crash_with_a_half_written_line_is_byte_identical(tmp_path, prm_dir, scorer):
     src = write_jsonl(tmp_path / "in.jsonl", make_rows(20, seed=3))
     ref = tmp_path / "ref.jsonl"
@@ -362,6 +364,7 @@ def test_batch_budget_defaults_to_a_cpu_sized_one_and_does_not_change_scores(tmp
         assert b["step_scores"] == pytest.approx(a["step_scores"], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_overrides_of_recorded_tokenization_are_honoured_with_a_warning_or_refused(tmp_path, train_tokenizer_dir):
     # The model recorded max_prompt_length 4 at training; the twin records null. `--set data.max_prompt_length=null`
     # must score as the twin does, and say that it differs from training.

@@ -52,6 +52,7 @@ def stopped_run(monkeypatch, n: int, scorer: StepScorer, src: Path, out: Path, w
             score_file(scorer, str(src), str(out), **kwargs)
 
 
+@pytest.mark.slow
 def test_a_run_stopped_mid_window_reuses_its_batches_and_ends_byte_identical(tmp_path, small_batches, monkeypatch):
     src = write_jsonl(tmp_path / "in.jsonl", make_rows(24, seed=21))
     ref = tmp_path / "ref.jsonl"
@@ -79,6 +80,7 @@ def test_a_run_stopped_mid_window_reuses_its_batches_and_ends_byte_identical(tmp
     assert not journal_path(paths, 0).exists() and not paths["partial"].exists()
 
 
+@pytest.mark.slow
 def test_a_journal_left_without_its_state_is_not_replayed(tmp_path, tiny_prm_pair, small_batches, monkeypatch):
     src = write_jsonl(tmp_path / "in.jsonl", make_rows(20, seed=25))
     out = tmp_path / "out.jsonl"

@@ -55,6 +55,7 @@ def test_scores_equal_a_manual_forward_pass_at_the_training_positions(scorer):
     assert len(set(scorer.score(*SOLUTIONS[1]))) == 4
 
 
+@pytest.mark.slow
 def test_one_pass_equals_prefix_by_prefix(scorer):
     one_pass = scorer.score_batch(SOLUTIONS)
     # Each prefix encoded on its own by encode_solutions and scored alone: what a step may see, and no more.
@@ -69,6 +70,7 @@ def test_one_pass_equals_prefix_by_prefix(scorer):
         assert got == pytest.approx(want, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_batching_and_packing_do_not_change_scores(scorer):
     alone = [scorer.score(p, s) for p, s in SOLUTIONS]
     tight = StepScorer(scorer.model, scorer.tokenizer, scorer.params, batch_tokens=1)  # one row per batch
@@ -80,6 +82,7 @@ def test_batching_and_packing_do_not_change_scores(scorer):
             assert got == pytest.approx(want, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_score_iter_streams_in_input_order_with_bounded_read_ahead(scorer):
     items = [SOLUTIONS[i % len(SOLUTIONS)] for i in range(10)]
     pulled = []
@@ -182,6 +185,7 @@ def test_causality_is_recognised():
     assert not _is_causal(bert) and not _probe_causal(bert)
 
 
+@pytest.mark.slow
 def test_non_causal_model_is_scored_prefix_by_prefix_with_one_warning(tiny_tokenizer_dir):
     from transformers import AutoTokenizer
 
