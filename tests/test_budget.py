@@ -35,7 +35,12 @@ def test_device_budget_with_numbers():
     assert usable == 7_602_092_114 and expected == 28672  # 29,635 tokens, rounded down to 28 x 1,024
     assert device_batch_tokens(9 * GiB, 24 * GiB, QWEN2_7B, 2) == expected
     # Next to nothing free: the floor, and the engine's split-and-retry takes it from there.
-    assert device_batch_tokens(GiB, 80 * GiB, QWEN2_7B, 2) == budget.MIN_DEVICE_BATCH_TOKENS
+    assert device_batch_tokens(GiB // 4, 80 * GiB, QWEN2_7B, 2) == budget.MIN_DEVICE_BATCH_TOKENS
+    # An H200 that another process fills but for 8 GiB: half of that is kept back (not 8% of 139 GiB, which is more
+    # than is free), so Qwen2-0.5B still gets a working budget: 4 GiB / (43,528 x 1.5) = 65,783 tokens.
+    assert device_batch_tokens(8 * GiB, 139 * GiB, QWEN2_05B, 2) == 65536
+    # 1 GiB free on an 80 GiB card: 512 MiB usable, 2,093 tokens of Qwen2-7B, rounded down.
+    assert device_batch_tokens(GiB, 80 * GiB, QWEN2_7B, 2) == 2048
     # More free memory never means a smaller budget.
     figures = [device_batch_tokens(f * GiB, 80 * GiB, QWEN2_7B, 2) for f in range(1, 80)]
     assert figures == sorted(figures)

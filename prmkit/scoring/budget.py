@@ -28,7 +28,9 @@ MAX_DEVICE_BATCH_TOKENS = 131072
 lengthen the wait for the first results and the cost of an out-of-memory retry."""
 RESERVED_FRACTION = 0.08
 RESERVED_MIN_BYTES = 1 << 30
-"""Left free for the allocator's fragmentation, cuBLAS workspaces and the CUDA context's growth."""
+"""Left free for the allocator's fragmentation, cuBLAS workspaces and the CUDA context's growth: 8% of the device,
+at least 1 GiB, but never more than half of what is free (a big card that another process mostly fills would
+otherwise be left with the smallest budget, and run a hundred times slower than it can)."""
 SAFETY = 1.5
 """The per-token estimate counts the largest live tensors only; this covers kernels' scratch and rounding."""
 ROUND_TO = 1024
@@ -77,7 +79,7 @@ def device_batch_tokens(
     ``dense_attention_width`` is the longest row a batch may hold when attention needs a dense mask (None: linear
     attention). The result is a multiple of 1,024 between 1,024 and 131,072.
     """
-    reserve = max(RESERVED_MIN_BYTES, int(RESERVED_FRACTION * total_bytes))
+    reserve = min(max(RESERVED_MIN_BYTES, int(RESERVED_FRACTION * total_bytes)), free_bytes // 2)
     usable = max(0, free_bytes - reserve)
     per_token = bytes_per_token(shape, dtype_bytes)
     if dense_attention_width:
