@@ -104,6 +104,8 @@ class TrainResult:
     final_loss: float | None = None
     """The last logged training loss."""
     eval_metrics: dict[str, Any] = field(default_factory=dict)
+    eval_error: str | None = None
+    """Why the final evaluation has no figures (it ran out of memory); None when it ran or there was no eval data."""
     batching: str = ""
     attn_implementation: str | None = None
     gradient_checkpointing: bool = False
@@ -594,8 +596,8 @@ def _train_planned(cfg: Config, plan: OutputPlan, state: Any, args: Any, model_c
     if eval_ds is not None:
         last_eval = next((h for h in reversed(trainer.state.log_history) if "eval_loss" in h), None)
         if last_eval is None or last_eval.get("step") != trainer.state.global_step:
-            last_eval = trainer.evaluate()
-        result.eval_metrics = {k[5:]: v for k, v in last_eval.items()
+            last_eval = _final_evaluation(trainer, result)
+        result.eval_metrics = {k[5:]: v for k, v in (last_eval or {}).items()
                                if k.startswith("eval_") and k not in ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second")}
 
     _save_final(trainer, cfg, tokenizer, prepared, plan.output_dir, state, result, lora_info, batching)
@@ -610,6 +612,29 @@ def _train_planned(cfg: Config, plan: OutputPlan, state: Any, args: Any, model_c
         result.pushed = _push(cfg, plan.output_dir, lora_info)
     state.wait_for_everyone()
     return result
+
+
+def _final_evaluation(trainer: Any, result: TrainResult) -> dict[str, Any] | None:
+    """The evaluation after the last step; None, with the reason in ``result.eval_error``, when it runs out of memory.
+
+    Training is done by then: its model is saved either way rather than lost to an evaluation that did not fit
+    (evaluation batches can be larger than training ones, and nothing is checkpointed between the two).
+    """
+    try:
+        return trainer.evaluate()
+    except _oom_errors() as e:
+        import gc
+
+        import torch
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        result.eval_error = f"out of memory during the final evaluation ({first})"
+        log.warning(f"{result.eval_error}; the trained model is saved without its eval figures. Lower "
+                    "train.per_device_eval_batch_size, or run `prmkit eval` on the saved model")
+        return None
 
 
 def _oom_errors() -> tuple[type[BaseException], ...]:
@@ -717,6 +742,7 @@ def _save_final(trainer: Any, cfg: Config, tokenizer: Any, prepared: Any, output
         "train_loss": result.train_loss,
         "final_loss": result.final_loss,
         "eval": result.eval_metrics,
+        **({"eval_error": result.eval_error} if result.eval_error else {}),
         "seconds": result.seconds,
         "gradient_checkpointing": result.gradient_checkpointing,
         "gradient_checkpointing_reason": (result.memory or {}).get("reason"),

@@ -356,7 +356,6 @@ def test_auto_checkpointing_follows_the_budget_and_is_recorded(tmp_path, tiny_qw
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 def test_out_of_memory_is_one_message_and_keeps_the_last_checkpoint(tmp_path, tiny_qwen2_config_dir, monkeypatch):
     from transformers import Trainer
 
@@ -387,6 +386,36 @@ def test_out_of_memory_is_one_message_and_keeps_the_last_checkpoint(tmp_path, ti
         assert fix in result.stderr, fix
     assert (out / "checkpoint-2" / "model.safetensors").is_file()
     assert not (out / "prmkit.json").exists()  # not a finished model
+
+
+@pytest.mark.slow
+def test_out_of_memory_in_the_final_evaluation_keeps_the_trained_model(tmp_path, tiny_qwen2_config_dir, monkeypatch):
+    import json
+
+    from transformers import Trainer
+
+    from prmkit.cli.app import app
+
+    def evaluate(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+
+    monkeypatch.setattr(Trainer, "evaluate", evaluate)
+    monkeypatch.delenv("PRMKIT_DEBUG", raising=False)
+    out = tmp_path / "run"
+    rows = write_train_rows(tmp_path / "rows.jsonl", n=16)
+    result = CliRunner().invoke(app, ["train", "--model", str(tiny_qwen2_config_dir), "--train", str(rows),
+                                      "--eval", str(rows), "-o", str(out), "--max-steps", "2", "--json",
+                                      "--set", "model.init_from_config=true", "--set", "train.eval_strategy=no",
+                                      "--set", "train.per_device_train_batch_size=4"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["eval_metrics"] == {} and summary["global_step"] == 2
+    assert summary["eval_error"] == "out of memory during the final evaluation (CUDA out of memory. Tried to allocate 8.00 GiB)"
+    assert "per_device_eval_batch_size" in result.stderr and "Traceback" not in result.output
+    # The model is saved and says why it has no eval figures.
+    assert (out / "model.safetensors").is_file()
+    metadata = json.loads((out / "prmkit.json").read_text())
+    assert metadata["training"]["eval"] == {} and metadata["training"]["eval_error"] == summary["eval_error"]
 
 
 def test_transformers_newer_name_counts_as_explicit_and_both_names_are_set(tmp_path):

@@ -115,6 +115,27 @@ def test_dry_run_lists_files_and_contacts_nothing(hub, model_dir, monkeypatch):
     assert hub.requests == []
 
 
+def test_named_chat_templates_go_up_with_the_tokenizer(hub, model_dir):
+    # transformers saves a tokenizer's extra named templates as additional_chat_templates/NAME.jinja and reads them
+    # from there: without them a pushed model's apply_chat_template(chat_template="tool_use") fails.
+    from transformers import AutoTokenizer
+
+    templates = model_dir / "additional_chat_templates"
+    templates.mkdir()
+    tool_use = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    (templates / "tool_use.jinja").write_text(tool_use)
+    (templates / "notes.txt").write_text("not a template")
+    result = push(str(model_dir), "--repo-id", REPO, "--json")
+    assert result.exit_code == 0, result.stderr
+    files = hub.commits[0]["files"]
+    assert set(files) == PUSHED | {"additional_chat_templates/tool_use.jinja"}
+    assert files["additional_chat_templates/tool_use.jinja"] == tool_use.encode()
+    assert "additional_chat_templates/" not in json.loads(result.stdout)["skipped"]
+    # What went up loads back with the named template, as transformers reads a repo.
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], chat_template="tool_use", tokenize=False) == "[user] hi\n"
+
+
 def test_token_never_printed_or_written(hub, model_dir, monkeypatch):
     ok = push(str(model_dir), "--repo-id", REPO, "--token", TOKEN)
     assert ok.exit_code == 0, ok.stderr

@@ -190,7 +190,7 @@ def test_linked_directories_out_of_the_model_dir_are_refused(hub, base_model_dir
     write_metadata(model_dir, {**_metadata(), "adapter_dir": str(elsewhere)})
     result = push(str(model_dir), "--repo-id", REPO, "--adapter", "--dry-run")
     _assert_one_line_error(result, "outside the model directory", str(elsewhere / "adapter_config.json"), code=2)
-    # A directory transformers reads while checking the tokenizer, though push uploads nothing from it.
+    # A directory transformers reads while checking the tokenizer, and whose templates go up with it.
     write_metadata(model_dir, _metadata())
     (model_dir / "additional_chat_templates").symlink_to(elsewhere, target_is_directory=True)
     result = push(str(model_dir), "--repo-id", REPO, "--dry-run")

@@ -220,6 +220,8 @@ def _tables(summary: dict[str, Any]) -> list:
     if metrics:
         shown = [f"{k} {metrics[k]:.4f}" for k in ("loss", "accuracy", "correct_f1", "wrong_f1", "auroc") if k in metrics]
         rows.append((f"eval ({int(metrics.get('steps', 0))} steps)", "  ".join(shown)))
+    elif summary.get("eval_error"):
+        rows.append(("eval", f"not run: {summary['eval_error']}"))
     if summary.get("pushed"):
         rows.append(("pushed", str(summary["pushed"].get("url") or summary["pushed"].get("repo_id"))))
     for key, value in rows:

@@ -29,8 +29,11 @@ TOKENIZER_VOCAB_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer
                          "sentencepiece.bpe.model")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 README = "README.md"
-# Read by transformers when the tokenizer is checked, though not uploaded.
-LOADER_DIRS = ("additional_chat_templates",)
+CHAT_TEMPLATES_DIR = "additional_chat_templates"
+"""Where transformers saves a tokenizer's named chat templates beyond the default one (``NAME.jinja``); uploaded with
+the tokenizer, since ``apply_chat_template(chat_template=NAME)`` reads them from there."""
+# Read by transformers when the tokenizer is checked.
+LOADER_DIRS = (CHAT_TEMPLATES_DIR,)
 # The JSON and YAML files push parses (prmkit.json, configs, a shard index, report.json) are small; anything bigger
 # is not a file prmkit or transformers wrote, and reading it whole could exhaust memory.
 METADATA_MAX_BYTES = 16 << 20
@@ -141,6 +144,11 @@ def select_files(model_dir: Path, adapter: bool, allow_pickle: bool, metadata: d
     for name in TOKENIZER_FILES:
         if (tok_dir / name).is_file():
             chosen[name] = tok_dir / name
+    templates = tok_dir / CHAT_TEMPLATES_DIR
+    if templates.is_dir():
+        for p in sorted(templates.iterdir()):
+            if p.suffix == ".jinja" and p.is_file() and not p.name.startswith("."):
+                chosen[f"{CHAT_TEMPLATES_DIR}/{p.name}"] = p
 
     for name in (PRMKIT_JSON, CONFIG_YAML):
         for where in (model_dir, adapter_dir):
