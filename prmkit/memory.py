@@ -439,6 +439,17 @@ def _advice(shape: ModelShape, lengths: Sequence[int], batch_size: int, batching
     return tips
 
 
+def _kept(checkpoint: str | None) -> str:
+    return (f"The last checkpoint, {checkpoint}, is kept: rerun with --resume to continue from it."
+            if checkpoint else "No checkpoint was saved yet.")
+
+
+def eval_oom_hint(checkpoint: str | None) -> str:
+    """The fixes for running out of memory while evaluating during training."""
+    return ("try a smaller train.per_device_eval_batch_size (evaluation keeps no gradients, but its batches are "
+            "often larger); or train.eval_strategy: no, and `prmkit eval` on the saved model. " + _kept(checkpoint))
+
+
 def oom_hint(plan: MemoryPlan | None, checkpoint: str | None) -> str:
     """The fixes an out-of-memory failure names, most effective first for the run that failed."""
     fixes = []
@@ -446,6 +457,4 @@ def oom_hint(plan: MemoryPlan | None, checkpoint: str | None) -> str:
         fixes.append("train.gradient_checkpointing: true")
     fixes += ["a smaller train.per_device_train_batch_size (raise gradient_accumulation_steps to keep the effective batch)",
               "train.batching: packed (no padding)", "train.lora: {r: 16}", "train.memory_budget_gb: the memory you really have"]
-    kept = (f"The last checkpoint, {checkpoint}, is kept: rerun with --resume to continue from it."
-            if checkpoint else "No checkpoint was saved yet.")
-    return "try " + "; or ".join(fixes) + f". {kept}"
+    return "try " + "; or ".join(fixes) + f". {_kept(checkpoint)}"

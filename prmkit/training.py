@@ -34,7 +34,18 @@ from prmkit.config import Config
 from prmkit.errors import ConfigError, PrmkitError, TrainingOutOfMemory, UsageError
 from prmkit.jsonio import dumps
 from prmkit.kernels import check_forward_untouched, liger_kernel_config, liger_supports, model_class_for, varlen_kernels_available
-from prmkit.memory import GIB, MemoryPlan, allocator_setting, device_budget, model_shape, oom_hint, plan_memory, size, use_expandable_segments
+from prmkit.memory import (
+    GIB,
+    MemoryPlan,
+    allocator_setting,
+    device_budget,
+    eval_oom_hint,
+    model_shape,
+    oom_hint,
+    plan_memory,
+    size,
+    use_expandable_segments,
+)
 from prmkit.modeling import (
     BASE_MODEL_DIR,
     PRMKIT_JSON,
@@ -179,6 +190,16 @@ def _trainer_classes():
             self.model_accepts_loss_kwargs = False
             if self.args.use_liger_kernel:
                 self.add_callback(ForwardCheck())
+
+        prmkit_evaluating = False
+        """True from the start of an evaluation until it returns: an out-of-memory error with it still set came from
+        evaluating, and is reported with the evaluation's own fixes."""
+
+        def evaluate(self, *args: Any, **kwargs: Any):
+            self.prmkit_evaluating = True
+            metrics = super().evaluate(*args, **kwargs)
+            self.prmkit_evaluating = False
+            return metrics
 
         def _get_train_sampler(self, train_dataset: Any = None):
             if self.prmkit_batching == "grouped" and self.prmkit_lengths is not None:
@@ -548,6 +569,10 @@ def _train_planned(cfg: Config, plan: OutputPlan, state: Any, args: Any, model_c
     except _oom_errors():
         last, _ = latest_complete_checkpoint(plan.output_dir)
         checkpoint = str(last) if last else None
+        if trainer.prmkit_evaluating:
+            raise TrainingOutOfMemory(
+                f"out of memory evaluating at step {trainer.state.global_step} (eval batches of "
+                f"{trainer.args.per_device_eval_batch_size} rows)", hint=eval_oom_hint(checkpoint)) from None
         budget = f" of the {size(memory.usable_bytes)} usable" if memory.usable_bytes is not None else ""
         raise TrainingOutOfMemory(
             f"out of memory at step {trainer.state.global_step + 1} (estimated peak {size(memory.estimate.total)}"

@@ -389,6 +389,35 @@ def test_out_of_memory_is_one_message_and_keeps_the_last_checkpoint(tmp_path, ti
 
 
 @pytest.mark.slow
+def test_out_of_memory_while_evaluating_during_training_names_the_eval_batch(tmp_path, tiny_qwen2_config_dir, monkeypatch):
+    from transformers import Trainer
+
+    from prmkit.cli.app import app
+
+    def evaluate(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+
+    monkeypatch.setattr(Trainer, "evaluate", evaluate)
+    monkeypatch.delenv("PRMKIT_DEBUG", raising=False)
+    out = tmp_path / "run"
+    rows = write_train_rows(tmp_path / "rows.jsonl", n=16)
+    result = CliRunner().invoke(app, ["train", "--model", str(tiny_qwen2_config_dir), "--train", str(rows),
+                                      "--eval", str(rows), "-o", str(out), "--max-steps", "4",
+                                      "--set", "model.init_from_config=true", "--set", "train.eval_strategy=steps",
+                                      "--set", "train.eval_steps=3", "--set", "train.save_steps=2",
+                                      "--set", "train.per_device_train_batch_size=4",
+                                      "--set", "train.per_device_eval_batch_size=8"])
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and "OutOfMemoryError" not in result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
+    assert errors == ["error: out of memory evaluating at step 3 (eval batches of 8 rows)"], result.stderr
+    for fix in ("train.per_device_eval_batch_size", "train.eval_strategy: no", "prmkit eval", str(out / "checkpoint-2"),
+                "--resume"):
+        assert fix in result.stderr, fix
+    assert "gradient_checkpointing" not in result.stderr.split("hint:", 1)[1]
+
+
+@pytest.mark.slow
 def test_out_of_memory_in_the_final_evaluation_keeps_the_trained_model(tmp_path, tiny_qwen2_config_dir, monkeypatch):
     import json
 
