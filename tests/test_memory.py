@@ -388,8 +388,8 @@ def test_out_of_memory_is_one_message_and_keeps_the_last_checkpoint(tmp_path, ti
     assert not (out / "prmkit.json").exists()  # not a finished model
 
 
-@pytest.mark.slow
-def test_out_of_memory_while_evaluating_during_training_names_the_eval_batch(tmp_path, tiny_qwen2_config_dir, monkeypatch):
+def _train_with_evaluation_out_of_memory(tmp_path: Path, config_dir: Path, monkeypatch, *args: str):
+    """`prmkit train` with evaluation data, every evaluation running out of memory; the CLI result and the output."""
     from transformers import Trainer
 
     from prmkit.cli.app import app
@@ -401,12 +401,17 @@ def test_out_of_memory_while_evaluating_during_training_names_the_eval_batch(tmp
     monkeypatch.delenv("PRMKIT_DEBUG", raising=False)
     out = tmp_path / "run"
     rows = write_train_rows(tmp_path / "rows.jsonl", n=16)
-    result = CliRunner().invoke(app, ["train", "--model", str(tiny_qwen2_config_dir), "--train", str(rows),
-                                      "--eval", str(rows), "-o", str(out), "--max-steps", "4",
-                                      "--set", "model.init_from_config=true", "--set", "train.eval_strategy=steps",
-                                      "--set", "train.eval_steps=3", "--set", "train.save_steps=2",
-                                      "--set", "train.per_device_train_batch_size=4",
-                                      "--set", "train.per_device_eval_batch_size=8"])
+    result = CliRunner().invoke(app, ["train", "--model", str(config_dir), "--train", str(rows), "--eval", str(rows),
+                                      "-o", str(out), "--set", "model.init_from_config=true",
+                                      "--set", "train.per_device_train_batch_size=4", *args])
+    return result, out
+
+
+@pytest.mark.slow
+def test_out_of_memory_while_evaluating_during_training_names_the_eval_batch(tmp_path, tiny_qwen2_config_dir, monkeypatch):
+    result, out = _train_with_evaluation_out_of_memory(
+        tmp_path, tiny_qwen2_config_dir, monkeypatch, "--max-steps", "4", "--set", "train.eval_strategy=steps",
+        "--set", "train.eval_steps=3", "--set", "train.save_steps=2", "--set", "train.per_device_eval_batch_size=8")
     assert result.exit_code == 1, result.output
     assert "Traceback" not in result.output and "OutOfMemoryError" not in result.output
     errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
@@ -419,23 +424,8 @@ def test_out_of_memory_while_evaluating_during_training_names_the_eval_batch(tmp
 
 @pytest.mark.slow
 def test_out_of_memory_in_the_final_evaluation_keeps_the_trained_model(tmp_path, tiny_qwen2_config_dir, monkeypatch):
-    import json
-
-    from transformers import Trainer
-
-    from prmkit.cli.app import app
-
-    def evaluate(self, *args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
-
-    monkeypatch.setattr(Trainer, "evaluate", evaluate)
-    monkeypatch.delenv("PRMKIT_DEBUG", raising=False)
-    out = tmp_path / "run"
-    rows = write_train_rows(tmp_path / "rows.jsonl", n=16)
-    result = CliRunner().invoke(app, ["train", "--model", str(tiny_qwen2_config_dir), "--train", str(rows),
-                                      "--eval", str(rows), "-o", str(out), "--max-steps", "2", "--json",
-                                      "--set", "model.init_from_config=true", "--set", "train.eval_strategy=no",
-                                      "--set", "train.per_device_train_batch_size=4"])
+    result, out = _train_with_evaluation_out_of_memory(
+        tmp_path, tiny_qwen2_config_dir, monkeypatch, "--max-steps", "2", "--json", "--set", "train.eval_strategy=no")
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["eval_metrics"] == {} and summary["global_step"] == 2
