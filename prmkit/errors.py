@@ -7,6 +7,12 @@ like any exception. Anything else that escapes is a bug and keeps its traceback.
 from __future__ import annotations
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none), for one-line errors."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class PrmkitError(Exception):
     """A failure while running: exit code 1."""
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from prmkit.errors import DataError, UsageError
+from prmkit.errors import DataError, UsageError, first_line
 from prmkit.tokenization import Encoded
 
 log = logging.getLogger("prmkit")
@@ -419,8 +419,7 @@ def scorer_for_kind(cls: Any, kind: str, name: str, tokenizer: Any, settings: Ki
     try:
         model = load_kind_model(kind, name, load_kwargs, tokenizer, settings)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"model {name!r} could not be loaded as {kind}: {first}") from None
+        raise UsageError(f"model {name!r} could not be loaded as {kind}: {first_line(e)}") from None
     model.to(device)
     limit = max_positions(model.config)
     encoder.max_length = min(x for x in (max_length, limit) if x is not None) if (max_length or limit) else None

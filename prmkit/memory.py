@@ -314,6 +314,18 @@ class Budget:
     source: str
 
 
+def release_memory() -> None:
+    """Give back what an out-of-memory attempt left behind (its tensors, the allocator's cached blocks) before the
+    next attempt or the next step."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def device_budget(explicit_gb: float | None = None, device: Any = None) -> Budget:
     """``train.memory_budget_gb`` when set; else, on CUDA, what this process may still allocate on its device.
 

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from prmkit import __version__
 from prmkit.config import Config
-from prmkit.errors import ConfigError, PrmkitError, TrainingOutOfMemory, UsageError
+from prmkit.errors import ConfigError, PrmkitError, TrainingOutOfMemory, UsageError, first_line
 from prmkit.jsonio import dumps
 from prmkit.kernels import check_forward_untouched, liger_kernel_config, liger_supports, model_class_for, varlen_kernels_available
 from prmkit.memory import (
@@ -43,6 +43,7 @@ from prmkit.memory import (
     model_shape,
     oom_hint,
     plan_memory,
+    release_memory,
     size,
     use_expandable_segments,
 )
@@ -648,15 +649,8 @@ def _final_evaluation(trainer: Any, result: TrainResult) -> dict[str, Any] | Non
     try:
         return trainer.evaluate()
     except _oom_errors() as e:
-        import gc
-
-        import torch
-
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        result.eval_error = f"out of memory during the final evaluation ({first})"
+        release_memory()
+        result.eval_error = f"out of memory during the final evaluation ({first_line(e)})"
         log.warning(f"{result.eval_error}; the trained model is saved without its eval figures. Lower "
                     "train.per_device_eval_batch_size, or run `prmkit eval` on the saved model")
         return None

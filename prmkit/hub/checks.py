@@ -9,7 +9,7 @@ from typing import Any, Iterator
 
 from prmkit.errors import UsageError
 from prmkit.hub.card import hub_id
-from prmkit.hub.errors import first_line
+from prmkit.errors import first_line
 from prmkit.hub.files import TOKENIZER_VOCAB_FILES, read_text_capped
 from prmkit.modeling import CONFIG_YAML
 

@@ -7,7 +7,7 @@ import json
 import os
 from typing import Iterator
 
-from prmkit.errors import PrmkitError, UsageError
+from prmkit.errors import PrmkitError, UsageError, first_line
 from prmkit.redact import mask, register_secret
 
 
@@ -114,7 +114,3 @@ def hub_errors(repo_id: str, token: str | None, revision: str | None) -> Iterato
             raise
         raise err from None
 
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from prmkit.errors import PrmkitError, UsageError
+from prmkit.errors import PrmkitError, UsageError, first_line
 from prmkit.modeling import (
     POSITIVE_LABEL_ID,
     PRMKIT_JSON,
@@ -34,6 +34,7 @@ from prmkit.modeling import (
     read_metadata,
     resolve_tokenization,
 )
+from prmkit.memory import release_memory
 from prmkit.scoring import attention, budget
 from prmkit.scoring.loading import (
     OVERLAP_TOKENIZER_ON,
@@ -313,12 +314,13 @@ class StepScorer:
                     )
                 tok = pending_tokenizer.result()
             recorded = ((metadata or {}).get("tokenizer") or {}).get("sha256")
-            if recorded and tokenizer_fingerprint(tok)["sha256"] != recorded:
+            used = tokenizer_fingerprint(tok)["sha256"] if recorded else None
+            if recorded and used != recorded:
                 # e.g. transformers picking the architecture's tokenizer class over the saved tokenizer.json
                 log.warning(f"{name}: the tokenizer loaded now{f' ({tokenizer})' if tokenizer else ''} differs from "
                             f"the one recorded in {PRMKIT_JSON} at training; steps may be tokenized differently from "
                             "training")
-                changes["tokenizer"] = (recorded, tokenizer_fingerprint(tok)["sha256"])
+                changes["tokenizer"] = (recorded, used)
             elif tokenizer and not recorded and tokenizer != name:
                 log.warning(f"{name}: scoring with the tokenizer of {tokenizer} as asked (model.tokenizer), not the one "
                             "saved with the model; nothing records which one training used")
@@ -526,9 +528,9 @@ class StepScorer:
             except Exception as e:  # noqa: BLE001 - only out-of-memory errors are handled; the rest is re-raised
                 if not _is_out_of_memory(e):
                     raise
-                message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                message = first_line(e)
             # Outside the except block, so the failed attempt's tensors are released before the retry.
-            self._release_memory()
+            release_memory()
             tokens = self._tokens(seqs, part)
             if len(part) == 1:
                 raise PrmkitError(
@@ -543,13 +545,6 @@ class StepScorer:
             log.warning(f"out of {self.device.type} memory on a batch of {len(part)} sequences ({tokens} tokens): "
                         f"scoring it in two halves; batch budget now {self.batch_tokens} tokens")
         return done
-
-    def _release_memory(self) -> None:
-        import gc
-
-        gc.collect()
-        if self.device.type == "cuda":
-            self._torch.cuda.empty_cache()
 
     def _forward(self, seqs: list[_Seq], batch: list[int]):
         return self._forward_packed(seqs, batch) if self.packing else self._forward_padded(seqs, batch)

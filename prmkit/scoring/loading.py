@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from prmkit.atomic import read_json
-from prmkit.errors import PrmkitError, UsageError
+from prmkit.errors import PrmkitError, UsageError, first_line
 from prmkit.modeling import PRMKIT_JSON
 
 log = logging.getLogger("prmkit")
@@ -73,8 +73,7 @@ class Background:
 
 
 def load_error(name: str, e: Exception) -> UsageError:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return UsageError(f"model {name!r} could not be loaded: {first}",
+    return UsageError(f"model {name!r} could not be loaded: {first_line(e)}",
                       hint="give a prmkit output directory, a transformers model directory, or a reachable Hub id")
 
 
