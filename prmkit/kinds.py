@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -52,6 +52,10 @@ class KindSettings:
     """lm-tag: the tag after each step (Math-Shepherd's ``ки``); qwen-prm: the step token (``<extra_0>``)."""
     reward_tokens: tuple[str, str] = REWARD_TOKENS
     """lm-tag and chat-plus-minus: the "correct" and "wrong" tokens."""
+    reward_token_ids: tuple[int, int] | None = None
+    """lm-tag and chat-plus-minus: the two tokens' ids as the model was trained on them (prmkit.json records them)."""
+    pair_encoded: bool = False
+    """lm-tag: the ids come from ``encode("+ -")``, as prmkit read them before it recorded ``reward_token_ids``."""
     system_prompt: str | None = None
     """qwen-prm: the system turn (Qwen2.5-Math-PRM's own by default)."""
     chat_template: str | None = None
@@ -68,6 +72,8 @@ class KindSettings:
             out["step_tag"] = self.tag()
         if self.kind in LM_KINDS:
             out["reward_tokens"] = list(self.reward_tokens)
+            if self.reward_token_ids is not None:
+                out["reward_token_ids"] = list(self.reward_token_ids)
         if self.kind == QWEN_PRM:
             out["system_prompt"] = self.system_prompt if self.system_prompt is not None else QWEN_PRM_SYSTEM_PROMPT
         if self.chat_template is not None:
@@ -80,6 +86,8 @@ class KindSettings:
         merged: dict[str, Any] = {}
         for source in (recorded or {}, explicit or {}):
             for key, value in source.items():
+                if key == "pair_encoded":
+                    continue
                 if key in cls.__dataclass_fields__ and value is not None and not (key == "kind" and value == "auto"):
                     if source is explicit and key in merged and _same(merged[key]) != _same(value):
                         log.warning(f"model.{key}: using {value!r}, not the {merged[key]!r} the model recorded "
@@ -90,6 +98,19 @@ class KindSettings:
             if not isinstance(tokens, (list, tuple)) or len(tokens) != 2 or not all(isinstance(t, str) and t for t in tokens):
                 raise UsageError(f"model.reward_tokens must be two non-empty strings (correct, wrong), got {tokens!r}")
             merged["reward_tokens"] = tuple(tokens)
+        recorded = recorded or {}
+        if "reward_token_ids" in merged:
+            ids = merged["reward_token_ids"]
+            if (not isinstance(ids, (list, tuple)) or len(ids) != 2
+                    or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)):
+                raise UsageError(f"kind.reward_token_ids must be two token ids (correct, wrong), got {ids!r}")
+            if _same(merged.get("reward_tokens", REWARD_TOKENS)) != _same(recorded.get("reward_tokens", REWARD_TOKENS)):
+                del merged["reward_token_ids"]  # recorded for other tokens than the ones now asked for
+            else:
+                merged["reward_token_ids"] = tuple(ids)
+        elif recorded.get("kind") == LM_TAG and "reward_tokens" in recorded:
+            # prmkit.json from before reward_token_ids was recorded: such a model was trained on encode("+ -").
+            merged["pair_encoded"] = True
         return cls(**merged)
 
 
@@ -196,7 +217,9 @@ class KindEncoder:
         if kind in (LM_TAG, QWEN_PRM):
             self.tag_id = self._tag_id()
         if kind in LM_KINDS:
-            self.reward_ids = reward_token_ids(tokenizer, settings.reward_tokens, kind)
+            self.reward_ids = reward_token_ids(tokenizer, settings, kind)
+            # Recorded in prmkit.json (train) and in every result's identity (score, eval).
+            self.settings = settings = replace(settings, reward_token_ids=self.reward_ids)
         if kind in (QWEN_PRM, CHAT_PLUS_MINUS):
             self.template = settings.chat_template or getattr(tokenizer, "chat_template", None)
             if not self.template:
@@ -298,17 +321,33 @@ class KindEncoder:
         return out
 
 
-def reward_token_ids(tokenizer: Any, tokens: Sequence[str], kind: str) -> tuple[int, int]:
-    """(correct, wrong) ids, as the authors' code finds them: each reward token must be one token."""
-    good, bad = tokens
-    if kind == LM_TAG:
-        # math-shepherd-mistral-7b-prm: `tokenizer.encode(f"{good} {bad}")[1:]` (after the BOS).
+def reward_token_ids(tokenizer: Any, settings: KindSettings, kind: str) -> tuple[int, int]:
+    """(correct, wrong) ids: the ones the model recorded at training, else each reward token encoded on its own.
+
+    Encoding each token alone is OpenRLHF's `convert_token_to_id` (`encode(token)`, exactly one id). On a
+    SentencePiece tokenizer (Mistral, Llama 2) it gives the ids of Math-Shepherd's card, `encode("+ -")[1:]` (`▁+`,
+    `▁-`); on a byte-level BPE (Qwen2, Llama 3) the card's reading would take `+` and ` -`, a pair no trainer meant.
+    """
+    good, bad = settings.reward_tokens
+    if settings.reward_token_ids is not None:
+        ids = list(settings.reward_token_ids)
+        size = len(tokenizer)
+        if any(i >= size for i in ids):
+            raise UsageError(f"the recorded reward token ids {ids} are outside the tokenizer's {size} tokens",
+                             hint="the tokenizer is not the one the model was trained with")
+    elif kind == LM_TAG and settings.pair_encoded:
         ids = tokenizer.encode(f"{good} {bad}", add_special_tokens=False)
     else:
-        # RLHFlow: `tokenizer.encode('+')[-1]`, `tokenizer.encode('-')[-1]`; each must be a single token.
-        ids = [x for t in (good, bad) for x in tokenizer.encode(t, add_special_tokens=False)]
+        ids = []
+        for token in (good, bad):
+            one = tokenizer.encode(token, add_special_tokens=False)
+            if len(one) != 1:
+                raise UsageError(f"reward token {token!r} is not a single token of this tokenizer (it encodes to "
+                                 f"{len(one)} ids)", hint="set model.reward_tokens to two strings the tokenizer keeps whole")
+            ids += one
     if len(ids) != 2 or ids[0] == ids[1]:
-        raise UsageError(f"reward tokens {list(tokens)!r} are not two single tokens of this tokenizer (got ids {ids})",
+        raise UsageError(f"reward tokens {list(settings.reward_tokens)!r} are not two different single tokens of this "
+                         f"tokenizer (got ids {ids})",
                          hint="set model.reward_tokens to two strings the tokenizer keeps whole")
     return ids[0], ids[1]
 
@@ -380,12 +419,15 @@ def qwen_prm_class():
 
 def load_kind_model(kind: str, name: str, load_kwargs: dict[str, Any], tokenizer: Any, settings: KindSettings):
     """The model the engine runs for ``kind`` (never with remote code for qwen-prm)."""
+    from prmkit.modeling import MODEL_LOAD_DEFAULTS
+
     if kind == QWEN_PRM:
         from transformers import AutoConfig
 
         kwargs = {k: v for k, v in load_kwargs.items() if k != "trust_remote_code"}
         config = AutoConfig.from_pretrained(name, **{k: v for k, v in kwargs.items() if k == "revision"})
-        model, info = qwen_prm_class().from_pretrained(name, config=config, output_loading_info=True, **kwargs)
+        model, info = qwen_prm_class().from_pretrained(name, config=config, output_loading_info=True,
+                                                       **{**MODEL_LOAD_DEFAULTS, **kwargs})
         missing = [k for k in info.get("missing_keys", []) if k.startswith("score.")]
         if missing:
             raise UsageError(f"model {name!r} has no trained Qwen-PRM head ({', '.join(sorted(missing)[:2])} missing)")
@@ -399,8 +441,8 @@ def load_kind_model(kind: str, name: str, load_kwargs: dict[str, Any], tokenizer
     else:
         from transformers import AutoModelForCausalLM
 
-        lm = AutoModelForCausalLM.from_pretrained(name, **load_kwargs)
-    return reward_token_head(lm, reward_token_ids(tokenizer, settings.reward_tokens, kind))
+        lm = AutoModelForCausalLM.from_pretrained(name, **{**MODEL_LOAD_DEFAULTS, **load_kwargs})
+    return reward_token_head(lm, reward_token_ids(tokenizer, settings, kind))
 
 
 def max_positions(config: Any) -> int | None:
@@ -417,13 +459,13 @@ def scorer_for_kind(cls: Any, kind: str, name: str, tokenizer: Any, settings: Ki
     settings = KindSettings(**{**settings.__dict__, "kind": kind})
     encoder = KindEncoder(kind, tokenizer, settings, None)
     try:
-        model = load_kind_model(kind, name, load_kwargs, tokenizer, settings)
+        model = load_kind_model(kind, name, load_kwargs, tokenizer, encoder.settings)
     except (OSError, ValueError) as e:
         raise UsageError(f"model {name!r} could not be loaded as {kind}: {first_line(e)}") from None
     model.to(device)
     limit = max_positions(model.config)
     encoder.max_length = min(x for x in (max_length, limit) if x is not None) if (max_length or limit) else None
-    identity = {**model_identity(name, getattr(model, "lm", model)), "kind": settings.to_dict()}
+    identity = {**model_identity(name, getattr(model, "lm", model)), "kind": encoder.settings.to_dict()}
     params = TokenizationParams(max_length=encoder.max_length, max_prompt_length=None)
     return cls(model, tokenizer, params, kind_encoder=encoder, identity=identity, causal=True, **scorer_kwargs)
 
@@ -460,13 +502,28 @@ def resolve_kind(name: str, metadata: dict[str, Any] | None, explicit: dict[str,
 def ensure_tag_token(tokenizer: Any, tag: str) -> int | None:
     """Make the step tag one token: added as a special token when the tokenizer lacks it. Returns its id if added.
 
-    A tag the vocabulary already holds as one token (Math-Shepherd's ``ки`` in Mistral's) is kept, so a published
-    lm-tag PRM can be trained further on its own tag; that it stays one token in context is checked when tokenizing.
+    A tag the vocabulary already holds as one token where lm-tag text puts it (Math-Shepherd's ``ки`` in Mistral's)
+    is kept, so a published lm-tag PRM can be trained further on its own tag. A tag that is one token alone but not
+    in context (``ки`` in Qwen2's) is made an added token, which the tokenizer never merges with its neighbours; it
+    keeps its vocabulary id and trained embedding, so it is not returned as new.
     """
-    if tag in _special_tokens(tokenizer) or len(tokenizer.encode(tag, add_special_tokens=False)) == 1:
+    if tag in _special_tokens(tokenizer) or _whole_in_context(tokenizer, tag):
         return None
+    before = len(tokenizer)
     tokenizer.add_special_tokens({"additional_special_tokens": [tag]}, replace_extra_special_tokens=False)
-    return tokenizer.convert_tokens_to_ids(tag)
+    tag_id = tokenizer.convert_tokens_to_ids(tag)
+    return tag_id if tag_id >= before else None
+
+
+def _whole_in_context(tokenizer: Any, tag: str) -> bool:
+    """Whether ``tag`` is one token where lm-tag text puts it: after a space, before a newline or the end.
+
+    Alone, Qwen2's BPE keeps ``ки`` whole (one id), but ``" ки"`` merges the space in and splits it (`" к"`, `"и"`).
+    """
+    ids = tokenizer.encode(tag, add_special_tokens=False)
+    if len(ids) != 1:
+        return False
+    return tokenizer.encode(f"x {tag}\nx {tag}", add_special_tokens=False).count(ids[0]) == 2
 
 
 def init_new_tokens(model: Any, tokenizer: Any, new_ids: Sequence[int]) -> None:
@@ -529,7 +586,8 @@ class LMTag:
     def setup(cls, cfg: Any, tokenizer: Any) -> "LMTag":
         settings = KindSettings.from_sources({**cfg.model.kind_settings(), "kind": LM_TAG}, None)
         added = ensure_tag_token(tokenizer, settings.tag())
-        reward = reward_token_ids(tokenizer, settings.reward_tokens, LM_TAG)
+        reward = reward_token_ids(tokenizer, settings, LM_TAG)
+        settings = replace(settings, reward_token_ids=reward)
         if added is not None and added in reward:
             raise UsageError(f"step tag {settings.tag()!r} is one of the reward tokens", hint="set model.step_tag")
         if added is not None and cfg.train.lora is not None and not cfg.train.lora_merge:

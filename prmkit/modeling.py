@@ -30,6 +30,11 @@ PRMKIT_JSON = "prmkit.json"
 CONFIG_YAML = "prmkit_config.yaml"
 ID2LABEL = {0: "LABEL_0", 1: "LABEL_1"}
 LABEL2ID = {"LABEL_0": 0, "LABEL_1": 1}
+# transformers >= 5.2x swaps layers for kernels fetched from the Hub at load time unless told not to (5.0 did not).
+# prmkit keeps the model's own layers: loading stays offline, and scores stay the same bits across versions.
+# Faster kernels are asked for by name instead (train.use_liger_kernel, the attention kernels in prmkit.kernels).
+MODEL_LOAD_DEFAULTS: dict[str, Any] = {"use_kernels": False}
+
 POSITIVE_LABEL_ID = 1  # p(step correct) = softmax(logits)[..., 1]; TRL's docs map LABEL_1 -> True
 
 
@@ -321,7 +326,7 @@ def load_model_for_training(model_cfg: Any, tokenizer: Any, seed: int | None = N
         model = auto.from_config(config, dtype=torch.float32 if dtype == "auto" else dtype, **common, **kwargs)
     else:
         try:
-            model = auto.from_pretrained(name, config=config, dtype=dtype, **common, **kwargs)
+            model = auto.from_pretrained(name, config=config, dtype=dtype, **common, **kwargs, **MODEL_LOAD_DEFAULTS)
         except OSError as e:
             raise UsageError(f"model {name!r} could not be loaded: {str(e).splitlines()[0]}") from None
     if new_tokens:
@@ -448,9 +453,11 @@ def load_trained_model(path: str | Path, dtype: Any = "auto", trust_remote_code:
         base = path / BASE_MODEL_DIR
         base_name = str(base) if (base / "config.json").is_file() else read_json(adapter_cfg)["base_model_name_or_path"]
         head = {} if causal_lm else {"num_labels": 2, "id2label": dict(ID2LABEL), "label2id": dict(LABEL2ID)}
-        model = auto.from_pretrained(base_name, **head, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
+        model = auto.from_pretrained(base_name, **head, dtype=dtype, trust_remote_code=trust_remote_code,
+                                     **{**MODEL_LOAD_DEFAULTS, **kwargs})
         model = PeftModel.from_pretrained(model, str(path))
     else:
-        model = auto.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
+        model = auto.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code,
+                                     **{**MODEL_LOAD_DEFAULTS, **kwargs})
     model.eval()
     return model

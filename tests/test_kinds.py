@@ -134,6 +134,24 @@ def reference_math_shepherd(model, tok, question: str, steps: list[str]) -> list
         return scores[input_id == step_tag_id].tolist()
 
 
+def reference_openrlhf(model, tok, question: str, steps: list[str]) -> list[float]:
+    """OpenRLHF's reading of an lm-tag PRM: `convert_token_to_id` encodes each reward token and the placeholder on
+    its own (`tokenizer.encode(token, add_special_tokens=False)`, exactly one id)."""
+    import torch
+
+    def convert_token_to_id(token):
+        ids = tok.encode(token, add_special_tokens=False)
+        assert len(ids) == 1
+        return ids[0]
+
+    reward_ids = [convert_token_to_id("+"), convert_token_to_id("-")]
+    tag_id = convert_token_to_id("ки")
+    input_id = torch.tensor([tok.encode(f"{question} " + "\n".join(f"{s} ки" for s in steps))])
+    with torch.no_grad():
+        scores = model(input_id).logits[:, :, reward_ids].softmax(dim=-1)[:, :, 0]
+    return scores[input_id == tag_id].tolist()
+
+
 def reference_rlhflow(model, tok, question: str, steps: list[str]) -> list[float]:
     """RLHFlow/Llama3.1-8B-PRM-*'s usage code: one forward pass per turn, read at -3."""
     import torch
@@ -189,17 +207,87 @@ def _assert_close(got, want):
     assert got == pytest.approx(want, abs=2e-6)
 
 
-def test_lm_tag_matches_math_shepherd_usage_code(lm_tag_model):
+def test_lm_tag_on_a_byte_level_bpe_reads_the_reward_tokens_as_openrlhf_does(lm_tag_model):
+    """A byte-level BPE (Qwen2, Llama 3) encodes "+ -" as `+`, ` -`: the card's reading takes a pair no trainer meant.
+    OpenRLHF, which trained lm-tag PRMs on such bases, encodes each reward token on its own."""
     from transformers import AutoTokenizer
 
     path, _, model = lm_tag_model
-    tok = AutoTokenizer.from_pretrained(path)  # as the model card loads it
+    tok = AutoTokenizer.from_pretrained(path)
+    assert tok.encode("+ -", add_special_tokens=False)[1] != tok.encode("-", add_special_tokens=False)[0]
     scorer = _scorer(path)  # detected: the tag is an added token of this tokenizer
     assert scorer.kind_encoder.kind == "lm-tag"
     got = scorer.score_batch(SOLUTIONS)
     for (q, steps), scores in zip(SOLUTIONS, got):
-        _assert_close(scores, reference_math_shepherd(model, tok, q, steps))
+        _assert_close(scores, reference_openrlhf(model, tok, q, steps))
     assert len({round(s, 6) for row in got for s in row}) > 3  # the scores really vary
+    assert scorer.identity["kind"]["reward_token_ids"] == [tok.encode(t, add_special_tokens=False)[0] for t in "+-"]
+
+
+def _sentencepiece_tokenizer(path: Path):
+    """A Llama-2-like tokenizer: SentencePiece-style BPE (a `▁` word prefix, prepended to the first word) with a BOS,
+    trained offline; `ки` is an ordinary piece of its vocabulary, as in Mistral's."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from tests.conftest import _CORPUS
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"])
+    tok.train_from_iterator((_CORPUS + ["a + b - c ки d + e - f ки"]) * 20, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="</s>")
+    fast.save_pretrained(path)
+    return fast
+
+
+def test_lm_tag_on_a_sentencepiece_tokenizer_reads_the_math_shepherd_card(tmp_path):
+    """On SentencePiece (Mistral, Llama 2) encoding each token alone gives the card's ids, `▁+` and `▁-`."""
+    from transformers import AutoTokenizer
+
+    path = tmp_path / "sp-lm-tag"
+    sp = _sentencepiece_tokenizer(path)
+    assert sp.convert_ids_to_tokens(sp.encode("+ -", add_special_tokens=False)) == ["▁+", "▁-"]
+    model = _llama(path, sp, seed=3)
+    tok = AutoTokenizer.from_pretrained(path)  # as the model card loads it
+    scorer = _scorer(path, kind="lm-tag")
+    assert scorer.kind_encoder.reward_ids == tuple(tok.encode("+ -")[1:])
+    got = scorer.score_batch(SOLUTIONS)
+    for (q, steps), scores in zip(SOLUTIONS, got):
+        _assert_close(scores, reference_math_shepherd(model, tok, q, steps))
+    assert len({round(s, 6) for row in got for s in row}) > 3
+
+
+@pytest.mark.slow
+def test_lm_tag_with_the_qwen2_tokenizer_scores_as_openrlhf_reads_it(tmp_path):
+    """An OpenRLHF-trained lm-tag PRM on a Qwen2 base: `+` and `-` (ids 10 and 12), not `+` and ` -` (481)."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    from tests.conftest import QWEN2_TOKENIZER
+
+    if not QWEN2_TOKENIZER.is_dir():
+        pytest.skip("needs ../shared/fixtures/qwen2-tokenizer")
+    path = tmp_path / "qwen2-lm-tag"
+    tok = AutoTokenizer.from_pretrained(QWEN2_TOKENIZER)
+    tok.add_special_tokens({"additional_special_tokens": ["ки"]})  # OpenRLHF's placeholder token, kept whole
+    tok.save_pretrained(path)
+    torch.manual_seed(5)
+    cfg = Qwen2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=64, vocab_size=len(tok), max_position_embeddings=512,
+                      pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+    model = Qwen2ForCausalLM(cfg).eval()
+    model.save_pretrained(path)
+    scorer = _scorer(path, kind="lm-tag")
+    assert scorer.kind_encoder.reward_ids == (10, 12)
+    got = scorer.score_batch(SOLUTIONS)
+    for (q, steps), scores in zip(SOLUTIONS, got):
+        assert scores == pytest.approx(reference_openrlhf(model, tok, q, steps), abs=1e-5)
+    card = [s for q, steps in SOLUTIONS for s in reference_math_shepherd_qwen(model, tok, q, steps)]
+    assert max(abs(a - b) for a, b in zip([s for row in got for s in row], card)) > 1e-3  # the old reading differs
 
 
 def test_chat_plus_minus_matches_rlhflow_usage_code(chat_model):
@@ -277,7 +365,7 @@ def test_a_missing_chat_template_is_refused(tmp_path, qwen_prm_model):
 
 
 def test_reward_tokens_must_be_single_tokens(chat_model):
-    with pytest.raises(UsageError, match="not two single tokens"):
+    with pytest.raises(UsageError, match="not a single token"):
         _scorer(chat_model[0], kind="chat-plus-minus", reward_tokens=["correct!", "-"])
 
 
@@ -374,8 +462,10 @@ def test_lm_tag_training_writes_a_model_that_scores_as_the_model_card_reads_it(t
     result, out = _train_lm_tag(tmp_path, tiny_qwen2_config_dir, rows)
     assert result.global_step == 6 and result.train_loss is not None
     meta = json.loads((out / "prmkit.json").read_text())
-    assert meta["kind"] == {"kind": "lm-tag", "step_tag": "ки", "reward_tokens": ["+", "-"]}
     tok = AutoTokenizer.from_pretrained(out)
+    plus_minus = [tok.encode(t, add_special_tokens=False)[0] for t in "+-"]
+    assert meta["kind"] == {"kind": "lm-tag", "step_tag": "ки", "reward_tokens": ["+", "-"],
+                            "reward_token_ids": plus_minus}
     assert "ки" in tok.all_special_tokens  # added: the example vocabulary has no such token
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     tag_id = tok.convert_tokens_to_ids("ки")
@@ -388,7 +478,7 @@ def test_lm_tag_training_writes_a_model_that_scores_as_the_model_card_reads_it(t
     items = [(r["prompt"], r["completions"]) for r in rows_in]
     got = scorer.score_batch(items)
     for (q, steps), scores in zip(items, got):
-        _assert_close(scores, reference_math_shepherd_qwen(model, tok, q, steps))
+        _assert_close(scores, reference_openrlhf(model, tok, q, steps))
     with torch.no_grad():
         assert all(0.0 < s < 1.0 for row in got for s in row)
 
@@ -513,9 +603,47 @@ def test_recorded_kind_settings_win_over_defaults_and_an_explicit_change_warns(t
     recorded = _scorer(path)
     assert recorded.kind_encoder.settings.reward_tokens == ("-", "+")
     assert recorded.kind_encoder.max_length == 64  # the training limit prmkit.json records
-    from prmkit.kinds import reward_token_ids
-
-    assert recorded.kind_encoder.reward_ids == reward_token_ids(recorded.tokenizer, ("-", "+"), "lm-tag")
+    # Written before prmkit recorded reward_token_ids: the model was trained on encode("- +"), and is read so.
+    assert recorded.kind_encoder.reward_ids == tuple(recorded.tokenizer.encode("- +", add_special_tokens=False))
+    assert recorded.identity["kind"]["reward_token_ids"] == list(recorded.kind_encoder.reward_ids)
+    meta = json.loads((path / "prmkit.json").read_text())
+    meta["kind"]["reward_token_ids"] = [7, 9]  # recorded ids win over any encoding
+    (path / "prmkit.json").write_text(json.dumps(meta))
+    assert _scorer(path).kind_encoder.reward_ids == (7, 9)
+    meta["kind"]["reward_token_ids"] = [7, 10**6]
+    (path / "prmkit.json").write_text(json.dumps(meta))
+    with pytest.raises(UsageError, match="outside the tokenizer"):
+        _scorer(path)
+    meta["kind"]["reward_token_ids"] = [7, 9]
+    (path / "prmkit.json").write_text(json.dumps(meta))
     with caplog.at_level("WARNING", logger="prmkit"):
         _scorer(path, reward_tokens=["+", "-"])
     assert "model.reward_tokens: using ['+', '-'], not the ['-', '+'] the model recorded" in caplog.text
+
+
+@pytest.mark.slow
+def test_lm_tag_training_with_the_default_tag_on_the_qwen2_tokenizer(tmp_path):
+    """Qwen2 keeps `ки` whole alone (id 16748) but splits `" ки"` into `" к"`, `"и"`: the tag is checked where lm-tag
+    text puts it, and made an added token, so training with the default tag works (it found 0 tags before)."""
+    from transformers import AutoTokenizer
+    from typer.testing import CliRunner
+
+    from prmkit.cli.app import app
+    from prmkit.kinds import ensure_tag_token
+    from tests.conftest import QWEN2_TOKENIZER, write_train_rows
+
+    if not QWEN2_TOKENIZER.is_dir():
+        pytest.skip("needs ../shared/fixtures/qwen2-tokenizer")
+    tok = AutoTokenizer.from_pretrained(QWEN2_TOKENIZER)
+    assert len(tok.encode("ки")) == 1 and len(tok.encode(" ки")) == 2
+    added = ensure_tag_token(tok, "ки")
+    assert added is not None and tok.encode("a ки\nb ки").count(added) == 2
+    rows = write_train_rows(tmp_path / "rows.jsonl", n=8)
+    out = tmp_path / "x"
+    res = CliRunner().invoke(app, ["train", "--tiny", "qwen2", "--tokenizer", str(QWEN2_TOKENIZER), "--train",
+                                   str(rows), "-o", str(out), "--max-steps", "2", "--set", "train.kind=lm-tag"])
+    assert res.exit_code == 0, res.output
+    kind = json.loads((out / "prmkit.json").read_text())["kind"]
+    assert kind["step_tag"] == "ки" and kind["reward_token_ids"] == [10, 12]  # `+`, `-`, each encoded alone
+    scores = _scorer(out).score("What is 2 + 3?", ["2 + 3 = 5.", "The answer is 5."])
+    assert len(scores) == 2 and all(0.0 < s < 1.0 for s in scores)

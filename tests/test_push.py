@@ -309,6 +309,25 @@ def test_preflight_refuses_truncated_or_mismatched_weights(hub, model_dir):
     assert hub.requests == []
 
 
+def test_weight_check_matches_keys_without_reading_a_tensor(model_dir, monkeypatch):
+    """The pre-flight model check builds the model on the meta device (transformers 5.25 kernelizes by default, and
+    no kernel takes the meta device: every push failed there). Reading a tensor would make push as slow as the model
+    is large, so safetensors' tensor readers are made to fail: the check must not need them."""
+    import safetensors
+
+    from prmkit.hub.checks import check_model_loads
+
+    def no_tensor_reads(*args, **kwargs):
+        raise AssertionError("the weight check read a tensor")
+
+    monkeypatch.setattr(safetensors.safe_open, "get_tensor", no_tensor_reads, raising=False)
+    warnings: list[str] = []
+    model = check_model_loads(model_dir, warnings)
+    params = dict(model.named_parameters())
+    assert "score.weight" in params and {p.device.type for p in params.values()} == {"meta"}
+    assert warnings == []
+
+
 @pytest.mark.parametrize("layout", ["adapter", "."], ids=["merged-run-adapter-subdir", "unmerged-run-top-level"])
 def test_adapter_push(hub, base_model_dir, tmp_path, layout):
     """train writes the adapter to adapter/ beside merged weights, or at the top when lora_merge is false."""

@@ -189,7 +189,7 @@ steps = ["Tom starts with 3 apples.", "He buys 2 more, so 3 + 2 = 5.", "The answ
 # As in training: "{{prompt}} {{step 1}} {{tag}}\\n{{step 2}} {{tag}}...", tokenized as one text; each step is scored
 # at its tag, by the LM's logits for the two reward tokens.
 input_ids = tokenizer(prompt + " " + "\\n".join(f"{{step}} {{tag}}" for step in steps), return_tensors="pt").input_ids
-reward_ids = tokenizer.encode(f"{{good}} {{bad}}", add_special_tokens=False)  # [good, bad]
+reward_ids = {reward_ids}
 tag_id = tokenizer.encode(tag, add_special_tokens=False)[-1]
 with torch.no_grad():
     logits = model(input_ids=input_ids).logits[0][:, reward_ids]
@@ -203,7 +203,13 @@ PRMKIT_CLI_USAGE = "prmkit score {repo_id} solutions.jsonl -o scored.jsonl"
 def lm_tag_snippet(repo_id: str, kind: dict) -> str:
     """Plain-transformers scoring code for an lm-tag PRM, reading each step where ``prmkit.kinds`` does."""
     good, bad = kind.get("reward_tokens") or ["+", "-"]
-    return LM_TAG_SNIPPET.format(repo_id=repo_id, tag=repr(kind.get("step_tag", "ки")), good=repr(good), bad=repr(bad))
+    ids = kind.get("reward_token_ids")
+    if ids:
+        reward_ids = f"{list(ids)!r}  # prmkit.json: kind.reward_token_ids, the ids of [good, bad] it was trained on"
+    else:  # prmkit.json from before the ids were recorded: such a model was trained on the pair's encoding
+        reward_ids = 'tokenizer.encode(f"{good} {bad}", add_special_tokens=False)  # [good, bad]'
+    return LM_TAG_SNIPPET.format(repo_id=repo_id, tag=repr(kind.get("step_tag", "ки")), good=repr(good), bad=repr(bad),
+                                 reward_ids=reward_ids)
 
 
 def transformers_snippet(repo_id: str, separator: str, adapter: bool = False) -> str:

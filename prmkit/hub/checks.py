@@ -11,7 +11,7 @@ from prmkit.errors import UsageError
 from prmkit.hub.card import hub_id
 from prmkit.errors import first_line
 from prmkit.hub.files import TOKENIZER_VOCAB_FILES, read_text_capped
-from prmkit.modeling import CONFIG_YAML
+from prmkit.modeling import CONFIG_YAML, MODEL_LOAD_DEFAULTS
 
 
 def read_safetensors_header(path: Path) -> dict[str, Any]:
@@ -83,8 +83,8 @@ def trust_remote_code(model_dir: Path) -> bool:
         return False
 
 
-def check_model_loads(model_dir: Path, warnings: list[str], causal_lm: bool = False) -> None:
-    """Instantiate the model on the meta device from config.json and the checkpoint's headers.
+def check_model_loads(model_dir: Path, warnings: list[str], causal_lm: bool = False) -> Any:
+    """Instantiate the model on the meta device from config.json and the checkpoint's headers; returns it.
 
     This runs transformers' own key matching (renames, tied weights, shapes) without reading a tensor, so it takes
     about a second whatever the model's size. An lm-tag PRM (``causal_lm``) is the causal LM itself.
@@ -102,8 +102,9 @@ def check_model_loads(model_dir: Path, warnings: list[str], causal_lm: bool = Fa
         if not causal_lm and getattr(config, "num_labels", 2) != 2:
             warnings.append(f"config.json has num_labels={config.num_labels}; a prmkit PRM has 2 (wrong, correct)")
         try:
-            _, info = auto.from_pretrained(
-                model_dir, device_map="meta", output_loading_info=True, trust_remote_code=trust)
+            # Hub kernels off: transformers >= 5.2x kernelizes by default, and no kernel takes the meta device.
+            model, info = auto.from_pretrained(model_dir, device_map="meta", output_loading_info=True,
+                                               trust_remote_code=trust, **MODEL_LOAD_DEFAULTS)
         except Exception as e:  # whatever stops it loading is the finding
             raise UsageError(f"{model_dir}: the model does not load with {auto.__name__}: "
                               f"{first_line(e)}") from None
@@ -116,6 +117,7 @@ def check_model_loads(model_dir: Path, warnings: list[str], causal_lm: bool = Fa
     unexpected = sorted(info.get("unexpected_keys") or [])
     if unexpected:
         warnings.append(f"the checkpoint has {len(unexpected)} weight(s) the model does not use, e.g. {unexpected[0]}")
+    return model
 
 
 def check_adapter(adapter_dir: Path, warnings: list[str]) -> dict[str, Any]:

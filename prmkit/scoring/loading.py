@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 from prmkit.atomic import read_json
 from prmkit.errors import PrmkitError, UsageError, first_line
-from prmkit.modeling import PRMKIT_JSON
+from prmkit.modeling import MODEL_LOAD_DEFAULTS, PRMKIT_JSON
 
 log = logging.getLogger("prmkit")
 
@@ -19,6 +19,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def load_model(cls, name: str, kwargs: dict, attn_implementation: str | None, fall_back: bool = False):
+    kwargs = {**MODEL_LOAD_DEFAULTS, **kwargs}
     try:
         return cls.from_pretrained(name, output_loading_info=True, attn_implementation=attn_implementation, **kwargs)
     except (ImportError, ValueError) as e:
