@@ -288,7 +288,11 @@ def _prm800k(record: dict, neutral: str) -> list[dict]:
 
 def _processbench(record: dict, is_eval: bool) -> dict:
     problem, steps, label = record.get("problem"), record.get("steps"), record.get("label")
+    if "problem" not in record:
+        raise RowError("problem", "missing")
     _check_steps("steps", steps)
+    if "label" not in record:
+        raise RowError("label", "missing")
     if not isinstance(label, int) or isinstance(label, bool) or not -1 <= label < len(steps):
         raise RowError("label", f"expected -1 or a step index below {len(steps)}, got {label!r}")
     if label == -1:

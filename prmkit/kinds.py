@@ -35,6 +35,7 @@ KINDS = (TOKEN_CLASSIFICATION, QWEN_PRM, LM_TAG, CHAT_PLUS_MINUS)
 LM_KINDS = (LM_TAG, CHAT_PLUS_MINUS)
 
 QWEN_PRM_ARCHITECTURE = "Qwen2ForProcessRewardModel"
+PRMKIT_JSON_NAME = "prmkit.json"  # prmkit.modeling.PRMKIT_JSON, named here without importing the model layer
 # Qwen2.5-Math-PRM's model card.
 QWEN_PRM_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 QWEN_PRM_STEP_TOKEN = "<extra_0>"
@@ -479,13 +480,30 @@ def _hub_config(name: str, revision: str | None) -> dict[str, Any]:
         return {}
 
 
+def _warn_unmarked(kind: str, name: str, config: dict[str, Any]) -> None:
+    """A kind set by hand on a model that carries no sign of being a PRM of that kind: a base model read so scores
+    every step alike (about 0.5), and nothing else would say it."""
+    architectures = [str(a) for a in config.get("architectures") or []]
+    if kind == QWEN_PRM and QWEN_PRM_ARCHITECTURE in architectures:
+        return
+    if kind == TOKEN_CLASSIFICATION and any(a.endswith("ForTokenClassification") for a in architectures):
+        return
+    what = f"a {architectures[0]}" if architectures else "a model"
+    log.warning(f"model.kind={kind} is set for {name}, {what} with no {PRMKIT_JSON_NAME} and nothing else that marks "
+                f"it as a {kind} PRM: its scores mean something only if it was trained as one (a base model scores "
+                "every step alike)")
+
+
 def resolve_kind(name: str, metadata: dict[str, Any] | None, explicit: dict[str, Any] | None, *, local: bool,
                  revision: str | None = None, trust_remote_code: bool = False) -> tuple[str, KindSettings, Any]:
     """(kind, settings, tokenizer or None): the tokenizer is loaded only when detection needs it."""
     recorded = metadata.get("kind") if metadata is not None and isinstance(metadata.get("kind"), dict) else None
     settings = KindSettings.from_sources(explicit, recorded)
     if settings.kind != "auto" or metadata is not None:
-        return detect_kind({}, metadata, None, settings, name), settings, None
+        kind = detect_kind({}, metadata, None, settings, name)
+        if metadata is None:
+            _warn_unmarked(kind, name, local_config(name) if local else _hub_config(name, revision))
+        return kind, settings, None
     config = local_config(name) if local else _hub_config(name, revision)
     tokenizer = None
     if any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in config.get("architectures") or []):

@@ -10,9 +10,10 @@ step would also read the steps after it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,25 @@ LABEL2ID = {"LABEL_0": 0, "LABEL_1": 1}
 # prmkit keeps the model's own layers: loading stays offline, and scores stay the same bits across versions.
 # Faster kernels are asked for by name instead (train.use_liger_kernel, the attention kernels in prmkit.kernels).
 MODEL_LOAD_DEFAULTS: dict[str, Any] = {"use_kernels": False}
+
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' loading report and progress bars off for the block: prmkit says what matters (a missing head,
+    a refused kind) in its own words, and library users get no progress bar on their stderr."""
+    from transformers.utils import logging as tlog
+
+    level, bar = tlog.get_verbosity(), tlog.is_progress_bar_enabled()
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        tlog.set_verbosity(level)
+        if bar:
+            tlog.enable_progress_bar()
+
 
 POSITIVE_LABEL_ID = 1  # p(step correct) = softmax(logits)[..., 1]; TRL's docs map LABEL_1 -> True
 

@@ -222,3 +222,13 @@ def test_whitespace_only_step_is_an_empty_step(fmt, record, reason):
     with pytest.raises(RowError) as e:
         convert(fmt, record, Options(is_eval=True))
     assert (e.value.field, e.value.reason) == ("completions[1]", reason)
+
+
+@pytest.mark.parametrize("missing", ["label", "problem"])
+def test_processbench_missing_field_reads_missing(missing):
+    """As every other format words it: `label: missing`, not "expected -1 or a step index below 2, got None"."""
+    rec = {"problem": "P", "steps": ["a", "b"], "label": 0}
+    del rec[missing]
+    with pytest.raises(RowError) as e:
+        convert("processbench", rec, Options())
+    assert (e.value.field, e.value.reason) == (missing, "missing")

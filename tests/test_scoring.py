@@ -247,3 +247,72 @@ def test_settings_over_the_recorded_tokenizer_and_tokenization(tmp_path, train_t
         kind_tokenization("m", "qwen-prm", {"max_prompt_length": 512})
     with pytest.raises(UsageError, match=r'data.step_separator="\\n\\n" cannot apply'):
         kind_tokenization("m", "lm-tag", None, step_separator="\n\n")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Scoring something that is not a PRM; the library API refuses what the CLI refuses
+
+
+def _base_lm(path: Path, tokenizer_dir: Path) -> Path:
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    cfg = Qwen2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                      intermediate_size=64, vocab_size=len(tok))
+    Qwen2ForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_a_kind_forced_on_an_unmarked_causal_lm_warns_and_flat_scores_are_said(tmp_path, tiny_tokenizer_dir):
+    """A plain causal LM forced to chat-plus-minus scores every step about alike: both facts are said."""
+    base = _base_lm(tmp_path / "base", tiny_tokenizer_dir)
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}")
+    with prmkit_log() as records:
+        scorer = StepScorer.from_pretrained(base, dtype="float32", device="cpu",
+                                            kind_settings={"kind": "chat-plus-minus", "chat_template": template})
+        scores = scorer.score_batch(SOLUTIONS)
+    messages = [r.getMessage() for r in records if r.levelno >= logging.WARNING]
+    assert any("model.kind=chat-plus-minus is set for" in m and "Qwen2ForCausalLM" in m for m in messages), messages
+    flat = [m for m in messages if "step scores all lie within" in m]
+    values = [s for row in scores for s in row]
+    assert max(values) - min(values) < 0.02 and len(flat) == 1
+    assert f"the first {len(values)} step scores" in flat[0]
+    scorer.score_batch(SOLUTIONS)  # said once, not per call
+    assert sum("step scores all lie within" in r.getMessage() for r in records) == 1
+
+
+def test_a_prm_whose_scores_vary_is_not_called_flat(scorer):
+    from prmkit.scoring.engine import StepScores, _warn_if_flat
+
+    with prmkit_log() as records:
+        assert _warn_if_flat([StepScores([0.1, 0.9, 0.5, 0.4], False, 9), StepScores([0.3] * 4, False, 9)], "m")
+        assert not _warn_if_flat([StepScores([0.5] * 7, False, 9)], "m")  # too few steps to judge
+        assert _warn_if_flat([StepScores([0.51, 0.515, 0.518, 0.51], False, 9), StepScores([0.5] * 4, False, 9)], "m")
+    assert [r.getMessage() for r in records] == [
+        "m: the first 8 step scores all lie within 0.500-0.518: a trained PRM tells steps apart; check that this model "
+        "is one (an untrained head, or a model read as a kind it was not trained as, scores every step alike)"]
+
+
+def test_the_library_refuses_an_empty_step_as_the_cli_does(scorer):
+    from prmkit.errors import DataError
+
+    with pytest.raises(DataError, match=r"^solution 1: step 2: empty step$"):
+        scorer.score("p", ["ok", ""])
+    with pytest.raises(DataError, match=r"solution 2: step 1: empty step \(whitespace only\)"):
+        scorer.score_batch([("p", ["ok"]), ("q", ["  \n"])])
+    with pytest.raises(DataError, match="steps: expected a list of strings, got one string"):
+        scorer.score("p", "one string")
+    with pytest.raises(DataError, match="step 1: expected a string, got int"):
+        scorer.score("p", [3])
+
+
+def test_loading_prints_no_progress_bar_or_load_report(prm_dir, capfd):
+    from transformers.utils import logging as tlog
+
+    tlog.enable_progress_bar()  # as in a user's program (a CLI test before this one may have turned it off)
+    StepScorer.from_pretrained(prm_dir, dtype="float32", device="cpu").score("p", ["a step."])
+    err = capfd.readouterr().err
+    assert "Loading weights" not in err and "LOAD REPORT" not in err
+    assert tlog.is_progress_bar_enabled()  # turned off for the load only

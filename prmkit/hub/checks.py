@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from prmkit.errors import UsageError
 from prmkit.hub.card import hub_id
 from prmkit.errors import first_line
 from prmkit.hub.files import TOKENIZER_VOCAB_FILES, read_text_capped
-from prmkit.modeling import CONFIG_YAML, MODEL_LOAD_DEFAULTS
+from prmkit.modeling import CONFIG_YAML, MODEL_LOAD_DEFAULTS, quiet_transformers
 
 
 def read_safetensors_header(path: Path) -> dict[str, Any]:
@@ -54,22 +53,6 @@ def check_weights(model_dir: Path, files: list[tuple[str, Path]]) -> None:
                                   f"e.g. {sorted(listed - present)[0]}")
 
 
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    # The loading report and progress bars of transformers would drown the push's own output.
-    from transformers.utils import logging as tlog
-
-    level, bar = tlog.get_verbosity(), tlog.is_progress_bar_enabled()
-    tlog.set_verbosity_error()
-    tlog.disable_progress_bar()
-    try:
-        yield
-    finally:
-        tlog.set_verbosity(level)
-        if bar:
-            tlog.enable_progress_bar()
-
-
 def trust_remote_code(model_dir: Path) -> bool:
     path = model_dir / CONFIG_YAML
     if not path.is_file():
@@ -94,7 +77,7 @@ def check_model_loads(model_dir: Path, warnings: list[str], causal_lm: bool = Fa
     auto = AutoModelForCausalLM if causal_lm else AutoModelForTokenClassification
 
     trust = trust_remote_code(model_dir)
-    with _quiet_transformers():
+    with quiet_transformers():
         try:
             config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust)
         except (OSError, ValueError, KeyError) as e:
@@ -144,7 +127,7 @@ def check_tokenizer(tok_dir: Path, names: set[str], trust: bool) -> None:
                           hint="save the tokenizer beside the model: tokenizer.save_pretrained(dir)")
     from transformers import AutoTokenizer
 
-    with _quiet_transformers():
+    with quiet_transformers():
         try:
             AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=trust)
         except Exception as e:  # whatever stops it loading is the finding

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from prmkit.errors import PrmkitError, UsageError, first_line
+from prmkit.errors import DataError, PrmkitError, UsageError, first_line
 from prmkit.modeling import (
     POSITIVE_LABEL_ID,
     PRMKIT_JSON,
@@ -167,6 +167,7 @@ class StepScorer:
         self._pad_id = pad if pad is not None else (tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0)
         self.differs_from_training: dict[str, tuple[Any, Any]] = {}
         """``{key: (trained, used)}``: settings the user chose that differ from what the model recorded."""
+        self._spread_checked = False
 
     def _device_budget(self) -> tuple[int, str]:
         """The batch budget when none is given, and where it came from (the summary and the log say it)."""
@@ -245,7 +246,7 @@ class StepScorer:
         from transformers import AutoConfig, AutoModelForTokenClassification
 
         from prmkit.dataset import load_tokenizer
-        from prmkit.modeling import is_causal
+        from prmkit.modeling import is_causal, quiet_transformers
 
         metadata = read_metadata(local) if is_local else hub_metadata(name, revision)
         from prmkit import kinds
@@ -258,7 +259,7 @@ class StepScorer:
         if dev.type == "cuda":
             torch.cuda.init()  # the CUDA context is start-up, not model loading
         adapter = is_local and (local / "adapter_config.json").is_file()
-        with timings.stage("model_load"):
+        with timings.stage("model_load"), quiet_transformers():
             config = None
             if not adapter:
                 try:
@@ -305,7 +306,11 @@ class StepScorer:
                                                   attn_implementation, fall_back=chosen)
                 except (OSError, ValueError) as e:
                     raise load_error(name, e) from None
-                missing = [k for k in info.get("missing_keys", []) if k.split(".")[0] in ("score", "classifier")]
+                all_missing = sorted(info.get("missing_keys") or [])
+                missing = [k for k in all_missing if k.split(".")[0] in ("score", "classifier")]
+                if all_missing and not missing:
+                    log.warning(f"{name}: {len(all_missing)} weight(s) missing from the checkpoint were initialised at "
+                                f"random, e.g. {all_missing[0]}; its scores may not be the trained model's")
                 if missing:
                     raise UsageError(
                         f"model {name!r} has no trained token-classification head ({', '.join(sorted(missing)[:2])} "
@@ -382,6 +387,7 @@ class StepScorer:
         items = list(items)
         if not items:
             return []
+        _check_items(items)
         with self.timings.stage("tokenize"):
             encoded, seqs = self._sequences(items)
         values = self._run(seqs, on_batch, batch_log)
@@ -389,6 +395,8 @@ class StepScorer:
                    for (_, steps), enc in zip(items, encoded)]
         for (i, k, _), value in values:
             results[i].scores[k] = value
+        if not self._spread_checked:
+            self._spread_checked = _warn_if_flat(results, self.identity.get("name", "the model"))
         return results
 
     def _sequences(self, items: list[tuple[str, Sequence[str]]]) -> tuple[list[Encoded], list[_Seq]]:
@@ -624,6 +632,40 @@ class StepScorer:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Loading helpers
+
+
+def _check_items(items: Sequence[tuple[str, Sequence[str]]]) -> None:
+    """The library API refuses what the CLI refuses: an empty step's score would sit on the separator alone."""
+    for n, item in enumerate(items, 1):
+        prompt, steps = item
+        if not isinstance(prompt, str):
+            raise DataError(f"solution {n}: prompt: expected a string, got {type(prompt).__name__}")
+        if isinstance(steps, str):
+            raise DataError(f"solution {n}: steps: expected a list of strings, got one string")
+        for k, step in enumerate(steps):
+            if not isinstance(step, str):
+                raise DataError(f"solution {n}: step {k + 1}: expected a string, got {type(step).__name__}")
+            if not step.strip():
+                raise DataError(f"solution {n}: step {k + 1}: empty step" + (" (whitespace only)" if step else ""))
+
+
+FLAT_MIN_STEPS = 8
+FLAT_SPREAD = 0.02
+"""A PRM's first scores that all lie within this of each other, over at least FLAT_MIN_STEPS steps, tell nothing apart:
+a base model's random head, or a causal LM read as a kind it was not trained as, scores every step alike."""
+
+
+def _warn_if_flat(results: Sequence[StepScores], name: str) -> bool:
+    """Warn once when the first scores have almost no spread; True once enough steps were seen to judge."""
+    values = [v for r in results for v in r.scores if v is not None]
+    if len(values) < FLAT_MIN_STEPS:
+        return False
+    low, high = min(values), max(values)
+    if high - low < FLAT_SPREAD:
+        log.warning(f"{name}: the first {len(values)} step scores all lie within {low:.3f}-{high:.3f}: a trained PRM "
+                    "tells steps apart; check that this model is one (an untrained head, or a model read as a kind it "
+                    "was not trained as, scores every step alike)")
+    return True
 
 
 def _model_name(model: Any) -> str:
