@@ -16,12 +16,12 @@ exactly what the authors' prefix-by-prefix code shows the model for step k. The 
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from prmkit import jsonio
 from prmkit.chat_turns import ChatTurns
 from prmkit.errors import DataError, UsageError, first_line
 from prmkit.tokenization import Encoded
@@ -104,7 +104,7 @@ def _same(value: Any) -> Any:
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return jsonio.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
 
