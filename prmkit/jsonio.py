@@ -1,4 +1,5 @@
-"""Every JSON file and line prmkit writes goes through here, so none of it is invalid JSON.
+"""Every JSON file and line prmkit writes goes through here, so none of it is invalid JSON; and every JSON text it
+reads that it did not write (:func:`loads`), so none of it can nest deep enough to exhaust the stack.
 
 Python's ``json`` writes ``NaN`` and ``Infinity`` by default, and with ``ensure_ascii=False`` a string holding a lone
 surrogate (from a ``"\\ud800"`` escape, or a file name that is not UTF-8) produces text that cannot be encoded as
