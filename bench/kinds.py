@@ -11,6 +11,13 @@ prmkit scores every kind in one pass per solution, in length-sorted batches unde
 in this process on the CPU, in fp32; the scores are compared too (max absolute difference).
 
     python bench/kinds.py            # 40 rows; --rows 10 for a quick run
+    python bench/kinds.py --long-row 25000,50000,100000   # one chat-plus-minus solution of that many steps
+
+``--long-row`` scores ONE chat-plus-minus solution of N steps (a looping generation), with the model above (8,192
+positions, so about 100 turns are read and the rest lie past max_length): the encoder alone in this process (and the
+chat template renders it made), ``StepScorer.score_batch`` (encoding and the forward pass, the model loaded), then
+``prmkit score`` as a whole process on a one-line JSONL (seconds and peak RSS; start-up and model load included).
+With ``PYTHONPATH`` at an older checkout it times that one (before issue #24 it was quadratic: use N of 1,000-4,000).
 """
 
 from __future__ import annotations
@@ -88,11 +95,81 @@ def card_scores(kind: str, model, tok, rows: list[dict]) -> list[list[float]]:
     return out
 
 
+LAUNCHER = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, stderr=subprocess.DEVNULL); "
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+
+
+def long_row(sizes: list[int], name: str) -> None:
+    """One chat-plus-minus solution of each size: the encoder in-process, then `prmkit score` as a whole process."""
+    import os
+    import subprocess
+
+    import torch
+
+    from prmkit.kinds import KindEncoder
+    from prmkit.scoring import StepScorer
+
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "chat-plus-minus"
+        build("chat-plus-minus", path)
+        scorer = StepScorer.from_pretrained(path, dtype="float32", device="cpu",
+                                            kind_settings={"kind": "chat-plus-minus"})
+        encoder: KindEncoder = scorer.kind_encoder
+        renders = []
+        apply = type(encoder.tokenizer).apply_chat_template
+        type(encoder.tokenizer).apply_chat_template = (
+            lambda self, c, *a, **k: renders.append(len(c)) or apply(self, c, *a, **k))
+        for n in sizes:
+            row = make_rows(1, seed=n)[0]
+            steps = [row["completions"][k % len(row["completions"])] + f" (turn {k})" for k in range(n)]
+            renders.clear()
+            t0 = time.perf_counter()
+            [encoded] = encoder.encode([(row["prompt"], steps)])
+            seconds = time.perf_counter() - t0
+            calls, messages = len(renders), sum(renders)
+            read = sum(p >= 0 for p in encoded.step_positions)
+            t0 = time.perf_counter()
+            [in_process] = scorer.score_batch([(row["prompt"], steps)])
+            engine = time.perf_counter() - t0
+            src, out = Path(tmp) / f"row-{n}.jsonl", Path(tmp) / f"scored-{n}.jsonl"
+            src.write_text(json.dumps({"prompt": row["prompt"], "completions": steps}) + "\n", encoding="utf-8")
+            command = [sys.executable, "-m", "prmkit", "score", str(path), str(src), "-o", str(out), "--device", "cpu",
+                       "--dtype", "float32", "--set", "model.kind=chat-plus-minus"]
+            t0 = time.perf_counter()
+            # Through a small launcher: a child forked from this (large) process would count its pages in its peak.
+            # In tmp, so `-m prmkit` imports the prmkit PYTHONPATH names, not one in the working directory.
+            peak = subprocess.run([sys.executable, "-c", LAUNCHER, *command], cwd=tmp, capture_output=True, text=True,
+                                  env={**os.environ, "PRMKIT_CACHE": str(Path(tmp) / "cache")}, check=True)
+            whole = time.perf_counter() - t0
+            rss_kib = int(peak.stdout.split()[-1])
+            scores = json.loads(out.read_text(encoding="utf-8"))["step_scores"]
+            assert len(scores) == n and sum(s is not None for s in scores) == read
+            assert max(abs(a - b) for a, b in zip(scores[:read], in_process[:read])) < 1e-5
+            results.append({"steps": n, "line_mb": round(src.stat().st_size / 1e6, 1), "encode_s": round(seconds, 3),
+                            "renders": calls, "messages_rendered": messages, "turns_read": read,
+                            "score_batch_s": round(engine, 2),
+                            "score_process_s": round(whole, 2), "score_peak_rss_mb": round(rss_kib / 1024)})
+            print(f"{n:7d} steps ({results[-1]['line_mb']} MB line)  encode {seconds:6.2f} s, {calls} renders "
+                  f"of {messages} messages, {read} turns read   score_batch {engine:5.2f} s   "
+                  f"prmkit score {whole:6.2f} s, peak RSS "
+                  f"{results[-1]['score_peak_rss_mb']} MB", flush=True)
+    report = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                         f"{torch.get_num_threads()} threads", "long_row": results}
+    print(json.dumps(report, indent=2))
+    out = Path(__file__).resolve().parent / "results" / name
+    out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=40)
     ap.add_argument("--kinds", default="chat-plus-minus,lm-tag,qwen-prm")
+    ap.add_argument("--long-row", metavar="N,N,...", help="one chat-plus-minus solution of each number of steps")
+    ap.add_argument("--results", default="kinds-long-row.json", help="--long-row's file under bench/results/")
     args = ap.parse_args()
+    if args.long_row:
+        return long_row([int(n) for n in args.long_row.split(",")], args.results)
     import torch
 
     from prmkit.scoring import StepScorer

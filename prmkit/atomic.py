@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from prmkit import jsonio
 from prmkit.errors import UsageError
 
 TEMP_SUFFIX = ".tmp"
@@ -153,7 +154,7 @@ def read_json(path: str | Path, hint: str | None = None) -> Any:
     """Parse a JSON file; a damaged one is a one-line :class:`UsageError` naming the file, the place and the reason."""
     path = Path(path)
     try:
-        return json.loads(path.read_bytes().decode("utf-8"))
+        return jsonio.loads(path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError as e:
         raise UsageError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})", hint=hint) from None
     except json.JSONDecodeError as e:

@@ -9,13 +9,13 @@ checkpoint that passes is used and newer ones are named with the reason they wer
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 import zipfile
 from pathlib import Path
 
+from prmkit import jsonio
 from prmkit.atomic import write_atomic
 from prmkit.jsonio import dumps
 
@@ -61,7 +61,7 @@ def safetensors_problem(path: Path) -> str | None:
             n = int.from_bytes(head, "little")
             if 8 + n > size:
                 return f"{path.name} is truncated (its header alone needs {8 + n} bytes, it has {size})"
-            header = json.loads(fh.read(n).decode("utf-8"))
+            header = jsonio.loads(fh.read(n).decode("utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:
         return f"{path.name} is unreadable ({type(e).__name__})"
     if not isinstance(header, dict):
@@ -83,7 +83,7 @@ def checkpoint_problem(path: str | Path) -> str | None:
     marker = path / MARKER
     if marker.is_file():
         try:
-            recorded = json.loads(marker.read_text(encoding="utf-8"))["files"]
+            recorded = jsonio.loads(marker.read_text(encoding="utf-8"))["files"]
             items = [(str(k), int(v)) for k, v in recorded.items()]
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return f"its {MARKER} is unreadable"
@@ -101,7 +101,7 @@ def checkpoint_problem(path: str | Path) -> str | None:
 
 def _content_problem(path: Path, has_marker: bool) -> str | None:
     try:
-        json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))
+        jsonio.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))
     except FileNotFoundError:
         return f"{TRAINER_STATE} is missing"
     except (OSError, ValueError):
@@ -122,7 +122,7 @@ def _content_problem(path: Path, has_marker: bool) -> str | None:
                 return f"{rel} is truncated"
         elif item.name.endswith(".safetensors.index.json"):
             try:
-                shards = set(json.loads(item.read_text(encoding="utf-8"))["weight_map"].values())
+                shards = set(jsonio.loads(item.read_text(encoding="utf-8"))["weight_map"].values())
             except (OSError, ValueError, KeyError, AttributeError):
                 return f"{rel} is not valid JSON"
             missing = sorted(s for s in shards if not (item.parent / s).is_file())

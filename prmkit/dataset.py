@@ -20,6 +20,7 @@ from prmkit import __version__
 from prmkit.atomic import TEMP_SUFFIX, check_manifest, manifest, remove_leftovers, remove_path, temp_prefix
 from prmkit.errors import DataError, UsageError
 from prmkit.formats import Options, RowError, check_format, convert, detect_format
+from prmkit import jsonio
 from prmkit.jsonio import dumps, nonfinite_field
 from prmkit.outputs import refuse_inputs_inside
 from prmkit.redact import mask, redact
@@ -147,7 +148,9 @@ def parse_jsonl_line(raw: bytes) -> tuple[Any, str | None, str]:
     if problem is not None:
         return None, problem, text
     try:
-        return json.loads(text), None, text
+        return jsonio.loads(text), None, text
+    except jsonio.NestingError as e:
+        return None, f"JSON {e.msg} (at column {e.colno})", text
     except json.JSONDecodeError as e:
         return None, f"malformed JSON ({e.msg} at column {e.colno})", text
 
@@ -188,9 +191,12 @@ def _iter_json(source: Source) -> Iterator[SourceRecord]:
     raw = source.path.read_bytes()
     skip = len(UTF8_BOM) if raw.startswith(UTF8_BOM) else 0
     try:
-        data = json.loads(raw[skip:].decode("utf-8"))
+        text = raw[skip:].decode("utf-8")
+        data = jsonio.loads(text, nesting=False)  # too deep to read at all; a row too deep is rejected below
     except UnicodeDecodeError as e:
         raise DataError(f"{source.spec}: not UTF-8 ({e.reason} at byte {e.start + skip})") from None
+    except jsonio.NestingError as e:
+        raise DataError(f"{source.spec}: line {e.lineno}: JSON {e.msg} (at column {e.colno})") from None
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":
             raise DataError(f"{source.spec}: line {e.lineno}: malformed JSON (extra data; is it JSON Lines? name it .jsonl)") from None
@@ -210,8 +216,12 @@ def _iter_json(source: Source) -> Iterator[SourceRecord]:
         raise DataError(f"{source.spec}: found a JSON {_json_kind(data)}; {expected}")
     if not data:
         raise DataError(f"{source.spec}: no rows (an empty JSON array)")
+    deep = jsonio.text_too_deep(text)
     for number, record in enumerate(data, start=1):
-        yield SourceRecord(number, record)
+        if deep and jsonio.nested_too_deep(record):
+            yield SourceRecord(number, None, f"JSON nested more than {jsonio.MAX_DEPTH} arrays/objects deep")
+        else:
+            yield SourceRecord(number, record)
 
 
 def _json_kind(value: Any) -> str:
@@ -731,7 +741,7 @@ def _read_metadata(target: Path) -> dict | None:
     if not meta.is_file():
         return None
     try:
-        return json.loads(meta.read_text(encoding="utf-8"))
+        return jsonio.loads(meta.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return None
 

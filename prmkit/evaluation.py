@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import logging
 import re
 import sys
@@ -40,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prmkit import __version__
+from prmkit import __version__, jsonio
 from prmkit import metrics
 from prmkit.atomic import write_atomic
 from prmkit.dataset import _hub_split, iter_records, read_step_rows, resolve_source
@@ -593,7 +592,7 @@ def _is_previous_report(path: Path) -> bool:
         if not ours or not entry.is_file():
             return False
     try:
-        previous = json.loads((path / "report.json").read_text(encoding="utf-8"))
+        previous = jsonio.loads((path / "report.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     return isinstance(previous, dict) and ("subsets" in previous or "models" in previous)

@@ -16,12 +16,13 @@ exactly what the authors' prefix-by-prefix code shows the model for step k. The 
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
+from prmkit import jsonio
+from prmkit.chat_turns import ChatTurns
 from prmkit.errors import DataError, UsageError, first_line
 from prmkit.tokenization import Encoded
 
@@ -125,7 +126,7 @@ def _same(value: Any) -> Any:
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return jsonio.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
 
@@ -253,66 +254,39 @@ class KindEncoder:
             raise UsageError(f"the chat template failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
                              hint="check model.chat_template") from None
 
-    def _text(self, prompt: str, steps: Sequence[str]) -> tuple[str, list[str]]:
-        """The text the kind's model reads, and (chat-plus-minus) each turn's text up to its reward token."""
+    def _text(self, prompt: str, steps: Sequence[str]) -> str:
+        """The text an lm-tag or qwen-prm model reads."""
         if self.kind == LM_TAG:
-            return f"{prompt} " + "\n".join(f"{step} {self.tag}" for step in steps), []
-        if self.kind == QWEN_PRM:
-            system = self.settings.system_prompt if self.settings.system_prompt is not None else QWEN_PRM_SYSTEM_PROMPT
-            return self._render([{"role": "system", "content": system}, {"role": "user", "content": prompt},
-                                 {"role": "assistant", "content": self.tag.join(steps) + self.tag}]), []
-        plus = self.settings.reward_tokens[0]
-        conversation: list[dict[str, str]] = []
-        heads: list[str] = []  # each shorter conversation's text up to and including its last "+"
-        for k, step in enumerate(steps):
-            conversation.append({"role": "user", "content": f"{prompt} {step}" if k == 0 else step})
-            conversation.append({"role": "assistant", "content": plus})
-            rendered = self._render(conversation)
-            heads.append(rendered[: rendered.rfind(plus) + len(plus)])
-        # One pass over the whole conversation reads every turn as the turn-by-turn code does, provided each shorter
-        # conversation renders as a prefix of the full one (true of append-only chat templates): checked, not assumed.
-        if not all(rendered.startswith(head) for head in heads):
-            raise UsageError("the chat template does not render a conversation as a prefix of its continuation, "
-                             "so its turns cannot be scored in one pass", hint="set model.chat_template")
-        return rendered, heads
+            return f"{prompt} " + "\n".join(f"{step} {self.tag}" for step in steps)
+        system = self.settings.system_prompt if self.settings.system_prompt is not None else QWEN_PRM_SYSTEM_PROMPT
+        return self._render([{"role": "system", "content": system}, {"role": "user", "content": prompt},
+                             {"role": "assistant", "content": self.tag.join(steps) + self.tag}])
 
-    def _positions(self, ids: list[int], offsets: list[tuple[int, int]] | None, heads: list[str]) -> list[int]:
-        if self.kind != CHAT_PLUS_MINUS:
-            return [i for i, t in enumerate(ids) if t == self.tag_id]
-        plus = self.settings.reward_tokens[0]
-        start_of = {start: i for i, (start, end) in enumerate(offsets or []) if end > start}
-        positions = []
-        for head in heads:
-            t = start_of.get(len(head) - len(plus))
-            if t is None or t == 0 or ids[t] != self.reward_ids[0]:
-                raise UsageError(f"reward token {plus!r} is not a token of its own in the chat template's assistant "
-                                 "turn", hint="check model.reward_tokens and model.chat_template")
-            positions.append(t - 1)  # the logits that predict the "+"
-        return positions
+    def _positions(self, ids: list[int]) -> list[int]:
+        return [i for i, t in enumerate(ids) if t == self.tag_id]
 
     def encode(self, items: Sequence[tuple[str, Sequence[str]]], where: Sequence[str] | None = None) -> list[Encoded]:
         """One :class:`Encoded` per solution; ``where`` names each item in errors (default: "solution N")."""
         places = list(where) if where is not None else [f"solution {n}" for n in range(1, len(items) + 1)]
-        texts, heads, todo = [], [], []
-        for i, (prompt, steps) in enumerate(items):
+        for i, (_, steps) in enumerate(items):
             self._check_steps(steps, places[i])
-            if steps:
-                text, marks = self._text(prompt, list(steps))
-                texts.append(text)
-                heads.append(marks)
-                todo.append(i)
-        # One batched call: the Rust tokenizer encodes the texts in parallel. As the authors' code: `encode(text)`
-        # (special tokens such as a BOS added) for lm-tag and qwen-prm; a rendered chat template already holds them.
-        chat = self.kind == CHAT_PLUS_MINUS
-        enc = self.tokenizer(texts, add_special_tokens=not chat, return_offsets_mapping=chat) if texts else {}
+        todo = [i for i, (_, steps) in enumerate(items) if steps]
         out = [Encoded([], [], 0) for _ in items]
+        if self.kind == CHAT_PLUS_MINUS:
+            for i, encoded in zip(todo, ChatTurns(self).encode([items[i] for i in todo])):
+                out[i] = encoded
+            return out
+        # One batched call: the Rust tokenizer encodes the texts in parallel. As the authors' code: `encode(text)`
+        # (special tokens such as a BOS added).
+        texts = [self._text(items[i][0], list(items[i][1])) for i in todo]
+        enc = self.tokenizer(texts, add_special_tokens=True) if texts else {}
         for j, i in enumerate(todo):
             ids = list(enc["input_ids"][j])
-            positions = self._positions(ids, enc["offset_mapping"][j] if chat else None, heads[j])
+            positions = self._positions(ids)
             n_steps = len(items[i][1])
             if len(positions) != n_steps:
                 raise DataError(
-                    f"{places[i]}: found {len(positions)} step {'turns' if chat else 'tags'} for {n_steps} steps; "
+                    f"{places[i]}: found {len(positions)} step tags for {n_steps} steps; "
                     f"the tag {self.tag!r} must stay one token in context",
                     hint="set model.step_tag to a token the tokenizer keeps whole (an added special token is safest)")
             if self.max_length is not None and len(ids) > self.max_length:

@@ -7,7 +7,6 @@ is about to replace, nor let two runs write one output under two names.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import socket
@@ -15,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Iterable
 
+from prmkit import jsonio
 from prmkit.errors import UsageError
 from prmkit.jsonio import dumps
 
@@ -155,7 +155,7 @@ class OutputLock:
 def _read_holder(fd: int) -> str:
     try:
         raw = os.pread(fd, 4096, 0)
-        info = json.loads(raw.decode("utf-8"))
+        info = jsonio.loads(raw.decode("utf-8"))
     except (OSError, ValueError):
         return "PID unknown"
     if not isinstance(info, dict):

@@ -324,8 +324,11 @@ class _PreSplitter:
 _WORKER_SPLITTER: _PreSplitter | None = None
 
 
-def _worker_init(splitter: _PreSplitter) -> None:
+def _worker_init(splitter: _PreSplitter, parent: int, pdeathsig: bool) -> None:
     global _WORKER_SPLITTER
+    from prmkit.workers import die_with_parent
+
+    die_with_parent(parent, pdeathsig)
     _WORKER_SPLITTER = splitter
 
 
@@ -341,15 +344,20 @@ def _worker_pool(processes: int, splitter: _PreSplitter):
     Fork only (Linux): workers inherit the splitter and need no import of their own, and nothing they run (regex,
     dicts, numpy) touches the locks of the parent's other threads. Elsewhere the split runs in this process.
     ``ProcessPoolExecutor`` rather than ``Pool``: a worker that dies (killed, out of memory) raises here instead of
-    leaving its task waiting forever.
+    leaving its task waiting forever. Each worker ends with this process however it ends (:mod:`prmkit.workers`).
     """
     import multiprocessing as mp
     import sys
     from concurrent.futures import ProcessPoolExecutor
 
+    from prmkit.workers import forked_from_main_thread
+
     if processes <= 1 or not sys.platform.startswith("linux") or "fork" not in mp.get_all_start_methods():
         return None
-    return ProcessPoolExecutor(processes, mp_context=mp.get_context("fork"), initializer=_worker_init, initargs=(splitter,))
+    pool = ProcessPoolExecutor(processes, mp_context=mp.get_context("fork"), initializer=_worker_init,
+                               initargs=(splitter, os.getpid(), forked_from_main_thread()))
+    pool.submit(int)  # forks every worker now, from this thread, which is the one forked_from_main_thread() saw
+    return pool
 
 
 class _PieceSplitter:
@@ -458,10 +466,13 @@ class _PieceSplitter:
     def encode_pools(self, batches: Iterable[tuple[Any, Sequence[str]]], processes: int, rust) -> Iterator[tuple[Any, TokenPool]]:
         from collections import deque
 
+        from prmkit.workers import stop_pool
+
         batches = iter(batches)
         pool = _worker_pool(processes, self.pre)
         base, remaps = len(self.pre.index), {}
         pending: deque = deque()
+        finished = False
         try:
             while True:
                 # Keep every worker busy: up to two batches each in flight while this process stitches results.
@@ -476,6 +487,7 @@ class _PieceSplitter:
                     job = pool.submit(_worker_split, safe_texts) if pool else self.pre.split(safe_texts)
                     pending.append((tag, unique, inverse, safe, safe_texts, job))
                 if not pending:
+                    finished = True
                     return
                 tag, unique, inverse, safe, safe_texts, job = pending.popleft()
                 stream, counts = self._absorb(base, remaps, job.result()) if pool else job[:2]
@@ -493,7 +505,7 @@ class _PieceSplitter:
                 yield tag, TokenPool(ids, starts[inverse], lengths[inverse])
         finally:
             if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
+                stop_pool(pool, kill=not finished)
 
 
 def encode_batches(

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from prmkit import jsonio
 from prmkit.errors import UsageError
 from prmkit.hub.files import inside, read_text_capped
 from prmkit.modeling import CONFIG_YAML, PRMKIT_JSON
@@ -53,7 +54,7 @@ def load_eval_report(model_dir: Path, eval_report: str | Path | None, repo_id: s
             raise UsageError(f"--eval-report {eval_report}: file not found")
         return None, None
     try:
-        report = json.loads(read_text_capped(path if eval_report else inside(path, model_dir)))
+        report = jsonio.loads(read_text_capped(path if eval_report else inside(path, model_dir)))
     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
         raise UsageError(f"{path}: not valid JSON ({e})") from None
     if isinstance(report, dict) and isinstance(report.get("models"), dict):

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from prmkit import jsonio
 from prmkit.errors import UsageError
 from prmkit.hub.card import hub_id
 from prmkit.errors import first_line
@@ -24,7 +25,7 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
         if n <= 0 or n > min(size - 8, 100 << 20):
             raise UsageError(f"{path}: not a safetensors file (bad header length)")
         try:
-            header = json.loads(fh.read(n))
+            header = jsonio.loads(fh.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise UsageError(f"{path}: not a safetensors file (unreadable header)") from None
     ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
@@ -40,7 +41,7 @@ def check_weights(model_dir: Path, files: list[tuple[str, Path]]) -> None:
         if not name.endswith(".safetensors.index.json"):
             continue
         try:
-            weight_map: dict[str, str] = json.loads(read_text_capped(p))["weight_map"]
+            weight_map: dict[str, str] = jsonio.loads(read_text_capped(p))["weight_map"]
         except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
             raise UsageError(f"{p}: not a valid safetensors index (no weight_map)") from None
         for shard in sorted(set(weight_map.values())):
@@ -106,7 +107,7 @@ def check_model_loads(model_dir: Path, warnings: list[str], causal_lm: bool = Fa
 def check_adapter(adapter_dir: Path, warnings: list[str]) -> dict[str, Any]:
     path = adapter_dir / "adapter_config.json"
     try:
-        cfg = json.loads(read_text_capped(path))
+        cfg = jsonio.loads(read_text_capped(path))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UsageError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(cfg, dict) or "peft_type" not in cfg:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prmkit import __version__
+from prmkit import __version__, jsonio
 from prmkit.errors import PrmkitError, UsageError
 from prmkit.hub.card import HUB_ID, build_card, is_template_card, load_eval_report
 from prmkit.hub.checks import check_adapter, check_model_loads, check_tokenizer, check_weights, trust_remote_code
@@ -102,7 +101,7 @@ def plan_push(
     metadata = None
     if (model_dir / PRMKIT_JSON).is_file():
         try:
-            metadata = json.loads(read_text_capped(inside(model_dir / PRMKIT_JSON, model_dir)))
+            metadata = jsonio.loads(read_text_capped(inside(model_dir / PRMKIT_JSON, model_dir)))
         except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
             raise UsageError(f"{model_dir / PRMKIT_JSON}: not valid JSON ({e})") from None
     if metadata is None and (model_dir / CONFIG_YAML).is_file():

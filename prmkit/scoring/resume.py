@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from prmkit import jsonio
 from prmkit.atomic import write_atomic
 from prmkit.errors import UsageError
 from prmkit.jsonio import dumps
@@ -130,7 +131,7 @@ class BatchJournal:
 
 def _loads(raw: bytes) -> Any:
     try:
-        return json.loads(raw)
+        return jsonio.loads(raw)
     except (ValueError, UnicodeDecodeError):
         return None
 
@@ -161,7 +162,7 @@ def read_state(path: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return jsonio.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         raise UsageError(f"{path}: unreadable state file", hint="pass --overwrite to start over") from None
 
