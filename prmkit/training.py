@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from prmkit import __version__
 from prmkit.config import Config
-from prmkit.errors import ConfigError, PrmkitError, TrainingOutOfMemory, UsageError, first_line, write_failure
+from prmkit.errors import ConfigError, PrmkitError, TrainingOutOfMemory, UsageError, first_line
 from prmkit.jsonio import dumps
 from prmkit.kernels import check_forward_untouched, liger_kernel_config, liger_supports, model_class_for, varlen_kernels_available
 from prmkit.memory import (
@@ -81,7 +81,7 @@ from prmkit.batching import (
     preprocess_logits_for_metrics,
     resolve_batching,
 )
-from prmkit.checkpoints import latest_complete_checkpoint, mark_complete
+from prmkit.checkpoints import latest_complete_checkpoint, mark_complete, save_failure
 from prmkit.run_dir import (
     FINAL_TMP,
     OutputPlan,
@@ -248,7 +248,7 @@ def _trainer_classes():
             try:
                 super()._save_checkpoint(model, trial)
             except Exception as e:
-                failed = _save_failed(e, f"cannot save {path.name} in {run_dir}", Path(run_dir))
+                failed = save_failure(e, f"cannot save {path.name} in {run_dir}", Path(run_dir))
                 if failed is None:
                     raise
                 raise failed from e
@@ -278,7 +278,8 @@ def _trainer_classes():
         def on_train_begin(self, args, state, control, **kwargs):
             self.nothing_left = 0 < state.max_steps <= state.global_step
             if self.nothing_left and state.is_world_process_zero:
-                log.info(f"nothing left to train: the checkpoint is at step {state.global_step} of {state.max_steps}; saving its model")
+                log.info(f"nothing left to train: the checkpoint is at step {state.global_step} of "
+                         f"{state.max_steps}; saving its model")
 
         def on_epoch_end(self, args, state, control, **kwargs):
             if self.nothing_left:
@@ -412,15 +413,10 @@ def _trainer_classes():
 
 def build_training_arguments(cfg: Config, has_eval: bool):
     """TrainingArguments from the config's `train` section, with prmkit's settings for what the user left unset."""
-    import importlib.util
-
     from transformers import TrainingArguments
 
     ta = dict(cfg.training_arguments)
     check_training_arguments(ta, cfg.train.batching)
-    if ta.get("deepspeed") and importlib.util.find_spec("deepspeed") is None:
-        raise ConfigError("train.deepspeed is set but the deepspeed package is not installed",
-                          hint="pip install deepspeed, or remove train.deepspeed")
     for key, value in ta.items():
         # YAML 1.1 reads an unquoted `no` as false: `save_strategy: no` means the strategy "no".
         if value is False and (key.endswith("_strategy") or key == "hub_strategy"):
@@ -651,8 +647,8 @@ def _train_planned(cfg: Config, plan: OutputPlan, state: Any, args: Any, model_c
         eval_rows=len(eval_ds) if eval_ds is not None else 0,
         tokens=tokens,
         tokens_per_second=round(tokens / seconds, 1) if seconds > 0 else 0.0,
-        train_loss=float(output.training_loss) if output.training_loss is not None and not math.isnan(output.training_loss)
-        and not trainer.prmkit_at_end.nothing_left else None,
+        train_loss=None if output.training_loss is None or math.isnan(output.training_loss)
+        or trainer.prmkit_at_end.nothing_left else float(output.training_loss),
         final_loss=float(losses[-1]) if losses else None,
         batching=batching,
         attn_implementation=attn or None,
@@ -682,7 +678,7 @@ def _train_planned(cfg: Config, plan: OutputPlan, state: Any, args: Any, model_c
     try:
         _save_final(trainer, cfg, tokenizer, prepared, plan.output_dir, state, result, lora_info, batching)
     except Exception as e:
-        failed = _save_failed(e, f"cannot save the trained model in {plan.output_dir}", plan.output_dir)
+        failed = save_failure(e, f"cannot save the trained model in {plan.output_dir}", plan.output_dir)
         if failed is None:
             raise
         raise failed from e
@@ -713,18 +709,6 @@ def _final_evaluation(trainer: Any, result: TrainResult) -> dict[str, Any] | Non
         log.warning(f"{result.eval_error}; the trained model is saved without its eval figures. Lower "
                     "train.per_device_eval_batch_size, or run `prmkit eval` on the saved model")
         return None
-
-
-def _save_failed(exc: Exception, what: str, output_dir: Path) -> PrmkitError | None:
-    """A failed write of safetensors or torch (a full disk) as one line naming what was being saved, with how to
-    go on; None for any other error."""
-    why = write_failure(exc)
-    if why is None:
-        return None
-    last, _ = latest_complete_checkpoint(output_dir)
-    resume = (f"run the same command with --resume: it continues from {last.name}" if last else
-              "run the same command with --overwrite (no checkpoint is complete)")
-    return PrmkitError(f"{what}: {why}", hint=f"free some space (or lower train.save_total_limit), then {resume}")
 
 
 def _oom_errors() -> tuple[type[BaseException], ...]:
@@ -914,7 +898,8 @@ def _push(cfg: Config, output_dir: Path, lora_info: dict | None) -> dict[str, An
         raise UsageError("train.push_to_hub is set but there is no repo id: set push.repo_id (or train.hub_model_id)")
     pushed = hub.push_model(
         output_dir, repo_id, private=cfg.push.private or bool(cfg.training_arguments.get("hub_private_repo")),
-        revision=cfg.push.revision, commit_message=cfg.push.commit_message or f"prmkit {__version__}: train",
+        revision=cfg.push.revision or cfg.training_arguments.get("hub_revision"),
+        commit_message=cfg.push.commit_message or f"prmkit {__version__}: train",
         create_pr=cfg.push.create_pr, adapter=cfg.push.adapter, eval_report=cfg.push.eval_report,
         overwrite_card=cfg.push.overwrite_card, allow_pickle=cfg.push.allow_pickle, license=cfg.push.license,
         token=cfg.training_arguments.get("hub_token") or None,

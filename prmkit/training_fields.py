@@ -134,13 +134,17 @@ def check_training_arguments(ta: dict[str, Any], batching: str) -> None:
 
     What prmkit honours itself or leaves to the Trainer is not here: ``label_smoothing_factor`` (the step loss
     smooths), ``average_tokens_across_devices`` (the Trainer scales the step loss), ``include_num_input_tokens_seen``,
-    ``remove_unused_columns``, ``prediction_loss_only``, ``train_sampling_strategy`` outside ``grouped`` batching.
+    ``remove_unused_columns``, ``prediction_loss_only``, ``train_sampling_strategy`` outside ``grouped`` batching,
+    ``hub_model_id``, ``hub_private_repo``, ``hub_token`` and ``hub_revision`` (prmkit's push reads them).
     """
     from prmkit.errors import ConfigError
 
     def refuse(key: str, why: str) -> None:
         raise ConfigError(f"train.{key}: {ta[key]!r} {why}")
 
+    if ta.get("deepspeed") and importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError("train.deepspeed is set but the deepspeed package is not installed",
+                          hint="pip install deepspeed, or remove train.deepspeed")
     if ta.get("label_names") not in (None, ["labels"], "labels"):
         refuse("label_names", "cannot apply: prmkit's collator, step loss and metrics read the step labels from "
                               "`labels`; remove the key")
@@ -158,6 +162,9 @@ def check_training_arguments(ta: dict[str, Any], batching: str) -> None:
     if ta.get("length_column_name", "length") not in ("length", LENGTH_COLUMN):
         refuse("length_column_name", f"names no column of prmkit's prepared data, whose lengths are in "
                                      f"{LENGTH_COLUMN!r}; remove the key")
+    if ta.get("push_to_hub") and ta.get("hub_strategy") in ("checkpoint", "all_checkpoints"):
+        refuse("hub_strategy", "is not supported: prmkit pushes the finished model directory once, at the end; "
+                               "remove the key")
     strategy = ta.get("train_sampling_strategy", "random")
     if batching == "grouped" and strategy not in GROUPED_STRATEGIES:
         refuse("train_sampling_strategy", "contradicts train.batching: grouped, whose own sampler draws random "

@@ -170,6 +170,23 @@ def test_training_arguments_prmkit_would_bypass_are_refused(tmp_path, setting, m
     assert not out.exists()  # refused before anything is written
 
 
+def test_hub_settings_prmkit_pushes_with(tmp_path, monkeypatch):
+    import prmkit.hub
+    from prmkit.training import _push
+
+    result = runner.invoke(app, ["train", "--example", "-o", str(tmp_path / "run"), "--set", "train.push_to_hub=true",
+                                 "--set", "train.hub_model_id=me/prm", "--set", "train.hub_strategy=checkpoint"])
+    assert result.exit_code == 2, result.output
+    assert "train.hub_strategy: 'checkpoint' is not supported: prmkit pushes the finished model directory once" in (
+        result.stderr)
+    # hub_revision is where prmkit's own push goes when push.revision is not set.
+    calls = []
+    monkeypatch.setattr(prmkit.hub, "push_model", lambda *args, **kwargs: calls.append(kwargs))
+    _push(load_config(None, ["train.hub_model_id=me/prm", "train.hub_revision=v2"]), tmp_path, None)
+    _push(load_config(None, ["train.hub_model_id=me/prm", "train.hub_revision=v2", "push.revision=v3"]), tmp_path, None)
+    assert [c["revision"] for c in calls] == ["v2", "v3"]
+
+
 def test_a_past_index_is_refused():
     from prmkit.errors import ConfigError
     from prmkit.training_fields import check_training_arguments
