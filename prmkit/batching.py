@@ -17,12 +17,17 @@ log = logging.getLogger("prmkit")
 # Loss, batching, metrics
 
 
-def step_loss(logits: "torch.Tensor", labels: "torch.Tensor", num_items_in_batch: Any = None) -> "torch.Tensor":
+def step_loss(logits: "torch.Tensor", labels: "torch.Tensor", num_items_in_batch: Any = None,
+              label_smoothing: float = 0.0) -> "torch.Tensor":
     """Cross-entropy at labelled positions; a label is a probability that the step is correct (0/1 or soft).
 
     ``-(p * log q1 + (1 - p) * log q0)``, which for p in {0, 1} is exactly the usual two-class cross-entropy. The
     sum is divided by ``num_items_in_batch`` (labelled steps in the whole accumulated batch) when the Trainer gives
     it, else by the steps in this batch.
+
+    ``label_smoothing`` (``train.label_smoothing_factor``, eps) mixes the target with the uniform one over the two
+    classes: ``p' = (1 - eps) * p + eps / 2``. For a hard label that is exactly torch's
+    ``cross_entropy(..., label_smoothing=eps)``; a soft label is mixed the same way.
     """
     import torch
 
@@ -33,6 +38,8 @@ def step_loss(logits: "torch.Tensor", labels: "torch.Tensor", num_items_in_batch
     mask = labels != IGNORE_INDEX
     logp = torch.log_softmax(logits[mask].float(), dim=-1)
     target = labels[mask].to(logp.dtype)
+    if label_smoothing:
+        target = target * (1.0 - label_smoothing) + label_smoothing / 2
     total = -(target * logp[:, 1] + (1.0 - target) * logp[:, 0]).sum()
     if num_items_in_batch is None:
         return total / mask.sum().clamp(min=1)
@@ -41,8 +48,13 @@ def step_loss(logits: "torch.Tensor", labels: "torch.Tensor", num_items_in_batch
     return total / num_items_in_batch
 
 
-def loss_func(outputs: Any, labels: "torch.Tensor", num_items_in_batch: Any = None) -> "torch.Tensor":
-    return step_loss(outputs, labels, num_items_in_batch)
+def step_loss_func(label_smoothing: float = 0.0):
+    """The Trainer's ``compute_loss_func`` for a token-classification PRM: :func:`step_loss` with this smoothing."""
+
+    def loss_func(outputs: Any, labels: "torch.Tensor", num_items_in_batch: Any = None) -> "torch.Tensor":
+        return step_loss(outputs, labels, num_items_in_batch, label_smoothing)
+
+    return loss_func
 
 
 class StepCollator:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from prmkit import jsonio
 from prmkit.atomic import write_atomic
+from prmkit.errors import PrmkitError, write_failure
 from prmkit.jsonio import dumps
 
 MARKER = "prmkit_checkpoint.json"
@@ -160,3 +161,15 @@ def set_aside(path: Path) -> Path:
         shutil.rmtree(dest)
     os.replace(path, dest)
     return dest
+
+
+def save_failure(exc: Exception, what: str, output_dir: Path) -> PrmkitError | None:
+    """A failed write of safetensors or torch (a full disk) as one line naming what was being saved, with how to
+    go on; None for any other error."""
+    why = write_failure(exc)
+    if why is None:
+        return None
+    last, _ = latest_complete_checkpoint(output_dir)
+    resume = (f"run the same command with --resume: it continues from {last.name}" if last else
+              "run the same command with --overwrite (no checkpoint is complete)")
+    return PrmkitError(f"{what}: {why}", hint=f"free some space (or lower train.save_total_limit), then {resume}")

@@ -229,6 +229,9 @@ def _num(value: float) -> str:
 _POSITIVE, _COUNT, _NON_NEGATIVE, _PROBABILITY = Range(0, low_open=True), Range(1), Range(0), Range(0, 1)
 _EVERY = Range(0, low_open=True, note="a count of steps, or a fraction of the run when below 1")
 _SEED = Range(0, 2**32 - 1)
+# Past sys.maxsize the DataLoader's batch sampler fails with a traceback; int32's limit is already far past any batch
+# that fits a device (a larger one only means the whole data set in one batch).
+_BATCH = Range(1, 2**31 - 1, note="rows per device")
 
 # Every numeric key has a range, so a value that cannot work is one line naming the key instead of a traceback (or a
 # silently unusable dataset) later. A test keeps this table complete for prmkit's sections and TrainingArguments.
@@ -251,8 +254,8 @@ RANGES: dict[str, Range] = {
     "train.learning_rate": _POSITIVE,
     "train.num_train_epochs": _POSITIVE,
     "train.max_steps": Range(1, special=(-1,), note="-1: follow num_train_epochs"),
-    "train.per_device_train_batch_size": _COUNT,
-    "train.per_device_eval_batch_size": _COUNT,
+    "train.per_device_train_batch_size": _BATCH,
+    "train.per_device_eval_batch_size": _BATCH,
     "train.gradient_accumulation_steps": _COUNT,
     "train.eval_accumulation_steps": _COUNT,
     "train.warmup_steps": Range(0, note="steps, or a fraction of the run when below 1"),
@@ -523,9 +526,14 @@ def _coerce_training_argument(value: Any, fld: Any, key: str, origin: str) -> An
         raise ConfigError(f"{origin}: train.{key}: expected true or false, got {value!r} ({type(value).__name__})")
     if kinds & {int, float} and not kinds & {str, dict, list} and isinstance(value, str):
         try:
-            return int(value) if int in kinds and float not in kinds else float(value)
+            number = float(value)  # PyYAML reads 1e20 (an exponent, no dot) as a string
         except ValueError:
             raise ConfigError(f"{origin}: train.{key}: expected a number, got {value!r}") from None
+        if int in kinds and float not in kinds:
+            if not number.is_integer():
+                raise ConfigError(f"{origin}: train.{key}: expected an integer, got {value!r}")
+            return int(value) if value.strip().lstrip("+-").isdigit() else int(number)
+        return number
     if kinds == {int} and isinstance(value, float):
         if not value.is_integer():
             raise ConfigError(f"{origin}: train.{key}: expected an integer, got {value!r}")

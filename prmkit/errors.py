@@ -6,11 +6,33 @@ like any exception. Anything else that escapes is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import os
+import re
+
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
 
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (its type's name when it has none), for one-line errors."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def write_failure(exc: BaseException) -> str | None:
+    """Why safetensors or torch could not write a file (``"no space left on device"``), or None for any other error.
+
+    Neither raises OSError for a failed write: safetensors raises ``SafetensorError("Error while serializing: I/O
+    error: No space left on device (os error 28)")``, torch a RuntimeError from its zip writer (``"[enforce fail at
+    inline_container.cc:672] . unexpected pos 576 vs 534"``, or ``"PytorchStreamWriter failed writing file ..."``),
+    which names no errno at all.
+    """
+    text = str(exc)
+    if type(exc).__name__ == "SafetensorError":
+        found = _OS_ERROR.search(text)
+        return os.strerror(int(found.group(1))).lower() if found else None
+    if isinstance(exc, RuntimeError) and ("inline_container" in text or "PytorchStreamWriter" in text):
+        return "a file could not be written (is the disk full?)"
+    return None
 
 
 class PrmkitError(Exception):

@@ -543,13 +543,14 @@ def reward_columns(logits: Any, reward_ids: tuple[int, int]) -> Any:
     return logits[..., [reward_ids[1], reward_ids[0]]]
 
 
-def lm_tag_loss(reward_ids: tuple[int, int]):
-    """The Trainer's ``compute_loss_func``: prmkit's step loss (hard or soft labels) on the two reward tokens."""
+def lm_tag_loss(reward_ids: tuple[int, int], label_smoothing: float = 0.0):
+    """The Trainer's ``compute_loss_func``: prmkit's step loss (hard or soft labels, smoothed as
+    :func:`prmkit.batching.step_loss` says: over the two reward tokens, not the vocabulary) on the two reward tokens."""
     from prmkit.batching import step_loss
 
     def loss(outputs: Any, labels: Any, num_items_in_batch: Any = None):
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-        return step_loss(reward_columns(logits, reward_ids), labels, num_items_in_batch)
+        return step_loss(reward_columns(logits, reward_ids), labels, num_items_in_batch, label_smoothing)
 
     return loss
 
@@ -589,9 +590,8 @@ class LMTag:
                              "tokenizer already has")
         return cls(settings, [added] if added is not None else [], reward)
 
-    @property
-    def loss(self):
-        return lm_tag_loss(self.reward_ids)
+    def loss(self, label_smoothing: float = 0.0):
+        return lm_tag_loss(self.reward_ids, label_smoothing)
 
     @property
     def preprocess(self):

@@ -60,6 +60,13 @@ from prmkit.modeling import (
     write_metadata,
 )
 from prmkit.tokenization import TokenizationParams
+from prmkit.training_fields import (
+    GROUPED_STRATEGIES,
+    LENGTH_COLUMN,
+    check_integrations,
+    check_training_arguments,
+    training_argument_fields,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     pass
@@ -69,12 +76,12 @@ from prmkit.kinds import LMTag
 from prmkit.batching import (
     LengthGroupedSampler,
     StepCollator,
-    loss_func,
+    step_loss_func,
     make_compute_metrics,
     preprocess_logits_for_metrics,
     resolve_batching,
 )
-from prmkit.checkpoints import latest_complete_checkpoint, mark_complete
+from prmkit.checkpoints import latest_complete_checkpoint, mark_complete, save_failure
 from prmkit.run_dir import (
     FINAL_TMP,
     OutputPlan,
@@ -189,6 +196,8 @@ def _trainer_classes():
             super().__init__(*args, **kwargs)
             # The loss is computed outside the model; don't hand the model loss kwargs it might not expect.
             self.model_accepts_loss_kwargs = False
+            self.prmkit_at_end = AtEndCheck()
+            self.add_callback(self.prmkit_at_end)
             if self.args.use_liger_kernel:
                 self.add_callback(ForwardCheck())
 
@@ -208,6 +217,14 @@ def _trainer_classes():
                 return LengthGroupedSampler(self.prmkit_lengths, self.args.per_device_train_batch_size, seed)
             return super()._get_train_sampler(train_dataset)
 
+        def get_batch_samples(self, epoch_iterator, num_batches, device):
+            if self.prmkit_at_end.nothing_left:
+                # A checkpoint saved at the last step (a run stopped during its final save): the Trainer would still
+                # train the rest of the epoch it resumes in. No batch, and training stops before any step.
+                self.control.should_training_stop = True
+                return [], None
+            return super().get_batch_samples(epoch_iterator, num_batches, device)
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             rows = inputs.pop("row", None)
             n_tokens = inputs.pop("n_tokens", None)
@@ -226,12 +243,17 @@ def _trainer_classes():
 
             limit = self.args.save_total_limit
             self.args.save_total_limit = None
-            try:
-                super()._save_checkpoint(model, trial)
-            finally:
-                self.args.save_total_limit = limit
             run_dir = self._get_output_dir(trial=trial)
             path = Path(run_dir) / f"checkpoint-{self.state.global_step}"
+            try:
+                super()._save_checkpoint(model, trial)
+            except Exception as e:
+                failed = save_failure(e, f"cannot save {path.name} in {run_dir}", Path(run_dir))
+                if failed is None:
+                    raise
+                raise failed from e
+            finally:
+                self.args.save_total_limit = limit
             self.accelerator.wait_for_everyone()
             if self.args.should_save:
                 mark_complete(path)
@@ -246,6 +268,24 @@ def _trainer_classes():
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             if model is not None:
                 check_forward_untouched(model)
+
+    class AtEndCheck(TrainerCallback):
+        """Whether the run starts at (or past) its last step: resumed from the checkpoint of its last step, it has
+        nothing left to train, and ends with the checkpoint's weights (the same as the run that saved it)."""
+
+        nothing_left = False
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.nothing_left = 0 < state.max_steps <= state.global_step
+            if self.nothing_left and state.is_world_process_zero:
+                log.info(f"nothing left to train: the checkpoint is at step {state.global_step} of "
+                         f"{state.max_steps}; saving its model")
+
+        def on_epoch_end(self, args, state, control, **kwargs):
+            if self.nothing_left:
+                # No step ran: the checkpoint already holds this state and its evaluation (the final one comes later).
+                control.should_save = control.should_evaluate = control.should_log = False
+            return control
 
     class InterruptCallback(TrainerCallback):
         """First Ctrl-C: finish the step, save a checkpoint, stop. Second Ctrl-C: stop at once."""
@@ -376,6 +416,7 @@ def build_training_arguments(cfg: Config, has_eval: bool):
     from transformers import TrainingArguments
 
     ta = dict(cfg.training_arguments)
+    check_training_arguments(ta, cfg.train.batching)
     for key, value in ta.items():
         # YAML 1.1 reads an unquoted `no` as false: `save_strategy: no` means the strategy "no".
         if value is False and (key.endswith("_strategy") or key == "hub_strategy"):
@@ -389,6 +430,9 @@ def build_training_arguments(cfg: Config, has_eval: bool):
     ta.setdefault("num_train_epochs", 1)
     ta.setdefault("remove_unused_columns", False)  # the collator needs `row`; the model never sees it
     ta.setdefault("label_names", ["labels"])
+    if "length_column_name" in training_argument_fields():
+        # The Trainer's length samplers (train_sampling_strategy) read the lengths prmkit stored, not every row.
+        ta["length_column_name"] = LENGTH_COLUMN
     # Every trainable parameter takes part in every forward pass; searching for unused ones costs a graph walk a step.
     ta.setdefault("ddp_find_unused_parameters", False)
     import torch
@@ -404,9 +448,11 @@ def build_training_arguments(cfg: Config, has_eval: bool):
     else:
         ta["eval_strategy"] = "no"
     try:
-        return TrainingArguments(**ta)
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"train: {str(e).strip().splitlines()[0]}") from None
+        args = TrainingArguments(**ta)
+    except (ValueError, TypeError, ImportError) as e:  # ImportError: a package a setting needs is missing
+        raise ConfigError(f"train: {first_line(e)}") from None
+    check_integrations(args)
+    return args
 
 
 def train(
@@ -490,6 +536,8 @@ def _train_planned(cfg: Config, plan: OutputPlan, state: Any, args: Any, model_c
     kernels = varlen_kernels_available(model_class_for(model_config, cfg.train.kind)) if cuda else []
     batching, attn = resolve_batching(cfg.train.batching, cfg.model.attn_implementation, cuda=cuda,
                                       causal=is_causal(model_config), kernels=kernels)
+    if batching == "grouped" and getattr(args, "train_sampling_strategy", "random") not in GROUPED_STRATEGIES:
+        batching = "padded"  # `auto` chose grouped; the order asked for is the Trainer's sampler's (padded batches)
     model = load_model_for_training(cfg.model, tokenizer, seed=args.seed, config=model_config, kind=cfg.train.kind,
                                     new_tokens=lm_tag.new_ids if lm_tag else None, attn_implementation=attn)
     if cfg.train.disable_dropout:
@@ -546,7 +594,7 @@ def _train_planned(cfg: Config, plan: OutputPlan, state: Any, args: Any, model_c
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
-        compute_loss_func=lm_tag.loss if lm_tag else loss_func,
+        compute_loss_func=(lm_tag.loss if lm_tag else step_loss_func)(args.label_smoothing_factor),
         compute_metrics=make_compute_metrics(cfg.eval.threshold) if eval_ds is not None else None,
         preprocess_logits_for_metrics=(lm_tag.preprocess if lm_tag else preprocess_logits_for_metrics)
         if eval_ds is not None else None,
@@ -599,7 +647,8 @@ def _train_planned(cfg: Config, plan: OutputPlan, state: Any, args: Any, model_c
         eval_rows=len(eval_ds) if eval_ds is not None else 0,
         tokens=tokens,
         tokens_per_second=round(tokens / seconds, 1) if seconds > 0 else 0.0,
-        train_loss=float(output.training_loss) if output.training_loss is not None and not math.isnan(output.training_loss) else None,
+        train_loss=None if output.training_loss is None or math.isnan(output.training_loss)
+        or trainer.prmkit_at_end.nothing_left else float(output.training_loss),
         final_loss=float(losses[-1]) if losses else None,
         batching=batching,
         attn_implementation=attn or None,
@@ -626,7 +675,13 @@ def _train_planned(cfg: Config, plan: OutputPlan, state: Any, args: Any, model_c
         result.eval_metrics = {k[5:]: v for k, v in (last_eval or {}).items()
                                if k.startswith("eval_") and k not in ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second")}
 
-    _save_final(trainer, cfg, tokenizer, prepared, plan.output_dir, state, result, lora_info, batching)
+    try:
+        _save_final(trainer, cfg, tokenizer, prepared, plan.output_dir, state, result, lora_info, batching)
+    except Exception as e:
+        failed = save_failure(e, f"cannot save the trained model in {plan.output_dir}", plan.output_dir)
+        if failed is None:
+            raise
+        raise failed from e
     if state.is_main_process:
         settle_overwrite(plan.output_dir)  # the finished model is in place: the previous contents go
     result.model_dir = str(plan.output_dir)
@@ -843,7 +898,8 @@ def _push(cfg: Config, output_dir: Path, lora_info: dict | None) -> dict[str, An
         raise UsageError("train.push_to_hub is set but there is no repo id: set push.repo_id (or train.hub_model_id)")
     pushed = hub.push_model(
         output_dir, repo_id, private=cfg.push.private or bool(cfg.training_arguments.get("hub_private_repo")),
-        revision=cfg.push.revision, commit_message=cfg.push.commit_message or f"prmkit {__version__}: train",
+        revision=cfg.push.revision or cfg.training_arguments.get("hub_revision"),
+        commit_message=cfg.push.commit_message or f"prmkit {__version__}: train",
         create_pr=cfg.push.create_pr, adapter=cfg.push.adapter, eval_report=cfg.push.eval_report,
         overwrite_card=cfg.push.overwrite_card, allow_pickle=cfg.push.allow_pickle, license=cfg.push.license,
         token=cfg.training_arguments.get("hub_token") or None,

@@ -116,3 +116,79 @@ def _evaluate(annotation: str) -> Any:
         return eval(annotation, {"__builtins__": {}}, _Names())  # noqa: S307 - an annotation from transformers' source
     except Exception:
         return annotation
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Fields prmkit's own loss, collator, sampler and metrics stand in for
+
+# train_sampling_strategy values prmkit's `grouped` batching honours: its sampler draws random batches of rows of
+# similar length. Any other order (sequential, batch_rebalance) is the Trainer's sampler's, used with `padded`.
+GROUPED_STRATEGIES = ("random", "group_by_length")
+LENGTH_COLUMN = "num_tokens"
+"""The prepared data's column holding each row's length: what the Trainer's length samplers read."""
+
+
+def check_training_arguments(ta: dict[str, Any], batching: str) -> None:
+    """Refuse, with one line naming the key and why, a TrainingArguments setting that prmkit's own loss, collator,
+    sampler or metrics would leave without effect or break on. ``ta`` holds the config's TrainingArguments keys.
+
+    What prmkit honours itself or leaves to the Trainer is not here: ``label_smoothing_factor`` (the step loss
+    smooths), ``average_tokens_across_devices`` (the Trainer scales the step loss), ``include_num_input_tokens_seen``,
+    ``remove_unused_columns``, ``prediction_loss_only``, ``train_sampling_strategy`` outside ``grouped`` batching,
+    ``hub_model_id``, ``hub_private_repo``, ``hub_token`` and ``hub_revision`` (prmkit's push reads them).
+    """
+    from prmkit.errors import ConfigError
+
+    def refuse(key: str, why: str) -> None:
+        raise ConfigError(f"train.{key}: {ta[key]!r} {why}")
+
+    if ta.get("deepspeed") and importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError("train.deepspeed is set but the deepspeed package is not installed",
+                          hint="pip install deepspeed, or remove train.deepspeed")
+    if ta.get("label_names") not in (None, ["labels"], "labels"):
+        refuse("label_names", "cannot apply: prmkit's collator, step loss and metrics read the step labels from "
+                              "`labels`; remove the key")
+    if ta.get("include_for_metrics"):
+        refuse("include_for_metrics", "has no effect: prmkit's step metrics read only each step's probability and "
+                                      "label; remove the key")
+    if ta.get("batch_eval_metrics"):
+        refuse("batch_eval_metrics", "is not supported: prmkit's step metrics (AUROC, ECE, ...) need every step of "
+                                     "the eval set at once; remove the key")
+    if ta.get("eval_do_concat_batches") is False:
+        refuse("eval_do_concat_batches", "is not supported: prmkit's step metrics need the eval batches "
+                                         "concatenated; remove the key")
+    if ta.get("past_index", -1) != -1:
+        refuse("past_index", "is not supported: a PRM keeps no past state between batches; remove the key")
+    if ta.get("length_column_name", "length") not in ("length", LENGTH_COLUMN):
+        refuse("length_column_name", f"names no column of prmkit's prepared data, whose lengths are in "
+                                     f"{LENGTH_COLUMN!r}; remove the key")
+    if ta.get("push_to_hub") and ta.get("hub_strategy") in ("checkpoint", "all_checkpoints"):
+        refuse("hub_strategy", "is not supported: prmkit pushes the finished model directory once, at the end; "
+                               "remove the key")
+    strategy = ta.get("train_sampling_strategy", "random")
+    if batching == "grouped" and strategy not in GROUPED_STRATEGIES:
+        refuse("train_sampling_strategy", "contradicts train.batching: grouped, whose own sampler draws random "
+                                          "batches of similar length; set train.batching: padded to use it")
+
+
+def check_integrations(args: Any) -> None:
+    """Refuse a ``report_to`` integration whose package is missing, as one line, before any work starts (the
+    Trainer finds out only when it is built, after the data is prepared, with a traceback)."""
+    from transformers.integrations import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
+
+    from prmkit.errors import ConfigError, first_line
+
+    available = set(get_available_reporting_integrations())
+    for name in args.report_to or []:
+        if name not in INTEGRATION_TO_CALLBACK:
+            raise ConfigError(f"train.report_to: {name!r} is not an integration; expected none, all or "
+                              f"{', '.join(INTEGRATION_TO_CALLBACK)}")
+        if name in available:
+            continue
+        try:
+            # What the Trainer does with it: each callback checks its package in __init__ (some are missing from
+            # the list of available ones: flyte, and azure_ml beside mlflow).
+            INTEGRATION_TO_CALLBACK[name]()
+        except Exception as e:  # noqa: BLE001 - the Trainer would fail the same way, with a traceback
+            raise ConfigError(f"train.report_to: {name}: {first_line(e)}",
+                              hint=f"install it, or remove {name!r} from train.report_to") from None

@@ -148,7 +148,12 @@ def test_yaml_no_for_strategies_and_epoch_default(tmp_path):
         ("train.learning_rate=.inf", "train.learning_rate: inf is out of range; expected > 0"),
         ("train.num_train_epochs=0", "train.num_train_epochs: 0 is out of range; expected > 0"),
         ("train.max_steps=0", "train.max_steps: 0 is out of range; expected >= 1 or -1"),
-        ("train.per_device_train_batch_size=0", "train.per_device_train_batch_size: 0 is out of range; expected >= 1"),
+        ("train.per_device_train_batch_size=0",
+         "train.per_device_train_batch_size: 0 is out of range; expected in [1, 2147483647] (rows per device)"),
+        ("train.per_device_eval_batch_size=1e20",  # PyYAML reads 1e20 as a string
+         "train.per_device_eval_batch_size: 100000000000000000000 is out of range; expected in [1, 2147483647]"),
+        ("train.per_device_train_batch_size=2.5e0",
+         "train.per_device_train_batch_size: expected an integer, got '2.5e0'"),
         ("train.per_device_train_batch_size=2.5", "train.per_device_train_batch_size: expected an integer, got 2.5"),
         ("train.gradient_accumulation_steps=-1", "train.gradient_accumulation_steps: -1 is out of range"),
         ("train.warmup_steps=-2", "train.warmup_steps: -2 is out of range; expected >= 0"),

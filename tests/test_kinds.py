@@ -513,6 +513,14 @@ def test_lm_tag_loss_is_cross_entropy_over_the_two_reward_tokens_with_soft_label
         p = labels[b, t]
         want.append(-(p * logp[0] + (1 - p) * logp[1]))
     assert got.item() == pytest.approx(torch.stack(want).mean().item(), rel=1e-6)
+    # train.label_smoothing_factor smooths over the two reward tokens (not the vocabulary): p' = 0.8 p + 0.1.
+    smoothed = lm_tag_loss((good, bad), 0.2)({"logits": logits}, labels)
+    want = []
+    for b, t in [(0, 2), (1, 4), (1, 1)]:
+        logp = torch.log_softmax(logits[b, t, [good, bad]], dim=-1)
+        p = 0.8 * labels[b, t] + 0.1
+        want.append(-(p * logp[0] + (1 - p) * logp[1]))
+    assert smoothed.item() == pytest.approx(torch.stack(want).mean().item(), rel=1e-6)
 
 
 @pytest.mark.slow

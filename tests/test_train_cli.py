@@ -146,3 +146,136 @@ def test_train_with_no_rows_left_is_one_line(tmp_path, tiny_qwen2_config_dir):
     assert res.exit_code == 2, res.output
     assert "no train rows left: all 6 rows lost every labelled step to truncation (data.max_length=3" in res.stderr
     assert "Traceback" not in res.output
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# TrainingArguments that prmkit's loss, collator, sampler or metrics would bypass: refused in one line
+
+
+@pytest.mark.parametrize("setting,message", [
+    ("train.label_names=[label]", "train.label_names: ['label'] cannot apply: prmkit's collator"),
+    ("train.include_for_metrics=[inputs]", "train.include_for_metrics: ['inputs'] has no effect"),
+    ("train.batch_eval_metrics=true", "train.batch_eval_metrics: True is not supported"),
+    ("train.eval_do_concat_batches=false", "train.eval_do_concat_batches: False is not supported"),
+    ("train.length_column_name=len", "train.length_column_name: 'len' names no column of prmkit's prepared data"),
+    ("train.train_sampling_strategy=sequential", "train.train_sampling_strategy: 'sequential' contradicts "
+                                                 "train.batching: grouped"),
+])
+def test_training_arguments_prmkit_would_bypass_are_refused(tmp_path, setting, message):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--example", "-o", str(out), "--set", "train.batching=grouped",
+                                 "--set", setting])
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and "Traceback" not in result.output
+    assert not out.exists()  # refused before anything is written
+
+
+def test_hub_settings_prmkit_pushes_with(tmp_path, monkeypatch):
+    import prmkit.hub
+    from prmkit.training import _push
+
+    result = runner.invoke(app, ["train", "--example", "-o", str(tmp_path / "run"), "--set", "train.push_to_hub=true",
+                                 "--set", "train.hub_model_id=me/prm", "--set", "train.hub_strategy=checkpoint"])
+    assert result.exit_code == 2, result.output
+    assert "train.hub_strategy: 'checkpoint' is not supported: prmkit pushes the finished model directory once" in (
+        result.stderr)
+    # hub_revision is where prmkit's own push goes when push.revision is not set.
+    calls = []
+    monkeypatch.setattr(prmkit.hub, "push_model", lambda *args, **kwargs: calls.append(kwargs))
+    _push(load_config(None, ["train.hub_model_id=me/prm", "train.hub_revision=v2"]), tmp_path, None)
+    _push(load_config(None, ["train.hub_model_id=me/prm", "train.hub_revision=v2", "push.revision=v3"]), tmp_path, None)
+    assert [c["revision"] for c in calls] == ["v2", "v3"]
+
+
+def test_a_past_index_is_refused():
+    from prmkit.errors import ConfigError
+    from prmkit.training_fields import check_training_arguments
+
+    check_training_arguments({"past_index": -1, "label_names": ["labels"]}, "grouped")
+    with pytest.raises(ConfigError, match="train.past_index: 0 is not supported"):
+        check_training_arguments({"past_index": 0}, "padded")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The environment failing a run: one line, no traceback
+
+
+def test_report_to_a_missing_integration_is_one_line(tmp_path, monkeypatch):
+    import transformers.integrations.integration_utils as integrations
+
+    monkeypatch.setattr(integrations, "is_wandb_available", lambda: False)
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--example", "-o", str(out), "--set", "train.report_to=wandb"])
+    assert result.exit_code == 2, result.output
+    assert "train.report_to: wandb: WandbCallback requires wandb to be installed" in result.stderr
+    assert "Traceback" not in result.output and not out.exists()
+    unknown = runner.invoke(app, ["train", "--example", "-o", str(out), "--set", "train.report_to=wandbb"])
+    assert unknown.exit_code == 2 and "train.report_to: 'wandbb' is not an integration" in unknown.stderr
+
+
+def test_a_deepspeed_config_without_deepspeed_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # not importable, installed or not
+    config = tmp_path / "ds.json"
+    config.write_text('{"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 2}}')
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--example", "-o", str(out), "--set", f"train.deepspeed={config}"])
+    assert result.exit_code == 2, result.output
+    assert "train.deepspeed is set but the deepspeed package is not installed" in result.stderr
+    assert "Traceback" not in result.output and not out.exists()
+
+
+@pytest.mark.parametrize("value", ["1e20", "100000000000000000000"])
+def test_a_batch_size_of_1e20_is_out_of_range(tmp_path, value):
+    result = runner.invoke(app, ["train", "--example", "-o", str(tmp_path / "run"),
+                                 "--set", f"train.per_device_train_batch_size={value}"])
+    assert result.exit_code == 2, result.output
+    assert ("train.per_device_train_batch_size: 100000000000000000000 is out of range; expected in [1, 2147483647]"
+            in result.stderr) and "Traceback" not in result.output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["checkpoint-1", "checkpoint-2", "final"])
+def test_a_full_disk_while_saving_is_one_line(tmp_path, tiny_qwen2_config_dir, monkeypatch, where):
+    import torch
+    import transformers.modeling_utils
+    from safetensors import SafetensorError
+
+    from conftest import write_train_rows
+
+    # What safetensors and torch raise when the disk fills up (measured on a full tmpfs): not OSError.
+    saves = []
+    real_safetensors, real_torch = transformers.modeling_utils.safe_save_file, torch.save
+
+    def safetensors_save(*args, **kwargs):
+        saves.append("model")
+        if where != "checkpoint-2" and (where == "checkpoint-1" or len(saves) > 2):
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real_safetensors(*args, **kwargs)
+
+    def torch_save(obj, f, *args, **kwargs):
+        if where == "checkpoint-2" and len(saves) == 2:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+        return real_torch(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", safetensors_save)
+    monkeypatch.setattr(torch, "save", torch_save)
+    rows = write_train_rows(tmp_path / "rows.jsonl", n=8)
+    out = tmp_path / "run"
+    # No rotation: its warning goes to transformers' handler, which may hold an earlier CliRunner's closed stream.
+    res = runner.invoke(app, ["train", "-m", str(tiny_qwen2_config_dir), "--train", str(rows), "-o", str(out),
+                              "--max-steps", "2", "--set", "model.init_from_config=true", "--set", "train.save_steps=1",
+                              "--set", "train.save_total_limit=null"])
+    assert res.exit_code == 1, res.output
+    assert "Traceback" not in res.output
+    error = next(line for line in res.stderr.splitlines() if line.startswith("error:"))
+    hint = next(line for line in res.stderr.splitlines() if line.startswith("hint:"))
+    if where == "checkpoint-1":
+        assert error == f"error: cannot save checkpoint-1 in {out}: no space left on device"
+        assert "--overwrite (no checkpoint is complete)" in hint
+    elif where == "checkpoint-2":
+        assert error == f"error: cannot save checkpoint-2 in {out}: a file could not be written (is the disk full?)"
+        assert "--resume: it continues from checkpoint-1" in hint
+    else:
+        assert error == f"error: cannot save the trained model in {out}: no space left on device"
+        assert "--resume: it continues from checkpoint-2" in hint
+    assert not (out / "prmkit.json").exists()

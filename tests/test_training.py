@@ -73,6 +73,35 @@ def test_soft_and_mixed_labels():
     assert abs(step_loss(logits, labels).item() - expected.item()) < 1e-6
 
 
+def test_label_smoothing_mixes_the_target_with_the_uniform_one():
+    import math
+
+    from prmkit.batching import step_loss
+
+    # train.label_smoothing_factor eps: target p' = (1 - eps) * p + eps / 2, hard and soft labels alike.
+    logits = torch.tensor([[[0.2, 1.0], [2.0, -1.0], [0.0, 0.0]]])
+    labels = torch.tensor([[0.3, 1.0, IGNORE_INDEX]])
+    eps = 0.2
+
+    def log_softmax(a: float, b: float) -> tuple[float, float]:
+        z = math.log(math.exp(a) + math.exp(b))
+        return a - z, b - z
+
+    (w0, w1), (h0, h1) = log_softmax(0.2, 1.0), log_softmax(2.0, -1.0)
+    soft, hard = 0.3 * 0.8 + 0.1, 1.0 * 0.8 + 0.1  # 0.34 and 0.9
+    expected = -((soft * w1 + (1 - soft) * w0) + (hard * h1 + (1 - hard) * h0)) / 2
+    assert step_loss(logits, labels, label_smoothing=eps).item() == pytest.approx(expected, abs=1e-6)
+    assert step_loss(logits, labels, label_smoothing=eps).item() != pytest.approx(step_loss(logits, labels).item())
+    # Hard labels: exactly torch's own label smoothing.
+    torch.manual_seed(0)
+    logits = torch.randn(3, 7, 2)
+    hard_labels = torch.full((3, 7), IGNORE_INDEX, dtype=torch.long)
+    hard_labels[0, 2], hard_labels[0, 6], hard_labels[1, 3], hard_labels[2, 0] = 1, 0, 1, 0
+    want = torch.nn.functional.cross_entropy(logits.view(-1, 2), hard_labels.view(-1), ignore_index=IGNORE_INDEX,
+                                             label_smoothing=0.9)
+    assert step_loss(logits, hard_labels, label_smoothing=0.9).item() == pytest.approx(want.item(), abs=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Batching
 
@@ -364,6 +393,77 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, tin
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-6, rtol=0), key
     assert full.global_step == 9
+
+
+@pytest.mark.slow
+def test_resuming_from_the_last_steps_checkpoint_saves_the_same_model_without_training(tmp_path, tiny_qwen2_config_dir):
+    import shutil
+
+    from transformers import TrainerCallback
+
+    from prmkit.training import train
+
+    # What a kill during the final save leaves: checkpoint-3 of a 3-step run (mid-epoch: 5 steps make an epoch).
+    rows = write_train_rows(tmp_path / "train.jsonl", n=20)
+    keys = {"train__max_steps": 3, "train__save_steps": 3, "train__lr_scheduler_type": "constant",
+            "train__save_strategy": "epoch"}
+    full = train(make_cfg(tmp_path, tiny_qwen2_config_dir, rows, out="full", eval_=rows, **keys))
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    shutil.copytree(tmp_path / "full" / "checkpoint-3", copy / "checkpoint-3")
+    shutil.copy(tmp_path / "full" / "prmkit_config.yaml", copy)
+    events = []
+
+    class Events(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            events.append("save")
+
+        def on_evaluate(self, args, state, control, **kwargs):
+            events.append("evaluate")
+
+    resumed = train(make_cfg(tmp_path, tiny_qwen2_config_dir, rows, out="copy", eval_=rows, **keys), resume=True,
+                    callbacks=[Events()])
+    # Nothing saved again or evaluated again at the epoch's end; the evaluation at step 3 is the checkpoint's.
+    assert events == []
+    assert resumed.global_step == 3 and resumed.max_steps == 3 and resumed.tokens == 0 and resumed.train_loss is None
+    assert resumed.model_dir == str(copy) and resumed.eval_metrics == full.eval_metrics
+    assert sorted(p.name for p in copy.glob("checkpoint-*")) == ["checkpoint-3"]
+    assert json.loads((copy / "prmkit.json").read_text())["training"]["global_step"] == 3
+    a, b = read_weights(tmp_path / "full"), read_weights(copy)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["token-classification", "lm-tag"])
+def test_label_smoothing_changes_training_and_is_recorded(tmp_path, tiny_qwen2_config_dir, kind):
+    from prmkit.training import train
+
+    rows = write_train_rows(tmp_path / "train.jsonl", n=8, soft=True)
+    keys = {"train__max_steps": 2, "train__kind": kind}
+    plain = train(make_cfg(tmp_path, tiny_qwen2_config_dir, rows, out="plain", **keys))
+    smoothed = train(make_cfg(tmp_path, tiny_qwen2_config_dir, rows, out="smooth", train__label_smoothing_factor=0.9,
+                              **keys))
+    # Same initial weights and batches: the first step's loss differs only by the smoothing.
+    assert smoothed.loss_history[0][1] != pytest.approx(plain.loss_history[0][1], abs=1e-4)
+    a, b = read_weights(tmp_path / "plain"), read_weights(tmp_path / "smooth")
+    assert any(not torch.equal(a[key], b[key]) for key in a)
+    meta = json.loads((tmp_path / "smooth" / "prmkit.json").read_text())
+    assert meta["training"]["label_smoothing_factor"] == 0.9
+
+
+@pytest.mark.slow
+def test_a_sequential_train_sampling_strategy_is_honoured(tmp_path, tiny_qwen2_config_dir, monkeypatch):
+    from prmkit.training import train
+
+    # `auto` batching would group by length with prmkit's own sampler; the order asked for is kept instead.
+    monkeypatch.setenv("PRMKIT_DEBUG_ROWS_DIR", str(tmp_path / "rows"))
+    rows = write_train_rows(tmp_path / "train.jsonl", n=12)
+    result = train(make_cfg(tmp_path, tiny_qwen2_config_dir, rows, train__max_steps=3,
+                            train__train_sampling_strategy="sequential"))
+    assert result.batching == "padded"
+    assert json.loads((tmp_path / "rows" / "rows-rank0.json").read_text()) == list(range(1, 13))  # line numbers
 
 
 @pytest.mark.slow

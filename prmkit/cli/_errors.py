@@ -18,7 +18,7 @@ from typing import Callable
 import typer
 
 from prmkit.cli._output import MaskedStream, Output
-from prmkit.errors import DataError, PrmkitError
+from prmkit.errors import DataError, PrmkitError, write_failure
 from prmkit.redact import mask
 
 MAX_PROBLEMS = 10
@@ -134,6 +134,13 @@ def handle_errors(func: Callable) -> Callable:
                 raise
             message, hint = describe_os_error(err) if isinstance(err, OSError) else describe_json_error(err)
             report(PrmkitError(message, hint=hint), Output())
+            raise typer.Exit(1) from None
+        except Exception as err:
+            # safetensors and torch report a failed write (a full disk) as their own errors, not OSError.
+            why = write_failure(err)
+            if why is None or debug_enabled():
+                raise
+            report(PrmkitError(f"cannot write a file: {why}", hint=f"free some space, or {_ELSEWHERE}"), Output())
             raise typer.Exit(1) from None
 
     return wrapper
