@@ -251,7 +251,7 @@ def score_file(
                 on_reject(f"{src.where(rec.number)}: {field_name}: {reason}")
             return
         if rej_fh is None:
-            rej_fh = HashedFile(paths["rejects_partial"])
+            rej_fh = HashedFile(open(paths["rejects_partial"], "wb"))
         rej_fh.write((dumps(reject_entry(src.name, src.unit, rec, field_name, reason)) + "\n").encode("utf-8"))
 
     opts = Options(is_eval=True)
@@ -264,14 +264,14 @@ def score_file(
             else:
                 if not plan.get("output_bytes") and not after_line:
                     # The state goes first: a partial file without one would be refused as somebody else's.
-                    out_fh = HashedFile(paths["partial"])
+                    out_fh = HashedFile(open(paths["partial"], "wb"))
                     commit(0, 0 if src.source.kind == "jsonl" else None)
                     log.info(f"writing {paths['partial']}, renamed to {paths['output'].name} when complete; "
                              "if interrupted, run the same command again to resume")
                 else:
-                    out_fh = HashedFile(paths["partial"], hashes["output"], int(plan["output_bytes"]))
+                    out_fh = HashedFile(_cut(paths["partial"], plan["output_bytes"]), hashes["output"])
                 if paths["rejects_partial"].exists():
-                    rej_fh = HashedFile(paths["rejects_partial"], hashes["rejects"], int(plan.get("rejects_bytes", 0)))
+                    rej_fh = HashedFile(_cut(paths["rejects_partial"], plan.get("rejects_bytes", 0)), hashes["rejects"])
         records = src.records(after_line, after_offset)
         exhausted = False
         while not exhausted:
@@ -444,6 +444,14 @@ def _keep_derived_budget(scorer: StepScorer, paths: dict[str, Path]) -> int:
         log.info(f"continuing with the batch budget the run started with ({recorded} tokens, not {scorer.batch_tokens})")
         scorer.batch_tokens = recorded
     return scorer.batch_tokens
+
+
+def _cut(path: Path, size: int) -> Any:
+    """``path`` opened to append after its first ``size`` bytes (the committed ones; a half-written line goes)."""
+    fh = open(path, "r+b")
+    fh.truncate(size)
+    fh.seek(0, os.SEEK_END)
+    return fh
 
 
 def _finish(paths: dict[str, Path]) -> None:

@@ -304,16 +304,10 @@ class HashedFile:
     that digest free, where hashing the file at each commit would read it again and again.
     """
 
-    def __init__(self, path: Path, sha: Any = None, size: int | None = None):
-        """A new file (``size`` None), or an existing one cut to ``size`` bytes whose running hash ``sha`` covers them."""
-        if size is None:
-            self._fh = open(path, "wb")
-            self.sha = hashlib.sha256()
-        else:
-            self._fh = open(path, "r+b")
-            self._fh.truncate(size)
-            self._fh.seek(0, os.SEEK_END)
-            self.sha = sha
+    def __init__(self, fh: Any, sha: Any = None):
+        """``fh``: a binary file positioned at its end; ``sha``: the running hash of what it holds (None: it is empty)."""
+        self._fh = fh
+        self.sha = sha if sha is not None else hashlib.sha256()
 
     def write(self, data: bytes) -> None:
         self._fh.write(data)
