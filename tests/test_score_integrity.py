@@ -207,7 +207,7 @@ def test_a_state_from_before_the_digests_is_refused_unless_finished(run, scorer)
     edit_state(run / "ref.jsonl", old_format)
     message = refused(scorer, run)
     assert message == (f"{run / 'out.jsonl.prmkit-state.json'}: written by a prmkit that did not record checksums, so "
-                       "out.jsonl.partial cannot be checked before it is continued")
+                       "out.jsonl.partial cannot be checked before it is used")
     # A finished output is left as it is: nothing more is written to it.
     summary = score_file(scorer, str(run / "in.jsonl"), str(run / "ref.jsonl"), sort_window=WINDOW)
     assert summary.already_complete and summary.counts.rows_out == 3 * WINDOW

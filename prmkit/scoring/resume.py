@@ -249,7 +249,7 @@ def check_state(paths: dict[str, Path], state: dict) -> dict[str, Any]:
         renamed = state.get("status") == "complete" and paths["output"].exists() and not paths["partial"].exists()
         if not renamed:
             raise UsageError(f"{where}: written by a prmkit that did not record checksums, so {paths['partial'].name} "
-                             "cannot be checked before it is continued",
+                             "cannot be checked before it is used",
                              hint=f"{START_OVER}, or finish it with the prmkit version that started it")
     else:
         for key in ("output_sha256", "rejects_sha256"):
