@@ -28,7 +28,10 @@ from prmkit.metrics import aggregate, first_error_index
 from prmkit.outputs import OutputLock, refuse_inputs_inside
 from prmkit.scoring.engine import StepScorer, StepScores
 from prmkit.scoring.resume import (
+    DIGEST,
     BatchJournal,
+    HashedFile,
+    check_state,
     describe_mismatch,
     from_stdin,
     fsync_dir,
@@ -38,6 +41,7 @@ from prmkit.scoring.resume import (
     remove_files,
     remove_journals,
     remove_unresumable,
+    verified_prefix,
     write_state,
 )
 from prmkit.scoring.source import SCORE_SIGNATURES, InputSource, detect_score_format, rows_to_score
@@ -178,6 +182,7 @@ def score_file(
     # Process 0 alone decides where to start; the others follow its answer, refusals included.
     job: dict[str, Any] = {}
     plan: dict[str, Any] = {}
+    hashes: dict[str, Any] = {}
     if main:
         try:
             if paths:
@@ -188,6 +193,7 @@ def score_file(
                 summary.batch_tokens = _keep_derived_budget(scorer, paths)
             job = _job_identity(scorer, src, fmt, threshold, window_rows)
             plan = _plan_output(paths, job, src, overwrite) if paths else {}
+            hashes = plan.pop("hashes", {})  # running hashes of the committed files: this process's, not broadcast
             # Every process's batch journal names the job, so one left by another model or input is never replayed.
             plan["job"] = _job_digest(job)
         except PrmkitError as e:
@@ -230,7 +236,9 @@ def score_file(
                 "input_line": line,
                 "input_offset": offset,
                 "output_bytes": out_fh.tell(),
+                "output_sha256": out_fh.hexdigest(),
                 "rejects_bytes": rej_fh.tell() if rej_fh is not None else 0,
+                "rejects_sha256": (rej_fh.hexdigest() if rej_fh is not None else hashlib.sha256().hexdigest()),
                 "counts": counts.to_dict(),
             },
             "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -243,7 +251,7 @@ def score_file(
                 on_reject(f"{src.where(rec.number)}: {field_name}: {reason}")
             return
         if rej_fh is None:
-            rej_fh = open(paths["rejects_partial"], "wb")
+            rej_fh = HashedFile(open(paths["rejects_partial"], "wb"))
         rej_fh.write((dumps(reject_entry(src.name, src.unit, rec, field_name, reason)) + "\n").encode("utf-8"))
 
     opts = Options(is_eval=True)
@@ -256,18 +264,14 @@ def score_file(
             else:
                 if not plan.get("output_bytes") and not after_line:
                     # The state goes first: a partial file without one would be refused as somebody else's.
-                    out_fh = open(paths["partial"], "wb")
+                    out_fh = HashedFile(open(paths["partial"], "wb"))
                     commit(0, 0 if src.source.kind == "jsonl" else None)
                     log.info(f"writing {paths['partial']}, renamed to {paths['output'].name} when complete; "
                              "if interrupted, run the same command again to resume")
                 else:
-                    out_fh = open(paths["partial"], "r+b")
-                    out_fh.truncate(int(plan["output_bytes"]))
-                    out_fh.seek(0, os.SEEK_END)
+                    out_fh = HashedFile(_cut(paths["partial"], plan["output_bytes"]), hashes["output"])
                 if paths["rejects_partial"].exists():
-                    rej_fh = open(paths["rejects_partial"], "r+b")
-                    rej_fh.truncate(int(plan.get("rejects_bytes", 0)))
-                    rej_fh.seek(0, os.SEEK_END)
+                    rej_fh = HashedFile(_cut(paths["rejects_partial"], plan.get("rejects_bytes", 0)), hashes["rejects"])
         records = src.records(after_line, after_offset)
         exhausted = False
         while not exhausted:
@@ -434,11 +438,20 @@ def _keep_derived_budget(scorer: StepScorer, paths: dict[str, Path]) -> int:
     """A budget sized to the device's free memory (not given) continues with the figure the run started with: free
     memory varies between runs, and a resumed run must batch as the first one did."""
     state = read_state(paths["state"]) if getattr(scorer, "batch_tokens_source", "given") != "given" else None
-    recorded = ((state or {}).get("settings") or {}).get("batch_tokens")
+    settings = (state or {}).get("settings")
+    recorded = settings.get("batch_tokens") if isinstance(settings, dict) else None
     if isinstance(recorded, int) and recorded >= 1 and recorded != scorer.batch_tokens:
         log.info(f"continuing with the batch budget the run started with ({recorded} tokens, not {scorer.batch_tokens})")
         scorer.batch_tokens = recorded
     return scorer.batch_tokens
+
+
+def _cut(path: Path, size: int) -> Any:
+    """``path`` opened to append after its first ``size`` bytes (the committed ones; a half-written line goes)."""
+    fh = open(path, "r+b")
+    fh.truncate(size)
+    fh.seek(0, os.SEEK_END)
+    return fh
 
 
 def _finish(paths: dict[str, Path]) -> None:
@@ -479,35 +492,41 @@ def _plan_output(paths: dict[str, Path], job: dict, src: InputSource, overwrite:
     if src.stdin:
         raise UsageError(f"{out}: cannot check that stdin is the input an earlier run scored",
                          hint="pass --overwrite to start over, or give the input as a file to resume")
+    progress = check_state(paths, state)
     why = describe_mismatch(state, job)
     if why:
         raise UsageError(f"{out}: refusing to continue it: {why}",
                          hint="run with the settings it was started with to continue it (a resumed run must batch as "
                               "the first did to give the same bytes), pass --overwrite to start over, or choose "
                               "another --output")
-    progress = state.get("progress", {})
+    committed, rejected = progress.get("output_bytes", 0), progress.get("rejects_bytes", 0)
     if state.get("status") == "complete":
+        # Renamed only if they are, byte for byte, what the run wrote; an output already renamed is the user's.
+        for key, nbytes, digest in (("partial", committed, "output_sha256"), ("rejects_partial", rejected, "rejects_sha256")):
+            if paths[key].exists() and DIGEST in state:
+                verified_prefix(paths[key], nbytes, progress[digest], paths["state"], whole=True)
         _finish(paths)
         if not out.exists():
             raise UsageError(f"{out}: the state file says complete but the output is missing",
                              hint="pass --overwrite to score again")
         return {"complete": True, "counts": progress.get("counts", {}), "format": state.get("format_detected")}
-    committed = int(progress.get("output_bytes", 0))
-    have = paths["partial"].stat().st_size if paths["partial"].exists() else 0
-    if have < committed or (paths["rejects_partial"].stat().st_size if paths["rejects_partial"].exists() else 0) \
-            < int(progress.get("rejects_bytes", 0)):
-        raise UsageError(f"{paths['partial']}: shorter than the state file records; it was changed outside prmkit",
-                         hint="pass --overwrite to start over")
+    hashes = {
+        # The partial is made before the first state is written, so a missing one was removed by hand.
+        "output": verified_prefix(paths["partial"], committed, progress["output_sha256"], paths["state"],
+                                  must_exist=progress.get("input_line", 0) > 0),
+        "rejects": verified_prefix(paths["rejects_partial"], rejected, progress["rejects_sha256"], paths["state"]),
+    }
     if progress.get("input_line"):
         log.info(f"resuming {paths['partial']} after {src.unit} {progress['input_line']} "
                  f"({progress.get('counts', {}).get('rows_out', 0)} rows already scored)")
     return {
-        "input_line": int(progress.get("input_line", 0)),
+        "input_line": progress.get("input_line", 0),
         "input_offset": progress.get("input_offset"),
         "output_bytes": committed,
-        "rejects_bytes": int(progress.get("rejects_bytes", 0)),
+        "rejects_bytes": rejected,
         "counts": progress.get("counts", {}),
         "format_detected": state.get("format_detected"),
+        "hashes": hashes,
     }
 
 
