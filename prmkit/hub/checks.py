@@ -76,8 +76,10 @@ def trust_remote_code(model_dir: Path) -> bool:
         return False
     import yaml
 
+    from prmkit.config import load_yaml
+
     try:
-        cfg = yaml.safe_load(read_text_capped(path)) or {}
+        cfg = load_yaml(read_text_capped(path)) or {}
         return bool((cfg.get("model") or {}).get("trust_remote_code", False))
     except (yaml.YAMLError, AttributeError, UnicodeDecodeError):
         return False

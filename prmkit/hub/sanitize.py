@@ -16,6 +16,7 @@ from typing import Any, Iterable
 
 import yaml
 
+from prmkit.config import load_yaml
 from prmkit.errors import UsageError
 from prmkit.hub.files import read_text_capped
 from prmkit.redact import MASK, redact, register_secret
@@ -96,7 +97,7 @@ def rewrite_for_upload(name: str, path: Path, root: Path) -> tuple[bytes | None,
     """
     try:
         text = read_text_capped(path)
-        data = yaml.safe_load(text) if name in REWRITTEN_YAML else json.loads(text)
+        data = load_yaml(text) if name in REWRITTEN_YAML else json.loads(text)
     except (ValueError, yaml.YAMLError):  # UnicodeDecodeError is a ValueError
         return None, [], []
     if not isinstance(data, dict):
