@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from prmkit.errors import DataError, UsageError, first_line
+from prmkit.errors import DataError, UsageError, first_line, shown
 from prmkit.tokenization import Encoded
 
 log = logging.getLogger("prmkit")
@@ -77,18 +77,25 @@ class KindSettings:
     @classmethod
     def from_sources(cls, explicit: dict[str, Any] | None, recorded: dict[str, Any] | None) -> "KindSettings":
         """Explicit keys (config) win over what a model directory recorded; unset explicit keys are ignored."""
+        for source in (recorded or {}, explicit or {}):
+            tag = source.get("step_tag")
+            if tag is not None and not (isinstance(tag, str) and tag):
+                # An empty tag would fall back to the default one, not the tag the model was trained with.
+                raise UsageError(f"model.step_tag must be a non-empty string, got {shown(tag)}",
+                                 hint="leave it unset (null) to use the model's own tag")
         merged: dict[str, Any] = {}
         for source in (recorded or {}, explicit or {}):
             for key, value in source.items():
                 if key in cls.__dataclass_fields__ and value is not None and not (key == "kind" and value == "auto"):
                     if source is explicit and key in merged and _same(merged[key]) != _same(value):
-                        log.warning(f"model.{key}: using {value!r}, not the {merged[key]!r} the model recorded "
-                                    "at training; its scores may not mean what they meant then")
+                        log.warning(f"model.{key}: using {shown(value)}, not the {shown(merged[key])} the model "
+                                    "recorded at training; its scores may not mean what they meant then")
                     merged[key] = value
         if "reward_tokens" in merged:
             tokens = merged["reward_tokens"]
             if not isinstance(tokens, (list, tuple)) or len(tokens) != 2 or not all(isinstance(t, str) and t for t in tokens):
-                raise UsageError(f"model.reward_tokens must be two non-empty strings (correct, wrong), got {tokens!r}")
+                raise UsageError("model.reward_tokens must be two non-empty strings (correct, wrong), got "
+                                 f"{shown(tokens)}")
             merged["reward_tokens"] = tuple(tokens)
         return cls(**merged)
 
@@ -307,6 +314,12 @@ def reward_token_ids(tokenizer: Any, tokens: Sequence[str], kind: str) -> tuple[
     else:
         # RLHFlow: `tokenizer.encode('+')[-1]`, `tokenizer.encode('-')[-1]`; each must be a single token.
         ids = [x for t in (good, bad) for x in tokenizer.encode(t, add_special_tokens=False)]
+    alone = [tokenizer.encode(t, add_special_tokens=False) for t in tokens]
+    if alone[0] == alone[1]:
+        # Encoded in context ("+ +" is "+", " +") equal tokens can get two ids, and the two scores would mean nothing.
+        raise UsageError(f"reward tokens {shown(list(tokens))} are the same token (ids {alone[0]}): the correct and "
+                         "wrong scores must be read from two different tokens",
+                         hint="set model.reward_tokens to two different tokens, e.g. [\"+\", \"-\"]")
     if len(ids) != 2 or ids[0] == ids[1]:
         raise UsageError(f"reward tokens {list(tokens)!r} are not two single tokens of this tokenizer (got ids {ids})",
                          hint="set model.reward_tokens to two strings the tokenizer keeps whole")

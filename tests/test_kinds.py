@@ -519,3 +519,27 @@ def test_recorded_kind_settings_win_over_defaults_and_an_explicit_change_warns(t
     with caplog.at_level("WARNING", logger="prmkit"):
         _scorer(path, reward_tokens=["+", "-"])
     assert "model.reward_tokens: using ['+', '-'], not the ['-', '+'] the model recorded" in caplog.text
+
+
+def test_equal_reward_tokens_are_refused(lm_tag_model, chat_model):
+    from prmkit.kinds import reward_token_ids
+
+    # lm-tag reads its ids from "+ +", where the second "+" is " +": two ids for one token (was: accepted).
+    for path, kind in ((lm_tag_model[0], "lm-tag"), (chat_model[0], "chat-plus-minus")):
+        with pytest.raises(UsageError, match=r"reward tokens \['\+', '\+'\] are the same token \(ids \[\d+\]\)"):
+            _scorer(path, kind=kind, reward_tokens=["+", "+"])
+    with pytest.raises(UsageError, match="are the same token"):
+        reward_token_ids(lm_tag_model[1], ("+", "+"), "lm-tag")
+    assert len(set(reward_token_ids(lm_tag_model[1], ("+", "-"), "lm-tag"))) == 2
+
+
+def test_an_empty_step_tag_is_refused(lm_tag_model):
+    from prmkit.kinds import KindSettings
+
+    # It fell back to the default tag "ки", whatever tag the model was trained with.
+    with pytest.raises(UsageError, match="model.step_tag must be a non-empty string, got ''") as e:
+        _scorer(lm_tag_model[0], step_tag="")
+    assert "leave it unset" in e.value.hint
+    with pytest.raises(UsageError, match="model.step_tag must be a non-empty string"):
+        KindSettings.from_sources({"kind": "lm-tag"}, {"kind": "lm-tag", "step_tag": ""})
+    assert KindSettings.from_sources({"step_tag": None}, {"kind": "lm-tag", "step_tag": "<t>"}).tag() == "<t>"
