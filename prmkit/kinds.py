@@ -229,11 +229,14 @@ class KindEncoder:
                                 "which would be read as a step end", hint="remove it, or set model.step_tag")
 
     def _render(self, messages: list[dict[str, str]]) -> str:
-        kwargs = {"chat_template": self.settings.chat_template} if self.settings.chat_template else {}
+        from prmkit.chat_template import render_chat  # apply_chat_template's rendering, with time and size limits
+
         try:
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False, **kwargs)
-        except Exception as e:  # a Jinja error in a user's template
-            raise UsageError(f"the chat template failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+            return render_chat(self.tokenizer, messages, self.settings.chat_template)
+        except Exception as e:  # a Jinja error in a user's template, or a limit it broke
+            which = ("model.chat_template" if self.settings.chat_template
+                     else f"the chat template of {getattr(self.tokenizer, 'name_or_path', '') or 'the tokenizer'}")
+            raise UsageError(f"the chat template failed ({which}): {first_line(e)}",
                              hint="check model.chat_template") from None
 
     def _text(self, prompt: str, steps: Sequence[str]) -> tuple[str, list[str]]:

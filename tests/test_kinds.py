@@ -543,3 +543,25 @@ def test_an_empty_step_tag_is_refused(lm_tag_model):
     with pytest.raises(UsageError, match="model.step_tag must be a non-empty string"):
         KindSettings.from_sources({"kind": "lm-tag"}, {"kind": "lm-tag", "step_tag": ""})
     assert KindSettings.from_sources({"step_tag": None}, {"kind": "lm-tag", "step_tag": "<t>"}).tag() == "<t>"
+
+
+def test_a_runaway_chat_template_is_one_line_naming_it(chat_model, qwen_prm_model, monkeypatch):
+    import time
+
+    import prmkit.chat_template
+
+    monkeypatch.setattr(prmkit.chat_template, "RENDER_SECONDS", 0.3)
+    slow = "{% for i in range(3000) %}{% for j in range(3000) %}{% endfor %}{% endfor %}" + LLAMA3_TEMPLATE
+    scorer = _scorer(chat_model[0], kind="chat-plus-minus", chat_template=slow)
+    start = time.monotonic()
+    with pytest.raises(UsageError) as e:  # was: no limit (this one renders in seconds, 10^10 loops in hours)
+        scorer.score_batch(SOLUTIONS[:1])
+    assert e.value.message == ("the chat template failed (model.chat_template): rendering took longer than 0.3 s "
+                               "(a runaway loop?)")
+    assert time.monotonic() - start < 3
+    # The tokenizer's own template is named by the tokenizer's directory.
+    scorer = _scorer(qwen_prm_model[0])
+    scorer.tokenizer.chat_template = "{{ 'x' * 10**9 }}"
+    with pytest.raises(UsageError, match=rf"^the chat template failed \(the chat template of {qwen_prm_model[0]}\): "
+                                         "a value of more than 16,777,216 characters"):
+        scorer.score_batch(SOLUTIONS[:1])
