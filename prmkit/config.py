@@ -229,13 +229,15 @@ def _num(value: float) -> str:
 _POSITIVE, _COUNT, _NON_NEGATIVE, _PROBABILITY = Range(0, low_open=True), Range(1), Range(0), Range(0, 1)
 _EVERY = Range(0, low_open=True, note="a count of steps, or a fraction of the run when below 1")
 _SEED = Range(0, 2**32 - 1)
+_MAX_TOKENS = 2**31 - 1
 
 # Every numeric key has a range, so a value that cannot work is one line naming the key instead of a traceback (or a
 # silently unusable dataset) later. A test keeps this table complete for prmkit's sections and TrainingArguments.
 RANGES: dict[str, Range] = {
-    "data.max_length": Range(1, note="tokens; null for no limit"),
-    "data.max_prompt_length": Range(0, note="tokens; 0 drops the prompt, null keeps all of it"),
-    "data.max_completion_length": Range(1, note="tokens; null for no limit"),
+    # A bound far beyond any sequence: a count past 2^63 overflowed truncation's numpy arithmetic (a traceback).
+    "data.max_length": Range(1, _MAX_TOKENS, note="tokens; null for no limit"),
+    "data.max_prompt_length": Range(0, _MAX_TOKENS, note="tokens; 0 drops the prompt, null keeps all of it"),
+    "data.max_completion_length": Range(1, _MAX_TOKENS, note="tokens; null for no limit"),
     "data.label_threshold": _PROBABILITY,
     "data.num_proc": _COUNT,
     "eval.threshold": _PROBABILITY,

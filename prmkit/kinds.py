@@ -434,7 +434,9 @@ def scorer_for_kind(cls: Any, kind: str, name: str, tokenizer: Any, settings: Ki
     encoder = KindEncoder(kind, tokenizer, settings, None)
     try:
         model = load_kind_model(kind, name, load_kwargs, tokenizer, settings)
-    except (OSError, ValueError) as e:
+    except UsageError:
+        raise
+    except Exception as e:  # noqa: BLE001 - e.g. sizes that do not match the weights, a damaged file
         raise UsageError(f"model {name!r} could not be loaded as {kind}: {first_line(e)}") from None
     model.to(device)
     limit = max_positions(model.config)

@@ -19,7 +19,7 @@ from typing import Any
 
 from prmkit import __version__
 from prmkit.atomic import read_json, write_atomic
-from prmkit.errors import UsageError
+from prmkit.errors import UsageError, first_line
 from prmkit.jsonio import dumps
 from prmkit.redact import redact
 from prmkit.tokenization import TokenizationParams
@@ -273,11 +273,16 @@ def load_model_config(model_cfg: Any):
     from prmkit.locate import locate
 
     name = locate(name, "model")
+    if Path(name).is_dir():
+        from prmkit.model_files import check_model_dir
+
+        check_model_dir(name)  # config sizes and weight headers, before transformers trusts them
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=model_cfg.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"model {name!r} could not be loaded: {str(e).splitlines()[0]}",
-                         hint="set model.name_or_path to a local directory or a reachable Hub id") from None
+    except Exception as e:  # noqa: BLE001 - OSError for a missing model, others for a damaged config
+        hint = ("its config.json is damaged: restore it" if Path(name).is_dir()
+                else "set model.name_or_path to a local directory or a reachable Hub id")
+        raise UsageError(f"model {name!r} could not be loaded: {first_line(e)}", hint=hint) from None
     check_causal(config, name, model_cfg.allow_bidirectional)
     return config
 
@@ -322,8 +327,8 @@ def load_model_for_training(model_cfg: Any, tokenizer: Any, seed: int | None = N
     else:
         try:
             model = auto.from_pretrained(name, config=config, dtype=dtype, **common, **kwargs)
-        except OSError as e:
-            raise UsageError(f"model {name!r} could not be loaded: {str(e).splitlines()[0]}") from None
+        except Exception as e:  # noqa: BLE001 - e.g. sizes that do not match the weights, a damaged file
+            raise UsageError(f"model {name!r} could not be loaded: {first_line(e)}") from None
     if new_tokens:
         from prmkit.kinds import init_new_tokens
 

@@ -132,10 +132,10 @@ def test_yaml_no_for_strategies_and_epoch_default(tmp_path):
 @pytest.mark.parametrize(
     "override, expected",
     [
-        ("data.max_length=0", "data.max_length: 0 is out of range; expected >= 1"),
-        ("data.max_length=-5", "data.max_length: -5 is out of range; expected >= 1"),
-        ("data.max_prompt_length=-1", "data.max_prompt_length: -1 is out of range; expected >= 0"),
-        ("data.max_completion_length=0", "data.max_completion_length: 0 is out of range; expected >= 1"),
+        ("data.max_length=0", "data.max_length: 0 is out of range; expected in [1, 2147483647]"),
+        ("data.max_length=-5", "data.max_length: -5 is out of range; expected in [1, 2147483647]"),
+        ("data.max_prompt_length=-1", "data.max_prompt_length: -1 is out of range; expected in [0, 2147483647]"),
+        ("data.max_completion_length=0", "data.max_completion_length: 0 is out of range; expected in [1, 2147483647]"),
         ("data.label_threshold=1.5", "data.label_threshold: 1.5 is out of range; expected in [0, 1]"),
         ("data.num_proc=0", "data.num_proc: 0 is out of range; expected >= 1"),
         ("eval.threshold=-0.1", "eval.threshold: -0.1 is out of range; expected in [0, 1]"),
@@ -198,7 +198,7 @@ def test_range_error_from_a_file_and_on_the_command_line(tmp_path):
     path = write(tmp_path, "data:\n  max_length: -5\n")
     res = runner.invoke(app, ["config", "show", "-c", str(path)])
     assert res.exit_code == 2
-    assert f"{path}: data.max_length: -5 is out of range; expected >= 1" in res.stderr
+    assert f"{path}: data.max_length: -5 is out of range; expected in [1, 2147483647]" in res.stderr
     assert "Traceback" not in res.output
     proc = subprocess.run([sys.executable, "-m", "prmkit", "score", "m", "in.jsonl", "-o", "out.jsonl",
                            "--batch-tokens", "0"], capture_output=True, text=True, cwd=tmp_path, timeout=120)

@@ -124,7 +124,7 @@ def holds_secret(path: Path, secrets: list[str], header_only: bool = False) -> b
         return False
     needles = [s.encode("utf-8") for s in secrets]
     if header_only:
-        from prmkit.hub.checks import read_safetensors_header
+        from prmkit.model_files import read_safetensors_header
 
         header = json.dumps(read_safetensors_header(path).get("__metadata__") or {}, ensure_ascii=False).encode()
         return any(n in header for n in needles)

@@ -35,6 +35,7 @@ from prmkit.modeling import (
     resolve_tokenization,
 )
 from prmkit.memory import release_memory
+from prmkit.model_files import check_model_dir, check_tokenizer_fits, embedding_rows
 from prmkit.scoring import attention, budget
 from prmkit.scoring.loading import (
     OVERLAP_TOKENIZER_ON,
@@ -248,6 +249,8 @@ class StepScorer:
         from prmkit.modeling import is_causal
 
         metadata = read_metadata(local) if is_local else hub_metadata(name, revision)
+        if is_local:
+            check_model_dir(local)  # config sizes and weight headers, before transformers trusts them
         from prmkit import kinds
 
         kind, settings, kind_tokenizer = kinds.resolve_kind(name, metadata, kind_settings, local=is_local,
@@ -264,7 +267,7 @@ class StepScorer:
                 try:
                     config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code,
                                                         **({"revision": revision} if revision else {}))
-                except (OSError, ValueError) as e:
+                except Exception as e:  # noqa: BLE001 - whatever stops transformers reading it is the finding
                     raise load_error(name, e) from None
             chosen = attn_implementation is None and packing is not False and config is not None
             if chosen:
@@ -281,11 +284,13 @@ class StepScorer:
                 max_length = kind_tokenization(name, kind, tokenization, step_separator)
                 if max_length is None and kind == kinds.LM_TAG:  # a prmkit-trained lm-tag model: its training limit
                     max_length = ((metadata or {}).get("tokenization") or {}).get("max_length")
-                return kinds.scorer_for_kind(
+                scorer = kinds.scorer_for_kind(
                     cls, kind, name, load_tokenizer(tokenizer, trust_remote_code) if tokenizer else
                     kind_tokenizer or load_tokenizer(name, trust_remote_code), settings,
                     load_kwargs=load_kwargs, device=dev, max_length=max_length, batch_tokens=batch_tokens,
                     sort_window=sort_window, packing=packing, rank=rank, world_size=world_size, timings=timings)
+                check_tokenizer_fits(scorer.tokenizer, embedding_rows(scorer.model), tokenizer or name)
+                return scorer
             params, changes = resolve_tokenization(name, metadata, step_separator, tokenization)
             positive = int(((metadata or {}).get("labels") or {}).get("positive_label_id", POSITIVE_LABEL_ID))
             overlap = (dev.type in OVERLAP_TOKENIZER_ON and not adapter
@@ -303,7 +308,9 @@ class StepScorer:
                         model, info = load_model(AutoModelForTokenClassification, name,
                                                   {**load_kwargs, "config": config, "device_map": dev},
                                                   attn_implementation, fall_back=chosen)
-                except (OSError, ValueError) as e:
+                except PrmkitError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - e.g. sizes that do not match the weights, a damaged file
                     raise load_error(name, e) from None
                 missing = [k for k in info.get("missing_keys", []) if k.split(".")[0] in ("score", "classifier")]
                 if missing:
@@ -313,6 +320,7 @@ class StepScorer:
                         hint="score with a PRM trained by `prmkit train` (or TRL's PRMTrainer), not a base model",
                     )
                 tok = pending_tokenizer.result()
+            check_tokenizer_fits(tok, embedding_rows(model), tokenizer or name, params.step_separator)
             recorded = ((metadata or {}).get("tokenizer") or {}).get("sha256")
             used = tokenizer_fingerprint(tok)["sha256"] if recorded else None
             if recorded and used != recorded:
