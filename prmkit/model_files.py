@@ -110,14 +110,17 @@ def read_config(model_dir: Path) -> dict[str, Any] | None:
     return config
 
 
-def check_model_dir(model_dir: str | Path) -> None:
+def check_model_dir(model_dir: str | Path, weights: bool = True) -> None:
     """Refuse a local model directory whose config.json or safetensors files cannot describe a loadable model.
 
     Checks the sizes in config.json, every ``*.safetensors`` header (an adapter's base model too), and that the
-    config's layer count and embedding size are those of the weights. Reads no tensor.
+    config's layer count and embedding size are those of the weights. Reads no tensor. Without ``weights`` (a model
+    built from its config alone) only config.json is checked.
     """
     model_dir = Path(model_dir)
     config = read_config(model_dir)
+    if not weights:
+        return
     headers = {p: read_safetensors_header(p) for p in sorted(model_dir.glob("*.safetensors"))}
     base = model_dir / "base_model"  # where an adapter-only output keeps a base model built from a config
     if base.is_dir():

@@ -19,7 +19,7 @@ from typing import Any
 
 from prmkit import __version__
 from prmkit.atomic import read_json, write_atomic
-from prmkit.errors import UsageError, first_line
+from prmkit.errors import UsageError, first_line, shown
 from prmkit.jsonio import dumps
 from prmkit.redact import redact
 from prmkit.tokenization import TokenizationParams
@@ -97,7 +97,7 @@ def check_recorded_tokenization(recorded: Any, origin: str) -> None:
     for key in ("max_length", "max_prompt_length", "max_completion_length"):
         value = recorded.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-            raise UsageError(f"{origin}: tokenization.{key}: expected an integer or null, got {value!r}")
+            raise UsageError(f"{origin}: tokenization.{key}: expected an integer or null, got {shown(value)}")
         check_range(f"data.{key}", value, origin, name=f"tokenization.{key}")
 
 
@@ -276,7 +276,8 @@ def load_model_config(model_cfg: Any):
     if Path(name).is_dir():
         from prmkit.model_files import check_model_dir
 
-        check_model_dir(name)  # config sizes and weight headers, before transformers trusts them
+        # Config sizes and weight headers, before transformers trusts them (init_from_config reads no weights).
+        check_model_dir(name, weights=not model_cfg.init_from_config)
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=model_cfg.trust_remote_code)
     except Exception as e:  # noqa: BLE001 - OSError for a missing model, others for a damaged config
