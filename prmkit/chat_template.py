@@ -4,7 +4,7 @@ A chat template is code from a model repository or a user's config. transformers
 sandbox, which keeps it away from Python's internals but not from the machine's time and memory: two nested loops
 run 10^10 times, and ``'x' * 10**9`` takes gigabytes. :func:`render_chat` renders a conversation as
 ``tokenizer.apply_chat_template(messages, tokenize=False)`` does, in the same environment (transformers' own
-filters, globals and extensions), with a clock and a size limit checked at every loop iteration, call, operator and
+filters, globals and extensions), with a clock and a size limit checked in every loop and at every call, operator and
 output chunk. Breaking a limit raises :class:`TemplateLimitError`.
 """
 
