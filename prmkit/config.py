@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from prmkit.errors import ConfigError
+from prmkit.errors import ConfigError, first_line, shown
 from prmkit.redact import collect_secrets, mask, redact
 
 FORMATS = ("auto", "stepwise", "math-shepherd", "prm800k", "processbench")
@@ -232,13 +232,15 @@ _SEED = Range(0, 2**32 - 1)
 # Past sys.maxsize the DataLoader's batch sampler fails with a traceback; int32's limit is already far past any batch
 # that fits a device (a larger one only means the whole data set in one batch).
 _BATCH = Range(1, 2**31 - 1, note="rows per device")
+_MAX_TOKENS = 2**31 - 1
 
 # Every numeric key has a range, so a value that cannot work is one line naming the key instead of a traceback (or a
 # silently unusable dataset) later. A test keeps this table complete for prmkit's sections and TrainingArguments.
 RANGES: dict[str, Range] = {
-    "data.max_length": Range(1, note="tokens; null for no limit"),
-    "data.max_prompt_length": Range(0, note="tokens; 0 drops the prompt, null keeps all of it"),
-    "data.max_completion_length": Range(1, note="tokens; null for no limit"),
+    # A bound far beyond any sequence: a count past 2^63 overflowed truncation's numpy arithmetic (a traceback).
+    "data.max_length": Range(1, _MAX_TOKENS, note="tokens; null for no limit"),
+    "data.max_prompt_length": Range(0, _MAX_TOKENS, note="tokens; 0 drops the prompt, null keeps all of it"),
+    "data.max_completion_length": Range(1, _MAX_TOKENS, note="tokens; null for no limit"),
     "data.label_threshold": _PROBABILITY,
     "data.num_proc": _COUNT,
     "eval.threshold": _PROBABILITY,
@@ -289,7 +291,7 @@ def check_range(key: str, value: Any, origin: str, name: str | None = None) -> N
     if allowed is None or value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
         return
     if value not in allowed:
-        raise ConfigError(f"{origin}: {name or key}: {value!r} is out of range; expected {allowed.describe()}")
+        raise ConfigError(f"{origin}: {name or key}: {shown(value)} is out of range; expected {allowed.describe()}")
 
 
 def _check_lora(value: Any, origin: str) -> None:
@@ -302,7 +304,7 @@ def _check_lora(value: Any, origin: str) -> None:
         integral = name == "r"
         if isinstance(item, bool) or not isinstance(item, (int, float)) or (integral and not float(item).is_integer()):
             raise ConfigError(f"{origin}: train.lora.{name}: expected {'an integer' if integral else 'a number'}, "
-                              f"got {item!r} ({type(item).__name__})")
+                              f"got {shown(item)} ({type(item).__name__})")
         check_range(f"train.lora.{name}", item, origin)
 
 
@@ -374,8 +376,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"--set {mask(item)!r}: expected section.key=value, e.g. --set data.max_length=2048")
-        value = _parse_scalar(raw)
+            raise ConfigError(f"--set {shown(mask(item))}: expected section.key=value, e.g. --set data.max_length=2048")
+        try:
+            value = _parse_scalar(raw)
+        except ConfigTooLarge as e:
+            raise ConfigError(f"--set {key.strip()[:100]}: {e.problem}") from None
         collect_secrets({key.strip(): value})
         set_key(cfg, key.strip(), value, origin="--set")
     for key, value in (flags or {}).items():
@@ -384,45 +389,96 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
+MAX_YAML_NODES = 100_000
+MAX_YAML_CHARS = 10_000_000
+"""What a config may hold once its aliases are expanded: a few hundred bytes of nested aliases (an "alias bomb")
+stand for billions of values, which every walk over the config (secrets, checks, messages, saving it) would visit."""
+
+
+class ConfigTooLarge(yaml.composer.ComposerError):
+    pass
+
+
+class BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a document larger than :data:`MAX_YAML_NODES` values or
+    :data:`MAX_YAML_CHARS` characters of scalars with every alias expanded, and an alias inside its own anchor."""
+
+    def __init__(self, stream: Any):
+        super().__init__(stream)
+        self._sizes: dict[int, tuple[int, int]] = {}  # id(node) -> (values, characters), aliases expanded
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        alias = self.check_event(yaml.AliasEvent)
+        mark = self.peek_event().start_mark
+        node = super().compose_node(parent, index)
+        if alias:
+            size = self._sizes.get(id(node))
+            if size is None:  # the anchored node is still being composed
+                raise yaml.composer.ComposerError(None, None, "an alias inside the value it refers to (a recursive "
+                                                  "structure)", mark)
+        else:
+            if isinstance(node, yaml.ScalarNode):
+                size = (1, len(node.value))
+            else:
+                children = [c for pair in node.value for c in pair] if isinstance(node, yaml.MappingNode) else node.value
+                sizes = [self._sizes[id(c)] for c in children]
+                size = (1 + sum(n for n, _ in sizes), sum(c for _, c in sizes))
+            self._sizes[id(node)] = size
+        if size[0] > MAX_YAML_NODES or size[1] > MAX_YAML_CHARS:
+            raise ConfigTooLarge(None, None, f"more than {MAX_YAML_NODES:,} values or {MAX_YAML_CHARS:,} characters "
+                                 "once its aliases are expanded", mark)
+        return node
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` with alias expansion bounded (:class:`BoundedLoader`)."""
+    return yaml.load(text, Loader=BoundedLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _read_yaml(path: Path) -> dict[str, dict]:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except ValueError as e:  # PyYAML converts an integer of more than 4,300 digits, which Python refuses
+        raise ConfigError(f"{path}: invalid YAML ({first_line(e)})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}:{where}: invalid YAML ({getattr(e, 'problem', None) or e})") from None
+        what = "too large" if isinstance(e, ConfigTooLarge) else "invalid YAML"
+        raise ConfigError(f"{path}:{where}: {what} ({getattr(e, 'problem', None) or e})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections ({', '.join(SECTIONS)}), got {type(data).__name__}")
     for section, values in data.items():
         if section not in SECTIONS:
-            raise ConfigError(f"{path}: unknown section {section!r}{_did_you_mean(str(section), SECTIONS)}")
+            raise ConfigError(f"{path}: unknown section {shown(section)}{_did_you_mean(str(section), SECTIONS)}")
         if values is None:
             data[section] = {}
         elif not isinstance(values, dict):
-            raise ConfigError(f"{path}: section {section!r}: expected a mapping of keys, got {type(values).__name__}")
+            raise ConfigError(f"{path}: section {shown(section)}: expected a mapping of keys, got {type(values).__name__}")
     return data
 
 
 def _parse_scalar(raw: str) -> Any:
     # YAML gives --set the file's own syntax: null, true, [a, b], {r: 8}, "quoted\n".
     try:
-        return yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+        return load_yaml(raw) if raw.strip() else ""
+    except ConfigTooLarge:
+        raise
+    except (yaml.YAMLError, ValueError):  # ValueError: an integer of more than 4,300 digits
         return raw
 
 
 def set_key(cfg: Config, dotted: str, value: Any, origin: str = "config") -> None:
     section, _, key = dotted.partition(".")
     if section not in SECTIONS:
-        raise ConfigError(f"{origin}: unknown section {section!r} in {dotted!r}{_did_you_mean(section, SECTIONS)}")
+        raise ConfigError(f"{origin}: unknown section {shown(section)} in {shown(dotted)}{_did_you_mean(section, SECTIONS)}")
     if not key:
-        raise ConfigError(f"{origin}: {dotted!r}: expected section.key")
+        raise ConfigError(f"{origin}: {shown(dotted)}: expected section.key")
     obj = getattr(cfg, section)
     own = {f.name: f for f in dataclasses.fields(obj)}
     if key in own:
@@ -441,11 +497,13 @@ def set_key(cfg: Config, dotted: str, value: Any, origin: str = "config") -> Non
             cfg.training_arguments[key] = value
             cfg.explicit.add(dotted)
             return
-        raise ConfigError(f"{origin}: unknown key 'train.{key}'{_did_you_mean(key, [*own, *ta_fields])}")
-    raise ConfigError(f"{origin}: unknown key '{section}.{key}'{_did_you_mean(key, own)}")
+        raise ConfigError(f"{origin}: unknown key {shown(dotted)}{_did_you_mean(key, [*own, *ta_fields])}")
+    raise ConfigError(f"{origin}: unknown key {shown(dotted)}{_did_you_mean(key, own)}")
 
 
 def _did_you_mean(word: str, candidates) -> str:
+    if len(word) > 100:  # no key is this long, and difflib's time grows with the length
+        return ""
     close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
@@ -501,7 +559,7 @@ def _coerce(value: Any, annotation: Any, key: str, origin: str) -> Any:
         choices = CHOICES.get(key)
         if choices and value not in choices:
             allowed = ("true, false or " if bool in kinds else "one of ") + ", ".join(choices)
-            raise ConfigError(f"{origin}: {key}: expected {allowed}, got {value!r}"
+            raise ConfigError(f"{origin}: {key}: expected {allowed}, got {shown(value)}"
                               f"{_did_you_mean(value, choices)}")
         return value
     if list in kinds and isinstance(value, (list, tuple)):
@@ -510,7 +568,7 @@ def _coerce(value: Any, annotation: Any, key: str, origin: str) -> Any:
         return [value]
     if dict in kinds and isinstance(value, dict):
         return value
-    raise ConfigError(f"{origin}: {key}: expected {expected}, got {value!r} ({type(value).__name__})")
+    raise ConfigError(f"{origin}: {key}: expected {expected}, got {shown(value)} ({type(value).__name__})")
 
 
 def _coerce_training_argument(value: Any, fld: Any, key: str, origin: str) -> Any:
@@ -523,20 +581,20 @@ def _coerce_training_argument(value: Any, fld: Any, key: str, origin: str) -> An
         kinds = set()
     # TrainingArguments accepts enums as strings and many unions; check the plain scalar kinds, let it validate the rest.
     if isinstance(default, bool) and not isinstance(value, bool) and value is not None:
-        raise ConfigError(f"{origin}: train.{key}: expected true or false, got {value!r} ({type(value).__name__})")
+        raise ConfigError(f"{origin}: train.{key}: expected true or false, got {shown(value)} ({type(value).__name__})")
     if kinds & {int, float} and not kinds & {str, dict, list} and isinstance(value, str):
         try:
             number = float(value)  # PyYAML reads 1e20 (an exponent, no dot) as a string
         except ValueError:
-            raise ConfigError(f"{origin}: train.{key}: expected a number, got {value!r}") from None
+            raise ConfigError(f"{origin}: train.{key}: expected a number, got {shown(value)}") from None
         if int in kinds and float not in kinds:
             if not number.is_integer():
-                raise ConfigError(f"{origin}: train.{key}: expected an integer, got {value!r}")
+                raise ConfigError(f"{origin}: train.{key}: expected an integer, got {shown(value)}")
             return int(value) if value.strip().lstrip("+-").isdigit() else int(number)
         return number
     if kinds == {int} and isinstance(value, float):
         if not value.is_integer():
-            raise ConfigError(f"{origin}: train.{key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{origin}: train.{key}: expected an integer, got {shown(value)}")
         return int(value)
     # An integer stays one where the field takes a float (num_train_epochs: 1): TrainingArguments takes it as it is,
     # and `config show` then prints what the user wrote.

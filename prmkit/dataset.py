@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator
 
 from prmkit import __version__
 from prmkit.atomic import TEMP_SUFFIX, check_manifest, manifest, remove_leftovers, remove_path, temp_prefix
-from prmkit.errors import DataError, UsageError
+from prmkit.errors import DataError, UsageError, first_line
 from prmkit.formats import Options, RowError, check_format, convert, detect_format
 from prmkit import jsonio
 from prmkit.jsonio import dumps, nonfinite_field
@@ -560,6 +560,9 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     except OSError as e:
         raise UsageError(f"tokenizer {name_or_path!r} could not be loaded: {str(e).splitlines()[0]}",
                          hint="set model.tokenizer (or model.name_or_path) to a local directory or a reachable Hub id") from None
+    except Exception as e:  # noqa: BLE001 - a damaged tokenizer.json fails with whatever the parser meets first
+        raise UsageError(f"tokenizer {name_or_path!r} could not be loaded: {first_line(e)}",
+                         hint="its tokenizer files are damaged: restore them, or save the tokenizer again") from None
 
 
 @dataclass

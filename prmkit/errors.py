@@ -10,6 +10,8 @@ import os
 import re
 
 _OS_ERROR = re.compile(r"\(os error (\d+)\)")
+import reprlib
+from typing import Any
 
 
 def first_line(exc: BaseException) -> str:
@@ -33,6 +35,34 @@ def write_failure(exc: BaseException) -> str | None:
     if isinstance(exc, RuntimeError) and ("inline_container" in text or "PytorchStreamWriter" in text):
         return "a file could not be written (is the disk full?)"
     return None
+
+
+SHOWN_CHARS = 300
+"""How much of a value a message shows: a user's value can be megabytes (a long string, a YAML alias bomb)."""
+
+
+class _Shown(reprlib.Repr):
+    """``repr`` that stops early: bounded work and length whatever the value's size or nesting."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel, self.maxlist, self.maxtuple, self.maxset, self.maxfrozenset = 4, 12, 12, 12, 12
+        self.maxdict, self.maxstring, self.maxlong, self.maxother = 12, SHOWN_CHARS, SHOWN_CHARS, SHOWN_CHARS
+
+    def repr_dict(self, x: dict, level: int) -> str:
+        # reprlib sorts the keys; a message should show them as the user wrote them.
+        if not x:
+            return "{}"
+        if level <= 0:
+            return "{...}"
+        items = [f"{self.repr1(k, level - 1)}: {self.repr1(v, level - 1)}" for k, v in list(x.items())[: self.maxdict]]
+        return "{" + ", ".join(items) + (", ..." if len(x) > self.maxdict else "") + "}"
+
+
+def shown(value: Any, limit: int = SHOWN_CHARS) -> str:
+    """``repr(value)`` for a message, cut to about ``limit`` characters (the same as ``repr`` for a short value)."""
+    text = _Shown().repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class PrmkitError(Exception):

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 from prmkit import jsonio
 from prmkit.chat_turns import ChatTurns
-from prmkit.errors import DataError, UsageError, first_line
+from prmkit.errors import DataError, UsageError, first_line, shown
 from prmkit.tokenization import Encoded
 
 log = logging.getLogger("prmkit")
@@ -85,6 +85,12 @@ class KindSettings:
     @classmethod
     def from_sources(cls, explicit: dict[str, Any] | None, recorded: dict[str, Any] | None) -> "KindSettings":
         """Explicit keys (config) win over what a model directory recorded; unset explicit keys are ignored."""
+        for source in (recorded or {}, explicit or {}):
+            tag = source.get("step_tag")
+            if tag is not None and not (isinstance(tag, str) and tag):
+                # An empty tag would fall back to the default one, not the tag the model was trained with.
+                raise UsageError(f"model.step_tag must be a non-empty string, got {shown(tag)}",
+                                 hint="leave it unset (null) to use the model's own tag")
         merged: dict[str, Any] = {}
         for source in (recorded or {}, explicit or {}):
             for key, value in source.items():
@@ -92,13 +98,14 @@ class KindSettings:
                     continue
                 if key in cls.__dataclass_fields__ and value is not None and not (key == "kind" and value == "auto"):
                     if source is explicit and key in merged and _same(merged[key]) != _same(value):
-                        log.warning(f"model.{key}: using {value!r}, not the {merged[key]!r} the model recorded "
-                                    "at training; its scores may not mean what they meant then")
+                        log.warning(f"model.{key}: using {shown(value)}, not the {shown(merged[key])} the model "
+                                    "recorded at training; its scores may not mean what they meant then")
                     merged[key] = value
         if "reward_tokens" in merged:
             tokens = merged["reward_tokens"]
             if not isinstance(tokens, (list, tuple)) or len(tokens) != 2 or not all(isinstance(t, str) and t for t in tokens):
-                raise UsageError(f"model.reward_tokens must be two non-empty strings (correct, wrong), got {tokens!r}")
+                raise UsageError("model.reward_tokens must be two non-empty strings (correct, wrong), got "
+                                 f"{shown(tokens)}")
             merged["reward_tokens"] = tuple(tokens)
         recorded = recorded or {}
         if "reward_token_ids" in merged:
@@ -247,11 +254,14 @@ class KindEncoder:
                                 "which would be read as a step end", hint="remove it, or set model.step_tag")
 
     def _render(self, messages: list[dict[str, str]]) -> str:
-        kwargs = {"chat_template": self.settings.chat_template} if self.settings.chat_template else {}
+        from prmkit.chat_template import render_chat  # apply_chat_template's rendering, with time and size limits
+
         try:
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False, **kwargs)
-        except Exception as e:  # a Jinja error in a user's template
-            raise UsageError(f"the chat template failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+            return render_chat(self.tokenizer, messages, self.settings.chat_template)
+        except Exception as e:  # a Jinja error in a user's template, or a limit it broke
+            which = ("model.chat_template" if self.settings.chat_template
+                     else f"the chat template of {getattr(self.tokenizer, 'name_or_path', '') or 'the tokenizer'}")
+            raise UsageError(f"the chat template failed ({which}): {first_line(e)}",
                              hint="check model.chat_template") from None
 
     def _text(self, prompt: str, steps: Sequence[str]) -> str:
@@ -320,6 +330,12 @@ def reward_token_ids(tokenizer: Any, settings: KindSettings, kind: str) -> tuple
                 raise UsageError(f"reward token {token!r} is not a single token of this tokenizer (it encodes to "
                                  f"{len(one)} ids)", hint="set model.reward_tokens to two strings the tokenizer keeps whole")
             ids += one
+    alone = [tokenizer.encode(t, add_special_tokens=False) for t in (good, bad)]
+    if alone[0] == alone[1]:
+        # Encoded in context ("+ +" is "+", " +") equal tokens can get two ids, and the two scores would mean nothing.
+        raise UsageError(f"reward tokens {shown([good, bad])} are the same token (ids {alone[0]}): the correct and "
+                         "wrong scores must be read from two different tokens",
+                         hint="set model.reward_tokens to two different tokens, e.g. [\"+\", \"-\"]")
     if len(ids) != 2 or ids[0] == ids[1]:
         raise UsageError(f"reward tokens {list(settings.reward_tokens)!r} are not two different single tokens of this "
                          f"tokenizer (got ids {ids})",
@@ -435,7 +451,9 @@ def scorer_for_kind(cls: Any, kind: str, name: str, tokenizer: Any, settings: Ki
     encoder = KindEncoder(kind, tokenizer, settings, None)
     try:
         model = load_kind_model(kind, name, load_kwargs, tokenizer, encoder.settings)
-    except (OSError, ValueError) as e:
+    except UsageError:
+        raise
+    except Exception as e:  # noqa: BLE001 - e.g. sizes that do not match the weights, a damaged file
         raise UsageError(f"model {name!r} could not be loaded as {kind}: {first_line(e)}") from None
     model.to(device)
     limit = max_positions(model.config)

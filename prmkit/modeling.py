@@ -20,7 +20,7 @@ from typing import Any
 
 from prmkit import __version__
 from prmkit.atomic import read_json, write_atomic
-from prmkit.errors import UsageError
+from prmkit.errors import UsageError, first_line, shown
 from prmkit.jsonio import dumps
 from prmkit.redact import redact
 from prmkit.tokenization import TokenizationParams
@@ -122,7 +122,7 @@ def check_recorded_tokenization(recorded: Any, origin: str) -> None:
     for key in ("max_length", "max_prompt_length", "max_completion_length"):
         value = recorded.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-            raise UsageError(f"{origin}: tokenization.{key}: expected an integer or null, got {value!r}")
+            raise UsageError(f"{origin}: tokenization.{key}: expected an integer or null, got {shown(value)}")
         check_range(f"data.{key}", value, origin, name=f"tokenization.{key}")
 
 
@@ -298,11 +298,17 @@ def load_model_config(model_cfg: Any):
     from prmkit.locate import locate
 
     name = locate(name, "model")
+    if Path(name).is_dir():
+        from prmkit.model_files import check_model_dir
+
+        # Config sizes and weight headers, before transformers trusts them (init_from_config reads no weights).
+        check_model_dir(name, weights=not model_cfg.init_from_config)
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=model_cfg.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"model {name!r} could not be loaded: {str(e).splitlines()[0]}",
-                         hint="set model.name_or_path to a local directory or a reachable Hub id") from None
+    except Exception as e:  # noqa: BLE001 - OSError for a missing model, others for a damaged config
+        hint = ("its config.json is damaged: restore it" if Path(name).is_dir()
+                else "set model.name_or_path to a local directory or a reachable Hub id")
+        raise UsageError(f"model {name!r} could not be loaded: {first_line(e)}", hint=hint) from None
     check_causal(config, name, model_cfg.allow_bidirectional)
     return config
 
@@ -347,8 +353,8 @@ def load_model_for_training(model_cfg: Any, tokenizer: Any, seed: int | None = N
     else:
         try:
             model = auto.from_pretrained(name, config=config, dtype=dtype, **common, **kwargs, **MODEL_LOAD_DEFAULTS)
-        except OSError as e:
-            raise UsageError(f"model {name!r} could not be loaded: {str(e).splitlines()[0]}") from None
+        except Exception as e:  # noqa: BLE001 - e.g. sizes that do not match the weights, a damaged file
+            raise UsageError(f"model {name!r} could not be loaded: {first_line(e)}") from None
     if new_tokens:
         from prmkit.kinds import init_new_tokens
 

@@ -14,7 +14,7 @@ import yaml
 
 from prmkit.atomic import remove_path, write_atomic
 from prmkit.checkpoints import checkpoint_problem, latest_complete_checkpoint, set_aside
-from prmkit.config import TRAINING_ARGUMENT_DEFAULTS, Config, dump_config
+from prmkit.config import TRAINING_ARGUMENT_DEFAULTS, Config, dump_config, load_yaml
 from prmkit.errors import UsageError
 from prmkit.modeling import CONFIG_YAML, PRMKIT_JSON
 from prmkit.outputs import OutputLock, refuse_inputs_inside
@@ -144,7 +144,7 @@ def plan_output_dir(cfg: Config, overwrite: bool = False, resume: bool | str | N
         raise UsageError(f"output directory {out} is not empty and holds no prmkit run",
                          hint="choose another --output-dir, or pass --overwrite to replace its contents")
     try:
-        previous = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
+        previous = load_yaml(saved.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError:
         previous = {}
     mine, theirs = run_identity(cfg.to_dict()), run_identity(previous)

@@ -520,9 +520,13 @@ def _train_planned(cfg: Config, plan: OutputPlan, state: Any, args: Any, model_c
     import torch
 
     from prmkit.dataset import load_tokenizer, prepare_splits
+    from prmkit.model_files import check_tokenizer_fits
 
     has_eval = bool(cfg.data.eval)
     tokenizer = load_tokenizer(cfg.tokenizer_name, cfg.model.trust_remote_code)
+    text_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    check_tokenizer_fits(tokenizer, getattr(text_config, "vocab_size", None), cfg.tokenizer_name,
+                         cfg.data.step_separator if cfg.train.kind != "lm-tag" else None)
     ensure_pad_token(tokenizer)
     lm_tag = LMTag.setup(cfg, tokenizer) if cfg.train.kind == "lm-tag" else None
     with state.main_process_first():

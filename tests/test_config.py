@@ -132,10 +132,10 @@ def test_yaml_no_for_strategies_and_epoch_default(tmp_path):
 @pytest.mark.parametrize(
     "override, expected",
     [
-        ("data.max_length=0", "data.max_length: 0 is out of range; expected >= 1"),
-        ("data.max_length=-5", "data.max_length: -5 is out of range; expected >= 1"),
-        ("data.max_prompt_length=-1", "data.max_prompt_length: -1 is out of range; expected >= 0"),
-        ("data.max_completion_length=0", "data.max_completion_length: 0 is out of range; expected >= 1"),
+        ("data.max_length=0", "data.max_length: 0 is out of range; expected in [1, 2147483647]"),
+        ("data.max_length=-5", "data.max_length: -5 is out of range; expected in [1, 2147483647]"),
+        ("data.max_prompt_length=-1", "data.max_prompt_length: -1 is out of range; expected in [0, 2147483647]"),
+        ("data.max_completion_length=0", "data.max_completion_length: 0 is out of range; expected in [1, 2147483647]"),
         ("data.label_threshold=1.5", "data.label_threshold: 1.5 is out of range; expected in [0, 1]"),
         ("data.num_proc=0", "data.num_proc: 0 is out of range; expected >= 1"),
         ("eval.threshold=-0.1", "eval.threshold: -0.1 is out of range; expected in [0, 1]"),
@@ -203,9 +203,46 @@ def test_range_error_from_a_file_and_on_the_command_line(tmp_path):
     path = write(tmp_path, "data:\n  max_length: -5\n")
     res = runner.invoke(app, ["config", "show", "-c", str(path)])
     assert res.exit_code == 2
-    assert f"{path}: data.max_length: -5 is out of range; expected >= 1" in res.stderr
+    assert f"{path}: data.max_length: -5 is out of range; expected in [1, 2147483647]" in res.stderr
     assert "Traceback" not in res.output
     proc = subprocess.run([sys.executable, "-m", "prmkit", "score", "m", "in.jsonl", "-o", "out.jsonl",
                            "--batch-tokens", "0"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert proc.returncode == 2 and "score.batch_tokens: 0 is out of range" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def alias_bomb(levels: int) -> str:
+    """A YAML "billion laughs": each level's list holds nine aliases of the level before."""
+    parts = ["&a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    parts += [f"&a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, levels)]
+    return "[" + ", ".join(parts) + "]"
+
+
+def test_yaml_alias_bomb_is_refused_on_the_line_it_is_on(tmp_path):
+    # Six levels are 531,441 values from a 250-byte file (was: accepted, and a 4 MB error message).
+    path = write(tmp_path, "data:\n  max_length: 8\nmodel:\n  system_prompt: " + alias_bomb(6) + "\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert e.value.message == (f"{path}: line 4: too large (more than 100,000 values or 10,000,000 characters once "
+                               "its aliases are expanded)")
+    with pytest.raises(ConfigError, match=r"^--set model.system_prompt: more than 100,000 values"):
+        load_config(None, ["model.system_prompt=" + alias_bomb(6)])
+    with pytest.raises(ConfigError, match="an alias inside the value it refers to"):
+        load_config(write(tmp_path, "model:\n  system_prompt: &a [x, *a]\n"))
+
+
+def test_a_value_shown_in_a_message_is_cut(tmp_path):
+    # Five levels (59,049 values) pass the alias limit; the message shows the start of the value only (was: 480 KB).
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, "model:\n  system_prompt: " + alias_bomb(5) + "\n"))
+    assert e.value.message.startswith(f"{tmp_path / 'prmkit.yaml'}: model.system_prompt: expected a string or null, "
+                                      "got [['lol', 'lol', 'lol',")
+    assert e.value.message.endswith("... (list)") and len(e.value.message) < 300 + len(str(tmp_path)) + 100
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["data.max_length=" + "x" * 100_000])
+    assert len(e.value.message) < 400 and e.value.message.startswith("--set: data.max_length: expected an integer")
+    # PyYAML reads 100,000 digits as an integer, which Python refuses to convert (was: a ValueError traceback).
+    with pytest.raises(ConfigError, match="data.max_length: expected an integer or null, got '99999"):
+        load_config(None, ["data.max_length=" + "9" * 100_000])
+    with pytest.raises(ConfigError, match=r"prmkit.yaml: invalid YAML \(Exceeds the limit"):
+        load_config(write(tmp_path, "data:\n  max_length: " + "9" * 100_000 + "\n"))

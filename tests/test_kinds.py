@@ -655,3 +655,49 @@ def test_lm_tag_training_with_the_default_tag_on_the_qwen2_tokenizer(tmp_path):
     assert kind["step_tag"] == "ки" and kind["reward_token_ids"] == [10, 12]  # `+`, `-`, each encoded alone
     scores = _scorer(out).score("What is 2 + 3?", ["2 + 3 = 5.", "The answer is 5."])
     assert len(scores) == 2 and all(0.0 < s < 1.0 for s in scores)
+
+
+def test_equal_reward_tokens_are_refused(lm_tag_model, chat_model):
+    from prmkit.kinds import KindSettings, reward_token_ids
+
+    # lm-tag reads its ids from "+ +", where the second "+" is " +": two ids for one token (was: accepted).
+    for path, kind in ((lm_tag_model[0], "lm-tag"), (chat_model[0], "chat-plus-minus")):
+        with pytest.raises(UsageError, match=r"reward tokens \['\+', '\+'\] are the same token \(ids \[\d+\]\)"):
+            _scorer(path, kind=kind, reward_tokens=["+", "+"])
+    with pytest.raises(UsageError, match="are the same token"):
+        reward_token_ids(lm_tag_model[1], KindSettings(reward_tokens=("+", "+")), "lm-tag")
+    assert len(set(reward_token_ids(lm_tag_model[1], KindSettings(reward_tokens=("+", "-")), "lm-tag"))) == 2
+
+
+def test_an_empty_step_tag_is_refused(lm_tag_model):
+    from prmkit.kinds import KindSettings
+
+    # It fell back to the default tag "ки", whatever tag the model was trained with.
+    with pytest.raises(UsageError, match="model.step_tag must be a non-empty string, got ''") as e:
+        _scorer(lm_tag_model[0], step_tag="")
+    assert "leave it unset" in e.value.hint
+    with pytest.raises(UsageError, match="model.step_tag must be a non-empty string"):
+        KindSettings.from_sources({"kind": "lm-tag"}, {"kind": "lm-tag", "step_tag": ""})
+    assert KindSettings.from_sources({"step_tag": None}, {"kind": "lm-tag", "step_tag": "<t>"}).tag() == "<t>"
+
+
+def test_a_runaway_chat_template_is_one_line_naming_it(chat_model, qwen_prm_model, monkeypatch):
+    import time
+
+    import prmkit.chat_template
+
+    monkeypatch.setattr(prmkit.chat_template, "RENDER_SECONDS", 0.3)
+    slow = "{% for i in range(3000) %}{% for j in range(3000) %}{% endfor %}{% endfor %}" + LLAMA3_TEMPLATE
+    scorer = _scorer(chat_model[0], kind="chat-plus-minus", chat_template=slow)
+    start = time.monotonic()
+    with pytest.raises(UsageError) as e:  # was: no limit (this one renders in seconds, 10^10 loops in hours)
+        scorer.score_batch(SOLUTIONS[:1])
+    assert e.value.message == ("the chat template failed (model.chat_template): rendering took longer than 0.3 s "
+                               "(a runaway loop?)")
+    assert time.monotonic() - start < 3
+    # The tokenizer's own template is named by the tokenizer's directory.
+    scorer = _scorer(qwen_prm_model[0])
+    scorer.tokenizer.chat_template = "{{ 'x' * 10**9 }}"
+    with pytest.raises(UsageError, match=rf"^the chat template failed \(the chat template of {qwen_prm_model[0]}\): "
+                                         "a value of more than 16,777,216 characters"):
+        scorer.score_batch(SOLUTIONS[:1])

@@ -11,28 +11,8 @@ from prmkit.errors import UsageError
 from prmkit.hub.card import hub_id
 from prmkit.errors import first_line
 from prmkit.hub.files import TOKENIZER_VOCAB_FILES, read_text_capped
+from prmkit.model_files import read_safetensors_header
 from prmkit.modeling import CONFIG_YAML, MODEL_LOAD_DEFAULTS, quiet_transformers
-
-
-def read_safetensors_header(path: Path) -> dict[str, Any]:
-    """The JSON header of a safetensors file, after checking that the data it describes is all there."""
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        raw = fh.read(8)
-        if len(raw) < 8:
-            raise UsageError(f"{path}: not a safetensors file (too short)")
-        n = int.from_bytes(raw, "little")
-        if n <= 0 or n > min(size - 8, 100 << 20):
-            raise UsageError(f"{path}: not a safetensors file (bad header length)")
-        try:
-            header = jsonio.loads(fh.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise UsageError(f"{path}: not a safetensors file (unreadable header)") from None
-    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
-    expected = 8 + n + (max(ends) if ends else 0)
-    if expected != size:
-        raise UsageError(f"{path}: truncated or corrupt ({size} bytes, the header describes {expected})")
-    return header
 
 
 def check_weights(model_dir: Path, files: list[tuple[str, Path]]) -> None:
@@ -60,8 +40,10 @@ def trust_remote_code(model_dir: Path) -> bool:
         return False
     import yaml
 
+    from prmkit.config import load_yaml
+
     try:
-        cfg = yaml.safe_load(read_text_capped(path)) or {}
+        cfg = load_yaml(read_text_capped(path)) or {}
         return bool((cfg.get("model") or {}).get("trust_remote_code", False))
     except (yaml.YAMLError, AttributeError, UnicodeDecodeError):
         return False

@@ -17,6 +17,7 @@ from typing import Any, Iterable
 import yaml
 
 from prmkit import jsonio
+from prmkit.config import load_yaml
 from prmkit.errors import UsageError
 from prmkit.hub.files import read_text_capped
 from prmkit.redact import MASK, redact, register_secret
@@ -97,7 +98,7 @@ def rewrite_for_upload(name: str, path: Path, root: Path) -> tuple[bytes | None,
     """
     try:
         text = read_text_capped(path)
-        data = yaml.safe_load(text) if name in REWRITTEN_YAML else jsonio.loads(text)
+        data = load_yaml(text) if name in REWRITTEN_YAML else jsonio.loads(text)
     except (ValueError, yaml.YAMLError):  # UnicodeDecodeError is a ValueError
         return None, [], []
     if not isinstance(data, dict):
@@ -124,7 +125,7 @@ def holds_secret(path: Path, secrets: list[str], header_only: bool = False) -> b
         return False
     needles = [s.encode("utf-8") for s in secrets]
     if header_only:
-        from prmkit.hub.checks import read_safetensors_header
+        from prmkit.model_files import read_safetensors_header
 
         header = json.dumps(read_safetensors_header(path).get("__metadata__") or {}, ensure_ascii=False).encode()
         return any(n in header for n in needles)

@@ -35,6 +35,7 @@ from prmkit.modeling import (
     resolve_tokenization,
 )
 from prmkit.memory import release_memory
+from prmkit.model_files import check_model_dir, check_tokenizer_fits, embedding_rows
 from prmkit.scoring import attention, budget
 from prmkit.scoring.loading import (
     OVERLAP_TOKENIZER_ON,
@@ -249,6 +250,8 @@ class StepScorer:
         from prmkit.modeling import is_causal, quiet_transformers
 
         metadata = read_metadata(local) if is_local else hub_metadata(name, revision)
+        if is_local:
+            check_model_dir(local)  # config sizes and weight headers, before transformers trusts them
         from prmkit import kinds
 
         kind, settings, kind_tokenizer = kinds.resolve_kind(name, metadata, kind_settings, local=is_local,
@@ -265,7 +268,7 @@ class StepScorer:
                 try:
                     config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code,
                                                         **({"revision": revision} if revision else {}))
-                except (OSError, ValueError) as e:
+                except Exception as e:  # noqa: BLE001 - whatever stops transformers reading it is the finding
                     raise load_error(name, e) from None
             chosen = attn_implementation is None and packing is not False and config is not None
             if chosen:
@@ -282,11 +285,13 @@ class StepScorer:
                 max_length = kind_tokenization(name, kind, tokenization, step_separator)
                 if max_length is None and kind == kinds.LM_TAG:  # a prmkit-trained lm-tag model: its training limit
                     max_length = ((metadata or {}).get("tokenization") or {}).get("max_length")
-                return kinds.scorer_for_kind(
+                scorer = kinds.scorer_for_kind(
                     cls, kind, name, load_tokenizer(tokenizer, trust_remote_code) if tokenizer else
                     kind_tokenizer or load_tokenizer(name, trust_remote_code), settings,
                     load_kwargs=load_kwargs, device=dev, max_length=max_length, batch_tokens=batch_tokens,
                     sort_window=sort_window, packing=packing, rank=rank, world_size=world_size, timings=timings)
+                check_tokenizer_fits(scorer.tokenizer, embedding_rows(scorer.model), tokenizer or name)
+                return scorer
             params, changes = resolve_tokenization(name, metadata, step_separator, tokenization)
             positive = int(((metadata or {}).get("labels") or {}).get("positive_label_id", POSITIVE_LABEL_ID))
             overlap = (dev.type in OVERLAP_TOKENIZER_ON and not adapter
@@ -304,7 +309,9 @@ class StepScorer:
                         model, info = load_model(AutoModelForTokenClassification, name,
                                                   {**load_kwargs, "config": config, "device_map": dev},
                                                   attn_implementation, fall_back=chosen)
-                except (OSError, ValueError) as e:
+                except PrmkitError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - e.g. sizes that do not match the weights, a damaged file
                     raise load_error(name, e) from None
                 all_missing = sorted(info.get("missing_keys") or [])
                 missing = [k for k in all_missing if k.split(".")[0] in ("score", "classifier")]
@@ -318,6 +325,7 @@ class StepScorer:
                         hint="score with a PRM trained by `prmkit train` (or TRL's PRMTrainer), not a base model",
                     )
                 tok = pending_tokenizer.result()
+            check_tokenizer_fits(tok, embedding_rows(model), tokenizer or name, params.step_separator)
             recorded = ((metadata or {}).get("tokenizer") or {}).get("sha256")
             used = tokenizer_fingerprint(tok)["sha256"] if recorded else None
             if recorded and used != recorded:

@@ -74,8 +74,14 @@ class Background:
 
 
 def load_error(name: str, e: Exception) -> UsageError:
-    return UsageError(f"model {name!r} could not be loaded: {first_line(e)}",
-                      hint="give a prmkit output directory, a transformers model directory, or a reachable Hub id")
+    reason = first_line(e)
+    if "out of memory" in reason.lower():
+        hint = "free memory on the device, or load it in less (--dtype bfloat16)"
+    elif Path(name).expanduser().is_dir():
+        hint = "its files are damaged or do not belong together: restore them, or save the model again"
+    else:
+        hint = "give a prmkit output directory, a transformers model directory, or a reachable Hub id"
+    return UsageError(f"model {name!r} could not be loaded: {reason}", hint=hint)
 
 
 def hub_metadata(repo_id: str, revision: str | None) -> dict | None:
