@@ -211,8 +211,9 @@ def prepare_output_dir(plan: OutputPlan, cfg: Config) -> None:
 REPLACED = ".prmkit-replaced"
 """The previous contents of an output directory being overwritten (until the new run saves something)."""
 _MOVING = ".prmkit-replacing"  # REPLACED while being filled: if it exists, nothing of the new run was written yet
+_RESTORING = ".prmkit-restoring"  # REPLACED on its way back: the new run's files are gone, only these are left to move
 _DISCARDED = ".prmkit-discarded"  # REPLACED being deleted
-_OWN_HIDDEN = {FINAL_TMP, REPLACED, _MOVING, _DISCARDED}
+_OWN_HIDDEN = {FINAL_TMP, REPLACED, _MOVING, _RESTORING, _DISCARDED}
 
 
 def _set_aside_contents(out: Path) -> None:
@@ -231,22 +232,34 @@ def _has_something_to_keep(out: Path) -> str | None:
     return last.name if last is not None else None
 
 
+def _move_back(holder: Path, out: Path) -> None:
+    for item in list(holder.iterdir()):
+        os.rename(item, out / item.name)
+    holder.rmdir()
+
+
 def settle_overwrite(out: str | Path) -> str | None:
     """Finish an ``--overwrite`` run's replacement of the previous contents, or undo it; say which, or None.
 
     The new run is kept once it has a complete checkpoint or its finished model: then the previous contents are
     deleted. Otherwise (it failed, or was killed, before saving anything) its files go and the previous contents
     come back exactly as they were.
+
+    Each step is one rename of a hidden directory, whose name says how far it got, so a kill at any point is settled
+    by the next call: the previous contents are never judged beside half of themselves (a ``prmkit.json`` already
+    back would read as the new run's finished model).
     """
     out = Path(out)
     if (out / _DISCARDED).exists():
         shutil.rmtree(out / _DISCARDED, ignore_errors=True)
-    moving, replaced = out / _MOVING, out / REPLACED
+    moving, replaced, restoring = out / _MOVING, out / REPLACED, out / _RESTORING
     if moving.is_dir():  # killed while setting aside: the new run has not written anything yet
-        for item in list(moving.iterdir()):
-            os.rename(item, out / item.name)
-        moving.rmdir()
+        _move_back(moving, out)
         return f"{out}: put back the previous contents, which an --overwrite run killed at its start had set aside"
+    back = f"{out}: the --overwrite run stopped before saving anything; the previous contents are back as they were"
+    if restoring.is_dir():  # killed while putting them back: the new run's files are gone already
+        _move_back(restoring, out)
+        return back
     if not replaced.is_dir():
         return None
     kept = _has_something_to_keep(out)
@@ -258,7 +271,7 @@ def settle_overwrite(out: str | Path) -> str | None:
     for item in list(out.iterdir()):
         if item.name not in _OWN_HIDDEN:
             remove_path(item)
-    for item in list(replaced.iterdir()):
-        os.rename(item, out / item.name)
-    replaced.rmdir()
-    return f"{out}: the --overwrite run stopped before saving anything; the previous contents are back as they were"
+    os.rename(replaced, restoring)
+    _move_back(restoring, out)
+    return back
+

@@ -185,6 +185,112 @@ def test_a_killed_overwrite_is_settled_by_the_next_run(tmp_path, tiny_qwen2_conf
     assert not (out / REPLACED).exists() and settle_overwrite(out) is None
 
 
+class _Killed(BaseException):
+    """A kill at a rename: nothing after it runs (a BaseException, so no `except Exception` carries on)."""
+
+
+def kill_at_rename(monkeypatch, n: int) -> None:
+    """Let ``n`` renames (os.rename, os.replace, an atomic exchange) happen; the process dies at the next one."""
+    from prmkit import atomic
+
+    calls = [0]
+
+    def dying(real):
+        def call(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] > n:
+                raise _Killed
+            return real(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(os, "rename", dying(os.rename))
+    monkeypatch.setattr(os, "replace", dying(os.replace))
+    if hasattr(atomic, "exchange"):
+        monkeypatch.setattr(atomic, "exchange", dying(atomic.exchange))
+
+
+def test_every_kill_point_of_an_overwrite_is_settled_without_loss(tmp_path, monkeypatch):
+    from prmkit.run_dir import _set_aside_contents, settle_overwrite
+
+    def killed_at(n: int, step) -> bool:
+        with monkeypatch.context() as m:
+            kill_at_rename(m, n)
+            try:
+                step()
+            except _Killed:
+                return True
+        return False
+
+    # Killed while putting back the previous contents (the new run saved nothing), at each rename: the next run puts
+    # back the rest. A prmkit.json already back must not read as a finished new model (and the rest be deleted).
+    n, killed = 0, True
+    while killed:
+        out = tmp_path / f"restore-{n}"
+        before = old_run(out)
+        (out / "prmkit.json").write_text('{"old": "finished model"}')
+        before = snapshot(out)
+        _set_aside_contents(out)
+        (out / "prmkit_config.yaml").write_text("the new run's config")
+        fake_checkpoint(out / "checkpoint-1", marker=False).joinpath("trainer_state.json").unlink()  # incomplete
+        killed = killed_at(n, lambda: settle_overwrite(out))
+        settle_overwrite(out)  # the next run
+        assert snapshot(out) == before, f"killed at rename {n + 1} of the restore"
+        n += 1
+    assert n > 5  # every entry's rename was a kill point
+
+    # Killed while setting them aside, at each rename: the next run puts them back.
+    n, killed = 0, True
+    while killed:
+        out = tmp_path / f"aside-{n}"
+        before = old_run(out)
+        killed = killed_at(n, lambda: _set_aside_contents(out))
+        settle_overwrite(out)
+        assert snapshot(out) == before, f"killed at rename {n + 1} of the set-aside"
+        n += 1
+
+
+@pytest.mark.parametrize("atomic_exchange", [True, False], ids=["renameat2", "two-renames"])
+def test_every_kill_point_of_a_directory_swap_keeps_the_old_or_the_new(tmp_path, monkeypatch, atomic_exchange):
+    import tempfile
+
+    from prmkit import atomic
+    from prmkit.dataset import _swap_in
+
+    if not atomic_exchange:  # a system or file system without RENAME_EXCHANGE
+        monkeypatch.setattr(atomic, "exchange", lambda a, b: False, raising=False)
+    else:
+        (tmp_path / "a").mkdir()
+        (tmp_path / "b").mkdir()
+        if not getattr(atomic, "exchange", lambda a, b: True)(tmp_path / "a", tmp_path / "b"):
+            pytest.skip("no renameat2(RENAME_EXCHANGE) on this system or file system")
+    n, killed = 0, True
+    while killed:
+        root = tmp_path / "swaps" / str(n)
+        target = root / "prepared"
+        target.mkdir(parents=True)
+        (target / "data.arrow").write_text("old data")
+        (target / "prmkit_prepared.json").write_text("old metadata")
+        old = snapshot(target)
+        new = Path(tempfile.mkdtemp(prefix=atomic.temp_prefix("prepared"), suffix=atomic.TEMP_SUFFIX, dir=root))
+        (new / "data.arrow").write_text("new data, longer")
+        (new / "prmkit_prepared.json").write_text("new metadata")
+        fresh = snapshot(new)
+        with monkeypatch.context() as m:
+            kill_at_rename(m, n)
+            try:
+                _swap_in(new, target)
+                killed = False
+            except _Killed:
+                pass
+        with monkeypatch.context() as m:
+            m.setattr(atomic, "_alive", lambda pid: False)  # the killed process is gone when the next run looks
+            atomic.remove_leftovers(root, "prepared")  # what the next prepare does first
+        assert [p.name for p in root.iterdir()] == ["prepared"], f"killed at rename {n + 1}"
+        assert snapshot(target) in (old, fresh), f"killed at rename {n + 1}"
+        assert snapshot(target) == (old if killed else fresh)
+        n += 1
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The same class in prepare, score and eval
 
