@@ -158,8 +158,8 @@ def plan_output_dir(cfg: Config, overwrite: bool = False, resume: bool | str | N
     last, skipped = latest_complete_checkpoint(out)
     if not resume:
         raise UsageError(f"output directory {out} already holds this run",
-                         hint=(f"pass --resume to continue from {last.name}, " if last else "")
-                         + "or --overwrite to start over")
+                         hint=f"pass --resume to continue from {last.name}, or --overwrite to start over" if last
+                         else "pass --overwrite to start over (it holds no checkpoint to resume from)")
     if last is None:
         if skipped:
             names = ", ".join(p.name for p, _ in skipped)
