@@ -275,3 +275,26 @@ def settle_overwrite(out: str | Path) -> str | None:
     _move_back(restoring, out)
     return back
 
+
+def set_aside_problem(model_dir: str | Path) -> UsageError | None:
+    """Why ``model_dir`` cannot be read as a model because ``--overwrite`` set its previous contents aside, naming
+    them and how to get them back; None when nothing is set aside, or the new run's model is finished."""
+    model_dir = Path(model_dir)
+    where = next((model_dir / n for n in (_MOVING, _RESTORING, REPLACED) if (model_dir / n).is_dir()), None)
+    if where is None or (where.name == REPLACED and (model_dir / PRMKIT_JSON).is_file()):
+        return None  # a finished new model; the previous one only waits to be deleted
+    is_model = any((d / f).is_file() for d in (where, model_dir) for f in (PRMKIT_JSON, "config.json"))
+    what = "model" if is_model else "contents"
+    back = (f"if that run was interrupted, run its `prmkit train` command again without --overwrite: that puts the "
+            f"previous {what} back, then stops")
+    if where.name != REPLACED:
+        return UsageError(f"{model_dir}: `prmkit train --overwrite` was moving its previous {what} (partly in {where}) "
+                          "when it stopped, or is still at it", hint=back)
+    saved = _has_something_to_keep(model_dir)
+    if saved:
+        hint = (f"the new run saved {saved}: the next `prmkit train` into {model_dir} deletes the set-aside {what}, "
+                f"so copy {where} elsewhere first if you need it; it can be scored where it lies")
+    else:
+        hint = f"score it where it lies ({where}); {back}"
+    return UsageError(f"{model_dir}: no finished model: `prmkit train --overwrite` set the previous {what} aside in "
+                      f"{where}, and the new run has not finished (it is running, or was interrupted)", hint=hint)

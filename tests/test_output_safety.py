@@ -447,3 +447,38 @@ def test_two_evals_into_one_directory_write_one_whole_report_after_the_other(tmp
     assert sorted(p.name for p in files) == ["report.json", "report.md"]
     assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(result.report))
     assert not (tmp_path / ".eval.prmkit-lock").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A model --overwrite set aside is named, with the way back
+
+
+def test_score_and_eval_name_a_model_set_aside_by_overwrite(tmp_path, prm_dir, tiny_qwen2_config_dir):
+    from prmkit.run_dir import REPLACED, _set_aside_contents
+
+    model = tmp_path / "m"
+    shutil.copytree(prm_dir, model)
+    before = snapshot(model)
+    aside = model / REPLACED
+    src = _rows(tmp_path / "in.jsonl")
+    _set_aside_contents(model)  # killed just after, or at any point before its first checkpoint
+    for new_files in ([], ["prmkit_config.yaml"]):
+        for name in new_files:
+            (model / name).write_text("model: {name_or_path: new}\n")
+        for args in (["score", str(model), str(src), "-o", str(tmp_path / "out.jsonl")],
+                     ["eval", str(model), "--data", str(src), "-o", str(tmp_path / "eval"), "--no-plots"]):
+            result = runner.invoke(app, args)
+            assert result.exit_code == 2, result.output
+            assert (f"error: {model}: no finished model: `prmkit train --overwrite` set the previous model aside in "
+                    f"{aside}, and the new run has not finished (it is running, or was interrupted)") in result.stderr
+            assert (f"hint: score it where it lies ({aside}); if that run was interrupted, run its `prmkit train` "
+                    "command again without --overwrite: that puts the previous model back, then stops") in result.stderr
+    # Both ways the hint gives work: the set-aside model scores where it lies...
+    result = runner.invoke(app, ["score", str(aside), str(src), "-o", str(tmp_path / "aside.jsonl")])
+    assert result.exit_code == 0, result.output
+    # ...and the train command, without --overwrite, puts it back, then stops.
+    result = runner.invoke(app, ["train", "-m", str(tiny_qwen2_config_dir), "--train", str(src), "-o", str(model),
+                                 "--set", "model.init_from_config=true", "--max-steps", "1"])
+    assert result.exit_code == 2, result.output
+    assert "the previous contents are back as they were" in result.stderr
+    assert snapshot(model) == before
