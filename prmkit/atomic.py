@@ -8,12 +8,16 @@ what a killed one left without touching the files of one still running.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import errno
 import hashlib
 import json
 import os
 import re
 import shutil
 import socket
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -22,6 +26,8 @@ from prmkit import jsonio
 from prmkit.errors import UsageError
 
 TEMP_SUFFIX = ".tmp"
+OLD_MARK = "old"
+""":func:`swap_in` moves a directory aside as ``.NAME.PID@HOST.old.tmp`` (mkdtemp's random part has 8 characters)."""
 _HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
 
 
@@ -58,9 +64,20 @@ def leftovers(directory: str | Path, name: str) -> list[Path]:
 
 
 def remove_leftovers(directory: str | Path, name: str) -> tuple[int, int]:
-    """Remove :func:`leftovers`; returns how many went and their bytes. A read-only directory keeps them quietly."""
+    """Remove :func:`leftovers`; returns how many went and their bytes. A read-only directory keeps them quietly.
+
+    First, where ``name`` is missing and a killed :func:`swap_in` left the directory it replaced, that one goes back
+    (the new one never got in place), so no kill point loses both.
+    """
+    found = leftovers(directory, name)
+    target = Path(directory) / name
+    moved_aside = [p for p in found if p.name.endswith(f".{OLD_MARK}{TEMP_SUFFIX}")]
+    if moved_aside and not (target.exists() or target.is_symlink()):
+        with contextlib.suppress(OSError):
+            os.rename(moved_aside[-1], target)
+            found.remove(moved_aside[-1])
     count = size = 0
-    for path in leftovers(directory, name):
+    for path in found:
         try:
             if path.is_dir() and not path.is_symlink():
                 size += sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
@@ -72,6 +89,80 @@ def remove_leftovers(directory: str | Path, name: str) -> tuple[int, int]:
         except OSError:
             continue
     return count, size
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def make_temp_dir(directory: str | Path, name: str) -> Path:
+    """A new temporary directory for ``name`` in ``directory``, under a :func:`leftovers` name.
+
+    mkdtemp makes it private (0700); an output built in it and renamed into place is as shareable as anything else
+    the user writes, so it gets the mode the umask gives a new directory.
+    """
+    path = Path(tempfile.mkdtemp(prefix=temp_prefix(name), suffix=TEMP_SUFFIX, dir=directory))
+    os.chmod(path, 0o777 & ~_umask())
+    return path
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+_renameat2: Any = None
+
+
+def exchange(a: str | Path, b: str | Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux's renameat2 with RENAME_EXCHANGE); False where the system,
+    its C library or the file system cannot, and nothing was done. Other failures raise OSError."""
+    global _renameat2
+    if sys.platform != "linux":
+        return False
+    if _renameat2 is None:
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            _renameat2 = libc.renameat2  # glibc 2.28 and later
+            _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+            _renameat2.restype = ctypes.c_int
+        except (OSError, AttributeError):
+            _renameat2 = False
+    if _renameat2 is False:
+        return False
+    if _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):  # old kernel, or a file system without it
+        return False
+    raise OSError(err, os.strerror(err), os.fsdecode(a), None, os.fsdecode(b))
+
+
+def swap_in(new: str | Path, target: str | Path) -> None:
+    """Put directory ``new`` (a :func:`make_temp_dir` beside ``target``) in ``target``'s place, then delete the old one.
+
+    Where the system can, both change places in one atomic step. Elsewhere the old one is renamed aside first; a
+    kill between that and the second rename leaves ``target`` missing and the old one under a leftover name, which
+    :func:`remove_leftovers` puts back. So at every kill point ``target`` is the old directory or the new one, whole.
+    """
+    new, target = Path(new), Path(target)
+    if not (target.exists() or target.is_symlink()):
+        os.rename(new, target)
+        return
+    if exchange(new, target):
+        old = new  # the old directory, now under the new one's leftover name
+    else:
+        old = target.with_name(f"{temp_prefix(target.name)}{OLD_MARK}{TEMP_SUFFIX}")
+        os.rename(target, old)
+        try:
+            os.rename(new, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.rename(old, target)
+            raise
+    try:
+        remove_path(old)
+    except OSError:
+        pass  # named as a leftover: the next run removes it
 
 
 def remove_path(path: str | Path) -> None:
@@ -139,9 +230,7 @@ def write_atomic(path: str | Path, data: bytes | str) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         # mkstemp makes files private; outputs are as shareable as anything else the user writes.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

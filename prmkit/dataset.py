@@ -11,13 +11,12 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from prmkit import __version__
-from prmkit.atomic import TEMP_SUFFIX, check_manifest, manifest, remove_leftovers, remove_path, temp_prefix
+from prmkit.atomic import check_manifest, make_temp_dir, manifest, remove_leftovers, swap_in
 from prmkit.errors import DataError, UsageError, first_line
 from prmkit.formats import Options, RowError, check_format, convert, detect_format
 from prmkit import jsonio
@@ -675,7 +674,7 @@ def prepare_splits(
 
     # The build directory comes first: an unwritable output fails now, not after every row has been tokenized.
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(target.name), suffix=TEMP_SUFFIX, dir=target.parent))
+    tmp = make_temp_dir(target.parent, target.name)
     try:
         rejects: list[dict] = []
         splits = {}
@@ -771,14 +770,6 @@ def _write_into(tmp: Path, dsd, metadata: dict, rejects: list[dict]) -> None:
 
 
 def _swap_in(tmp: Path, target: Path) -> None:
-    # Built beside the target and renamed into place, so an interrupted prepare never leaves a half-written dataset.
-    if target.exists() or target.is_symlink():
-        old = target.with_name(f"{temp_prefix(target.name)}old{TEMP_SUFFIX}")
-        target.rename(old)
-        tmp.rename(target)
-        try:
-            remove_path(old)
-        except OSError:
-            pass  # named as a leftover: the next run removes it
-    else:
-        tmp.rename(target)
+    # Built beside the target and swapped into place, so an interrupted prepare never leaves a half-written dataset
+    # and never loses the previous one (see swap_in).
+    swap_in(tmp, target)

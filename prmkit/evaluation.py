@@ -29,10 +29,12 @@ subset), or the default 0.5; ``threshold_source`` in the report says which.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
+import os
 import re
+import shutil
+import stat
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,7 +43,7 @@ from typing import Any
 
 from prmkit import __version__, jsonio
 from prmkit import metrics
-from prmkit.atomic import write_atomic
+from prmkit.atomic import make_temp_dir, remove_leftovers, swap_in, write_atomic
 from prmkit.dataset import _hub_split, iter_records, read_step_rows, resolve_source
 from prmkit.errors import DataError, PrmkitError, UsageError
 from prmkit.formats import Options
@@ -72,6 +74,7 @@ REPORT_FILES = ("report.json", "report.md")
 PLOT_FILES = ("accuracy_by_position.png", "reliability.png", "score_histogram.png", "best_of_n.png")
 REJECTS_FILE = "rejects.jsonl"
 OWN_FILES = frozenset((*REPORT_FILES, *PLOT_FILES, REJECTS_FILE))
+_STAGING = "report"  # the report set is written into .report.PID@HOST.XXXX.tmp inside an output dir shared with others
 # Solutions per score_batch call. Only progress granularity depends on it: the engine batches by tokens inside.
 SCORE_CHUNK = 1024
 MAX_PROBLEMS = 1000
@@ -584,13 +587,19 @@ def evaluate(
 # Output
 
 
-def _is_previous_report(path: Path) -> bool:
-    entries = list(path.iterdir())
-    for entry in entries:
-        # Leftover temp files of an interrupted atomic write are ours too.
-        ours = entry.name in OWN_FILES or (entry.name.startswith(".") and entry.name.endswith(".tmp"))
-        if not ours or not entry.is_file():
+def _only_own_files(path: Path) -> bool:
+    for entry in path.iterdir():
+        # Leftovers of an interrupted write (a temporary file, a staging directory) are ours too.
+        if entry.name.startswith(".") and entry.name.endswith(".tmp"):
+            continue
+        if entry.name not in OWN_FILES or not entry.is_file() or entry.is_symlink():
             return False
+    return True
+
+
+def _is_previous_report(path: Path) -> bool:
+    if not _only_own_files(path):
+        return False
     try:
         previous = jsonio.loads((path / "report.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -642,25 +651,48 @@ def _write_jsonl_atomic(path: Path, records: Sequence[Mapping[str, Any]]) -> Non
 def write_outputs(result: EvalResult, out_dir: str | Path, plots: bool = True) -> list[Path]:
     """Write report.json, report.md, the plots (with ``plots``) and rejects.jsonl (when rows were skipped).
 
-    Files an earlier report left that this one does not write (a plot that no longer applies, old rejects) are
-    removed, so the directory never mixes two runs.
+    The whole set is written into a temporary directory first, so a failure (a full disk, a plot that cannot be
+    drawn) leaves the previous report as it was. A directory holding only a report is then swapped for the new one
+    whole; one holding other files too (``--overwrite``) gets the new files renamed in, which takes no space. Files an
+    earlier report left that this one does not write (a plot that no longer applies, old rejects) are removed, so
+    the directory never mixes two runs.
     """
-    from prmkit.report import write_report
-
     out_dir = Path(out_dir)
     # Two evaluations into one directory each write a whole report, one after the other, never a mix of both.
     with OutputLock(out_dir, "prmkit eval").acquire(wait=True):
-        if (out_dir / "report.json").exists():
-            log.warning(f"replacing the previous report in {out_dir}")
-        written = write_report(result.report, out_dir, plots=plots, raw=result.raw)
-        if result.rejects:
-            rejects_path = out_dir / REJECTS_FILE
-            # The rows are the user's data, kept as they are; the source's name may be a URL with credentials.
-            _write_jsonl_atomic(rejects_path, [{**r, "source": mask(r["source"])} if isinstance(r.get("source"), str)
-                                               else r for r in result.rejects])
-            written.append(rejects_path)
-        keep = {p.name for p in written}
-        for name in OWN_FILES - keep:
-            with contextlib.suppress(FileNotFoundError):
-                (out_dir / name).unlink()
-    return written
+        real = out_dir.resolve()
+        remove_leftovers(real.parent, real.name)  # a killed run's staging directory; a report it had moved aside
+        if real.is_dir():
+            remove_leftovers(real, _STAGING)
+            if (real / "report.json").exists():
+                log.warning(f"replacing the previous report in {out_dir}")
+        whole = not real.exists() or (_only_own_files(real) and real.stat().st_dev == real.parent.stat().st_dev)
+        stage = make_temp_dir(real.parent, real.name) if whole else make_temp_dir(real, _STAGING)
+        try:
+            names = _write_report_set(result, stage, plots)
+            if whole:
+                if real.exists():  # the directory keeps the mode its owner gave it
+                    os.chmod(stage, stat.S_IMODE(real.stat().st_mode))
+                swap_in(stage, real)
+            else:
+                for name in names:
+                    os.replace(stage / name, real / name)
+                for name in OWN_FILES - set(names):
+                    (real / name).unlink(missing_ok=True)
+        finally:
+            if stage.exists():
+                shutil.rmtree(stage, ignore_errors=True)
+    return [out_dir / name for name in names]
+
+
+def _write_report_set(result: EvalResult, directory: Path, plots: bool) -> list[str]:
+    from prmkit.report import write_report
+
+    written = write_report(result.report, directory, plots=plots, raw=result.raw)
+    if result.rejects:
+        rejects_path = directory / REJECTS_FILE
+        # The rows are the user's data, kept as they are; the source's name may be a URL with credentials.
+        _write_jsonl_atomic(rejects_path, [{**r, "source": mask(r["source"])} if isinstance(r.get("source"), str)
+                                           else r for r in result.rejects])
+        written.append(rejects_path)
+    return [p.name for p in written]

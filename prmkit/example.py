@@ -8,11 +8,19 @@ import hashlib
 import json
 import logging
 import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from prmkit.atomic import TEMP_SUFFIX, check_manifest, manifest, read_json, remove_leftovers, remove_path, temp_prefix
+from prmkit.atomic import (
+    TEMP_SUFFIX,
+    check_manifest,
+    make_temp_dir,
+    manifest,
+    read_json,
+    remove_leftovers,
+    remove_path,
+    temp_prefix,
+)
 from prmkit.config import Config, _did_you_mean
 from prmkit.errors import ConfigError, UsageError
 from prmkit.jsonio import dumps
@@ -139,7 +147,7 @@ def _cached_dir(target: Path, build: Callable[[], tuple[Any, ...]]) -> Path:
             pass
     objects = build()
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(target.name), suffix=TEMP_SUFFIX, dir=target.parent))
+    tmp = make_temp_dir(target.parent, target.name)
     try:
         for obj in objects:
             obj.save_pretrained(tmp)

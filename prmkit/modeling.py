@@ -97,6 +97,11 @@ def write_metadata(model_dir: str | Path, metadata: dict[str, Any]) -> Path:
 
 def read_metadata(model_dir: str | Path) -> dict[str, Any] | None:
     """`prmkit.json` of a local model directory, or None when there is none (e.g. a model trained with TRL)."""
+    from prmkit.run_dir import set_aside_problem  # run_dir imports this module
+
+    problem = set_aside_problem(model_dir)
+    if problem is not None:
+        raise problem
     path = Path(model_dir) / PRMKIT_JSON
     if not path.is_file():
         if (Path(model_dir) / CONFIG_YAML).is_file():

@@ -304,3 +304,45 @@ def test_tuning_the_threshold_reuses_the_one_scoring_pass(tiny_prm_pair, data, t
     # Threshold-free figures are the same, so the scores were.
     assert tuned_rep["subsets"]["a"]["step"]["auroc"] == fixed_rep["subsets"]["a"]["step"]["auroc"]
     assert tuned_rep["subsets"]["b"]["step"]["log_loss"] == fixed_rep["subsets"]["b"]["step"]["log_loss"]
+
+
+def test_a_full_disk_leaves_the_previous_report_whole(tiny_prm_pair, data, tmp_path, monkeypatch):
+    import errno
+
+    import prmkit.plots
+
+    def files(directory: Path) -> dict[str, bytes]:
+        return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*"))
+                if p.is_file()}
+
+    def full(path, data):  # the disk fills up while the plots are written, after report.json and report.md
+        path = Path(path)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path.parent / f".{path.name}.1@host.ab12cd34.tmp"))
+
+    model = tiny_prm_pair[0]
+    out = tmp_path / "out"
+    assert run(model, "--data", data["a"], "-o", out, "--threshold", "0.2").exit_code == 0
+    before = files(out)
+    assert {"report.json", "report.md", "accuracy_by_position.png"} <= set(before)
+
+    # A directory holding only the report is swapped whole; one holding the user's files too gets the new files once
+    # every one is written. Either way the previous report stays as it was, and nothing temporary is left.
+    for extra in ([], ["--overwrite"]):
+        if extra:
+            (out / "notes.txt").write_text("keep me")
+            before = files(out)
+        with monkeypatch.context() as m:
+            m.setattr(prmkit.plots, "write_atomic", full)
+            res = run(model, "--data", data["b"], "-o", out, "--threshold", "0.6", *extra)
+        assert res.exit_code == 1, res.output
+        assert files(out) == before
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and not any(out.glob(".*"))
+        assert f"error: {tmp_path if not extra else out}: cannot write here: no space left on device" in res.stderr
+        assert "hint: free some space or write somewhere else, then run the same command again\n" in res.stderr
+
+    # With room again, the new set replaces the old one whole: no plot of the previous run is left beside it.
+    res = run(model, "--data", data["b"], "-o", out, "--no-plots", "--overwrite")
+    assert res.exit_code == 0, res.output
+    assert sorted(files(out)) == ["notes.txt", "report.json", "report.md"]
+    assert list(json.loads((out / "report.json").read_text())["subsets"]) == ["b"]
+    assert (out / "notes.txt").read_text() == "keep me"

@@ -94,6 +94,37 @@ def test_os_errors_are_described_with_path_and_hint(code, what, hint):
     assert describe_os_error(OSError(code, os.strerror(code)))[0] == what
 
 
+@pytest.mark.parametrize("command, again", [
+    ("prepare", ""), ("evaluate", ""), ("push", ""), ("score", "; it resumes where it stopped"),
+    ("train", " with --resume in place of any --overwrite, to continue from the last complete checkpoint"),
+])
+def test_a_full_disk_hint_says_what_running_again_does_for_that_command(command, again):
+    from prmkit.cli._errors import describe_os_error
+
+    for code in (errno.ENOSPC, errno.EDQUOT):
+        _, hint = describe_os_error(OSError(code, os.strerror(code), "/data/out"), command)
+        assert hint == "free some space or write somewhere else, then run the same command again" + again
+    # A file in a directory a whole output is built in is named by where that output goes.
+    message, _ = describe_os_error(OSError(errno.ENOSPC, "", "/data/.eval.7@host.ab12cd34.tmp/.report.md.7@host.x.tmp"))
+    assert message == "/data: cannot write here: no space left on device"
+
+
+@pytest.mark.parametrize("command", [["prepare"], ["train"], ["eval"], ["score"], ["push"], ["config", "init"],
+                                     ["config", "show"]])
+def test_debug_is_accepted_after_every_subcommand(tmp_path, monkeypatch, command):
+    from prmkit.errors import ConfigError
+
+    monkeypatch.setenv("PRMKIT_DEBUG", "")  # restored after the test: --debug sets it for the rest of the process
+    res = runner.invoke(app, [*command, "--debug", "--help"])
+    assert res.exit_code == 0, res.output
+    if command == ["config", "show"]:  # and it does what it does before the subcommand: the traceback is shown
+        missing = ["config", "show", "-c", str(tmp_path / "missing.yaml")]
+        res = runner.invoke(app, missing)
+        assert res.exit_code == 2 and "config file not found" in res.stderr and "Traceback" not in res.output
+        res = runner.invoke(app, [*missing, "--debug"])
+        assert isinstance(res.exception, ConfigError)
+
+
 def test_prepare_into_a_read_only_directory(tmp_path, monkeypatch, tiny_tokenizer_dir):
     src = write_jsonl(tmp_path / "rows.jsonl", ROWS)
     ro = tmp_path / "ro"
@@ -122,6 +153,7 @@ def test_prepare_on_a_full_disk_keeps_the_old_output_and_leaves_nothing(tmp_path
     monkeypatch.setattr(datasets.DatasetDict, "save_to_disk", full)
     res = runner.invoke(app, [*args, "--set", "data.max_length=512"])
     assert_one_line(res, "error: no space left on device", "hint: free some space or write somewhere else")
+    assert "resume" not in res.stderr  # prepare starts over; only score resumes
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # old output intact, no temp dir
     assert datasets.load_from_disk(str(out))["train"].num_rows == 2
 

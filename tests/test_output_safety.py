@@ -185,6 +185,112 @@ def test_a_killed_overwrite_is_settled_by_the_next_run(tmp_path, tiny_qwen2_conf
     assert not (out / REPLACED).exists() and settle_overwrite(out) is None
 
 
+class _Killed(BaseException):
+    """A kill at a rename: nothing after it runs (a BaseException, so no `except Exception` carries on)."""
+
+
+def kill_at_rename(monkeypatch, n: int) -> None:
+    """Let ``n`` renames (os.rename, os.replace, an atomic exchange) happen; the process dies at the next one."""
+    from prmkit import atomic
+
+    calls = [0]
+
+    def dying(real):
+        def call(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] > n:
+                raise _Killed
+            return real(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(os, "rename", dying(os.rename))
+    monkeypatch.setattr(os, "replace", dying(os.replace))
+    if hasattr(atomic, "exchange"):
+        monkeypatch.setattr(atomic, "exchange", dying(atomic.exchange))
+
+
+def test_every_kill_point_of_an_overwrite_is_settled_without_loss(tmp_path, monkeypatch):
+    from prmkit.run_dir import _set_aside_contents, settle_overwrite
+
+    def killed_at(n: int, step) -> bool:
+        with monkeypatch.context() as m:
+            kill_at_rename(m, n)
+            try:
+                step()
+            except _Killed:
+                return True
+        return False
+
+    # Killed while putting back the previous contents (the new run saved nothing), at each rename: the next run puts
+    # back the rest. A prmkit.json already back must not read as a finished new model (and the rest be deleted).
+    n, killed = 0, True
+    while killed:
+        out = tmp_path / f"restore-{n}"
+        before = old_run(out)
+        (out / "prmkit.json").write_text('{"old": "finished model"}')
+        before = snapshot(out)
+        _set_aside_contents(out)
+        (out / "prmkit_config.yaml").write_text("the new run's config")
+        fake_checkpoint(out / "checkpoint-1", marker=False).joinpath("trainer_state.json").unlink()  # incomplete
+        killed = killed_at(n, lambda: settle_overwrite(out))
+        settle_overwrite(out)  # the next run
+        assert snapshot(out) == before, f"killed at rename {n + 1} of the restore"
+        n += 1
+    assert n > 5  # every entry's rename was a kill point
+
+    # Killed while setting them aside, at each rename: the next run puts them back.
+    n, killed = 0, True
+    while killed:
+        out = tmp_path / f"aside-{n}"
+        before = old_run(out)
+        killed = killed_at(n, lambda: _set_aside_contents(out))
+        settle_overwrite(out)
+        assert snapshot(out) == before, f"killed at rename {n + 1} of the set-aside"
+        n += 1
+
+
+@pytest.mark.parametrize("atomic_exchange", [True, False], ids=["renameat2", "two-renames"])
+def test_every_kill_point_of_a_directory_swap_keeps_the_old_or_the_new(tmp_path, monkeypatch, atomic_exchange):
+    import tempfile
+
+    from prmkit import atomic
+    from prmkit.dataset import _swap_in
+
+    if not atomic_exchange:  # a system or file system without RENAME_EXCHANGE
+        monkeypatch.setattr(atomic, "exchange", lambda a, b: False, raising=False)
+    else:
+        (tmp_path / "a").mkdir()
+        (tmp_path / "b").mkdir()
+        if not getattr(atomic, "exchange", lambda a, b: True)(tmp_path / "a", tmp_path / "b"):
+            pytest.skip("no renameat2(RENAME_EXCHANGE) on this system or file system")
+    n, killed = 0, True
+    while killed:
+        root = tmp_path / "swaps" / str(n)
+        target = root / "prepared"
+        target.mkdir(parents=True)
+        (target / "data.arrow").write_text("old data")
+        (target / "prmkit_prepared.json").write_text("old metadata")
+        old = snapshot(target)
+        new = Path(tempfile.mkdtemp(prefix=atomic.temp_prefix("prepared"), suffix=atomic.TEMP_SUFFIX, dir=root))
+        (new / "data.arrow").write_text("new data, longer")
+        (new / "prmkit_prepared.json").write_text("new metadata")
+        fresh = snapshot(new)
+        with monkeypatch.context() as m:
+            kill_at_rename(m, n)
+            try:
+                _swap_in(new, target)
+                killed = False
+            except _Killed:
+                pass
+        with monkeypatch.context() as m:
+            m.setattr(atomic, "_alive", lambda pid: False)  # the killed process is gone when the next run looks
+            atomic.remove_leftovers(root, "prepared")  # what the next prepare does first
+        assert [p.name for p in root.iterdir()] == ["prepared"], f"killed at rename {n + 1}"
+        assert snapshot(target) in (old, fresh), f"killed at rename {n + 1}"
+        assert snapshot(target) == (old if killed else fresh)
+        n += 1
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The same class in prepare, score and eval
 
@@ -341,3 +447,38 @@ def test_two_evals_into_one_directory_write_one_whole_report_after_the_other(tmp
     assert sorted(p.name for p in files) == ["report.json", "report.md"]
     assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(result.report))
     assert not (tmp_path / ".eval.prmkit-lock").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A model --overwrite set aside is named, with the way back
+
+
+def test_score_and_eval_name_a_model_set_aside_by_overwrite(tmp_path, prm_dir, tiny_qwen2_config_dir):
+    from prmkit.run_dir import REPLACED, _set_aside_contents
+
+    model = tmp_path / "m"
+    shutil.copytree(prm_dir, model)
+    before = snapshot(model)
+    aside = model / REPLACED
+    src = _rows(tmp_path / "in.jsonl")
+    _set_aside_contents(model)  # killed just after, or at any point before its first checkpoint
+    for new_files in ([], ["prmkit_config.yaml"]):
+        for name in new_files:
+            (model / name).write_text("model: {name_or_path: new}\n")
+        for args in (["score", str(model), str(src), "-o", str(tmp_path / "out.jsonl")],
+                     ["eval", str(model), "--data", str(src), "-o", str(tmp_path / "eval"), "--no-plots"]):
+            result = runner.invoke(app, args)
+            assert result.exit_code == 2, result.output
+            assert (f"error: {model}: no finished model: `prmkit train --overwrite` set the previous model aside in "
+                    f"{aside}, and the new run has not finished (it is running, or was interrupted)") in result.stderr
+            assert (f"hint: score it where it lies ({aside}); if that run was interrupted, run its `prmkit train` "
+                    "command again without --overwrite: that puts the previous model back, then stops") in result.stderr
+    # Both ways the hint gives work: the set-aside model scores where it lies...
+    result = runner.invoke(app, ["score", str(aside), str(src), "-o", str(tmp_path / "aside.jsonl")])
+    assert result.exit_code == 0, result.output
+    # ...and the train command, without --overwrite, puts it back, then stops.
+    result = runner.invoke(app, ["train", "-m", str(tiny_qwen2_config_dir), "--train", str(src), "-o", str(model),
+                                 "--set", "model.init_from_config=true", "--max-steps", "1"])
+    assert result.exit_code == 2, result.output
+    assert "the previous contents are back as they were" in result.stderr
+    assert snapshot(model) == before

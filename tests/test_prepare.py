@@ -97,6 +97,25 @@ def test_output_dir_is_rebuilt_when_inputs_change(tmp_path, tiny_tokenizer_dir):
     assert summary["splits"]["train"]["tokens_max"] == 16 and summary["splits"]["train"]["rows_kept"] == 1
 
 
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o755), (0o027, 0o750), (0o002, 0o775)])
+def test_the_prepared_directory_follows_the_umask(tmp_path, tiny_tokenizer_dir, umask, mode):
+    import os
+    import stat
+
+    src = write_jsonl(tmp_path / "rows.jsonl", ROWS)
+    previous = os.umask(umask)
+    try:
+        fresh = prepare_cli("--train", src, "--tokenizer", tiny_tokenizer_dir, "-o", tmp_path / "out")
+        replaced = prepare_cli("--train", src, "--tokenizer", tiny_tokenizer_dir, "-o", tmp_path / "out",
+                               "--set", "data.max_length=64")
+    finally:
+        os.umask(previous)
+    assert fresh.exit_code == 0 and replaced.exit_code == 0, fresh.output + replaced.output
+    # As a directory the user made would be (mkdtemp's 0700 would lock out the group the umask lets in).
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == mode
+    assert stat.S_IMODE((tmp_path / "out" / "train").stat().st_mode) == mode
+
+
 def test_foreign_output_dir_is_refused(tmp_path, tiny_tokenizer_dir):
     src = write_jsonl(tmp_path / "rows.jsonl", ROWS)
     out = tmp_path / "mine"

@@ -532,6 +532,23 @@ def test_output_dir_rules(tmp_path, tiny_qwen2_config_dir, monkeypatch):
         plan_output_dir(here, overwrite=True)
 
 
+def test_the_hint_for_a_run_already_there_reads_with_and_without_a_checkpoint(tmp_path, tiny_qwen2_config_dir):
+    from prmkit.config import dump_config
+    from prmkit.run_dir import plan_output_dir
+
+    cfg = make_cfg(tmp_path, tiny_qwen2_config_dir, tmp_path / "rows.jsonl")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "prmkit_config.yaml").write_text(dump_config(cfg))
+    with pytest.raises(UsageError, match="already holds this run") as err:
+        plan_output_dir(cfg)
+    assert err.value.hint == "pass --overwrite to start over (it holds no checkpoint to resume from)"
+    fake_checkpoint(out / "checkpoint-3", 3)
+    with pytest.raises(UsageError, match="already holds this run") as err:
+        plan_output_dir(cfg)
+    assert err.value.hint == "pass --resume to continue from checkpoint-3, or --overwrite to start over"
+
+
 def test_example_fills_in_only_defaults(tmp_path):
     from prmkit.example import EXAMPLE_EVAL, EXAMPLE_TRAIN
     from prmkit.training import resolve_config

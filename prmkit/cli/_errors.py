@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import inspect
 import json
 import os
 import sys
@@ -17,6 +18,8 @@ from typing import Callable
 
 import typer
 
+from prmkit.atomic import TEMP_SUFFIX
+from prmkit.cli._options import DebugOpt
 from prmkit.cli._output import MaskedStream, Output
 from prmkit.errors import DataError, PrmkitError, write_failure
 from prmkit.redact import mask
@@ -25,7 +28,10 @@ MAX_PROBLEMS = 10
 
 _ELSEWHERE = ("write somewhere else: the command's output option, data.cache_dir or $PRMKIT_CACHE for prepared "
               "data, $HF_HOME for downloads")
-_FULL = "free some space or write somewhere else, then run the same command again (score resumes where it stopped)"
+_FULL = "free some space or write somewhere else, then run the same command again"
+# What running again does after a full disk, where it is more than starting over (the command's function name).
+_FULL_AGAIN = {"score": "; it resumes where it stopped",
+               "train": " with --resume in place of any --overwrite, to continue from the last complete checkpoint"}
 
 # errno -> (what happened, what to do)
 _OS_ERRORS: dict[int, tuple[str, str | None]] = {
@@ -62,17 +68,22 @@ def report(err: PrmkitError, out: Output) -> None:
         out.hint(err.hint)
 
 
-def describe_os_error(err: OSError) -> tuple[str, str | None]:
-    """One line naming the path and what went wrong, and a hint."""
+def describe_os_error(err: OSError, command: str | None = None) -> tuple[str, str | None]:
+    """One line naming the path and what went wrong, and a hint (for ``command``, where it depends on the command)."""
     what, hint = _OS_ERRORS.get(err.errno or -1, (None, None))
+    if hint == _FULL:
+        hint += _FULL_AGAIN.get(command or "", "")
     if what is None:
         what = err.strerror or (str(err).splitlines()[0] if str(err) else type(err).__name__)
     if err.filename is None:
         return what, hint
     path = Path(os.fsdecode(err.filename))
-    if path.name.startswith("."):
-        # prmkit's hidden temporary names mean nothing to a user; the directory they go in does.
-        return f"{os.path.abspath(path.parent)}: cannot write here: {what}", hint
+    # prmkit's hidden temporary names (a file, or a directory a whole output is built in) mean nothing to a user; the
+    # directory they go in does.
+    temp = next((p for p in reversed((path, *path.parents)) if p.name.startswith(".") and p.name.endswith(TEMP_SUFFIX)),
+                path if path.name.startswith(".") else None)
+    if temp is not None:
+        return f"{os.path.abspath(temp.parent)}: cannot write here: {what}", hint
     where = f"{path} -> {os.fsdecode(err.filename2)}" if err.filename2 is not None else str(path)
     return f"{where}: {what}", hint
 
@@ -108,10 +119,15 @@ def _masked_excepthook(exc_type, exc, tb) -> None:
 
 
 def handle_errors(func: Callable) -> Callable:
-    """Wrap a command so a known error prints one line (and a hint) and exits with its code, without a traceback."""
+    """Wrap a command so a known error prints one line (and a hint) and exits with its code, without a traceback.
+
+    The command also takes ``--debug`` after its name (``prmkit score ... --debug``), as the root does before it.
+    """
 
     @functools.wraps(func)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args, debug: bool = False, **kwargs):
+        if debug:
+            os.environ["PRMKIT_DEBUG"] = "1"
         try:
             return func(*args, **kwargs)
         except PrmkitError as err:
@@ -132,7 +148,8 @@ def handle_errors(func: Callable) -> Callable:
         except (OSError, json.JSONDecodeError) as err:
             if debug_enabled():
                 raise
-            message, hint = describe_os_error(err) if isinstance(err, OSError) else describe_json_error(err)
+            message, hint = (describe_os_error(err, func.__name__) if isinstance(err, OSError)
+                             else describe_json_error(err))
             report(PrmkitError(message, hint=hint), Output())
             raise typer.Exit(1) from None
         except Exception as err:
@@ -143,4 +160,9 @@ def handle_errors(func: Callable) -> Callable:
             report(PrmkitError(f"cannot write a file: {why}", hint=f"free some space, or {_ELSEWHERE}"), Output())
             raise typer.Exit(1) from None
 
+    # Typer reads the options from the signature: the command's own, then --debug.
+    signature = inspect.signature(func, eval_str=True)
+    debug = inspect.Parameter("debug", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=DebugOpt)
+    wrapper.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[*signature.parameters.values(), debug])
     return wrapper

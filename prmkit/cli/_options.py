@@ -32,7 +32,7 @@ DtypeOpt = Annotated[
     Optional[str], typer.Option("--dtype", help="auto | float32 | bfloat16 | float16 (auto: bf16 on GPU, fp32 on CPU).")
 ]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto | cpu | cuda | cuda:N | mps.")]
-DebugOpt = Annotated[bool, typer.Option("--debug", help="Show full tracebacks.", envvar="PRMKIT_DEBUG")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show full tracebacks for errors.")]
 
 
 def unescape(text: str | None) -> str | None:
