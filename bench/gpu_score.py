@@ -143,6 +143,8 @@ def import_profile(model_dir: Path, src: Path, out: Path, extra: list[str], env:
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     return {"rows": sum(1 for _ in src.open()), "timings": summary.get("timings"),
             "imports_total_seconds": round(sum(c for c, d, _ in entries if d == 0) / 1e6, 3),
+            # torch at whatever depth: transformers 5.0-5.1 import it deep inside `import transformers`.
+            "torch_import_seconds": round(sum(c for c, _, name in entries if name == "torch") / 1e6, 3),
             "top_imports_seconds": [[name, depth, round(c / 1e6, 3)] for c, depth, name in top]}
 
 

@@ -261,6 +261,7 @@ RANGES: dict[str, Range] = {
     "train.gradient_accumulation_steps": _COUNT,
     "train.eval_accumulation_steps": _COUNT,
     "train.warmup_steps": Range(0, note="steps, or a fraction of the run when below 1"),
+    "train.warmup_ratio": _PROBABILITY,  # transformers 5.0-5.1 only (deprecated for warmup_steps, gone in 5.2)
     "train.weight_decay": _NON_NEGATIVE,
     "train.adam_beta1": Range(0, 1, high_open=True),
     "train.adam_beta2": Range(0, 1, high_open=True),

@@ -239,7 +239,10 @@ def _trainer_classes():
         def _save_checkpoint(self, model, trial):
             # A checkpoint is complete only once every process has written its part; the marker says so, and older
             # checkpoints are rotated away only after it exists, so a kill at any moment leaves a complete one.
-            from transformers.trainer_utils import rotate_checkpoints
+            try:
+                from transformers.trainer_utils import rotate_checkpoints
+            except ImportError:  # transformers 5.0-5.1: only the Trainer's own method (it reads args.save_total_limit)
+                rotate_checkpoints = None
 
             limit = self.args.save_total_limit
             self.args.save_total_limit = None
@@ -257,8 +260,11 @@ def _trainer_classes():
             self.accelerator.wait_for_everyone()
             if self.args.should_save:
                 mark_complete(path)
-                rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
-                                   best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+                if rotate_checkpoints is None:
+                    self._rotate_checkpoints(use_mtime=True, output_dir=run_dir)
+                else:
+                    rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
+                                       best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
                 if self.prmkit_on_checkpoint is not None:
                     self.prmkit_on_checkpoint(path)
 

@@ -77,6 +77,13 @@ def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("PRMKIT_CACHE", str(tmp_path / "prmkit-cache"))
 
 
+@pytest.fixture(autouse=True)
+def _prmkit_logger_propagates():
+    # An in-process CLI test leaves the `prmkit` logger non-propagating (attach_logging). caplog sees the records of
+    # a non-propagating logger only from pytest 9.2 on, so on pytest 8.0-9.1 a later caplog test saw nothing.
+    logging.getLogger("prmkit").propagate = True
+
+
 @contextlib.contextmanager
 def prmkit_log():
     """Records of the `prmkit` logger, whatever an earlier CLI test did to its propagation."""
