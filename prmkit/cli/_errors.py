@@ -10,6 +10,7 @@ import errno
 import functools
 import json
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Callable
 import typer
 
 from prmkit.cli._output import MaskedStream, Output
-from prmkit.errors import DataError, PrmkitError
+from prmkit.errors import ConfigError, DataError, PrmkitError
 from prmkit.redact import mask
 
 MAX_PROBLEMS = 10
@@ -53,7 +54,7 @@ def debug_enabled() -> bool:
 
 def report(err: PrmkitError, out: Output) -> None:
     out.error(err.message)
-    if isinstance(err, DataError):
+    if isinstance(err, (DataError, ConfigError)):
         for line in err.problems[:MAX_PROBLEMS]:
             out.error(f"  {line}")
         if len(err.problems) > MAX_PROBLEMS:
@@ -79,7 +80,7 @@ def describe_os_error(err: OSError) -> tuple[str, str | None]:
 
 def describe_json_error(err: json.JSONDecodeError) -> tuple[str, str | None]:
     return (f"malformed JSON ({err.msg} at line {err.lineno} column {err.colno})",
-            "a JSON file prmkit read is damaged; run with --debug to see which")
+            "a JSON file prmkit read is damaged; run it again as `prmkit --debug COMMAND ...` to see which")
 
 
 def _broken_pipe() -> None:
@@ -119,11 +120,12 @@ def handle_errors(func: Callable) -> Callable:
                 raise
             report(err, Output())
             raise typer.Exit(err.exit_code) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as err:
             if debug_enabled():
                 raise
-            Output().error("interrupted")
-            raise typer.Exit(130) from None
+            signum = getattr(err, "signum", signal.SIGINT)
+            Output().error(f"interrupted ({signal.Signals(signum).name})")
+            raise typer.Exit(128 + signum) from None
         except BrokenPipeError:
             if debug_enabled():
                 raise
