@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import math
 import types
 import typing
@@ -19,6 +20,8 @@ import yaml
 
 from prmkit.errors import ConfigError, first_line, shown
 from prmkit.redact import collect_secrets, mask, redact
+
+log = logging.getLogger("prmkit")
 
 FORMATS = ("auto", "stepwise", "math-shepherd", "prm800k", "processbench")
 PRM800K_NEUTRAL = ("negative", "positive", "drop")
@@ -128,7 +131,8 @@ class EvalConfig:
     tune_threshold: str | None = None
     """Subset whose first-error F1 picks the threshold that is then applied to every subset."""
     output_dir: str = "eval"
-    plots: bool = True
+    plots: bool | None = None
+    """Write PNG plots beside the report: null when matplotlib is installed (else a warning), true requires it."""
     batch_tokens: int | None = None
     """Token budget of one forward batch; null: 2048 on CPU, sized to the free memory on a CUDA GPU."""
     dtype: str = "auto"
@@ -363,30 +367,37 @@ def training_argument_fields():
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, flags: dict | None = None) -> Config:
     """Resolve a config: defaults, then the YAML file at ``path``, then ``--set`` overrides, then explicit flags.
 
-    ``flags`` maps dotted keys to values from a command's own options; ``None`` values mean "not given".
+    ``flags`` maps dotted keys to values from a command's own options; ``None`` values mean "not given". Every problem
+    found is reported at once: one :class:`ConfigError`, naming all of them when there are several.
     """
     cfg = Config()
+    problems: list[ConfigError] = []
     if path is not None:
         path = Path(path)
         cfg.source = str(path)
-        sections = _read_yaml(path)
+        sections = _read_yaml(path, problems)
         collect_secrets(sections)  # before anything can echo a value back in an error
+        quoted = _double_quoted_keys(path)
         for section, values in sections.items():
             for key, value in values.items():
-                set_key(cfg, f"{section}.{key}", value, origin=str(path))
+                dotted = f"{section}.{key}"
+                _collect(problems, _set_text_key, cfg, dotted, value, str(path), dotted in quoted)
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"--set {shown(mask(item))}: expected section.key=value, e.g. --set data.max_length=2048")
+            problems.append(ConfigError(f"--set {shown(mask(item))}: expected section.key=value, e.g. --set data.max_length=2048"))
+            continue
         try:
             value = _parse_scalar(raw)
         except ConfigTooLarge as e:
-            raise ConfigError(f"--set {key.strip()[:100]}: {e.problem}") from None
+            problems.append(ConfigError(f"--set {key.strip()[:100]}: {e.problem}"))
+            continue
         collect_secrets({key.strip(): value})
-        set_key(cfg, key.strip(), value, origin="--set")
+        _collect(problems, _set_text_key, cfg, key.strip(), value, "--set", raw.strip().startswith('"'))
     for key, value in (flags or {}).items():
         if value is not None:
-            set_key(cfg, key, value, origin="command line")
+            _collect(problems, set_key, cfg, key, value, "command line")
+    raise_config_problems(problems)
     return cfg
 
 
@@ -436,7 +447,80 @@ def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=BoundedLoader)  # noqa: S506 - a SafeLoader subclass
 
 
-def _read_yaml(path: Path) -> dict[str, dict]:
+def _collect(problems: list[ConfigError], func: Any, *args: Any) -> None:
+    try:
+        func(*args)
+    except ConfigError as e:
+        problems.append(e)
+
+
+def raise_config_problems(problems: list[ConfigError]) -> None:
+    """Raise nothing, the one problem, or one error listing them all (with each one's hint)."""
+    if not problems:
+        return
+    if len(problems) == 1:
+        raise problems[0]
+    lines = [p.message + (f" ({p.hint})" if p.hint else "") for p in problems]
+    raise ConfigError(f"{len(problems)} problems in the config:", problems=lines,
+                      hint="fix them all, then run the same command again")
+
+
+# Keys whose value is text to match in the data, where a shell user types '\n' for a line break. A YAML file keeps
+# backslashes as typed outside double quotes ('\n' is a backslash and an n), and so does --set; read there the way
+# --step-separator reads them, so a config and the command line mean the same thing.
+ESCAPED_KEYS = ("data.step_separator",)
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", "0": "\0"}
+
+
+def unescape(text: str | None) -> str | None:
+    r"""Turn the escapes a user types ('\n', '\t', '\r', '\\', '\0') into the characters they mean."""
+    if text is None or "\\" not in text:
+        return text
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == "\\" and i + 1 < len(text) and text[i + 1] in _ESCAPES:
+            out.append(_ESCAPES[text[i + 1]])
+            i += 2
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
+def _set_text_key(cfg: Config, dotted: str, value: Any, origin: str, double_quoted: bool = False) -> None:
+    """set_key for a value written as YAML text (a file, --set): outside double quotes, where YAML reads no escapes,
+    backslash escapes in ESCAPED_KEYS are read, with a warning naming the spelling that says so."""
+    if dotted in ESCAPED_KEYS and isinstance(value, str) and not double_quoted and unescape(value) != value:
+        meant = unescape(value)
+        quoted = _yaml_value(meant)
+        named = {"\n": "a line break", "\t": "a tab", "\r": "a carriage return", "\n\n": "a blank line"}.get(meant)
+        if origin == "--set":
+            fix = f"quote it for YAML: --set '{dotted}={quoted}'"
+        else:
+            fix = f"write it in double quotes: {dotted.partition('.')[2]}: {quoted}"
+        log.warning(f"{origin}: {dotted}: '{value}' holds a backslash escape, which YAML keeps as typed outside double "
+                    f"quotes; read as {named + ' ' if named else ''}({quoted}), as on the command line. "
+                    f"To say so, {fix}")
+        value = meant
+    set_key(cfg, dotted, value, origin)
+
+
+def _double_quoted_keys(path: Path) -> set[str]:
+    """The dotted keys whose value the file writes in double quotes (YAML has read its escapes already)."""
+    try:
+        root = yaml.compose(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return set()
+    found: set[str] = set()
+    for section, values in getattr(root, "value", []) if isinstance(root, yaml.MappingNode) else []:
+        for key, value in values.value if isinstance(values, yaml.MappingNode) else []:
+            if isinstance(value, yaml.ScalarNode) and value.style == '"':
+                found.add(f"{section.value}.{key.value}")
+    return found
+
+
+def _read_yaml(path: Path, problems: list[ConfigError] | None = None) -> dict[str, dict]:
+    """The file's sections; a bad section goes to ``problems`` (when given) and the others are still read."""
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
@@ -454,14 +538,19 @@ def _read_yaml(path: Path) -> dict[str, dict]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections ({', '.join(SECTIONS)}), got {type(data).__name__}")
+    good: dict[str, dict] = {}
     for section, values in data.items():
         if section not in SECTIONS:
-            raise ConfigError(f"{path}: unknown section {shown(section)}{_did_you_mean(str(section), SECTIONS)}")
-        if values is None:
-            data[section] = {}
-        elif not isinstance(values, dict):
-            raise ConfigError(f"{path}: section {shown(section)}: expected a mapping of keys, got {type(values).__name__}")
-    return data
+            error = ConfigError(f"{path}: unknown section {shown(section)}{_did_you_mean(str(section), SECTIONS)}")
+        elif values is not None and not isinstance(values, dict):
+            error = ConfigError(f"{path}: section {shown(section)}: expected a mapping of keys, got {type(values).__name__}")
+        else:
+            good[section] = values or {}
+            continue
+        if problems is None:
+            raise error
+        problems.append(error)
+    return good
 
 
 def _parse_scalar(raw: str) -> Any:
@@ -639,7 +728,8 @@ class _Dumper(yaml.SafeDumper):
 
 
 def _represent_str(dumper: yaml.SafeDumper, text: str) -> yaml.Node:
-    style = '"' if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text) else None
+    # A backslash too: a config read back takes backslash escapes outside double quotes as the command line does.
+    style = '"' if any(ord(c) < 0x20 or ord(c) == 0x7F or c == "\\" for c in text) else None
     return dumper.represent_scalar("tag:yaml.org,2002:str", text, style=style)
 
 
@@ -672,3 +762,16 @@ def _field_docs(cls: type) -> dict[str, str]:
 def dump_config(cfg: Config) -> str:
     """The resolved config as YAML, secrets redacted: what prmkit_config.yaml holds and `config show` prints."""
     return yaml.dump(redact(cfg.to_dict()), Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=1 << 16)
+
+
+def eval_schedule(training_arguments: dict[str, Any], has_eval: bool) -> dict[str, Any]:
+    """The evaluation keys train derives: with eval data and no eval_strategy, evaluate every save_steps steps;
+    without eval data, never."""
+    if not has_eval:
+        return {"eval_strategy": "no"}
+    if "eval_strategy" in training_arguments:
+        return {}
+    out: dict[str, Any] = {"eval_strategy": "steps"}
+    if "eval_steps" not in training_arguments:
+        out["eval_steps"] = training_arguments.get("save_steps") or 500
+    return out

@@ -394,8 +394,9 @@ def read_step_rows(
         raise DataError(f"{spec}: no rows")
     if report.steps_with_separator:
         log.warning(
-            f"{spec}: {report.steps_with_separator} steps contain the separator {separator!r}; "
-            "the model sees it inside a step as well as after it"
+            f"{spec}: {report.steps_with_separator} of {report.steps} steps contain the separator {separator!r}, so "
+            "the model sees it inside a step as well as after one. Harmless where steps span lines on purpose "
+            "(labels and scores sit only after each step); otherwise pick a data.step_separator the steps lack"
         )
     return out, report
 
@@ -665,7 +666,7 @@ def prepare_splits(
     elif existing is None and (target.is_file() or target.is_symlink() or (target.is_dir() and any(target.iterdir()))):
         if output is not None and not overwrite:
             raise UsageError(f"{target} exists and is not a prmkit prepared dataset (no readable {METADATA_FILE})",
-                             hint="pass --overwrite to replace it, or choose another --output")
+                             hint="pass --overwrite to replace it, or choose another output directory")
         if output is None:
             # The cache is prmkit's own: an entry without its metadata is what an interrupted or damaged write leaves.
             log.warning(f"{target}: cache entry without a readable {METADATA_FILE}; rebuilding it")

@@ -162,30 +162,48 @@ def _cached_dir(target: Path, build: Callable[[], tuple[Any, ...]]) -> Path:
     return target
 
 
+def example_settings(cfg: Config) -> dict[str, Any]:
+    """What ``train --example`` fills in, by dotted key: only keys the user has not chosen. Builds nothing (the
+    model directory is built by :func:`apply_example`), so `config show` can print it at once."""
+    out: dict[str, Any] = {}
+    if not cfg.data.train:
+        out["data.train"] = str(EXAMPLE_TRAIN)
+        if not cfg.is_set("data.eval") and EXAMPLE_EVAL.is_file():
+            out["data.eval"] = str(EXAMPLE_EVAL)
+    if not cfg.model.name_or_path:
+        out["model.init_from_config"] = True
+    if not cfg.is_set("data.max_length"):
+        out["data.max_length"] = EXAMPLE_MAX_LENGTH
+    if not cfg.is_set("train.output_dir"):
+        out["train.output_dir"] = EXAMPLE_OUTPUT_DIR
+    for key, value in EXAMPLE_TRAINING.items():
+        if not cfg.is_set(f"train.{key}"):
+            out[f"train.{key}"] = value
+    return out
+
+
+def put(cfg: Config, dotted: str, value: Any) -> None:
+    """Set a key the way a command derives it: not marked as the user's choice (``Config.explicit``)."""
+    section, _, key = dotted.partition(".")
+    if section == "train" and not hasattr(cfg.train, key):
+        cfg.training_arguments[key] = value
+    else:
+        setattr(getattr(cfg, section), key, value)
+
+
 def apply_example(cfg: Config) -> None:
     """Fill in the example's data, model and settings wherever the user has not chosen a value.
 
     A key the user set counts as chosen even when it holds the default (``--set train.save_strategy=steps``), and so
     does a null (``--set data.eval=null`` trains without eval).
     """
-    if not cfg.data.train:
-        cfg.data.train = str(EXAMPLE_TRAIN)
-        if not cfg.is_set("data.eval"):
-            if EXAMPLE_EVAL.is_file():
-                cfg.data.eval = str(EXAMPLE_EVAL)
-            else:
-                log.warning(f"{EXAMPLE_EVAL.name} is not installed with this copy of prmkit; training without eval")
+    if not cfg.data.train and not cfg.is_set("data.eval") and not EXAMPLE_EVAL.is_file():
+        log.warning(f"{EXAMPLE_EVAL.name} is not installed with this copy of prmkit; training without eval")
+    settings = example_settings(cfg)
     if not cfg.model.name_or_path:
         cfg.model.name_or_path = str(example_base_dir(cfg.data.cache_dir))
-        cfg.model.init_from_config = True
-    if not cfg.is_set("data.max_length"):
-        cfg.data.max_length = EXAMPLE_MAX_LENGTH
-    ta = cfg.training_arguments
-    if not cfg.is_set("train.output_dir"):
-        ta["output_dir"] = EXAMPLE_OUTPUT_DIR
-    for key, value in EXAMPLE_TRAINING.items():
-        if not cfg.is_set(f"train.{key}"):
-            ta[key] = value
+    for dotted, value in settings.items():
+        put(cfg, dotted, value)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -275,8 +293,15 @@ def apply_tiny(cfg: Config) -> None:
     base = str(tiny_base_dir(model.tiny, model.tokenizer, model.trust_remote_code, cfg.data.cache_dir))
     log.info(f"tiny {model.tiny} model for the tokenizer {model.tokenizer}: {base}")
     model.name_or_path = model.tokenizer = base
-    model.init_from_config = True
+    for dotted, value in tiny_settings(cfg).items():
+        if dotted == "train.learning_rate":
+            log.info(f"tiny model: learning_rate {value} (set train.learning_rate to choose another)")
+        put(cfg, dotted, value)
+
+
+def tiny_settings(cfg: Config) -> dict[str, Any]:
+    """What ``model.tiny`` sets besides the model it builds, by dotted key: only keys the user has not chosen."""
+    out: dict[str, Any] = {"model.init_from_config": True}
     if not cfg.is_set("train.learning_rate"):
-        # A random tiny model barely moves at a fine-tuning learning rate.
-        cfg.training_arguments["learning_rate"] = TINY_LEARNING_RATE
-        log.info(f"tiny model: learning_rate {TINY_LEARNING_RATE} (set train.learning_rate to choose another)")
+        out["train.learning_rate"] = TINY_LEARNING_RATE  # a random tiny model barely moves at a fine-tuning rate
+    return out

@@ -6,7 +6,7 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -69,6 +69,77 @@ def run_identity(config_dict: dict[str, Any]) -> dict[str, Any]:
     return keep
 
 
+# What a resumed run may change without a word: where it is and how it was started.
+_IGNORED_ON_RESUME = {"train.output_dir", "train.resume_from_checkpoint", "train.disable_tqdm", "data.num_proc",
+                      "data.cache_dir"}
+# What it may change with a warning: how often it logs, saves and evaluates, and where it reports. The schedule (epochs,
+# steps, batch sizes), the data and the optimisation are not among them: changing those mid-run gives a run that
+# neither config describes ("step 143 of 114").
+_HARMLESS_ON_RESUME = {
+    "logging_steps", "logging_strategy", "logging_first_step", "logging_nan_inf_filter", "save_steps", "save_strategy",
+    "save_total_limit", "save_only_model", "eval_steps", "eval_strategy", "eval_delay", "eval_on_start",
+    "per_device_eval_batch_size", "eval_accumulation_steps", "report_to", "run_name", "log_level",
+    "log_level_replica", "push_to_hub", "ddp_timeout", "dataloader_num_workers", "dataloader_prefetch_factor",
+    "dataloader_persistent_workers", "dataloader_pin_memory",
+}
+# A checkpoint of another model (or of LoRA adapters for it) cannot be resumed at all, whatever is accepted.
+_MODEL_KEYS = {"model.name_or_path", "model.tokenizer", "model.tiny", "model.init_from_config", "train.kind",
+               "train.lora"}
+
+
+@dataclass
+class ConfigChanges:
+    """How a config differs from the one a run recorded: (key, recorded value, new value) per changed key."""
+
+    model: list[tuple[str, Any, Any]] = field(default_factory=list)
+    schedule: list[tuple[str, Any, Any]] = field(default_factory=list)
+    """Everything that changes what the resumed run computes: epochs, steps, batch sizes, data, seed, optimiser."""
+    harmless: list[tuple[str, Any, Any]] = field(default_factory=list)
+
+
+def _with_defaults(flat: dict[str, Any]) -> dict[str, Any]:
+    """Flattened config keys, with the default filled in for a key one side does not record."""
+    from dataclasses import fields
+
+    from prmkit.config import SECTIONS, training_argument_fields
+
+    out = dict(flat)
+    for section in ("model", "data", "train"):
+        for f in fields(SECTIONS[section]):
+            default = f.default if f.default_factory is MISSING else f.default_factory()  # type: ignore[misc]
+            out.setdefault(f"{section}.{f.name}", default)
+    return out | {f"train.{name}": f.default for name, f in training_argument_fields().items()
+                  if f"train.{name}" not in out and f.default is not MISSING}
+
+
+def config_changes(recorded: dict[str, Any], config_dict: dict[str, Any]) -> ConfigChanges:
+    """Compare a run's recorded config (prmkit_config.yaml) with the one now given, key by key (both redacted)."""
+    then = _with_defaults(_flatten(json.loads(json.dumps(redact(recorded), default=str))))
+    now = _with_defaults(_flatten(json.loads(json.dumps(redact(config_dict), default=str))))
+    changes = ConfigChanges()
+    for key in sorted(set(then) | set(now)):
+        section, _, name = key.partition(".")
+        if section not in ("model", "data", "train") or key in _IGNORED_ON_RESUME or then.get(key) == now.get(key):
+            continue
+        if key in _MODEL_KEYS:
+            bucket = changes.model
+        elif section == "train" and (name in _HARMLESS_ON_RESUME or name.startswith("hub_")):
+            bucket = changes.harmless
+        else:
+            bucket = changes.schedule
+        bucket.append((key, then.get(key), now.get(key)))
+    return changes
+
+
+def describe_changes(changes: list[tuple[str, Any, Any]]) -> str:
+    """``key (was A, now B)`` for every change, on one line; long values shortened."""
+    def short(value: Any) -> str:
+        text = json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else repr(value)
+        return text if len(text) <= 40 else text[:37] + "..."
+
+    return ", ".join(f"{key} (was {short(a)}, now {short(b)})" for key, a, b in changes)
+
+
 @dataclass
 class OutputPlan:
     output_dir: Path
@@ -108,13 +179,17 @@ def _train_inputs(cfg: Config, overwrite: bool) -> list[tuple[str, Any]]:
 
 
 def plan_output_dir(cfg: Config, overwrite: bool = False, resume: bool | str | None = None,
-                    extra_inputs: Sequence[tuple[str, Any]] = ()) -> OutputPlan:
+                    extra_inputs: Sequence[tuple[str, Any]] = (), accept_changes: bool = False) -> OutputPlan:
     """Decide what to do with the output directory, without touching it; raises UsageError when it is not ours.
 
     An empty or missing directory starts fresh. One holding this same run (same model, data and training keys in its
     prmkit_config.yaml) is resumed with ``resume``, from its newest complete checkpoint; anything else is refused
     unless ``overwrite``. An input (data, model, tokenizer, config file, cache, ``extra_inputs``) inside a directory
     this run would replace or write into is refused outright, links resolved.
+
+    Resuming compares the config with the run's: a change to the schedule, data or training keys is refused with every
+    changed key named, unless ``accept_changes`` (``--resume-with-changes``); a change to how often it logs, saves or
+    evaluates is a warning.
     """
     out = output_dir_of(cfg)
     if resume and overwrite:
@@ -147,9 +222,11 @@ def plan_output_dir(cfg: Config, overwrite: bool = False, resume: bool | str | N
         previous = load_yaml(saved.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError:
         previous = {}
+    if resume:
+        _check_resumed_config(out, config_changes(previous, cfg.to_dict()), accept_changes)
     mine, theirs = run_identity(cfg.to_dict()), run_identity(previous)
     differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
-    if differ:
+    if differ and not resume:
         shown = ", ".join(differ[:5]) + (f" and {len(differ) - 5} more" if len(differ) > 5 else "")
         raise UsageError(f"output directory {out} holds a different run ({shown} differ)",
                          hint="choose another --output-dir, or pass --overwrite to replace it")
@@ -170,8 +247,24 @@ def plan_output_dir(cfg: Config, overwrite: bool = False, resume: bool | str | N
     return OutputPlan(out, "resume", str(last), [(str(p), why) for p, why in skipped])
 
 
+def _check_resumed_config(out: Path, changes: ConfigChanges, accept_changes: bool) -> None:
+    if changes.model:
+        raise UsageError(f"cannot resume {out}: its checkpoints are of another model: {describe_changes(changes.model)}",
+                         hint="choose another --output-dir, or pass --overwrite to start over")
+    if changes.schedule and not accept_changes:
+        raise UsageError(f"cannot resume {out} with a config that differs from its {CONFIG_YAML}: "
+                         f"{describe_changes(changes.schedule)}",
+                         hint=f"give the same settings again (e.g. --config {out / CONFIG_YAML}), or pass "
+                              "--resume-with-changes to continue with the new ones")
+    if changes.schedule:
+        log.warning(f"resuming with changed settings, as --resume-with-changes allows: {describe_changes(changes.schedule)}")
+    if changes.harmless:
+        log.warning(f"resuming with changed logging, saving or evaluation settings: {describe_changes(changes.harmless)}")
+
+
 def claim_output_dir(cfg: Config, overwrite: bool = False, resume: bool | str | None = None,
-                     extra_inputs: Sequence[tuple[str, Any]] = ()) -> tuple[OutputPlan, OutputLock]:
+                     extra_inputs: Sequence[tuple[str, Any]] = (),
+                     accept_changes: bool = False) -> tuple[OutputPlan, OutputLock]:
     """Lock the output directory, settle what a killed ``--overwrite`` left, and plan; the caller releases the lock.
 
     Raises :class:`prmkit.outputs.OutputBusy` (naming its PID) when another run holds the directory.
@@ -182,7 +275,8 @@ def claim_output_dir(cfg: Config, overwrite: bool = False, resume: bool | str | 
         settled = settle_overwrite(out)
         if settled:
             log.warning(settled)
-        plan = plan_output_dir(cfg, overwrite=overwrite, resume=resume, extra_inputs=extra_inputs)
+        plan = plan_output_dir(cfg, overwrite=overwrite, resume=resume, extra_inputs=extra_inputs,
+                               accept_changes=accept_changes)
     except BaseException:
         lock.release()
         raise

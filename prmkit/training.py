@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 
 from prmkit import __version__
-from prmkit.config import Config
-from prmkit.errors import ConfigError, PrmkitError, TrainingOutOfMemory, UsageError, first_line
+from prmkit.config import Config, eval_schedule
+from prmkit.errors import ConfigError, Interrupted, PrmkitError, TrainingOutOfMemory, UsageError, first_line, reworded
 from prmkit.jsonio import dumps
 from prmkit.kernels import check_forward_untouched, liger_kernel_config, liger_supports, model_class_for, varlen_kernels_available
 from prmkit.memory import (
@@ -141,6 +141,8 @@ class TrainResult:
     skipped_checkpoints: list[dict[str, str]] = field(default_factory=list)
     """Checkpoints newer than ``resumed_from`` that were incomplete, each with the reason; set aside, not used."""
     interrupted: bool = False
+    signal: str | None = None
+    """The signal that interrupted the run ("SIGINT", "SIGTERM"); the CLI exits with 128 + its number."""
     checkpoint: str | None = None
     """The latest checkpoint directory, if any (after an interrupt: the one to resume from)."""
     pushed: dict[str, Any] | None = None
@@ -294,11 +296,13 @@ def _trainer_classes():
             return control
 
     class InterruptCallback(TrainerCallback):
-        """First Ctrl-C: finish the step, save a checkpoint, stop. Second Ctrl-C: stop at once."""
+        """First Ctrl-C (or SIGTERM): finish the step, save a checkpoint, stop. A second one: stop at once."""
 
         def __init__(self) -> None:
             self.requested = False
             self.stopped = False
+            self.signal: str | None = None
+            """The signal that stopped the run: "SIGINT" or "SIGTERM" (the CLI exits with 128 + its number)."""
             self._previous: Any = None
 
         def install(self) -> None:
@@ -315,9 +319,11 @@ def _trainer_classes():
         def _handle(self, signum: int, frame: Any) -> None:
             if self.requested:
                 self.uninstall()
-                raise KeyboardInterrupt
+                raise Interrupted(signum)
             self.requested = True
-            log.warning("interrupted: saving a checkpoint after this step (Ctrl-C again to stop without saving)")
+            self.signal = signal.Signals(signum).name
+            again = "Ctrl-C again" if signum == signal.SIGINT else f"a second {self.signal} or Ctrl-C"
+            log.warning(f"{self.signal} received: saving a checkpoint after this step; {again} stops without saving")
 
         def on_step_end(self, args, state, control, **kwargs):
             flag = self.requested
@@ -447,12 +453,7 @@ def build_training_arguments(cfg: Config, has_eval: bool):
         ta["liger_kernel_config"] = liger_kernel_config(ta.get("liger_kernel_config"), cuda=torch.cuda.is_available())
     if not torch.cuda.is_available():
         ta.setdefault("dataloader_pin_memory", False)  # pinning needs an accelerator; without one it only warns
-    if has_eval:
-        if "eval_strategy" not in ta:
-            ta["eval_strategy"] = "steps"
-            ta.setdefault("eval_steps", ta.get("save_steps") or 500)
-    else:
-        ta["eval_strategy"] = "no"
+    ta.update(eval_schedule(ta, has_eval))  # `config show` prints the same
     try:
         args = TrainingArguments(**ta)
     except (ValueError, TypeError, ImportError) as e:  # ImportError: a package a setting needs is missing
@@ -467,10 +468,12 @@ def train(
     resume: bool | str | None = None,
     console: Any = None,
     callbacks: list | None = None,
+    accept_changes: bool = False,
 ) -> TrainResult:
     """Train a PRM as the config says and write the model directory; see the module docstring.
 
-    ``resume`` (True: the last checkpoint; a path: that one) defaults to ``train.resume_from_checkpoint``. A rich
+    ``resume`` (True: the last checkpoint; a path: that one) defaults to ``train.resume_from_checkpoint``; a resumed
+    run whose config changes its schedule or data is refused unless ``accept_changes`` (``--resume-with-changes``). A rich
     ``console`` gets the progress display; without one, progress goes to the `prmkit` logger only at the end.
     """
     import torch
@@ -497,7 +500,7 @@ def train(
     decision: dict[str, Any] = {}
     if state.is_main_process:
         try:
-            plan, lock = claim_output_dir(cfg, overwrite=overwrite, resume=resume)
+            plan, lock = claim_output_dir(cfg, overwrite=overwrite, resume=resume, accept_changes=accept_changes)
             decision = {"plan": plan}
         except PrmkitError as e:
             decision = {"error": (type(e), e.message, e.hint)}
@@ -674,6 +677,7 @@ def _train_planned(cfg: Config, plan: OutputPlan, state: Any, args: Any, model_c
     )
     if interrupt.stopped:
         result.interrupted = True
+        result.signal = interrupt.signal
         last, _ = latest_complete_checkpoint(plan.output_dir)
         result.checkpoint = str(last) if last else None
         return result
@@ -900,13 +904,28 @@ def _save_base_without_lora(peft_base: Any, path: Path) -> None:
     base.save_pretrained(str(path))
 
 
+# `prmkit train` has none of push's flags: it pushes with the config's push keys, so the Hub code's hints say those.
+PUSH_FLAGS_AS_KEYS = {
+    "--repo-id": "--set push.repo_id=NAMESPACE/NAME", "--private": "--set push.private=true",
+    "--revision": "--set push.revision=BRANCH", "--adapter": "--set push.adapter=true",
+    "--eval-report": "--set push.eval_report=FILE", "--overwrite-card": "--set push.overwrite_card=true",
+    "--allow-pickle": "--set push.allow_pickle=true", "--license": "--set push.license=ID",
+}
+
+
 def _push(cfg: Config, output_dir: Path, lora_info: dict | None) -> dict[str, Any] | None:
     import prmkit.hub as hub
 
     repo_id = cfg.push.repo_id or cfg.training_arguments.get("hub_model_id")
     if not repo_id:
         raise UsageError("train.push_to_hub is set but there is no repo id: set push.repo_id (or train.hub_model_id)")
-    pushed = hub.push_model(
+    with reworded(PUSH_FLAGS_AS_KEYS):
+        pushed = _push_model(hub, cfg, output_dir, repo_id)
+    return pushed.to_dict() if hasattr(pushed, "to_dict") else {"repo_id": repo_id}
+
+
+def _push_model(hub: Any, cfg: Config, output_dir: Path, repo_id: str) -> Any:
+    return hub.push_model(
         output_dir, repo_id, private=cfg.push.private or bool(cfg.training_arguments.get("hub_private_repo")),
         revision=cfg.push.revision or cfg.training_arguments.get("hub_revision"),
         commit_message=cfg.push.commit_message or f"prmkit {__version__}: train",
@@ -914,4 +933,3 @@ def _push(cfg: Config, output_dir: Path, lora_info: dict | None) -> dict[str, An
         overwrite_card=cfg.push.overwrite_card, allow_pickle=cfg.push.allow_pickle, license=cfg.push.license,
         token=cfg.training_arguments.get("hub_token") or None,
     )
-    return pushed.to_dict() if hasattr(pushed, "to_dict") else {"repo_id": repo_id}

@@ -155,11 +155,24 @@ def test_output_dir_refused_unless_overwrite(tiny_prm_pair, data, tmp_path):
 
 def test_missing_matplotlib_is_one_line_error(tiny_prm_pair, data, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
-    res = run(tiny_prm_pair[0], "--data", data["a"], "-o", tmp_path / "out")
+    res = run(tiny_prm_pair[0], "--data", data["a"], "-o", tmp_path / "out", "--plots")  # asked for explicitly
     assert res.exit_code == 1
     assert "plots need matplotlib: pip install 'prmkit[plot]'" in res.stderr
     assert "--no-plots" in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "out").exists()  # refused before any scoring or writing
+
+
+def test_without_matplotlib_the_report_is_written_without_plots(tiny_prm_pair, data, tmp_path, monkeypatch):
+    # Right after the README's install (no plot extra): a report and one warning with the install command.
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    res = run(tiny_prm_pair[0], "--data", data["a"], "-o", tmp_path / "out")
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["report.json", "report.md"]
+    warnings = [line for line in res.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: no plots: matplotlib is not installed; pip install 'prmkit[plot]' adds them "
+                        "(--no-plots: no warning)"]
+    quiet = run(tiny_prm_pair[0], "--data", data["a"], "-o", tmp_path / "quiet", "--no-plots")
+    assert quiet.exit_code == 0 and "warning:" not in quiet.stderr
 
 
 @pytest.mark.slow

@@ -52,7 +52,9 @@ def test_example_smoke_run_refusal_and_resume(tmp_path, monkeypatch):
 
     monkeypatch.setenv("PRMKIT_LAUNCHED", "1")
     monkeypatch.setattr(train_cmd, "relaunch", lambda *a, **k: pytest.fail("relaunched twice"))
-    resumed = runner.invoke(app, ["train", "--example", "-o", str(out), "--max-steps", "3", "--resume",
+    longer = runner.invoke(app, ["train", "--example", "-o", str(out), "--max-steps", "3", "--resume"])
+    assert longer.exit_code == 2 and "train.max_steps (was 2, now 3)" in longer.stderr  # a longer run is asked for
+    resumed = runner.invoke(app, ["train", "--example", "-o", str(out), "--max-steps", "3", "--resume-with-changes",
                                   "--num-processes", "2", "--json"])
     assert resumed.exit_code == 0, resumed.output
     summary = json.loads(resumed.stdout.strip().splitlines()[-1])

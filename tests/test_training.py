@@ -520,9 +520,13 @@ def test_output_dir_rules(tmp_path, tiny_qwen2_config_dir, monkeypatch):
     plan = plan_output_dir(cfg, resume=True)
     assert plan.action == "resume" and plan.checkpoint == str(out / "checkpoint-12") and plan.skipped == []
     longer = make_cfg(tmp_path, tiny_qwen2_config_dir, rows, **{"train__max_steps": 40, "train__save_steps": 7})
-    assert plan_output_dir(longer, resume=True).action == "resume"  # run length and cadence may change
+    with pytest.raises(UsageError, match=r"differs from its prmkit_config.yaml: train.max_steps \(was 4, now 40\)$"):
+        plan_output_dir(longer, resume=True)  # the run's length changes only when asked for
+    assert plan_output_dir(longer, resume=True, accept_changes=True).action == "resume"
     other = make_cfg(tmp_path, tiny_qwen2_config_dir, rows, **{"train__learning_rate": 3e-4})
     with pytest.raises(UsageError, match=r"different run \(train.learning_rate differ\)"):
+        plan_output_dir(other)
+    with pytest.raises(UsageError, match=r"train.learning_rate \(was 0.001, now 0.0003\)"):
         plan_output_dir(other, resume=True)
     with pytest.raises(UsageError, match="contradict"):
         plan_output_dir(cfg, resume=True, overwrite=True)

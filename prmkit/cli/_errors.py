@@ -11,6 +11,7 @@ import functools
 import inspect
 import json
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -21,7 +22,7 @@ import typer
 from prmkit.atomic import TEMP_SUFFIX
 from prmkit.cli._options import DebugOpt
 from prmkit.cli._output import MaskedStream, Output
-from prmkit.errors import DataError, PrmkitError, write_failure
+from prmkit.errors import ConfigError, DataError, PrmkitError, write_failure
 from prmkit.redact import mask
 
 MAX_PROBLEMS = 10
@@ -59,7 +60,7 @@ def debug_enabled() -> bool:
 
 def report(err: PrmkitError, out: Output) -> None:
     out.error(err.message)
-    if isinstance(err, DataError):
+    if isinstance(err, (DataError, ConfigError)):
         for line in err.problems[:MAX_PROBLEMS]:
             out.error(f"  {line}")
         if len(err.problems) > MAX_PROBLEMS:
@@ -90,7 +91,7 @@ def describe_os_error(err: OSError, command: str | None = None) -> tuple[str, st
 
 def describe_json_error(err: json.JSONDecodeError) -> tuple[str, str | None]:
     return (f"malformed JSON ({err.msg} at line {err.lineno} column {err.colno})",
-            "a JSON file prmkit read is damaged; run with --debug to see which")
+            "a JSON file prmkit read is damaged; run it again as `prmkit --debug COMMAND ...` to see which")
 
 
 def _broken_pipe() -> None:
@@ -135,11 +136,12 @@ def handle_errors(func: Callable) -> Callable:
                 raise
             report(err, Output())
             raise typer.Exit(err.exit_code) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as err:
             if debug_enabled():
                 raise
-            Output().error("interrupted")
-            raise typer.Exit(130) from None
+            signum = getattr(err, "signum", signal.SIGINT)
+            Output().error(f"interrupted ({signal.Signals(signum).name})")
+            raise typer.Exit(128 + signum) from None
         except BrokenPipeError:
             if debug_enabled():
                 raise

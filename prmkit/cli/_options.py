@@ -7,6 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from prmkit.config import unescape  # noqa: F401 - one reading of escapes for flags and config files
+
 ConfigOpt = Annotated[
     Optional[Path], typer.Option("--config", "-c", help="YAML config file (see `prmkit config init`).")
 ]
@@ -32,21 +34,4 @@ DtypeOpt = Annotated[
     Optional[str], typer.Option("--dtype", help="auto | float32 | bfloat16 | float16 (auto: bf16 on GPU, fp32 on CPU).")
 ]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto | cpu | cuda | cuda:N | mps.")]
-DebugOpt = Annotated[bool, typer.Option("--debug", help="Show full tracebacks for errors.")]
-
-
-def unescape(text: str | None) -> str | None:
-    r"""Turn the escapes a shell user types ('\n', '\t', '\\') into the characters they mean."""
-    if text is None or "\\" not in text:
-        return text
-    out, i = [], 0
-    table = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", "0": "\0"}
-    while i < len(text):
-        ch = text[i]
-        if ch == "\\" and i + 1 < len(text) and text[i + 1] in table:
-            out.append(table[text[i + 1]])
-            i += 2
-        else:
-            out.append(ch)
-            i += 1
-    return "".join(out)
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show full tracebacks.", envvar="PRMKIT_DEBUG")]

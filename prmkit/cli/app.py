@@ -18,7 +18,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
+    # click's own help layout: rich's tables cut long option names and words short at 80 columns ("--no-skip-inval…").
+    rich_markup_mode=None,
 )
 
 
@@ -44,12 +45,14 @@ def root(
     use_expandable_segments()
 
 
-app.command("prepare", no_args_is_help=False)(prepare_cmd.prepare)
-app.command("train")(train_cmd.train)
-app.command("eval")(eval_cmd.evaluate)
-app.command("score")(score_cmd.score)
-app.command("push")(push_cmd.push)
-app.add_typer(config_cmd.app, name="config")
+# Short lines for `prmkit --help`, which would otherwise cut each docstring's first sentence at 80 columns.
+app.command("prepare", no_args_is_help=False, short_help="Tokenize step-labelled data into a cached dataset.")(
+    prepare_cmd.prepare)
+app.command("train", short_help="Train a PRM into a self-describing model directory.")(train_cmd.train)
+app.command("eval", short_help="Evaluate PRMs: step metrics, ProcessBench F1, Best-of-N.")(eval_cmd.evaluate)
+app.command("score", short_help="Score every step of every solution in a JSONL file.")(score_cmd.score)
+app.command("push", short_help="Publish a model directory and its card to the Hub.")(push_cmd.push)
+app.add_typer(config_cmd.app, name="config", short_help="Write a config template or show a resolved config.")
 
 
 def main() -> None:

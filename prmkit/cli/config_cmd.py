@@ -9,8 +9,9 @@ import typer
 
 from prmkit.cli._errors import handle_errors
 from prmkit.cli._options import ConfigOpt, JsonOpt, OverwriteOpt, SetOpt
-from prmkit.cli._output import Output
-from prmkit.config import dump_config, load_config, render_template
+from prmkit.cli._output import Output, attach_logging
+from prmkit.config import load_config, render_template
+from prmkit.config_show import derived_settings, show_config
 from prmkit.errors import UsageError
 
 app = typer.Typer(help="Write a config template or show a resolved config.", no_args_is_help=True)
@@ -36,16 +37,21 @@ def init(
     Output().info(f"wrote {path}")
 
 
-@app.command("show")
+@app.command("show", short_help="Print the config a command will use, derived values marked.")
 @handle_errors
 def show(config: ConfigOpt = None, set_: SetOpt = None, json_: JsonOpt = False) -> None:
-    """Print the resolved config: defaults < --config file < --set overrides.
+    """Print the config a command will use: defaults < --config file < --set overrides, with the values commands
+    derive from it (model.tiny's learning rate, train.example's data, a PRM kind's defaults) marked "# derived".
+
+    With --json, "derived" maps each derived key to what it comes from.
 
     Example: prmkit config show -c prmkit.yaml --set data.max_length=2048
     """
-    cfg = load_config(config, set_)
     out = Output(json_)
+    attach_logging(out)
+    cfg = load_config(config, set_)
+    sections, text = show_config(cfg)
     if json_:
-        out.result(cfg.to_dict())
+        out.result({**sections, "derived": {dotted: why for dotted, _value, why in derived_settings(cfg)}})
     else:
-        out.text(dump_config(cfg))
+        out.text(text)

@@ -59,7 +59,8 @@ def evaluate(
                                      "(sets eval.output_dir; default ./eval).")
     ] = None,
     plots: Annotated[
-        Optional[bool], typer.Option("--plots/--no-plots", help="Write PNG plots (needs matplotlib; sets eval.plots).")
+        Optional[bool], typer.Option("--plots/--no-plots", help="Write PNG plots (sets eval.plots; default: when "
+                                     "matplotlib is installed, else a warning; --plots requires it).")
     ] = None,
     dtype: DtypeOpt = None,
     device: DeviceOpt = None,
@@ -102,8 +103,11 @@ def evaluate(
     out_dir = Path(ev.output_dir).expanduser()
     evaluation.check_output_dir(out_dir, overwrite, models=names, data=ev.data,
                                 config=str(config) if config is not None else None)
+    plots = bool(ev.plots)
     if ev.plots:
-        evaluation.check_plotting()
+        evaluation.check_plotting()  # asked for: refused now, before any scoring, when matplotlib is missing
+    elif ev.plots is None:
+        plots = _plotting_available()
 
     # --threshold on the command line beats tuning asked for in a config; otherwise tuning beats a threshold from the
     # config file or --set (the template from `prmkit config init` spells out threshold: 0.5).
@@ -142,7 +146,7 @@ def evaluate(
             end_distributed()
     if not main:
         return
-    files = evaluation.write_outputs(result, out_dir, plots=ev.plots)
+    files = evaluation.write_outputs(result, out_dir, plots=plots)
 
     from prmkit.report import rich_tables
 
@@ -151,6 +155,8 @@ def evaluate(
         *rich_tables(result.report),
     )
     out.info(f"wrote {', '.join(p.name for p in files)} to {out_dir}")
+    if ev.plots is None and not plots:
+        out.warn("no plots: matplotlib is not installed; pip install 'prmkit[plot]' adds them (--no-plots: no warning)")
     if result.rejects:
         out.warn(f"{len(result.rejects)} invalid rows skipped; see {out_dir / evaluation.REJECTS_FILE}")
     report_path = out_dir / "report.json"
@@ -159,6 +165,17 @@ def evaluate(
     else:
         out.hint(f"to put a model's figures in its card: prmkit push MODEL --eval-report {report_path} "
                  "(push quotes that model's part of the comparison)")
+
+
+def _plotting_available() -> bool:
+    from prmkit.evaluation import check_plotting
+    from prmkit.report import MissingExtraError
+
+    try:
+        check_plotting()
+    except MissingExtraError:
+        return False
+    return True
 
 
 class _progress:

@@ -62,6 +62,7 @@ def score(
 
     timings = Timings.since_process_start()
     out = Output(json_)
+    attach_logging(out)  # before the config, whose warnings (a separator's escapes) go through it
     cfg = load_config(config, set_, {
         "score.threshold": threshold, "score.batch_tokens": batch_tokens, "score.dtype": dtype,
         "score.device": device, "score.format": format_, "score.skip_invalid": skip_invalid,
@@ -71,7 +72,6 @@ def score(
     if output != "-" and input_ != "-":
         # Checked again with the model and every companion file once loaded; this one fails before the model loads.
         refuse_inputs_inside(output, [("input", input_)], "--overwrite would replace", output_inside=True)
-    attach_logging(out)
     if int(os.environ.get("RANK", "0")) != 0:
         logging.getLogger("prmkit").setLevel(logging.ERROR)  # one process speaks for all
 

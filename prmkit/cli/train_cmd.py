@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -39,7 +40,12 @@ def train(
     train_data: Annotated[Optional[str], typer.Option("--train", help="Training data (sets data.train).")] = None,
     eval_data: Annotated[Optional[str], typer.Option("--eval", help="Evaluation data, scored during training (sets data.eval).")] = None,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Stop after this many optimizer steps (sets train.max_steps).", min=1)] = None,
+    learning_rate: Annotated[Optional[float], typer.Option("--learning-rate", help="Peak learning rate (sets train.learning_rate; default 1e-5, 2e-3 for --tiny and --example).")] = None,
+    epochs: Annotated[Optional[float], typer.Option("--epochs", help="Passes over the training data (sets train.num_train_epochs; default 1).")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Random seed for weights and data order (sets train.seed; default 42).", min=0)] = None,
+    max_length: Annotated[Optional[int], typer.Option("--max-length", help="Longest tokenized row, prompt included (sets data.max_length; default 1024).", min=1)] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue this run from the last checkpoint in --output-dir.")] = False,
+    resume_with_changes: Annotated[bool, typer.Option("--resume-with-changes", help="Like --resume, but continue even when the config differs from the run's in epochs, steps, batch sizes, data or other training keys.")] = False,
     overwrite: OverwriteOpt = False,
     num_processes: Annotated[Optional[int], typer.Option("--num-processes", help="Relaunch through `accelerate launch` with this many processes (GPUs; CPU processes when there is no GPU).", min=1)] = None,
     accelerate_config: Annotated[Optional[Path], typer.Option("--accelerate-config", help="An accelerate config file (multi-GPU, DeepSpeed, FSDP; see examples/) for the relaunch.", exists=True, dir_okay=False)] = None,
@@ -76,9 +82,15 @@ def train(
         "data.train": train_data,
         "data.eval": eval_data,
         "train.max_steps": max_steps,
+        "train.learning_rate": learning_rate,
+        # 2, not 2.0, in prmkit_config.yaml and `config show`, as the config file would spell it
+        "train.num_train_epochs": int(epochs) if epochs is not None and float(epochs).is_integer() else epochs,
+        "train.seed": seed,
+        "data.max_length": max_length,
         "train.example": True if example else None,
     }
     cfg = load_config(config, set_, flags)
+    resume = resume or resume_with_changes
 
     if ((num_processes or 1) > 1 or accelerate_config is not None) and not _in_distributed_launch():
         # Check what can be checked here, so a bad config is one clear line, not one traceback per process.
@@ -89,10 +101,12 @@ def train(
         cfg = training.resolve_config(cfg)
         load_model_config(cfg.model)
         _plan, lock = training.claim_output_dir(cfg, overwrite=overwrite, resume=resume or None,
-                                                extra_inputs=[("--accelerate-config", accelerate_config)])
+                                                extra_inputs=[("--accelerate-config", accelerate_config)],
+                                                accept_changes=resume_with_changes)
         lock.release()  # the launched main process takes it again
         child = _child_args(config, set_, output_dir, model, train_data, eval_data, max_steps, resume, overwrite, example,
                             json_, tokenizer, tiny)
+        child += _more_child_args(flags, resume_with_changes)
         raise typer.Exit(relaunch(child, num_processes, accelerate_config))
 
     _quiet_libraries(main_rank)
@@ -102,20 +116,52 @@ def train(
 
     try:
         result = training.train(cfg, overwrite=overwrite, resume=True if resume else None,
-                                console=stderr() if main_rank else None)
+                                console=stderr() if main_rank else None, accept_changes=resume_with_changes)
     finally:
         end_distributed()
     if not main_rank:
         return
     if result.interrupted:
         where = result.checkpoint or "(no checkpoint)"
-        out.warn(f"interrupted at step {result.global_step}; checkpoint saved in {where}")
+        received = result.signal or "SIGINT"
+        out.warn(f"stopped by {received} at step {result.global_step}; checkpoint saved in {where}")
         out.hint(f"continue with the same command plus --resume (output directory {result.output_dir})")
         if json_:
             out.result(result.to_dict())
-        raise typer.Exit(130)
+        raise typer.Exit(128 + signal.Signals[received].value)  # 130 for SIGINT, 143 for SIGTERM, as schedulers expect
     summary = result.to_dict()
-    out.result(summary, *_tables(summary))
+    out.result(summary, *_tables(summary), *([_example_verdict(summary)] if cfg.train.example else []))
+
+
+def _example_verdict(summary: dict[str, Any]) -> str:
+    """What the example's figures mean: a newcomer cannot tell from "wrong_f1 0.0000" whether it worked."""
+    history = summary.get("loss_history") or []
+    worked = "it worked: the model is saved"
+    if len(history) >= 2:
+        first, last = history[0][1], history[-1][1]
+        worked = (f"it worked: the model is saved and the loss fell ({first:.2f} -> {last:.2f})" if last < first else
+                  f"the model is saved, but the loss did not fall ({first:.2f} -> {last:.2f})")
+    metrics = summary.get("eval_metrics") or {}
+    if not {"accuracy", "wrong_f1", "steps"} <= set(metrics):
+        return f"example: {worked}. It is a smoke run of a tiny random model, not a useful PRM."
+    share = _correct_share(summary.get("model_dir"))
+    always = f" is what answering \"correct\" for every step scores ({share:.3f})" if share is not None else ""
+    wrong = "0 means it judged no step wrong" if metrics["wrong_f1"] == 0 else f"{metrics['wrong_f1']:.2f} is low"
+    auroc = f", auroc {metrics['auroc']:.2f} is near chance (0.5)" if metrics.get("auroc") is not None else ""
+    return (f"example: {worked}. The eval figures are a tiny random model's after seconds of training, not a PRM's: "
+            f"accuracy {metrics['accuracy']:.3f} on {int(metrics['steps'])} steps{always}, wrong_f1 {wrong}{auroc}. "
+            "A real base model on real data (examples/*.yaml) is what lifts wrong_f1 and auroc above these.")
+
+
+def _correct_share(model_dir: str | None) -> float | None:
+    """The share of correct steps among the eval steps, from the model's prmkit.json (None when unknown)."""
+    import json
+
+    try:
+        split = json.loads((Path(model_dir) / "prmkit.json").read_text(encoding="utf-8"))["data"]["splits"]["eval"]
+        return split["labels_positive"] / (split["labels_positive"] + split["labels_negative"])
+    except (OSError, TypeError, KeyError, ValueError, ZeroDivisionError):
+        return None
 
 
 def _quiet_libraries(main_rank: bool) -> None:
@@ -142,6 +188,16 @@ def _child_args(config, set_, output_dir, model, train_data, eval_data, max_step
         if on:
             args.append(flag)
     return args
+
+
+# The training flags that _child_args does not pass on, by the config key each sets.
+_MORE_FLAGS = {"train.learning_rate": "--learning-rate", "train.num_train_epochs": "--epochs", "train.seed": "--seed",
+               "data.max_length": "--max-length"}
+
+
+def _more_child_args(flags: dict[str, Any], resume_with_changes: bool) -> list[str]:
+    args = [item for key, flag in _MORE_FLAGS.items() if flags.get(key) is not None for item in (flag, str(flags[key]))]
+    return args + (["--resume-with-changes"] if resume_with_changes else [])
 
 
 def _free_port() -> int:
