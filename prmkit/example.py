@@ -162,7 +162,7 @@ def apply_example(cfg: Config) -> None:
     """
     if not cfg.data.train:
         cfg.data.train = str(EXAMPLE_TRAIN)
-        if not cfg.is_set("data.eval"):
+        if not cfg.is_set("data.eval") and cfg.data.eval_fraction is None:  # a held-out share is eval data too
             if EXAMPLE_EVAL.is_file():
                 cfg.data.eval = str(EXAMPLE_EVAL)
             else:

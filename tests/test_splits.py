@@ -134,3 +134,11 @@ def test_eval_fraction_from_the_command_line(tmp_path, tiny_tokenizer_dir):
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert (summary["splits"]["train"]["rows_kept"], summary["splits"]["eval"]["rows_kept"]) == (4, 4)
     assert "held out: data.eval_fraction=0.5" in summary["splits"]["eval"]["source"]
+
+
+def test_the_example_holds_out_a_fraction_instead_of_its_eval_file(tmp_path):
+    from prmkit.example import apply_example
+
+    cfg = load_config(None, ["data.eval_fraction=0.1", f"data.cache_dir={tmp_path}"], {"train.example": True})
+    apply_example(cfg)
+    assert cfg.data.train and cfg.data.eval is None and cfg.data.eval_fraction == 0.1
