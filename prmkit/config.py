@@ -68,10 +68,16 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     train: str | None = None
-    """Hub dataset id (split syntax like `train[:10%]` allowed), a .jsonl/.json/.parquet/.csv file, or a saved dataset."""
+    """Hub dataset id, a .jsonl/.json/.parquet/.csv file, a saved dataset, or a `prmkit prepare` output directory;
+    split syntax on any of them: org/name:train[:10%], rows.jsonl[:300], rows.json[10%:20%], saved_dir:test."""
     eval: str | None = None
+    eval_fraction: float | None = None
+    """Hold out this share of data.train's problems (grouped by prompt, seeded by train.data_seed or train.seed) as
+    the eval split, like axolotl's val_set_size; excludes data.eval."""
     format: str = "auto"
     """auto | stepwise | math-shepherd | prm800k | processbench."""
+    skip_invalid: bool = False
+    """Write bad rows to a rejects file and go on, instead of stopping (prepare, train, eval: --skip-invalid)."""
     step_separator: str = "\n"
     max_length: int | None = 1024
     max_prompt_length: int | None = None
@@ -156,6 +162,12 @@ class ScoreConfig:
     device: str = "auto"
     format: str = "auto"
     skip_invalid: bool = False
+    group_by: str | None = None
+    """Best-of-N: the field naming each line's group (lines of a group must be together); adds rank and group_size."""
+    select: str | None = None
+    """best: write only each group's best line (needs group_by); null: every line, ranked."""
+    aggregate: str = "min"
+    """What ranks a group's lines: min | prod | last | mean of their step scores (prmkit.metrics.aggregate)."""
 
 
 @dataclass
@@ -185,6 +197,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.format": FORMATS,
     "eval.format": FORMATS,
     "score.format": FORMATS,
+    "score.select": ("best",),
+    "score.aggregate": ("min", "prod", "last", "mean"),
     "data.prm800k_neutral": PRM800K_NEUTRAL,
     "train.batching": BATCHING,
     "train.kind": TRAIN_KINDS,
@@ -247,6 +261,7 @@ RANGES: dict[str, Range] = {
     "data.max_completion_length": Range(1, _MAX_TOKENS, note="tokens; null for no limit"),
     "data.label_threshold": _PROBABILITY,
     "data.num_proc": _COUNT,
+    "data.eval_fraction": Range(0, 1, low_open=True, high_open=True, note="a share of data.train's problems"),
     "eval.threshold": _PROBABILITY,
     "eval.batch_tokens": _COUNT,
     "score.threshold": _PROBABILITY,

@@ -23,6 +23,7 @@ from prmkit import jsonio
 from prmkit.jsonio import dumps, nonfinite_field
 from prmkit.outputs import refuse_inputs_inside
 from prmkit.redact import mask, redact
+from prmkit.splits import FILE_SPLIT, check_instruction, local_part, sliced_records
 from prmkit.tokenization import (
     TokenizationParams,
     TokenizedBatch,
@@ -51,9 +52,13 @@ class Source:
     """Where rows come from, and how to name a row in a message (`file:line 7` or `dataset row 7`)."""
 
     spec: str
-    kind: str  # jsonl | json | parquet | csv | disk | hub
+    kind: str  # jsonl | json | parquet | csv | disk | prepared | hub
     path: Path | None = None
     unit: str = "row"
+    instruction: str | None = None
+    """A local source's split and rows as `datasets` spells them (``train[:300]``); None: every row of the file."""
+    split: str | None = None
+    """The split named after the path (``saved:test``); None: a file's one split, or a saved dataset's only one."""
 
     def where(self, number: int) -> str:
         return f"{self.spec}: {self.unit} {number}"
@@ -66,21 +71,34 @@ def resolve_source(spec: str) -> Source:
         raise DataError("-: reading data from stdin works only for `prmkit score`",
                         hint="save it to a file first (e.g. `... > rows.jsonl`) and pass that path")
     path = Path(spec).expanduser()
+    part = None if path.exists() else local_part(spec, LOCAL_SUFFIXES)
+    if part is not None:
+        # `rows.jsonl[:300]`, `saved:test[10%:20%]`: a local source with `datasets`' split syntax; never the Hub.
+        path = Path(part.path).expanduser()
+        check_instruction(spec, part.instruction)
+    instruction = part.instruction if part is not None else None
     if path.is_dir():
+        if (path / METADATA_FILE).is_file():  # prepare's output: train and eval read its token ids as they are
+            return Source(spec, "prepared", path, instruction=instruction, split=part.split if part else None)
         if (path / "dataset_info.json").exists() or (path / "state.json").exists() or (path / "dataset_dict.json").exists():
-            return Source(spec, "disk", path)
+            return Source(spec, "disk", path, instruction=instruction, split=part.split if part else None)
         raise DataError(f"{spec}: a directory, but not one written by datasets' save_to_disk")
     suffix = path.suffix.lower()
     if suffix in LOCAL_SUFFIXES:
         if not path.exists():
-            raise DataError(f"{spec}: file not found")
+            raise DataError(f"{spec}: file not found" + (f" ({path})" if part is not None else ""))
         if path.stat().st_size == 0:
             raise DataError(f"{spec}: the file is empty")
+        if part is not None and part.split not in (None, FILE_SPLIT):
+            raise DataError(f"{spec}: a file holds one split, {FILE_SPLIT!r}, not {part.split!r}",
+                            hint=f"slice it as {part.path}[...] (a saved dataset directory can hold several splits)")
         kind = "jsonl" if suffix == ".jsonl" else suffix[1:]
         if kind != "parquet":
             with open(path, "rb") as fh:
                 check_encoding(fh.read(4), spec)
-        return Source(spec, kind, path, unit="line" if kind == "jsonl" else "row")
+        return Source(spec, kind, path, unit="line" if kind == "jsonl" else "row", instruction=instruction)
+    if part is not None:
+        raise DataError(f"{spec}: no such file or directory ({path.resolve()})")
     if path.exists():
         raise DataError(f"{spec}: unsupported file type {suffix or '(none)'}", hint="use .jsonl, .json, .parquet or .csv")
     from prmkit.locate import locate
@@ -168,7 +186,18 @@ def read_jsonl(fh, name: str, number: int = 0, offset: int = 0) -> Iterator[Sour
 
 
 def iter_records(source: Source) -> Iterator[SourceRecord]:
-    """Every record of a source, in order. A record that cannot be parsed has a problem instead."""
+    """Every record of a source, in order (those its slice selects). A record that cannot be parsed has a problem
+    instead. Records keep their number in the whole file, so a message names the line an editor shows."""
+    if source.instruction is None or source.kind == "prepared":
+        yield from _iter_all(source)
+    else:
+        yield from sliced_records(source, _iter_all)
+
+
+def _iter_all(source: Source) -> Iterator[SourceRecord]:
+    if source.kind == "prepared":
+        raise DataError(f"{source.spec}: a `prmkit prepare` output holds token ids, not text rows; only train and eval "
+                        "read it", hint="give the data it was prepared from (its prmkit_dataset.json names it)")
     if source.kind == "jsonl":
         assert source.path is not None
         with open(source.path, "rb") as fh:
@@ -234,10 +263,15 @@ def _load_with_datasets(source: Source):
     try:
         if source.kind == "disk":
             ds = datasets.load_from_disk(str(source.path))
+            named = source.split
             if isinstance(ds, datasets.DatasetDict):
-                if len(ds) != 1 and "train" not in ds:
-                    raise DataError(f"{source.spec}: holds splits {list(ds)}; name one with a saved single split")
-                ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+                if named is not None and named not in ds:
+                    raise DataError(f"{source.spec}: no split {named!r}; it holds {', '.join(ds)}")
+                if named is None and len(ds) != 1 and "train" not in ds:
+                    raise DataError(f"{source.spec}: holds splits {list(ds)}; name one as {source.path}:SPLIT")
+                ds = ds[named or "train"] if (named or "train") in ds else next(iter(ds.values()))
+            elif named not in (None, FILE_SPLIT):
+                raise DataError(f"{source.spec}: a saved single dataset holds one split, {FILE_SPLIT!r}, not {named!r}")
             return ds
         if source.kind in ("parquet", "csv"):
             return datasets.load_dataset(source.kind, data_files=str(source.path), split="train")
@@ -266,6 +300,8 @@ def _hub_split(spec: str) -> tuple[str, str]:
 def fingerprint_source(source: Source) -> str:
     """A hash that changes whenever the source's content does."""
     h = hashlib.sha256(source.spec.encode())
+    if source.instruction is not None:
+        h.update(f"\0rows {source.instruction}".encode())  # stated, not left to the spelling of the spec
     if source.path is not None and source.path.is_file():
         with open(source.path, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
@@ -324,6 +360,31 @@ class StepRows:
     def __len__(self) -> int:
         return len(self.prompts)
 
+    def take(self, indexes: list[int]) -> "StepRows":
+        return StepRows(*([column[i] for i in indexes] for column in (self.prompts, self.completions, self.labels,
+                                                                       self.first_errors, self.rows)))
+
+
+def tally_rows(report: SplitReport, rows: StepRows, separator: str) -> None:
+    """Steps and labels of ``rows`` into ``report`` (what prepare's table shows)."""
+    soft_sum = 0.0
+    report.rows_converted = len(rows)
+    report.steps = sum(len(c) for c in rows.completions)
+    report.steps_with_separator = sum(separator in s for c in rows.completions for s in c) if separator else 0
+    report.labels_positive = report.labels_negative = report.labels_soft = 0
+    for labels in rows.labels:
+        for label in labels:
+            if label is None:
+                continue
+            if isinstance(label, float):
+                report.labels_soft += 1
+                soft_sum += label
+            elif label:
+                report.labels_positive += 1
+            else:
+                report.labels_negative += 1
+    report.soft_label_mean = soft_sum / report.labels_soft if report.labels_soft else None
+
 
 def read_step_rows(
     spec: str,
@@ -345,7 +406,6 @@ def read_step_rows(
         origin = "the format given"
     report.format = fmt
     problems: list[str] = []
-    soft_sum = 0.0
     for rec in records:
         number, record = rec.number, rec.record
         report.rows_in += 1
@@ -368,21 +428,7 @@ def read_step_rows(
             out.labels.append(row["labels"])
             out.first_errors.append(row.get("first_error"))
             out.rows.append(number)
-            report.steps += len(row["completions"])
-            if separator:
-                report.steps_with_separator += sum(separator in s for s in row["completions"])
-            for label in row["labels"]:
-                if label is None:
-                    continue
-                if isinstance(label, float):
-                    report.labels_soft += 1
-                    soft_sum += label
-                elif label:
-                    report.labels_positive += 1
-                else:
-                    report.labels_negative += 1
-    report.rows_converted = len(out)
-    report.soft_label_mean = soft_sum / report.labels_soft if report.labels_soft else None
+    tally_rows(report, out, separator)
     report.problems = problems
     if problems and not skip_invalid:
         raise DataError(
@@ -602,9 +648,10 @@ def _train_kind_encoder(cfg, tokenizer):
 
 
 def cache_key(tok_fp: dict, params: TokenizationParams, data_cfg, sources: dict[str, str],
-              kind: dict[str, Any] | None = None) -> str:
+              kind: dict[str, Any] | None = None, held_out: dict[str, Any] | None = None) -> str:
     material = {
         **({"kind": kind} if kind else {}),
+        **({"eval_fraction": held_out} if held_out else {}),
         "prmkit": __version__,
         "tokenizer": tok_fp["sha256"],
         "params": params.to_dict(),
@@ -632,7 +679,11 @@ def prepare_splits(
     """
     import datasets
 
+    from prmkit.splits import build_splits, check_eval_fraction, prepared_inputs, split_seed
+
     data = cfg.data
+    check_eval_fraction(data)
+    skip_invalid = skip_invalid or data.skip_invalid
     specs = {name: spec for name, spec in (("train", data.train), ("eval", data.eval)) if spec}
     if not specs:
         raise UsageError("no data: set data.train (and optionally data.eval)", hint="e.g. --set data.train=rows.jsonl")
@@ -641,8 +692,13 @@ def prepare_splits(
     kind_encoder = _train_kind_encoder(cfg, tokenizer)
     kind = kind_encoder.settings.to_dict() if kind_encoder is not None else None
     tok_fp = tokenizer_fingerprint(tokenizer)
-    sources = {name: fingerprint_source(resolve_source(spec)) for name, spec in specs.items()}
-    key = cache_key(tok_fp, params, data, sources, kind)
+    resolved = {name: resolve_source(spec) for name, spec in specs.items()}
+    held = {"fraction": data.eval_fraction, "seed": split_seed(cfg)} if data.eval_fraction is not None else None
+    given = prepared_inputs(resolved, tok_fp, params, kind, data, held)
+    if given.as_it_is is not None and output is None:
+        return given.as_it_is  # one prepared directory, whole, as prepare wrote it: nothing to copy
+    sources = {name: fingerprint_source(src) for name, src in resolved.items()}
+    key = cache_key(tok_fp, params, data, sources, kind, held)
     target = Path(output) if output else cache_root(data.cache_dir) / "prepared" / key
     if output:
         # A rebuild replaces the whole directory: an input inside it would be deleted with it.
@@ -678,24 +734,8 @@ def prepare_splits(
     tmp = make_temp_dir(target.parent, target.name)
     try:
         rejects: list[dict] = []
-        splits = {}
-        reports: dict[str, SplitReport] = {}
-        for name, spec in specs.items():
-            is_eval = name == "eval"
-            opts = Options(prm800k_neutral=data.prm800k_neutral, label_threshold=data.label_threshold, is_eval=is_eval)
-            rows, report = read_step_rows(spec, data.format, opts, data.step_separator, skip_invalid, rejects)
-            progress = (lambda done, total, split=name: on_progress(split, done, total)) if on_progress else None
-            ds = (tokenize_step_rows(rows, tokenizer, params, is_eval, data.num_proc, report, progress, kind_encoder)
-                  if len(rows) else None)
-            report.rows_kept = len(ds) if ds is not None else 0
-            _check_rows_left(name, report, params)
-            splits[name] = ds
-            reports[name] = report
-            if report.rows_dropped_truncated:
-                log.warning(f"{spec}: {report.rows_dropped_truncated} rows lost every label to truncation and were dropped")
-            if report.steps_lost_to_truncation:
-                log.warning(f"{spec}: {report.steps_lost_to_truncation} labelled steps were cut by max_length/max_completion_length")
-
+        splits, reports, held_record = build_splits(cfg, specs, given.splits, held, tokenizer, params, kind_encoder,
+                                                    skip_invalid, rejects, on_progress)
         metadata = {
             "prmkit_version": __version__,
             "cache_key": key,
@@ -709,6 +749,7 @@ def prepare_splits(
                 "label_threshold": data.label_threshold,
                 "sources": specs,
                 "fingerprints": sources,
+                **({"eval_split": held_record} if held_record else {}),
             },
             "splits": {n: r.to_dict() for n, r in reports.items()},
         }

@@ -108,6 +108,10 @@ class Subset:
     rows_in: int = 0
     rows_rejected: int = 0
     first_error_source: str | None = None
+    tokens: list[tuple[list[int], list[int]]] | None = None
+    """A `prmkit prepare` directory's rows: ``(input_ids, labelled positions)``, scored as they are (no text)."""
+    prepared: dict[str, Any] | None = None
+    """That directory's metadata, checked against each model before it scores them."""
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -123,7 +127,7 @@ def subset_name(spec: str) -> tuple[str, str]:
         split = _hub_split(spec)[1]
         return split.split("[", 1)[0] or "train", spec
     assert source.path is not None
-    return (source.path.name if source.kind == "disk" else source.path.stem), spec
+    return (source.path.name if source.kind in ("disk", "prepared") else source.path.stem), spec
 
 
 def _name_subsets(data: Sequence[str]) -> list[tuple[str, str]]:
@@ -219,6 +223,10 @@ def load_subsets(
     subsets = []
     opts = Options(prm800k_neutral=prm800k_neutral, label_threshold=label_threshold, is_eval=True)
     for name, spec in _name_subsets(data):
+        source = resolve_source(spec)
+        if source.kind == "prepared":
+            subsets.append(_prepared_subset(name, spec, source))
+            continue
         rows, split = read_step_rows(spec, fmt, opts, separator, skip_invalid, rejects)
         if not len(rows):
             raise DataError(f"{spec}: no valid rows left ({split.rows_rejected} of {split.rows_in} rejected)")
@@ -251,6 +259,57 @@ def load_subsets(
     return subsets
 
 
+def _prepared_subset(name: str, spec: str, source: Any) -> Subset:
+    """A prepared directory's eval split (or only split) as a subset: its labelled steps, without text.
+
+    Step and first-error figures come out as from the text: a step is a labelled position, and ProcessBench's steps
+    after the first error (unlabelled) cannot move its first-error accuracy. Outcome and Best-of-N need
+    ``final_answer_correct`` and the prompts, which a prepared directory does not keep: those figures are absent.
+    """
+    from prmkit.prepared_input import load_split, step_rows
+
+    part = load_split(source, "eval")
+    ids, positions, labels, rows = step_rows(part.dataset)
+    if not ids:
+        raise DataError(f"{spec}: the {part.split!r} split holds no rows")
+    first_errors = [_first_error_from_labels(row) for row in labels]
+    log.info(f"{spec}: scoring the {part.split!r} split of a prepared dataset ({len(ids)} rows); outcome and "
+             "Best-of-N figures need the text data")
+    return Subset(
+        name=name, spec=spec, format=part.format,
+        prompts=[f"\0row {i}" for i in range(len(ids))],  # one candidate per "problem": no Best-of-N groups
+        completions=[[""] * len(p) for p in positions], labels=labels, first_errors=first_errors,
+        final_answer_correct=[None] * len(ids), answers=[None] * len(ids), rows=rows,
+        rows_in=int(part.report.get("rows_in") or len(ids)), rows_rejected=0,
+        first_error_source="step labels" if any(fe is not None for fe in first_errors) else None,
+        tokens=list(zip(ids, positions)), prepared=part.metadata,
+    )
+
+
+def check_prepared(subsets: Sequence[Subset], scorer: Any, model: str, label_threshold: float | None = None,
+                   prm800k_neutral: str = "negative") -> None:
+    """Refuse a prepared subset made with another tokenizer or tokenization than ``model`` scores with."""
+    from prmkit.modeling import read_metadata
+    from prmkit.prepared_input import check_matches
+    from prmkit.tokenization import tokenizer_fingerprint
+
+    trained = None
+    for subset in subsets:
+        if subset.prepared is None:
+            continue
+        if trained is None:
+            path = Path(split_kind(model)[0]).expanduser()
+            trained = ((read_metadata(path) if path.is_dir() else None) or {}).get("tokenizer") or {}
+        if getattr(scorer, "kind_encoder", None) is not None:
+            raise DataError(f"{subset.spec}: prepared data holds TRL's token-classification layout; model {model} "
+                            "reads another PRM kind's", hint="give the text data it was prepared from")
+        params = scorer.params.to_dict()
+        params.pop("train_on_last_step_only", None)  # training only: an eval split has every label
+        check_matches(subset.spec, subset.prepared, tokenizer_fp=tokenizer_fingerprint(scorer.tokenizer),
+                      params=params, kind=None, user=f"model {model}", trained_tokenizer=trained.get("sha256"),
+                      labels={"label_threshold": label_threshold, "prm800k_neutral": prm800k_neutral})
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Scoring
 
@@ -266,8 +325,11 @@ def score_subsets(
         what = f"{label}: {subset.name}" if label else subset.name
         for start in range(0, total, SCORE_CHUNK):
             stop = start + SCORE_CHUNK
-            batch = list(zip(subset.prompts[start:stop], subset.completions[start:stop]))
-            scores.extend(scorer.score_batch(batch))
+            if subset.tokens is not None:
+                scores.extend(r.scores for r in scorer.score_tokens(subset.tokens[start:stop]))
+            else:
+                batch = list(zip(subset.prompts[start:stop], subset.completions[start:stop]))
+                scores.extend(scorer.score_batch(batch))
             if progress is not None:
                 progress(what, len(scores), total)
         for i, (row_scores, steps) in enumerate(zip(scores, subset.completions)):
@@ -566,6 +628,7 @@ def evaluate(
         kind_extra = {"kind_settings": settings} if settings else {}
         scorer = load(path, step_separator=step_separator, dtype=dtype, device=device, batch_tokens=batch_tokens,
                       trust_remote_code=trust_remote_code, **extra, **kind_extra)
+        check_prepared(subsets, scorer, model, label_threshold, prm800k_neutral)
         params = getattr(scorer, "params", None)
         # Another kind's model reads its own input layout: the report records that instead of TRL's tokenization.
         kind = (getattr(scorer, "identity", None) or {}).get("kind")

@@ -168,7 +168,8 @@ def example_settings(cfg: Config) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if not cfg.data.train:
         out["data.train"] = str(EXAMPLE_TRAIN)
-        if not cfg.is_set("data.eval") and EXAMPLE_EVAL.is_file():
+        # a held-out share (data.eval_fraction) is eval data too
+        if not cfg.is_set("data.eval") and cfg.data.eval_fraction is None and EXAMPLE_EVAL.is_file():
             out["data.eval"] = str(EXAMPLE_EVAL)
     if not cfg.model.name_or_path:
         out["model.init_from_config"] = True
@@ -197,7 +198,8 @@ def apply_example(cfg: Config) -> None:
     A key the user set counts as chosen even when it holds the default (``--set train.save_strategy=steps``), and so
     does a null (``--set data.eval=null`` trains without eval).
     """
-    if not cfg.data.train and not cfg.is_set("data.eval") and not EXAMPLE_EVAL.is_file():
+    if (not cfg.data.train and not cfg.is_set("data.eval") and cfg.data.eval_fraction is None
+            and not EXAMPLE_EVAL.is_file()):
         log.warning(f"{EXAMPLE_EVAL.name} is not installed with this copy of prmkit; training without eval")
     settings = example_settings(cfg)
     if not cfg.model.name_or_path:

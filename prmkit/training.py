@@ -162,7 +162,18 @@ def resolve_config(cfg: Config) -> Config:
         raise UsageError("no model: set model.name_or_path", hint="e.g. --model Qwen/Qwen2-0.5B, or --example for an offline smoke run")
     if not cfg.data.train:
         raise UsageError("no training data: set data.train", hint="e.g. --train trl-lib/math_shepherd or --train rows.jsonl")
+    from prmkit.splits import check_eval_fraction, prepared_eval
+
+    check_eval_fraction(cfg.data)
+    if not cfg.is_set("data.eval") and cfg.data.eval_fraction is None and prepared_eval(cfg.data.train):
+        # prepare's output with an eval split: evaluate on it, as `load_from_disk(dir)["eval"]` would be used.
+        log.info(f"data.eval: using the eval split of {cfg.data.train}")
+        cfg.data.eval = cfg.data.train
     return cfg
+
+
+def has_eval_data(cfg: Config) -> bool:
+    return bool(cfg.data.eval or cfg.data.eval_fraction)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -490,7 +501,7 @@ def train(
             resolve_source(spec)  # a missing, empty, UTF-16 or stdin source too, before the output directory is touched
     if resume is None:
         resume = cfg.training_arguments.get("resume_from_checkpoint") or None
-    has_eval = bool(cfg.data.eval)
+    has_eval = has_eval_data(cfg)
     args = build_training_arguments(cfg, has_eval)
     _ = args.device  # initialises the distributed state before PartialState is asked for it
     state = PartialState()
@@ -531,7 +542,7 @@ def _train_planned(cfg: Config, plan: OutputPlan, state: Any, args: Any, model_c
     from prmkit.dataset import load_tokenizer, prepare_splits
     from prmkit.model_files import check_tokenizer_fits
 
-    has_eval = bool(cfg.data.eval)
+    has_eval = has_eval_data(cfg)
     tokenizer = load_tokenizer(cfg.tokenizer_name, cfg.model.trust_remote_code)
     text_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
     check_tokenizer_fits(tokenizer, getattr(text_config, "vocab_size", None), cfg.tokenizer_name,
@@ -540,6 +551,9 @@ def _train_planned(cfg: Config, plan: OutputPlan, state: Any, args: Any, model_c
     lm_tag = LMTag.setup(cfg, tokenizer) if cfg.train.kind == "lm-tag" else None
     with state.main_process_first():
         prepared = prepare_splits(cfg, tokenizer)
+    if prepared.rejects_path is not None and state.is_main_process:
+        rejected = sum(r.rows_rejected for r in prepared.reports.values())
+        log.warning(f"skipped {rejected} invalid rows (data.skip_invalid); they are listed in {prepared.rejects_path}")
     dsd = prepared.load()
     train_ds = dsd["train"]
     eval_ds = dsd["eval"] if has_eval and "eval" in dsd else None

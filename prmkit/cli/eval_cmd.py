@@ -88,6 +88,8 @@ def evaluate(
         "eval.data": data, "eval.format": format_, "eval.threshold": threshold, "eval.tune_threshold": tune_threshold,
         "eval.output_dir": str(output_dir) if output_dir is not None else None, "eval.plots": plots,
         "eval.dtype": dtype, "eval.device": device,
+        # The data options prepare and train take, on the same keys.
+        "data.step_separator": unescape(step_separator), "data.skip_invalid": skip_invalid,
     })
     ev = cfg.eval
     names = [*(models or []), *(model_opt or [])]
@@ -133,12 +135,13 @@ def evaluate(
         try:
             result = evaluation.evaluate(
                 names, ev.data,
-                fmt=ev.format, step_separator=unescape(step_separator), threshold=given,
+                # A config written for prepare and train (data.format) serves eval too, unless eval.format is set.
+                fmt=ev.format if cfg.is_set("eval.format") else cfg.data.format, step_separator=None, threshold=given,
                 tune_threshold=tune_on, batch_tokens=ev.batch_tokens, dtype=ev.dtype if ev.dtype != "auto" else cfg.model.dtype,
                 device=ev.device,
                 trust_remote_code=cfg.model.trust_remote_code, allow_bidirectional=cfg.model.allow_bidirectional,
                 attn_implementation=cfg.model.attn_implementation, prm800k_neutral=cfg.data.prm800k_neutral,
-                label_threshold=cfg.data.label_threshold, skip_invalid=bool(skip_invalid), progress=progress,
+                label_threshold=cfg.data.label_threshold, skip_invalid=cfg.data.skip_invalid, progress=progress,
                 kind_settings=cfg.kind_settings(),
                 tokenization=explicit_tokenization(cfg.data, cfg.is_set), tokenizer=cfg.model.tokenizer,
             )

@@ -37,7 +37,7 @@ def prepare(
     attach_logging(out)
     cfg = load_config(config, set_, {
         "data.train": train, "data.eval": eval_, "model.tokenizer": tokenizer, "data.format": format_,
-        "data.step_separator": unescape(step_separator),
+        "data.step_separator": unescape(step_separator), "data.skip_invalid": skip_invalid,
     })
     from prmkit.dataset import load_tokenizer, prepare_splits  # numpy and the tokenizers: not for --help
 
@@ -45,7 +45,7 @@ def prepare(
         raise UsageError("no tokenizer: set model.tokenizer or model.name_or_path", hint="e.g. --tokenizer Qwen/Qwen2-0.5B")
     tok = load_tokenizer(cfg.tokenizer_name, cfg.model.trust_remote_code)
     with _Progress() as progress:
-        result = prepare_splits(cfg, tok, output=output, skip_invalid=bool(skip_invalid), overwrite=overwrite,
+        result = prepare_splits(cfg, tok, output=output, skip_invalid=cfg.data.skip_invalid, overwrite=overwrite,
                                 on_progress=progress.update)
     summary = {
         "output": str(result.path),

@@ -43,6 +43,9 @@ def score(
     dtype: DtypeOpt = None,
     device: DeviceOpt = None,
     skip_invalid: SkipInvalidOpt = None,
+    group_by: Annotated[Optional[str], typer.Option("--group-by", metavar="FIELD", help="Rank the lines sharing this field's value (their lines must be together): adds rank (1 = best) and group_size (score.group_by).")] = None,
+    select: Annotated[Optional[str], typer.Option("--select", metavar="best", help="With --group-by: write only each group's best line (score.select).")] = None,
+    aggregate: Annotated[Optional[str], typer.Option("--aggregate", metavar="min|prod|last|mean", help="What ranks a group's lines (score.aggregate; default min).")] = None,
     overwrite: OverwriteOpt = False,
     json_: JsonOpt = False,
 ) -> None:
@@ -53,6 +56,8 @@ def score(
     Examples:
 
       prmkit score runs/prm solutions.jsonl -o scored.jsonl
+
+      prmkit score runs/prm candidates.jsonl -o best.jsonl --group-by problem_id --select best --aggregate min
 
       cat solutions.jsonl | prmkit score runs/prm - -o - > scored.jsonl
 
@@ -66,7 +71,12 @@ def score(
     cfg = load_config(config, set_, {
         "score.threshold": threshold, "score.batch_tokens": batch_tokens, "score.dtype": dtype,
         "score.device": device, "score.format": format_, "score.skip_invalid": skip_invalid,
+        "score.group_by": group_by, "score.select": select, "score.aggregate": aggregate,
     })
+    from prmkit.scoring.groups import group_spec
+
+    sc = cfg.score
+    group = group_spec(sc.group_by, sc.select, sc.aggregate if cfg.is_set("score.aggregate") else None)
     if json_ and output == "-":
         raise UsageError("--json needs --output FILE: with --output - stdout carries the scored lines")
     if output != "-" and input_ != "-":
@@ -82,7 +92,6 @@ def score(
 
     hf_logging.disable_progress_bar()  # a weight-loading bar per process is noise beside our own progress
 
-    sc = cfg.score
     scorer = StepScorer.from_pretrained(
         model, step_separator=unescape(step_separator), dtype=sc.dtype if sc.dtype != "auto" else cfg.model.dtype,
         device=sc.device, tokenization=explicit_tokenization(cfg.data, cfg.is_set), tokenizer=cfg.model.tokenizer,
@@ -96,7 +105,7 @@ def score(
         summary = score_file(
             scorer, input_, output, fmt=sc.format, threshold=sc.threshold, skip_invalid=sc.skip_invalid,
             overwrite=overwrite, on_progress=progress.lines if main else None, on_steps=progress.steps if main else None,
-            stdout=sys.stdout, on_reject=lambda where: out.warn(f"rejected {where}"),
+            stdout=sys.stdout, on_reject=lambda where: out.warn(f"rejected {where}"), group=group,
         )
     finally:
         progress.stop()
@@ -116,6 +125,11 @@ def score(
             f"scored {data['lines_scored']} of {data['lines_in']} lines{resumed}: {data['rows_out']} rows, "
             f"{data['steps']} steps in {data['seconds']:.1f} s ({rate}); {data['lines_rejected']} rejected"
         )
+    if summary.group_by and not summary.already_complete:
+        g = summary.group_by
+        what = "the best line of each" if g["select"] == "best" else "every line, ranked, of"
+        out.info(f"wrote {what} {g['groups_written']} groups ({g['field']}, by {g['aggregate']} step score; the "
+                 f"largest held {g['max_group_lines']} lines)")
     if data["rows_truncated"]:
         out.warn(f"{data['rows_truncated']} rows lost {data['steps_truncated']} steps to max_length: "
                  "their step_scores hold null and the line says \"truncated\": true")

@@ -14,7 +14,16 @@ import typer
 from rich.table import Table
 
 from prmkit.cli._errors import handle_errors
-from prmkit.cli._options import ConfigOpt, JsonOpt, OverwriteOpt, SetOpt
+from prmkit.cli._options import (
+    ConfigOpt,
+    FormatOpt,
+    JsonOpt,
+    OverwriteOpt,
+    SetOpt,
+    SkipInvalidOpt,
+    StepSeparatorOpt,
+    unescape,
+)
 from prmkit.cli._output import Output, attach_logging, stderr
 from prmkit.config import load_config
 
@@ -39,6 +48,9 @@ def train(
     tiny: Annotated[Optional[str], typer.Option("--tiny", metavar="ARCH", help="Train a tiny random model of this architecture (qwen2, llama, mistral, gpt2, ...) for --tokenizer instead of --model: an offline smoke run on your own data (sets model.tiny).")] = None,
     train_data: Annotated[Optional[str], typer.Option("--train", help="Training data (sets data.train).")] = None,
     eval_data: Annotated[Optional[str], typer.Option("--eval", help="Evaluation data, scored during training (sets data.eval).")] = None,
+    format_: FormatOpt = None,
+    step_separator: StepSeparatorOpt = None,
+    skip_invalid: SkipInvalidOpt = None,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Stop after this many optimizer steps (sets train.max_steps).", min=1)] = None,
     learning_rate: Annotated[Optional[float], typer.Option("--learning-rate", help="Peak learning rate (sets train.learning_rate; default 1e-5, 2e-3 for --tiny and --example).")] = None,
     epochs: Annotated[Optional[float], typer.Option("--epochs", help="Passes over the training data (sets train.num_train_epochs; default 1).")] = None,
@@ -88,6 +100,9 @@ def train(
         "train.seed": seed,
         "data.max_length": max_length,
         "train.example": True if example else None,
+        "data.format": format_,
+        "data.step_separator": unescape(step_separator),
+        "data.skip_invalid": skip_invalid,
     }
     cfg = load_config(config, set_, flags)
     resume = resume or resume_with_changes
@@ -105,7 +120,8 @@ def train(
                                                 accept_changes=resume_with_changes)
         lock.release()  # the launched main process takes it again
         child = _child_args(config, set_, output_dir, model, train_data, eval_data, max_steps, resume, overwrite, example,
-                            json_, tokenizer, tiny)
+                            json_, tokenizer, tiny, data_flags={"--format": format_, "--step-separator": step_separator,
+                                                                "--skip-invalid": skip_invalid})
         child += _more_child_args(flags, resume_with_changes)
         raise typer.Exit(relaunch(child, num_processes, accelerate_config))
 
@@ -174,7 +190,7 @@ def _quiet_libraries(main_rank: bool) -> None:
 
 
 def _child_args(config, set_, output_dir, model, train_data, eval_data, max_steps, resume, overwrite, example, json_,
-                tokenizer=None, tiny=None) -> list[str]:
+                tokenizer=None, tiny=None, data_flags: dict[str, Any] | None = None) -> list[str]:
     args: list[str] = []
     if config is not None:
         args += ["--config", str(config)]
@@ -184,6 +200,11 @@ def _child_args(config, set_, output_dir, model, train_data, eval_data, max_step
                         ("--train", train_data), ("--eval", eval_data), ("--max-steps", max_steps)):
         if value is not None:
             args += [flag, str(value)]
+    for flag, value in (data_flags or {}).items():
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + flag[2:])
+        elif value is not None:
+            args += [flag, str(value)]  # as typed: the child unescapes a separator again
     for flag, on in (("--resume", resume), ("--overwrite", overwrite), ("--example", example), ("--json", json_)):
         if on:
             args.append(flag)

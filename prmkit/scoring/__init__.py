@@ -5,15 +5,18 @@
 - :mod:`prmkit.scoring.budget`, :mod:`prmkit.scoring.attention`, :mod:`prmkit.scoring.timings`: the engine's batch
   budget, packed attention kernels and where a run's time goes.
 - :mod:`prmkit.scoring.source`: the records to score; :mod:`prmkit.scoring.resume`: the state and batch journal that
-  let a killed run resume to the same bytes; :mod:`prmkit.scoring.job`: :func:`score_file`, which joins them.
+  let a killed run resume to the same bytes; :mod:`prmkit.scoring.groups`: ``--group-by`` ranking (Best-of-N) while
+  streaming; :mod:`prmkit.scoring.job`: :func:`score_file`, which joins them.
 """
 
 from prmkit.scoring.engine import StepScorer, StepScores, default_batch_tokens, end_distributed
+from prmkit.scoring.groups import GroupSpec
 from prmkit.scoring.job import InputSource, ScoreCounts, ScoreSummary, output_paths, score_file
 from prmkit.scoring.loading import DTYPES, model_identity
 
 __all__ = [
     "DTYPES",
+    "GroupSpec",
     "InputSource",
     "ScoreCounts",
     "ScoreSummary",

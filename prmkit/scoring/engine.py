@@ -407,6 +407,24 @@ class StepScorer:
             self._spread_checked = _warn_if_flat(results, self.identity.get("name", "the model"))
         return results
 
+    def score_tokens(self, rows: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[StepScores]:
+        """Score solutions already tokenized: ``(input_ids, step positions)`` each, as a `prmkit prepare` dataset
+        holds them (its labelled positions). The caller has checked that they were made with this model's tokenizer
+        and tokenization (:func:`prmkit.prepared_input.check_matches`)."""
+        if self.kind_encoder is not None or self.prefix_mode:
+            raise UsageError(f"{self.identity.get('name')}: token ids can be scored by a causal (or bidirectional) "
+                             "token-classification PRM only", hint="give the text data instead")
+        seqs = []
+        for i, (ids, positions) in enumerate(rows):
+            if len(positions):
+                end = max(positions) + 1 if self.causal else len(ids)
+                seqs.append(_Seq(list(ids[:end]), [(i, k, int(p)) for k, p in enumerate(positions)]))
+        values = self._run(seqs, None)
+        results = [StepScores([None] * len(positions), False, len(ids)) for ids, positions in rows]
+        for (i, k, _), value in values:
+            results[i].scores[k] = value
+        return results
+
     def _sequences(self, items: list[tuple[str, Sequence[str]]]) -> tuple[list[Encoded], list[_Seq]]:
         """Each solution's encoding, and the sequences the model reads with the positions scored in each."""
         encoded = self.encode(items)

@@ -27,6 +27,7 @@ from prmkit.jsonio import dumps, dumps_record
 from prmkit.metrics import aggregate, first_error_index
 from prmkit.outputs import OutputLock, refuse_inputs_inside
 from prmkit.scoring.engine import StepScorer, StepScores
+from prmkit.scoring.groups import GroupOrder, GroupSpec, GroupWriter, key_of
 from prmkit.scoring.resume import (
     DIGEST,
     BatchJournal,
@@ -90,6 +91,8 @@ class ScoreSummary:
     """The attention implementation that read packed rows, or None for padded batches."""
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds of start-up, model loading, tokenizing, forward passes and writing (:mod:`prmkit.scoring.timings`)."""
+    group_by: dict[str, Any] | None = None
+    """--group-by's field, --select and --aggregate, with the groups written this run and the most lines one held."""
 
     def to_dict(self) -> dict[str, Any]:
         c = self.counts
@@ -111,6 +114,7 @@ class ScoreSummary:
             "lines_per_s": round(self.lines_this_run / self.seconds, 2) if self.seconds > 0 else None,
             "steps_per_s": round(self.steps_this_run / self.seconds, 2) if self.seconds > 0 else None,
             "timings": self.timings,
+            "group_by": self.group_by,
         }
 
 
@@ -145,6 +149,7 @@ def score_file(
     on_steps: Callable[[int], None] | None = None,
     stdout: Any = None,
     on_reject: Callable[[str], None] | None = None,
+    group: GroupSpec | None = None,
     lock: OutputLock | None = None,
 ) -> ScoreSummary:
     """Score every solution of ``input_spec`` into JSONL ``output`` (``-``: the text stream ``stdout``), resumably.
@@ -158,6 +163,9 @@ def score_file(
 
     A bad line stops the job with its number and reason (:class:`DataError`), before its window is scored; with
     ``skip_invalid`` it goes to ``OUT.rejects.jsonl`` (``on_reject`` for stdout) and the job goes on.
+
+    With ``group`` (``--group-by``) each line also gets its ``rank`` in its group and the ``group_size``, or only
+    each group's best line is written (``--select best``); groups must be contiguous (:mod:`prmkit.scoring.groups`).
 
     A second run writing the same ``output`` is refused while the first is alive (:class:`prmkit.outputs.OutputBusy`
     names its PID), and so is an output (or one of its companion files) that is the input or lies inside the model.
@@ -191,7 +199,7 @@ def score_file(
                 lock.acquire()
             if paths is not None and not overwrite:
                 summary.batch_tokens = _keep_derived_budget(scorer, paths)
-            job = _job_identity(scorer, src, fmt, threshold, window_rows)
+            job = _job_identity(scorer, src, fmt, threshold, window_rows, group)
             plan = _plan_output(paths, job, src, overwrite) if paths else {}
             hashes = plan.pop("hashes", {})  # running hashes of the committed files: this process's, not broadcast
             # Every process's batch journal names the job, so one left by another model or input is never replayed.
@@ -217,6 +225,19 @@ def score_file(
     fmt_used: str | None = plan.get("format_detected")
     fmt_origin = "the format given" if fmt != "auto" else "the format detected when this output was started"
     out_fh = rej_fh = None
+    order = writer = None
+    if group is not None:
+        order = GroupOrder(group.field)
+        if after_line:
+            order.replay(src.records(), after_line, src.where)
+        if main:
+            writer = GroupWriter(group, lambda obj, line: out_fh.write(_encode(_record_line(obj, src.where(line)))),
+                                 paths["group"] if paths is not None else None)
+            if paths is not None:
+                writer.restore(plan.get("group"))
+
+    def _encode(text: str) -> Any:
+        return text if paths is None else text.encode("utf-8")
 
     def commit(line: int, offset: int | None, final: bool = False) -> None:
         if paths is None:
@@ -227,6 +248,7 @@ def score_file(
         if rej_fh is not None:
             rej_fh.flush()
             os.fsync(rej_fh.fileno())
+        kept = writer.keep() if writer is not None else None
         write_state(paths["state"], {
             "prmkit_version": __version__,
             "status": "complete" if final else "running",
@@ -240,9 +262,12 @@ def score_file(
                 "rejects_bytes": rej_fh.tell() if rej_fh is not None else 0,
                 "rejects_sha256": (rej_fh.hexdigest() if rej_fh is not None else hashlib.sha256().hexdigest()),
                 "counts": counts.to_dict(),
+                **({"group": kept} if kept else {}),
             },
             "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         })
+        if writer is not None:
+            writer.tidy(kept["file"] if kept else None)
 
     def write_reject(rec: SourceRecord, field_name: str, reason: str) -> None:
         nonlocal rej_fh
@@ -278,6 +303,7 @@ def score_file(
             reading = time.perf_counter()
             # One window of whole records, so a resumed run sees exactly the windows of an uninterrupted one.
             pending: list[tuple[SourceRecord, list[tuple[dict, str, list[str]]] | None, tuple[str, str] | None]] = []
+            keys: dict[int, str] = {}
             n_rows = 0
             while n_rows < window_rows:
                 rec = next(records, None)
@@ -286,6 +312,8 @@ def score_file(
                     break
                 problem: tuple[str, str] | None = ("row", rec.problem) if rec.problem is not None else None
                 rows = None
+                if problem is None and order is not None:
+                    order.see(rec.record, rec.number, src.where)  # a group seen again stops the run here
                 if problem is None:
                     if fmt_used is None and isinstance(rec.record, dict):
                         fmt_used = fmt if fmt != "auto" else detect_score_format(rec.record, src.where(rec.number))
@@ -296,6 +324,8 @@ def score_file(
                         if fmt_used is not None:
                             check_format(fmt_used, rec.record, fmt_origin, SCORE_SIGNATURES)
                         rows = rows_to_score(fmt_used or "stepwise", rec.record, src.unit, rec.number, opts)
+                        if group is not None:
+                            keys[rec.number] = key_of(rec.record, group.field)
                     except RowError as e:
                         problem = (e.field, e.reason)
                 if problem is not None and not skip_invalid:
@@ -343,9 +373,13 @@ def score_file(
                     counts.tokens += res.num_tokens
                     counts.steps_truncated += sum(s is None for s in res.scores)
                     counts.rows_truncated += bool(res.truncated)
-                    if main:
-                        line = _scored_line(obj, res, threshold, src.where(rec.number))
-                        out_fh.write(line if paths is None else line.encode("utf-8"))
+                    if writer is not None:
+                        scored = _scored_object(obj, res, threshold)
+                        if group.field not in scored:  # a converted row (math-shepherd, prm800k): say its group
+                            scored[group.field] = rec.record[group.field]
+                        writer.add(keys[rec.number], rec.number, scored)
+                    elif main:
+                        out_fh.write(_encode(_scored_line(obj, res, threshold, src.where(rec.number))))
             last_line, last_offset = pending[-1][0].number, pending[-1][0].offset
             if main:
                 commit(last_line, last_offset)
@@ -358,6 +392,8 @@ def score_file(
         if counts.lines_in == 0:
             raise DataError(f"{src.name}: no lines to score")
         if main:
+            if writer is not None:
+                writer.flush()  # the last group: no next one will close it
             if paths is None:
                 out_fh.flush()
             else:
@@ -390,10 +426,13 @@ def score_file(
     summary.timings = scorer.timings.to_dict()
     summary.lines_this_run = lines_this_run
     summary.steps_this_run = steps_this_run
+    if writer is not None:
+        summary.group_by = {**group.to_dict(), "groups_written": writer.groups, "max_group_lines": writer.max_buffered}
     return summary
 
 
-def _job_identity(scorer: StepScorer, src: InputSource, fmt: str, threshold: float, window_rows: int) -> dict[str, Any]:
+def _job_identity(scorer: StepScorer, src: InputSource, fmt: str, threshold: float, window_rows: int,
+                  group: GroupSpec | None = None) -> dict[str, Any]:
     """What must match for a run to continue an earlier one's output.
 
     The batching settings belong here too: they decide which solutions share a forward pass, and a batch of another
@@ -415,6 +454,7 @@ def _job_identity(scorer: StepScorer, src: InputSource, fmt: str, threshold: flo
             "processes": scorer.world_size,
             "device": scorer.device.type,
             "packing": scorer.packing,
+            **({"group_by": group.to_dict()} if group is not None else {}),
         },
     }
 
@@ -527,6 +567,7 @@ def _plan_output(paths: dict[str, Path], job: dict, src: InputSource, overwrite:
         "counts": progress.get("counts", {}),
         "format_detected": state.get("format_detected"),
         "hashes": hashes,
+        "group": progress.get("group"),
     }
 
 
@@ -534,8 +575,12 @@ PRMKIT_FIELDS = ("step_scores", "aggregates", "first_error", "truncated")
 
 
 def _scored_line(obj: dict, res: StepScores, threshold: float, where: str) -> str:
+    return _record_line(_scored_object(obj, res, threshold), where)
+
+
+def _record_line(obj: dict, where: str) -> str:
     try:
-        return dumps_record(_scored_object(obj, res, threshold)) + "\n"
+        return dumps_record(obj) + "\n"
     except ValueError:  # the record was checked before scoring, so only a score can be NaN
         raise PrmkitError(f"{where}: the model gave a score that is not a number (NaN); stopped before writing it",
                           hint="a float16 model can overflow: try --dtype float32 (or bfloat16)") from None

@@ -37,6 +37,7 @@ STATE_SUFFIX = ".prmkit-state.json"
 PARTIAL_SUFFIX = ".partial"
 REJECTS_SUFFIX = ".rejects.jsonl"
 BATCHES_SUFFIX = ".prmkit-batches"
+GROUP_SUFFIX = ".prmkit-group"
 JOURNAL_SYNC_SECONDS = 1.0
 
 
@@ -49,6 +50,7 @@ def output_paths(output: str | Path) -> dict[str, Path]:
         "rejects": out.with_name(out.name + REJECTS_SUFFIX),
         "rejects_partial": out.with_name(out.name + REJECTS_SUFFIX + PARTIAL_SUFFIX),
         "batches": out.with_name(out.name + BATCHES_SUFFIX),
+        "group": out.with_name(out.name + GROUP_SUFFIX),
     }
 
 
@@ -59,9 +61,10 @@ def journal_path(paths: dict[str, Path], rank: int) -> Path:
 
 
 def remove_journals(paths: dict[str, Path]) -> None:
-    base = paths["batches"]
-    for p in base.parent.glob(base.name + "*"):
-        p.unlink(missing_ok=True)
+    """The batch journals and the kept open group (``--group-by``): what a window in progress leaves behind."""
+    for base in (paths["batches"], paths["group"]):
+        for p in base.parent.glob(base.name + "*"):
+            p.unlink(missing_ok=True)
 
 
 class BatchJournal:

@@ -43,12 +43,14 @@ class InputSource:
             with open(path, "rb") as fh:
                 for block in iter(lambda: fh.read(1 << 20), b""):
                     h.update(block)
+            if self.source.instruction is not None:  # another slice of the file is another input
+                h.update(f"\0rows {self.source.instruction}".encode())
             return h.hexdigest()
         return fingerprint_source(self.source)
 
     def total(self) -> int | None:
         """Number of lines when cheap to know (a JSONL file: counts newlines), else None."""
-        if self.source.kind != "jsonl" or self.source.path is None:
+        if self.source.kind != "jsonl" or self.source.path is None or self.source.instruction is not None:
             return None
         n = 0
         last = b"\n"
@@ -61,7 +63,8 @@ class InputSource:
     def records(self, after_line: int = 0, after_offset: int | None = None) -> Iterator[SourceRecord]:
         from prmkit.dataset import iter_records, read_jsonl
 
-        if self.source.kind != "jsonl":
+        if self.source.kind != "jsonl" or self.source.instruction is not None:
+            # A slice is read from its start: a byte offset says nothing about which rows the slice holds.
             for rec in iter_records(self.source):
                 if rec.number > after_line:
                     yield rec
