@@ -120,7 +120,8 @@ def test_resume_skips_a_partial_checkpoint_says_why_and_sets_it_aside(tmp_path, 
 
     caplog.set_level(logging.WARNING, logger="prmkit")
     longer = {**keys, "train__max_steps": 6}
-    result = train(make_cfg(tmp_path, tiny_qwen2_config_dir, rows, **longer), resume=True)
+    # A longer schedule on purpose: said with accept_changes (the CLI's --resume-with-changes).
+    result = train(make_cfg(tmp_path, tiny_qwen2_config_dir, rows, **longer), resume=True, accept_changes=True)
     assert result.resumed_from == str(out / "checkpoint-4") and result.global_step == 6
     assert result.skipped_checkpoints == [{"checkpoint": str(partial),
                                            "reason": "no trainer_state.json and no completion marker: "

@@ -446,7 +446,8 @@ def test_label_smoothing_changes_training_and_is_recorded(tmp_path, tiny_qwen2_c
     smoothed = train(make_cfg(tmp_path, tiny_qwen2_config_dir, rows, out="smooth", train__label_smoothing_factor=0.9,
                               **keys))
     # Same initial weights and batches: the first step's loss differs only by the smoothing.
-    assert smoothed.loss_history[0][1] != pytest.approx(plain.loss_history[0][1], abs=1e-4)
+    # (lm-tag starts near p = 0.5 over its two tokens, where smoothing moves the loss least: about 1e-4)
+    assert smoothed.loss_history[0][1] != pytest.approx(plain.loss_history[0][1], abs=1e-6)
     a, b = read_weights(tmp_path / "plain"), read_weights(tmp_path / "smooth")
     assert any(not torch.equal(a[key], b[key]) for key in a)
     meta = json.loads((tmp_path / "smooth" / "prmkit.json").read_text())

@@ -56,11 +56,19 @@ def alive(pid: int) -> bool:
     return _stat(pid)[0] not in (None, "Z")
 
 
+def _default_signals() -> None:
+    # Under nohup (SIGHUP ignored) or as a shell's background job (SIGINT ignored) the child would inherit the
+    # ignoring, and the signal under test would do nothing: a user's terminal delivers them.
+    for sig in (signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL if sig == signal.SIGHUP else signal.default_int_handler)
+
+
 def _start(tmp_path: Path, command: list[str]) -> tuple[subprocess.Popen, list[int]]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PRMKIT_CACHE": str(tmp_path / "cache")}
     # A session of its own: the signal goes to the parent alone, as a scheduler's or `kill PID` does.
     proc = subprocess.Popen([sys.executable, "-c", SLOW_WORKERS, *command], env=env, cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+                            preexec_fn=_default_signals)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         workers = children(proc.pid)
