@@ -126,11 +126,9 @@ def validate(row: dict[str, Any], label_threshold: float | None = None, allow_un
     steps = row.get("completions")
     _check_steps("completions", steps)
     for i, step in enumerate(steps):
-        if not isinstance(step, str):
-            raise RowError(f"completions[{i}]", f"expected a string, got {_kind(step)}")
-        if not step.strip():
-            # A whitespace-only step says nothing, just as an empty one: its label would sit on the separator alone.
-            raise RowError(f"completions[{i}]", "empty step" + (" (whitespace only)" if step else ""))
+        problem = step_problem(step)
+        if problem:
+            raise RowError(f"completions[{i}]", problem)
     _check_texts(prompt, steps)
     labels = row.get("labels")
     if not isinstance(labels, list):
@@ -152,6 +150,16 @@ def validate(row: dict[str, Any], label_threshold: float | None = None, allow_un
     if "first_error" in row:
         out["first_error"] = row["first_error"]
     return out
+
+
+def step_problem(step: Any) -> str | None:
+    """Why ``step`` cannot be a step (data files and the Python API alike), or None."""
+    if not isinstance(step, str):
+        return f"expected a string, got {_kind(step)}"
+    if not step.strip():
+        # A whitespace-only step says nothing, just as an empty one: its label would sit on the separator alone.
+        return "empty step" + (" (whitespace only)" if step else "")
+    return None
 
 
 def _kind(value: Any) -> str:

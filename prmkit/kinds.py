@@ -36,7 +36,6 @@ KINDS = (TOKEN_CLASSIFICATION, QWEN_PRM, LM_TAG, CHAT_PLUS_MINUS)
 LM_KINDS = (LM_TAG, CHAT_PLUS_MINUS)
 
 QWEN_PRM_ARCHITECTURE = "Qwen2ForProcessRewardModel"
-PRMKIT_JSON_NAME = "prmkit.json"  # prmkit.modeling.PRMKIT_JSON, named here without importing the model layer
 # Qwen2.5-Math-PRM's model card.
 QWEN_PRM_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 QWEN_PRM_STEP_TOKEN = "<extra_0>"
@@ -314,6 +313,7 @@ def reward_token_ids(tokenizer: Any, settings: KindSettings, kind: str) -> tuple
     `▁-`); on a byte-level BPE (Qwen2, Llama 3) the card's reading would take `+` and ` -`, a pair no trainer meant.
     """
     good, bad = settings.reward_tokens
+    alone = [tokenizer.encode(t, add_special_tokens=False) for t in (good, bad)]
     if settings.reward_token_ids is not None:
         ids = list(settings.reward_token_ids)
         size = len(tokenizer)
@@ -323,14 +323,11 @@ def reward_token_ids(tokenizer: Any, settings: KindSettings, kind: str) -> tuple
     elif kind == LM_TAG and settings.pair_encoded:
         ids = tokenizer.encode(f"{good} {bad}", add_special_tokens=False)
     else:
-        ids = []
-        for token in (good, bad):
-            one = tokenizer.encode(token, add_special_tokens=False)
+        for token, one in zip((good, bad), alone):
             if len(one) != 1:
                 raise UsageError(f"reward token {token!r} is not a single token of this tokenizer (it encodes to "
                                  f"{len(one)} ids)", hint="set model.reward_tokens to two strings the tokenizer keeps whole")
-            ids += one
-    alone = [tokenizer.encode(t, add_special_tokens=False) for t in (good, bad)]
+        ids = [alone[0][0], alone[1][0]]
     if alone[0] == alone[1]:
         # Encoded in context ("+ +" is "+", " +") equal tokens can get two ids, and the two scores would mean nothing.
         raise UsageError(f"reward tokens {shown([good, bad])} are the same token (ids {alone[0]}): the correct and "
@@ -475,13 +472,15 @@ def _hub_config(name: str, revision: str | None) -> dict[str, Any]:
 def _warn_unmarked(kind: str, name: str, config: dict[str, Any]) -> None:
     """A kind set by hand on a model that carries no sign of being a PRM of that kind: a base model read so scores
     every step alike (about 0.5), and nothing else would say it."""
+    from prmkit.modeling import PRMKIT_JSON
+
     architectures = [str(a) for a in config.get("architectures") or []]
     if kind == QWEN_PRM and QWEN_PRM_ARCHITECTURE in architectures:
         return
     if kind == TOKEN_CLASSIFICATION and any(a.endswith("ForTokenClassification") for a in architectures):
         return
     what = f"a {architectures[0]}" if architectures else "a model"
-    log.warning(f"model.kind={kind} is set for {name}, {what} with no {PRMKIT_JSON_NAME} and nothing else that marks "
+    log.warning(f"model.kind={kind} is set for {name}, {what} with no {PRMKIT_JSON} and nothing else that marks "
                 f"it as a {kind} PRM: its scores mean something only if it was trained as one (a base model scores "
                 "every step alike)")
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from prmkit.errors import DataError, PrmkitError, UsageError, first_line
+from prmkit.formats import step_problem
 from prmkit.modeling import (
     POSITIVE_LABEL_ID,
     PRMKIT_JSON,
@@ -661,7 +662,7 @@ class StepScorer:
 
 
 def _check_items(items: Sequence[tuple[str, Sequence[str]]]) -> None:
-    """The library API refuses what the CLI refuses: an empty step's score would sit on the separator alone."""
+    """The library API refuses what the CLI refuses (:func:`prmkit.formats.step_problem`)."""
     for n, item in enumerate(items, 1):
         prompt, steps = item
         if not isinstance(prompt, str):
@@ -669,10 +670,9 @@ def _check_items(items: Sequence[tuple[str, Sequence[str]]]) -> None:
         if isinstance(steps, str):
             raise DataError(f"solution {n}: steps: expected a list of strings, got one string")
         for k, step in enumerate(steps):
-            if not isinstance(step, str):
-                raise DataError(f"solution {n}: step {k + 1}: expected a string, got {type(step).__name__}")
-            if not step.strip():
-                raise DataError(f"solution {n}: step {k + 1}: empty step" + (" (whitespace only)" if step else ""))
+            problem = step_problem(step)
+            if problem:
+                raise DataError(f"solution {n}: step {k + 1}: {problem}")
 
 
 FLAT_MIN_STEPS = 8
