@@ -19,11 +19,11 @@ from typing import Callable
 
 import typer
 
-from prmkit.atomic import TEMP_SUFFIX
+from prmkit.core.atomic import TEMP_SUFFIX
 from prmkit.cli._options import DebugOpt
 from prmkit.cli._output import MaskedStream, Output
 from prmkit.errors import ConfigError, DataError, PrmkitError, write_failure
-from prmkit.redact import mask
+from prmkit.core.redact import mask
 
 MAX_PROBLEMS = 10
 

@@ -24,9 +24,9 @@ from prmkit.cli._options import (
     unescape,
 )
 from prmkit.cli._output import Output, attach_logging, stderr
-from prmkit.config import load_config
+from prmkit.config.load import load_config
 from prmkit.errors import UsageError
-from prmkit.outputs import refuse_inputs_inside
+from prmkit.core.outputs import refuse_inputs_inside
 
 
 @handle_errors
@@ -87,7 +87,7 @@ def score(
 
     from transformers.utils import logging as hf_logging
 
-    from prmkit.modeling import explicit_tokenization
+    from prmkit.models.model_dir import explicit_tokenization
     from prmkit.scoring import StepScorer, end_distributed, score_file
 
     hf_logging.disable_progress_bar()  # a weight-loading bar per process is noise beside our own progress

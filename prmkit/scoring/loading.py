@@ -9,9 +9,10 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from prmkit.atomic import read_json
+from prmkit.core.atomic import read_json
 from prmkit.errors import PrmkitError, UsageError, first_line
-from prmkit.modeling import MODEL_LOAD_DEFAULTS, PRMKIT_JSON
+from prmkit.models.loading import MODEL_LOAD_DEFAULTS
+from prmkit.core.filenames import PRMKIT_JSON
 
 log = logging.getLogger("prmkit")
 
