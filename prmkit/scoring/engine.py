@@ -42,8 +42,8 @@ from prmkit.scoring.loading import (
     load_model,
     model_identity,
     resolve_device,
-    resolve_dtype,
 )
+from prmkit.models.loading import resolve_dtype
 from prmkit.scoring.timings import Timings
 from prmkit.tokenization import Encoded, TextEncoder, TokenizationParams, encode_solutions, tokenizer_fingerprint
 
@@ -255,7 +255,7 @@ class StepScorer:
                                                             revision=revision, trust_remote_code=trust_remote_code)
 
         rank, world_size, dev = resolve_device(device)
-        torch_dtype = resolve_dtype(dtype, dev)
+        torch_dtype = resolve_dtype(dtype, dev, key="dtype")
         if dev.type == "cuda":
             torch.cuda.init()  # the CUDA context is start-up, not model loading
         adapter = is_local and (local / "adapter_config.json").is_file()
