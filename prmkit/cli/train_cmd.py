@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -131,8 +132,11 @@ def train(
     from prmkit.scoring import end_distributed
 
     try:
-        result = training.train(cfg, overwrite=overwrite, resume=True if resume else None,
-                                console=stderr() if main_rank else None, accept_changes=resume_with_changes)
+        # stdout is for the result alone; a library that logs to it (DeepSpeed's logger does, whenever deepspeed is
+        # installed, as soon as the Trainer starts) writes to stderr meanwhile.
+        with contextlib.redirect_stdout(sys.stderr):
+            result = training.train(cfg, overwrite=overwrite, resume=True if resume else None,
+                                    console=stderr() if main_rank else None, accept_changes=resume_with_changes)
     finally:
         end_distributed()
     if not main_rank:
@@ -247,8 +251,10 @@ def launch_command(child_args: list[str], num_processes: int | None, accelerate_
         if n > 1:
             # Without a GPU, `--cpu` would start only one process; --multi_gpu with ACCELERATE_USE_CPU gives N gloo ranks.
             cmd.append("--multi_gpu")
-        if not cuda:
-            env["ACCELERATE_USE_CPU"] = "true"
+    if not cuda:
+        # Without it, processes started from a config file (FSDP, DeepSpeed) on a machine with no GPU form no process
+        # group: each would train alone, all of them writing the same output.
+        env["ACCELERATE_USE_CPU"] = "true"
     cmd += ["-m", "prmkit", "train", *child_args]
     return cmd, env
 

@@ -90,6 +90,15 @@ from prmkit.core.checkpoints import (
 )
 from prmkit.core.overwrite import FINAL_TMP, settle_overwrite
 from prmkit.kinds.heads import preprocess_logits_for_metrics, step_loss_func
+from prmkit.train.distributed import (
+    StrategyPlan,
+    enable_cpu_fsdp,
+    gathered_state_dict,
+    join_cpu_processes,
+    plan_strategy,
+    save_lora_base,
+    save_whole_model,
+)
 from prmkit.train.batching import (
     LengthGroupedSampler,
     StepCollator,
@@ -147,6 +156,8 @@ class TrainResult:
     """[step, loss] for every logged training loss."""
     lora: dict[str, Any] | None = None
     world_size: int = 1
+    strategy: dict[str, Any] | None = None
+    """The distributed strategy that ran (prmkit.train.distributed.Strategy): DDP, FSDP, DeepSpeed, one process."""
     resumed_from: str | None = None
     skipped_checkpoints: list[dict[str, str]] = field(default_factory=list)
     """Checkpoints newer than ``resumed_from`` that were incomplete, each with the reason; set aside, not used."""
@@ -211,7 +222,8 @@ def _trainer_classes():
         """The Trainer with prmkit's sampler, token meter and debug row log; the loss is ``compute_loss_func``."""
 
         def __init__(self, *args: Any, batching: str, lengths: Sequence[int] | None, meter: TokenMeter,
-                     on_checkpoint: Any = None, **kwargs: Any):
+                     on_checkpoint: Any = None, strategy: StrategyPlan | None = None, **kwargs: Any):
+            self.prmkit_strategy = strategy
             self.prmkit_batching = batching
             self.prmkit_lengths = lengths
             self.prmkit_meter = meter
@@ -223,6 +235,11 @@ def _trainer_classes():
             self.add_callback(self.prmkit_at_end)
             if self.args.use_liger_kernel:
                 self.add_callback(ForwardCheck())
+
+        def create_accelerator_and_postprocess(self) -> None:
+            super().create_accelerator_and_postprocess()
+            if self.prmkit_strategy is not None:
+                enable_cpu_fsdp(self, self.prmkit_strategy.asked)  # accelerate drops FSDP over CPU processes
 
         prmkit_evaluating = False
         """True from the start of an evaluation until it returns: an out-of-memory error with it still set came from
@@ -518,9 +535,11 @@ def train(
     if resume is None:
         resume = cfg.training_arguments.get("resume_from_checkpoint") or None
     has_eval = has_eval_data(cfg)
+    join_cpu_processes()  # launched processes on a machine without a GPU: one gloo group, not N lone runs
     args = build_training_arguments(cfg, has_eval)
     _ = args.device  # initialises the distributed state before PartialState is asked for it
     state = PartialState()
+    strategy = plan_strategy(args, state, cfg.train.require_strategy)  # refuses here, before anything is written
 
     # The main process locks the output directory and decides; every process follows its answer, refusals included.
     lock = None
@@ -540,7 +559,7 @@ def train(
         raise kind(message, hint=hint)
     plan = decision["plan"]
     try:
-        return _train_planned(cfg, plan, state, args, model_config, console, callbacks)
+        return _train_planned(cfg, plan, state, args, model_config, console, callbacks, strategy)
     finally:
         # However the run ended (finished, interrupted, failed): keep it if it saved something, else restore.
         if state.is_main_process and plan.action == "overwrite":
@@ -552,7 +571,7 @@ def train(
 
 
 def _train_planned(cfg: Config, plan: OutputPlan, state: Any, args: Any, model_config: Any, console: Any,
-                   callbacks: list | None) -> TrainResult:
+                   callbacks: list | None, strategy: StrategyPlan) -> TrainResult:
     import torch
 
     from prmkit.data.prepare import prepare_splits
@@ -613,7 +632,7 @@ def _train_planned(cfg: Config, plan: OutputPlan, state: Any, args: Any, model_c
     if len(train_ds) == 0:
         raise UsageError(f"{cfg.data.train}: no training rows left after preparation")
     lengths = train_ds["num_tokens"]
-    memory = _memory_plan(cfg, args, state, model, model_config, lengths, batching, attn)
+    memory = _memory_plan(cfg, args, state, model, model_config, lengths, batching, attn, strategy)
     set_checkpointing(args, memory.checkpointing)
     if state.is_main_process:
         log.info(memory.preflight())
@@ -648,7 +667,10 @@ def _train_planned(cfg: Config, plan: OutputPlan, state: Any, args: Any, model_c
         meter=meter,
         # An --overwrite run that has saved a complete checkpoint has something to keep: the previous contents go.
         on_checkpoint=(lambda _path: settle_overwrite(plan.output_dir)) if plan.action == "overwrite" else None,
+        strategy=strategy,
     )
+    strategy.confirm(trainer)
+    trainer.add_callback(strategy.callback(trainer))
     from transformers import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts to stdout, which is for results only
@@ -703,6 +725,7 @@ def _train_planned(cfg: Config, plan: OutputPlan, state: Any, args: Any, model_c
         loss_history=history,
         lora=lora_info,
         world_size=state.num_processes,
+        strategy=strategy.to_dict(),
         resumed_from=plan.checkpoint if plan.action == "resume" else None,
         skipped_checkpoints=[{"checkpoint": p, "reason": why} for p, why in plan.skipped],
     )
@@ -780,23 +803,22 @@ def requested_checkpointing(cfg: Config) -> str | bool:
 
 
 def _memory_plan(cfg: Config, args: Any, state: Any, model: Any, model_config: Any, lengths: Sequence[int],
-                 batching: str, attn: str) -> MemoryPlan:
+                 batching: str, attn: str, strategy: StrategyPlan) -> MemoryPlan:
     """The memory plan for this process; under several processes, all plan against the smallest budget."""
     import torch
-    from accelerate.utils import DistributedType
 
     budget = device_budget(cfg.train.memory_budget_gb, args.device)
     if budget.bytes is not None and state.num_processes > 1 and torch.distributed.is_initialized():
         t = torch.tensor([budget.bytes], dtype=torch.long, device=args.device)
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
         budget = type(budget)(int(t.item()), budget.source + " (smallest of all processes)")
-    shards = state.num_processes if state.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP) else 1
     param = next(model.parameters())
     optim = getattr(args.optim, "value", args.optim)
     shape = model_shape(model_config, model, lm_head=cfg.train.kind == "lm-tag")
     return plan_memory(requested_checkpointing(cfg), shape, lengths,
                        args.per_device_train_batch_size, batching, budget, param_bytes=param.element_size(),
-                       mixed=bool(args.bf16 or args.fp16), optimizer=str(optim), attention=attn or "sdpa", shards=shards)
+                       mixed=bool(args.bf16 or args.fp16), optimizer=str(optim), attention=attn or "sdpa",
+                       sharding=strategy.expected.sharding_for_memory())
 
 
 def _present_modules(model: Any, names: Any) -> list[str]:
@@ -822,7 +844,7 @@ def _save_final(trainer: Any, cfg: Config, tokenizer: Any, prepared: Any, output
     sharded = trainer.accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
     adapter_dir: str | None = None
     if lora_info is None:
-        trainer.save_model(str(tmp))  # gathers DeepSpeed/FSDP shards; writes on the main process only
+        save_whole_model(trainer, str(tmp))  # gathers DeepSpeed/FSDP shards; writes on the main process only
     elif cfg.train.lora_merge and not sharded:
         trainer.save_model(str(tmp / "adapter"))
         if state.is_main_process:
@@ -835,12 +857,16 @@ def _save_final(trainer: Any, cfg: Config, tokenizer: Any, prepared: Any, output
             log.warning("LoRA merge is not done under DeepSpeed/FSDP; saving the adapter (merge it after loading)")
             if lora_info is not None:
                 lora_info["merged"] = False
-        trainer.save_model(str(tmp))
+        save_whole_model(trainer, str(tmp))
         adapter_dir = "."
+        # The random base cannot be downloaded again; keep it so the adapter can be loaded.
+        full = gathered_state_dict(trainer) if cfg.model.init_from_config else None  # FSDP: every process gathers
         if cfg.model.init_from_config and state.is_main_process:
-            # The random base cannot be downloaded again; keep it so the adapter can be loaded.
             base = trainer.accelerator.unwrap_model(trainer.model).get_base_model()
-            _save_base_without_lora(base, tmp / BASE_MODEL_DIR)
+            if full is None:
+                _save_base_without_lora(base, tmp / BASE_MODEL_DIR)
+            else:
+                save_lora_base(base, full, tmp / BASE_MODEL_DIR)
     if not state.is_main_process:
         state.wait_for_everyone()
         return
@@ -855,6 +881,7 @@ def _save_final(trainer: Any, cfg: Config, tokenizer: Any, prepared: Any, output
         **hyper,
         "disable_dropout": cfg.train.disable_dropout,
         "world_size": state.num_processes,
+        "strategy": result.strategy,
         "effective_batch_size": trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps * state.num_processes,
         "global_step": result.global_step,
         "epochs": result.epochs,
