@@ -12,13 +12,13 @@ from typing import Any
 import yaml
 
 from prmkit.config.schema import (
-    CHOICES,
     SECTIONS,
     TRAINING_ARGUMENT_DEFAULTS,
     Config,
     _check_lora,
     _did_you_mean,
     check_range,
+    choices_for,
     training_argument_fields,
 )
 from prmkit.core.redact import collect_secrets, mask, redact
@@ -304,7 +304,7 @@ def _coerce(value: Any, annotation: Any, key: str, origin: str) -> Any:
         except ValueError:
             pass
     if str in kinds and isinstance(value, str):
-        choices = CHOICES.get(key)
+        choices = choices_for(key)
         if choices and value not in choices:
             allowed = ("true, false or " if bool in kinds else "one of ") + ", ".join(choices)
             raise ConfigError(f"{origin}: {key}: expected {allowed}, got {shown(value)}"

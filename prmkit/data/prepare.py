@@ -32,6 +32,7 @@ from prmkit.data.sources import (
 )
 from prmkit.data.tokenized import Prepared, _read_metadata, verify_prepared
 from prmkit.errors import UsageError
+from prmkit.kinds.registry import DEFAULT_KIND, get_kind
 from prmkit.tokenization import (
     TokenizationParams,
     tokenizer_fingerprint,
@@ -49,16 +50,18 @@ def cache_root(cfg_cache_dir: str | None) -> Path:
 
 
 def _train_kind_encoder(cfg, tokenizer):
-    """The lm-tag kind's tokenization when ``train.kind`` asks for it (None: TRL's token classification)."""
+    """The tokenization of ``train.kind`` when it has its own layout (lm-tag), else None (TRL's tokenization)."""
     train = getattr(cfg, "train", None)
-    if train is None or getattr(train, "kind", "token-classification") != "lm-tag":
+    kind = get_kind(getattr(train, "kind", DEFAULT_KIND)) if train is not None else None
+    if kind is None or kind.uses_separator:
         return None
     from prmkit.kinds.encoder import KindEncoder
-    from prmkit.kinds.spec import LM_TAG, KindSettings, ensure_tag_token
+    from prmkit.kinds.spec import KindSettings, ensure_tag_token
 
-    settings = KindSettings.from_sources({**cfg.model.kind_settings(), "kind": LM_TAG}, None)
-    ensure_tag_token(tokenizer, settings.tag())  # as train does (a no-op there): `prepare` alone works too
-    return KindEncoder(LM_TAG, tokenizer, settings, cfg.data.max_length)
+    settings = KindSettings.from_sources({**cfg.model.kind_settings(), "kind": kind.name}, None)
+    if kind.uses_step_tag:
+        ensure_tag_token(tokenizer, settings.tag())  # as train does (a no-op there): `prepare` alone works too
+    return KindEncoder(kind.name, tokenizer, settings, cfg.data.max_length)
 
 
 def cache_key(tok_fp: dict, params: TokenizationParams, data_cfg, sources: dict[str, str],

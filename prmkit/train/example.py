@@ -61,13 +61,13 @@ EXAMPLE_RECIPE_VERSION = 2  # bump when the example tokenizer or model changes, 
 
 def example_texts() -> list[str]:
     """Every prompt and step of the bundled example data, in file order (what the example tokenizer learns from)."""
-    from prmkit.data.formats import Options
+    from prmkit.data.formats import PRM800K, PROCESSBENCH, Options
     from prmkit.data.sources import read_step_rows
 
     texts: list[str] = []
-    sources = [(EXAMPLE_TRAIN, "prm800k", False)]
+    sources = [(EXAMPLE_TRAIN, PRM800K, False)]  # the formats of the bundled files
     if EXAMPLE_EVAL.is_file():
-        sources.append((EXAMPLE_EVAL, "processbench", True))
+        sources.append((EXAMPLE_EVAL, PROCESSBENCH, True))
     level = log.level
     log.setLevel(logging.ERROR)  # prepare reports on the same files moments later; say things once
     try:
