@@ -10,8 +10,9 @@ import dataclasses
 import difflib
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from prmkit.data.formats import format_choices
 from prmkit.errors import ConfigError, shown

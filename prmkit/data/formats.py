@@ -19,8 +19,9 @@ This module imports nothing heavy at module level (:mod:`prmkit.tokenization` lo
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from prmkit.errors import DataError
 
@@ -40,7 +41,7 @@ class Format:
     name: str
     signature: tuple[str, ...]
     """The columns that identify it; ``auto`` picks the one format whose columns are all present."""
-    convert: Callable[[dict, "Options"], list[dict]]
+    convert: Callable[[dict, Options], list[dict]]
     """(record, options) -> stepwise rows, not yet validated (:func:`convert` validates them)."""
     score_columns: tuple[str, str, str] | None = None
     """(prompt, steps, labels) columns of a record `prmkit score` scores as it is and writes back whole; None: its
@@ -76,7 +77,7 @@ def format_choices() -> tuple[str, ...]:
     return (AUTO, *FORMATS)
 
 
-def get_format(name: str) -> Format:
+def get_format(name: str | None) -> Format:
     fmt = FORMATS.get(name) if isinstance(name, str) else None
     if fmt is None:
         raise DataError(f"unknown format {name!r}", hint=f"use one of {', '.join(format_choices())}")

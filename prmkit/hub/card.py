@@ -267,7 +267,7 @@ def build_card(repo_id: str, metadata: dict | None, report: dict | None = None, 
                        if (h := hub_id(s))})
 
     eval_lines, eval_results = _eval_section(report, report_path) if report else ([], [])
-    kind_info = meta.get("kind") if isinstance(meta.get("kind"), dict) else {}
+    kind_info: dict[str, Any] = meta["kind"] if isinstance(meta.get("kind"), dict) else {}
     kind_card = trained_kind(kind_info).card
     assert kind_card is not None  # every kind prmkit trains declares its card
     card_data = ModelCardData(

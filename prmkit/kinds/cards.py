@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-TRANSFORMERS_SNIPPET = '''\
+TRANSFORMERS_SNIPPET = """\
 import torch
 {imports}
 
@@ -38,9 +38,9 @@ with torch.no_grad():
     logits = model(input_ids=torch.tensor([input_ids])).logits[0]
 step_scores = logits[positions].softmax(dim=-1)[:, 1].tolist()  # p(step is correct): LABEL_1
 print(step_scores)
-'''
+"""
 
-LM_TAG_SNIPPET = '''\
+LM_TAG_SNIPPET = """\
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -61,7 +61,7 @@ with torch.no_grad():
     logits = model(input_ids=input_ids).logits[0][:, reward_ids]
 step_scores = logits.softmax(dim=-1)[:, 0][input_ids[0] == tag_id].tolist()  # p(step is correct)
 print(step_scores)
-'''
+"""
 
 
 def transformers_snippet(repo_id: str, separator: str, adapter: bool = False) -> str:
@@ -72,8 +72,9 @@ def transformers_snippet(repo_id: str, separator: str, adapter: bool = False) ->
     else:
         imports = "from transformers import AutoModelForTokenClassification, AutoTokenizer"
         model_load = "AutoModelForTokenClassification.from_pretrained(repo).eval()"
-    return TRANSFORMERS_SNIPPET.format(repo_id=repo_id, separator=repr(separator), imports=imports,
-                                       model_load=model_load)
+    return TRANSFORMERS_SNIPPET.format(
+        repo_id=repo_id, separator=repr(separator), imports=imports, model_load=model_load
+    )
 
 
 def lm_tag_snippet(repo_id: str, kind: dict) -> str:
@@ -84,12 +85,13 @@ def lm_tag_snippet(repo_id: str, kind: dict) -> str:
         reward_ids = f"{list(ids)!r}  # prmkit.json: kind.reward_token_ids, the ids of [good, bad] it was trained on"
     else:  # prmkit.json from before the ids were recorded: such a model was trained on the pair's encoding
         reward_ids = 'tokenizer.encode(f"{good} {bad}", add_special_tokens=False)  # [good, bad]'
-    return LM_TAG_SNIPPET.format(repo_id=repo_id, tag=repr(kind.get("step_tag", "ки")), good=repr(good), bad=repr(bad),
-                                 reward_ids=reward_ids)
+    return LM_TAG_SNIPPET.format(
+        repo_id=repo_id, tag=repr(kind.get("step_tag", "ки")), good=repr(good), bad=repr(bad), reward_ids=reward_ids
+    )
 
 
-# -- per kind: (where a step's score is read, the card's "### transformers" lines) --------------------------------------
-# ``kind`` is prmkit.json's ``kind`` record ({} for a token classifier), ``adapter`` whether the card is a LoRA adapter's.
+# -- per kind: where a step's score is read, and the card's "### transformers" lines ----------------------------------
+# ``kind`` is prmkit.json's ``kind`` record ({} for a token classifier); ``adapter``: the card is a LoRA adapter's.
 
 
 def separator_reads(kind: dict[str, Any]) -> str:
@@ -97,23 +99,39 @@ def separator_reads(kind: dict[str, Any]) -> str:
 
 
 def separator_usage(repo_id: str, kind: dict[str, Any], separator: str, adapter: bool) -> list[str]:
-    return ["### transformers", "",
-            f"The step separator is `{json.dumps(separator, ensure_ascii=False)}`. Tokenize the prompt and every step "
-            "separately and put the separator's tokens after each step, exactly as training did. Do not join "
-            "`prompt + separator + step + ...` into one string: BPE merges characters across the boundary (with "
-            "Qwen2, `.\\n` is a single token), so the separator's last token is not where the model learned to "
-            "score, and the scores are wrong without any error.", "",
-            "```python", transformers_snippet(repo_id, separator, adapter).rstrip(), "```", ""]
+    return [
+        "### transformers",
+        "",
+        f"The step separator is `{json.dumps(separator, ensure_ascii=False)}`. Tokenize the prompt and every step "
+        "separately and put the separator's tokens after each step, exactly as training did. Do not join "
+        "`prompt + separator + step + ...` into one string: BPE merges characters across the boundary (with "
+        "Qwen2, `.\\n` is a single token), so the separator's last token is not where the model learned to "
+        "score, and the scores are wrong without any error.",
+        "",
+        "```python",
+        transformers_snippet(repo_id, separator, adapter).rstrip(),
+        "```",
+        "",
+    ]
 
 
 def lm_tag_reads(kind: dict[str, Any]) -> str:
     good, bad = kind.get("reward_tokens") or ["+", "-"]
-    return (f"a causal LM's softmax over the reward tokens `{good}`/`{bad}` at the tag "
-            f"`{kind.get('step_tag')}` that follows each step (prmkit's `{kind.get('kind')}` kind)")
+    return (
+        f"a causal LM's softmax over the reward tokens `{good}`/`{bad}` at the tag "
+        f"`{kind.get('step_tag')}` that follows each step (prmkit's `{kind.get('kind')}` kind)"
+    )
 
 
 def lm_tag_usage(repo_id: str, kind: dict[str, Any], separator: str, adapter: bool) -> list[str]:
-    return ["### transformers", "",
-            "Follow each step with the tag and tokenize the whole text at once, as training did; read the two "
-            "reward tokens' logits at every tag.", "",
-            "```python", lm_tag_snippet(repo_id, kind).rstrip(), "```", ""]
+    return [
+        "### transformers",
+        "",
+        "Follow each step with the tag and tokenize the whole text at once, as training did; read the two "
+        "reward tokens' logits at every tag.",
+        "",
+        "```python",
+        lm_tag_snippet(repo_id, kind).rstrip(),
+        "```",
+        "",
+    ]

@@ -70,7 +70,7 @@ class KindEncoder:
         if self.spec.layout == TAG_TEXT:
             return f"{prompt} " + "\n".join(f"{step} {self.tag}" for step in steps)
         system = self.settings.system_prompt if self.settings.system_prompt is not None else \
-            self.spec.default_system_prompt
+            self.spec.default_system_prompt or ""
         return self._render([{"role": "system", "content": system}, {"role": "user", "content": prompt},
                              {"role": "assistant", "content": self.tag.join(steps) + self.tag}])
 

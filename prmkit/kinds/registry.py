@@ -5,13 +5,15 @@ Nothing outside this module spells a kind's name or compares one: code asks the 
 them, a new text layout in :mod:`prmkit.kinds.encoder`, a new head in :mod:`prmkit.kinds.heads` (loaded in
 :mod:`prmkit.scoring.kinds`) and card builders in :mod:`prmkit.kinds.cards` (CONTRIBUTING.md, "Adding a PRM kind").
 
-This module imports nothing above :mod:`prmkit.errors`, so the config and ``--help`` read it without torch.
+This module imports only :mod:`prmkit.errors` and :mod:`prmkit.kinds.cards` (plain text), so the config and
+``--help`` read it without torch or numpy.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from prmkit.errors import UsageError
 from prmkit.kinds import cards
@@ -29,7 +31,8 @@ DEFAULT_KIND = TOKEN_CLASSIFICATION
 
 # How a kind lays out (prompt, steps) as tokens, and where it reads each step's score.
 SEPARATOR = "separator"
-"""TRL's tokenization (:mod:`prmkit.tokenization`): the data's step separator after each step, read at its last token."""
+"""TRL's tokenization (:mod:`prmkit.tokenization`): the data's step separator after each step, read at its last
+token."""
 TAG_TEXT = "tag-text"
 """``"{prompt} {step 1} {tag}\\n{step 2} {tag}..."`` as one text (Math-Shepherd's layout), read at each tag."""
 TAG_CHAT = "tag-chat"
@@ -88,7 +91,7 @@ class Kind:
 
     name: str
     layout: str
-    """How (prompt, steps) become tokens: :data:`SEPARATOR`, :data:`TAG_TEXT`, :data:`TAG_CHAT` or :data:`CHAT_TURNS`."""
+    """How (prompt, steps) become tokens: :data:`SEPARATOR`, :data:`TAG_TEXT`, :data:`TAG_CHAT`, :data:`CHAT_TURNS`."""
     head: str
     """Where the scores come from: :data:`CLASSIFIER`, :data:`QWEN_PRM_HEAD` or :data:`REWARD_TOKENS`."""
     summary: str = ""
@@ -159,24 +162,48 @@ class Kind:
 
 KINDS: dict[str, Kind] = {
     TOKEN_CLASSIFICATION: Kind(
-        TOKEN_CLASSIFICATION, SEPARATOR, CLASSIFIER, trainable=True, architecture_suffixes=("ForTokenClassification",),
-        card=KindCard(HUB_TOKEN_CLASSIFICATION, cards.separator_reads, cards.separator_usage)),
+        TOKEN_CLASSIFICATION,
+        layout=SEPARATOR,
+        head=CLASSIFIER,
+        trainable=True,
+        architecture_suffixes=("ForTokenClassification",),
+        card=KindCard(HUB_TOKEN_CLASSIFICATION, cards.separator_reads, cards.separator_usage),
+    ),
     QWEN_PRM: Kind(
-        QWEN_PRM, TAG_CHAT, QWEN_PRM_HEAD, default_tag=QWEN_PRM_STEP_TOKEN, tag_single_token=True,
-        default_system_prompt=QWEN_PRM_SYSTEM_PROMPT, architectures=(QWEN_PRM_ARCHITECTURE,)),
+        QWEN_PRM,
+        layout=TAG_CHAT,
+        head=QWEN_PRM_HEAD,
+        default_tag=QWEN_PRM_STEP_TOKEN,
+        tag_single_token=True,
+        default_system_prompt=QWEN_PRM_SYSTEM_PROMPT,
+        architectures=(QWEN_PRM_ARCHITECTURE,),
+    ),
     LM_TAG: Kind(
-        LM_TAG, TAG_TEXT, REWARD_TOKENS, summary="a tag token after each step, e.g. Math-Shepherd", trainable=True,
-        causal_lm=True, default_tag=MATH_SHEPHERD_TAG, causal_signature=STEP_TAG_TOKEN, legacy_pair_encoded=True,
-        card=KindCard("text-generation", cards.lm_tag_reads, cards.lm_tag_usage)),
+        LM_TAG,
+        layout=TAG_TEXT,
+        head=REWARD_TOKENS,
+        summary="a tag token after each step, e.g. Math-Shepherd",
+        trainable=True,
+        causal_lm=True,
+        default_tag=MATH_SHEPHERD_TAG,
+        causal_signature=STEP_TAG_TOKEN,
+        legacy_pair_encoded=True,
+        card=KindCard("text-generation", cards.lm_tag_reads, cards.lm_tag_usage),
+    ),
     CHAT_PLUS_MINUS: Kind(
-        CHAT_PLUS_MINUS, CHAT_TURNS, REWARD_TOKENS, summary="+/- assistant turns, e.g. RLHFlow", causal_lm=True,
-        causal_signature=CHAT_TEMPLATE),
+        CHAT_PLUS_MINUS,
+        layout=CHAT_TURNS,
+        head=REWARD_TOKENS,
+        summary="+/- assistant turns, e.g. RLHFlow",
+        causal_lm=True,
+        causal_signature=CHAT_TEMPLATE,
+    ),
 }
 """Every kind, in the order choices are listed. Tests add a kind with ``monkeypatch.setitem``: read it at call time."""
 
 
 def find_kind(name: Any) -> Kind | None:
-    """The kind named ``name``, or None (``auto``, an unknown name, or not a name at all, as a damaged prmkit.json has)."""
+    """The kind named ``name``, or None (``auto``, an unknown name, or not a name: a damaged prmkit.json's)."""
     return KINDS.get(name) if isinstance(name, str) else None
 
 

@@ -161,7 +161,7 @@ def detect_kind(config: dict[str, Any], metadata: dict[str, Any] | None, tokeniz
 
 def _causal_lm_kind(architectures: list[str], tokenizer: Any, settings: KindSettings, name: str) -> str:
     """The kind of a causal LM with no PRM architecture: the one kind its tokenizer reads as, else refused."""
-    readers = [kind for kind in KINDS.values() if kind.causal_signature is not None]
+    readers = [kind for kind in KINDS.values() if kind.causal_signature is not None]  # in the order of KINDS
     tag = settings.tag()
     tag_is_token = tokenizer is not None and _single_token(tokenizer, tag) is not None
     tag_is_special = tokenizer is not None and tag in _special_tokens(tokenizer)
@@ -170,7 +170,7 @@ def _causal_lm_kind(architectures: list[str], tokenizer: Any, settings: KindSett
         # a placeholder added for PRM training (OpenRLHF, prmkit) is unambiguous
         return next(kind.name for kind in readers if kind.causal_signature == STEP_TAG_TOKEN)
     found = {STEP_TAG_TOKEN: tag_is_token, CHAT_TEMPLATE: has_template}
-    choices = [kind.name for kind in readers if found.get(kind.causal_signature)]
+    choices = [kind.name for kind in readers if found.get(kind.causal_signature or "")]
     if len(choices) == 1:
         return choices[0]
     if not choices:

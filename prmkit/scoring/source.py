@@ -101,7 +101,8 @@ def detect_score_format(record: dict, source: str) -> str:
     return detect_format(keys, source)
 
 
-def rows_to_score(fmt: str | None, record: Any, unit: str, number: int, opts: Options) -> list[tuple[dict, str, list[str]]]:
+def rows_to_score(fmt: str | None, record: Any, unit: str, number: int,
+                  opts: Options) -> list[tuple[dict, str, list[str]]]:
     """(output object, prompt, steps) for each solution in a record. Raises RowError.
 
     Stepwise and ProcessBench records are scored as they are and written back whole; formats that need conversion
