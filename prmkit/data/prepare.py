@@ -135,8 +135,8 @@ def prepare_splits(
         if damage is None:
             log.info(f"reusing prepared data in {target} (inputs unchanged)")
             reports = {n: SplitReport(**r) for n, r in existing.get("splits", {}).items()}
-            rejects = target / REJECTS_FILE
-            return Prepared(target, existing, reports, cache_hit=True, rejects_path=rejects if rejects.exists() else None)
+            kept = target / REJECTS_FILE
+            return Prepared(target, existing, reports, cache_hit=True, rejects_path=kept if kept.exists() else None)
         log.warning(f"{target}: {damage}; rebuilding it")
     elif existing is None and (target.is_file() or target.is_symlink() or (target.is_dir() and any(target.iterdir()))):
         if output is not None and not overwrite:

@@ -330,7 +330,7 @@ def build_markdown(report: Mapping[str, Any]) -> str:
         out.extend(_md_single_body(rep, level=2))
         return "\n\n".join(out) + "\n"
 
-    names = [name for name, _ in entries]
+    names = [str(name) for name, _ in entries]  # multi: every entry is named
     reps = [rep for _, rep in entries]
     out.append(_h(1, "PRM evaluation report: model comparison"))
     out.append(_md_preamble(multi=True))
@@ -371,7 +371,7 @@ def rich_tables(report: Mapping[str, Any]) -> list[Table]:
     entries = _model_reports(report)
 
     if _is_multi(report):
-        names = [name for name, _ in entries]
+        names = [str(name) for name, _ in entries]  # multi: every entry is named
         reps = [rep for _, rep in entries]
         tables = []
         head = Table(title="Models")

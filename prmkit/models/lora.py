@@ -46,7 +46,8 @@ def lora_config(lora: dict, model: Any, kind: str = "token-classification"):
     return LoraConfig(
         task_type=TaskType.CAUSAL_LM if causal_lm else TaskType.TOKEN_CLS,
         r=int(opts["r"]),
-        lora_alpha=float(opts["alpha"]),
+        # peft annotates int but only divides by r (or its root): a fractional alpha is valid and kept.
+        lora_alpha=float(opts["alpha"]),  # type: ignore[arg-type]
         lora_dropout=float(opts["dropout"]),
         target_modules=target,
         modules_to_save=None if causal_lm else [head_module_name(model)],
