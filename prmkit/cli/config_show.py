@@ -79,8 +79,8 @@ def show_config(cfg: Config) -> tuple[dict[str, dict[str, Any]], str]:
         if line and not line.startswith(" "):
             section = line.rstrip(":")
         elif line.startswith("  ") and not line.startswith("   ") and ":" in line:
-            why = notes.get((section, line.strip().partition(":")[0]))
-            if why:
-                line += f"  # derived: {why}"
+            note = notes.get((section, line.strip().partition(":")[0]))
+            if note:
+                line += f"  # derived: {note}"
         lines.append(line)
     return redact(view.to_dict()), "\n".join(lines) + "\n"

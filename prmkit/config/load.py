@@ -7,7 +7,7 @@ import logging
 import types
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import yaml
 
@@ -137,6 +137,10 @@ ESCAPED_KEYS = ("data.step_separator",)
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", "0": "\0"}
 
 
+@overload
+def unescape(text: str) -> str: ...
+@overload
+def unescape(text: None) -> None: ...
 def unescape(text: str | None) -> str | None:
     r"""Turn the escapes a user types ('\n', '\t', '\r', '\\', '\0') into the characters they mean."""
     if text is None or "\\" not in text:
@@ -408,7 +412,7 @@ def _field_docs(cls: type) -> dict[str, str]:
     body = tree.body[0].body  # type: ignore[attr-defined]
     for node, nxt in zip(body, body[1:]):
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
+            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
                 docs[node.target.id] = " ".join(str(nxt.value.value).split())
     return docs
 

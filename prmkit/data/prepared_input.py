@@ -64,7 +64,7 @@ def load_split(source: Any, role: str) -> PreparedSplit:
     dsd = datasets.load_from_disk(str(path))
     names = list(dsd)
     split = source.split or (role if role in dsd else names[0] if len(names) == 1 else None)
-    if split not in dsd:
+    if split is None or split not in dsd:
         raise DataError(f"{spec}: no {source.split or role!r} split; it holds {', '.join(names)}",
                         hint=f"name one: {path}:{names[0]}")
     ds = dsd[split]

@@ -609,7 +609,7 @@ def evaluate(
         params = getattr(scorer, "params", None)
         # Another kind's model reads its own input layout: the report records that instead of TRL's tokenization.
         kind = (getattr(scorer, "identity", None) or {}).get("kind")
-        used = kind if kind else params.to_dict() if hasattr(params, "to_dict") else None
+        used = kind if kind else params.to_dict() if params is not None and hasattr(params, "to_dict") else None
         differs = dict(getattr(scorer, "differs_from_training", None) or {})
         scores = score_subsets(scorer, subsets, progress, label=model if len(models) > 1 else "")
         # Free one model before loading the next: two 7B models need not fit at once.

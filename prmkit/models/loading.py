@@ -281,7 +281,8 @@ def load_trained_model(path: str | Path, dtype: Any = "auto", trust_remote_code:
 
         base = path / BASE_MODEL_DIR
         base_name = str(base) if (base / "config.json").is_file() else read_json(adapter_cfg)["base_model_name_or_path"]
-        head = {} if causal_lm else {"num_labels": 2, "id2label": dict(ID2LABEL), "label2id": dict(LABEL2ID)}
+        head: dict[str, Any] = ({} if causal_lm else
+                                {"num_labels": 2, "id2label": dict(ID2LABEL), "label2id": dict(LABEL2ID)})
         model = auto.from_pretrained(base_name, **head, dtype=dtype, trust_remote_code=trust_remote_code,
                                      **{**MODEL_LOAD_DEFAULTS, **kwargs})
         model = PeftModel.from_pretrained(model, str(path))

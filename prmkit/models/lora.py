@@ -48,7 +48,8 @@ def lora_config(lora: dict, model: Any, kind: str = DEFAULT_KIND):
     return LoraConfig(
         task_type=TaskType[spec.lora_task],
         r=int(opts["r"]),
-        lora_alpha=float(opts["alpha"]),
+        # peft annotates int but only divides by r (or its root): a fractional alpha is valid and kept.
+        lora_alpha=float(opts["alpha"]),  # type: ignore[arg-type]
         lora_dropout=float(opts["dropout"]),
         target_modules=target,
         modules_to_save=[head_module_name(model)] if spec.lora_trains_head else None,
