@@ -21,6 +21,8 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import cache
+from types import ModuleType
 from typing import Any
 
 from prmkit.errors import DataError
@@ -70,6 +72,15 @@ FORMATS: dict[str, Format] = {
                          score_columns=("problem", "steps", "label"), first_error_labels=True),
 }
 """Every format, in the order choices are listed. Tests add one with ``monkeypatch.setitem``: read it at call time."""
+
+
+@cache
+def _tokenization() -> ModuleType:
+    """:mod:`prmkit.tokenization`, imported on first use: it loads numpy, which ``--help`` and the config never need.
+    Cached, so a row's check pays a call rather than an import."""
+    import prmkit.tokenization
+
+    return prmkit.tokenization
 
 
 def format_choices() -> tuple[str, ...]:
@@ -152,9 +163,14 @@ def check_format(fmt: str, record: Any, origin: str, signatures: dict[str, tuple
     ``origin`` says where ``fmt`` came from ("the format detected from line 1"), so a file that mixes formats is
     named as such rather than reported as a row with a missing field.
     """
+    if signatures is None:
+        known = FORMATS.get(fmt)
+        own = known.signature if known is not None else None
+    else:
+        own = signatures.get(fmt)
+    if not isinstance(record, dict) or own is None or set(own) <= record.keys():
+        return  # the usual row: checked without building the other formats' table
     signatures = signatures if signatures is not None else format_signatures()
-    if not isinstance(record, dict) or fmt not in signatures or set(signatures[fmt]) <= record.keys():
-        return
     others = [name for name, sig in signatures.items() if name != fmt and set(sig) <= record.keys()]
     if len(others) == 1:
         cols = ", ".join(sorted(record))
@@ -172,8 +188,7 @@ def convert(fmt: str, record: dict[str, Any], opts: Options) -> list[dict[str, A
 
 def validate(row: dict[str, Any], label_threshold: float | None = None, allow_unlabelled: bool = False) -> dict:
     """Check a stepwise row and normalise its labels (0/1 hard, float soft). Raises RowError."""
-    from prmkit.tokenization import normalize_label  # loads numpy: not at module level (see the module docstring)
-
+    normalize_label = _tokenization().normalize_label
     prompt = row.get("prompt")
     if not isinstance(prompt, str):
         raise RowError("prompt", f"expected a string, got {_kind(prompt)}")
@@ -238,8 +253,7 @@ def _check_texts(prompt: str, steps: list[str]) -> None:
             return
         except UnicodeEncodeError:
             pass
-    from prmkit.tokenization import text_problem  # loads numpy: not at module level (see the module docstring)
-
+    text_problem = _tokenization().text_problem
     for name, text in (("prompt", prompt), *((f"completions[{i}]", step) for i, step in enumerate(steps))):
         problem = text_problem(text)
         if problem is not None:
