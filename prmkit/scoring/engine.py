@@ -248,7 +248,7 @@ class StepScorer:
         metadata = read_metadata(local) if is_local else hub_metadata(name, revision)
         if is_local:
             check_model_dir(local)  # config sizes and weight headers, before transformers trusts them
-        from prmkit.kinds.spec import LM_TAG, TOKEN_CLASSIFICATION
+        from prmkit.kinds.registry import get_kind
         from prmkit.scoring.kinds import resolve_kind, scorer_for_kind
 
         kind, settings, kind_tokenizer = resolve_kind(name, metadata, kind_settings, local=is_local,
@@ -276,11 +276,11 @@ class StepScorer:
             load_kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
             if revision:
                 load_kwargs["revision"] = revision
-            if kind != TOKEN_CLASSIFICATION:
+            if not get_kind(kind).uses_separator:
                 if attn_implementation:
                     load_kwargs["attn_implementation"] = attn_implementation
                 max_length = kind_tokenization(name, kind, tokenization, step_separator)
-                if max_length is None and kind == LM_TAG:  # a prmkit-trained lm-tag model: its training limit
+                if max_length is None and get_kind(kind).trainable:  # a prmkit-trained model: its training limit
                     max_length = ((metadata or {}).get("tokenization") or {}).get("max_length")
                 scorer = scorer_for_kind(
                     cls, kind, name, load_tokenizer(tokenizer, trust_remote_code) if tokenizer else

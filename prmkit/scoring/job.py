@@ -22,7 +22,7 @@ from prmkit.core.version import __version__
 from prmkit.core.atomic import remove_leftovers
 from prmkit.data.sources import SourceRecord, reject_entry
 from prmkit.errors import DataError, PrmkitError, UsageError
-from prmkit.data.formats import Options, RowError, check_format
+from prmkit.data.formats import Options, RowError, check_format, format_choices
 from prmkit.core.jsonio import dumps, dumps_record
 from prmkit.metrics import aggregate, first_error_index
 from prmkit.core.outputs import OutputLock, refuse_inputs_inside
@@ -173,8 +173,8 @@ def score_file(
     """
     if not 0.0 <= threshold <= 1.0:
         raise UsageError(f"score.threshold must lie in [0, 1], got {threshold}")
-    if fmt not in ("auto", "stepwise", "math-shepherd", "prm800k", "processbench"):
-        raise UsageError(f"unknown format {fmt!r}", hint="auto, stepwise, math-shepherd, prm800k or processbench")
+    if fmt not in (choices := format_choices()):
+        raise UsageError(f"unknown format {fmt!r}", hint=f"{', '.join(choices[:-1])} or {choices[-1]}")
     window_rows = sort_window or scorer.sort_window
     src = InputSource(input_spec)
     if src.stdin and scorer.world_size > 1:
@@ -323,7 +323,7 @@ def score_file(
                     try:
                         if fmt_used is not None:
                             check_format(fmt_used, rec.record, fmt_origin, SCORE_SIGNATURES)
-                        rows = rows_to_score(fmt_used or "stepwise", rec.record, src.unit, rec.number, opts)
+                        rows = rows_to_score(fmt_used, rec.record, src.unit, rec.number, opts)
                         if group is not None:
                             keys[rec.number] = key_of(rec.record, group.field)
                     except RowError as e:
