@@ -246,6 +246,9 @@ def launch_command(child_args: list[str], num_processes: int | None, accelerate_
         cmd += ["--config_file", str(accelerate_config)]
         if num_processes is not None:
             cmd += ["--num_processes", str(num_processes)]
+        if _one_machine_without_port(accelerate_config):
+            # accelerate's default port, 29500, is taken by any other run on this machine: a free one instead.
+            cmd += ["--main_process_port", str(_free_port())]
     else:
         n = num_processes or 1
         cmd += ["--num_processes", str(n), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
@@ -259,6 +262,17 @@ def launch_command(child_args: list[str], num_processes: int | None, accelerate_
         env["ACCELERATE_USE_CPU"] = "true"
     cmd += ["-m", "prmkit", "train", *child_args]
     return cmd, env
+
+
+def _one_machine_without_port(accelerate_config: Path) -> bool:
+    import yaml
+
+    try:
+        settings = yaml.safe_load(accelerate_config.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return False  # accelerate reads it next, and says what is wrong with it
+    return (isinstance(settings, dict) and int(settings.get("num_machines") or 1) <= 1
+            and not settings.get("main_process_port"))
 
 
 def relaunch(child_args: list[str], num_processes: int | None, accelerate_config: Path | None) -> int:
