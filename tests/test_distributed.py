@@ -231,6 +231,7 @@ def test_ddp_and_fsdp_train_the_model_one_process_trains(data, one_process, ddp,
         "nodes": 1,
         "wrapper": "Qwen2ForTokenClassification",
         "local_parameter_share": 1.0,
+        "description": "one process",
     }
     assert ddp_summary["strategy"]["name"] == "ddp" and ddp_summary["strategy"]["backend"] == "gloo"
     assert ddp_summary["strategy"]["wrapper"] == "DistributedDataParallel"
@@ -247,6 +248,7 @@ def test_ddp_and_fsdp_train_the_model_one_process_trains(data, one_process, ddp,
         "backend": "gloo",
     }
     assert ran["wrapper"].startswith("FSDP") and ran["local_parameter_share"] == pytest.approx(0.5, abs=0.01)
+    assert ran["description"] == "FSDP2 (FULL_SHARD, SHARDED_STATE_DICT) on 2 processes"
     assert "replaced" not in ran
     assert json.loads((fsdp_dir / "prmkit.json").read_text())["training"]["strategy"] == ran
     # The final model is gathered whole although checkpoints are sharded: one safetensors file, no shard directory.
@@ -315,3 +317,94 @@ def test_a_killed_fsdp_run_resumes_from_its_sharded_checkpoint(data, fsdp):
     # uninterrupted run's.
     assert _close(_losses(resumed)[-2:], _losses(plain)[-2:], LOSS_TOL), (_losses(resumed), _losses(plain))
     assert _close(_scores(killed, data["heldout"]), _scores(tmp / "plain", data["heldout"]), SCORE_TOL)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# DeepSpeed
+
+DS_MISSING = (
+    "deepspeed is not installed (it is not in prmkit's test extras: `pip install deepspeed` adds it; its "
+    "CPU accelerator also compiles a shared-memory op with the C++ compiler on first use, about a minute)"
+)
+
+
+def _zero(stage: int) -> dict:
+    return {
+        "zero_optimization": {"stage": stage, "stage3_gather_16bit_weights_on_model_save": True},
+        "train_micro_batch_size_per_gpu": "auto",
+        "train_batch_size": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+    }
+
+
+@pytest.fixture(scope="module")
+def weights_dir(data):
+    """The tiny model with saved weights: ZeRO-3 partitions a model as it is built, so a random initialisation
+    under it draws other numbers than in one process; loaded weights are the same everywhere."""
+    import torch
+    from transformers import AutoConfig, AutoModelForTokenClassification, AutoTokenizer
+
+    path = data["tmp"] / "weights"
+    torch.manual_seed(0)
+    AutoModelForTokenClassification.from_config(AutoConfig.from_pretrained(data["model"])).save_pretrained(path)
+    AutoTokenizer.from_pretrained(data["model"]).save_pretrained(path)
+    return path
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_and_zero3_on_cpu_train_the_model_one_process_trains(data, weights_dir):
+    """DeepSpeed over two CPU processes: its CPU accelerator and gloo, ZeRO-2 then ZeRO-3 (asked for through
+    train.deepspeed) in one launch of the DDP launcher `prmkit train --num-processes 2` uses."""
+    pytest.importorskip("deepspeed", reason=DS_MISSING)
+    from transformers import AutoModelForTokenClassification
+
+    from prmkit.config.load import load_config
+    from prmkit.train.recipe import train
+
+    tmp = data["tmp"] / "ds"
+    tmp.mkdir()
+    common = {"model.name_or_path": str(weights_dir), "model.init_from_config": False}
+    one = train(load_config(None, None, _flags(data, tmp / "one", 1, **common))).to_dict()
+    runs = [
+        {"name": f"zero{s}", "flags": _flags(data, tmp / f"zero{s}", 2, **common, train__deepspeed=_zero(s))}
+        for s in (2, 3)
+    ]
+    spec = tmp / "spec.json"
+    spec.write_text(json.dumps({"out": str(tmp), "runs": runs}))
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_port()),
+        str(ROOT / "tests" / "dist_driver.py"),
+        str(spec),
+    ]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=600, env=_env(data["tmp"], ACCELERATE_USE_CPU="true")
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    reference = _scores(tmp / "one", data["heldout"])
+    for stage, share in ((2, 1.0), (3, 0.5)):
+        summary = json.loads((tmp / f"zero{stage}.json").read_text())
+        ran = summary["strategy"]
+        assert (ran["name"], ran["zero_stage"], ran["world_size"], ran["wrapper"]) == (
+            "deepspeed",
+            stage,
+            2,
+            "DeepSpeedEngine",
+        )
+        assert ran["local_parameter_share"] == pytest.approx(share, abs=0.01)  # ZeRO-3 partitions the weights
+        assert _close(_losses(summary), _losses(one), LOSS_TOL), (stage, _losses(summary), _losses(one))
+        AutoModelForTokenClassification.from_pretrained(tmp / f"zero{stage}")  # gathered whole, plain transformers
+        assert _close(_scores(tmp / f"zero{stage}", data["heldout"]), reference, SCORE_TOL), stage

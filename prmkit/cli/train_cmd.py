@@ -310,6 +310,10 @@ def _tables(summary: dict[str, Any]) -> list:
         peak = f", peak reserved {summary['peak_memory_gib']:.1f} GiB" if summary.get("peak_memory_gib") is not None else ""
         rows.append(("memory", f"estimated {mem['estimate']['total_gib']:.1f} GiB{peak}; gradient checkpointing "
                                f"{'on' if summary.get('gradient_checkpointing') else 'off'} ({mem['reason']})"))
+    strategy = summary.get("strategy") or {}
+    if strategy.get("name", "single") != "single":
+        rows.append(("strategy", strategy.get("description", strategy["name"])
+                     + (f"; asked for something else: {strategy['replaced']}" if strategy.get("replaced") else "")))
     if summary.get("resumed_from"):
         rows.append(("resumed from", summary["resumed_from"]))
     if summary.get("lora"):

@@ -145,8 +145,9 @@ def model_shape(config: Any, model: Any = None, lm_head: bool = False) -> ModelS
             if id(p) in seen:  # tied weights count once
                 continue
             seen.add(id(p))
-            params += p.numel()
-            trainable += p.numel() if p.requires_grad else 0
+            n = int(getattr(p, "ds_numel", None) or p.numel())  # ZeRO-3 partitions at load: its full size is kept
+            params += n
+            trainable += n if p.requires_grad else 0
     return ModelShape(hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads, intermediate=intermediate,
                       vocab=int(getattr(text, "vocab_size", 0) or 0), num_labels=int(getattr(config, "num_labels", 2) or 2),
                       params=params, trainable=trainable,

@@ -1,4 +1,4 @@
-"""Which distributed strategy a run asked for, which one ran, and FSDP on CPU processes.
+"""Which distributed strategy a run asked for, which one ran, and FSDP and DeepSpeed on CPU processes.
 
 A user asks for a strategy in three places: the launcher's environment (``accelerate launch --use_fsdp`` or an
 accelerate config file set ``ACCELERATE_USE_FSDP`` / ``ACCELERATE_USE_DEEPSPEED``), or the ``train`` section
@@ -10,8 +10,10 @@ decides what runs, and may replace the request without a word:
   ``DistributedDataParallel``. torch's FSDP2 (``fully_shard``) does run on CPU with gloo, so for FSDP version 2
   prmkit installs the plugin accelerate built from the same settings (:func:`enable_cpu_fsdp`); FSDP version 1 is
   not promoted and stays DDP.
-- DeepSpeed is dropped when the processes run on the CPU (``ACCELERATE_USE_CPU``); FSDP and DeepSpeed are dropped
-  in a single process started without a launcher (nothing to shard across).
+- accelerate runs DeepSpeed only when the processes are not on the CPU (``ACCELERATE_USE_CPU``), and without that
+  variable CPU processes form no process group at all. DeepSpeed's own CPU accelerator runs ZeRO over gloo, so
+  prmkit installs the DeepSpeed plugin there too (:func:`enable_cpu_deepspeed`).
+- FSDP and DeepSpeed are dropped in a single process started without a launcher (nothing to shard across).
 
 :func:`expected_strategy` predicts the outcome before anything is written (so ``train.require_strategy: true``
 refuses early), :func:`running_strategy` reads what the accelerator really set up, and :func:`check_strategy` warns
@@ -104,7 +106,7 @@ class Strategy:
         return "DDP" if self.name == "ddp" else "one process"
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        return {**{k: v for k, v in asdict(self).items() if v is not None}, "description": self.describe()}
 
     def sharding_for_memory(self) -> Sharding:
         """How this strategy divides weights, gradients and optimizer states per rank (:mod:`prmkit.models.memory`)."""
@@ -223,7 +225,9 @@ def expected_strategy(asked: Strategy, distributed_type: Any, cpu: bool) -> Stra
             return replace(asked, source=None)
         return plain
     if asked.name == "deepspeed":
-        return replace(asked, source=None) if kind == "DEEPSPEED" or (not cpu and kind in ACCELERATOR_TYPES) else plain
+        # accelerate runs it over an accelerator's process group, prmkit over CPU processes (enable_cpu_deepspeed).
+        enabled = kind in ("DEEPSPEED", "MULTI_CPU") or (not cpu and kind in ACCELERATOR_TYPES)
+        return replace(asked, source=None) if enabled else plain
     return plain
 
 
@@ -320,8 +324,6 @@ def replacement_reason(asked: Strategy, distributed_type: Any, cpu: bool) -> str
         return "a single process started without a launcher has nothing to shard across"
     if asked.name == "fsdp" and kind == "MULTI_CPU" and asked.fsdp_version != 2:
         return "on CPU processes accelerate drops FSDP, and prmkit enables only FSDP version 2 (fully_shard) there"
-    if asked.name == "deepspeed" and kind != "DEEPSPEED":
-        return "accelerate does not run DeepSpeed on CPU processes (ACCELERATE_USE_CPU)" if cpu else None
     return None
 
 
@@ -369,6 +371,34 @@ def enable_cpu_fsdp(trainer: Any, asked: Strategy) -> bool:
         raise ConfigError(
             "train.fsdp_config activation_checkpointing and train.gradient_checkpointing are both on: use one of them"
         )
+    return True
+
+
+def enable_cpu_deepspeed(trainer: Any, asked: Strategy) -> bool:
+    """Install the DeepSpeed plugin that accelerate dropped over CPU processes (it runs DeepSpeed only when the
+    processes are not on the CPU); DeepSpeed's own CPU accelerator and gloo run ZeRO there. Call right after the
+    Trainer made its accelerator. Returns whether it did."""
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DeepSpeedPlugin, DistributedType
+
+    state = trainer.accelerator.state
+    kind = _type_name(state.distributed_type)
+    if asked.name != "deepspeed" or not (kind == "MULTI_CPU" or getattr(state, "prmkit_cpu_deepspeed", False)):
+        return False
+    # The plugin TrainingArguments built (from train.deepspeed, else from the launcher's variables), as the Trainer
+    # hands it to accelerate; set up as AcceleratorState sets up the plugin it keeps.
+    plugin = getattr(trainer.args, "deepspeed_plugin", None) or DeepSpeedPlugin()
+    plugin.set_mixed_precision(getattr(state, "_mixed_precision", "no"))
+    plugin.select(_from_accelerator_state=True)
+    AcceleratorState._shared_state["distributed_type"] = DistributedType.DEEPSPEED
+    AcceleratorState._shared_state["deepspeed_plugins"] = plugin
+    AcceleratorState._shared_state["prmkit_cpu_deepspeed"] = True
+    PartialState._shared_state["distributed_type"] = DistributedType.DEEPSPEED
+    trainer.is_deepspeed_enabled = True
+    if getattr(trainer.args, "hf_deepspeed_config", None) is None:
+        from transformers.integrations.deepspeed import propagate_args_to_deepspeed
+
+        propagate_args_to_deepspeed(trainer.accelerator, trainer.args)
     return True
 
 
@@ -504,11 +534,14 @@ def save_whole_model(trainer: Any, path: str) -> None:
 
 
 def gathered_state_dict(trainer: Any) -> dict[str, Any] | None:
-    """The whole model's state dict on the main process when FSDP shards the weights (every process must call it),
-    else None: the model in memory is whole, and is read directly."""
-    if not trainer.is_fsdp_enabled:
-        return None
-    return trainer.accelerator.get_state_dict(trainer.model)
+    """The whole model's state dict on the main process when FSDP or ZeRO-3 shards the weights (every process must
+    call it), else None: the model in memory is whole, and is read directly."""
+    if trainer.is_fsdp_enabled:
+        return trainer.accelerator.get_state_dict(trainer.model)
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    if trainer.is_deepspeed_enabled and plugin is not None and plugin.zero_stage == 3:
+        return trainer.accelerator.get_state_dict(trainer.model_wrapped)  # needs the 16-bit gather on save
+    return None
 
 
 def save_lora_base(peft_base: Any, full: dict[str, Any], path: Any) -> None:

@@ -93,6 +93,7 @@ from prmkit.kinds.heads import preprocess_logits_for_metrics, step_loss_func
 from prmkit.kinds.registry import get_kind
 from prmkit.train.distributed import (
     StrategyPlan,
+    enable_cpu_deepspeed,
     enable_cpu_fsdp,
     gathered_state_dict,
     join_cpu_processes,
@@ -239,8 +240,9 @@ def _trainer_classes():
 
         def create_accelerator_and_postprocess(self) -> None:
             super().create_accelerator_and_postprocess()
-            if self.prmkit_strategy is not None:
-                enable_cpu_fsdp(self, self.prmkit_strategy.asked)  # accelerate drops FSDP over CPU processes
+            if self.prmkit_strategy is not None:  # accelerate drops FSDP and DeepSpeed over CPU processes
+                asked = self.prmkit_strategy.asked
+                enable_cpu_fsdp(self, asked) or enable_cpu_deepspeed(self, asked)
 
         prmkit_evaluating = False
         """True from the start of an evaluation until it returns: an out-of-memory error with it still set came from
