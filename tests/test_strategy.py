@@ -175,9 +175,10 @@ def test_memory_per_rank_under_each_strategy_by_hand():
 
 
 def test_sharding_lets_auto_skip_checkpointing_and_the_preflight_names_the_strategy():
-    """Qwen2-0.5B shaped, fp32 weights with bf16 autocast, AdamW, 16 x 1085 tokens: 35.0 GiB in one process, 29.2
-    GiB per process under FSDP over 8 (7.4 GiB of weights, gradients and states become 0.9, plus 0.6 gathered;
-    the activations stay). A 33 GiB budget (30.4 usable) needs checkpointing in one process, not under FSDP."""
+    """Qwen2-0.5B shaped, fp32 weights with bf16 autocast, AdamW, 16 x 1085 tokens: 35.0 GiB in one process, 28.6
+    GiB per process under FSDP over 8 (7.4 GiB of weights, gradients and states become 0.9, the 0.7 GiB of 16-bit
+    copies 0.1, plus 0.6 gathered; the activations stay). A 33 GiB budget (30.4 usable) needs checkpointing in one
+    process, not under FSDP."""
     from prmkit.models.memory import GIB
 
     shape = ModelShape(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, vocab=151936)
@@ -187,7 +188,7 @@ def test_sharding_lets_auto_skip_checkpointing_and_the_preflight_names_the_strat
     fsdp = Strategy(name="fsdp", world_size=8, fsdp_version=2, sharding="FULL_SHARD", state_dict_type="FULL_STATE_DICT")
     sharded = plan_memory("auto", shape, lengths, 16, "padded", budget, sharding=fsdp.sharding_for_memory(), **kwargs)
     assert one.checkpointing is True and sharded.checkpointing is False
-    assert 5.5 * GIB < one.estimate_without.total - sharded.estimate.total < 6 * GIB
+    assert 6.3 * GIB < one.estimate_without.total - sharded.estimate.total < 6.5 * GIB
     assert sharded.strategy == "FSDP2 (FULL_SHARD, FULL_STATE_DICT) on 8 processes"
     assert " per process under FSDP2 (FULL_SHARD, FULL_STATE_DICT) on 8 processes, " in sharded.preflight()
     assert " in one process, " in one.preflight() and one.preflight().startswith("memory: estimated peak")

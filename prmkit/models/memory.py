@@ -338,7 +338,8 @@ def estimate_memory(
         outside_layers = max(0, total - shape.layers * shape.layer_params)
         layer_grads = math.ceil(shape.layer_params * trainable / max(1, total))  # LoRA: the trainable part only
         gathered = (outside_layers + shape.layer_params + layer_grads) * param_bytes
-    copies = 2 * shape.layers * shape.layer_params if mode == "autocast" else 0
+    # Sharded weights are cast to 16 bits layer by layer as they are gathered: the copies are sharded as they are.
+    copies = math.ceil(2 * shape.layers * shape.layer_params / max(1, split.weights)) if mode == "autocast" else 0
     return MemoryEstimate(weights=weights, gradients=gradients, optimizer=optim, weight_copies=copies,
                           activations=int(saved), workspace=int(workspace), checkpointing=checkpointing, batch=batch,
                           gathered=gathered)
