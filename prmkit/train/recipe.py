@@ -588,7 +588,9 @@ def _train_planned(cfg: Config, plan: OutputPlan, state: Any, args: Any, model_c
                          cfg.data.step_separator if get_kind(cfg.train.kind).uses_separator else None)
     ensure_pad_token(tokenizer)
     lm_tag = LMTag.setup(cfg, tokenizer) if get_kind(cfg.train.kind).reads_reward_tokens else None
-    with state.main_process_first():
+    # The main process prepares first; then each other machine's first process (a cache hit on shared storage, its
+    # own copy otherwise: prepare is deterministic, so the same rows in the same order); then every other process.
+    with state.main_process_first(), state.local_main_process_first():
         prepared = prepare_splits(cfg, tokenizer)
     if prepared.rejects_path is not None and state.is_main_process:
         rejected = sum(r.rows_rejected for r in prepared.reports.values())
