@@ -136,6 +136,7 @@ def fsdp(data):
                 data, tmp / "lora", 2, train__lora=LORA, train__fsdp=True, train__fsdp_config=FSDP_SETTINGS
             ),
         },
+        {"name": "adapter", "flags": _flags(data, tmp / "adapter", 2, train__lora=LORA, train__lora_merge=False)},
         {"name": "lmtag", "flags": _flags(data, tmp / "lmtag", 2, train__kind="lm-tag", train__learning_rate=3e-3)},
         {"name": "killed", "flags": _flags(data, tmp / "killed", 2), "kill_after_checkpoint": 2},
     ]
@@ -159,7 +160,7 @@ def fsdp(data):
     )
     # The last run kills every process of the launch with SIGKILL, the launcher included.
     assert proc.returncode == -9, proc.stderr[-4000:]
-    summaries = {r["name"]: json.loads((tmp / f"{r['name']}.json").read_text()) for r in runs[:3]}
+    summaries = {r["name"]: json.loads((tmp / f"{r['name']}.json").read_text()) for r in runs[:-1]}
     return summaries, tmp, proc.stderr
 
 
@@ -266,16 +267,22 @@ def test_lora_and_lm_tag_under_fsdp_train_as_one_process(data, one_process, fsdp
         one, one_dir = one_process[name]
         assert _close(_losses(summaries[name]), _losses(one), LOSS_TOL), name
         assert _close(_scores(tmp / name, data["heldout"]), _scores(one_dir, data["heldout"]), SCORE_TOL), name
-    lora = summaries["lora"]
+    lora, adapter = summaries["lora"], summaries["adapter"]
     assert lora["strategy"]["name"] == "fsdp" and lora["strategy"]["state_dict_type"] == "FULL_STATE_DICT"
-    assert lora["lora"]["merged"] is False  # an adapter beside its base under FSDP; merged in one process
-    # The adapter loads on its base with plain transformers + peft, and equals the merged one-process model.
-    base = AutoModelForTokenClassification.from_pretrained(tmp / "lora" / "base_model")
-    adapted = PeftModel.from_pretrained(base, tmp / "lora").merge_and_unload().eval()
-    merged = AutoModelForTokenClassification.from_pretrained(one_process["lora"][1]).eval()
+    assert adapter["strategy"]["state_dict_type"] == "SHARDED_STATE_DICT"  # the launcher's FSDP: fsdp-cpu.yaml
+    assert lora["lora"]["merged"] is True and adapter["lora"]["merged"] is False
+    assert _close(_losses(adapter), _losses(lora), LOSS_TOL)
+    # Merged from the gathered shards: plain transformers loads it, and it computes what the one-process model does;
+    # so does the adapter on its base (saved from the gathered shards too: the base was random).
+    reference = AutoModelForTokenClassification.from_pretrained(one_process["lora"][1]).eval()
+    merged = AutoModelForTokenClassification.from_pretrained(tmp / "lora").eval()
+    base = AutoModelForTokenClassification.from_pretrained(tmp / "adapter" / "base_model")
+    adapted = PeftModel.from_pretrained(base, tmp / "adapter").merge_and_unload().eval()
     ids = torch.arange(5, 45).reshape(2, 20)
     with torch.no_grad():
-        assert torch.allclose(adapted(input_ids=ids).logits, merged(input_ids=ids).logits, atol=SCORE_TOL)
+        want = reference(input_ids=ids).logits
+        for model in (merged, adapted):
+            assert torch.allclose(model(input_ids=ids).logits, want, atol=SCORE_TOL)
     AutoModelForCausalLM.from_pretrained(tmp / "lmtag")
     assert summaries["lmtag"]["strategy"]["wrapper"].startswith("FSDP")
 
@@ -366,10 +373,17 @@ def test_deepspeed_zero2_and_zero3_on_cpu_train_the_model_one_process_trains(dat
     tmp.mkdir()
     common = {"model.name_or_path": str(weights_dir), "model.init_from_config": False}
     one = train(load_config(None, None, _flags(data, tmp / "one", 1, **common))).to_dict()
+    one_lora = train(load_config(None, None, _flags(data, tmp / "one-lora", 1, **common, train__lora=LORA)))
     runs = [
         {"name": f"zero{s}", "flags": _flags(data, tmp / f"zero{s}", 2, **common, train__deepspeed=_zero(s))}
         for s in (2, 3)
     ]
+    runs.append(
+        {
+            "name": "zero3-lora",
+            "flags": _flags(data, tmp / "zero3-lora", 2, **common, train__lora=LORA, train__deepspeed=_zero(3)),
+        }
+    )
     spec = tmp / "spec.json"
     spec.write_text(json.dumps({"out": str(tmp), "runs": runs}))
     cmd = [
@@ -408,3 +422,8 @@ def test_deepspeed_zero2_and_zero3_on_cpu_train_the_model_one_process_trains(dat
         assert _close(_losses(summary), _losses(one), LOSS_TOL), (stage, _losses(summary), _losses(one))
         AutoModelForTokenClassification.from_pretrained(tmp / f"zero{stage}")  # gathered whole, plain transformers
         assert _close(_scores(tmp / f"zero{stage}", data["heldout"]), reference, SCORE_TOL), stage
+    # LoRA under ZeRO-3: merged from the gathered partitions, as in one process.
+    lora = json.loads((tmp / "zero3-lora.json").read_text())
+    assert lora["lora"]["merged"] is True and lora["strategy"]["zero_stage"] == 3
+    assert _close(_losses(lora), [loss for _, loss in one_lora.loss_history], LOSS_TOL)
+    assert _close(_scores(tmp / "zero3-lora", data["heldout"]), _scores(tmp / "one-lora", data["heldout"]), SCORE_TOL)

@@ -544,21 +544,50 @@ def gathered_state_dict(trainer: Any) -> dict[str, Any] | None:
     return None
 
 
+def _plain_class(module: Any) -> type:
+    """The model's own class: FSDP2 swaps a wrapped module's class for a subclass named FSDP<class>."""
+    cls = type(module)
+    if cls.__name__.startswith("FSDP"):
+        return next((c for c in cls.__mro__[1:] if c.__name__ == cls.__name__[4:]), cls)
+    return cls
+
+
+def _on_meta(model_class: type, config: Any) -> Any:
+    import torch
+
+    with torch.device("meta"):
+        return model_class._from_config(config)
+
+
+def _assign(module: Any, weights: dict[str, Any], what: str) -> None:
+    module.load_state_dict(weights, strict=False, assign=True)
+    missing = [n for n, p in module.named_parameters() if p.is_meta]
+    if missing:
+        raise RuntimeError(f"the gathered state dict has no weights for {what}'s {missing[0]}")
+
+
+def merged_lora(peft_model: Any, full: dict[str, Any]) -> Any:
+    """The LoRA-merged model, built from the whole PEFT state dict ``full`` gathered from FSDP or ZeRO-3 shards: the
+    model in memory is sharded, so a copy without sharding is made on the meta device, given the gathered weights
+    (no second copy of them) and merged."""
+    from peft import get_peft_model
+
+    base = peft_model.get_base_model()
+    config = peft_model.peft_config[peft_model.active_adapter]
+    copy = get_peft_model(_on_meta(_plain_class(base), base.config), config)
+    _assign(copy, full, "the LoRA model")
+    return copy.merge_and_unload()
+
+
 def save_lora_base(peft_base: Any, full: dict[str, Any], path: Any) -> None:
     """Save the base model under a LoRA adapter from the whole PEFT state dict ``full`` (gathered from FSDP shards):
     the base weights without the LoRA matrices, under their own names."""
-    import torch
-
     weights = {}
     for key, value in full.items():
         if ".lora_" in key or ".modules_to_save." in key:
             continue  # the adapter's own weights (saved with the adapter)
         name = key.removeprefix("base_model.model.").replace(".base_layer.", ".").replace(".original_module.", ".")
         weights[name] = value
-    with torch.device("meta"):
-        base = type(peft_base)._from_config(peft_base.config)
-    base.load_state_dict(weights, strict=False, assign=True)
-    missing = [n for n, p in base.named_parameters() if p.is_meta]
-    if missing:
-        raise RuntimeError(f"the gathered state dict has no weights for {missing[0]}")
+    base = _on_meta(_plain_class(peft_base), peft_base.config)
+    _assign(base, weights, "the base model")
     base.save_pretrained(str(path))

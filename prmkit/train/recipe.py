@@ -97,6 +97,7 @@ from prmkit.train.distributed import (
     enable_cpu_fsdp,
     gathered_state_dict,
     join_cpu_processes,
+    merged_lora,
     plan_strategy,
     save_lora_base,
     save_whole_model,
@@ -843,30 +844,26 @@ def _write_debug_rows(meter: TokenMeter, rank: int) -> None:
 def _save_final(trainer: Any, cfg: Config, tokenizer: Any, prepared: Any, output_dir: Path, state: Any,
                 result: TrainResult, lora_info: dict | None, batching: str) -> None:
     """Write the model beside the checkpoints: build it in a hidden directory, then move the files in."""
-    from accelerate.utils import DistributedType
-
     tmp = output_dir / FINAL_TMP
-    sharded = trainer.accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
     adapter_dir: str | None = None
+    # FSDP and ZeRO-3 shard the weights: every process takes part in gathering them (None: they are whole in memory).
+    full = gathered_state_dict(trainer) if lora_info is not None and (
+        cfg.train.lora_merge or cfg.model.init_from_config) else None
     if lora_info is None:
         save_whole_model(trainer, str(tmp))  # gathers DeepSpeed/FSDP shards; writes on the main process only
-    elif cfg.train.lora_merge and not sharded:
-        trainer.save_model(str(tmp / "adapter"))
+    elif cfg.train.lora_merge:
+        save_whole_model(trainer, str(tmp / "adapter"))
         if state.is_main_process:
-            merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+            peft_model = trainer.accelerator.unwrap_model(trainer.model)
+            merged = peft_model.merge_and_unload() if full is None else merged_lora(peft_model, full)
             merged.save_pretrained(str(tmp))
             tokenizer.save_pretrained(str(tmp))
         adapter_dir = "adapter"
     else:
-        if cfg.train.lora_merge:
-            log.warning("LoRA merge is not done under DeepSpeed/FSDP; saving the adapter (merge it after loading)")
-            if lora_info is not None:
-                lora_info["merged"] = False
         save_whole_model(trainer, str(tmp))
         adapter_dir = "."
-        # The random base cannot be downloaded again; keep it so the adapter can be loaded.
-        full = gathered_state_dict(trainer) if cfg.model.init_from_config else None  # FSDP: every process gathers
         if cfg.model.init_from_config and state.is_main_process:
+            # The random base cannot be downloaded again; keep it so the adapter can be loaded.
             base = trainer.accelerator.unwrap_model(trainer.model).get_base_model()
             if full is None:
                 _save_base_without_lora(base, tmp / BASE_MODEL_DIR)
