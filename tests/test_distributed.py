@@ -117,7 +117,7 @@ def ddp(data):
     for key, value in flags.items():
         cmd += ["--set", f"{key}={json.dumps(value) if not isinstance(value, str) else value}"]
     proc = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=600, env=_env(data["tmp"], PRMKIT_DEBUG_ROWS_DIR=str(rows_dir))
+        cmd, capture_output=True, text=True, timeout=300, env=_env(data["tmp"], PRMKIT_DEBUG_ROWS_DIR=str(rows_dir))
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return _summary(proc.stdout), out, rows_dir
@@ -156,7 +156,7 @@ def fsdp(data):
         str(spec),
     ]
     proc = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=600, env=_env(data["tmp"], ACCELERATE_USE_CPU="true")
+        cmd, capture_output=True, text=True, timeout=300, env=_env(data["tmp"], ACCELERATE_USE_CPU="true")
     )
     # The last run kills every process of the launch with SIGKILL, the launcher included.
     assert proc.returncode == -9, proc.stderr[-4000:]
@@ -315,7 +315,7 @@ def test_a_killed_fsdp_run_resumes_from_its_sharded_checkpoint(data, fsdp):
         str(FSDP_CPU_CONFIG),
         "--json",
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env(data["tmp"]))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env(data["tmp"]))
     assert proc.returncode == 0, proc.stderr[-4000:]
     resumed, plain = _summary(proc.stdout), summaries["plain"]
     assert resumed["resumed_from"].endswith("checkpoint-2") and resumed["global_step"] == 4
@@ -405,7 +405,7 @@ def test_deepspeed_zero2_and_zero3_on_cpu_train_the_model_one_process_trains(dat
         str(spec),
     ]
     proc = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=600, env=_env(data["tmp"], ACCELERATE_USE_CPU="true")
+        cmd, capture_output=True, text=True, timeout=300, env=_env(data["tmp"], ACCELERATE_USE_CPU="true")
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     reference = _scores(tmp / "one", data["heldout"])

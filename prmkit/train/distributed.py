@@ -508,6 +508,12 @@ def plan_strategy(args: Any, state: Any, require: bool, environ: Mapping[str, st
     expected = expected_strategy(asked, state.distributed_type, cpu)
     why = replacement_reason(asked, state.distributed_type, cpu)
     expected = check_strategy(asked, expected, require, why, warn=state.is_main_process)
+    if expected.name == "deepspeed" and _type_name(state.distributed_type) == "MULTI_CPU":
+        # accelerate joins DeepSpeed's communication layer to the process group only when it runs DeepSpeed itself;
+        # ZeRO-3 partitions the model as it loads, which must see every process.
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=state.backend)
     return StrategyPlan(asked=asked, expected=expected, require=require, main=state.is_main_process)
 
 
@@ -555,8 +561,18 @@ def _plain_class(module: Any) -> type:
 def _on_meta(model_class: type, config: Any) -> Any:
     import torch
 
-    with torch.device("meta"):
-        return model_class._from_config(config)
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    # Under ZeRO-3, transformers builds every model (and a head's inner model) inside deepspeed.zero.Init, which
+    # partitions it across the processes: a collective this process would run alone. Its switch is the global
+    # DeepSpeed config reference, unset here while the copy is built, and put back.
+    held = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        with torch.device("meta"):
+            return model_class(config)
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = held
 
 
 def _assign(module: Any, weights: dict[str, Any], what: str) -> None:
