@@ -173,7 +173,7 @@ def test_score_into_a_read_only_directory(tmp_path, monkeypatch, prm_dir):
 
 
 def test_score_on_a_full_disk_then_resumes_to_the_same_bytes(tmp_path, monkeypatch, prm_dir):
-    import prmkit.scoring.job as job
+    import prmkit.scoring.resumable as resumable  # the module that opens the partial output
 
     rows = [{"prompt": f"Q{i}: {r['prompt']}", "completions": r["completions"]} for i, r in enumerate(ROWS * 6)]
     src = write_jsonl(tmp_path / "in.jsonl", rows)
@@ -198,7 +198,7 @@ def test_score_on_a_full_disk_then_resumes_to_the_same_bytes(tmp_path, monkeypat
         return fh
 
     out = tmp_path / "scored.jsonl"
-    monkeypatch.setattr(job, "open", open_, raising=False)
+    monkeypatch.setattr(resumable, "open", open_, raising=False)
     res = runner.invoke(app, ["score", str(prm_dir), str(src), "-o", str(out), "--set", "score.sort_window=4"])
     assert_one_line(res, "error: no space left on device", "run the same command again")
     assert not out.exists() and out.with_name(out.name + ".partial").exists()
