@@ -23,29 +23,23 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from prmkit.errors import DataError, PrmkitError, UsageError, first_line
 from prmkit.data.formats import step_problem
-from prmkit.models.model_dir import POSITIVE_LABEL_ID, kind_tokenization, read_metadata, resolve_tokenization
-from prmkit.core.filenames import PRMKIT_JSON
+from prmkit.models.model_dir import POSITIVE_LABEL_ID, resolve_tokenization
 from prmkit.models.memory import release_memory
-from prmkit.models.files import check_model_dir, check_tokenizer_fits, embedding_rows
+from prmkit.models.files import check_tokenizer_fits, embedding_rows
 from prmkit.scoring import attention, budget
+from prmkit.scoring import pretrained as steps
 from prmkit.scoring.loading import (
     OVERLAP_TOKENIZER_ON,
-    Background,
-    architecture_imported,
-    hub_metadata,
-    load_error,
-    load_model,
     model_identity,
     resolve_device,
     resolve_dtype,
 )
 from prmkit.scoring.timings import Timings
-from prmkit.tokenization import Encoded, TextEncoder, TokenizationParams, encode_solutions, tokenizer_fingerprint
+from prmkit.tokenization import Encoded, TextEncoder, TokenizationParams, encode_solutions
 
 log = logging.getLogger("prmkit")
 
@@ -228,113 +222,43 @@ class StepScorer:
         unless ``packing`` is False or ``attn_implementation`` is given. ``timings`` collects the seconds spent loading
         (``model_load``: the architecture's code, weights, tokenizer), tokenizing and in forward passes.
         """
-        from prmkit.core.locate import locate
-
         timings = timings or Timings()
-        name = str(path_or_id)
-        local = Path(name).expanduser()
-        is_local = local.is_dir()
-        if local.exists() and not is_local:
-            raise UsageError(f"model {name!r}: not a directory", hint="give a model directory or a Hub id")
-        if not is_local:
-            locate(name, "model", revision=revision)  # before torch: a mistyped path is said at once
+        source = steps.resolve_model(path_or_id, revision)  # before torch: a mistyped path is said at once
 
         import torch
-        from transformers import AutoConfig, AutoModelForTokenClassification
 
-        from prmkit.models.loading import load_tokenizer
-        from prmkit.models.loading import is_causal, quiet_transformers
+        from prmkit.kinds.spec import TOKEN_CLASSIFICATION
+        from prmkit.models.loading import quiet_transformers
+        from prmkit.scoring.kinds import resolve_kind
 
-        metadata = read_metadata(local) if is_local else hub_metadata(name, revision)
-        if is_local:
-            check_model_dir(local)  # config sizes and weight headers, before transformers trusts them
-        from prmkit.kinds.spec import LM_TAG, TOKEN_CLASSIFICATION
-        from prmkit.scoring.kinds import resolve_kind, scorer_for_kind
-
-        kind, settings, kind_tokenizer = resolve_kind(name, metadata, kind_settings, local=is_local,
-                                                            revision=revision, trust_remote_code=trust_remote_code)
-
+        name, metadata = source.name, source.metadata
+        kind, settings, kind_tokenizer = resolve_kind(name, metadata, kind_settings, local=source.is_local,
+                                                      revision=revision, trust_remote_code=trust_remote_code)
         rank, world_size, dev = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, dev)
         if dev.type == "cuda":
             torch.cuda.init()  # the CUDA context is start-up, not model loading
-        adapter = is_local and (local / "adapter_config.json").is_file()
         with timings.stage("model_load"), quiet_transformers():
-            config = None
-            if not adapter:
-                try:
-                    config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code,
-                                                        **({"revision": revision} if revision else {}))
-                except Exception as e:  # noqa: BLE001 - whatever stops transformers reading it is the finding
-                    raise load_error(name, e) from None
-            chosen = attn_implementation is None and packing is not False and config is not None
-            if chosen:
-                attn_implementation = attention.choose_attention(
-                    dev.type, str(torch_dtype).removeprefix("torch."), is_causal(config), config)
-            elif attn_implementation == attention.VARLEN:
-                attention.register_varlen_attention()
+            config = steps.read_config(source, trust_remote_code)
+            attn_implementation, chosen = steps.pick_attention(config, dev, torch_dtype, attn_implementation, packing)
             load_kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
             if revision:
                 load_kwargs["revision"] = revision
             if kind != TOKEN_CLASSIFICATION:
-                if attn_implementation:
-                    load_kwargs["attn_implementation"] = attn_implementation
-                max_length = kind_tokenization(name, kind, tokenization, step_separator)
-                if max_length is None and kind == LM_TAG:  # a prmkit-trained lm-tag model: its training limit
-                    max_length = ((metadata or {}).get("tokenization") or {}).get("max_length")
-                scorer = scorer_for_kind(
-                    cls, kind, name, load_tokenizer(tokenizer, trust_remote_code) if tokenizer else
-                    kind_tokenizer or load_tokenizer(name, trust_remote_code), settings,
-                    load_kwargs=load_kwargs, device=dev, max_length=max_length, batch_tokens=batch_tokens,
+                return steps.kind_scorer(
+                    cls, source, kind, settings, kind_tokenizer, load_kwargs=load_kwargs,
+                    attn_implementation=attn_implementation, tokenization=tokenization, step_separator=step_separator,
+                    tokenizer=tokenizer, trust_remote_code=trust_remote_code, device=dev, batch_tokens=batch_tokens,
                     sort_window=sort_window, packing=packing, rank=rank, world_size=world_size, timings=timings)
-                check_tokenizer_fits(scorer.tokenizer, embedding_rows(scorer.model), tokenizer or name)
-                return scorer
             params, changes = resolve_tokenization(name, metadata, step_separator, tokenization)
-            positive = int(((metadata or {}).get("labels") or {}).get("positive_label_id", POSITIVE_LABEL_ID))
-            overlap = (dev.type in OVERLAP_TOKENIZER_ON and not adapter
-                       and architecture_imported(AutoModelForTokenClassification, config))
-            with Background(load_tokenizer, tokenizer or name, trust_remote_code, enabled=overlap) as pending_tokenizer:
-                try:
-                    if adapter:
-                        # A LoRA adapter that `prmkit train` saved unmerged: its base, the adapter, and the trained head.
-                        from prmkit.models.loading import load_trained_model
-
-                        extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
-                        model, info = load_trained_model(local, torch_dtype, trust_remote_code, **extra), {}
-                        model.to(dev)
-                    else:
-                        model, info = load_model(AutoModelForTokenClassification, name,
-                                                  {**load_kwargs, "config": config, "device_map": dev},
-                                                  attn_implementation, fall_back=chosen)
-                except PrmkitError:
-                    raise
-                except Exception as e:  # noqa: BLE001 - e.g. sizes that do not match the weights, a damaged file
-                    raise load_error(name, e) from None
-                all_missing = sorted(info.get("missing_keys") or [])
-                missing = [k for k in all_missing if k.split(".")[0] in ("score", "classifier")]
-                if all_missing and not missing:
-                    log.warning(f"{name}: {len(all_missing)} weight(s) missing from the checkpoint were initialised at "
-                                f"random, e.g. {all_missing[0]}; its scores may not be the trained model's")
-                if missing:
-                    raise UsageError(
-                        f"model {name!r} has no trained token-classification head ({', '.join(sorted(missing)[:2])} "
-                        "missing); its scores would be random",
-                        hint="score with a PRM trained by `prmkit train` (or TRL's PRMTrainer), not a base model",
-                    )
-                tok = pending_tokenizer.result()
+            model, tok = steps.load_token_classifier(
+                source, config, load_kwargs, device=dev, torch_dtype=torch_dtype,
+                attn_implementation=attn_implementation, chosen=chosen, tokenizer=tokenizer,
+                trust_remote_code=trust_remote_code, overlap_on=OVERLAP_TOKENIZER_ON)
             check_tokenizer_fits(tok, embedding_rows(model), tokenizer or name, params.step_separator)
-            recorded = ((metadata or {}).get("tokenizer") or {}).get("sha256")
-            used = tokenizer_fingerprint(tok)["sha256"] if recorded else None
-            if recorded and used != recorded:
-                # e.g. transformers picking the architecture's tokenizer class over the saved tokenizer.json
-                log.warning(f"{name}: the tokenizer loaded now{f' ({tokenizer})' if tokenizer else ''} differs from "
-                            f"the one recorded in {PRMKIT_JSON} at training; steps may be tokenized differently from "
-                            "training")
-                changes["tokenizer"] = (recorded, used)
-            elif tokenizer and not recorded and tokenizer != name:
-                log.warning(f"{name}: scoring with the tokenizer of {tokenizer} as asked (model.tokenizer), not the one "
-                            "saved with the model; nothing records which one training used")
+            steps.check_tokenizer(source, tok, tokenizer, changes)
             identity = model_identity(name, model)
+        positive = int(((metadata or {}).get("labels") or {}).get("positive_label_id", POSITIVE_LABEL_ID))
         scorer = cls(
             model, tok, params, batch_tokens=batch_tokens, sort_window=sort_window, positive_label_id=positive,
             allow_bidirectional=allow_bidirectional, packing=packing, identity=identity, rank=rank,
