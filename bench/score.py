@@ -56,7 +56,7 @@ def journal_cost(model_dir: Path, src: Path, work: Path, repeats: int) -> dict:
     """Engine seconds of `score_file` with the batch journal and without, alternating; outputs must be identical."""
     import statistics
 
-    from prmkit.scoring import StepScorer, job, score_file
+    from prmkit.scoring import StepScorer, job, resumable, score_file
 
     class NoJournal(job.BatchJournal):
         """Keeps nothing: a killed run would redo the whole window, as before the journal."""
@@ -99,7 +99,7 @@ def journal_cost(model_dir: Path, src: Path, work: Path, repeats: int) -> dict:
             super().close()
             inside.append(time.perf_counter() - start)
 
-    hashed = job.HashedFile
+    hashed = resumable.HashedFile  # the output side of the job opens the partial file
     hashing: list[float] = []  # seconds spent keeping the partial output's running sha256 (both modes do it)
 
     class TimedHashedFile(hashed):
@@ -126,7 +126,7 @@ def journal_cost(model_dir: Path, src: Path, work: Path, repeats: int) -> dict:
         for mode in (("journal", "none") if i % 2 == 0 else ("none", "journal")):
             out = work / f"journal-{mode}-{i}.jsonl"
             job.BatchJournal = TimedJournal if mode == "journal" else NoJournal
-            job.HashedFile = TimedHashedFile
+            resumable.HashedFile = TimedHashedFile
             counted: list[int] = []
             inside.clear()
             hashing.clear()
@@ -134,7 +134,7 @@ def journal_cost(model_dir: Path, src: Path, work: Path, repeats: int) -> dict:
                 summary = score_file(scorer, str(src), str(out), on_steps=counted.append)
             finally:
                 job.BatchJournal = shipped
-                job.HashedFile = hashed
+                resumable.HashedFile = hashed
             seconds[mode].append(summary.seconds)
             if mode == "journal":
                 journal_seconds.append(sum(inside))

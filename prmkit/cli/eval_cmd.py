@@ -100,27 +100,13 @@ def evaluate(
     if not ev.data:
         raise UsageError("no evaluation data", hint="pass --data FILE (repeatable) or set eval.data")
 
-    from prmkit.core.filenames import REJECTS_FILE
-    from prmkit.evaluation.evaluate import evaluate as run_evaluation
-    from prmkit.evaluation.write import check_output_dir, check_plotting, write_outputs
+    from prmkit import api
+    from prmkit.evaluation.write import check_output_dir
 
     out_dir = Path(ev.output_dir).expanduser()
     check_output_dir(out_dir, overwrite, models=names, data=ev.data,
                                 config=str(config) if config is not None else None)
-    plots = bool(ev.plots)
-    if ev.plots:
-        check_plotting()  # asked for: refused now, before any scoring, when matplotlib is missing
-    elif ev.plots is None:
-        plots = _plotting_available()
-
-    # --threshold on the command line beats tuning asked for in a config; otherwise tuning beats a threshold from the
-    # config file or --set (the template from `prmkit config init` spells out threshold: 0.5).
-    given = None
-    tune_on = ev.tune_threshold
-    if threshold is not None:
-        given, tune_on = threshold, None
-    elif tune_on is None and "eval.threshold" in cfg.explicit:
-        given = ev.threshold
+    plots = _plots(ev.plots)
 
     # Under `accelerate launch` every process scores a share and receives all scores; one of them speaks and writes.
     main = int(os.environ.get("RANK", "0")) == 0
@@ -130,37 +116,43 @@ def evaluate(
 
     hf_logging.disable_progress_bar()  # the weight-loading bar is noise beside our own progress
 
-    from prmkit.models.model_dir import explicit_tokenization
     from prmkit.scoring import end_distributed
 
     with _progress(enabled=main) as progress:
         try:
-            result = run_evaluation(
-                names, ev.data,
-                # A config written for prepare and train (data.format) serves eval too, unless eval.format is set.
-                fmt=ev.format if cfg.is_set("eval.format") else cfg.data.format, step_separator=None, threshold=given,
-                tune_threshold=tune_on, batch_tokens=ev.batch_tokens, dtype=ev.dtype if ev.dtype != "auto" else cfg.model.dtype,
-                device=ev.device,
-                trust_remote_code=cfg.model.trust_remote_code, allow_bidirectional=cfg.model.allow_bidirectional,
-                attn_implementation=cfg.model.attn_implementation, prm800k_neutral=cfg.data.prm800k_neutral,
-                label_threshold=cfg.data.label_threshold, skip_invalid=cfg.data.skip_invalid, progress=progress,
-                kind_settings=cfg.kind_settings(),
-                tokenization=explicit_tokenization(cfg.data, cfg.is_set), tokenizer=cfg.model.tokenizer,
-            )
+            # --threshold beats tuning asked for in a config (api.evaluate's rule for its threshold argument).
+            result = api.evaluate(cfg, models=names, threshold=threshold, progress=progress)
         finally:
             end_distributed()
-    if not main:
-        return
-    files = write_outputs(result, out_dir, plots=plots)
+    if main:
+        _write(out, result, out_dir, names, plots, warn_no_plots=ev.plots is None and not plots)
 
+
+def _plots(asked: bool | None) -> bool:
+    """Whether to write plots: asked for (refused now, before any scoring, when matplotlib is missing), refused, or
+    (None) when matplotlib is installed."""
+    from prmkit.evaluation.write import check_plotting
+
+    if asked:
+        check_plotting()
+    elif asked is None:
+        return _plotting_available()
+    return bool(asked)
+
+
+def _write(out: Output, result, out_dir: Path, names: list[str], plots: bool, warn_no_plots: bool) -> None:
+    """Write the report files and plots, print the report, and say what was written and what to do next."""
+    from prmkit.core.filenames import REJECTS_FILE
     from prmkit.evaluation.render import rich_tables
+    from prmkit.evaluation.write import write_outputs
 
+    files = write_outputs(result, out_dir, plots=plots)
     out.result(
         {**result.report, "output_dir": str(out_dir), "files": [str(p) for p in files]},
         *rich_tables(result.report),
     )
     out.info(f"wrote {', '.join(p.name for p in files)} to {out_dir}")
-    if ev.plots is None and not plots:
+    if warn_no_plots:
         out.warn("no plots: matplotlib is not installed; pip install 'prmkit[plot]' adds them (--no-plots: no warning)")
     if result.rejects:
         out.warn(f"{len(result.rejects)} invalid rows skipped; see {out_dir / REJECTS_FILE}")

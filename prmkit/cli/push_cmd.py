@@ -67,9 +67,9 @@ def push(
     })
     if not cfg.push.repo_id:
         raise UsageError("no repo id: pass --repo-id or set push.repo_id", hint="e.g. --repo-id alice/qwen2-prm")
-    from prmkit.hub import push_with_config  # huggingface_hub: not for --help
+    from prmkit import api  # the hub code: not for --help
 
-    result = push_with_config(model_dir, cfg.push, dry_run=dry_run, token=token)
+    result = api.push_model(cfg, model_dir=model_dir, dry_run=dry_run, token=token)
     out.result(result.to_dict(), *_render(result))
 
 

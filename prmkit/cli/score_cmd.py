@@ -26,7 +26,6 @@ from prmkit.cli._options import (
 from prmkit.cli._output import Output, attach_logging, stderr
 from prmkit.config.load import load_config
 from prmkit.errors import UsageError
-from prmkit.core.outputs import refuse_inputs_inside
 
 
 @handle_errors
@@ -73,39 +72,31 @@ def score(
         "score.device": device, "score.format": format_, "score.skip_invalid": skip_invalid,
         "score.group_by": group_by, "score.select": select, "score.aggregate": aggregate,
     })
-    from prmkit.scoring.groups import group_spec
+    from prmkit import api
 
-    sc = cfg.score
-    group = group_spec(sc.group_by, sc.select, sc.aggregate if cfg.is_set("score.aggregate") else None)
+    api.check_score_file(cfg, input_, output)  # the group settings, and an output that is the input: before loading
     if json_ and output == "-":
         raise UsageError("--json needs --output FILE: with --output - stdout carries the scored lines")
-    if output != "-" and input_ != "-":
-        # Checked again with the model and every companion file once loaded; this one fails before the model loads.
-        refuse_inputs_inside(output, [("input", input_)], "--overwrite would replace", output_inside=True)
     if int(os.environ.get("RANK", "0")) != 0:
         logging.getLogger("prmkit").setLevel(logging.ERROR)  # one process speaks for all
 
     from transformers.utils import logging as hf_logging
 
-    from prmkit.models.model_dir import explicit_tokenization
-    from prmkit.scoring import StepScorer, end_distributed, score_file
+    from prmkit.scoring import end_distributed
+    from prmkit.scoring.settings import ScorerSettings
 
     hf_logging.disable_progress_bar()  # a weight-loading bar per process is noise beside our own progress
 
-    scorer = StepScorer.from_pretrained(
-        model, step_separator=unescape(step_separator), dtype=sc.dtype if sc.dtype != "auto" else cfg.model.dtype,
-        device=sc.device, tokenization=explicit_tokenization(cfg.data, cfg.is_set), tokenizer=cfg.model.tokenizer,
-        batch_tokens=sc.batch_tokens, sort_window=sc.sort_window, trust_remote_code=cfg.model.trust_remote_code,
-        allow_bidirectional=cfg.model.allow_bidirectional, attn_implementation=cfg.model.attn_implementation,
-        kind_settings=cfg.kind_settings(), packing=sc.packing, timings=timings,
-    )
+    # Loaded here rather than by api.score_file: the progress display needs to know which process speaks.
+    scorer = ScorerSettings.from_config(cfg, "score").load(model, step_separator=unescape(step_separator),
+                                                           timings=timings)
     main = scorer.is_main_process
     progress = _Progress(total=_total(input_) if main else None, enabled=main)
     try:
-        summary = score_file(
-            scorer, input_, output, fmt=sc.format, threshold=sc.threshold, skip_invalid=sc.skip_invalid,
-            overwrite=overwrite, on_progress=progress.lines if main else None, on_steps=progress.steps if main else None,
-            stdout=sys.stdout, on_reject=lambda where: out.warn(f"rejected {where}"), group=group,
+        summary = api.score_file(
+            cfg, input_, output, model=scorer, overwrite=overwrite, stdout=sys.stdout,
+            on_progress=progress.lines if main else None, on_steps=progress.steps if main else None,
+            on_reject=lambda where: out.warn(f"rejected {where}"),
         )
     finally:
         progress.stop()

@@ -126,13 +126,12 @@ def train(
         raise typer.Exit(relaunch(child, num_processes, accelerate_config))
 
     _quiet_libraries(main_rank)
-    from prmkit.train import recipe as training
-
+    from prmkit import api
     from prmkit.scoring import end_distributed
 
     try:
-        result = training.train(cfg, overwrite=overwrite, resume=True if resume else None,
-                                console=stderr() if main_rank else None, accept_changes=resume_with_changes)
+        result = api.train(cfg, overwrite=overwrite, resume=True if resume else None,
+                           console=stderr() if main_rank else None, accept_changes=resume_with_changes)
     finally:
         end_distributed()
     if not main_rank:
