@@ -15,7 +15,7 @@ from prmkit.models.model_dir import build_metadata, write_metadata
 from prmkit.scoring import StepScorer
 from prmkit.scoring.engine import _is_causal, _probe_causal
 from prmkit.scoring.loading import resolve_device as _resolve_device
-from prmkit.scoring.loading import resolve_dtype as _resolve_dtype
+from prmkit.models.loading import resolve_dtype as _resolve_dtype
 from prmkit.tokenization import TokenizationParams, encode_solutions
 
 SOLUTIONS = [

@@ -18,7 +18,7 @@ import logging
 import os
 from pathlib import Path
 
-from prmkit.errors import UsageError
+from prmkit.errors import UsageError, named_first_line
 
 log = logging.getLogger("prmkit")
 
@@ -103,8 +103,7 @@ def _on_hub(name: str, repo_type: str, revision: str | None) -> tuple[bool, str 
     except HfHubHTTPError:
         return True, None  # the Hub answered something else (a server error, a rate limit): let the loader say more
     except Exception as e:  # connection refused, DNS, timeouts, proxies: many types, one meaning here
-        text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        return False, f"{type(e).__name__}: {text}" if text else type(e).__name__
+        return False, named_first_line(e)
     return True, None
 
 

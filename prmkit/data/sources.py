@@ -19,15 +19,12 @@ from prmkit.core.jsonio import nonfinite_field
 from prmkit.core.redact import mask
 from prmkit.data.formats import Options, RowError, check_format, convert, detect_format
 from prmkit.data.split_spec import FILE_SPLIT, check_instruction, local_part, row_ranges
-from prmkit.errors import DataError, UsageError
+from prmkit.errors import DataError, UsageError, named_first_line
 
 log = logging.getLogger(__name__)
 
 
 LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-
-
-MAX_PROBLEMS = 10
 
 
 @dataclass
@@ -267,7 +264,7 @@ def _load_with_datasets(source: Source):
     except FileNotFoundError as e:
         raise DataError(f"{source.spec}: not found ({e})") from None
     except Exception as e:  # datasets raises many types for an unreachable or missing dataset
-        raise DataError(f"{source.spec}: could not load ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
+        raise DataError(f"{source.spec}: could not load ({named_first_line(e)})",
                         hint="a Hub dataset needs network access; local files need a .jsonl, .json, .parquet or .csv suffix") from None
 
 

@@ -29,10 +29,8 @@ subset), or the default 0.5; ``threshold_source`` in the report says which.
 
 from __future__ import annotations
 
-import gc
 import logging
 import re
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +41,7 @@ from prmkit.core.version import __version__
 from prmkit.data.formats import Options
 from prmkit.data.sources import _hub_split, iter_records, read_step_rows, resolve_source
 from prmkit.errors import DataError, PrmkitError, UsageError
+from prmkit.models.memory import release_memory
 
 log = logging.getLogger("prmkit")
 
@@ -68,7 +67,7 @@ DEFAULT_THRESHOLD = 0.5
 SCORE_CHUNK = 1024
 
 
-MAX_PROBLEMS = 1000
+MAX_KEPT_PROBLEMS = 1000  # problems a DataError carries (the CLI shows the first few): bounded memory on a bad file
 
 
 ProgressFn = Callable[[str, int, int], None]
@@ -187,7 +186,7 @@ def _read_extras(
         if not skip_invalid:
             raise DataError(
                 f"{spec}: {len(problems)} rows have an invalid final_answer_correct or answer",
-                problems=problems[:MAX_PROBLEMS],
+                problems=problems[:MAX_KEPT_PROBLEMS],
                 hint="fix them, or pass --skip-invalid to ignore those fields on those rows",
             )
         log.warning(f"{spec}: ignored an invalid final_answer_correct or answer on {len(problems)} rows")
@@ -532,13 +531,6 @@ def _default_loader(model: str, **kwargs: Any) -> Any:
     return StepScorer.from_pretrained(model, **kwargs)
 
 
-def _free_memory() -> None:
-    gc.collect()
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def evaluate(
     models: Sequence[str],
     data: Sequence[str],
@@ -616,7 +608,7 @@ def evaluate(
         scores = score_subsets(scorer, subsets, progress, label=model if len(models) > 1 else "")
         # Free one model before loading the next: two 7B models need not fit at once.
         del scorer
-        _free_memory()
+        release_memory()
         reports[model], raws[model] = build_model_report(
             model, subsets, scores, threshold, tune_threshold, tokenization=used, differs_from_training=differs,
         )

@@ -2,25 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-from prmkit.core.atomic import write_atomic
-from prmkit.core.jsonio import dumps, finite
-from prmkit.core.redact import mask, redact
-
-if TYPE_CHECKING:
-    pass
 import logging
 import os
 import shutil
 import stat
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 from prmkit.core import jsonio
-from prmkit.core.atomic import make_temp_dir, remove_leftovers, swap_in
+from prmkit.core.atomic import make_temp_dir, remove_leftovers, swap_in, write_atomic
 from prmkit.core.filenames import REJECTS_FILE
+from prmkit.core.jsonio import dumps, finite
 from prmkit.core.outputs import OutputLock, refuse_inputs_inside
+from prmkit.core.redact import mask, redact
 from prmkit.errors import UsageError
 from prmkit.evaluation.evaluate import EvalResult
 from prmkit.evaluation.render import build_markdown

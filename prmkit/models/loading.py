@@ -112,19 +112,31 @@ def check_causal(config: Any, name: str, allow_bidirectional: bool) -> None:
     )
 
 
-def resolve_dtype(name: str | None):
-    """`model.dtype` as transformers takes it: 'auto' stays 'auto', names become torch dtypes."""
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def resolve_dtype(name: str | None, device: Any = None, key: str = "model.dtype"):
+    """A dtype name as a torch dtype; the one function train, eval and score use.
+
+    ``auto`` (or None) is decided by transformers from the checkpoint when no ``device`` is given (loading a model to
+    train it); for a ``device`` it is bfloat16 (or float16 where bf16 is unsupported) on CUDA and float32 elsewhere,
+    where bf16 matmuls are slow and float32 is exact (scoring).
+    """
     import torch
 
-    if name in (None, "auto"):
-        return "auto"
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if name not in table:
+    name = _DTYPE_ALIASES.get(name, name) if isinstance(name, str) else name
+    if name not in (None, *DTYPES):
         from prmkit.errors import ConfigError
 
-        raise ConfigError(f"model.dtype: expected auto, float32, bfloat16 or float16, got {name!r}")
-    return table[name]
+        raise ConfigError(f"{key}: expected {', '.join(DTYPES[:-1])} or {DTYPES[-1]}, got {name!r}")
+    if name in (None, "auto"):
+        if device is None:
+            return "auto"
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return getattr(torch, name)
 
 
 def ensure_pad_token(tokenizer: Any) -> None:
@@ -288,7 +300,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     try:
         return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except OSError as e:
-        raise UsageError(f"tokenizer {name_or_path!r} could not be loaded: {str(e).splitlines()[0]}",
+        raise UsageError(f"tokenizer {name_or_path!r} could not be loaded: {first_line(e)}",
                          hint="set model.tokenizer (or model.name_or_path) to a local directory or a reachable Hub id") from None
     except Exception as e:  # noqa: BLE001 - a damaged tokenizer.json fails with whatever the parser meets first
         raise UsageError(f"tokenizer {name_or_path!r} could not be loaded: {first_line(e)}",

@@ -56,11 +56,11 @@ def lora_config(lora: dict, model: Any, kind: str = "token-classification"):
 def apply_lora(model: Any, lora: dict, kind: str = "token-classification"):
     from peft import get_peft_model
 
-    from prmkit.errors import ConfigError
+    from prmkit.errors import ConfigError, first_line
 
     config = lora_config(lora, model, kind)
     try:
         return get_peft_model(model, config)
     except ValueError as e:
-        raise ConfigError(f"train.lora: {str(e).splitlines()[0]}",
+        raise ConfigError(f"train.lora: {first_line(e)}",
                           hint="set train.lora.target_modules, e.g. [q_proj, v_proj] or all-linear") from None

@@ -36,8 +36,8 @@ from prmkit.scoring.loading import (
     OVERLAP_TOKENIZER_ON,
     model_identity,
     resolve_device,
-    resolve_dtype,
 )
+from prmkit.models.loading import resolve_dtype
 from prmkit.scoring.timings import Timings
 from prmkit.tokenization import Encoded, TextEncoder, TokenizationParams, encode_solutions
 
@@ -235,7 +235,7 @@ class StepScorer:
         kind, settings, kind_tokenizer = resolve_kind(name, metadata, kind_settings, local=source.is_local,
                                                       revision=revision, trust_remote_code=trust_remote_code)
         rank, world_size, dev = resolve_device(device)
-        torch_dtype = resolve_dtype(dtype, dev)
+        torch_dtype = resolve_dtype(dtype, dev, key="dtype")
         if dev.type == "cuda":
             torch.cuda.init()  # the CUDA context is start-up, not model loading
         with timings.stage("model_load"), quiet_transformers():
