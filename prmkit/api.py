@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prmkit.config.schema import Config
@@ -60,8 +61,9 @@ def train(
     ``TrainerCallback``s. Under ``accelerate launch`` every process calls it; the result of an interrupted run says so
     (``interrupted``, ``checkpoint``).
     """
-    return recipe.train(cfg, overwrite=overwrite, resume=resume, console=console, callbacks=callbacks,
-                        accept_changes=accept_changes)
+    return recipe.train(
+        cfg, overwrite=overwrite, resume=resume, console=console, callbacks=callbacks, accept_changes=accept_changes
+    )
 
 
 def evaluate(
@@ -90,11 +92,18 @@ def evaluate(
         raise UsageError("no evaluation data", hint="pass data=[...] or set eval.data")
     given, tune_on = _threshold(cfg, threshold)
     return evaluation.evaluate(
-        names, sources,
+        names,
+        sources,
         # A config written for prepare and train (data.format) serves eval too, unless eval.format is set.
-        fmt=ev.format if cfg.is_set("eval.format") else cfg.data.format, step_separator=None, threshold=given,
-        tune_threshold=tune_on, prm800k_neutral=cfg.data.prm800k_neutral, label_threshold=cfg.data.label_threshold,
-        skip_invalid=cfg.data.skip_invalid, progress=progress, **ScorerSettings.from_config(cfg, "eval").kwargs(),
+        fmt=ev.format if cfg.is_set("eval.format") else cfg.data.format,
+        step_separator=None,
+        threshold=given,
+        tune_threshold=tune_on,
+        prm800k_neutral=cfg.data.prm800k_neutral,
+        label_threshold=cfg.data.label_threshold,
+        skip_invalid=cfg.data.skip_invalid,
+        progress=progress,
+        **ScorerSettings.from_config(cfg, "eval").kwargs(),
     )
 
 
@@ -142,9 +151,20 @@ def score_file(
             raise UsageError("no model to score with", hint="pass model=... or set model.name_or_path")
         scorer = ScorerSettings.from_config(cfg, "score").load(name, step_separator=step_separator)
     sc = cfg.score
-    return score_job(scorer, input, output, fmt=sc.format, threshold=sc.threshold, skip_invalid=sc.skip_invalid,
-                     overwrite=overwrite, on_progress=on_progress, on_steps=on_steps, stdout=stdout,
-                     on_reject=on_reject, group=group)
+    return score_job(
+        scorer,
+        input,
+        output,
+        fmt=sc.format,
+        threshold=sc.threshold,
+        skip_invalid=sc.skip_invalid,
+        overwrite=overwrite,
+        on_progress=on_progress,
+        on_steps=on_steps,
+        stdout=stdout,
+        on_reject=on_reject,
+        group=group,
+    )
 
 
 def check_score_file(cfg: Config, input: str, output: str) -> GroupSpec | None:
@@ -162,7 +182,7 @@ def check_score_file(cfg: Config, input: str, output: str) -> GroupSpec | None:
 def push_model(
     cfg: Config,
     *,
-    model_dir: str | os.PathLike,
+    model_dir: str | Path,
     repo_id: str | None = None,
     dry_run: bool = False,
     token: str | None = None,
@@ -174,5 +194,5 @@ def push_model(
     """
     push = cfg.push if repo_id is None else dataclasses.replace(cfg.push, repo_id=repo_id)
     if not push.repo_id:
-        raise UsageError("no repo id: pass repo_id=... or set push.repo_id", hint="e.g. repo_id=\"alice/qwen2-prm\"")
+        raise UsageError("no repo id: pass repo_id=... or set push.repo_id", hint='e.g. repo_id="alice/qwen2-prm"')
     return push_with_config(model_dir, push, dry_run=dry_run, token=token)

@@ -12,7 +12,12 @@ import pytest
 from conftest import make_tiny_prm, write_train_rows
 from eval_fixtures import processbench_records, write_json
 from push_fixtures import (  # noqa: F401 - fixtures register by being imported
-    REPO, _loopback_only, base_model_dir_fixture, hub_fixture, model_dir_fixture, push,
+    REPO,
+    _loopback_only,
+    base_model_dir_fixture,
+    hub_fixture,
+    model_dir_fixture,
+    push,
 )
 from typer.testing import CliRunner
 
@@ -23,8 +28,19 @@ from prmkit.errors import UsageError
 runner = CliRunner()
 
 # What differs between two runs of the same work: the clock, and the paths named.
-VARYING = {"seconds", "lines_per_s", "steps_per_s", "timings", "output", "output_dir", "model_dir", "checkpoint",
-           "tokens_per_second", "resumed_from", "peak_memory_gib"}
+VARYING = {
+    "seconds",
+    "lines_per_s",
+    "steps_per_s",
+    "timings",
+    "output",
+    "output_dir",
+    "model_dir",
+    "checkpoint",
+    "tokens_per_second",
+    "resumed_from",
+    "peak_memory_gib",
+}
 
 
 def cli(*args) -> dict:
@@ -76,17 +92,26 @@ def test_train_called_through_the_package_name_reaches_the_recipe(monkeypatch):
     from prmkit import train
 
     assert train(cfg) == "result"
-    assert seen[0] == (cfg, {"overwrite": True, "resume": None, "console": None, "callbacks": None,
-                             "accept_changes": False})
+    assert seen[0] == (
+        cfg,
+        {"overwrite": True, "resume": None, "console": None, "callbacks": None, "accept_changes": False},
+    )
 
 
 def test_score_file_equals_the_cli(tmp_path, prm, capsys):
-    rows = [{"id": i, "prompt": f"Q{i}: what is {i} + 2?", "completions": [f"{i} + 2 = {i + 2}.", "So it is done."],
-             "pid": i // 2} for i in range(6)]
+    rows = [
+        {
+            "id": i,
+            "prompt": f"Q{i}: what is {i} + 2?",
+            "completions": [f"{i} + 2 = {i + 2}.", "So it is done."],
+            "pid": i // 2,
+        }
+        for i in range(6)
+    ]
     src = tmp_path / "in.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     sets = ["score.threshold=0.45", "score.group_by=pid", "score.sort_window=3"]
-    expected = cli("score", prm, src, "-o", tmp_path / "cli.jsonl", "--json", *sum((["--set", s] for s in sets), []))
+    expected = cli("score", prm, src, "-o", tmp_path / "cli.jsonl", "--json", *[a for s in sets for a in ("--set", s)])
     capsys.readouterr()
 
     cfg = prmkit.load_config(overrides=sets)
@@ -130,19 +155,37 @@ def test_evaluate_equals_the_cli(tmp_path, prm):
 def test_a_threshold_given_to_evaluate_beats_tuning_as_on_the_command_line(tmp_path, prm):
     data = write_json(tmp_path / "gsm.json", processbench_records(10, seed=4))
     cfg = prmkit.load_config(overrides=["eval.tune_threshold=gsm"])
-    given = cli("eval", prm, "--data", data, "-o", tmp_path / "t", "--no-plots", "--json", "--threshold", "0.4",
-                "--set", "eval.tune_threshold=gsm")
-    assert prmkit.evaluate(cfg, models=[prm], data=[data], threshold=0.4).report == \
-        {k: v for k, v in given.items() if k not in ("output_dir", "files")}
+    given = cli(
+        "eval",
+        prm,
+        "--data",
+        data,
+        "-o",
+        tmp_path / "t",
+        "--no-plots",
+        "--json",
+        "--threshold",
+        "0.4",
+        "--set",
+        "eval.tune_threshold=gsm",
+    )
+    assert prmkit.evaluate(cfg, models=[prm], data=[data], threshold=0.4).report == {
+        k: v for k, v in given.items() if k not in ("output_dir", "files")
+    }
     assert given["threshold_source"] == "given"
 
 
 @pytest.mark.slow
 def test_train_equals_the_cli(tmp_path, tiny_qwen2_config_dir):
     rows = write_train_rows(tmp_path / "rows.jsonl", n=8)
-    sets = [f"model.name_or_path={tiny_qwen2_config_dir}", f"data.train={rows}", "model.init_from_config=true",
-            "train.max_steps=2", "train.save_strategy=no"]
-    expected = cli("train", "-o", tmp_path / "cli", "--json", *sum((["--set", s] for s in sets), []))
+    sets = [
+        f"model.name_or_path={tiny_qwen2_config_dir}",
+        f"data.train={rows}",
+        "model.init_from_config=true",
+        "train.max_steps=2",
+        "train.save_strategy=no",
+    ]
+    expected = cli("train", "-o", tmp_path / "cli", "--json", *[a for s in sets for a in ("--set", s)])
 
     cfg = prmkit.load_config(overrides=[*sets, f"train.output_dir={tmp_path / 'api'}"])
     result = prmkit.train(cfg)

@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 import time
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
@@ -26,6 +26,9 @@ from prmkit.cli._options import (
 from prmkit.cli._output import Output, attach_logging, stderr
 from prmkit.config.load import load_config
 from prmkit.errors import UsageError
+
+if TYPE_CHECKING:
+    from prmkit.scoring import ScoreSummary
 
 
 @handle_errors
@@ -101,8 +104,12 @@ def score(
     finally:
         progress.stop()
         end_distributed()
-    if not main:
-        return
+    if main:
+        _say(out, summary, output, json_)
+
+
+def _say(out: Output, summary: ScoreSummary, output: str, json_: bool) -> None:
+    """What was scored and written, on stderr; with --json the summary on stdout."""
     data = summary.to_dict()
     if summary.already_complete:
         out.info(f"{output} is already complete ({data['rows_out']} rows); nothing to do (--overwrite scores again)")

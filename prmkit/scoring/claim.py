@@ -46,8 +46,18 @@ class JobClaim:
     """Running hashes of the committed output and rejects (process 0 only: they are not broadcast)."""
 
 
-def claim_job(scorer: Any, src: InputSource, paths: dict[str, Path] | None, *, fmt: str, threshold: float,
-              window_rows: int, group: GroupSpec | None, overwrite: bool, lock: OutputLock | None) -> JobClaim:
+def claim_job(
+    scorer: Any,
+    src: InputSource,
+    paths: dict[str, Path] | None,
+    *,
+    fmt: str,
+    threshold: float,
+    window_rows: int,
+    group: GroupSpec | None,
+    overwrite: bool,
+    lock: OutputLock | None,
+) -> JobClaim:
     """Process 0 refuses an output that overlaps the input or the model, takes the output's lock, and plans the
     output from its state; every process gets the plan, or raises the refusal process 0 met."""
     claim = JobClaim(plan={})
@@ -73,8 +83,9 @@ def claim_job(scorer: Any, src: InputSource, paths: dict[str, Path] | None, *, f
     return claim
 
 
-def job_identity(scorer: Any, src: InputSource, fmt: str, threshold: float, window_rows: int,
-                 group: GroupSpec | None = None) -> dict[str, Any]:
+def job_identity(
+    scorer: Any, src: InputSource, fmt: str, threshold: float, window_rows: int, group: GroupSpec | None = None
+) -> dict[str, Any]:
     """What must match for a run to continue an earlier one's output.
 
     The batching settings belong here too: they decide which solutions share a forward pass, and a batch of another
@@ -105,8 +116,12 @@ def refuse_overlap(paths: dict[str, Path], src: InputSource, scorer: Any) -> Non
     """The output and its companions (partial, state, rejects) must be neither the input nor inside the model."""
     inputs = [("input", None if src.stdin else src.spec), ("model directory", scorer.identity.get("name"))]
     for path in paths.values():
-        refuse_inputs_inside(path, inputs, "--overwrite would replace" if path == paths["output"] else "scoring writes",
-                             output_inside=True)
+        refuse_inputs_inside(
+            path,
+            inputs,
+            "--overwrite would replace" if path == paths["output"] else "scoring writes",
+            output_inside=True,
+        )
 
 
 def job_digest(job: dict[str, Any]) -> str:
@@ -123,8 +138,9 @@ def keep_derived_budget(scorer: Any, paths: dict[str, Path]) -> int:
     settings = (state or {}).get("settings")
     recorded = settings.get("batch_tokens") if isinstance(settings, dict) else None
     if isinstance(recorded, int) and recorded >= 1 and recorded != scorer.batch_tokens:
-        log.info(f"continuing with the batch budget the run started with ({recorded} tokens, "
-                 f"not {scorer.batch_tokens})")
+        log.info(
+            f"continuing with the batch budget the run started with ({recorded} tokens, not {scorer.batch_tokens})"
+        )
         scorer.batch_tokens = recorded
     return scorer.batch_tokens
 
@@ -137,8 +153,9 @@ def plan_output(paths: dict[str, Path], job: dict, src: InputSource, overwrite: 
     out.parent.mkdir(parents=True, exist_ok=True)
     removed, _ = remove_leftovers(out.parent, paths["state"].name)
     if removed:
-        log.info(f"removed {removed} temporary file{'s' if removed > 1 else ''} left beside {out} "
-                 "by an interrupted run")
+        log.info(
+            f"removed {removed} temporary file{'s' if removed > 1 else ''} left beside {out} by an interrupted run"
+        )
     if overwrite:
         remove_files(paths["output"], paths["partial"], paths["rejects"], paths["rejects_partial"], paths["state"])
         remove_journals(paths)
@@ -149,23 +166,30 @@ def plan_output(paths: dict[str, Path], job: dict, src: InputSource, overwrite: 
         remove_unresumable(paths, "an earlier run read stdin and was interrupted; it cannot be continued")
         state = None
     if state is None:
-        existing = [p for p in (paths["output"], paths["partial"], paths["rejects"], paths["rejects_partial"])
-                    if p.exists()]
+        existing = [
+            p for p in (paths["output"], paths["partial"], paths["rejects"], paths["rejects_partial"]) if p.exists()
+        ]
         if existing:
-            raise UsageError(f"{existing[0]} exists and no scoring state records how it was made",
-                             hint="pass --overwrite to replace it, or choose another --output")
+            raise UsageError(
+                f"{existing[0]} exists and no scoring state records how it was made",
+                hint="pass --overwrite to replace it, or choose another --output",
+            )
         remove_journals(paths)  # no state says whose they are
         return {"fresh": True}
     if src.stdin:
-        raise UsageError(f"{out}: cannot check that stdin is the input an earlier run scored",
-                         hint="pass --overwrite to start over, or give the input as a file to resume")
+        raise UsageError(
+            f"{out}: cannot check that stdin is the input an earlier run scored",
+            hint="pass --overwrite to start over, or give the input as a file to resume",
+        )
     progress = check_state(paths, state)
     why = describe_mismatch(state, job)
     if why:
-        raise UsageError(f"{out}: refusing to continue it: {why}",
-                         hint="run with the settings it was started with to continue it (a resumed run must batch as "
-                              "the first did to give the same bytes), pass --overwrite to start over, or choose "
-                              "another --output")
+        raise UsageError(
+            f"{out}: refusing to continue it: {why}",
+            hint="run with the settings it was started with to continue it (a resumed run must batch as "
+            "the first did to give the same bytes), pass --overwrite to start over, or choose "
+            "another --output",
+        )
     if state.get("status") == "complete":
         return _finish_complete(paths, state, progress)
     return _resume_point(paths, state, progress, src)
@@ -174,15 +198,18 @@ def plan_output(paths: dict[str, Path], job: dict, src: InputSource, overwrite: 
 def _finish_complete(paths: dict[str, Path], state: dict, progress: dict[str, Any]) -> dict[str, Any]:
     # Renamed only if they are, byte for byte, what the run wrote; an output already renamed is the user's.
     committed, rejected = progress.get("output_bytes", 0), progress.get("rejects_bytes", 0)
-    for key, nbytes, digest in (("partial", committed, "output_sha256"),
-                                ("rejects_partial", rejected, "rejects_sha256")):
+    for key, nbytes, digest in (
+        ("partial", committed, "output_sha256"),
+        ("rejects_partial", rejected, "rejects_sha256"),
+    ):
         if paths[key].exists() and DIGEST in state:
             verified_prefix(paths[key], nbytes, progress[digest], paths["state"], whole=True)
     finish_files(paths)
     out = paths["output"]
     if not out.exists():
-        raise UsageError(f"{out}: the state file says complete but the output is missing",
-                         hint="pass --overwrite to score again")
+        raise UsageError(
+            f"{out}: the state file says complete but the output is missing", hint="pass --overwrite to score again"
+        )
     return {"complete": True, "counts": progress.get("counts", {}), "format": state.get("format_detected")}
 
 
@@ -190,13 +217,20 @@ def _resume_point(paths: dict[str, Path], state: dict, progress: dict[str, Any],
     committed, rejected = progress.get("output_bytes", 0), progress.get("rejects_bytes", 0)
     hashes = {
         # The partial is made before the first state is written, so a missing one was removed by hand.
-        "output": verified_prefix(paths["partial"], committed, progress["output_sha256"], paths["state"],
-                                  must_exist=progress.get("input_line", 0) > 0),
+        "output": verified_prefix(
+            paths["partial"],
+            committed,
+            progress["output_sha256"],
+            paths["state"],
+            must_exist=progress.get("input_line", 0) > 0,
+        ),
         "rejects": verified_prefix(paths["rejects_partial"], rejected, progress["rejects_sha256"], paths["state"]),
     }
     if progress.get("input_line"):
-        log.info(f"resuming {paths['partial']} after {src.unit} {progress['input_line']} "
-                 f"({progress.get('counts', {}).get('rows_out', 0)} rows already scored)")
+        log.info(
+            f"resuming {paths['partial']} after {src.unit} {progress['input_line']} "
+            f"({progress.get('counts', {}).get('rows_out', 0)} rows already scored)"
+        )
     return {
         "input_line": progress.get("input_line", 0),
         "input_offset": progress.get("input_offset"),

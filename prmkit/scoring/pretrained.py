@@ -66,29 +66,46 @@ def read_config(source: ModelSource, trust_remote_code: bool) -> Any:
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(source.name, trust_remote_code=trust_remote_code,
-                                          **({"revision": source.revision} if source.revision else {}))
-    except Exception as e:  # noqa: BLE001 - whatever stops transformers reading it is the finding
+        return AutoConfig.from_pretrained(
+            source.name,
+            trust_remote_code=trust_remote_code,
+            **({"revision": source.revision} if source.revision else {}),
+        )
+    except Exception as e:  # whatever stops transformers reading it is the finding
         raise load_error(source.name, e) from None
 
 
-def pick_attention(config: Any, device: Any, torch_dtype: Any, attn_implementation: str | None,
-                   packing: bool | None) -> tuple[str | None, bool]:
+def pick_attention(
+    config: Any, device: Any, torch_dtype: Any, attn_implementation: str | None, packing: bool | None
+) -> tuple[str | None, bool]:
     """The attention implementation to load with, and whether prmkit chose it (then loading may fall back)."""
     from prmkit.models.loading import is_causal
 
     chosen = attn_implementation is None and packing is not False and config is not None
     if chosen:
         attn_implementation = attention.choose_attention(
-            device.type, str(torch_dtype).removeprefix("torch."), is_causal(config), config)
+            device.type, str(torch_dtype).removeprefix("torch."), is_causal(config), config
+        )
     elif attn_implementation == attention.VARLEN:
         attention.register_varlen_attention()
     return attn_implementation, chosen
 
 
-def kind_scorer(cls: Any, source: ModelSource, kind: str, settings: Any, kind_tokenizer: Any, *,
-                load_kwargs: dict[str, Any], attn_implementation: str | None, tokenization: dict[str, Any] | None,
-                step_separator: str | None, tokenizer: str | None, trust_remote_code: bool, **scorer_kwargs: Any) -> Any:
+def kind_scorer(
+    cls: Any,
+    source: ModelSource,
+    kind: str,
+    settings: Any,
+    kind_tokenizer: Any,
+    *,
+    load_kwargs: dict[str, Any],
+    attn_implementation: str | None,
+    tokenization: dict[str, Any] | None,
+    step_separator: str | None,
+    tokenizer: str | None,
+    trust_remote_code: bool,
+    **scorer_kwargs: Any,
+) -> Any:
     """A scorer for another PRM kind than token classification (:mod:`prmkit.scoring.kinds`)."""
     from prmkit.kinds.spec import LM_TAG
     from prmkit.models.loading import load_tokenizer
@@ -100,17 +117,31 @@ def kind_scorer(cls: Any, source: ModelSource, kind: str, settings: Any, kind_to
     max_length = kind_tokenization(name, kind, tokenization, step_separator)
     if max_length is None and kind == LM_TAG:  # a prmkit-trained lm-tag model: its training limit
         max_length = ((source.metadata or {}).get("tokenization") or {}).get("max_length")
-    tok = (load_tokenizer(tokenizer, trust_remote_code) if tokenizer else
-           kind_tokenizer or load_tokenizer(name, trust_remote_code))
-    scorer = scorer_for_kind(cls, kind, name, tok, settings, load_kwargs=load_kwargs, max_length=max_length,
-                             **scorer_kwargs)
+    tok = (
+        load_tokenizer(tokenizer, trust_remote_code)
+        if tokenizer
+        else kind_tokenizer or load_tokenizer(name, trust_remote_code)
+    )
+    scorer = scorer_for_kind(
+        cls, kind, name, tok, settings, load_kwargs=load_kwargs, max_length=max_length, **scorer_kwargs
+    )
     check_tokenizer_fits(scorer.tokenizer, embedding_rows(scorer.model), tokenizer or name)
     return scorer
 
 
-def load_token_classifier(source: ModelSource, config: Any, load_kwargs: dict[str, Any], *, device: Any,
-                          torch_dtype: Any, attn_implementation: str | None, chosen: bool, tokenizer: str | None,
-                          trust_remote_code: bool, overlap_on: tuple[str, ...]) -> tuple[Any, Any]:
+def load_token_classifier(
+    source: ModelSource,
+    config: Any,
+    load_kwargs: dict[str, Any],
+    *,
+    device: Any,
+    torch_dtype: Any,
+    attn_implementation: str | None,
+    chosen: bool,
+    tokenizer: str | None,
+    trust_remote_code: bool,
+    overlap_on: tuple[str, ...],
+) -> tuple[Any, Any]:
     """The token-classification model and its tokenizer.
 
     On the devices in ``overlap_on`` the tokenizer loads in a thread while the weights load (both take seconds), unless
@@ -121,24 +152,31 @@ def load_token_classifier(source: ModelSource, config: Any, load_kwargs: dict[st
     from prmkit.models.loading import load_tokenizer
 
     name = source.name
-    overlap = (device.type in overlap_on and not source.adapter
-               and architecture_imported(AutoModelForTokenClassification, config))
+    overlap = (
+        device.type in overlap_on
+        and not source.adapter
+        and architecture_imported(AutoModelForTokenClassification, config)
+    )
     with Background(load_tokenizer, tokenizer or name, trust_remote_code, enabled=overlap) as pending_tokenizer:
         try:
             if source.adapter:
                 # A LoRA adapter that `prmkit train` saved unmerged: its base, the adapter, and the trained head.
                 from prmkit.models.loading import load_trained_model
 
-                extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+                extra: dict[str, Any] = {"attn_implementation": attn_implementation} if attn_implementation else {}
                 model, info = load_trained_model(source.local, torch_dtype, trust_remote_code, **extra), {}
                 model.to(device)
             else:
-                model, info = load_model(AutoModelForTokenClassification, name,
-                                         {**load_kwargs, "config": config, "device_map": device},
-                                         attn_implementation, fall_back=chosen)
+                model, info = load_model(
+                    AutoModelForTokenClassification,
+                    name,
+                    {**load_kwargs, "config": config, "device_map": device},
+                    attn_implementation,
+                    fall_back=chosen,
+                )
         except PrmkitError:
             raise
-        except Exception as e:  # noqa: BLE001 - e.g. sizes that do not match the weights, a damaged file
+        except Exception as e:  # e.g. sizes that do not match the weights, a damaged file
             raise load_error(name, e) from None
         check_head(name, info.get("missing_keys") or [])
         return model, pending_tokenizer.result()
@@ -149,8 +187,10 @@ def check_head(name: str, missing_keys: list[str]) -> None:
     all_missing = sorted(missing_keys)
     missing = [k for k in all_missing if k.split(".")[0] in ("score", "classifier")]
     if all_missing and not missing:
-        log.warning(f"{name}: {len(all_missing)} weight(s) missing from the checkpoint were initialised at "
-                    f"random, e.g. {all_missing[0]}; its scores may not be the trained model's")
+        log.warning(
+            f"{name}: {len(all_missing)} weight(s) missing from the checkpoint were initialised at "
+            f"random, e.g. {all_missing[0]}; its scores may not be the trained model's"
+        )
     if missing:
         raise UsageError(
             f"model {name!r} has no trained token-classification head ({', '.join(sorted(missing)[:2])} "
@@ -159,18 +199,21 @@ def check_head(name: str, missing_keys: list[str]) -> None:
         )
 
 
-def check_tokenizer(source: ModelSource, tok: Any, tokenizer: str | None,
-                    changes: dict[str, tuple[Any, Any]]) -> None:
+def check_tokenizer(source: ModelSource, tok: Any, tokenizer: str | None, changes: dict[str, tuple[Any, Any]]) -> None:
     """Warn where the tokenizer loaded now is not the one training recorded (and add it to ``changes``)."""
     name = source.name
     recorded = ((source.metadata or {}).get("tokenizer") or {}).get("sha256")
     used = tokenizer_fingerprint(tok)["sha256"] if recorded else None
     if recorded and used != recorded:
         # e.g. transformers picking the architecture's tokenizer class over the saved tokenizer.json
-        log.warning(f"{name}: the tokenizer loaded now{f' ({tokenizer})' if tokenizer else ''} differs from "
-                    f"the one recorded in {PRMKIT_JSON} at training; steps may be tokenized differently from "
-                    "training")
+        log.warning(
+            f"{name}: the tokenizer loaded now{f' ({tokenizer})' if tokenizer else ''} differs from "
+            f"the one recorded in {PRMKIT_JSON} at training; steps may be tokenized differently from "
+            "training"
+        )
         changes["tokenizer"] = (recorded, used)
     elif tokenizer and not recorded and tokenizer != name:
-        log.warning(f"{name}: scoring with the tokenizer of {tokenizer} as asked (model.tokenizer), not the one "
-                    "saved with the model; nothing records which one training used")
+        log.warning(
+            f"{name}: scoring with the tokenizer of {tokenizer} as asked (model.tokenizer), not the one "
+            "saved with the model; nothing records which one training used"
+        )

@@ -13,12 +13,13 @@ import hashlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from prmkit.core.jsonio import dumps
 from prmkit.core.version import __version__
 from prmkit.data.sources import SourceRecord, reject_entry
-from prmkit.core.jsonio import dumps
 from prmkit.scoring.resume import HashedFile, fsync_dir, remove_journals, remove_unresumable, write_state
 from prmkit.scoring.source import InputSource
 
@@ -34,9 +35,16 @@ class ResumableOutput:
     writes the state file (:func:`prmkit.scoring.resume.write_state`).
     """
 
-    def __init__(self, paths: dict[str, Path] | None, job: dict[str, Any], src: InputSource, *, stream: Any = None,
-                 on_reject: Callable[[str], None] | None = None,
-                 save_state: Callable[[Path, dict], None] = write_state):
+    def __init__(
+        self,
+        paths: dict[str, Path] | None,
+        job: dict[str, Any],
+        src: InputSource,
+        *,
+        stream: Any = None,
+        on_reject: Callable[[str], None] | None = None,
+        save_state: Callable[[Path, dict], None] = write_state,
+    ):
         self.paths = paths
         self.job = job
         self.src = src
@@ -55,10 +63,12 @@ class ResumableOutput:
         paths = self.paths
         if not plan.get("output_bytes") and not plan.get("input_line", 0):
             # The state goes first: a partial file without one would be refused as somebody else's.
-            self._out = HashedFile(open(paths["partial"], "wb"))
+            self._out = HashedFile(open(paths["partial"], "wb"))  # noqa: SIM115 - open until close()
             self.commit(0, 0 if self.src.source.kind == "jsonl" else None, counts, fmt_used)
-            log.info(f"writing {paths['partial']}, renamed to {paths['output'].name} when complete; "
-                     "if interrupted, run the same command again to resume")
+            log.info(
+                f"writing {paths['partial']}, renamed to {paths['output'].name} when complete; "
+                "if interrupted, run the same command again to resume"
+            )
         else:
             self._out = HashedFile(cut(paths["partial"], plan["output_bytes"]), hashes["output"])
         if paths["rejects_partial"].exists():
@@ -74,7 +84,7 @@ class ResumableOutput:
                 self.on_reject(f"{self.src.where(rec.number)}: {field_name}: {reason}")
             return
         if self._rejects is None:
-            self._rejects = HashedFile(open(self.paths["rejects_partial"], "wb"))
+            self._rejects = HashedFile(open(self.paths["rejects_partial"], "wb"))  # noqa: SIM115 - open until close()
         entry = reject_entry(self.src.name, self.src.unit, rec, field_name, reason)
         self._rejects.write((dumps(entry) + "\n").encode("utf-8"))
 
@@ -89,23 +99,26 @@ class ResumableOutput:
             rej.flush()
             os.fsync(rej.fileno())
         kept = self.group.keep() if self.group is not None else None
-        self.save_state(self.paths["state"], {
-            "prmkit_version": __version__,
-            "status": "complete" if final else "running",
-            **self.job,
-            "format_detected": fmt_used,
-            "progress": {
-                "input_line": line,
-                "input_offset": offset,
-                "output_bytes": out.tell(),
-                "output_sha256": out.hexdigest(),
-                "rejects_bytes": rej.tell() if rej is not None else 0,
-                "rejects_sha256": (rej.hexdigest() if rej is not None else hashlib.sha256().hexdigest()),
-                "counts": counts.to_dict(),
-                **({"group": kept} if kept else {}),
+        self.save_state(
+            self.paths["state"],
+            {
+                "prmkit_version": __version__,
+                "status": "complete" if final else "running",
+                **self.job,
+                "format_detected": fmt_used,
+                "progress": {
+                    "input_line": line,
+                    "input_offset": offset,
+                    "output_bytes": out.tell(),
+                    "output_sha256": out.hexdigest(),
+                    "rejects_bytes": rej.tell() if rej is not None else 0,
+                    "rejects_sha256": (rej.hexdigest() if rej is not None else hashlib.sha256().hexdigest()),
+                    "counts": counts.to_dict(),
+                    **({"group": kept} if kept else {}),
+                },
+                "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             },
-            "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        })
+        )
         if self.group is not None:
             self.group.tidy(kept["file"] if kept else None)
 
@@ -142,7 +155,7 @@ class ResumableOutput:
 
 def cut(path: Path, size: int) -> Any:
     """``path`` opened to append after its first ``size`` bytes (the committed ones; a half-written line goes)."""
-    fh = open(path, "r+b")
+    fh = open(path, "r+b")  # noqa: SIM115 - the caller keeps it open
     fh.truncate(size)
     fh.seek(0, os.SEEK_END)
     return fh

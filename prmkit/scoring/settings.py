@@ -40,7 +40,7 @@ class ScorerSettings:
 
     @classmethod
     def from_config(cls, cfg: Config, section: str) -> ScorerSettings:
-        """The settings of ``cfg``'s ``section`` (``score`` or ``eval``); its ``dtype`` ``auto`` means ``model.dtype``."""
+        """The settings of ``cfg``'s ``section`` (``score`` or ``eval``); its dtype ``auto`` means ``model.dtype``."""
         if section not in SECTIONS:
             raise ValueError(f"section must be one of {', '.join(SECTIONS)}, got {section!r}")
         sec = getattr(cfg, section)

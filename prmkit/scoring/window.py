@@ -10,8 +10,8 @@ unless ``skip_invalid`` keeps it as a reject.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 from prmkit.data.formats import Options, RowError, check_format
 from prmkit.data.sources import SourceRecord
@@ -49,8 +49,18 @@ class WindowReader:
     (``fmt_detected``), or detected from the first record read.
     """
 
-    def __init__(self, src: InputSource, fmt: str, *, window_rows: int, skip_invalid: bool, after_line: int = 0,
-                 after_offset: int | None = None, fmt_detected: str | None = None, group: GroupSpec | None = None):
+    def __init__(
+        self,
+        src: InputSource,
+        fmt: str,
+        *,
+        window_rows: int,
+        skip_invalid: bool,
+        after_line: int = 0,
+        after_offset: int | None = None,
+        fmt_detected: str | None = None,
+        group: GroupSpec | None = None,
+    ):
         self.src = src
         self.fmt = fmt
         self.window_rows = window_rows
@@ -108,7 +118,7 @@ class WindowReader:
             raise DataError(
                 f"{src.where(rec.number)}: {problem[0]}: {problem[1]}",
                 hint="fix the line and re-run with --overwrite, or pass --skip-invalid to write bad lines "
-                     "to a rejects file and go on",
+                "to a rejects file and go on",
             )
         return rows, problem
 
