@@ -153,8 +153,9 @@ def score_file(
     each group's best line is written (``--select best``); groups must be contiguous (:mod:`prmkit.scoring.groups`).
 
     A second run writing the same ``output`` is refused while the first is alive
-    (:class:`prmkit.core.outputs.OutputBusy` names its PID), and so is an output (or one of its companion files) that is the input or lies inside the model.
-    ``lock`` is supplied by the wrapper that takes and releases it; callers leave it out.
+    (:class:`prmkit.core.outputs.OutputBusy` names its PID), and so is an output (or one of its companion files) that
+    is the input or lies inside the model. ``lock`` is supplied by the wrapper that takes and releases it; callers
+    leave it out.
     """
     if not 0.0 <= threshold <= 1.0:
         raise UsageError(f"score.threshold must lie in [0, 1], got {threshold}")
@@ -204,9 +205,9 @@ def score_file(
     return summary
 
 
-def _run(scorer: StepScorer, reader: WindowReader, out: ResumableOutput | None, summary: ScoreSummary, claim: JobClaim,
-         paths: dict[str, Path] | None, *, threshold: float, on_progress: Callable[[dict[str, int]], None] | None,
-         on_steps: Callable[[int], None] | None) -> None:
+def _run(scorer: StepScorer, reader: WindowReader, out: ResumableOutput | None, summary: ScoreSummary,
+         claim: JobClaim, paths: dict[str, Path] | None, *, threshold: float,
+         on_progress: Callable[[dict[str, int]], None] | None, on_steps: Callable[[int], None] | None) -> None:
     """Open the output (process 0), score every window, and finish: the last commit and the rename."""
     plan = claim.plan
     last: tuple[int, int | None] = (int(plan.get("input_line", 0)), plan.get("input_offset"))
