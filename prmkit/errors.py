@@ -132,7 +132,7 @@ def reworded(flags: Mapping[str, str]) -> Iterator[None]:
     """
     pattern = re.compile("|".join(rf"(?<![\w-]){re.escape(f)}(?![\w-])" for f in sorted(flags, key=len, reverse=True)))
 
-    def swap(text: str | None) -> str | None:
+    def swap(text: str) -> str:
         return pattern.sub(lambda m: flags[m.group(0)], text) if text else text
 
     class Swap(logging.Filter):
@@ -145,7 +145,7 @@ def reworded(flags: Mapping[str, str]) -> Iterator[None]:
     try:
         yield
     except PrmkitError as e:
-        e.message, e.hint = swap(e.message), swap(e.hint)
+        e.message, e.hint = swap(e.message), swap(e.hint) if e.hint else e.hint
         e.args = (e.message,)
         raise
     finally:

@@ -45,7 +45,7 @@ _LOG_LOSS_EPS = 1e-7
 # helpers
 
 
-def _as_unit_array(values: Sequence[float], name: str) -> np.ndarray:
+def _as_unit_array(values: Sequence[float] | np.ndarray, name: str) -> np.ndarray:
     try:
         arr = np.asarray(values, dtype=float)
     except (TypeError, ValueError) as exc:
@@ -60,7 +60,7 @@ def _as_unit_array(values: Sequence[float], name: str) -> np.ndarray:
 
 
 def _scores_and_targets(
-    scores: Sequence[float], targets: Sequence[float]
+    scores: Sequence[float] | np.ndarray, targets: Sequence[float] | np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     s = _as_unit_array(scores, "scores")
     t = _as_unit_array(targets, "targets")
@@ -134,7 +134,7 @@ def _present(step_scores: Sequence[float | None]) -> list[float]:
 
 
 def expected_calibration_curve(
-    scores: Sequence[float], targets: Sequence[float], n_bins: int = 10
+    scores: Sequence[float] | np.ndarray, targets: Sequence[float] | np.ndarray, n_bins: int = 10
 ) -> list[dict[str, Any]]:
     """Reliability-diagram bins over ``[0, 1]``, equal width on the score.
 

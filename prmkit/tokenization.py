@@ -287,7 +287,7 @@ class _PreSplitter:
         return {"pattern": self.pattern, "added": self.added, "index": self.index}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["pattern"], state["added"])
+        _PreSplitter.__init__(self, state["pattern"], state["added"])
         self.index = state["index"]
 
     def safe(self, texts: Sequence[str]) -> np.ndarray:
@@ -334,6 +334,7 @@ def _worker_init(splitter: _PreSplitter, parent: int, pdeathsig: bool) -> None:
 
 def _worker_split(texts: list[str]) -> tuple[int, int, list[str], np.ndarray, np.ndarray]:
     splitter = _WORKER_SPLITTER
+    assert splitter is not None, "runs only in a worker that _worker_init set up"
     stream, counts, first_new = splitter.split(texts)
     return os.getpid(), first_new, list(itertools.islice(splitter.index, first_new, None)), stream, counts
 
@@ -470,7 +471,8 @@ class _PieceSplitter:
 
         batches = iter(batches)
         pool = _worker_pool(processes, self.pre)
-        base, remaps = len(self.pre.index), {}
+        base = len(self.pre.index)
+        remaps: dict[int, list[int]] = {}  # worker pid -> its piece numbers' numbers here
         pending: deque = deque()
         finished = False
         try:

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from prmkit.config.load import unescape  # noqa: F401 - one reading of escapes for flags and config files
+from prmkit.data.formats import format_choices
 
 ConfigOpt = Annotated[
     Optional[Path], typer.Option("--config", "-c", help="YAML config file (see `prmkit config init`).")
@@ -28,7 +29,7 @@ StepSeparatorOpt = Annotated[
 ]
 FormatOpt = Annotated[
     Optional[str],
-    typer.Option("--format", help="auto | stepwise | math-shepherd | prm800k | processbench."),
+    typer.Option("--format", help=" | ".join(format_choices()) + "."),
 ]
 DtypeOpt = Annotated[
     Optional[str], typer.Option("--dtype", help="auto | float32 | bfloat16 | float16 (auto: bf16 on GPU, fp32 on CPU).")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from typing import Any
+from typing import IO, Any, cast
 
 from rich.console import Console
 
@@ -33,13 +33,18 @@ class MaskedStream:
         return getattr(self._stream, name)
 
 
+def _masked(stream: Any) -> IO[str]:
+    # Duck-typed: rich takes any IO[str], and whatever MaskedStream does not define comes from the real stream.
+    return cast(IO[str], MaskedStream(stream))
+
+
 def _stdout() -> Console:
     # Built per call so that a redirected sys.stdout (CliRunner, pipes) is honoured.
-    return Console(file=MaskedStream(sys.stdout), soft_wrap=True, highlight=False)
+    return Console(file=_masked(sys.stdout), soft_wrap=True, highlight=False)
 
 
 def stderr() -> Console:
-    return Console(file=MaskedStream(sys.stderr), soft_wrap=True, highlight=False)
+    return Console(file=_masked(sys.stderr), soft_wrap=True, highlight=False)
 
 
 class Output:

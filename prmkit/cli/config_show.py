@@ -22,7 +22,7 @@ BUILT = object()
 def derived_settings(cfg: Config) -> list[tuple[str, Any, str]]:
     """The values commands derive from the config, as ``(dotted key, value, from what)``, in the order train derives
     them; the value is :data:`BUILT` when it exists only once train has built it."""
-    from prmkit.kinds.spec import LM_TAG, MATH_SHEPHERD_TAG, QWEN_PRM, QWEN_PRM_STEP_TOKEN, QWEN_PRM_SYSTEM_PROMPT
+    from prmkit.kinds.registry import find_kind
 
     view = dataclasses.replace(cfg, training_arguments=dict(cfg.training_arguments), explicit=set(cfg.explicit),
                                **{name: dataclasses.replace(getattr(cfg, name)) for name in SECTIONS})
@@ -41,12 +41,15 @@ def derived_settings(cfg: Config) -> list[tuple[str, Any, str]]:
         if not view.model.name_or_path:
             out.append(("model.name_or_path", BUILT, "train.example: a tiny Qwen2 model, built when train starts"))
         derive(example_settings(view), "train.example")
-    kind = cfg.model.kind if cfg.model.kind in (LM_TAG, QWEN_PRM) else cfg.train.kind if cfg.train.kind == LM_TAG else None
-    where = "model.kind" if kind == cfg.model.kind else "train.kind"
-    if kind and cfg.model.step_tag is None:
-        derive({"model.step_tag": QWEN_PRM_STEP_TOKEN if kind == QWEN_PRM else MATH_SHEPHERD_TAG}, f"{where} {kind}")
-    if kind == QWEN_PRM and cfg.model.system_prompt is None:
-        derive({"model.system_prompt": QWEN_PRM_SYSTEM_PROMPT}, f"{where} {kind}")
+    # The kind whose defaults fill model.step_tag and model.system_prompt: model.kind's, else train.kind's.
+    tagged = [(key, k) for key, name in (("model.kind", cfg.model.kind), ("train.kind", cfg.train.kind))
+              if (k := find_kind(name)) is not None and k.uses_step_tag]
+    if tagged:
+        where, kind = tagged[0]
+        if cfg.model.step_tag is None:
+            derive({"model.step_tag": kind.default_tag}, f"{where} {kind.name}")
+        if kind.default_system_prompt is not None and cfg.model.system_prompt is None:
+            derive({"model.system_prompt": kind.default_system_prompt}, f"{where} {kind.name}")
     ta = view.training_arguments
     for key, value in eval_schedule(ta, bool(view.data.eval)).items():
         if ta.get(key, "no") != value:
@@ -76,8 +79,8 @@ def show_config(cfg: Config) -> tuple[dict[str, dict[str, Any]], str]:
         if line and not line.startswith(" "):
             section = line.rstrip(":")
         elif line.startswith("  ") and not line.startswith("   ") and ":" in line:
-            why = notes.get((section, line.strip().partition(":")[0]))
-            if why:
-                line += f"  # derived: {why}"
+            note = notes.get((section, line.strip().partition(":")[0]))
+            if note:
+                line += f"  # derived: {note}"
         lines.append(line)
     return redact(view.to_dict()), "\n".join(lines) + "\n"

@@ -172,6 +172,8 @@ def _correct_share(model_dir: str | None) -> float | None:
     """The share of correct steps among the eval steps, from the model's prmkit.json (None when unknown)."""
     import json
 
+    if model_dir is None:
+        return None
     try:
         split = json.loads((Path(model_dir) / "prmkit.json").read_text(encoding="utf-8"))["data"]["splits"]["eval"]
         return split["labels_positive"] / (split["labels_positive"] + split["labels_negative"])

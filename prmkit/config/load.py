@@ -7,18 +7,18 @@ import logging
 import types
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import yaml
 
 from prmkit.config.schema import (
-    CHOICES,
     SECTIONS,
     TRAINING_ARGUMENT_DEFAULTS,
     Config,
     _check_lora,
     _did_you_mean,
     check_range,
+    choices_for,
     training_argument_fields,
 )
 from prmkit.core.redact import collect_secrets, mask, redact
@@ -137,6 +137,10 @@ ESCAPED_KEYS = ("data.step_separator",)
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", "0": "\0"}
 
 
+@overload
+def unescape(text: str) -> str: ...
+@overload
+def unescape(text: None) -> None: ...
 def unescape(text: str | None) -> str | None:
     r"""Turn the escapes a user types ('\n', '\t', '\r', '\\', '\0') into the characters they mean."""
     if text is None or "\\" not in text:
@@ -304,7 +308,7 @@ def _coerce(value: Any, annotation: Any, key: str, origin: str) -> Any:
         except ValueError:
             pass
     if str in kinds and isinstance(value, str):
-        choices = CHOICES.get(key)
+        choices = choices_for(key)
         if choices and value not in choices:
             allowed = ("true, false or " if bool in kinds else "one of ") + ", ".join(choices)
             raise ConfigError(f"{origin}: {key}: expected {allowed}, got {shown(value)}"
@@ -408,7 +412,7 @@ def _field_docs(cls: type) -> dict[str, str]:
     body = tree.body[0].body  # type: ignore[attr-defined]
     for node, nxt in zip(body, body[1:]):
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
+            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
                 docs[node.target.id] = " ".join(str(nxt.value.value).split())
     return docs
 

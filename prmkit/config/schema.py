@@ -10,27 +10,21 @@ import dataclasses
 import difflib
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from prmkit.data.formats import format_choices
 from prmkit.errors import ConfigError, shown
+from prmkit.kinds.registry import DEFAULT_KIND, kind_choices, train_kind_choices
 
 log = logging.getLogger("prmkit")
-
-
-FORMATS = ("auto", "stepwise", "math-shepherd", "prm800k", "processbench")
 
 
 PRM800K_NEUTRAL = ("negative", "positive", "drop")
 
 
 BATCHING = ("auto", "padded", "grouped", "packed")
-
-
-PRM_KINDS = ("auto", "token-classification", "qwen-prm", "lm-tag", "chat-plus-minus")
-
-
-TRAIN_KINDS = ("token-classification", "lm-tag")
 
 
 @dataclass
@@ -101,7 +95,7 @@ class DataConfig:
 class TrainConfig:
     """prmkit's own training keys. Every `transformers.TrainingArguments` field is accepted beside these."""
 
-    kind: str = "token-classification"
+    kind: str = DEFAULT_KIND
     """token-classification (TRL's PRM: a 2-label head at each step's separator) | lm-tag (a causal LM judging a tag
     token after each step through two reward tokens, OpenRLHF's design; model.step_tag, model.reward_tokens)."""
     batching: str = "auto"
@@ -198,17 +192,29 @@ SECTIONS: dict[str, type] = {
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "data.format": FORMATS,
-    "eval.format": FORMATS,
-    "score.format": FORMATS,
     "score.select": ("best",),
     "score.aggregate": ("min", "prod", "last", "mean"),
     "data.prm800k_neutral": PRM800K_NEUTRAL,
     "train.batching": BATCHING,
-    "train.kind": TRAIN_KINDS,
-    "model.kind": PRM_KINDS,
     "train.gradient_checkpointing": ("auto",),
 }
+"""Fixed choices; :func:`choices_for` adds the registries' (formats, kinds)."""
+
+# Read from the registries when asked, so a format or kind is declared in one place only.
+REGISTRY_CHOICES: dict[str, Callable[[], tuple[str, ...]]] = {
+    "data.format": format_choices,
+    "eval.format": format_choices,
+    "score.format": format_choices,
+    "train.kind": train_kind_choices,
+    "model.kind": kind_choices,
+}
+
+
+def choices_for(key: str) -> tuple[str, ...] | None:
+    """The values a string key admits (None: any)."""
+    if key in REGISTRY_CHOICES:
+        return REGISTRY_CHOICES[key]()
+    return CHOICES.get(key)
 
 
 @dataclass(frozen=True)

@@ -8,27 +8,101 @@
   completion and no label, which teaches nothing and, alone in a batch, gives a 0/0 (NaN) loss.
 - ``processbench``: ``{problem, steps, label}`` with ``label`` the first wrong step or -1.
 
+Each format is declared once, in :data:`FORMATS`: its name, the columns that detect it, its converter and what the
+rest of prmkit asks of it (``fmt.scored_as_is``, ``fmt.first_error_labels``, ...); nothing else spells a format's name.
 A converter raises :class:`RowError` naming the field and the reason; the caller adds file and row.
+
+This module imports nothing heavy at module level (:mod:`prmkit.tokenization` loads numpy), so the config and
+``--help`` read the registry fast.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from functools import cache
+from types import ModuleType
+from typing import Any
 
 from prmkit.errors import DataError
-from prmkit.tokenization import normalize_label, text_problem
 
-FORMAT_NAMES = ("stepwise", "math-shepherd", "prm800k", "processbench")
+AUTO = "auto"
+"""``data.format: auto``: each source's format is detected from its first record's columns."""
 
-# The columns that identify each format; `auto` picks the one whose columns are all present.
-SIGNATURES: dict[str, tuple[str, ...]] = {
-    "stepwise": ("prompt", "completions", "labels"),
-    "math-shepherd": ("input", "label"),
-    "prm800k": ("question", "label"),
-    "processbench": ("problem", "steps", "label"),
+STEPWISE = "stepwise"
+MATH_SHEPHERD = "math-shepherd"
+PRM800K = "prm800k"
+PROCESSBENCH = "processbench"
+
+
+@dataclass(frozen=True)
+class Format:
+    """One data format. The fields are facts; code asks them instead of comparing names."""
+
+    name: str
+    signature: tuple[str, ...]
+    """The columns that identify it; ``auto`` picks the one format whose columns are all present."""
+    convert: Callable[[dict, Options], list[dict]]
+    """(record, options) -> stepwise rows, not yet validated (:func:`convert` validates them)."""
+    score_columns: tuple[str, str, str] | None = None
+    """(prompt, steps, labels) columns of a record `prmkit score` scores as it is and writes back whole; None: its
+    converted stepwise rows are scored and written."""
+    first_error_labels: bool = False
+    """Its label is the index of the first wrong step: steps after it are unlabelled in eval, and eval's first-error
+    figures read that index (not the step labels)."""
+    whole_solutions: bool = True
+    """Each row is a whole solution, so a record's ``final_answer_correct`` and ``answer`` give the outcome and
+    Best-of-N figures; False where rows are prefixes of one labelled path (PRM800K)."""
+    neutral_ratings: bool = False
+    """Its ratings include a neutral one, counted as ``data.prm800k_neutral`` says."""
+
+    @property
+    def scored_as_is(self) -> bool:
+        return self.score_columns is not None
+
+
+FORMATS: dict[str, Format] = {
+    STEPWISE: Format(STEPWISE, ("prompt", "completions", "labels"), lambda r, o: [_stepwise(r)],
+                     score_columns=("prompt", "completions", "labels")),
+    MATH_SHEPHERD: Format(MATH_SHEPHERD, ("input", "label"), lambda r, o: [_math_shepherd(r)]),
+    PRM800K: Format(PRM800K, ("question", "label"), lambda r, o: _prm800k(r, o.prm800k_neutral),
+                    whole_solutions=False, neutral_ratings=True),
+    PROCESSBENCH: Format(PROCESSBENCH, ("problem", "steps", "label"), lambda r, o: [_processbench(r, o.is_eval)],
+                         score_columns=("problem", "steps", "label"), first_error_labels=True),
 }
+"""Every format, in the order choices are listed. Tests add one with ``monkeypatch.setitem``: read it at call time."""
+
+
+@cache
+def _tokenization() -> ModuleType:
+    """:mod:`prmkit.tokenization`, imported on first use: it loads numpy, which ``--help`` and the config never need.
+    Cached, so a row's check pays a call rather than an import."""
+    import prmkit.tokenization
+
+    return prmkit.tokenization
+
+
+def format_choices() -> tuple[str, ...]:
+    """``data.format``'s values (and ``eval.format``'s, ``score.format``'s)."""
+    return (AUTO, *FORMATS)
+
+
+def get_format(name: str | None) -> Format:
+    fmt = FORMATS.get(name) if isinstance(name, str) else None
+    if fmt is None:
+        raise DataError(f"unknown format {name!r}", hint=f"use one of {', '.join(format_choices())}")
+    return fmt
+
+
+def format_signatures() -> dict[str, tuple[str, ...]]:
+    """{format: the columns that identify it}."""
+    return {name: fmt.signature for name, fmt in FORMATS.items()}
+
+
+def uses_neutral_ratings(names: Iterable[Any]) -> bool:
+    """Whether any of these format names (``auto`` and None allowed) is a format with neutral ratings."""
+    return any(fmt.neutral_ratings for fmt in (FORMATS.get(n) if isinstance(n, str) else None for n in names) if fmt)
 
 SHEPHERD_TAG = "ки"
 _SHEPHERD_MARK = "ⶻ"  # one character, so positions in `input` line up with `label` (TRL's trick)
@@ -67,14 +141,10 @@ class Options:
 
 def detect_format(columns: Iterable[str], source: str) -> str:
     cols = set(columns)
-    matches = [name for name, sig in SIGNATURES.items() if set(sig) <= cols]
-    # A PRM800K line also has `label`, like Math-Shepherd: the nested `question` tells them apart.
-    if "prm800k" in matches and "math-shepherd" in matches and "input" not in cols:
-        matches.remove("math-shepherd")
-    if "processbench" in matches and "math-shepherd" in matches and "input" not in cols:
-        matches.remove("math-shepherd")
+    # Formats that share a column (`label`) are told apart by the others (`input`, `question`, `problem`).
+    matches = [name for name, fmt in FORMATS.items() if set(fmt.signature) <= cols]
     if not matches:
-        wanted = "; ".join(f"{n}: {', '.join(s)}" for n, s in SIGNATURES.items())
+        wanted = "; ".join(f"{n}: {', '.join(s)}" for n, s in format_signatures().items())
         raise DataError(
             f"{source}: cannot detect the data format from columns {sorted(cols)}",
             hint=f"set data.format, or give the columns of one format ({wanted})",
@@ -87,14 +157,20 @@ def detect_format(columns: Iterable[str], source: str) -> str:
     return matches[0]
 
 
-def check_format(fmt: str, record: Any, origin: str, signatures: dict[str, tuple[str, ...]] = SIGNATURES) -> None:
+def check_format(fmt: str, record: Any, origin: str, signatures: dict[str, tuple[str, ...]] | None = None) -> None:
     """Raise RowError when ``record`` lacks a column of ``fmt`` but has every column of one other format.
 
     ``origin`` says where ``fmt`` came from ("the format detected from line 1"), so a file that mixes formats is
     named as such rather than reported as a row with a missing field.
     """
-    if not isinstance(record, dict) or fmt not in signatures or set(signatures[fmt]) <= record.keys():
-        return
+    if signatures is None:
+        known = FORMATS.get(fmt)
+        own = known.signature if known is not None else None
+    else:
+        own = signatures.get(fmt)
+    if not isinstance(record, dict) or own is None or set(own) <= record.keys():
+        return  # the usual row: checked without building the other formats' table
+    signatures = signatures if signatures is not None else format_signatures()
     others = [name for name, sig in signatures.items() if name != fmt and set(sig) <= record.keys()]
     if len(others) == 1:
         cols = ", ".join(sorted(record))
@@ -105,21 +181,14 @@ def convert(fmt: str, record: dict[str, Any], opts: Options) -> list[dict[str, A
     """Convert one source record into zero or more validated stepwise rows."""
     if not isinstance(record, dict):
         raise RowError("row", f"expected a JSON object, got {type(record).__name__}")
-    if fmt == "stepwise":
-        rows = [_stepwise(record)]
-    elif fmt == "math-shepherd":
-        rows = [_math_shepherd(record)]
-    elif fmt == "prm800k":
-        rows = _prm800k(record, opts.prm800k_neutral)
-    elif fmt == "processbench":
-        rows = [_processbench(record, opts.is_eval)]
-    else:
-        raise DataError(f"unknown format {fmt!r}", hint=f"use one of auto, {', '.join(FORMAT_NAMES)}")
-    return [validate(row, opts.label_threshold, allow_unlabelled=fmt == "processbench") for row in rows]
+    spec = get_format(fmt)
+    rows = spec.convert(record, opts)
+    return [validate(row, opts.label_threshold, allow_unlabelled=spec.first_error_labels) for row in rows]
 
 
 def validate(row: dict[str, Any], label_threshold: float | None = None, allow_unlabelled: bool = False) -> dict:
     """Check a stepwise row and normalise its labels (0/1 hard, float soft). Raises RowError."""
+    normalize_label = _tokenization().normalize_label
     prompt = row.get("prompt")
     if not isinstance(prompt, str):
         raise RowError("prompt", f"expected a string, got {_kind(prompt)}")
@@ -184,6 +253,7 @@ def _check_texts(prompt: str, steps: list[str]) -> None:
             return
         except UnicodeEncodeError:
             pass
+    text_problem = _tokenization().text_problem
     for name, text in (("prompt", prompt), *((f"completions[{i}]", step) for i, step in enumerate(steps))):
         problem = text_problem(text)
         if problem is not None:
@@ -191,7 +261,7 @@ def _check_texts(prompt: str, steps: list[str]) -> None:
 
 
 def _stepwise(record: dict) -> dict:
-    for key in SIGNATURES["stepwise"]:
+    for key in FORMATS[STEPWISE].signature:
         if key not in record:
             raise RowError(key, "missing")
     return {"prompt": record["prompt"], "completions": record["completions"], "labels": record["labels"]}

@@ -32,6 +32,7 @@ from prmkit.data.sources import (
 )
 from prmkit.data.tokenized import Prepared, _read_metadata, verify_prepared
 from prmkit.errors import UsageError
+from prmkit.kinds.registry import DEFAULT_KIND, get_kind
 from prmkit.tokenization import (
     TokenizationParams,
     tokenizer_fingerprint,
@@ -49,16 +50,18 @@ def cache_root(cfg_cache_dir: str | None) -> Path:
 
 
 def _train_kind_encoder(cfg, tokenizer):
-    """The lm-tag kind's tokenization when ``train.kind`` asks for it (None: TRL's token classification)."""
+    """The tokenization of ``train.kind`` when it has its own layout (lm-tag), else None (TRL's tokenization)."""
     train = getattr(cfg, "train", None)
-    if train is None or getattr(train, "kind", "token-classification") != "lm-tag":
+    kind = get_kind(getattr(train, "kind", DEFAULT_KIND)) if train is not None else None
+    if kind is None or kind.uses_separator:
         return None
     from prmkit.kinds.encoder import KindEncoder
-    from prmkit.kinds.spec import LM_TAG, KindSettings, ensure_tag_token
+    from prmkit.kinds.spec import KindSettings, ensure_tag_token
 
-    settings = KindSettings.from_sources({**cfg.model.kind_settings(), "kind": LM_TAG}, None)
-    ensure_tag_token(tokenizer, settings.tag())  # as train does (a no-op there): `prepare` alone works too
-    return KindEncoder(LM_TAG, tokenizer, settings, cfg.data.max_length)
+    settings = KindSettings.from_sources({**cfg.model.kind_settings(), "kind": kind.name}, None)
+    if kind.uses_step_tag:
+        ensure_tag_token(tokenizer, settings.tag())  # as train does (a no-op there): `prepare` alone works too
+    return KindEncoder(kind.name, tokenizer, settings, cfg.data.max_length)
 
 
 def cache_key(tok_fp: dict, params: TokenizationParams, data_cfg, sources: dict[str, str],
@@ -75,6 +78,34 @@ def cache_key(tok_fp: dict, params: TokenizationParams, data_cfg, sources: dict[
         "sources": sources,
     }
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _reuse_existing(target: Path, key: str, output: str | Path | None, overwrite: bool) -> Prepared | None:
+    """The entry already at ``target`` when it holds these inputs and is intact; else None, after clearing what an
+    interrupted prepare left and refusing to replace a directory prepare did not write."""
+    removed, size = remove_leftovers(target.parent, target.name)
+    if removed:
+        log.info(f"removed {removed} temporary director{'y' if removed == 1 else 'ies'} ({size / 1e6:.1f} MB) left in "
+                 f"{target.parent} by an interrupted prepare")
+    existing = _read_metadata(target)
+    if existing is not None and existing.get("cache_key") == key and not overwrite:
+        damage = verify_prepared(target, existing)
+        if damage is None:
+            log.info(f"reusing prepared data in {target} (inputs unchanged)")
+            reports = {n: SplitReport(**r) for n, r in existing.get("splits", {}).items()}
+            kept = target / REJECTS_FILE
+            return Prepared(target, existing, reports, cache_hit=True, rejects_path=kept if kept.exists() else None)
+        log.warning(f"{target}: {damage}; rebuilding it")
+    elif existing is None and (target.is_file() or target.is_symlink() or (target.is_dir() and any(target.iterdir()))):
+        if output is not None and not overwrite:
+            raise UsageError(f"{target} exists and is not a prmkit prepared dataset (no readable {METADATA_FILE})",
+                             hint="pass --overwrite to replace it, or choose another output directory")
+        if output is None:
+            # The cache is prmkit's own: an entry without its metadata is what an interrupted or damaged write leaves.
+            log.warning(f"{target}: cache entry without a readable {METADATA_FILE}; rebuilding it")
+    elif existing is not None and not overwrite:
+        log.info(f"rebuilding {target}: inputs changed since it was prepared")
+    return None
 
 
 def prepare_splits(
@@ -125,28 +156,9 @@ def prepare_splits(
                                       ("tokenizer", cfg.tokenizer_name), ("--config", getattr(cfg, "source", None))],
                              "prepare replaces")
 
-    removed, size = remove_leftovers(target.parent, target.name)
-    if removed:
-        log.info(f"removed {removed} temporary director{'y' if removed == 1 else 'ies'} ({size / 1e6:.1f} MB) left in "
-                 f"{target.parent} by an interrupted prepare")
-    existing = _read_metadata(target)
-    if existing is not None and existing.get("cache_key") == key and not overwrite:
-        damage = verify_prepared(target, existing)
-        if damage is None:
-            log.info(f"reusing prepared data in {target} (inputs unchanged)")
-            reports = {n: SplitReport(**r) for n, r in existing.get("splits", {}).items()}
-            rejects = target / REJECTS_FILE
-            return Prepared(target, existing, reports, cache_hit=True, rejects_path=rejects if rejects.exists() else None)
-        log.warning(f"{target}: {damage}; rebuilding it")
-    elif existing is None and (target.is_file() or target.is_symlink() or (target.is_dir() and any(target.iterdir()))):
-        if output is not None and not overwrite:
-            raise UsageError(f"{target} exists and is not a prmkit prepared dataset (no readable {METADATA_FILE})",
-                             hint="pass --overwrite to replace it, or choose another output directory")
-        if output is None:
-            # The cache is prmkit's own: an entry without its metadata is what an interrupted or damaged write leaves.
-            log.warning(f"{target}: cache entry without a readable {METADATA_FILE}; rebuilding it")
-    elif existing is not None and not overwrite:
-        log.info(f"rebuilding {target}: inputs changed since it was prepared")
+    reused = _reuse_existing(target, key, output, overwrite)
+    if reused is not None:
+        return reused
 
     # The build directory comes first: an unwritable output fails now, not after every row has been tokenized.
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from prmkit.core.filenames import METADATA_FILE
+from prmkit.data.formats import uses_neutral_ratings
 from prmkit.errors import DataError
+from prmkit.kinds.registry import DEFAULT_KIND
 
 _HINT = "prepare it again with this run's settings (prmkit prepare ... -o DIR), or give the data it was prepared from"
 
@@ -62,7 +64,7 @@ def load_split(source: Any, role: str) -> PreparedSplit:
     dsd = datasets.load_from_disk(str(path))
     names = list(dsd)
     split = source.split or (role if role in dsd else names[0] if len(names) == 1 else None)
-    if split not in dsd:
+    if split is None or split not in dsd:
         raise DataError(f"{spec}: no {source.split or role!r} split; it holds {', '.join(names)}",
                         hint=f"name one: {path}:{names[0]}")
     ds = dsd[split]
@@ -88,7 +90,7 @@ def check_matches(spec: str, meta: dict[str, Any], *, tokenizer_fp: dict[str, An
             raise DataError(f"{spec}: prepared with data.{key}={recorded[key]!r}, but {user} uses {params[key]!r}",
                             hint=f"set data.{key}={_yaml(recorded[key])} to use it as it is, or {_HINT}")
     if (meta.get("kind") or None) != (kind or None):
-        said = lambda k: f"kind {k.get('kind')}" if k else "token-classification"  # noqa: E731
+        said = lambda k: f"kind {k.get('kind')}" if k else DEFAULT_KIND  # noqa: E731
         raise DataError(f"{spec}: prepared for {said(meta.get('kind'))}, but {user} trains or scores "
                         f"{said(kind)}", hint=_HINT)
     was = (meta.get("tokenizer") or {}).get("sha256")
@@ -99,7 +101,7 @@ def check_matches(spec: str, meta: dict[str, Any], *, tokenizer_fp: dict[str, An
                         hint=_HINT)
     data = meta.get("data") or {}
     for key, value in (labels or {}).items():
-        if key == "prm800k_neutral" and "prm800k" not in (data.get("formats") or {}).values():
+        if key == "prm800k_neutral" and not uses_neutral_ratings((data.get("formats") or {}).values()):
             continue  # only PRM800K rows depend on it
         if key in data and data[key] != value:
             raise DataError(f"{spec}: prepared with data.{key}={data[key]!r}, but {user} uses {value!r}",

@@ -107,8 +107,10 @@ def check_encoding(head: bytes, name: str) -> None:
     if found is None and len(head) == 4:
         # JSON and CSV start with an ASCII character; without a byte-order mark, zeros beside it tell the encoding.
         zeros = tuple(b == 0 for b in head)
-        found = {(False, True, True, True): "UTF-32LE", (True, True, True, False): "UTF-32BE",
-                 (False, True, False, True): "UTF-16LE", (True, False, True, False): "UTF-16BE"}.get(zeros)
+        by_zeros: dict[tuple[bool, ...], str] = {
+            (False, True, True, True): "UTF-32LE", (True, True, True, False): "UTF-32BE",
+            (False, True, False, True): "UTF-16LE", (True, False, True, False): "UTF-16BE"}
+        found = by_zeros.get(zeros)
     if found is not None:
         raise DataError(f"{name}: the text is encoded in {found}, not UTF-8",
                         hint=f"convert it once: iconv -f {found} -t UTF-8 IN > OUT (a leading byte-order mark is "
@@ -137,7 +139,7 @@ def parse_jsonl_line(raw: bytes) -> tuple[Any, str | None, str]:
     try:
         text = raw[skip:].decode("utf-8")
     except UnicodeDecodeError as e:
-        problem = f"not UTF-8 ({e.reason} at byte {e.start + skip})"
+        problem: str | None = f"not UTF-8 ({e.reason} at byte {e.start + skip})"
         text = raw[skip:].decode("utf-8", "backslashreplace")
     else:
         problem = None
@@ -339,8 +341,9 @@ class StepRows:
         return len(self.prompts)
 
     def take(self, indexes: list[int]) -> "StepRows":
-        return StepRows(*([column[i] for i in indexes] for column in (self.prompts, self.completions, self.labels,
-                                                                       self.first_errors, self.rows)))
+        return StepRows([self.prompts[i] for i in indexes], [self.completions[i] for i in indexes],
+                        [self.labels[i] for i in indexes], [self.first_errors[i] for i in indexes],
+                        [self.rows[i] for i in indexes])
 
 
 def tally_rows(report: SplitReport, rows: StepRows, separator: str) -> None:

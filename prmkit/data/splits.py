@@ -12,9 +12,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prmkit.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 log = logging.getLogger("prmkit")
 
@@ -113,7 +116,7 @@ def prepared_inputs(resolved: dict[str, Any], tok_fp: dict, params: Any, kind: d
     return GivenInputs(splits, whole)
 
 
-def _known(values: dict[str, Any], cls: type) -> dict[str, Any]:
+def _known(values: dict[str, Any], cls: type[DataclassInstance]) -> dict[str, Any]:
     return {k: v for k, v in values.items() if k in cls.__dataclass_fields__}
 
 

@@ -38,7 +38,7 @@ from typing import Any
 
 from prmkit import metrics
 from prmkit.core.version import __version__
-from prmkit.data.formats import Options
+from prmkit.data.formats import FORMATS, Options, get_format
 from prmkit.data.sources import _hub_split, iter_records, read_step_rows, resolve_source
 from prmkit.errors import DataError, PrmkitError, UsageError
 from prmkit.models.memory import release_memory
@@ -153,11 +153,17 @@ def _solution_correct(final_answer_correct: bool | None, labels: Sequence[Any]) 
     return None
 
 
+def _whole_solutions(fmt: str | None) -> bool:
+    """Whether a subset's rows are whole solutions, with an outcome and Best-of-N groups (not PRM800K's prefixes)."""
+    known = FORMATS.get(fmt) if isinstance(fmt, str) else None
+    return known is None or known.whole_solutions
+
+
 def _read_extras(
     spec: str, fmt: str, numbers: set[int], skip_invalid: bool
 ) -> dict[int, tuple[bool | None, str | None]]:
     """``final_answer_correct`` and ``answer`` of the source records the rows came from."""
-    if fmt == "prm800k":
+    if not _whole_solutions(fmt):
         return {}
     source = resolve_source(spec)
     out: dict[int, tuple[bool | None, str | None]] = {}
@@ -223,9 +229,9 @@ def load_subsets(
         if split.rows_rejected:
             log.warning(f"{spec}: skipped {split.rows_rejected} of {split.rows_in} invalid rows")
         extras = _read_extras(spec, split.format, set(rows.rows), skip_invalid)
-        if split.format == "processbench":
+        if get_format(split.format).first_error_labels:
             first_errors = [None if fe is None else int(fe) for fe in rows.first_errors]
-            fe_source = "processbench"
+            fe_source = split.format
         else:
             first_errors = [_first_error_from_labels(labels) for labels in rows.labels]
             fe_source = "step labels"
@@ -364,7 +370,7 @@ def _find_subset(subsets: Sequence[Subset], name: str) -> Subset:
 
 
 def _best_of_n_groups(subset: Subset, scores: Sequence[Sequence[float | None]]) -> list[list[dict[str, Any]]]:
-    if subset.format == "prm800k":
+    if not _whole_solutions(subset.format):
         return []
     groups: dict[str, list[dict[str, Any]]] = {}
     for prompt, row_scores, labels, fac, answer in zip(
@@ -430,7 +436,7 @@ def subset_report(
         out["first_error"] = None
 
     with_outcome = [(s, c) for s, c in zip(scores, subset.final_answer_correct) if c is not None]
-    if with_outcome and subset.format != "prm800k":
+    if with_outcome and _whole_solutions(subset.format):
         out["outcome"] = metrics.outcome_metrics([s for s, _ in with_outcome], [c for _, c in with_outcome], threshold)
     else:
         out["outcome"] = None
@@ -517,7 +523,7 @@ def _separator_for_warnings(model: str, step_separator: str | None) -> str:
 
 def split_kind(model: str) -> tuple[str, str | None]:
     """``MODEL@KIND`` names a model's PRM kind for this model alone (e.g. ``Qwen/Qwen2.5-Math-PRM-7B@qwen-prm``)."""
-    from prmkit.kinds.spec import KINDS
+    from prmkit.kinds.registry import KINDS
 
     head, sep, tail = model.rpartition("@")
     if sep and tail in KINDS and head:
@@ -603,7 +609,7 @@ def evaluate(
         params = getattr(scorer, "params", None)
         # Another kind's model reads its own input layout: the report records that instead of TRL's tokenization.
         kind = (getattr(scorer, "identity", None) or {}).get("kind")
-        used = kind if kind else params.to_dict() if hasattr(params, "to_dict") else None
+        used = kind if kind else params.to_dict() if params is not None and hasattr(params, "to_dict") else None
         differs = dict(getattr(scorer, "differs_from_training", None) or {})
         scores = score_subsets(scorer, subsets, progress, label=model if len(models) > 1 else "")
         # Free one model before loading the next: two 7B models need not fit at once.

@@ -171,9 +171,17 @@ def _threshold_line(rep: Mapping[str, Any]) -> str:
 
 def _md_subset(name: str, sub: Mapping[str, Any], level: int) -> list[str]:
     out = [_h(level, f"Subset: {name}")]
+    for section in (_md_step, _md_by_position, _md_first_error, _md_outcome, _md_best_of_n):
+        out += section(sub, level + 1)
+    return out
+
+
+def _md_step(sub: Mapping[str, Any], level: int) -> list[str]:
+    """Step-level metrics: the headline table, per class, and the confusion matrix."""
+    out: list[str] = []
     step = sub.get("step")
     if isinstance(step, Mapping):
-        out.append(_h(level + 1, "Step level"))
+        out.append(_h(level, "Step level"))
         soft = " (soft targets)" if step.get("soft_targets") else ""
         out.append(
             _md_table(
@@ -210,20 +218,30 @@ def _md_subset(name: str, sub: Mapping[str, Any], level: int) -> list[str]:
                     ],
                 )
             )
+    return out
 
+
+def _md_by_position(sub: Mapping[str, Any], level: int) -> list[str]:
+    """Step accuracy by the step's position in its solution."""
+    out: list[str] = []
     by_pos = sub.get("by_position")
     if by_pos:
-        out.append(_h(level + 1, "Step accuracy by position"))
+        out.append(_h(level, "Step accuracy by position"))
         out.append(
             _md_table(
                 ["Step", "Steps", "Accuracy"],
                 [[r.get("position"), _fmt(r.get("n")), _fmt(r.get("accuracy"))] for r in by_pos],
             )
         )
+    return out
 
+
+def _md_first_error(sub: Mapping[str, Any], level: int) -> list[str]:
+    """ProcessBench's first-error accuracies and F1."""
+    out: list[str] = []
     fe = sub.get("first_error")
     if isinstance(fe, Mapping):
-        out.append(_h(level + 1, "First error (ProcessBench)"))
+        out.append(_h(level, "First error (ProcessBench)"))
         out.append(
             _md_table(
                 ["Acc. on erroneous", "Acc. on correct", "F1", "Erroneous samples", "Correct samples"],
@@ -234,10 +252,15 @@ def _md_subset(name: str, sub: Mapping[str, Any], level: int) -> list[str]:
         )
         if fe.get("f1") is None and fe.get("f1_undefined"):
             out.append(f"F1 undefined: {fe['f1_undefined']}; this subset is left out of the mean.")
+    return out
 
+
+def _md_outcome(sub: Mapping[str, Any], level: int) -> list[str]:
+    """Solution-level outcome: judged correct when every step passes."""
+    out: list[str] = []
     oc = sub.get("outcome")
     if isinstance(oc, Mapping):
-        out.append(_h(level + 1, "Outcome (solution judged correct when every step passes)"))
+        out.append(_h(level, "Outcome (solution judged correct when every step passes)"))
         out.append(
             _md_table(
                 ["Accuracy", "Precision", "Recall", "F1", "Solutions"],
@@ -246,10 +269,15 @@ def _md_subset(name: str, sub: Mapping[str, Any], level: int) -> list[str]:
                 align="rrrrr",
             )
         )
+    return out
 
+
+def _md_best_of_n(sub: Mapping[str, Any], level: int) -> list[str]:
+    """Best-of-N selection accuracy per aggregate, and its curve over k."""
+    out: list[str] = []
     bon = sub.get("best_of_n")
     if isinstance(bon, Mapping):
-        out.append(_h(level + 1, "Best-of-N"))
+        out.append(_h(level, "Best-of-N"))
         out.append(
             f"{_fmt(bon.get('n_problems'))} problems, {_fmt(bon.get('n'), 2)} candidates each; "
             "ties go to the first candidate."
@@ -330,7 +358,7 @@ def build_markdown(report: Mapping[str, Any]) -> str:
         out.extend(_md_single_body(rep, level=2))
         return "\n\n".join(out) + "\n"
 
-    names = [name for name, _ in entries]
+    names = [str(name) for name, _ in entries]  # multi: every entry is named
     reps = [rep for _, rep in entries]
     out.append(_h(1, "PRM evaluation report: model comparison"))
     out.append(_md_preamble(multi=True))
@@ -371,7 +399,7 @@ def rich_tables(report: Mapping[str, Any]) -> list[Table]:
     entries = _model_reports(report)
 
     if _is_multi(report):
-        names = [name for name, _ in entries]
+        names = [str(name) for name, _ in entries]  # multi: every entry is named
         reps = [rep for _, rep in entries]
         tables = []
         head = Table(title="Models")

@@ -91,7 +91,7 @@ def report_schema() -> dict[str, Any]:
     """The JSON Schema every ``report.json`` follows (``prmkit/schemas/report.schema.json``)."""
     from importlib.resources import files
 
-    return json.loads(files("prmkit").joinpath("schemas", "report.schema.json").read_text(encoding="utf-8"))
+    return json.loads((files("prmkit") / "schemas" / "report.schema.json").read_text(encoding="utf-8"))
 
 
 def _is_multi(report: Mapping[str, Any]) -> bool:

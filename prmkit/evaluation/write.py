@@ -33,6 +33,7 @@ def _raw_by_model(
 ) -> dict[str | None, Mapping[str, Mapping[str, Sequence[float]]]]:
     if not raw:
         return {}
+    out: dict[str | None, Mapping[str, Mapping[str, Sequence[float]]]]
     if _is_multi(report):
         if any(_is_raw_leaf(v) for v in raw.values()):
             raise ValueError("for a multi-model report, raw must map model -> subset -> {scores, targets}")

@@ -15,11 +15,12 @@ The token comes from ``token=``, ``HF_TOKEN`` or the stored login (``huggingface
 messages in ``hub_error``; the token never appears in any of them.
 """
 
-from prmkit.hub.card import build_card, is_template_card, load_eval_report, transformers_snippet
+from prmkit.hub.card import build_card, is_template_card, load_eval_report
 from prmkit.hub.checks import read_safetensors_header
 from prmkit.hub.errors import hub_error, resolve_token
 from prmkit.hub.files import PushFile, find_adapter_dir, human_size
 from prmkit.hub.push import PushPlan, PushResult, plan_push, push_model, push_with_config
+from prmkit.kinds.cards import transformers_snippet
 
 __all__ = [
     "PushFile", "PushPlan", "PushResult", "build_card", "find_adapter_dir", "human_size", "hub_error",

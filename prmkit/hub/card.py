@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from prmkit.core import jsonio
+from prmkit.data.formats import uses_neutral_ratings
 from prmkit.errors import UsageError
 from prmkit.hub.files import inside, read_text_capped
+from prmkit.kinds.registry import HUB_TOKEN_CLASSIFICATION, trained_kind
 from prmkit.core.filenames import CONFIG_YAML, PRMKIT_JSON
 
 log = logging.getLogger("prmkit")
@@ -130,7 +132,7 @@ def _eval_section(report: dict, where: str | None) -> tuple[list[str], list[Any]
         if isinstance(fe.get("f1"), (int, float)):
             known = str(name).lower() in PROCESSBENCH_SUBSETS
             results.append(EvalResult(
-                task_type="token-classification", task_name="Process reward modelling (first error identification)",
+                task_type=HUB_TOKEN_CLASSIFICATION, task_name="Process reward modelling (first error identification)",
                 dataset_type="Qwen/ProcessBench" if known else str(name), dataset_name=f"ProcessBench {name}" if known else str(name),
                 dataset_split=str(name) if known else None, metric_type="f1", metric_value=round(float(fe["f1"]), 4),
                 metric_name="first-error F1"))
@@ -141,88 +143,7 @@ def _eval_section(report: dict, where: str | None) -> tuple[list[str], list[Any]
     return lines + [""], results
 
 
-TRANSFORMERS_SNIPPET = '''\
-import torch
-{imports}
-
-repo = "{repo_id}"
-tokenizer = AutoTokenizer.from_pretrained(repo)
-model = {model_load}
-separator = {separator}  # prmkit.json: tokenization.step_separator
-
-prompt = "Tom has 3 apples and buys 2 more. How many apples does he have?"
-steps = ["Tom starts with 3 apples.", "He buys 2 more, so 3 + 2 = 5.", "The answer is 5."]
-
-
-def encode(text):
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-# As in training: the prompt and each step are tokenized on their own, the separator's tokens follow each step,
-# and a step is scored at the LAST token of its separator.
-input_ids = encode(prompt)
-if tokenizer.bos_token_id is not None:
-    input_ids = [tokenizer.bos_token_id] + input_ids
-separator_ids = encode(separator)
-positions = []
-for step in steps:
-    input_ids += encode(step) + separator_ids
-    positions.append(len(input_ids) - 1)
-
-with torch.no_grad():
-    logits = model(input_ids=torch.tensor([input_ids])).logits[0]
-step_scores = logits[positions].softmax(dim=-1)[:, 1].tolist()  # p(step is correct): LABEL_1
-print(step_scores)
-'''
-
-LM_TAG_SNIPPET = '''\
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-repo = "{repo_id}"
-tokenizer = AutoTokenizer.from_pretrained(repo)
-model = AutoModelForCausalLM.from_pretrained(repo).eval()
-tag, good, bad = {tag}, {good}, {bad}  # prmkit.json: kind.step_tag, kind.reward_tokens
-
-prompt = "Tom has 3 apples and buys 2 more. How many apples does he have?"
-steps = ["Tom starts with 3 apples.", "He buys 2 more, so 3 + 2 = 5.", "The answer is 5."]
-
-# As in training: "{{prompt}} {{step 1}} {{tag}}\\n{{step 2}} {{tag}}...", tokenized as one text; each step is scored
-# at its tag, by the LM's logits for the two reward tokens.
-input_ids = tokenizer(prompt + " " + "\\n".join(f"{{step}} {{tag}}" for step in steps), return_tensors="pt").input_ids
-reward_ids = {reward_ids}
-tag_id = tokenizer.encode(tag, add_special_tokens=False)[-1]
-with torch.no_grad():
-    logits = model(input_ids=input_ids).logits[0][:, reward_ids]
-step_scores = logits.softmax(dim=-1)[:, 0][input_ids[0] == tag_id].tolist()  # p(step is correct)
-print(step_scores)
-'''
-
 PRMKIT_CLI_USAGE = "prmkit score {repo_id} solutions.jsonl -o scored.jsonl"
-
-
-def lm_tag_snippet(repo_id: str, kind: dict) -> str:
-    """Plain-transformers scoring code for an lm-tag PRM, reading each step where ``prmkit.kinds.spec`` does."""
-    good, bad = kind.get("reward_tokens") or ["+", "-"]
-    ids = kind.get("reward_token_ids")
-    if ids:
-        reward_ids = f"{list(ids)!r}  # prmkit.json: kind.reward_token_ids, the ids of [good, bad] it was trained on"
-    else:  # prmkit.json from before the ids were recorded: such a model was trained on the pair's encoding
-        reward_ids = 'tokenizer.encode(f"{good} {bad}", add_special_tokens=False)  # [good, bad]'
-    return LM_TAG_SNIPPET.format(repo_id=repo_id, tag=repr(kind.get("step_tag", "ки")), good=repr(good), bad=repr(bad),
-                                 reward_ids=reward_ids)
-
-
-def transformers_snippet(repo_id: str, separator: str, adapter: bool = False) -> str:
-    """Plain-transformers scoring code that places labels exactly where ``encode_solutions`` does."""
-    if adapter:
-        imports = "from peft import AutoPeftModelForTokenClassification\nfrom transformers import AutoTokenizer"
-        model_load = "AutoPeftModelForTokenClassification.from_pretrained(repo).eval()"
-    else:
-        imports = "from transformers import AutoModelForTokenClassification, AutoTokenizer"
-        model_load = "AutoModelForTokenClassification.from_pretrained(repo).eval()"
-    return TRANSFORMERS_SNIPPET.format(repo_id=repo_id, separator=repr(separator), imports=imports,
-                                       model_load=model_load)
 
 
 def _kv_table(rows: list[tuple[str, Any]], header: tuple[str, str] = ("", "")) -> list[str]:
@@ -296,7 +217,7 @@ def _training_section(meta: dict, base: str | None, separator: str, has_config_y
             detail.append(f"{split['steps']:,} steps")
         extra = ", ".join(str(d) for d in detail if d)
         rows.append((f"{key} data", ", ".join(_describe_source(s) for s in specs) + (f" ({extra})" if extra else "")))
-    if "prm800k" in {data.get("format"), *formats.values()} and data.get("prm800k_neutral"):
+    if uses_neutral_ratings({data.get("format"), *formats.values()}) and data.get("prm800k_neutral"):
         rows.append(("PRM800K neutral ratings count as", _setting(data["prm800k_neutral"])))
     if data.get("label_threshold") is not None:
         rows.append(("soft labels binarized at", _setting(data["label_threshold"])))
@@ -346,11 +267,12 @@ def build_card(repo_id: str, metadata: dict | None, report: dict | None = None, 
                        if (h := hub_id(s))})
 
     eval_lines, eval_results = _eval_section(report, report_path) if report else ([], [])
-    kind_info = meta.get("kind") if isinstance(meta.get("kind"), dict) else {}
-    lm_tag = kind_info.get("kind") == "lm-tag"
+    kind_info: dict[str, Any] = meta["kind"] if isinstance(meta.get("kind"), dict) else {}
+    kind_card = trained_kind(kind_info).card
+    assert kind_card is not None  # every kind prmkit trains declares its card
     card_data = ModelCardData(
         library_name="peft" if adapter_config is not None else "transformers",
-        pipeline_tag="text-generation" if lm_tag else "token-classification",
+        pipeline_tag=kind_card.pipeline_tag,
         tags=list(TAGS),
         base_model=base_id,
         datasets=datasets or None,
@@ -363,12 +285,7 @@ def build_card(repo_id: str, metadata: dict | None, report: dict | None = None, 
     lines = [f"# {repo_id.split('/')[-1]}", ""]
     intro = f"{kind}, trained with prmkit"
     intro += f" from {_describe_model(base)}." if base and not random_init else "."
-    if lm_tag:
-        good, bad = kind_info.get("reward_tokens") or ["+", "-"]
-        where = (f"a causal LM's softmax over the reward tokens `{good}`/`{bad}` at the tag "
-                 f"`{kind_info.get('step_tag')}` that follows each step (prmkit's `lm-tag` kind)")
-    else:
-        where = "`softmax(logits)[..., 1]` (`LABEL_1`) at the last token of the step's separator"
+    where = kind_card.reads(kind_info)
     lines += [intro + " Given a problem and a step-by-step solution it gives every step the probability that the step "
               f"is correct: {where}.", ""]
     lines += eval_lines
@@ -379,19 +296,7 @@ def build_card(repo_id: str, metadata: dict | None, report: dict | None = None, 
               'scores = scorer.score("What is 2 + 3?", ["2 + 3 = 5.", "The answer is 5."])  # one p(correct) per step',
               "```", "",
               "prmkit reads the separator and the tokenization parameters from `prmkit.json` in this repo.", ""]
-    if lm_tag:
-        lines += ["### transformers", "",
-                  "Follow each step with the tag and tokenize the whole text at once, as training did; read the two "
-                  "reward tokens' logits at every tag.", "",
-                  "```python", lm_tag_snippet(repo_id, kind_info).rstrip(), "```", ""]
-    else:
-        lines += ["### transformers", "",
-                  f"The step separator is `{json.dumps(separator, ensure_ascii=False)}`. Tokenize the prompt and every step "
-                  "separately and put the separator's tokens after each step, exactly as training did. Do not join "
-                  "`prompt + separator + step + ...` into one string: BPE merges characters across the boundary (with "
-                  "Qwen2, `.\\n` is a single token), so the separator's last token is not where the model learned to "
-                  "score, and the scores are wrong without any error.", "",
-                  "```python", transformers_snippet(repo_id, separator, adapter_config is not None).rstrip(), "```", ""]
+    lines += kind_card.usage(repo_id, kind_info, separator, adapter_config is not None)
     if tok.get("max_length"):
         lines += [f"Training truncated sequences to {tok['max_length']} tokens; keep solutions within that.", ""]
 

@@ -70,8 +70,9 @@ def check_model_loads(model_dir: Path, warnings: list[str], causal_lm: bool = Fa
             warnings.append(f"config.json has num_labels={config.num_labels}; a prmkit PRM has 2 (wrong, correct)")
         try:
             # Hub kernels off: transformers >= 5.2x kernelizes by default, and no kernel takes the meta device.
-            model, info = auto.from_pretrained(model_dir, device_map="meta", output_loading_info=True,
-                                               trust_remote_code=trust, **MODEL_LOAD_DEFAULTS)
+            # transformers annotates the model as the return; output_loading_info=True returns (model, info).
+            model, info = auto.from_pretrained(model_dir, device_map="meta",  # type: ignore[misc]
+                                               output_loading_info=True, trust_remote_code=trust, **MODEL_LOAD_DEFAULTS)
         except Exception as e:  # whatever stops it loading is the finding
             raise UsageError(f"{model_dir}: the model does not load with {auto.__name__}: "
                               f"{first_line(e)}") from None

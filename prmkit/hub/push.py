@@ -21,6 +21,7 @@ from prmkit.hub.sanitize import (
 )
 from prmkit.core.filenames import CONFIG_YAML, PRMKIT_JSON
 from prmkit.core.redact import mask, redact
+from prmkit.kinds.registry import trained_kind
 
 log = logging.getLogger("prmkit")
 
@@ -118,8 +119,7 @@ def plan_push(
         adapter_config = check_adapter(adapter_dir, warnings)
     else:
         check_weights(model_dir, files)
-        kind = (metadata or {}).get("kind") or {}
-        check_model_loads(model_dir, warnings, causal_lm=isinstance(kind, dict) and kind.get("kind") == "lm-tag")
+        check_model_loads(model_dir, warnings, causal_lm=trained_kind((metadata or {}).get("kind")).causal_lm)
     check_tokenizer(tok_dir, {p.name for p in tok_dir.iterdir()}, trust_remote_code(model_dir))
 
     report, report_path = load_eval_report(model_dir, eval_report, repo_id)

@@ -117,12 +117,12 @@ class _Instrument(NodeTransformer):
     """Every ``{% for %}`` iterates through :class:`_Bounded`; every ``~`` concatenation's length is checked."""
 
     def visit_For(self, node: nodes.For) -> nodes.Node:
-        node = self.generic_visit(node)
+        self.generic_visit(node)  # visits the children in place and returns the node itself
         node.iter = nodes.Filter(node.iter, _ITER, [], [], None, None, lineno=node.lineno)
         return node
 
     def visit_Concat(self, node: nodes.Concat) -> nodes.Node:
-        node = self.generic_visit(node)
+        self.generic_visit(node)
         return nodes.Filter(node, _SIZED, [], [], None, None, lineno=node.lineno)
 
 
@@ -140,7 +140,7 @@ class LimitedTemplate(jinja2.Template):
                 out.append(chunk)
         except Exception:
             self.environment.handle_exception()
-        return self.environment.concat(out)  # type: ignore[attr-defined]
+        return self.environment.concat(out)
 
 
 class LimitedEnvironment(ImmutableSandboxedEnvironment):

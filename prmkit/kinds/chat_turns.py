@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import re
 from bisect import bisect_right
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from prmkit.errors import UsageError
@@ -62,8 +62,8 @@ class _Row:
     exact: bool = False  # rendered as it is, and every turn's "+" found by rendering its conversation
     text: str = ""
     starts: list[int] | None = None  # each rendered turn's "+" in text (sentinel rendering only)
-    ids: list[int] | None = None
-    offsets: list[tuple[int, int]] | None = None
+    ids: list[int] = field(default_factory=list)  # tokenized (empty before)
+    offsets: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def n(self) -> int:
@@ -151,6 +151,7 @@ class ChatTurns:
     def _further(self, row: _Row, cut: tuple[int, int, int] | None, need: int | None) -> bool:
         """After tokenizing: drop the added token cut at, or go further (True: tokenize again)."""
         if cut is not None:
+            assert row.chars is not None, "_cut cuts only from row.chars on"
             start, end, token = cut
             if not row.ids or row.ids[-1] != token or row.offsets[-1] != (start, end):
                 row.turns, row.chars = row.n, None  # not split off there: the whole conversation is tokenized
@@ -176,12 +177,13 @@ class ChatTurns:
         # tokens than that are the whole conversation's.
         last_read = row.offsets[limit][0] if limit is not None and len(row.ids) > limit else len(row.text)
         starts = row.starts
-        if starts is not None and not self._sampled_turns_hold(row, max(bisect_right(starts, last_read), 1)):
+        if starts is not None and not self._sampled_turns_hold(row, starts, max(bisect_right(starts, last_read), 1)):
             row.exact = True  # the first turn is checked above however short the limit
             self._tokenize([row])
             last_read = row.offsets[limit][0] if limit is not None and len(row.ids) > limit else len(row.text)
         if row.exact:
             starts = self._exact_starts(row, last_read)
+        assert starts is not None, "a rendering that is not exact found every turn's start"
         start_of = {start: i for i, (start, end) in enumerate(row.offsets) if end > start}
         tokenized = row.offsets[-1][1] if row.offsets else 0
         positions = []
@@ -197,12 +199,12 @@ class ChatTurns:
         positions += [-1] * (row.n - len(positions))  # turns past the limit, not rendered
         return Encoded(row.ids[:limit] if limit is not None else row.ids, positions, 0)
 
-    def _sampled_turns_hold(self, row: _Row, read: int) -> bool:
+    def _sampled_turns_hold(self, row: _Row, starts: list[int], read: int) -> bool:
         """Whether each turn of :func:`checked_turns`, rendered alone, is the text up to the "+" found for it."""
         for k in checked_turns(read):
             rendered = self.render(row.messages[: 2 * k])
             head = rendered.rfind(self.plus)
-            if head != row.starts[k - 1] or not row.text.startswith(rendered[: head + len(self.plus)]):
+            if head != starts[k - 1] or not row.text.startswith(rendered[: head + len(self.plus)]):
                 return False
         return True
 

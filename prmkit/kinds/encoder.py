@@ -7,15 +7,8 @@ from typing import Any, Sequence
 
 from prmkit.errors import DataError, UsageError, first_line
 from prmkit.kinds.chat_turns import ChatTurns
-from prmkit.kinds.spec import (
-    CHAT_PLUS_MINUS,
-    LM_KINDS,
-    LM_TAG,
-    QWEN_PRM,
-    QWEN_PRM_SYSTEM_PROMPT,
-    KindSettings,
-    reward_token_ids,
-)
+from prmkit.kinds.registry import CHAT_TURNS, TAG_TEXT, get_kind
+from prmkit.kinds.spec import KindSettings, reward_token_ids
 from prmkit.tokenization import Encoded
 
 
@@ -24,17 +17,18 @@ class KindEncoder:
 
     def __init__(self, kind: str, tokenizer: Any, settings: KindSettings, max_length: int | None):
         self.kind = kind
+        self.spec = spec = get_kind(kind)
         self.tokenizer = tokenizer
         self.settings = settings
         self.max_length = max_length
         self.tag = settings.tag()
-        if kind in (LM_TAG, QWEN_PRM):
+        if spec.uses_step_tag:
             self.tag_id = self._tag_id()
-        if kind in LM_KINDS:
+        if spec.reads_reward_tokens:
             self.reward_ids = reward_token_ids(tokenizer, settings, kind)
             # Recorded in prmkit.json (train) and in every result's identity (score, eval).
             self.settings = settings = replace(settings, reward_token_ids=self.reward_ids)
-        if kind in (QWEN_PRM, CHAT_PLUS_MINUS):
+        if spec.needs_chat_template:
             self.template = settings.chat_template or getattr(tokenizer, "chat_template", None)
             if not self.template:
                 raise UsageError(f"model.kind {kind} needs a chat template, and the tokenizer has none",
@@ -43,7 +37,7 @@ class KindEncoder:
     def _tag_id(self) -> int:
         # As the authors' code: the id `encode(tag)` ends with (Qwen: `encode("<extra_0>")[0]`, one token either way).
         ids = self.tokenizer.encode(self.tag, add_special_tokens=False)
-        if self.kind == QWEN_PRM and len(ids) != 1:
+        if self.spec.tag_single_token and len(ids) != 1:
             raise UsageError(f"step token {self.tag!r} is not a single token of this tokenizer",
                              hint="set model.step_tag to the model's step token")
         if not ids:
@@ -54,7 +48,7 @@ class KindEncoder:
 
     def _check_steps(self, steps: Sequence[str], where: str) -> None:
         for k, step in enumerate(steps):
-            if self.kind in (LM_TAG, QWEN_PRM) and self.tag in step:
+            if self.spec.uses_step_tag and self.tag in step:
                 raise DataError(f"{where}: step {k + 1} contains the step tag {self.tag!r}, "
                                 "which would be read as a step end", hint="remove it, or set model.step_tag")
 
@@ -72,10 +66,11 @@ class KindEncoder:
                              hint="check model.chat_template") from None
 
     def _text(self, prompt: str, steps: Sequence[str]) -> str:
-        """The text an lm-tag or qwen-prm model reads."""
-        if self.kind == LM_TAG:
+        """The text a model of a tag layout reads (:data:`~prmkit.kinds.registry.TAG_TEXT` or ``TAG_CHAT``)."""
+        if self.spec.layout == TAG_TEXT:
             return f"{prompt} " + "\n".join(f"{step} {self.tag}" for step in steps)
-        system = self.settings.system_prompt if self.settings.system_prompt is not None else QWEN_PRM_SYSTEM_PROMPT
+        system = self.settings.system_prompt if self.settings.system_prompt is not None else \
+            self.spec.default_system_prompt or ""
         return self._render([{"role": "system", "content": system}, {"role": "user", "content": prompt},
                              {"role": "assistant", "content": self.tag.join(steps) + self.tag}])
 
@@ -89,7 +84,7 @@ class KindEncoder:
             self._check_steps(steps, places[i])
         todo = [i for i, (_, steps) in enumerate(items) if steps]
         out = [Encoded([], [], 0) for _ in items]
-        if self.kind == CHAT_PLUS_MINUS:
+        if self.spec.layout == CHAT_TURNS:
             for i, encoded in zip(todo, ChatTurns(self).encode([items[i] for i in todo])):
                 out[i] = encoded
             return out

@@ -23,53 +23,30 @@ from typing import Any
 
 from prmkit.core import jsonio
 from prmkit.errors import UsageError, shown
+from prmkit.kinds.registry import (
+    AUTO,
+    CAUSAL_LM_SUFFIXES,
+    CHAT_TEMPLATE,
+    DEFAULT_KIND,
+    KINDS,
+    MATH_SHEPHERD_TAG,
+    REWARD_TOKEN_PAIR,
+    STEP_TAG_TOKEN,
+    find_kind,
+    kind_marked_by,
+)
 
 log = logging.getLogger("prmkit")
-
-
-TOKEN_CLASSIFICATION = "token-classification"
-
-
-QWEN_PRM = "qwen-prm"
-
-
-LM_TAG = "lm-tag"
-
-
-CHAT_PLUS_MINUS = "chat-plus-minus"
-
-
-KINDS = (TOKEN_CLASSIFICATION, QWEN_PRM, LM_TAG, CHAT_PLUS_MINUS)
-
-
-LM_KINDS = (LM_TAG, CHAT_PLUS_MINUS)
-
-
-QWEN_PRM_ARCHITECTURE = "Qwen2ForProcessRewardModel"
-
-
-# Qwen2.5-Math-PRM's model card.
-QWEN_PRM_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
-
-
-QWEN_PRM_STEP_TOKEN = "<extra_0>"
-
-
-# peiyi9979/math-shepherd-mistral-7b-prm's model card; OpenRLHF's defaults are the same.
-MATH_SHEPHERD_TAG = "ки"
-
-
-REWARD_TOKENS = ("+", "-")
 
 
 @dataclass
 class KindSettings:
     """The kind-specific keys of ``model.*``: the documented values of each kind's authors are the defaults."""
 
-    kind: str = "auto"
+    kind: str = AUTO
     step_tag: str | None = None
     """lm-tag: the tag after each step (Math-Shepherd's ``ки``); qwen-prm: the step token (``<extra_0>``)."""
-    reward_tokens: tuple[str, str] = REWARD_TOKENS
+    reward_tokens: tuple[str, str] = REWARD_TOKEN_PAIR
     """lm-tag and chat-plus-minus: the "correct" and "wrong" tokens."""
     reward_token_ids: tuple[int, int] | None = None
     """lm-tag and chat-plus-minus: the two tokens' ids as the model was trained on them (prmkit.json records them)."""
@@ -83,18 +60,20 @@ class KindSettings:
     def tag(self) -> str:
         if self.step_tag:
             return self.step_tag
-        return QWEN_PRM_STEP_TOKEN if self.kind == QWEN_PRM else MATH_SHEPHERD_TAG
+        kind = find_kind(self.kind)
+        return kind.default_tag if kind is not None and kind.default_tag else MATH_SHEPHERD_TAG
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"kind": self.kind}
-        if self.kind in (LM_TAG, QWEN_PRM):
+        kind = find_kind(self.kind)
+        if kind is not None and kind.uses_step_tag:
             out["step_tag"] = self.tag()
-        if self.kind in LM_KINDS:
+        if kind is not None and kind.reads_reward_tokens:
             out["reward_tokens"] = list(self.reward_tokens)
             if self.reward_token_ids is not None:
                 out["reward_token_ids"] = list(self.reward_token_ids)
-        if self.kind == QWEN_PRM:
-            out["system_prompt"] = self.system_prompt if self.system_prompt is not None else QWEN_PRM_SYSTEM_PROMPT
+        if kind is not None and kind.default_system_prompt is not None:
+            out["system_prompt"] = self.system_prompt if self.system_prompt is not None else kind.default_system_prompt
         if self.chat_template is not None:
             out["chat_template"] = self.chat_template
         return out
@@ -113,7 +92,7 @@ class KindSettings:
             for key, value in source.items():
                 if key == "pair_encoded":
                     continue
-                if key in cls.__dataclass_fields__ and value is not None and not (key == "kind" and value == "auto"):
+                if key in cls.__dataclass_fields__ and value is not None and not (key == "kind" and value == AUTO):
                     if source is explicit and key in merged and _same(merged[key]) != _same(value):
                         log.warning(f"model.{key}: using {shown(value)}, not the {shown(merged[key])} the model "
                                     "recorded at training; its scores may not mean what they meant then")
@@ -130,14 +109,20 @@ class KindSettings:
             if (not isinstance(ids, (list, tuple)) or len(ids) != 2
                     or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)):
                 raise UsageError(f"kind.reward_token_ids must be two token ids (correct, wrong), got {ids!r}")
-            if _same(merged.get("reward_tokens", REWARD_TOKENS)) != _same(recorded.get("reward_tokens", REWARD_TOKENS)):
+            if _same(merged.get("reward_tokens", REWARD_TOKEN_PAIR)) != _same(recorded.get("reward_tokens",
+                                                                                      REWARD_TOKEN_PAIR)):
                 del merged["reward_token_ids"]  # recorded for other tokens than the ones now asked for
             else:
                 merged["reward_token_ids"] = tuple(ids)
-        elif recorded.get("kind") == LM_TAG and "reward_tokens" in recorded:
+        elif _legacy_pair_encoded(recorded.get("kind")) and "reward_tokens" in recorded:
             # prmkit.json from before reward_token_ids was recorded: such a model was trained on encode("+ -").
             merged["pair_encoded"] = True
         return cls(**merged)
+
+
+def _legacy_pair_encoded(name: Any) -> bool:
+    kind = find_kind(name)
+    return kind is not None and kind.legacy_pair_encoded
 
 
 def _same(value: Any) -> Any:
@@ -157,47 +142,50 @@ def detect_kind(config: dict[str, Any], metadata: dict[str, Any] | None, tokeniz
 
     Never a silent guess: a causal LM that could be read more than one way is refused with the choices listed.
     """
-    if settings.kind != "auto":
+    if settings.kind != AUTO:
         if settings.kind not in KINDS:
             raise UsageError(f"unknown model.kind {settings.kind!r}", hint=f"one of auto, {', '.join(KINDS)}")
         return settings.kind
     if metadata is not None:
         recorded = (metadata.get("kind") or {}).get("kind") if isinstance(metadata.get("kind"), dict) else metadata.get("kind")
-        return recorded or TOKEN_CLASSIFICATION  # prmkit models before kinds existed are all token classifiers
+        return recorded or DEFAULT_KIND  # prmkit models before kinds existed are all token classifiers
     architectures = [str(a) for a in (config.get("architectures") or [])]
-    if QWEN_PRM_ARCHITECTURE in architectures:
-        return QWEN_PRM
-    if any(a.endswith("ForTokenClassification") for a in architectures):
-        return TOKEN_CLASSIFICATION
-    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
-        choices = []
-        tag = settings.tag()
-        tag_is_token = tokenizer is not None and _single_token(tokenizer, tag) is not None
-        tag_is_special = tokenizer is not None and tag in _special_tokens(tokenizer)
-        has_template = settings.chat_template is not None or bool(getattr(tokenizer, "chat_template", None))
-        if tag_is_special:
-            return LM_TAG  # a placeholder added for PRM training (OpenRLHF, prmkit) is unambiguous
-        if tag_is_token:
-            choices.append(LM_TAG)
-        if has_template:
-            choices.append(CHAT_PLUS_MINUS)
-        if len(choices) == 1:
-            return choices[0]
-        if not choices:
-            raise UsageError(
-                f"model {name!r} is a causal LM ({', '.join(architectures)}) with no trained token-classification head, "
-                "no step tag token and no chat template: its scores would mean nothing",
-                hint="score a PRM trained by `prmkit train` (or TRL's PRMTrainer), not a base model; for an LM-head "
-                     f"PRM set model.kind={LM_TAG} or {CHAT_PLUS_MINUS} (README, PRM kinds)",
-            )
-        raise UsageError(
-            f"model {name!r} is a causal LM ({', '.join(architectures)}) that reads as more than one PRM kind "
-            f"({' or '.join(choices)}): set model.kind",
-            hint=f"--set model.kind={LM_TAG} (a tag token after each step, e.g. Math-Shepherd) or "
-                 f"--set model.kind={CHAT_PLUS_MINUS} (+/- assistant turns, e.g. RLHFlow); in eval, MODEL@KIND",
-        )
+    marked = kind_marked_by(architectures)
+    if marked is not None:
+        return marked.name
+    if any(a.endswith(CAUSAL_LM_SUFFIXES) for a in architectures):
+        return _causal_lm_kind(architectures, tokenizer, settings, name)
     raise UsageError(f"model {name!r}: cannot tell its PRM kind from architectures {architectures or 'none'}",
                      hint=f"set model.kind to one of {', '.join(KINDS)}")
+
+
+def _causal_lm_kind(architectures: list[str], tokenizer: Any, settings: KindSettings, name: str) -> str:
+    """The kind of a causal LM with no PRM architecture: the one kind its tokenizer reads as, else refused."""
+    readers = [kind for kind in KINDS.values() if kind.causal_signature is not None]  # in the order of KINDS
+    tag = settings.tag()
+    tag_is_token = tokenizer is not None and _single_token(tokenizer, tag) is not None
+    tag_is_special = tokenizer is not None and tag in _special_tokens(tokenizer)
+    has_template = settings.chat_template is not None or bool(getattr(tokenizer, "chat_template", None))
+    if tag_is_special:
+        # a placeholder added for PRM training (OpenRLHF, prmkit) is unambiguous
+        return next(kind.name for kind in readers if kind.causal_signature == STEP_TAG_TOKEN)
+    found = {STEP_TAG_TOKEN: tag_is_token, CHAT_TEMPLATE: has_template}
+    choices = [kind.name for kind in readers if found.get(kind.causal_signature or "")]
+    if len(choices) == 1:
+        return choices[0]
+    if not choices:
+        raise UsageError(
+            f"model {name!r} is a causal LM ({', '.join(architectures)}) with no trained token-classification head, "
+            "no step tag token and no chat template: its scores would mean nothing",
+            hint="score a PRM trained by `prmkit train` (or TRL's PRMTrainer), not a base model; for an LM-head "
+                 f"PRM set model.kind={' or '.join(kind.name for kind in readers)} (README, PRM kinds)",
+        )
+    raise UsageError(
+        f"model {name!r} is a causal LM ({', '.join(architectures)}) that reads as more than one PRM kind "
+        f"({' or '.join(choices)}): set model.kind",
+        hint=" or ".join(f"--set model.kind={kind.name} ({kind.summary})" for kind in readers)
+             + "; in eval, MODEL@KIND",
+    )
 
 
 def _special_tokens(tokenizer: Any) -> set[str]:
@@ -238,7 +226,7 @@ def reward_token_ids(tokenizer: Any, settings: KindSettings, kind: str) -> tuple
         if any(i >= size for i in ids):
             raise UsageError(f"the recorded reward token ids {ids} are outside the tokenizer's {size} tokens",
                              hint="the tokenizer is not the one the model was trained with")
-    elif kind == LM_TAG and settings.pair_encoded:
+    elif settings.pair_encoded and _legacy_pair_encoded(kind):
         ids = tokenizer.encode(f"{good} {bad}", add_special_tokens=False)
     else:
         for token, one in zip((good, bad), alone):

@@ -133,7 +133,9 @@ def check_model_dir(model_dir: str | Path, weights: bool = True) -> None:
 
 
 def _config_value(config: dict[str, Any], keys: tuple[str, ...]) -> tuple[str, int] | None:
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    text = config.get("text_config")
+    if not isinstance(text, dict):
+        text = {}
     for section in (config, text):
         for key in keys:
             if isinstance(section.get(key), int):

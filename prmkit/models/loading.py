@@ -16,6 +16,7 @@ from prmkit.core.atomic import (
     read_json,
 )
 from prmkit.errors import UsageError, first_line
+from prmkit.kinds.registry import DEFAULT_KIND, get_kind
 from prmkit.models.model_dir import ID2LABEL, LABEL2ID
 
 log = logging.getLogger(__name__)
@@ -180,10 +181,10 @@ def load_model_config(model_cfg: Any):
 
 
 def load_model_for_training(model_cfg: Any, tokenizer: Any, seed: int | None = None, config: Any = None,
-                            kind: str = "token-classification", new_tokens: list[int] | None = None,
+                            kind: str = DEFAULT_KIND, new_tokens: list[int] | None = None,
                             attn_implementation: str | None = None):
     """A token-classification model with two labels (LABEL_0 = wrong step, LABEL_1 = correct step), or for
-    ``kind="lm-tag"`` the causal LM itself (its step tag added to the embeddings when the tokenizer grew).
+    a causal-LM ``kind`` (lm-tag) the causal LM itself (its step tag added to the embeddings when the tokenizer grew).
 
     ``model_cfg`` is the config's ``model`` section. With ``init_from_config`` the weights are random (seeded by
     ``seed``), built from ``name_or_path``'s config. ``config`` is :func:`load_model_config`'s result, if at hand.
@@ -196,8 +197,9 @@ def load_model_for_training(model_cfg: Any, tokenizer: Any, seed: int | None = N
     name = model_cfg.name_or_path
     common = {"trust_remote_code": model_cfg.trust_remote_code}
     config = config if config is not None else load_model_config(model_cfg)
-    auto = AutoModelForCausalLM if kind == "lm-tag" else AutoModelForTokenClassification
-    if kind != "lm-tag":
+    causal_lm = get_kind(kind).causal_lm
+    auto = AutoModelForCausalLM if causal_lm else AutoModelForTokenClassification
+    if not causal_lm:
         config.num_labels = 2
         config.id2label = dict(ID2LABEL)
         config.label2id = dict(LABEL2ID)
@@ -279,7 +281,8 @@ def load_trained_model(path: str | Path, dtype: Any = "auto", trust_remote_code:
 
         base = path / BASE_MODEL_DIR
         base_name = str(base) if (base / "config.json").is_file() else read_json(adapter_cfg)["base_model_name_or_path"]
-        head = {} if causal_lm else {"num_labels": 2, "id2label": dict(ID2LABEL), "label2id": dict(LABEL2ID)}
+        head: dict[str, Any] = ({} if causal_lm else
+                                {"num_labels": 2, "id2label": dict(ID2LABEL), "label2id": dict(LABEL2ID)})
         model = auto.from_pretrained(base_name, **head, dtype=dtype, trust_remote_code=trust_remote_code,
                                      **{**MODEL_LOAD_DEFAULTS, **kwargs})
         model = PeftModel.from_pretrained(model, str(path))

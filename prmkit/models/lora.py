@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from prmkit.kinds.registry import DEFAULT_KIND, get_kind
+
 LORA_KEYS = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": None}
 
 
@@ -23,11 +25,11 @@ def head_module_name(model: Any) -> str:
     return found[-1]
 
 
-def lora_config(lora: dict, model: Any, kind: str = "token-classification"):
+def lora_config(lora: dict, model: Any, kind: str = DEFAULT_KIND):
     """A peft LoraConfig (task TOKEN_CLS) from `train.lora`, with the head in modules_to_save.
 
-    For the lm-tag kind the task is CAUSAL_LM and the LM head stays frozen: the adapted hidden states move the two
-    reward-token logits, and a vocabulary-sized head is not copied into every adapter.
+    For a causal-LM kind (lm-tag) the task is CAUSAL_LM and the LM head stays frozen: the adapted hidden states move
+    the two reward-token logits, and a vocabulary-sized head is not copied into every adapter.
     """
     from peft import LoraConfig, TaskType
 
@@ -42,18 +44,19 @@ def lora_config(lora: dict, model: Any, kind: str = "token-classification"):
     target = opts["target_modules"]
     if isinstance(target, str) and target != "all-linear":
         target = [target]
-    causal_lm = kind == "lm-tag"
+    spec = get_kind(kind)
     return LoraConfig(
-        task_type=TaskType.CAUSAL_LM if causal_lm else TaskType.TOKEN_CLS,
+        task_type=TaskType[spec.lora_task],
         r=int(opts["r"]),
-        lora_alpha=float(opts["alpha"]),
+        # peft annotates int but only divides by r (or its root): a fractional alpha is valid and kept.
+        lora_alpha=float(opts["alpha"]),  # type: ignore[arg-type]
         lora_dropout=float(opts["dropout"]),
         target_modules=target,
-        modules_to_save=None if causal_lm else [head_module_name(model)],
+        modules_to_save=[head_module_name(model)] if spec.lora_trains_head else None,
     )
 
 
-def apply_lora(model: Any, lora: dict, kind: str = "token-classification"):
+def apply_lora(model: Any, lora: dict, kind: str = DEFAULT_KIND):
     from peft import get_peft_model
 
     from prmkit.errors import ConfigError, first_line

@@ -227,7 +227,7 @@ class StepScorer:
 
         import torch
 
-        from prmkit.kinds.spec import TOKEN_CLASSIFICATION
+        from prmkit.kinds.registry import get_kind
         from prmkit.models.loading import quiet_transformers
         from prmkit.scoring.kinds import resolve_kind
 
@@ -244,7 +244,7 @@ class StepScorer:
             load_kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
             if revision:
                 load_kwargs["revision"] = revision
-            if kind != TOKEN_CLASSIFICATION:
+            if not get_kind(kind).uses_separator:
                 return steps.kind_scorer(
                     cls, source, kind, settings, kind_tokenizer, load_kwargs=load_kwargs,
                     attn_implementation=attn_implementation, tokenization=tokenization, step_separator=step_separator,

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from prmkit.core.version import __version__
+from prmkit.data.formats import format_choices
 from prmkit.errors import DataError, PrmkitError, UsageError
 from prmkit.core.jsonio import dumps_record
 from prmkit.metrics import aggregate, first_error_index
@@ -159,8 +160,8 @@ def score_file(
     """
     if not 0.0 <= threshold <= 1.0:
         raise UsageError(f"score.threshold must lie in [0, 1], got {threshold}")
-    if fmt not in ("auto", "stepwise", "math-shepherd", "prm800k", "processbench"):
-        raise UsageError(f"unknown format {fmt!r}", hint="auto, stepwise, math-shepherd, prm800k or processbench")
+    if fmt not in (choices := format_choices()):
+        raise UsageError(f"unknown format {fmt!r}", hint=f"{', '.join(choices[:-1])} or {choices[-1]}")
     window_rows = sort_window or scorer.sort_window
     src = InputSource(input_spec)
     if src.stdin and scorer.world_size > 1:

@@ -9,10 +9,8 @@ from typing import Any
 from prmkit.errors import UsageError, first_line
 from prmkit.kinds.encoder import KindEncoder
 from prmkit.kinds.heads import qwen_prm_class, reward_token_head
+from prmkit.kinds.registry import CAUSAL_LM_SUFFIXES, QWEN_PRM_HEAD, get_kind
 from prmkit.kinds.spec import (
-    QWEN_PRM,
-    QWEN_PRM_ARCHITECTURE,
-    TOKEN_CLASSIFICATION,
     KindSettings,
     _read_json,
     detect_kind,
@@ -24,10 +22,10 @@ log = logging.getLogger(__name__)
 
 
 def load_kind_model(kind: str, name: str, load_kwargs: dict[str, Any], tokenizer: Any, settings: KindSettings):
-    """The model the engine runs for ``kind`` (never with remote code for qwen-prm)."""
+    """The model the engine runs for ``kind`` (never with remote code for Qwen-PRM's head): its :attr:`Kind.head`."""
     from prmkit.models.loading import MODEL_LOAD_DEFAULTS
 
-    if kind == QWEN_PRM:
+    if get_kind(kind).head == QWEN_PRM_HEAD:
         from transformers import AutoConfig
 
         kwargs = {k: v for k, v in load_kwargs.items() if k != "trust_remote_code"}
@@ -93,9 +91,7 @@ def _warn_unmarked(kind: str, name: str, config: dict[str, Any]) -> None:
     from prmkit.core.filenames import PRMKIT_JSON
 
     architectures = [str(a) for a in config.get("architectures") or []]
-    if kind == QWEN_PRM and QWEN_PRM_ARCHITECTURE in architectures:
-        return
-    if kind == TOKEN_CLASSIFICATION and any(a.endswith("ForTokenClassification") for a in architectures):
+    if get_kind(kind).marked_by(architectures):
         return
     what = f"a {architectures[0]}" if architectures else "a model"
     log.warning(f"model.kind={kind} is set for {name}, {what} with no {PRMKIT_JSON} and nothing else that marks "
@@ -115,7 +111,7 @@ def resolve_kind(name: str, metadata: dict[str, Any] | None, explicit: dict[str,
         return kind, settings, None
     config = local_config(name) if local else _hub_config(name, revision)
     tokenizer = None
-    if any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in config.get("architectures") or []):
+    if any(str(a).endswith(CAUSAL_LM_SUFFIXES) for a in config.get("architectures") or []):
         from prmkit.models.loading import load_tokenizer
 
         tokenizer = load_tokenizer(name, trust_remote_code)

@@ -107,7 +107,7 @@ def kind_scorer(
     **scorer_kwargs: Any,
 ) -> Any:
     """A scorer for another PRM kind than token classification (:mod:`prmkit.scoring.kinds`)."""
-    from prmkit.kinds.spec import LM_TAG
+    from prmkit.kinds.registry import get_kind
     from prmkit.models.loading import load_tokenizer
     from prmkit.scoring.kinds import scorer_for_kind
 
@@ -115,7 +115,7 @@ def kind_scorer(
     if attn_implementation:
         load_kwargs["attn_implementation"] = attn_implementation
     max_length = kind_tokenization(name, kind, tokenization, step_separator)
-    if max_length is None and kind == LM_TAG:  # a prmkit-trained lm-tag model: its training limit
+    if max_length is None and get_kind(kind).trainable:  # a prmkit-trained model: its training limit
         max_length = ((source.metadata or {}).get("tokenization") or {}).get("max_length")
     tok = (
         load_tokenizer(tokenizer, trust_remote_code)

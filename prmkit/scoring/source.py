@@ -7,10 +7,8 @@ import hashlib
 from typing import Any, Iterator
 
 from prmkit.data.sources import SourceRecord
-from prmkit.data.formats import SIGNATURES, Options, RowError, convert, detect_format, validate
+from prmkit.data.formats import FORMATS, Options, RowError, convert, detect_format, get_format, validate
 from prmkit.core.jsonio import nonfinite_field
-
-SCORABLE = ("stepwise", "processbench")
 
 
 class InputSource:
@@ -85,34 +83,42 @@ class InputSource:
                         yield rec
 
 
-# What each format needs to be scored: labels are optional, so stepwise needs only prompt + completions.
-SCORE_SIGNATURES = {**SIGNATURES, "stepwise": ("prompt", "completions"), "processbench": ("problem", "steps")}
+def score_signatures() -> dict[str, tuple[str, ...]]:
+    """What each format needs to be scored: labels are optional, so a format scored as it is needs only its prompt and
+    steps columns (stepwise: prompt + completions)."""
+    return {name: fmt.score_columns[:2] if fmt.score_columns else fmt.signature for name, fmt in FORMATS.items()}
+
+
+SCORE_SIGNATURES = score_signatures()
 
 
 def detect_score_format(record: dict, source: str) -> str:
-    """The format of records to score."""
+    """The format of records to score: a format scored as it is, by its prompt and steps columns, else detected."""
     keys = set(record)
-    for fmt in SCORABLE:
-        if set(SCORE_SIGNATURES[fmt]) <= keys:
-            return fmt
+    for name, fmt in FORMATS.items():
+        if fmt.score_columns and set(fmt.score_columns[:2]) <= keys:
+            return name
     return detect_format(keys, source)
 
 
-def rows_to_score(fmt: str, record: Any, unit: str, number: int, opts: Options) -> list[tuple[dict, str, list[str]]]:
+def rows_to_score(fmt: str | None, record: Any, unit: str, number: int,
+                  opts: Options) -> list[tuple[dict, str, list[str]]]:
     """(output object, prompt, steps) for each solution in a record. Raises RowError.
 
     Stepwise and ProcessBench records are scored as they are and written back whole; formats that need conversion
     (math-shepherd, prm800k) are written as their converted stepwise rows with the source line or row number.
+    ``fmt`` is None only for a record that is not a JSON object (refused before any format is read).
     Labels are optional, but when a record has them (not null) they are checked as `eval` checks them, and a record
     holding a number that JSON cannot write (NaN, Infinity) is refused, since its line could not be written back.
     """
     if not isinstance(record, dict):
         raise RowError("row", f"expected a JSON object, got {'null' if record is None else type(record).__name__}")
-    if fmt not in SCORABLE:
-        rows = convert(fmt, record, opts)
+    spec = get_format(fmt)
+    if spec.score_columns is None:
+        rows = convert(spec.name, record, opts)
         return [({"prompt": r["prompt"], "completions": r["completions"], "labels": r["labels"], unit: number},
                  r["prompt"], r["completions"]) for r in rows]
-    prompt_key, steps_key, labels_key = ("prompt", "completions", "labels") if fmt == "stepwise" else ("problem", "steps", "label")
+    prompt_key, steps_key, labels_key = spec.score_columns
     for key in (prompt_key, steps_key):
         if key not in record:
             raise RowError(key, "missing")
@@ -121,10 +127,8 @@ def rows_to_score(fmt: str, record: Any, unit: str, number: int, opts: Options) 
         if labels is None:
             validate({"prompt": prompt, "completions": steps, "labels": [None] * len(steps) if isinstance(steps, list) else None},
                      allow_unlabelled=True)
-        elif fmt == "stepwise":
-            validate({"prompt": prompt, "completions": steps, "labels": labels})
-        else:
-            convert("processbench", {"problem": prompt, "steps": steps, "label": labels}, opts)
+        else:  # checked as the format's converter checks them (a first-error index, step labels)
+            convert(spec.name, {prompt_key: prompt, steps_key: steps, labels_key: labels}, opts)
     except RowError as e:
         # Name the field as the record spells it.
         head = e.field.split("[")[0]

@@ -108,7 +108,7 @@ class WindowReader:
             try:
                 if self.fmt_used is not None:
                     check_format(self.fmt_used, rec.record, self._origin, SCORE_SIGNATURES)
-                rows = rows_to_score(self.fmt_used or "stepwise", rec.record, src.unit, rec.number, self._opts)
+                rows = rows_to_score(self.fmt_used, rec.record, src.unit, rec.number, self._opts)
                 if self.group is not None:
                     window.keys[rec.number] = key_of(rec.record, self.group.field)
             except RowError as e:

@@ -49,8 +49,8 @@ EXAMPLE_TRAINING = {
 }
 # With the example tokenizer's small vocabulary the longest PRM800K paths take ~1,200 tokens; keep all their steps.
 EXAMPLE_MAX_LENGTH = 2048
-EXAMPLE_MODEL = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-                 "intermediate_size": 128, "max_position_embeddings": 4096}
+EXAMPLE_MODEL: dict[str, Any] = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                 "num_key_value_heads": 2, "intermediate_size": 128, "max_position_embeddings": 4096}
 EXAMPLE_VOCAB_SIZE = 4096
 EXAMPLE_RECIPE_VERSION = 2  # bump when the example tokenizer or model changes, so the cached one is rebuilt
 
@@ -61,13 +61,13 @@ EXAMPLE_RECIPE_VERSION = 2  # bump when the example tokenizer or model changes, 
 
 def example_texts() -> list[str]:
     """Every prompt and step of the bundled example data, in file order (what the example tokenizer learns from)."""
-    from prmkit.data.formats import Options
+    from prmkit.data.formats import PRM800K, PROCESSBENCH, Options
     from prmkit.data.sources import read_step_rows
 
     texts: list[str] = []
-    sources = [(EXAMPLE_TRAIN, "prm800k", False)]
+    sources = [(EXAMPLE_TRAIN, PRM800K, False)]  # the formats of the bundled files
     if EXAMPLE_EVAL.is_file():
-        sources.append((EXAMPLE_EVAL, "processbench", True))
+        sources.append((EXAMPLE_EVAL, PROCESSBENCH, True))
     level = log.level
     log.setLevel(logging.ERROR)  # prepare reports on the same files moments later; say things once
     try:
@@ -127,8 +127,10 @@ def example_base_dir(cache_dir: str | None = None) -> Path:
         from transformers import Qwen2Config
 
         tokenizer = build_example_tokenizer()
-        config = Qwen2Config(**EXAMPLE_MODEL, vocab_size=len(tokenizer), num_labels=2, tie_word_embeddings=False,
-                             bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        # num_labels goes to PreTrainedConfig's **kwargs, which the signature transformers generates leaves out.
+        config = Qwen2Config(  # type: ignore[call-arg]
+            **EXAMPLE_MODEL, vocab_size=len(tokenizer), num_labels=2, tie_word_embeddings=False, bos_token_id=None,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         config.architectures = ["Qwen2ForTokenClassification"]
         return tokenizer, config
 
@@ -292,6 +294,7 @@ def apply_tiny(cfg: Config) -> None:
     from prmkit.data.prepare import cache_root
 
     model = cfg.model
+    assert model.tiny, "resolve_config applies model.tiny only when it is set"
     tiny_root = cache_root(cfg.data.cache_dir) / TINY_DIR
     if model.name_or_path and Path(model.name_or_path).parent == tiny_root and model.init_from_config:
         return  # already applied (a config saved by a --tiny run)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from prmkit.kinds.registry import DEFAULT_KIND, get_kind
+
 log = logging.getLogger("prmkit")
 
 VARLEN_KERNELS = ("flash_attention_3", "flash_attention_2", "flex_attention")
@@ -36,13 +38,13 @@ def varlen_kernels_available(model_class: Any = None) -> list[str]:
             if found[k] and (model_class is None or getattr(model_class, supports[k], False))]
 
 
-def model_class_for(config: Any, kind: str = "token-classification") -> Any:
-    """The transformers class training builds for ``config`` (token classification, or the causal LM for lm-tag);
-    None when transformers cannot tell (remote code)."""
+def model_class_for(config: Any, kind: str = DEFAULT_KIND) -> Any:
+    """The transformers class training builds for ``config`` (token classification, or the causal LM for a
+    causal-LM kind such as lm-tag); None when transformers cannot tell (remote code)."""
     try:
         from transformers.models.auto import modeling_auto
 
-        mapping = (modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING if kind == "lm-tag"
+        mapping = (modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING if get_kind(kind).causal_lm
                    else modeling_auto.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING)
         return mapping[type(config)]
     except (KeyError, ImportError):

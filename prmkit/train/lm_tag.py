@@ -1,4 +1,5 @@
-"""Training the lm-tag kind (OpenRLHF's design): a causal LM, a tag after each step, cross-entropy over two tokens."""
+"""Training a reward-token kind such as lm-tag (OpenRLHF's design): a causal LM, a tag after each step,
+cross-entropy over two tokens."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from typing import Any
 
 from prmkit.errors import UsageError
 from prmkit.kinds.heads import reward_columns
-from prmkit.kinds.spec import LM_TAG, KindSettings, ensure_tag_token, reward_token_ids
+from prmkit.kinds.registry import get_kind
+from prmkit.kinds.spec import KindSettings, ensure_tag_token, reward_token_ids
 
 
 def lm_tag_loss(reward_ids: tuple[int, int], label_smoothing: float = 0.0):
@@ -36,7 +38,8 @@ def lm_tag_preprocess(reward_ids: tuple[int, int]):
 
 @dataclass
 class LMTag:
-    """What `train` needs for ``train.kind: lm-tag``: the settings, the tokens it added, the loss on two tokens."""
+    """What `train` needs for a ``train.kind`` that reads reward tokens (lm-tag): the settings, the tokens it added,
+    the loss on two tokens."""
 
     settings: KindSettings
     new_ids: list[int]
@@ -44,17 +47,17 @@ class LMTag:
 
     @classmethod
     def setup(cls, cfg: Any, tokenizer: Any) -> "LMTag":
-        settings = KindSettings.from_sources({**cfg.model.kind_settings(), "kind": LM_TAG}, None)
-        added = ensure_tag_token(tokenizer, settings.tag())
-        reward = reward_token_ids(tokenizer, settings, LM_TAG)
+        settings = KindSettings.from_sources({**cfg.model.kind_settings(), "kind": cfg.train.kind}, None)
+        added = ensure_tag_token(tokenizer, settings.tag()) if get_kind(cfg.train.kind).uses_step_tag else None
+        reward = reward_token_ids(tokenizer, settings, cfg.train.kind)
         settings = replace(settings, reward_token_ids=reward)
         if added is not None and added in reward:
             raise UsageError(f"step tag {settings.tag()!r} is one of the reward tokens", hint="set model.step_tag")
         if added is not None and cfg.train.lora is not None and not cfg.train.lora_merge:
             # An unmerged adapter does not carry the embedding of a token added for training.
-            raise UsageError(f"train.lora_merge: false cannot keep the step tag {settings.tag()!r} that lm-tag adds to "
-                             "the tokenizer", hint="keep train.lora_merge: true, or set model.step_tag to a token the "
-                             "tokenizer already has")
+            raise UsageError(f"train.lora_merge: false cannot keep the step tag {settings.tag()!r} that "
+                             f"{cfg.train.kind} adds to the tokenizer", hint="keep train.lora_merge: true, or set "
+                             "model.step_tag to a token the tokenizer already has")
         return cls(settings, [added] if added is not None else [], reward)
 
     def loss(self, label_smoothing: float = 0.0):

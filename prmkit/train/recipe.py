@@ -90,6 +90,7 @@ from prmkit.core.checkpoints import (
 )
 from prmkit.core.overwrite import FINAL_TMP, settle_overwrite
 from prmkit.kinds.heads import preprocess_logits_for_metrics, step_loss_func
+from prmkit.kinds.registry import get_kind
 from prmkit.train.batching import (
     LengthGroupedSampler,
     StepCollator,
@@ -563,9 +564,9 @@ def _train_planned(cfg: Config, plan: OutputPlan, state: Any, args: Any, model_c
     tokenizer = load_tokenizer(cfg.tokenizer_name, cfg.model.trust_remote_code)
     text_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
     check_tokenizer_fits(tokenizer, getattr(text_config, "vocab_size", None), cfg.tokenizer_name,
-                         cfg.data.step_separator if cfg.train.kind != "lm-tag" else None)
+                         cfg.data.step_separator if get_kind(cfg.train.kind).uses_separator else None)
     ensure_pad_token(tokenizer)
-    lm_tag = LMTag.setup(cfg, tokenizer) if cfg.train.kind == "lm-tag" else None
+    lm_tag = LMTag.setup(cfg, tokenizer) if get_kind(cfg.train.kind).reads_reward_tokens else None
     with state.main_process_first():
         prepared = prepare_splits(cfg, tokenizer)
     if prepared.rejects_path is not None and state.is_main_process:
@@ -793,7 +794,7 @@ def _memory_plan(cfg: Config, args: Any, state: Any, model: Any, model_config: A
     shards = state.num_processes if state.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP) else 1
     param = next(model.parameters())
     optim = getattr(args.optim, "value", args.optim)
-    shape = model_shape(model_config, model, lm_head=cfg.train.kind == "lm-tag")
+    shape = model_shape(model_config, model, lm_head=get_kind(cfg.train.kind).vocabulary_logits)
     return plan_memory(requested_checkpointing(cfg), shape, lengths,
                        args.per_device_train_batch_size, batching, budget, param_bytes=param.element_size(),
                        mixed=bool(args.bf16 or args.fp16), optimizer=str(optim), attention=attn or "sdpa", shards=shards)

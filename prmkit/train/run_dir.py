@@ -118,7 +118,7 @@ def _with_defaults(flat: dict[str, Any]) -> dict[str, Any]:
     out = dict(flat)
     for section in ("model", "data", "train"):
         for f in fields(SECTIONS[section]):
-            default = f.default if f.default_factory is MISSING else f.default_factory()  # type: ignore[misc]
+            default = f.default if f.default_factory is MISSING else f.default_factory()
             out.setdefault(f"{section}.{f.name}", default)
     return out | {f"train.{name}": f.default for name, f in training_argument_fields().items()
                   if f"train.{name}" not in out and f.default is not MISSING}
