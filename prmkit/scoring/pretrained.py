@@ -106,7 +106,7 @@ def kind_scorer(
     trust_remote_code: bool,
     **scorer_kwargs: Any,
 ) -> Any:
-    """A scorer for another PRM kind than token classification (:mod:`prmkit.scoring.kinds`)."""
+    """A scorer for a kind that reads its own input layout, not the step separator (:mod:`prmkit.scoring.kinds`)."""
     from prmkit.kinds.registry import get_kind
     from prmkit.models.loading import load_tokenizer
     from prmkit.scoring.kinds import scorer_for_kind
