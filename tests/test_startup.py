@@ -73,3 +73,13 @@ def test_fields_read_from_the_source_match_the_class():
             assert parsed[name].default == fld.default, name
         if isinstance(fld.default, bool):
             assert isinstance(parsed[name].default, bool), name
+
+
+def test_the_training_recipe_imports_no_heavy_library(tmp_path):
+    # The `prmkit train --num-processes` launcher imports the recipe to check the config and the output directory
+    # before it starts any process: the Trainer classes (prmkit.train.trainer) come in only when a run builds them.
+    code = ("import json, sys; import prmkit.train.recipe; "
+            f"print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r})))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == []

@@ -1,6 +1,8 @@
 """`prmkit train`: fine-tune a PRM with ``transformers.Trainer`` on accelerate (one process or many).
 
 - :mod:`~prmkit.train.recipe`: the recipe, read top to bottom (data, model, trainer; fit; save);
+- :mod:`~prmkit.train.trainer`: the Trainer subclass and its callbacks (imports transformers; the recipe imports it
+  lazily); :mod:`~prmkit.train.save`: the final model directory; :mod:`~prmkit.train.result`: what a run did;
 - :mod:`~prmkit.train.batching`: collation, length grouping and packing; :mod:`~prmkit.train.kernels`: attention
   and Liger kernels by name;
 - :mod:`~prmkit.train.lm_tag`: what the lm-tag kind adds (its tag token, the loss on two tokens);

@@ -12,6 +12,11 @@ The loop is `transformers.Trainer` (so accelerate, DeepSpeed, FSDP and checkpoin
 - a self-describing output directory (weights, tokenizer, ``prmkit.json``, the resolved config), safe resuming, and a
   checkpoint on Ctrl-C.
 
+The recipe reads top to bottom: :func:`train` runs :func:`setup_run` (the config, the processes, the output
+directory's plan), :func:`setup_data`, :func:`setup_model`, :func:`setup_trainer`, :func:`fit`, :func:`collect_result`,
+:func:`final_eval_metrics` and :func:`save_model`, in that order. The Trainer subclass and its callbacks are in
+:mod:`prmkit.train.trainer`, the final model directory in :mod:`prmkit.train.save`.
+
 Everything here is callable from Python: ``train(load_config("cfg.yaml"))``.
 """
 
@@ -19,14 +24,11 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import shutil
-import signal
-import threading
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any
 
 from prmkit.config.schema import Config, eval_schedule
 from prmkit.config.training_args import (
@@ -36,20 +38,20 @@ from prmkit.config.training_args import (
     check_training_arguments,
     training_argument_fields,
 )
-from prmkit.core.filenames import PRMKIT_JSON
-from prmkit.core.jsonio import dumps
+from prmkit.core.checkpoints import latest_complete_checkpoint, save_failure
+from prmkit.core.overwrite import settle_overwrite
 from prmkit.core.version import __version__
 from prmkit.errors import (
     ConfigError,
-    Interrupted,
     PrmkitError,
     TrainingOutOfMemory,
     UsageError,
     first_line,
     reworded,
 )
+from prmkit.kinds.heads import preprocess_logits_for_metrics, step_loss_func
+from prmkit.kinds.registry import get_kind
 from prmkit.models.loading import (
-    BASE_MODEL_DIR,
     disable_dropout,
     ensure_pad_token,
     is_causal,
@@ -70,97 +72,18 @@ from prmkit.models.memory import (
     size,
     use_expandable_segments,
 )
-from prmkit.models.model_dir import build_metadata, write_metadata
-from prmkit.tokenization import TokenizationParams
-from prmkit.train.kernels import (
-    check_forward_untouched,
-    liger_kernel_config,
-    liger_supports,
-    model_class_for,
-    varlen_kernels_available,
-)
-
-if TYPE_CHECKING:  # pragma: no cover
-    pass
-
-from prmkit.core.checkpoints import (
-    latest_complete_checkpoint,
-    mark_complete,
-    save_failure,
-)
-from prmkit.core.overwrite import FINAL_TMP, settle_overwrite
-from prmkit.kinds.heads import preprocess_logits_for_metrics, step_loss_func
-from prmkit.kinds.registry import get_kind
-from prmkit.train.batching import (
-    LengthGroupedSampler,
-    StepCollator,
-    make_compute_metrics,
-    resolve_batching,
-)
+from prmkit.train.batching import StepCollator, make_compute_metrics, resolve_batching
 from prmkit.train.example import apply_example, apply_tiny
+from prmkit.train.kernels import liger_kernel_config, liger_supports, model_class_for, varlen_kernels_available
 from prmkit.train.lm_tag import LMTag
+from prmkit.train.result import TrainResult
 from prmkit.train.run_dir import OutputPlan, claim_output_dir, prepare_output_dir
+from prmkit.train.save import save_final
 
 log = logging.getLogger("prmkit")
 
 ENV_LAUNCHED = "PRMKIT_LAUNCHED"
 """Set by `prmkit train --num-processes` in the processes it launches, so they never launch again."""
-ENV_DEBUG_ROWS = "PRMKIT_DEBUG_ROWS_DIR"
-"""Debug: a directory where each rank writes the `row` ids of the training examples it saw (rows-rank{N}.json)."""
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Results
-
-
-@dataclass
-class TrainResult:
-    """What a training run did; `prmkit train --json` prints it."""
-
-    output_dir: str
-    model_dir: str | None
-    """Where the trained model is (None when the run was interrupted before it finished)."""
-    seconds: float = 0.0
-    global_step: int = 0
-    max_steps: int = 0
-    epochs: float = 0.0
-    train_rows: int = 0
-    eval_rows: int = 0
-    tokens: int = 0
-    """Non-padding tokens trained on, all ranks together."""
-    tokens_per_second: float = 0.0
-    train_loss: float | None = None
-    """Mean training loss over the steps run in this process (the Trainer's `train_loss`)."""
-    final_loss: float | None = None
-    """The last logged training loss."""
-    eval_metrics: dict[str, Any] = field(default_factory=dict)
-    eval_error: str | None = None
-    """Why the final evaluation has no figures (it ran out of memory); None when it ran or there was no eval data."""
-    batching: str = ""
-    attn_implementation: str | None = None
-    gradient_checkpointing: bool = False
-    memory: dict[str, Any] | None = None
-    """The memory plan: the estimate, the budget, and why checkpointing is on or off (prmkit.models.memory.MemoryPlan)."""
-    peak_memory_gib: float | None = None
-    """Peak memory reserved by this process's CUDA allocator (rank 0), when training ran on CUDA."""
-    allocator: str | None = None
-    loss_history: list[list[float]] = field(default_factory=list)
-    """[step, loss] for every logged training loss."""
-    lora: dict[str, Any] | None = None
-    world_size: int = 1
-    resumed_from: str | None = None
-    skipped_checkpoints: list[dict[str, str]] = field(default_factory=list)
-    """Checkpoints newer than ``resumed_from`` that were incomplete, each with the reason; set aside, not used."""
-    interrupted: bool = False
-    signal: str | None = None
-    """The signal that interrupted the run ("SIGINT", "SIGTERM"); the CLI exits with 128 + its number."""
-    checkpoint: str | None = None
-    """The latest checkpoint directory, if any (after an interrupt: the one to resume from)."""
-    pushed: dict[str, Any] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 
 def resolve_config(cfg: Config) -> Config:
@@ -185,266 +108,6 @@ def resolve_config(cfg: Config) -> Config:
 
 def has_eval_data(cfg: Config) -> bool:
     return bool(cfg.data.eval or cfg.data.eval_fraction)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Callbacks
-
-
-class TokenMeter:
-    """Non-padding tokens trained on by this rank; a device tensor, read only when shown, so no step waits on it."""
-
-    def __init__(self) -> None:
-        self.total: Any = 0
-        self.rows: list[int] | None = [] if os.environ.get(ENV_DEBUG_ROWS) else None
-
-    def add(self, n_tokens: Any) -> None:
-        self.total = self.total + n_tokens
-
-    def value(self) -> int:
-        return int(self.total.item()) if hasattr(self.total, "item") else int(self.total)
-
-
-def _trainer_classes():
-    from transformers import Trainer, TrainerCallback
-
-    class StepTrainer(Trainer):
-        """The Trainer with prmkit's sampler, token meter and debug row log; the loss is ``compute_loss_func``."""
-
-        def __init__(self, *args: Any, batching: str, lengths: Sequence[int] | None, meter: TokenMeter,
-                     on_checkpoint: Any = None, **kwargs: Any):
-            self.prmkit_batching = batching
-            self.prmkit_lengths = lengths
-            self.prmkit_meter = meter
-            self.prmkit_on_checkpoint = on_checkpoint
-            super().__init__(*args, **kwargs)
-            # The loss is computed outside the model; don't hand the model loss kwargs it might not expect.
-            self.model_accepts_loss_kwargs = False
-            self.prmkit_at_end = AtEndCheck()
-            self.add_callback(self.prmkit_at_end)
-            if self.args.use_liger_kernel:
-                self.add_callback(ForwardCheck())
-
-        prmkit_evaluating = False
-        """True from the start of an evaluation until it returns: an out-of-memory error with it still set came from
-        evaluating, and is reported with the evaluation's own fixes."""
-
-        def evaluate(self, *args: Any, **kwargs: Any):
-            self.prmkit_evaluating = True
-            metrics = super().evaluate(*args, **kwargs)
-            self.prmkit_evaluating = False
-            return metrics
-
-        def _get_train_sampler(self, train_dataset: Any = None):
-            if self.prmkit_batching == "grouped" and self.prmkit_lengths is not None:
-                seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-                return LengthGroupedSampler(self.prmkit_lengths, self.args.per_device_train_batch_size, seed)
-            return super()._get_train_sampler(train_dataset)
-
-        def get_batch_samples(self, epoch_iterator, num_batches, device):
-            if self.prmkit_at_end.nothing_left:
-                # A checkpoint saved at the last step (a run stopped during its final save): the Trainer would still
-                # train the rest of the epoch it resumes in. No batch, and training stops before any step.
-                self.control.should_training_stop = True
-                return [], None
-            return super().get_batch_samples(epoch_iterator, num_batches, device)
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            rows = inputs.pop("row", None)
-            n_tokens = inputs.pop("n_tokens", None)
-            inputs.pop("skip_logits", None)  # the Trainer adds it for Liger's causal-LM loss, which a PRM does not use
-            if model.training:
-                if n_tokens is not None:
-                    self.prmkit_meter.add(n_tokens)
-                if rows is not None and self.prmkit_meter.rows is not None:
-                    self.prmkit_meter.rows.extend(int(r) for r in rows.tolist())
-            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-
-        def _save_checkpoint(self, model, trial):
-            # A checkpoint is complete only once every process has written its part; the marker says so, and older
-            # checkpoints are rotated away only after it exists, so a kill at any moment leaves a complete one.
-            try:
-                from transformers.trainer_utils import rotate_checkpoints
-            except ImportError:  # transformers 5.0-5.1: only the Trainer's own method (it reads args.save_total_limit)
-                rotate_checkpoints = None
-
-            limit = self.args.save_total_limit
-            self.args.save_total_limit = None
-            run_dir = self._get_output_dir(trial=trial)
-            path = Path(run_dir) / f"checkpoint-{self.state.global_step}"
-            try:
-                super()._save_checkpoint(model, trial)
-            except Exception as e:
-                failed = save_failure(e, f"cannot save {path.name} in {run_dir}", Path(run_dir))
-                if failed is None:
-                    raise
-                raise failed from e
-            finally:
-                self.args.save_total_limit = limit
-            self.accelerator.wait_for_everyone()
-            if self.args.should_save:
-                mark_complete(path)
-                if rotate_checkpoints is None:
-                    self._rotate_checkpoints(use_mtime=True, output_dir=run_dir)
-                else:
-                    rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
-                                       best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
-                if self.prmkit_on_checkpoint is not None:
-                    self.prmkit_on_checkpoint(path)
-
-    class ForwardCheck(TrainerCallback):
-        """Liger is applied when training starts: check then that it left the token-classification forward alone."""
-
-        def on_train_begin(self, args, state, control, model=None, **kwargs):
-            if model is not None:
-                check_forward_untouched(model)
-
-    class AtEndCheck(TrainerCallback):
-        """Whether the run starts at (or past) its last step: resumed from the checkpoint of its last step, it has
-        nothing left to train, and ends with the checkpoint's weights (the same as the run that saved it)."""
-
-        nothing_left = False
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.nothing_left = 0 < state.max_steps <= state.global_step
-            if self.nothing_left and state.is_world_process_zero:
-                log.info(f"nothing left to train: the checkpoint is at step {state.global_step} of "
-                         f"{state.max_steps}; saving its model")
-
-        def on_epoch_end(self, args, state, control, **kwargs):
-            if self.nothing_left:
-                # No step ran: the checkpoint already holds this state and its evaluation (the final one comes later).
-                control.should_save = control.should_evaluate = control.should_log = False
-            return control
-
-    class InterruptCallback(TrainerCallback):
-        """First Ctrl-C (or SIGTERM): finish the step, save a checkpoint, stop. A second one: stop at once."""
-
-        def __init__(self) -> None:
-            self.requested = False
-            self.stopped = False
-            self.signal: str | None = None
-            """The signal that stopped the run: "SIGINT" or "SIGTERM" (the CLI exits with 128 + its number)."""
-            self._previous: Any = None
-
-        def install(self) -> None:
-            if threading.current_thread() is not threading.main_thread():
-                return
-            # SIGTERM too: a launcher (torchrun) or a job scheduler stops workers with it, and waits a while.
-            self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-        def uninstall(self) -> None:
-            for sig, handler in (self._previous or {}).items():
-                signal.signal(sig, handler)
-            self._previous = None
-
-        def _handle(self, signum: int, frame: Any) -> None:
-            if self.requested:
-                self.uninstall()
-                raise Interrupted(signum)
-            self.requested = True
-            self.signal = signal.Signals(signum).name
-            again = "Ctrl-C again" if signum == signal.SIGINT else f"a second {self.signal} or Ctrl-C"
-            log.warning(f"{self.signal} received: saving a checkpoint after this step; {again} stops without saving")
-
-        def on_step_end(self, args, state, control, **kwargs):
-            flag = self.requested
-            import torch.distributed as dist
-
-            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-                # Every rank must stop at the same step, or the others wait forever in the next collective.
-                import torch
-
-                t = torch.tensor([1.0 if flag else 0.0], device=args.device)
-                dist.all_reduce(t, op=dist.ReduceOp.MAX)
-                flag = bool(t.item())
-            if flag:
-                self.stopped = True
-                control.should_save = True
-                control.should_training_stop = True
-            return control
-
-    class ProgressCallback(TrainerCallback):
-        """Step, loss, learning rate, tokens/s and ETA on stderr (rich); a bar on a terminal, lines otherwise."""
-
-        def __init__(self, console: Any, meter: TokenMeter, world_size: int) -> None:
-            self.console = console
-            self.meter = meter
-            self.world_size = world_size
-            self.progress: Any = None
-            self.task: Any = None
-            self.start = 0.0
-            self.start_step = 0
-            self.start_tokens = 0
-            self.last_logs: dict[str, Any] = {}
-
-        def _tps(self) -> float:
-            elapsed = time.perf_counter() - self.start
-            return (self.meter.value() - self.start_tokens) * self.world_size / elapsed if elapsed > 0 else 0.0
-
-        def _fields(self, state) -> str:
-            parts = []
-            if "loss" in self.last_logs:
-                parts.append(f"loss {self.last_logs['loss']:.4f}")
-            if "learning_rate" in self.last_logs:
-                parts.append(f"lr {self.last_logs['learning_rate']:.2e}")
-            parts.append(f"{self._tps():,.0f} tok/s")
-            return "  ".join(parts)
-
-        def _eta(self, state) -> str:
-            done = state.global_step - self.start_step
-            if done <= 0 or not state.max_steps:
-                return "?"
-            left = (time.perf_counter() - self.start) / done * (state.max_steps - state.global_step)
-            return time.strftime("%H:%M:%S", time.gmtime(max(0.0, left)))
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            if not state.is_world_process_zero:
-                return
-            self.start = time.perf_counter()
-            self.start_step = state.global_step
-            self.start_tokens = self.meter.value()
-            if self.console.is_terminal:
-                from rich.progress import (
-                    BarColumn,
-                    MofNCompleteColumn,
-                    Progress,
-                    TextColumn,
-                    TimeRemainingColumn,
-                )
-
-                self.progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                                         TextColumn("eta"), TimeRemainingColumn(), console=self.console, transient=False)
-                self.progress.start()
-                self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step, info="")
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if self.progress is not None:
-                self.progress.update(self.task, completed=state.global_step)
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if not state.is_world_process_zero or not logs:
-                return
-            if "loss" in logs or "learning_rate" in logs:
-                self.last_logs.update({k: v for k, v in logs.items() if k in ("loss", "learning_rate")})
-                if self.progress is not None:
-                    self.progress.update(self.task, completed=state.global_step, info=self._fields(state))
-                else:
-                    self.console.print(f"step {state.global_step}/{state.max_steps}  {self._fields(state)}  "
-                                       f"eta {self._eta(state)}", markup=False, highlight=False)
-            evals = {k[5:]: v for k, v in logs.items() if k.startswith("eval_") and isinstance(v, (int, float))}
-            if evals:
-                shown = "  ".join(f"{k} {v:.4f}" for k, v in evals.items()
-                                  if k in ("loss", "accuracy", "correct_f1", "wrong_f1", "auroc"))
-                self.console.print(f"eval at step {state.global_step}: {shown}", markup=False, highlight=False)
-
-        def on_train_end(self, args, state, control, **kwargs):
-            if self.progress is not None:
-                self.progress.update(self.task, completed=state.global_step)
-                self.progress.stop()
-                self.progress = None
-
-    return StepTrainer, InterruptCallback, ProgressCallback
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -489,6 +152,66 @@ def build_training_arguments(cfg: Config, has_eval: bool):
     check_integrations(args)
     return args
 
+# ---------------------------------------------------------------------------------------------------------------------
+# The recipe: train() runs these steps, top to bottom
+
+
+@dataclass
+class Run:
+    """What every step reads: the resolved config, the output directory's plan, this process, the Trainer's settings."""
+
+    cfg: Config
+    plan: OutputPlan
+    state: Any
+    """accelerate's ``PartialState``: this process among the others."""
+    args: Any
+    """``transformers.TrainingArguments``."""
+    model_config: Any
+    lock: Any = None
+    """The output directory's lock (main process only), held until the run ends."""
+
+
+@dataclass
+class DataSetup:
+    tokenizer: Any
+    lm_tag: LMTag | None
+    """What the lm-tag kind adds (its tag token, its loss); None for the other kinds."""
+    prepared: Any
+    """The prepared splits (:func:`prmkit.data.prepare.prepare_splits`); their metadata goes into prmkit.json."""
+    train_ds: Any
+    eval_ds: Any
+    """None when there is no eval data."""
+    soft: bool
+    """Whether the labels are probabilities (soft) rather than 0/1."""
+
+
+@dataclass
+class ModelSetup:
+    model: Any
+    batching: str
+    attn: str
+    """The attention implementation the loaded model runs with ("" when neither the config nor the model names one)."""
+    cuda: bool
+    lora_info: dict[str, Any] | None
+
+
+@dataclass
+class TrainerSetup:
+    trainer: Any
+    """:class:`prmkit.train.trainer.StepTrainer`."""
+    meter: Any
+    interrupt: Any
+    memory: MemoryPlan
+
+
+@dataclass
+class Fitted:
+    output: Any
+    """What ``Trainer.train`` returned."""
+    seconds: float
+    tokens: int
+    """Non-padding tokens trained on, all ranks together."""
+
 
 def train(
     cfg: Config,
@@ -504,6 +227,34 @@ def train(
     run whose config changes its schedule or data is refused unless ``accept_changes`` (``--resume-with-changes``). A rich
     ``console`` gets the progress display; without one, progress goes to the `prmkit` logger only at the end.
     """
+    run = setup_run(cfg, overwrite=overwrite, resume=resume, accept_changes=accept_changes)
+    try:
+        data = setup_data(run)
+        model = setup_model(run, data)
+        # Every input has been read (tokenizer, data, weights): only now may the output directory change.
+        if run.state.is_main_process:
+            prepare_output_dir(run.plan, run.cfg)
+        run.state.wait_for_everyone()
+        setup = setup_trainer(run, data, model, console, callbacks)
+        fitted = fit(run, setup)
+        result = collect_result(run, data, model, setup, fitted)
+        if result.interrupted:
+            return result
+        if data.eval_ds is not None:
+            result.eval_metrics = final_eval_metrics(setup.trainer, result)
+        save_model(run, data, model, setup.trainer, result)
+        push_flag = run.cfg.training_arguments.get("push_to_hub")
+        if push_flag and run.state.is_main_process:
+            result.pushed = _push(run.cfg, run.plan.output_dir, model.lora_info)
+        run.state.wait_for_everyone()
+        return result
+    finally:
+        end_run(run)
+
+
+def setup_run(cfg: Config, overwrite: bool, resume: bool | str | None, accept_changes: bool) -> Run:
+    """Check what can fail early (the model's config, the data sources), then claim the output directory: the main
+    process locks it and decides; every process follows its answer, refusals included."""
     import torch
     from accelerate import PartialState
 
@@ -540,26 +291,27 @@ def train(
         kind, message, hint = decision["error"]
         raise kind(message, hint=hint)
     plan = decision["plan"]
-    try:
-        return _train_planned(cfg, plan, state, args, model_config, console, callbacks)
-    finally:
-        # However the run ended (finished, interrupted, failed): keep it if it saved something, else restore.
-        if state.is_main_process and plan.action == "overwrite":
-            settled = settle_overwrite(plan.output_dir)
-            if settled:
-                log.warning(settled)
-        if lock is not None:
-            lock.release()
+    return Run(cfg, plan, state, args, model_config, lock)
 
 
-def _train_planned(cfg: Config, plan: OutputPlan, state: Any, args: Any, model_config: Any, console: Any,
-                   callbacks: list | None) -> TrainResult:
-    import torch
+def end_run(run: Run) -> None:
+    """However the run ended (finished, interrupted, failed): keep it if it saved something, else restore."""
+    if run.state.is_main_process and run.plan.action == "overwrite":
+        settled = settle_overwrite(run.plan.output_dir)
+        if settled:
+            log.warning(settled)
+    if run.lock is not None:
+        run.lock.release()
 
+
+def setup_data(run: Run) -> DataSetup:
+    """The tokenizer (checked against the model's vocabulary) and the prepared splits (the main process prepares them;
+    the other processes read its cache)."""
     from prmkit.data.prepare import prepare_splits
     from prmkit.models.files import check_tokenizer_fits
     from prmkit.models.loading import load_tokenizer
 
+    cfg, state, model_config = run.cfg, run.state, run.model_config
     has_eval = has_eval_data(cfg)
     tokenizer = load_tokenizer(cfg.tokenizer_name, cfg.model.trust_remote_code)
     text_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
@@ -576,14 +328,20 @@ def _train_planned(cfg: Config, plan: OutputPlan, state: Any, args: Any, model_c
     train_ds = dsd["train"]
     eval_ds = dsd["eval"] if has_eval and "eval" in dsd else None
     soft = train_ds.features["labels"].feature.dtype == "float32"
+    return DataSetup(tokenizer, lm_tag, prepared, train_ds, eval_ds, soft)
 
+
+def setup_model(run: Run, data: DataSetup) -> ModelSetup:
+    """The batching and attention the device allows, then the model: its head for the kind, dropout off, LoRA."""
+    cfg, args, state, model_config = run.cfg, run.args, run.state, run.model_config
     cuda = args.device.type == "cuda"
     kernels = varlen_kernels_available(model_class_for(model_config, cfg.train.kind)) if cuda else []
     batching, attn = resolve_batching(cfg.train.batching, cfg.model.attn_implementation, cuda=cuda,
                                       causal=is_causal(model_config), kernels=kernels)
     if batching == "grouped" and getattr(args, "train_sampling_strategy", "random") not in GROUPED_STRATEGIES:
         batching = "padded"  # `auto` chose grouped; the order asked for is the Trainer's sampler's (padded batches)
-    model = load_model_for_training(cfg.model, tokenizer, seed=args.seed, config=model_config, kind=cfg.train.kind,
+    lm_tag = data.lm_tag
+    model = load_model_for_training(cfg.model, data.tokenizer, seed=args.seed, config=model_config, kind=cfg.train.kind,
                                     new_tokens=lm_tag.new_ids if lm_tag else None, attn_implementation=attn)
     if cfg.train.disable_dropout:
         disable_dropout(model)
@@ -597,11 +355,20 @@ def _train_planned(cfg: Config, plan: OutputPlan, state: Any, args: Any, model_c
         if state.is_main_process:
             trainable, total = model.get_nb_trainable_parameters()
             log.info(f"LoRA: training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
-    # Every input has been read (tokenizer, data, weights): only now may the output directory change.
-    if state.is_main_process:
-        prepare_output_dir(plan, cfg)
-    state.wait_for_everyone()
     attn = str(getattr(model.config, "_attn_implementation", None) or attn or "")
+    return ModelSetup(model, batching, attn, cuda, lora_info)
+
+
+def setup_trainer(run: Run, data: DataSetup, model: ModelSetup, console: Any, callbacks: list | None) -> TrainerSetup:
+    """The memory plan (gradient checkpointing only when the run would not fit without it), then the Trainer with
+    prmkit's collator, loss, metrics and callbacks."""
+    # Imported here, not at the top: the trainer module imports transformers, and importing this one stays light
+    # (the `prmkit train --num-processes` launcher imports it to check the config before starting any process).
+    from prmkit.train.trainer import InterruptCallback, ProgressCallback, StepTrainer, TokenMeter
+
+    cfg, args, state, model_config = run.cfg, run.args, run.state, run.model_config
+    batching, attn, cuda, lm_tag = model.batching, model.attn, model.cuda, data.lm_tag
+    train_ds, eval_ds = data.train_ds, data.eval_ds
     if batching == "packed" and not (cuda and attn.startswith(("flash", "flex"))):
         log.info(f"packed batching with {attn or 'default'} attention: correct, but attention runs over a dense mask of the whole pack")
     if args.use_liger_kernel and liger_supports(getattr(model_config, "model_type", None)) is False:
@@ -614,7 +381,7 @@ def _train_planned(cfg: Config, plan: OutputPlan, state: Any, args: Any, model_c
     if len(train_ds) == 0:
         raise UsageError(f"{cfg.data.train}: no training rows left after preparation")
     lengths = train_ds["num_tokens"]
-    memory = _memory_plan(cfg, args, state, model, model_config, lengths, batching, attn)
+    memory = _memory_plan(cfg, args, state, model.model, model_config, lengths, batching, attn)
     set_checkpointing(args, memory.checkpointing)
     if state.is_main_process:
         log.info(memory.preflight())
@@ -625,20 +392,20 @@ def _train_planned(cfg: Config, plan: OutputPlan, state: Any, args: Any, model_c
     if eval_ds is not None:
         eval_ds = eval_ds.with_format("numpy")
 
-    StepTrainer, InterruptCallback, ProgressCallback = _trainer_classes()
     meter = TokenMeter()
     interrupt = InterruptCallback()
     all_callbacks: list = [interrupt]
     if console is not None and state.is_main_process:
         all_callbacks.append(ProgressCallback(console, meter, state.num_processes))
     all_callbacks += list(callbacks or [])
+    plan = run.plan
     trainer = StepTrainer(
-        model=model,
+        model=model.model,
         args=args,
-        data_collator=StepCollator(tokenizer.pad_token_id, batching, soft, causal=is_causal(model_config)),
+        data_collator=StepCollator(data.tokenizer.pad_token_id, batching, data.soft, causal=is_causal(model_config)),
         train_dataset=train_ds,
         eval_dataset=eval_ds,
-        processing_class=tokenizer,
+        processing_class=data.tokenizer,
         compute_loss_func=(lm_tag.loss if lm_tag else step_loss_func)(args.label_smoothing_factor),
         compute_metrics=make_compute_metrics(cfg.eval.threshold) if eval_ds is not None else None,
         preprocess_logits_for_metrics=(lm_tag.preprocess if lm_tag else preprocess_logits_for_metrics)
@@ -653,7 +420,18 @@ def _train_planned(cfg: Config, plan: OutputPlan, state: Any, args: Any, model_c
     from transformers import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts to stdout, which is for results only
+    return TrainerSetup(trainer, meter, interrupt, memory)
 
+
+def fit(run: Run, setup: TrainerSetup) -> Fitted:
+    """Train (from the checkpoint when resuming); out of memory becomes one message naming the fixes."""
+    import torch
+
+    # Imported here for the reason setup_trainer gives (it imports transformers).
+    from prmkit.train.trainer import write_debug_rows
+
+    args, state, plan = run.args, run.state, run.plan
+    trainer, meter, interrupt, memory = setup.trainer, setup.meter, setup.interrupt, setup.memory
     if plan.action == "resume":
         log.info(f"resuming from {plan.checkpoint}")
     started = time.perf_counter()
@@ -674,11 +452,21 @@ def _train_planned(cfg: Config, plan: OutputPlan, state: Any, args: Any, model_c
             f"{memory.estimate.batch.describe()})", hint=oom_hint(memory, checkpoint)) from None
     finally:
         interrupt.uninstall()
-        _write_debug_rows(meter, state.process_index)
+        write_debug_rows(meter, state.process_index)
     seconds = time.perf_counter() - started
     tokens_tensor = torch.tensor([meter.value()], dtype=torch.long, device=args.device)
     tokens = int(trainer.accelerator.reduce(tokens_tensor, reduction="sum").item()) if state.num_processes > 1 else meter.value()
+    return Fitted(output, seconds, tokens)
 
+
+def collect_result(run: Run, data: DataSetup, model: ModelSetup, setup: TrainerSetup, fitted: Fitted) -> TrainResult:
+    """What the run did, from the Trainer's state and log; an interrupted run's result names its last checkpoint."""
+    import torch
+
+    args, state, plan = run.args, run.state, run.plan
+    trainer, memory, interrupt = setup.trainer, setup.memory, setup.interrupt
+    train_ds, eval_ds, cuda, attn = data.train_ds, data.eval_ds, model.cuda, model.attn
+    output, seconds, tokens = fitted.output, fitted.seconds, fitted.tokens
     history = [[h["step"], h["loss"]] for h in trainer.state.log_history if "loss" in h]
     losses = [loss for _, loss in history]
     result = TrainResult(
@@ -695,14 +483,14 @@ def _train_planned(cfg: Config, plan: OutputPlan, state: Any, args: Any, model_c
         train_loss=None if output.training_loss is None or math.isnan(output.training_loss)
         or trainer.prmkit_at_end.nothing_left else float(output.training_loss),
         final_loss=float(losses[-1]) if losses else None,
-        batching=batching,
+        batching=model.batching,
         attn_implementation=attn or None,
         gradient_checkpointing=memory.checkpointing,
         memory=memory.to_dict(),
         peak_memory_gib=round(torch.cuda.max_memory_reserved(args.device) / GIB, 2) if cuda else None,
         allocator=allocator_setting() if cuda else None,
         loss_history=history,
-        lora=lora_info,
+        lora=model.lora_info,
         world_size=state.num_processes,
         resumed_from=plan.checkpoint if plan.action == "resume" else None,
         skipped_checkpoints=[{"checkpoint": p, "reason": why} for p, why in plan.skipped],
@@ -712,17 +500,25 @@ def _train_planned(cfg: Config, plan: OutputPlan, state: Any, args: Any, model_c
         result.signal = interrupt.signal
         last, _ = latest_complete_checkpoint(plan.output_dir)
         result.checkpoint = str(last) if last else None
-        return result
+    return result
 
-    if eval_ds is not None:
-        last_eval = next((h for h in reversed(trainer.state.log_history) if "eval_loss" in h), None)
-        if last_eval is None or last_eval.get("step") != trainer.state.global_step:
-            last_eval = _final_evaluation(trainer, result)
-        result.eval_metrics = {k[5:]: v for k, v in (last_eval or {}).items()
-                               if k.startswith("eval_") and k not in ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second")}
 
+def final_eval_metrics(trainer: Any, result: TrainResult) -> dict[str, Any]:
+    """The eval figures at the last step: the last evaluation's when it ran there, else a final one."""
+    last_eval = next((h for h in reversed(trainer.state.log_history) if "eval_loss" in h), None)
+    if last_eval is None or last_eval.get("step") != trainer.state.global_step:
+        last_eval = _final_evaluation(trainer, result)
+    return {k[5:]: v for k, v in (last_eval or {}).items()
+            if k.startswith("eval_") and k not in ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second")}
+
+
+def save_model(run: Run, data: DataSetup, model: ModelSetup, trainer: Any, result: TrainResult) -> None:
+    """The trained model beside the checkpoints (:func:`prmkit.train.save.save_final`); an --overwrite run's previous
+    contents go once it is in place."""
+    plan, state = run.plan, run.state
     try:
-        _save_final(trainer, cfg, tokenizer, prepared, plan.output_dir, state, result, lora_info, batching)
+        save_final(trainer, run.cfg, data.tokenizer, data.prepared, plan.output_dir, state, result, model.lora_info,
+                   model.batching)
     except Exception as e:
         failed = save_failure(e, f"cannot save the trained model in {plan.output_dir}", plan.output_dir)
         if failed is None:
@@ -733,12 +529,6 @@ def _train_planned(cfg: Config, plan: OutputPlan, state: Any, args: Any, model_c
     result.model_dir = str(plan.output_dir)
     last, _ = latest_complete_checkpoint(plan.output_dir)
     result.checkpoint = str(last) if last else None
-
-    push_flag = cfg.training_arguments.get("push_to_hub")
-    if push_flag and state.is_main_process:
-        result.pushed = _push(cfg, plan.output_dir, lora_info)
-    state.wait_for_everyone()
-    return result
 
 
 def _final_evaluation(trainer: Any, result: TrainResult) -> dict[str, Any] | None:
@@ -805,135 +595,6 @@ def _present_modules(model: Any, names: Any) -> list[str]:
     present = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
     return sorted({n for n in names or [] if n in present})
 
-
-def _write_debug_rows(meter: TokenMeter, rank: int) -> None:
-    directory = os.environ.get(ENV_DEBUG_ROWS)
-    if not directory or meter.rows is None:
-        return
-    Path(directory).mkdir(parents=True, exist_ok=True)
-    (Path(directory) / f"rows-rank{rank}.json").write_text(dumps(meter.rows), encoding="utf-8")
-
-
-def _save_final(trainer: Any, cfg: Config, tokenizer: Any, prepared: Any, output_dir: Path, state: Any,
-                result: TrainResult, lora_info: dict | None, batching: str) -> None:
-    """Write the model beside the checkpoints: build it in a hidden directory, then move the files in."""
-    from accelerate.utils import DistributedType
-
-    tmp = output_dir / FINAL_TMP
-    sharded = trainer.accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
-    adapter_dir: str | None = None
-    if lora_info is None:
-        trainer.save_model(str(tmp))  # gathers DeepSpeed/FSDP shards; writes on the main process only
-    elif cfg.train.lora_merge and not sharded:
-        trainer.save_model(str(tmp / "adapter"))
-        if state.is_main_process:
-            merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
-            merged.save_pretrained(str(tmp))
-            tokenizer.save_pretrained(str(tmp))
-        adapter_dir = "adapter"
-    else:
-        if cfg.train.lora_merge:
-            log.warning("LoRA merge is not done under DeepSpeed/FSDP; saving the adapter (merge it after loading)")
-            if lora_info is not None:
-                lora_info["merged"] = False
-        trainer.save_model(str(tmp))
-        adapter_dir = "."
-        if cfg.model.init_from_config and state.is_main_process:
-            # The random base cannot be downloaded again; keep it so the adapter can be loaded.
-            base = trainer.accelerator.unwrap_model(trainer.model).get_base_model()
-            _save_base_without_lora(base, tmp / BASE_MODEL_DIR)
-    if not state.is_main_process:
-        state.wait_for_everyone()
-        return
-    for pickled in (tmp / "training_args.bin", tmp / "adapter" / "training_args.bin"):
-        pickled.unlink(missing_ok=True)  # a pickle, not part of the model; checkpoints keep their own copy
-
-    params = TokenizationParams.from_data_config(cfg.data)
-    from prmkit.tokenization import tokenizer_fingerprint
-
-    hyper = {k: v for k, v in cfg.training_arguments.items() if not k.startswith("hub_") and k != "output_dir"}
-    training = {
-        **hyper,
-        "disable_dropout": cfg.train.disable_dropout,
-        "world_size": state.num_processes,
-        "effective_batch_size": trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps * state.num_processes,
-        "global_step": result.global_step,
-        "epochs": result.epochs,
-        "train_loss": result.train_loss,
-        "final_loss": result.final_loss,
-        "eval": result.eval_metrics,
-        **({"eval_error": result.eval_error} if result.eval_error else {}),
-        "seconds": result.seconds,
-        "gradient_checkpointing": result.gradient_checkpointing,
-        "gradient_checkpointing_reason": (result.memory or {}).get("reason"),
-        "memory": result.memory,
-        "attn_implementation": result.attn_implementation,
-    }
-    data = {**prepared.metadata.get("data", {}), "cache_key": prepared.metadata.get("cache_key"),
-            "splits": prepared.metadata.get("splits", {})}
-    extra: dict[str, Any] = {
-        "training": training,
-        "lora": lora_info,
-        "batching": batching,
-        "model": {"init_from_config": cfg.model.init_from_config, "dtype": cfg.model.dtype,
-                  "attn_implementation": cfg.model.attn_implementation,
-                  "class": type(trainer.accelerator.unwrap_model(trainer.model)).__name__},
-    }
-    if adapter_dir is not None:
-        extra["adapter_dir"] = adapter_dir
-    if prepared.metadata.get("kind"):
-        extra["kind"] = prepared.metadata["kind"]  # score, eval and push read the lm-tag layout from here
-    metadata = build_metadata(params, cfg.model.name_or_path, data=data, tokenizer=tokenizer_fingerprint(tokenizer), extra=extra)
-    (output_dir / PRMKIT_JSON).unlink(missing_ok=True)  # a resumed run replaces a finished model: not finished meanwhile
-    for item in tmp.iterdir():
-        dest = output_dir / item.name
-        if dest.is_dir() and not dest.is_symlink():
-            shutil.rmtree(dest)
-        os.replace(item, dest)
-    tmp.rmdir()
-    _check_tokenizer_round_trip(output_dir, tokenizer, cfg.model.trust_remote_code)
-    # prmkit.json last: its presence says the directory holds a finished model.
-    write_metadata(output_dir, metadata)
-    state.wait_for_everyone()
-
-
-def _check_tokenizer_round_trip(output_dir: Path, tokenizer: Any, trust_remote_code: bool) -> None:
-    """Warn when the saved tokenizer loads back as something else (transformers 5 picks the tokenizer class from the
-    model config's type, e.g. a plain BPE saved beside a Qwen2 config comes back as Qwen2Tokenizer)."""
-    from transformers import AutoTokenizer
-
-    if type(tokenizer).__name__ not in ("TokenizersBackend", "PreTrainedTokenizerFast"):
-        return  # a model-specific class loads back as itself; only a generic one can be replaced on loading
-    try:
-        again = AutoTokenizer.from_pretrained(str(output_dir), trust_remote_code=trust_remote_code)
-    except Exception as e:  # noqa: BLE001 - any failure here is worth a warning, not a failed run
-        log.warning(f"the tokenizer saved in {output_dir} does not load back: {e}")
-        return
-    probes = ["The first equation is 3p + e = 124.\n", "  x\t\ty  \n\n  z", "Ünïcödé café 12345 ½ → ∑ 9.11 > 9.8",
-              "Step 1: 40 * 0.25 = 10.ки\n"]
-    if len(again) != len(tokenizer) or any(again.encode(t, add_special_tokens=False) != tokenizer.encode(t, add_special_tokens=False)
-                                            for t in probes):
-        log.warning(f"the tokenizer saved in {output_dir} loads back as {type(again).__name__}, which may tokenize "
-                    f"differently from the {type(tokenizer).__name__} used in training; check model.tokenizer")
-
-
-def _save_base_without_lora(peft_base: Any, path: Path) -> None:
-    import copy
-
-    from peft.utils import ModulesToSaveWrapper
-
-    base = copy.deepcopy(peft_base)
-    for name, module in list(base.named_modules()):
-        if isinstance(module, ModulesToSaveWrapper):
-            parent = base.get_submodule(name.rsplit(".", 1)[0]) if "." in name else base
-            setattr(parent, name.rsplit(".", 1)[-1], module.original_module)
-    from peft.tuners.lora import LoraLayer
-
-    for name, module in list(base.named_modules()):
-        if isinstance(module, LoraLayer):
-            parent = base.get_submodule(name.rsplit(".", 1)[0]) if "." in name else base
-            setattr(parent, name.rsplit(".", 1)[-1], module.get_base_layer())
-    base.save_pretrained(str(path))
 
 
 # `prmkit train` has none of push's flags: it pushes with the config's push keys, so the Hub code's hints say those.
