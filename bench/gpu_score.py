@@ -198,7 +198,7 @@ def main() -> None:
         from transformers import AutoTokenizer
 
         if tiny:
-            from prmkit.train.example import build_example_tokenizer
+            from prmkit.training.example import build_example_tokenizer
 
             tok = build_example_tokenizer()
         else:

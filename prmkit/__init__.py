@@ -19,14 +19,13 @@ The package is layered; each layer imports only the ones above it in this list (
 - ``data``: reading, splitting and preparing step-labelled data;
 - ``models``: model directories and loading;
 - ``scoring``: the engine and `prmkit score`'s job; ``hub``: publishing;
-- ``train``, ``evaluation``: the recipes; ``api``: the functions above;
+- ``training``, ``evaluation``: the recipes (``training``, so that ``prmkit.train`` stays the function);
+- ``api``: the functions above;
 - ``cli``: the `prmkit` command.
 """
 
 from __future__ import annotations
 
-import sys
-import types
 from typing import Any
 
 from prmkit.core.version import __version__
@@ -55,36 +54,9 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(f"module 'prmkit' has no attribute {name!r}")
     import importlib
 
-    if name == "train":
-        importlib.import_module("prmkit.train")  # the package, made callable as it is set here (_Prmkit)
-        return globals()["train"]
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value
-
-
-class _TrainPackage(types.ModuleType):
-    """The package ``prmkit.train``, callable as :func:`prmkit.api.train`.
-
-    ``prmkit.train`` names both the package and the function. Importing any of the package's modules (as
-    ``prmkit.api`` does) sets the package as this module's attribute ``train``, in place of the function; so the
-    package itself is made callable, and ``prmkit.train(cfg)`` and ``prmkit.train.recipe`` both work in any order.
-    """
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        from prmkit.api import train
-
-        return train(*args, **kwargs)
-
-
-class _Prmkit(types.ModuleType):
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name == "train" and type(value) is types.ModuleType:
-            value.__class__ = _TrainPackage
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Prmkit
 
 
 def __dir__() -> list[str]:

@@ -33,13 +33,13 @@ from prmkit.scoring.groups import GroupSpec, group_spec
 from prmkit.scoring.job import ScoreSummary
 from prmkit.scoring.job import score_file as score_job
 from prmkit.scoring.settings import ScorerSettings
-from prmkit.train import recipe
+from prmkit.training import recipe
 
 if TYPE_CHECKING:
     from prmkit.evaluation.evaluate import EvalResult, ProgressFn
     from prmkit.hub import PushResult
     from prmkit.scoring.engine import StepScorer
-    from prmkit.train.recipe import TrainResult
+    from prmkit.training.recipe import TrainResult
 
 __all__ = ["evaluate", "push_model", "score_file", "train"]
 

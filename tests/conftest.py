@@ -234,7 +234,7 @@ def write_train_rows(path: Path, n: int = 24, seed: int = 0, soft: bool = False)
 @pytest.fixture(scope="session")
 def train_tokenizer_dir(tmp_path_factory) -> Path:
     """prmkit's example tokenizer (Qwen2's pre-tokenizer, so it loads back identically beside a Qwen2 config)."""
-    from prmkit.train.example import build_example_tokenizer
+    from prmkit.training.example import build_example_tokenizer
 
     path = tmp_path_factory.mktemp("train-tok")
     build_example_tokenizer().save_pretrained(path)

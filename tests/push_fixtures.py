@@ -108,7 +108,7 @@ def _save_tiny_model(path: Path, vocab_size: int) -> None:
 
 
 def _metadata(separator: str = "\n") -> dict:
-    """prmkit.json as `prmkit train` writes it (prmkit/train/save.py `save_final`)."""
+    """prmkit.json as `prmkit train` writes it (prmkit/training/save.py `save_final`)."""
     params = TokenizationParams(step_separator=separator, max_length=256, max_prompt_length=128)
     data = {
         "format": "auto", "formats": {"train": "math-shepherd", "eval": "processbench"},

@@ -67,9 +67,9 @@ names = {n: getattr(prmkit, n) for n in ("evaluate", "score_file", "push_model",
 import prmkit.api
 same = {n: names[n] is getattr(prmkit.api, n) for n in ("evaluate", "score_file", "push_model")}
 train = prmkit.train
-import prmkit.train.recipe  # sets prmkit.train to the package: it must stay the callable API
+import prmkit.training.recipe  # the package is prmkit.training: prmkit.train stays the function
 print(json.dumps({"before": before, "same": same, "callable": [callable(train), callable(prmkit.train)],
-                  "package": prmkit.train.recipe.__name__, "from": __import__("prmkit").train is train,
+                  "package": prmkit.training.recipe.__name__, "from": __import__("prmkit").train is train,
                   "after": sorted(m for m in ("torch", "transformers") if m in sys.modules)}))
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -78,15 +78,15 @@ print(json.dumps({"before": before, "same": same, "callable": [callable(train), 
     assert got["before"] == []  # `import prmkit` alone: no torch, and the API not yet loaded
     assert got["same"] == {"evaluate": True, "score_file": True, "push_model": True}
     assert got["callable"] == [True, True] and got["from"] is True
-    assert got["package"] == "prmkit.train.recipe"
+    assert got["package"] == "prmkit.training.recipe"
     assert got["after"] == []  # resolving the API loads no torch either: the first model does
 
 
 def test_train_called_through_the_package_name_reaches_the_recipe(monkeypatch):
-    import prmkit.train.recipe
+    import prmkit.training.recipe
 
     seen = []
-    monkeypatch.setattr(prmkit.train.recipe, "train", lambda cfg, **kw: seen.append((cfg, kw)) or "result")
+    monkeypatch.setattr(prmkit.training.recipe, "train", lambda cfg, **kw: seen.append((cfg, kw)) or "result")
     cfg = prmkit.Config()
     assert prmkit.train(cfg, overwrite=True) == "result"
     from prmkit import train

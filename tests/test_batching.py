@@ -1,4 +1,4 @@
-"""prmkit.train.batching and prmkit.train.kernels: collation without per-token loops, packing with a variable-length attention
+"""prmkit.training.batching and prmkit.training.kernels: collation without per-token loops, packing with a variable-length attention
 kernel (FlexAttention here, flash-attention on a GPU), `batching: auto`, Liger's gate and torch_compile."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import TRAIN_TINY_MODEL, write_train_rows
-from prmkit.train.batching import StepCollator, resolve_batching
+from prmkit.training.batching import StepCollator, resolve_batching
 from prmkit.kinds.heads import step_loss
 from prmkit.tokenization import IGNORE_INDEX
 
@@ -170,7 +170,7 @@ def test_auto_batching_packs_only_on_cuda_with_a_varlen_kernel():
 
 
 def test_varlen_kernels_respect_the_model_class():
-    from prmkit.train.kernels import model_class_for, varlen_kernels_available
+    from prmkit.training.kernels import model_class_for, varlen_kernels_available
     from transformers import Qwen2Config
 
     cls = model_class_for(Qwen2Config())
@@ -192,7 +192,7 @@ def test_varlen_kernels_respect_the_model_class():
 
 def test_liger_is_gated_to_what_applies_to_a_prm():
     from prmkit.errors import ConfigError
-    from prmkit.train.kernels import LIGER_DEFAULTS, liger_kernel_config
+    from prmkit.training.kernels import LIGER_DEFAULTS, liger_kernel_config
 
     with pytest.raises(ConfigError, match="not installed") as err:
         liger_kernel_config(None, cuda=True, installed=False)
@@ -210,7 +210,7 @@ def test_liger_is_gated_to_what_applies_to_a_prm():
 def test_liger_on_cpu_is_a_config_error_before_training(tmp_path, tiny_qwen2_config_dir):
     from prmkit.config.load import load_config
     from prmkit.errors import ConfigError
-    from prmkit.train.recipe import build_training_arguments
+    from prmkit.training.recipe import build_training_arguments
 
     cfg = load_config(None, ["train.use_liger_kernel=true", f"train.output_dir={tmp_path / 'o'}"])
     with pytest.raises(ConfigError, match="train.use_liger_kernel"):
@@ -221,7 +221,7 @@ def test_a_replaced_forward_is_refused(train_tokenizer_dir):
     from transformers import AutoTokenizer
 
     from prmkit.errors import ConfigError
-    from prmkit.train.kernels import check_forward_untouched
+    from prmkit.training.kernels import check_forward_untouched
 
     model = _tiny(AutoTokenizer.from_pretrained(train_tokenizer_dir), "sdpa")
     check_forward_untouched(model)
@@ -238,7 +238,7 @@ def test_torch_compile_passes_through_and_trains_the_same(tmp_path, tiny_qwen2_c
     import torch._dynamo
 
     from prmkit.config.load import load_config
-    from prmkit.train.recipe import train
+    from prmkit.training.recipe import train
 
     def cfg(out, **extra):
         flags = {"model.name_or_path": str(tiny_qwen2_config_dir), "model.init_from_config": True,

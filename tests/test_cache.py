@@ -187,7 +187,7 @@ def test_train_rebuilds_a_damaged_cache(tmp_path, source, tiny_qwen2_config_dir)
 
 
 def test_cached_example_model_is_verified_and_rebuilt(tmp_path, caplog):
-    from prmkit.train.example import MANIFEST_FILE, example_base_dir
+    from prmkit.training.example import MANIFEST_FILE, example_base_dir
 
     first = example_base_dir(str(tmp_path / "cache"))
     assert json.loads((first / MANIFEST_FILE).read_text())["config.json"]["size"] == (first / "config.json").stat().st_size

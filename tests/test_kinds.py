@@ -440,7 +440,7 @@ def test_score_cli_with_an_explicit_kind(tmp_path, lm_tag_model):
 
 def _train_lm_tag(tmp_path, config_dir, rows, out="lm", **keys):
     from prmkit.config.load import load_config
-    from prmkit.train.recipe import train
+    from prmkit.training.recipe import train
 
     flags = {
         "model.name_or_path": str(config_dir), "model.init_from_config": True, "data.train": str(rows),
@@ -499,7 +499,7 @@ def reference_math_shepherd_qwen(model, tok, question, steps):
 def test_lm_tag_loss_is_cross_entropy_over_the_two_reward_tokens_with_soft_labels():
     import torch
 
-    from prmkit.train.lm_tag import lm_tag_loss
+    from prmkit.training.lm_tag import lm_tag_loss
 
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 11)

@@ -304,7 +304,7 @@ def _cfg(tmp_path: Path, model_dir: Path, **keys):
 def test_auto_checkpointing_follows_the_budget_and_is_recorded(tmp_path, tiny_qwen2_config_dir, caplog):
     from transformers import TrainerCallback
 
-    from prmkit.train.recipe import train
+    from prmkit.training.recipe import train
 
     class Spy(TrainerCallback):
         def on_step_end(self, args, state, control, model=None, **kwargs):
@@ -425,7 +425,7 @@ def test_out_of_memory_in_the_final_evaluation_keeps_the_trained_model(tmp_path,
 
 def test_transformers_newer_name_counts_as_explicit_and_both_names_are_set(tmp_path):
     from prmkit.config.load import load_config
-    from prmkit.train.recipe import build_training_arguments, requested_checkpointing, set_checkpointing
+    from prmkit.training.recipe import build_training_arguments, requested_checkpointing, set_checkpointing
 
     assert requested_checkpointing(load_config(None, [])) == "auto"
     assert requested_checkpointing(load_config(None, ["train.gradient_checkpointing=false"])) is False

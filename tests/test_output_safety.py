@@ -120,7 +120,7 @@ def test_overwrite_keeps_the_old_output_until_the_new_run_saves_a_checkpoint(tmp
 
     from test_training import make_cfg
     from prmkit.core.checkpoints import checkpoint_problem
-    from prmkit.train.recipe import train
+    from prmkit.training.recipe import train
 
     victim = tmp_path / "out"
     before = old_run(victim)
@@ -158,7 +158,7 @@ def test_overwrite_keeps_the_old_output_until_the_new_run_saves_a_checkpoint(tmp
 def test_a_killed_overwrite_is_settled_by_the_next_run(tmp_path, tiny_qwen2_config_dir):
     from test_training import make_cfg
     from prmkit.core.overwrite import REPLACED, _set_aside_contents, settle_overwrite
-    from prmkit.train.run_dir import claim_output_dir
+    from prmkit.training.run_dir import claim_output_dir
 
     # Killed after setting the old contents aside, before saving anything: they come back, the new files go.
     out = tmp_path / "out"

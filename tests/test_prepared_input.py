@@ -27,7 +27,7 @@ class Seen(dict):
 @pytest.mark.slow
 def test_train_and_eval_take_the_data_options_prepare_takes(tmp_path, monkeypatch):
     import prmkit.evaluation.evaluate
-    import prmkit.train.recipe
+    import prmkit.training.recipe
     from prmkit.cli.train_cmd import _child_args
 
     seen = Seen()
@@ -40,7 +40,7 @@ def test_train_and_eval_take_the_data_options_prepare_takes(tmp_path, monkeypatc
         seen["eval"] = kwargs
         raise typer.Exit(0)
 
-    monkeypatch.setattr(prmkit.train.recipe, "train", fake_train)
+    monkeypatch.setattr(prmkit.training.recipe, "train", fake_train)
     monkeypatch.setattr(prmkit.evaluation.evaluate, "evaluate", fake_evaluate)
     flags = ["--format", "math-shepherd", "--step-separator", r"\n\n", "--skip-invalid"]
     res = runner.invoke(app, ["train", "--model", "m", "--train", "rows.jsonl", "-o", str(tmp_path / "run"), *flags])
@@ -81,7 +81,7 @@ def test_a_prepared_directory_is_training_data_checked_against_the_run(tmp_path,
                                                                          tiny_bos_tokenizer_dir):
     import datasets
 
-    from prmkit.train.recipe import resolve_config
+    from prmkit.training.recipe import resolve_config
 
     prep, train, held = prepared
     tok = load_tokenizer(str(train_tokenizer_dir))

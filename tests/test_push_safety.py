@@ -109,7 +109,7 @@ def test_every_saved_config_and_metadata_is_redacted(tmp_path):
     from prmkit.config.load import dump_config, load_config
     from prmkit.evaluation.report import make_report
     from prmkit.evaluation.write import write_report
-    from prmkit.train.run_dir import run_identity
+    from prmkit.training.run_dir import run_identity
     from prmkit.scoring.resume import write_state
 
     url = "https://bob:pAssw0rd99@example.com/train.jsonl"

@@ -140,7 +140,7 @@ def test_eval_fraction_from_the_command_line(tmp_path, tiny_tokenizer_dir):
 
 
 def test_the_example_holds_out_a_fraction_instead_of_its_eval_file(tmp_path):
-    from prmkit.train.example import apply_example
+    from prmkit.training.example import apply_example
 
     cfg = load_config(None, ["data.eval_fraction=0.1", f"data.cache_dir={tmp_path}"], {"train.example": True})
     apply_example(cfg)

@@ -77,8 +77,8 @@ def test_fields_read_from_the_source_match_the_class():
 
 def test_the_training_recipe_imports_no_heavy_library(tmp_path):
     # The `prmkit train --num-processes` launcher imports the recipe to check the config and the output directory
-    # before it starts any process: the Trainer classes (prmkit.train.trainer) come in only when a run builds them.
-    code = ("import json, sys; import prmkit.train.recipe; "
+    # before it starts any process: the Trainer classes (prmkit.training.trainer) come in only when a run builds them.
+    code = ("import json, sys; import prmkit.training.recipe; "
             f"print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r})))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr

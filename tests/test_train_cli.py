@@ -174,7 +174,7 @@ def test_training_arguments_prmkit_would_bypass_are_refused(tmp_path, setting, m
 
 def test_hub_settings_prmkit_pushes_with(tmp_path, monkeypatch):
     import prmkit.hub
-    from prmkit.train.recipe import _push
+    from prmkit.training.recipe import _push
 
     result = runner.invoke(app, ["train", "--example", "-o", str(tmp_path / "run"), "--set", "train.push_to_hub=true",
                                  "--set", "train.hub_model_id=me/prm", "--set", "train.hub_strategy=checkpoint"])

@@ -1,4 +1,4 @@
-"""prmkit.train.recipe and the model helpers in prmkit.models.model_dir: loss, batching, metrics, outputs, LoRA, resuming."""
+"""prmkit.training.recipe and the model helpers in prmkit.models.model_dir: loss, batching, metrics, outputs, LoRA, resuming."""
 
 from __future__ import annotations
 
@@ -123,7 +123,7 @@ def _features(tokenizer_dir: Path, rows_file: Path, n: int = 6):
 def test_every_batching_mode_gives_the_same_loss(tmp_path, train_tokenizer_dir, attn):
     from transformers import AutoModelForTokenClassification, Qwen2Config
 
-    from prmkit.train.batching import StepCollator
+    from prmkit.training.batching import StepCollator
     from prmkit.kinds.heads import step_loss
 
     tok, feats = _features(train_tokenizer_dir, write_train_rows(tmp_path / "rows.jsonl", n=6))
@@ -156,7 +156,7 @@ def test_every_batching_mode_gives_the_same_loss(tmp_path, train_tokenizer_dir, 
 def test_length_grouped_sampler_is_a_seeded_permutation_with_less_padding():
     import random
 
-    from prmkit.train.batching import LengthGroupedSampler
+    from prmkit.training.batching import LengthGroupedSampler
 
     rng = random.Random(0)
     lengths = [rng.randint(20, 600) for _ in range(203)]
@@ -185,7 +185,7 @@ def test_eval_metrics_use_labelled_positions_only():
     from transformers import EvalPrediction
 
     from prmkit.metrics import step_metrics
-    from prmkit.train.batching import make_compute_metrics
+    from prmkit.training.batching import make_compute_metrics
     from prmkit.kinds.heads import preprocess_logits_for_metrics
 
     logits = torch.tensor([[[0.0, 2.0], [1.0, 0.0], [0.0, 0.0]], [[3.0, 0.0], [0.0, 1.0], [5.0, 5.0]]])
@@ -226,7 +226,7 @@ def test_bidirectional_model_is_refused_before_any_data_work(tmp_path, train_tok
     from transformers import BertConfig
 
     from prmkit.models.loading import load_model_config
-    from prmkit.train.recipe import train
+    from prmkit.training.recipe import train
 
     bert = tmp_path / "bert"
     BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=4000).save_pretrained(bert)
@@ -271,7 +271,7 @@ def test_disable_dropout():
 @pytest.mark.slow
 def test_train_writes_a_self_describing_model_dir(tmp_path, tiny_qwen2_config_dir, monkeypatch):
     from prmkit.models.loading import load_trained_model
-    from prmkit.train.recipe import train
+    from prmkit.training.recipe import train
 
     pushed = {}
 
@@ -338,7 +338,7 @@ def test_lora_output_reloads_with_the_logits_it_had_in_memory(tmp_path, tiny_qwe
     from safetensors.torch import load_file
 
     from prmkit.models.loading import load_trained_model
-    from prmkit.train.recipe import train
+    from prmkit.training.recipe import train
 
     cfg = make_cfg(tmp_path, tiny_qwen2_config_dir, write_train_rows(tmp_path / "train.jsonl", n=12),
                    **{"train__lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
@@ -372,7 +372,7 @@ class _Killed(Exception):
 def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, tiny_qwen2_config_dir):
     from transformers import TrainerCallback
 
-    from prmkit.train.recipe import train
+    from prmkit.training.recipe import train
 
     rows = write_train_rows(tmp_path / "train.jsonl", n=20, soft=True)
     keys = {"train__max_steps": 9, "train__save_steps": 3}  # 5 steps per epoch: the kill lands in epoch 2
@@ -403,7 +403,7 @@ def test_resuming_from_the_last_steps_checkpoint_saves_the_same_model_without_tr
 
     from transformers import TrainerCallback
 
-    from prmkit.train.recipe import train
+    from prmkit.training.recipe import train
 
     # What a kill during the final save leaves: checkpoint-3 of a 3-step run (mid-epoch: 5 steps make an epoch).
     rows = write_train_rows(tmp_path / "train.jsonl", n=20)
@@ -440,7 +440,7 @@ def test_resuming_from_the_last_steps_checkpoint_saves_the_same_model_without_tr
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["token-classification", "lm-tag"])
 def test_label_smoothing_changes_training_and_is_recorded(tmp_path, tiny_qwen2_config_dir, kind):
-    from prmkit.train.recipe import train
+    from prmkit.training.recipe import train
 
     rows = write_train_rows(tmp_path / "train.jsonl", n=8, soft=True)
     keys = {"train__max_steps": 2, "train__kind": kind}
@@ -458,7 +458,7 @@ def test_label_smoothing_changes_training_and_is_recorded(tmp_path, tiny_qwen2_c
 
 @pytest.mark.slow
 def test_a_sequential_train_sampling_strategy_is_honoured(tmp_path, tiny_qwen2_config_dir, monkeypatch):
-    from prmkit.train.recipe import train
+    from prmkit.training.recipe import train
 
     # `auto` batching would group by length with prmkit's own sampler; the order asked for is kept instead.
     monkeypatch.setenv("PRMKIT_DEBUG_ROWS_DIR", str(tmp_path / "rows"))
@@ -473,7 +473,7 @@ def test_a_sequential_train_sampling_strategy_is_honoured(tmp_path, tiny_qwen2_c
 def test_sigint_saves_a_checkpoint_and_the_run_resumes(tmp_path, tiny_qwen2_config_dir):
     from transformers import TrainerCallback
 
-    from prmkit.train.recipe import train
+    from prmkit.training.recipe import train
 
     class CtrlC(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
@@ -498,7 +498,7 @@ def test_sigint_saves_a_checkpoint_and_the_run_resumes(tmp_path, tiny_qwen2_conf
 
 def test_output_dir_rules(tmp_path, tiny_qwen2_config_dir, monkeypatch):
     from prmkit.config.load import dump_config
-    from prmkit.train.run_dir import plan_output_dir
+    from prmkit.training.run_dir import plan_output_dir
 
     rows = tmp_path / "rows.jsonl"
     cfg = make_cfg(tmp_path, tiny_qwen2_config_dir, rows)
@@ -541,7 +541,7 @@ def test_output_dir_rules(tmp_path, tiny_qwen2_config_dir, monkeypatch):
 
 def test_the_hint_for_a_run_already_there_reads_with_and_without_a_checkpoint(tmp_path, tiny_qwen2_config_dir):
     from prmkit.config.load import dump_config
-    from prmkit.train.run_dir import plan_output_dir
+    from prmkit.training.run_dir import plan_output_dir
 
     cfg = make_cfg(tmp_path, tiny_qwen2_config_dir, tmp_path / "rows.jsonl")
     out = tmp_path / "out"
@@ -557,8 +557,8 @@ def test_the_hint_for_a_run_already_there_reads_with_and_without_a_checkpoint(tm
 
 
 def test_example_fills_in_only_defaults(tmp_path):
-    from prmkit.train.example import EXAMPLE_EVAL, EXAMPLE_TRAIN
-    from prmkit.train.recipe import resolve_config
+    from prmkit.training.example import EXAMPLE_EVAL, EXAMPLE_TRAIN
+    from prmkit.training.recipe import resolve_config
 
     cfg = resolve_config(load_config(None, ["train.learning_rate=0.0003", "data.max_length=300"], {"train.example": True}))
     assert cfg.data.train == str(EXAMPLE_TRAIN) and cfg.data.eval == str(EXAMPLE_EVAL)
@@ -574,8 +574,8 @@ def test_example_fills_in_only_defaults(tmp_path):
 
 def test_example_never_replaces_an_explicit_setting_even_one_equal_to_the_default(tmp_path):
     from prmkit.config.schema import TRAINING_ARGUMENT_DEFAULTS, DataConfig
-    from prmkit.train.example import EXAMPLE_TRAIN
-    from prmkit.train.recipe import resolve_config
+    from prmkit.training.example import EXAMPLE_TRAIN
+    from prmkit.training.recipe import resolve_config
 
     explicit = ["train.save_strategy=steps", "train.logging_steps=10", "data.max_length=1024", "data.eval=null",
                 "train.output_dir=runs/prm"]

@@ -12,7 +12,7 @@ from typing import Any
 
 from prmkit.config.schema import SECTIONS, Config, eval_schedule
 from prmkit.config.load import dump_config
-from prmkit.train.example import example_settings, put, tiny_settings
+from prmkit.training.example import example_settings, put, tiny_settings
 from prmkit.core.redact import redact
 
 BUILT = object()

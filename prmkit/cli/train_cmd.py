@@ -27,7 +27,7 @@ from prmkit.cli._options import (
 from prmkit.cli._output import Output, attach_logging, stderr
 from prmkit.config.load import load_config
 
-ENV_LAUNCHED = "PRMKIT_LAUNCHED"  # same value as prmkit.train.recipe.ENV_LAUNCHED; kept here so --help stays fast
+ENV_LAUNCHED = "PRMKIT_LAUNCHED"  # same value as prmkit.training.recipe.ENV_LAUNCHED; kept here so --help stays fast
 
 
 def _rank() -> int:
@@ -109,7 +109,7 @@ def train(
 
     if ((num_processes or 1) > 1 or accelerate_config is not None) and not _in_distributed_launch():
         # Check what can be checked here, so a bad config is one clear line, not one traceback per process.
-        from prmkit.train import recipe as training
+        from prmkit.training import recipe as training
 
         from prmkit.models.loading import load_model_config
 

@@ -2,7 +2,7 @@
 
 transformers writes ``checkpoint-N/`` file by file, so a run killed meanwhile leaves a directory that looks like a
 checkpoint. prmkit writes :data:`MARKER` into it last, listing every file with its size, after every process has
-written its part (see ``StepTrainer._save_checkpoint`` in :mod:`prmkit.train.trainer`). Before resuming, the files are
+written its part (see ``StepTrainer._save_checkpoint`` in :mod:`prmkit.training.trainer`). Before resuming, the files are
 checked against the marker, safetensors headers are parsed and torch files must be whole zip archives; the newest
 checkpoint that passes is used and newer ones are named with the reason they were skipped.
 """

@@ -44,7 +44,7 @@ def init_new_tokens(model: Any, tokenizer: Any, new_ids: Sequence[int]) -> None:
 
 # transformers >= 5.2x swaps layers for kernels fetched from the Hub at load time unless told not to (5.0 did not).
 # prmkit keeps the model's own layers: loading stays offline, and scores stay the same bits across versions.
-# Faster kernels are asked for by name instead (train.use_liger_kernel, the attention kernels in prmkit.train.kernels).
+# Faster kernels are asked for by name instead (train.use_liger_kernel, the attention kernels in prmkit.training.kernels).
 MODEL_LOAD_DEFAULTS: dict[str, Any] = {"use_kernels": False}
 
 

@@ -1,5 +1,5 @@
-"""What a training run did: :class:`TrainResult`, which :func:`prmkit.train.recipe.train` returns and
-:func:`prmkit.train.save.save_final` records in ``prmkit.json``."""
+"""What a training run did: :class:`TrainResult`, which :func:`prmkit.training.recipe.train` returns and
+:func:`prmkit.training.save.save_final` records in ``prmkit.json``."""
 
 from __future__ import annotations
 

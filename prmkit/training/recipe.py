@@ -15,7 +15,7 @@ The loop is `transformers.Trainer` (so accelerate, DeepSpeed, FSDP and checkpoin
 The recipe reads top to bottom: :func:`train` runs :func:`setup_run` (the config, the processes, the output
 directory's plan), :func:`setup_data`, :func:`setup_model`, :func:`setup_trainer`, :func:`fit`, :func:`collect_result`,
 :func:`final_eval_metrics` and :func:`save_model`, in that order. The Trainer subclass and its callbacks are in
-:mod:`prmkit.train.trainer`, the final model directory in :mod:`prmkit.train.save`.
+:mod:`prmkit.training.trainer`, the final model directory in :mod:`prmkit.training.save`.
 
 Everything here is callable from Python: ``train(load_config("cfg.yaml"))``.
 """
@@ -72,13 +72,13 @@ from prmkit.models.memory import (
     size,
     use_expandable_segments,
 )
-from prmkit.train.batching import StepCollator, make_compute_metrics, resolve_batching
-from prmkit.train.example import apply_example, apply_tiny
-from prmkit.train.kernels import liger_kernel_config, liger_supports, model_class_for, varlen_kernels_available
-from prmkit.train.lm_tag import LMTag
-from prmkit.train.result import TrainResult
-from prmkit.train.run_dir import OutputPlan, claim_output_dir, prepare_output_dir
-from prmkit.train.save import save_final
+from prmkit.training.batching import StepCollator, make_compute_metrics, resolve_batching
+from prmkit.training.example import apply_example, apply_tiny
+from prmkit.training.kernels import liger_kernel_config, liger_supports, model_class_for, varlen_kernels_available
+from prmkit.training.lm_tag import LMTag
+from prmkit.training.result import TrainResult
+from prmkit.training.run_dir import OutputPlan, claim_output_dir, prepare_output_dir
+from prmkit.training.save import save_final
 
 log = logging.getLogger("prmkit")
 
@@ -198,7 +198,7 @@ class ModelSetup:
 @dataclass
 class TrainerSetup:
     trainer: Any
-    """:class:`prmkit.train.trainer.StepTrainer`."""
+    """:class:`prmkit.training.trainer.StepTrainer`."""
     meter: Any
     interrupt: Any
     memory: MemoryPlan
@@ -364,7 +364,7 @@ def setup_trainer(run: Run, data: DataSetup, model: ModelSetup, console: Any, ca
     prmkit's collator, loss, metrics and callbacks."""
     # Imported here, not at the top: the trainer module imports transformers, and importing this one stays light
     # (the `prmkit train --num-processes` launcher imports it to check the config before starting any process).
-    from prmkit.train.trainer import InterruptCallback, ProgressCallback, StepTrainer, TokenMeter
+    from prmkit.training.trainer import InterruptCallback, ProgressCallback, StepTrainer, TokenMeter
 
     cfg, args, state, model_config = run.cfg, run.args, run.state, run.model_config
     batching, attn, cuda, lm_tag = model.batching, model.attn, model.cuda, data.lm_tag
@@ -428,7 +428,7 @@ def fit(run: Run, setup: TrainerSetup) -> Fitted:
     import torch
 
     # Imported here for the reason setup_trainer gives (it imports transformers).
-    from prmkit.train.trainer import write_debug_rows
+    from prmkit.training.trainer import write_debug_rows
 
     args, state, plan = run.args, run.state, run.plan
     trainer, meter, interrupt, memory = setup.trainer, setup.meter, setup.interrupt, setup.memory
@@ -513,7 +513,7 @@ def final_eval_metrics(trainer: Any, result: TrainResult) -> dict[str, Any]:
 
 
 def save_model(run: Run, data: DataSetup, model: ModelSetup, trainer: Any, result: TrainResult) -> None:
-    """The trained model beside the checkpoints (:func:`prmkit.train.save.save_final`); an --overwrite run's previous
+    """The trained model beside the checkpoints (:func:`prmkit.training.save.save_final`); an --overwrite run's previous
     contents go once it is in place."""
     plan, state = run.plan, run.state
     try:

@@ -19,7 +19,7 @@ from prmkit.core.overwrite import FINAL_TMP
 from prmkit.models.loading import BASE_MODEL_DIR
 from prmkit.models.model_dir import build_metadata, write_metadata
 from prmkit.tokenization import TokenizationParams
-from prmkit.train.result import TrainResult
+from prmkit.training.result import TrainResult
 
 log = logging.getLogger("prmkit")
 

@@ -112,7 +112,7 @@ def resolve_batching(requested: str, attn_implementation: str | None, *, cuda: b
                      kernels: Sequence[str] = ()) -> tuple[str, str | None]:
     """(batching, attn_implementation) for a run: pack where a variable-length kernel makes packing pay.
 
-    ``auto`` packs on CUDA when the model is causal and a kernel in ``kernels`` (see :func:`prmkit.train.kernels.varlen_kernels_available`)
+    ``auto`` packs on CUDA when the model is causal and a kernel in ``kernels`` (see :func:`prmkit.training.kernels.varlen_kernels_available`)
     is chosen or can be; otherwise it groups by length (on CPU, padded length-sorted batches run faster than packs
     with a dense block mask). A packed run without a chosen kernel gets the best available one. An attention
     implementation the user chose is kept as it is.

@@ -1,6 +1,6 @@
 """What ``transformers.Trainer`` runs with in prmkit: the Trainer subclass, its callbacks and the token meter.
 
-This module imports transformers at its top; :func:`prmkit.train.recipe.setup_trainer` imports it when it builds the
+This module imports transformers at its top; :func:`prmkit.training.recipe.setup_trainer` imports it when it builds the
 Trainer, so importing the recipe stays light (the ``prmkit train --num-processes`` launcher imports it only to check
 the config and the output directory before it starts the training processes).
 """
@@ -21,8 +21,8 @@ from transformers import Trainer, TrainerCallback
 from prmkit.core.checkpoints import mark_complete, save_failure
 from prmkit.core.jsonio import dumps
 from prmkit.errors import Interrupted
-from prmkit.train.batching import LengthGroupedSampler
-from prmkit.train.kernels import check_forward_untouched
+from prmkit.training.batching import LengthGroupedSampler
+from prmkit.training.kernels import check_forward_untouched
 
 log = logging.getLogger("prmkit")
 
