@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 import time
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -87,18 +87,11 @@ def score(
 
     from transformers.utils import logging as hf_logging
 
-    from prmkit.modeling import explicit_tokenization
-    from prmkit.scoring import StepScorer, end_distributed, score_file
+    from prmkit.scoring import end_distributed, score_file
 
     hf_logging.disable_progress_bar()  # a weight-loading bar per process is noise beside our own progress
 
-    scorer = StepScorer.from_pretrained(
-        model, step_separator=unescape(step_separator), dtype=sc.dtype if sc.dtype != "auto" else cfg.model.dtype,
-        device=sc.device, tokenization=explicit_tokenization(cfg.data, cfg.is_set), tokenizer=cfg.model.tokenizer,
-        batch_tokens=sc.batch_tokens, sort_window=sc.sort_window, trust_remote_code=cfg.model.trust_remote_code,
-        allow_bidirectional=cfg.model.allow_bidirectional, attn_implementation=cfg.model.attn_implementation,
-        kind_settings=cfg.kind_settings(), packing=sc.packing, timings=timings,
-    )
+    scorer = scorer_from_config(model, cfg, unescape(step_separator), timings)
     main = scorer.is_main_process
     progress = _Progress(total=_total(input_) if main else None, enabled=main)
     try:
@@ -139,6 +132,21 @@ def score(
         out.info(f"wrote {output}")
         if json_:
             out.result(data)
+
+
+def scorer_from_config(model: str, cfg: Any, step_separator: str | None = None, timings: Any = None) -> Any:
+    """The engine as `prmkit score` builds it from a config (`prmkit serve` builds the same one)."""
+    from prmkit.modeling import explicit_tokenization
+    from prmkit.scoring import StepScorer
+
+    sc = cfg.score
+    return StepScorer.from_pretrained(
+        model, step_separator=step_separator, dtype=sc.dtype if sc.dtype != "auto" else cfg.model.dtype,
+        device=sc.device, tokenization=explicit_tokenization(cfg.data, cfg.is_set), tokenizer=cfg.model.tokenizer,
+        batch_tokens=sc.batch_tokens, sort_window=sc.sort_window, trust_remote_code=cfg.model.trust_remote_code,
+        allow_bidirectional=cfg.model.allow_bidirectional, attn_implementation=cfg.model.attn_implementation,
+        kind_settings=cfg.kind_settings(), packing=sc.packing, timings=timings,
+    )
 
 
 def _total(spec: str) -> int | None:
