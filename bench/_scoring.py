@@ -23,7 +23,7 @@ def build_model(path: Path, tokenizer: Any, shape: dict, seed: int = 0, dtype: s
     import torch
     from transformers import AutoModelForTokenClassification, Qwen2Config
 
-    from prmkit.modeling import build_metadata, write_metadata
+    from prmkit.models.model_dir import build_metadata, write_metadata
     from prmkit.tokenization import TokenizationParams, tokenizer_fingerprint
 
     cfg = Qwen2Config(**shape, vocab_size=len(tokenizer), num_labels=2, pad_token_id=tokenizer.pad_token_id)

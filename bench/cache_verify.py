@@ -35,15 +35,16 @@ def main() -> None:
     if not QWEN2_TOKENIZER.exists():
         raise SystemExit(f"needs the Qwen2 tokenizer at {QWEN2_TOKENIZER} (../shared)")
 
-    import prmkit.atomic as atomic
-    import prmkit.dataset as dataset
-    from prmkit.config import load_config
+    import prmkit.core.atomic as atomic
+    import prmkit.data.prepare as dataset
+    from prmkit.models.loading import load_tokenizer
+    from prmkit.config.load import load_config
 
     work = Path(tempfile.mkdtemp(prefix="prmkit-bench-cache-"))
     os.environ["PRMKIT_CACHE"] = str(work / "cache")
     src = write_jsonl(make_rows(args.rows), work / "rows.jsonl")
     cfg = load_config(None, None, {"model.tokenizer": str(QWEN2_TOKENIZER), "data.train": str(src)})
-    tok = dataset.load_tokenizer(str(QWEN2_TOKENIZER))
+    tok = load_tokenizer(str(QWEN2_TOKENIZER))
 
     start = time.perf_counter()
     prepared = dataset.prepare_splits(cfg, tok)

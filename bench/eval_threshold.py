@@ -36,7 +36,7 @@ GSM8K = SHARED / "data" / "processbench" / "gsm8k.json"
 
 def counted_eval(model_dir: Path, tune: bool) -> tuple[float, int, int, dict]:
     """Seconds, forward passes, solutions scored and the report of one in-process evaluation."""
-    from prmkit import evaluation
+    from prmkit.evaluation import evaluate as evaluation
     from prmkit.scoring import StepScorer
 
     counts = {"forward": 0, "solutions": 0}

@@ -198,7 +198,7 @@ def main() -> None:
         from transformers import AutoTokenizer
 
         if tiny:
-            from prmkit.example import build_example_tokenizer
+            from prmkit.train.example import build_example_tokenizer
 
             tok = build_example_tokenizer()
         else:

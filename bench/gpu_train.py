@@ -103,7 +103,7 @@ print(json.dumps({"seconds": seconds, "tokens": tokens, "train_loss": result.tra
 PRMKIT_CHILD = r"""
 import json, sys
 spec = json.loads(sys.argv[1])
-from prmkit.memory import use_expandable_segments
+from prmkit.models.memory import use_expandable_segments
 use_expandable_segments()
 import torch
 if torch.cuda.is_available() and spec["cap_gib"]:
@@ -313,7 +313,7 @@ def verdicts(runs: dict) -> dict:
 def dry_run(data_rows: list[dict], tokenizer: Path, cap_gib: float, free_gib: float) -> dict:
     from transformers import AutoTokenizer, Qwen2Config
 
-    from prmkit.memory import Budget, model_shape, plan_memory
+    from prmkit.models.memory import Budget, model_shape, plan_memory
     from prmkit.tokenization import TokenizationParams, tokenize_rows
 
     tok = AutoTokenizer.from_pretrained(tokenizer)
@@ -385,7 +385,7 @@ def main() -> None:
     model = make_model_dir(work / "model", tokenizer, shape)
     from transformers import Qwen2Config
 
-    from prmkit.memory import model_shape
+    from prmkit.models.memory import model_shape
 
     non_embedding = model_shape(Qwen2Config.from_pretrained(model)).non_embedding_params
     base_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "true", "PRMKIT_CACHE": str(work / "cache"),

@@ -29,9 +29,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     args = ap.parse_args()
 
-    import prmkit.dataset as dataset
-    import prmkit.formats as formats
-    from prmkit.formats import Options
+    import prmkit.data.sources as dataset
+    import prmkit.data.formats as formats
+    from prmkit.data.formats import Options
 
     src = write_jsonl(make_rows(args.rows), Path(tempfile.mkdtemp(prefix="prmkit-bench-inputs-")) / "rows.jsonl")
     real = formats._check_texts, dataset.check_format

@@ -46,7 +46,7 @@ def build(kind: str, path: Path) -> tuple:
     import torch
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
-    from prmkit.kinds import qwen_prm_class
+    from prmkit.kinds.heads import qwen_prm_class
 
     tok = AutoTokenizer.from_pretrained(QWEN2_TOKENIZER)
     tok.add_special_tokens({"additional_special_tokens": ["<extra_0>", "ки", "<|start_header_id|>", "<|end_header_id|>",
@@ -106,7 +106,7 @@ def long_row(sizes: list[int], name: str) -> None:
 
     import torch
 
-    from prmkit.kinds import KindEncoder
+    from prmkit.kinds.encoder import KindEncoder
     from prmkit.scoring import StepScorer
 
     results = []

@@ -22,6 +22,12 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def named_first_line(exc: BaseException) -> str:
+    """``"Type: first line"``, or just the type's name when the message is empty."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
 def write_failure(exc: BaseException) -> str | None:
     """Why safetensors or torch could not write a file (``"no space left on device"``), or None for any other error.
 
@@ -105,11 +111,6 @@ class DataError(UsageError):
 
 class TrainingOutOfMemory(PrmkitError):
     """The device ran out of memory while training; the message names the fixes and the checkpoint kept."""
-
-
-class NotImplementedYet(PrmkitError):
-    def __init__(self, what: str):
-        super().__init__(f"`prmkit {what}` is not implemented yet.")
 
 
 class Interrupted(KeyboardInterrupt):

@@ -85,7 +85,7 @@ class EncodedBatch:
 
     @classmethod
     def from_rows(cls, rows: Sequence[Encoded]) -> "EncodedBatch":
-        """Flat arrays from per-row results (another PRM kind's tokenization, :mod:`prmkit.kinds`)."""
+        """Flat arrays from per-row results (another PRM kind's tokenization, :mod:`prmkit.kinds.spec`)."""
         lengths = [len(r.input_ids) for r in rows]
         steps = [len(r.step_positions) for r in rows]
         flat = [t for r in rows for t in r.input_ids]
@@ -326,7 +326,7 @@ _WORKER_SPLITTER: _PreSplitter | None = None
 
 def _worker_init(splitter: _PreSplitter, parent: int, pdeathsig: bool) -> None:
     global _WORKER_SPLITTER
-    from prmkit.workers import die_with_parent
+    from prmkit.core.workers import die_with_parent
 
     die_with_parent(parent, pdeathsig)
     _WORKER_SPLITTER = splitter
@@ -344,13 +344,13 @@ def _worker_pool(processes: int, splitter: _PreSplitter):
     Fork only (Linux): workers inherit the splitter and need no import of their own, and nothing they run (regex,
     dicts, numpy) touches the locks of the parent's other threads. Elsewhere the split runs in this process.
     ``ProcessPoolExecutor`` rather than ``Pool``: a worker that dies (killed, out of memory) raises here instead of
-    leaving its task waiting forever. Each worker ends with this process however it ends (:mod:`prmkit.workers`).
+    leaving its task waiting forever. Each worker ends with this process however it ends (:mod:`prmkit.core.workers`).
     """
     import multiprocessing as mp
     import sys
     from concurrent.futures import ProcessPoolExecutor
 
-    from prmkit.workers import forked_from_main_thread
+    from prmkit.core.workers import forked_from_main_thread
 
     if processes <= 1 or not sys.platform.startswith("linux") or "fork" not in mp.get_all_start_methods():
         return None
@@ -466,7 +466,7 @@ class _PieceSplitter:
     def encode_pools(self, batches: Iterable[tuple[Any, Sequence[str]]], processes: int, rust) -> Iterator[tuple[Any, TokenPool]]:
         from collections import deque
 
-        from prmkit.workers import stop_pool
+        from prmkit.core.workers import stop_pool
 
         batches = iter(batches)
         pool = _worker_pool(processes, self.pre)

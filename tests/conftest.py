@@ -114,7 +114,7 @@ def validate_report(report) -> None:
     """Raise jsonschema.ValidationError unless ``report`` (a report.json's content) follows the packaged schema."""
     import jsonschema
 
-    from prmkit.report import report_schema
+    from prmkit.evaluation.report import report_schema
 
     jsonschema.Draft202012Validator(report_schema()).validate(report)
 
@@ -155,7 +155,7 @@ def make_tiny_prm(path: Path, tokenizer_dir: Path, seed: int = 0, step_separator
     import torch
     from transformers import AutoModelForTokenClassification, AutoTokenizer, Qwen2Config
 
-    from prmkit.modeling import build_metadata, write_metadata
+    from prmkit.models.model_dir import build_metadata, write_metadata
     from prmkit.tokenization import TokenizationParams
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -180,7 +180,7 @@ def prm_twins(root: Path, tokenizer_dir: Path, trained: dict, other: dict) -> tu
     """
     import shutil
 
-    from prmkit.modeling import build_metadata, write_metadata
+    from prmkit.models.model_dir import build_metadata, write_metadata
     from prmkit.tokenization import TokenizationParams
 
     first = make_tiny_prm(root / "trained", tokenizer_dir, seed=3)
@@ -234,7 +234,7 @@ def write_train_rows(path: Path, n: int = 24, seed: int = 0, soft: bool = False)
 @pytest.fixture(scope="session")
 def train_tokenizer_dir(tmp_path_factory) -> Path:
     """prmkit's example tokenizer (Qwen2's pre-tokenizer, so it loads back identically beside a Qwen2 config)."""
-    from prmkit.example import build_example_tokenizer
+    from prmkit.train.example import build_example_tokenizer
 
     path = tmp_path_factory.mktemp("train-tok")
     build_example_tokenizer().save_pretrained(path)
@@ -261,7 +261,7 @@ def fake_checkpoint(path: Path, step: int = 1, marker: bool = True) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from prmkit.checkpoints import mark_complete
+    from prmkit.core.checkpoints import mark_complete
 
     path.mkdir(parents=True)
     save_file({"score.weight": torch.arange(8, dtype=torch.float32).reshape(2, 4)}, str(path / "model.safetensors"))

@@ -17,8 +17,8 @@ from typer.testing import CliRunner
 
 from hub_server import HubServer
 from prmkit.cli.app import app
-from prmkit.modeling import build_metadata, write_metadata
-from prmkit.report import make_report
+from prmkit.models.model_dir import build_metadata, write_metadata
+from prmkit.evaluation.report import make_report
 from prmkit.tokenization import TokenizationParams
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"

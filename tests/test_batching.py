@@ -1,4 +1,4 @@
-"""prmkit.batching and prmkit.kernels: collation without per-token loops, packing with a variable-length attention
+"""prmkit.train.batching and prmkit.train.kernels: collation without per-token loops, packing with a variable-length attention
 kernel (FlexAttention here, flash-attention on a GPU), `batching: auto`, Liger's gate and torch_compile."""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from conftest import TRAIN_TINY_MODEL, write_train_rows
-from prmkit.batching import StepCollator, resolve_batching, step_loss
+from prmkit.train.batching import StepCollator, resolve_batching
+from prmkit.kinds.heads import step_loss
 from prmkit.tokenization import IGNORE_INDEX
 
 
@@ -169,7 +170,7 @@ def test_auto_batching_packs_only_on_cuda_with_a_varlen_kernel():
 
 
 def test_varlen_kernels_respect_the_model_class():
-    from prmkit.kernels import model_class_for, varlen_kernels_available
+    from prmkit.train.kernels import model_class_for, varlen_kernels_available
     from transformers import Qwen2Config
 
     cls = model_class_for(Qwen2Config())
@@ -191,7 +192,7 @@ def test_varlen_kernels_respect_the_model_class():
 
 def test_liger_is_gated_to_what_applies_to_a_prm():
     from prmkit.errors import ConfigError
-    from prmkit.kernels import LIGER_DEFAULTS, liger_kernel_config
+    from prmkit.train.kernels import LIGER_DEFAULTS, liger_kernel_config
 
     with pytest.raises(ConfigError, match="not installed") as err:
         liger_kernel_config(None, cuda=True, installed=False)
@@ -207,9 +208,9 @@ def test_liger_is_gated_to_what_applies_to_a_prm():
 
 
 def test_liger_on_cpu_is_a_config_error_before_training(tmp_path, tiny_qwen2_config_dir):
-    from prmkit.config import load_config
+    from prmkit.config.load import load_config
     from prmkit.errors import ConfigError
-    from prmkit.training import build_training_arguments
+    from prmkit.train.recipe import build_training_arguments
 
     cfg = load_config(None, ["train.use_liger_kernel=true", f"train.output_dir={tmp_path / 'o'}"])
     with pytest.raises(ConfigError, match="train.use_liger_kernel"):
@@ -220,7 +221,7 @@ def test_a_replaced_forward_is_refused(train_tokenizer_dir):
     from transformers import AutoTokenizer
 
     from prmkit.errors import ConfigError
-    from prmkit.kernels import check_forward_untouched
+    from prmkit.train.kernels import check_forward_untouched
 
     model = _tiny(AutoTokenizer.from_pretrained(train_tokenizer_dir), "sdpa")
     check_forward_untouched(model)
@@ -236,8 +237,8 @@ def test_torch_compile_passes_through_and_trains_the_same(tmp_path, tiny_qwen2_c
     build (inductor takes minutes on a 2-core CPU)."""
     import torch._dynamo
 
-    from prmkit.config import load_config
-    from prmkit.training import train
+    from prmkit.config.load import load_config
+    from prmkit.train.recipe import train
 
     def cfg(out, **extra):
         flags = {"model.name_or_path": str(tiny_qwen2_config_dir), "model.init_from_config": True,

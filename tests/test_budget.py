@@ -6,7 +6,7 @@ import pytest
 import torch
 from test_scoring import prmkit_log
 
-from prmkit.memory import ModelShape, model_shape
+from prmkit.models.memory import ModelShape, model_shape
 from prmkit.scoring import budget
 from prmkit.scoring.budget import bytes_per_token, device_batch_tokens
 

@@ -13,8 +13,10 @@ import pytest
 from typer.testing import CliRunner
 
 from prmkit.cli.app import app
-from prmkit.config import load_config
-from prmkit.dataset import METADATA_FILE, load_tokenizer, prepare_splits
+from prmkit.config.load import load_config
+from prmkit.core.filenames import METADATA_FILE
+from prmkit.models.loading import load_tokenizer
+from prmkit.data.prepare import prepare_splits
 
 runner = CliRunner()
 
@@ -157,7 +159,7 @@ def test_killed_prepare_leaves_a_temp_dir_that_the_next_run_removes(tmp_path, so
 
 
 def test_a_running_prepare_keeps_its_temp_dir(tmp_path, source, tiny_tokenizer_dir):
-    from prmkit.atomic import TEMP_SUFFIX, temp_prefix
+    from prmkit.core.atomic import TEMP_SUFFIX, temp_prefix
 
     out = tmp_path / "prepared"
     live = tmp_path / f"{temp_prefix(out.name)}abcd{TEMP_SUFFIX}"  # this process is alive
@@ -185,7 +187,7 @@ def test_train_rebuilds_a_damaged_cache(tmp_path, source, tiny_qwen2_config_dir)
 
 
 def test_cached_example_model_is_verified_and_rebuilt(tmp_path, caplog):
-    from prmkit.example import MANIFEST_FILE, example_base_dir
+    from prmkit.train.example import MANIFEST_FILE, example_base_dir
 
     first = example_base_dir(str(tmp_path / "cache"))
     assert json.loads((first / MANIFEST_FILE).read_text())["config.json"]["size"] == (first / "config.json").stat().st_size

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from prmkit.chat_template import TemplateLimitError, render_chat
+from prmkit.kinds.chat_template import TemplateLimitError, render_chat
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")

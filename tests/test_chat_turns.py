@@ -11,7 +11,8 @@ import time
 import pytest
 
 from prmkit.errors import UsageError
-from prmkit.kinds import CHAT_PLUS_MINUS, KindEncoder, KindSettings
+from prmkit.kinds.spec import CHAT_PLUS_MINUS, KindSettings
+from prmkit.kinds.encoder import KindEncoder
 from tests.conftest import requires_shared
 from tests.test_kinds import CHATML_TEMPLATE, LLAMA3_TEMPLATE, _tokenizer
 

@@ -12,13 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import fake_checkpoint, write_train_rows
-from prmkit.checkpoints import (
-    INCOMPLETE_PREFIX,
-    MARKER,
-    checkpoint_problem,
-    latest_complete_checkpoint,
-    safetensors_problem,
-)
+from prmkit.core.checkpoints import INCOMPLETE_PREFIX, MARKER, checkpoint_problem, latest_complete_checkpoint, safetensors_problem
 
 
 def _truncate(path: Path, keep: int) -> None:
@@ -100,7 +94,7 @@ def test_the_newest_complete_checkpoint_is_chosen_and_newer_ones_are_named(tmp_p
 def test_resume_skips_a_partial_checkpoint_says_why_and_sets_it_aside(tmp_path, tiny_qwen2_config_dir, caplog):
     from test_training import make_cfg
 
-    from prmkit.training import train
+    from prmkit.train.recipe import train
 
     rows = write_train_rows(tmp_path / "train.jsonl", n=16)
     keys = {"train__max_steps": 4, "train__save_steps": 1, "train__save_total_limit": 2}
@@ -135,8 +129,8 @@ def test_resume_skips_a_partial_checkpoint_says_why_and_sets_it_aside(tmp_path, 
 
 @pytest.mark.slow
 def test_resume_with_no_complete_checkpoint_is_one_line_not_a_traceback(tmp_path):
-    from prmkit.config import dump_config, load_config
-    from prmkit.training import resolve_config
+    from prmkit.config.load import dump_config, load_config
+    from prmkit.train.recipe import resolve_config
 
     out = tmp_path / "run"
     cfg = resolve_config(load_config(None, None, {"train.output_dir": str(out), "train.example": True}))
@@ -159,7 +153,7 @@ def test_an_explicit_resume_path_is_checked(tmp_path, tiny_qwen2_config_dir):
     from test_training import make_cfg
 
     from prmkit.errors import UsageError
-    from prmkit.run_dir import plan_output_dir
+    from prmkit.train.run_dir import plan_output_dir
 
     rows = write_train_rows(tmp_path / "rows.jsonl", n=4)
     cfg = make_cfg(tmp_path, tiny_qwen2_config_dir, rows)

@@ -2,7 +2,7 @@
 
 Python's decoder recurses once per array/object level, so a line about 990 levels deep used to end score, eval and
 prepare with a traceback, --skip-invalid or not. Every JSON reader of input prmkit did not write goes through
-:func:`prmkit.jsonio.loads`, which refuses more than ``MAX_DEPTH`` levels as a ``json.JSONDecodeError``.
+:func:`prmkit.core.jsonio.loads`, which refuses more than ``MAX_DEPTH`` levels as a ``json.JSONDecodeError``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 from conftest import make_tiny_prm
 from typer.testing import CliRunner
 
-from prmkit import jsonio
+from prmkit.core import jsonio
 from prmkit.cli.app import app
 
 runner = CliRunner()

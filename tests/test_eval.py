@@ -1,4 +1,4 @@
-"""prmkit.evaluation: every figure in the report checked against a computation that does not use prmkit's metrics.
+"""prmkit.evaluation.evaluate: every figure in the report checked against a computation that does not use prmkit's metrics.
 
 End-to-end tests run tiny random PRMs (conftest.make_tiny_prm) through the real scoring engine; the unit tests at the
 bottom use a fake scorer whose scores are chosen by hand, so the expected figures are exact fractions.
@@ -24,7 +24,8 @@ from eval_fixtures import (
     write_jsonl,
 )
 
-from prmkit import evaluation
+from prmkit.evaluation import evaluate as evaluation
+from prmkit.evaluation import write as eval_write
 from prmkit.errors import DataError, UsageError
 
 SHARED_GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "processbench" / "gsm8k.json"
@@ -183,7 +184,7 @@ def test_tuned_threshold_is_the_best_on_its_subset_and_applies_to_all(tiny_prm_p
 def test_real_processbench_gsm8k(tiny_prm_pair, tmp_path):
     import shutil
 
-    from prmkit.modeling import build_metadata, write_metadata
+    from prmkit.models.model_dir import build_metadata, write_metadata
     from prmkit.scoring import StepScorer
     from prmkit.tokenization import TokenizationParams
 
@@ -285,7 +286,7 @@ def test_two_models_side_by_side(tiny_prm_pair, data, reference, tmp_path):
         fe = rep["models"][name]["subsets"]["a"]["first_error"]
         assert fe["f1"] == pytest.approx(expected["f1"], abs=1e-12)
         assert fe["error_accuracy"] == pytest.approx(expected["error_accuracy"], abs=1e-12)
-    files = evaluation.write_outputs(result, tmp_path / "cmp", plots=False)
+    files = eval_write.write_outputs(result, tmp_path / "cmp", plots=False)
     assert {p.name for p in files} == {"report.json", "report.md"}
     md = (tmp_path / "cmp" / "report.md").read_text(encoding="utf-8")
     assert f"| Metric | {a} | {b} |" in md
@@ -298,7 +299,7 @@ def test_plots_are_valid_pngs(tiny_prm_pair, data, tmp_path):
 
     result = evaluation.evaluate([str(tiny_prm_pair[0])], [str(data["a"]), str(data["bon"])])
     out = tmp_path / "report"
-    files = evaluation.write_outputs(result, out, plots=True)
+    files = eval_write.write_outputs(result, out, plots=True)
     names = {p.name for p in files}
     assert names == {"report.json", "report.md", "accuracy_by_position.png", "reliability.png",
                      "score_histogram.png", "best_of_n.png"}
@@ -329,7 +330,7 @@ def test_skip_invalid_goes_on_and_records_rejects(tiny_prm_pair, tmp_path):
     sub = result.report["subsets"]["bad"]
     assert sub["n_solutions"] == 5 and sub["rows_rejected"] == 1
     assert [(r["row"], r["field"]) for r in result.rejects] == [(2, "steps")]
-    evaluation.write_outputs(result, tmp_path / "out", plots=False)
+    eval_write.write_outputs(result, tmp_path / "out", plots=False)
     lines = (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["record"]["id"] == records[1]["id"]
 
@@ -400,7 +401,7 @@ def test_mean_f1_says_which_subsets_it_leaves_out_and_why(tmp_path):
     assert any(w.startswith("fake: mean_f1 covers mixed only; left out: onlycorrect (no erroneous samples")
                for w in warnings), warnings
 
-    evaluation.write_outputs(evaluation.EvalResult(rep, {}), tmp_path / "out", plots=False)
+    eval_write.write_outputs(evaluation.EvalResult(rep, {}), tmp_path / "out", plots=False)
     md = (tmp_path / "out" / "report.md").read_text()
     assert "1.000 over mixed only; left out: onlycorrect (no erroneous samples" in md
     assert "F1 undefined: error and correct accuracy are both 0, so F1 is 0/0 (nan in run_eval.py)" in md
@@ -458,27 +459,27 @@ def test_subset_names(tmp_path):
 
 def test_output_dir_rules(tmp_path):
     fresh = tmp_path / "fresh"
-    assert evaluation.check_output_dir(fresh) is False
+    assert eval_write.check_output_dir(fresh) is False
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
     with pytest.raises(UsageError, match="not empty"):
-        evaluation.check_output_dir(foreign)
-    assert evaluation.check_output_dir(foreign, overwrite=True) is True
+        eval_write.check_output_dir(foreign)
+    assert eval_write.check_output_dir(foreign, overwrite=True) is True
     previous = tmp_path / "previous"
     previous.mkdir()
     (previous / "report.json").write_text(json.dumps({"model": "m", "subsets": {}}))
     (previous / "best_of_n.png").write_bytes(PNG_SIGNATURE)
-    assert evaluation.check_output_dir(previous) is True  # only an earlier report: replaced without --overwrite
+    assert eval_write.check_output_dir(previous) is True  # only an earlier report: replaced without --overwrite
     a_file = tmp_path / "file"
     a_file.write_text("x")
     with pytest.raises(UsageError, match="not a directory"):
-        evaluation.check_output_dir(a_file, overwrite=True)
+        eval_write.check_output_dir(a_file, overwrite=True)
 
     # Writing into the previous report removes the plot this run no longer makes.
     data = write_json(tmp_path / "d.json", [_pb("p1", ["ok", "bad"], 1), _pb("p2", ["ok"], -1)])
     result = evaluation.evaluate(["f"], [str(data)], load_scorer=_fake)
-    evaluation.write_outputs(result, previous, plots=False)
+    eval_write.write_outputs(result, previous, plots=False)
     assert sorted(p.name for p in previous.iterdir()) == ["report.json", "report.md"]
-    evaluation.write_outputs(result, foreign, plots=False)
+    eval_write.write_outputs(result, foreign, plots=False)
     assert (foreign / "notes.txt").read_text() == "mine"

@@ -212,7 +212,7 @@ def test_python_m_prmkit_subprocess(tiny_prm_pair, data, tmp_path):
 
 @pytest.mark.slow
 def test_dtype_and_device_reach_the_scorer(tiny_prm_pair, data, tmp_path, monkeypatch):
-    import prmkit.evaluation as evaluation
+    import prmkit.evaluation.evaluate as evaluation
 
     seen = []
     real = evaluation._default_loader
@@ -284,7 +284,7 @@ def test_mean_f1_says_it_covers_mixed_only(tiny_prm_pair, tmp_path):
 def test_tuning_the_threshold_reuses_the_one_scoring_pass(tiny_prm_pair, data, tmp_path, monkeypatch):
     # Score once, then sweep: --tune-threshold must run exactly the forward passes of a fixed-threshold eval, score
     # every solution once, and reach the same scores (the figures at the tuned threshold come from them).
-    import prmkit.evaluation as evaluation
+    import prmkit.evaluation.evaluate as evaluation
 
     real = evaluation._default_loader
     counts: list[dict] = []
@@ -322,7 +322,7 @@ def test_tuning_the_threshold_reuses_the_one_scoring_pass(tiny_prm_pair, data, t
 def test_a_full_disk_leaves_the_previous_report_whole(tiny_prm_pair, data, tmp_path, monkeypatch):
     import errno
 
-    import prmkit.plots
+    import prmkit.evaluation.plots
 
     def files(directory: Path) -> dict[str, bytes]:
         return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*"))
@@ -345,7 +345,7 @@ def test_a_full_disk_leaves_the_previous_report_whole(tiny_prm_pair, data, tmp_p
             (out / "notes.txt").write_text("keep me")
             before = files(out)
         with monkeypatch.context() as m:
-            m.setattr(prmkit.plots, "write_atomic", full)
+            m.setattr(prmkit.evaluation.plots, "write_atomic", full)
             res = run(model, "--data", data["b"], "-o", out, "--threshold", "0.6", *extra)
         assert res.exit_code == 1, res.output
         assert files(out) == before

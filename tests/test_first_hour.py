@@ -13,7 +13,7 @@ from conftest import fake_checkpoint, prmkit_log, write_train_rows
 from typer.testing import CliRunner
 
 from prmkit.cli.app import app
-from prmkit.config import dump_config, load_config
+from prmkit.config.load import dump_config, load_config
 from prmkit.errors import ConfigError, UsageError
 
 runner = CliRunner()
@@ -74,7 +74,7 @@ def _run_dir(tmp_path, tiny_qwen2_config_dir, **train):
 
 
 def test_resuming_with_a_changed_schedule_names_every_key_and_needs_resume_with_changes(tmp_path, tiny_qwen2_config_dir):
-    from prmkit.run_dir import plan_output_dir
+    from prmkit.train.run_dir import plan_output_dir
 
     base, ran = _run_dir(tmp_path, tiny_qwen2_config_dir, num_train_epochs=10, logging_steps=5)
     out = tmp_path / "out"
@@ -123,8 +123,8 @@ def test_resuming_with_a_changed_schedule_names_every_key_and_needs_resume_with_
 
 
 def test_config_show_prints_what_train_will_use_marked_as_derived(tmp_path, train_tokenizer_dir):
-    from prmkit.config_show import BUILT, derived_settings
-    from prmkit.training import resolve_config
+    from prmkit.cli.config_show import BUILT, derived_settings
+    from prmkit.train.recipe import resolve_config
 
     path = write(tmp_path / "tiny.yaml", f"model:\n  tiny: qwen2\n  tokenizer: {train_tokenizer_dir}\n"
                                          f"data:\n  train: rows.jsonl\n  eval: eval.jsonl\n")
@@ -169,7 +169,7 @@ def test_every_config_error_is_reported_at_once(tmp_path):
 
 
 def _capture_train(monkeypatch):
-    import prmkit.training as training
+    import prmkit.train.recipe as training
 
     seen = {}
 
@@ -247,7 +247,7 @@ def test_every_help_is_readable_at_80_columns(monkeypatch):
 
 
 def test_a_run_stopped_by_sigterm_exits_143_and_says_so(monkeypatch, tmp_path):
-    import prmkit.training as training
+    import prmkit.train.recipe as training
 
     stopped = training.TrainResult(output_dir=str(tmp_path), model_dir=None, global_step=3, interrupted=True,
                                    signal="SIGTERM", checkpoint=str(tmp_path / "checkpoint-3"))
@@ -280,7 +280,7 @@ def test_sigterm_saves_a_checkpoint_and_names_the_signal(tmp_path, tiny_qwen2_co
 
     from transformers import TrainerCallback
 
-    from prmkit.training import train
+    from prmkit.train.recipe import train
 
     class Term(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
@@ -302,9 +302,9 @@ def test_sigterm_saves_a_checkpoint_and_names_the_signal(tmp_path, tiny_qwen2_co
 
 
 def test_the_example_data_warning_says_what_to_do():
-    from prmkit.dataset import read_step_rows
-    from prmkit.example import EXAMPLE_TRAIN
-    from prmkit.formats import Options
+    from prmkit.data.sources import read_step_rows
+    from prmkit.train.example import EXAMPLE_TRAIN
+    from prmkit.data.formats import Options
 
     with prmkit_log() as records:
         read_step_rows(str(EXAMPLE_TRAIN), "prm800k", Options(), "\n", skip_invalid=False)

@@ -218,10 +218,10 @@ def test_the_walk_sees_through_shared_code():
     _options, entry = commands()
     source = Source()
     train, push = source.reach(entry["train"]), source.reach(entry["push"])
-    assert (("prmkit.dataset", "read_step_rows"), None) in train
-    assert not any(unit == ("prmkit.dataset", "read_step_rows") for unit, _ in push)
+    assert (("prmkit.data.sources", "read_step_rows"), None) in train
+    assert not any(unit == ("prmkit.data.sources", "read_step_rows") for unit, _ in push)
     assert (("prmkit.hub.files", "select_files"), None) in push
-    assert (("prmkit.hub.files", "select_files"), "prmkit.training.PUSH_FLAGS_AS_KEYS") in train
+    assert (("prmkit.hub.files", "select_files"), "prmkit.train.recipe.PUSH_FLAGS_AS_KEYS") in train
     assert not any(unit == ("prmkit.hub.files", "select_files") and table is None for unit, table in train)
     assert named_command("run `prmkit --debug COMMAND ...`", "--debug", list(entry)) == ""
     assert named_command("the same `prmkit train` command plus --resume", "--resume", list(entry)) == "train"
@@ -230,9 +230,9 @@ def test_the_walk_sees_through_shared_code():
 
 def test_train_pushes_with_hints_in_its_own_terms(tmp_path, monkeypatch):
     import prmkit.hub
-    from prmkit.config import load_config
+    from prmkit.config.load import load_config
     from prmkit.errors import UsageError
-    from prmkit.training import _push
+    from prmkit.train.recipe import _push
 
     def refusing_push(model_dir, repo_id, **kwargs):
         logging.getLogger("prmkit").warning("no license given (--license or push.license): the card declares none")

@@ -211,7 +211,7 @@ def test_score_subprocess_rejects_bad_labels_and_text_and_writes_valid_json(tmp_
 
 
 def test_json_writers_never_write_nan(tmp_path):
-    from prmkit.jsonio import dumps, dumps_record, nonfinite_field
+    from prmkit.core.jsonio import dumps, dumps_record, nonfinite_field
 
     assert dumps({"a": float("nan"), "b": [1.0, float("inf")], "p": Path("x")}) == '{"a": null, "b": [1.0, null], "p": "x"}'
     with pytest.raises(ValueError):

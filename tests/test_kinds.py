@@ -89,7 +89,7 @@ def qwen_prm_model(tmp_path_factory):
     import torch
     from transformers import Qwen2Config
 
-    from prmkit.kinds import qwen_prm_class
+    from prmkit.kinds.heads import qwen_prm_class
 
     path = tmp_path_factory.mktemp("kinds") / "qwen-prm-like"
     tok = _tokenizer(path, specials=["<|im_start|>", "<|im_end|>", "<extra_0>"], template=CHATML_TEMPLATE, bos=False)
@@ -439,8 +439,8 @@ def test_score_cli_with_an_explicit_kind(tmp_path, lm_tag_model):
 
 
 def _train_lm_tag(tmp_path, config_dir, rows, out="lm", **keys):
-    from prmkit.config import load_config
-    from prmkit.training import train
+    from prmkit.config.load import load_config
+    from prmkit.train.recipe import train
 
     flags = {
         "model.name_or_path": str(config_dir), "model.init_from_config": True, "data.train": str(rows),
@@ -499,7 +499,7 @@ def reference_math_shepherd_qwen(model, tok, question, steps):
 def test_lm_tag_loss_is_cross_entropy_over_the_two_reward_tokens_with_soft_labels():
     import torch
 
-    from prmkit.kinds import lm_tag_loss
+    from prmkit.train.lm_tag import lm_tag_loss
 
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 11)
@@ -549,8 +549,8 @@ def test_lm_tag_training_refuses_a_step_containing_the_tag(tmp_path, tiny_qwen2_
 def test_prepare_lm_tag_puts_labels_at_the_tags(tmp_path, train_tokenizer_dir):
     from transformers import AutoTokenizer
 
-    from prmkit.config import load_config
-    from prmkit.dataset import prepare_splits
+    from prmkit.config.load import load_config
+    from prmkit.data.prepare import prepare_splits
 
     rows = tmp_path / "rows.jsonl"
     rows.write_text(json.dumps({"prompt": "What is 2 + 3?", "completions": ["2 + 3 = 5.", "So 6."],
@@ -599,7 +599,7 @@ def test_push_plans_an_lm_tag_model_and_its_card_snippet_scores_as_prmkit(tmp_pa
 def test_recorded_kind_settings_win_over_defaults_and_an_explicit_change_warns(tmp_path, lm_tag_model, caplog):
     import shutil
 
-    from prmkit.config import load_config
+    from prmkit.config.load import load_config
 
     path = tmp_path / "recorded"
     shutil.copytree(lm_tag_model[0], path)
@@ -637,7 +637,7 @@ def test_lm_tag_training_with_the_default_tag_on_the_qwen2_tokenizer(tmp_path):
     from typer.testing import CliRunner
 
     from prmkit.cli.app import app
-    from prmkit.kinds import ensure_tag_token
+    from prmkit.kinds.spec import ensure_tag_token
     from tests.conftest import QWEN2_TOKENIZER, write_train_rows
 
     if not QWEN2_TOKENIZER.is_dir():
@@ -658,7 +658,7 @@ def test_lm_tag_training_with_the_default_tag_on_the_qwen2_tokenizer(tmp_path):
 
 
 def test_equal_reward_tokens_are_refused(lm_tag_model, chat_model):
-    from prmkit.kinds import KindSettings, reward_token_ids
+    from prmkit.kinds.spec import KindSettings, reward_token_ids
 
     # lm-tag reads its ids from "+ +", where the second "+" is " +": two ids for one token (was: accepted).
     for path, kind in ((lm_tag_model[0], "lm-tag"), (chat_model[0], "chat-plus-minus")):
@@ -670,7 +670,7 @@ def test_equal_reward_tokens_are_refused(lm_tag_model, chat_model):
 
 
 def test_an_empty_step_tag_is_refused(lm_tag_model):
-    from prmkit.kinds import KindSettings
+    from prmkit.kinds.spec import KindSettings
 
     # It fell back to the default tag "ки", whatever tag the model was trained with.
     with pytest.raises(UsageError, match="model.step_tag must be a non-empty string, got ''") as e:
@@ -684,9 +684,9 @@ def test_an_empty_step_tag_is_refused(lm_tag_model):
 def test_a_runaway_chat_template_is_one_line_naming_it(chat_model, qwen_prm_model, monkeypatch):
     import time
 
-    import prmkit.chat_template
+    import prmkit.kinds.chat_template
 
-    monkeypatch.setattr(prmkit.chat_template, "RENDER_SECONDS", 0.3)
+    monkeypatch.setattr(prmkit.kinds.chat_template, "RENDER_SECONDS", 0.3)
     slow = "{% for i in range(3000) %}{% for j in range(3000) %}{% endfor %}{% endfor %}" + LLAMA3_TEMPLATE
     scorer = _scorer(chat_model[0], kind="chat-plus-minus", chat_template=slow)
     start = time.monotonic()

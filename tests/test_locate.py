@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from prmkit.cli.app import app
 from prmkit.errors import UsageError
-from prmkit.locate import locate, looks_like_path
+from prmkit.core.locate import locate, looks_like_path
 
 runner = CliRunner()
 ROWS = '{"prompt": "p", "completions": ["a", "b"], "labels": [true, false]}\n'

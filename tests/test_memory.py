@@ -1,4 +1,4 @@
-"""prmkit.memory and what training does with it: the allocator default, the estimate, the checkpointing plan, the
+"""prmkit.models.memory and what training does with it: the allocator default, the estimate, the checkpointing plan, the
 pre-flight line, and an out-of-memory error turned into one message."""
 
 from __future__ import annotations
@@ -14,21 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import write_train_rows
-from prmkit.memory import (
-    ALLOC_DEFAULT,
-    GIB,
-    Budget,
-    MicroBatch,
-    ModelShape,
-    allocator_setting,
-    device_budget,
-    estimate_memory,
-    largest_micro_batch,
-    model_shape,
-    oom_hint,
-    plan_memory,
-    use_expandable_segments,
-)
+from prmkit.models.memory import ALLOC_DEFAULT, GIB, Budget, MicroBatch, ModelShape, allocator_setting, device_budget, estimate_memory, largest_micro_batch, model_shape, oom_hint, plan_memory, use_expandable_segments
 
 ROOT = Path(__file__).resolve().parents[1]
 # The issue's GPU setting: the Qwen2-0.5B shape, Qwen2's vocabulary.
@@ -303,7 +289,7 @@ def test_oom_hint_names_the_fixes():
 
 
 def _cfg(tmp_path: Path, model_dir: Path, **keys):
-    from prmkit.config import load_config
+    from prmkit.config.load import load_config
 
     flags = {"model.name_or_path": str(model_dir), "model.init_from_config": True,
              "data.train": str(write_train_rows(tmp_path / "rows.jsonl", n=12)), "train.output_dir": str(tmp_path / "out"),
@@ -318,7 +304,7 @@ def _cfg(tmp_path: Path, model_dir: Path, **keys):
 def test_auto_checkpointing_follows_the_budget_and_is_recorded(tmp_path, tiny_qwen2_config_dir, caplog):
     from transformers import TrainerCallback
 
-    from prmkit.training import train
+    from prmkit.train.recipe import train
 
     class Spy(TrainerCallback):
         def on_step_end(self, args, state, control, model=None, **kwargs):
@@ -438,8 +424,8 @@ def test_out_of_memory_in_the_final_evaluation_keeps_the_trained_model(tmp_path,
 
 
 def test_transformers_newer_name_counts_as_explicit_and_both_names_are_set(tmp_path):
-    from prmkit.config import load_config
-    from prmkit.training import build_training_arguments, requested_checkpointing, set_checkpointing
+    from prmkit.config.load import load_config
+    from prmkit.train.recipe import build_training_arguments, requested_checkpointing, set_checkpointing
 
     assert requested_checkpointing(load_config(None, [])) == "auto"
     assert requested_checkpointing(load_config(None, ["train.gradient_checkpointing=false"])) is False
@@ -450,7 +436,7 @@ def test_transformers_newer_name_counts_as_explicit_and_both_names_are_set(tmp_p
     assert getattr(args, "activation_checkpointing", True) is True
     set_checkpointing(args, False)
     assert args.gradient_checkpointing is False and getattr(args, "activation_checkpointing", False) is False
-    from prmkit.config import training_argument_fields
+    from prmkit.config.schema import training_argument_fields
 
     if "activation_checkpointing" in training_argument_fields():  # transformers 5.2x; 5.17 has only the old name
         assert requested_checkpointing(load_config(None, ["train.activation_checkpointing=true"])) is True

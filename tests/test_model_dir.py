@@ -142,7 +142,7 @@ def test_a_tokenizer_that_cannot_encode_the_separator_is_refused():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from prmkit.model_files import check_tokenizer_fits
+    from prmkit.models.files import check_tokenizer_fits
 
     words = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1, "b": 2}, unk_token="[UNK]"))
     words.pre_tokenizer = pre_tokenizers.Whitespace()

@@ -119,8 +119,8 @@ def test_overwrite_keeps_the_old_output_until_the_new_run_saves_a_checkpoint(tmp
     from transformers import TrainerCallback
 
     from test_training import make_cfg
-    from prmkit.checkpoints import checkpoint_problem
-    from prmkit.training import train
+    from prmkit.core.checkpoints import checkpoint_problem
+    from prmkit.train.recipe import train
 
     victim = tmp_path / "out"
     before = old_run(victim)
@@ -157,7 +157,8 @@ def test_overwrite_keeps_the_old_output_until_the_new_run_saves_a_checkpoint(tmp
 
 def test_a_killed_overwrite_is_settled_by_the_next_run(tmp_path, tiny_qwen2_config_dir):
     from test_training import make_cfg
-    from prmkit.run_dir import REPLACED, _set_aside_contents, claim_output_dir, settle_overwrite
+    from prmkit.core.overwrite import REPLACED, _set_aside_contents, settle_overwrite
+    from prmkit.train.run_dir import claim_output_dir
 
     # Killed after setting the old contents aside, before saving anything: they come back, the new files go.
     out = tmp_path / "out"
@@ -191,7 +192,7 @@ class _Killed(BaseException):
 
 def kill_at_rename(monkeypatch, n: int) -> None:
     """Let ``n`` renames (os.rename, os.replace, an atomic exchange) happen; the process dies at the next one."""
-    from prmkit import atomic
+    from prmkit.core import atomic
 
     calls = [0]
 
@@ -210,7 +211,7 @@ def kill_at_rename(monkeypatch, n: int) -> None:
 
 
 def test_every_kill_point_of_an_overwrite_is_settled_without_loss(tmp_path, monkeypatch):
-    from prmkit.run_dir import _set_aside_contents, settle_overwrite
+    from prmkit.core.overwrite import _set_aside_contents, settle_overwrite
 
     def killed_at(n: int, step) -> bool:
         with monkeypatch.context() as m:
@@ -253,8 +254,8 @@ def test_every_kill_point_of_an_overwrite_is_settled_without_loss(tmp_path, monk
 def test_every_kill_point_of_a_directory_swap_keeps_the_old_or_the_new(tmp_path, monkeypatch, atomic_exchange):
     import tempfile
 
-    from prmkit import atomic
-    from prmkit.dataset import _swap_in
+    from prmkit.core import atomic
+    from prmkit.data.prepare import _swap_in
 
     if not atomic_exchange:  # a system or file system without RENAME_EXCHANGE
         monkeypatch.setattr(atomic, "exchange", lambda a, b: False, raising=False)
@@ -362,7 +363,7 @@ def test_eval_refuses_an_input_inside_its_output_dir(tmp_path, prm_dir):
 
 def _hold_lock(target: Path, command: str, seconds: float = 300) -> subprocess.Popen:
     """A separate process holding the output lock of ``target`` for ``seconds`` (or until killed)."""
-    code = ("import sys, time; from prmkit.outputs import OutputLock; "
+    code = ("import sys, time; from prmkit.core.outputs import OutputLock; "
             "OutputLock(sys.argv[1], sys.argv[2]).acquire(); print('locked', flush=True); time.sleep(float(sys.argv[3]))")
     proc = subprocess.Popen([sys.executable, "-c", code, str(target), command, str(seconds)], stdout=subprocess.PIPE,
                             text=True)
@@ -371,7 +372,7 @@ def _hold_lock(target: Path, command: str, seconds: float = 300) -> subprocess.P
 
 
 def test_lock_refuses_a_second_holder_and_a_dead_holder_never_blocks(tmp_path):
-    from prmkit.outputs import OutputBusy, OutputLock
+    from prmkit.core.outputs import OutputBusy, OutputLock
 
     target = tmp_path / "runs" / "x"
     first = OutputLock(target, "prmkit train").acquire()
@@ -433,14 +434,15 @@ def test_two_evals_into_one_directory_write_one_whole_report_after_the_other(tmp
     from eval_fixtures import write_json
     from test_eval import _fake, _pb
 
-    from prmkit import evaluation
+    from prmkit.evaluation import evaluate as evaluation
+    from prmkit.evaluation import write as eval_write
 
     data = write_json(tmp_path / "d.json", [_pb("p1", ["ok", "bad"], 1), _pb("p2", ["ok"], -1)])
     result = evaluation.evaluate(["f"], [str(data)], load_scorer=_fake)
     out = tmp_path / "eval"
     holder = _hold_lock(out, "prmkit eval", seconds=2)  # another evaluation, in the middle of writing its report
     started = time.monotonic()
-    files = evaluation.write_outputs(result, out, plots=False)
+    files = eval_write.write_outputs(result, out, plots=False)
     waited = time.monotonic() - started
     holder.wait(timeout=30)
     assert waited > 1.0  # it waited for the other writer instead of mixing its files with the other one's
@@ -454,7 +456,7 @@ def test_two_evals_into_one_directory_write_one_whole_report_after_the_other(tmp
 
 
 def test_score_and_eval_name_a_model_set_aside_by_overwrite(tmp_path, prm_dir, tiny_qwen2_config_dir):
-    from prmkit.run_dir import REPLACED, _set_aside_contents
+    from prmkit.core.overwrite import REPLACED, _set_aside_contents
 
     model = tmp_path / "m"
     shutil.copytree(prm_dir, model)

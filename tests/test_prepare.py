@@ -11,8 +11,10 @@ from conftest import EXAMPLES, ROOT
 from typer.testing import CliRunner
 
 from prmkit.cli.app import app
-from prmkit.config import load_config
-from prmkit.dataset import METADATA_FILE, REJECTS_FILE, load_tokenizer, prepare_splits
+from prmkit.config.load import load_config
+from prmkit.core.filenames import METADATA_FILE, REJECTS_FILE
+from prmkit.models.loading import load_tokenizer
+from prmkit.data.prepare import prepare_splits
 
 runner = CliRunner()
 
@@ -249,7 +251,7 @@ def test_separator_inside_steps_is_counted(tmp_path, tiny_tokenizer_dir):
 
 
 def test_num_proc_gives_the_same_result(tmp_path, train_tokenizer_dir, monkeypatch):
-    import prmkit.dataset as dataset_mod
+    import prmkit.data.tokenized as dataset_mod
 
     monkeypatch.setattr(dataset_mod, "CHUNK_ROWS", 8)
     rows = [dict(ROWS[i % 3], prompt=f"{ROWS[i % 3]['prompt']} {i}") for i in range(40)]
@@ -295,7 +297,7 @@ def test_prepare_as_a_real_subprocess(tmp_path, tiny_tokenizer_dir):
 
 
 def test_progress_reports_rows_per_split_up_to_the_total(tmp_path, tiny_tokenizer_dir, monkeypatch):
-    import prmkit.dataset as dataset_mod
+    import prmkit.data.tokenized as dataset_mod
 
     monkeypatch.setattr(dataset_mod, "CHUNK_ROWS", 4)
     rows = [dict(ROWS[i % 3], prompt=f"{ROWS[i % 3]['prompt']} {i}") for i in range(10)]

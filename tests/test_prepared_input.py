@@ -12,8 +12,9 @@ from conftest import make_tiny_prm, write_train_rows
 from typer.testing import CliRunner
 
 from prmkit.cli.app import app
-from prmkit.config import load_config
-from prmkit.dataset import load_tokenizer, prepare_splits
+from prmkit.config.load import load_config
+from prmkit.models.loading import load_tokenizer
+from prmkit.data.prepare import prepare_splits
 from prmkit.errors import DataError
 
 runner = CliRunner()
@@ -25,8 +26,8 @@ class Seen(dict):
 
 @pytest.mark.slow
 def test_train_and_eval_take_the_data_options_prepare_takes(tmp_path, monkeypatch):
-    import prmkit.evaluation
-    import prmkit.training
+    import prmkit.evaluation.evaluate
+    import prmkit.train.recipe
     from prmkit.cli.train_cmd import _child_args
 
     seen = Seen()
@@ -39,8 +40,8 @@ def test_train_and_eval_take_the_data_options_prepare_takes(tmp_path, monkeypatc
         seen["eval"] = kwargs
         raise typer.Exit(0)
 
-    monkeypatch.setattr(prmkit.training, "train", fake_train)
-    monkeypatch.setattr(prmkit.evaluation, "evaluate", fake_evaluate)
+    monkeypatch.setattr(prmkit.train.recipe, "train", fake_train)
+    monkeypatch.setattr(prmkit.evaluation.evaluate, "evaluate", fake_evaluate)
     flags = ["--format", "math-shepherd", "--step-separator", r"\n\n", "--skip-invalid"]
     res = runner.invoke(app, ["train", "--model", "m", "--train", "rows.jsonl", "-o", str(tmp_path / "run"), *flags])
     assert res.exit_code == 0, res.output
@@ -80,7 +81,7 @@ def test_a_prepared_directory_is_training_data_checked_against_the_run(tmp_path,
                                                                          tiny_bos_tokenizer_dir):
     import datasets
 
-    from prmkit.training import resolve_config
+    from prmkit.train.recipe import resolve_config
 
     prep, train, held = prepared
     tok = load_tokenizer(str(train_tokenizer_dir))
@@ -116,9 +117,9 @@ def test_a_prepared_directory_is_training_data_checked_against_the_run(tmp_path,
 
 @pytest.mark.slow
 def test_eval_scores_a_prepared_directory_as_it_scores_the_text(tmp_path, prepared, train_tokenizer_dir):
-    from prmkit.evaluation import evaluate
+    from prmkit.evaluation.evaluate import evaluate
 
-    from prmkit.modeling import build_metadata, write_metadata
+    from prmkit.models.model_dir import build_metadata, write_metadata
     from prmkit.tokenization import TokenizationParams, tokenizer_fingerprint
 
     prep, _, held = prepared

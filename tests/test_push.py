@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from hub_server import HubServer, git_blob_sha1
-from prmkit.modeling import build_metadata, write_metadata
-from prmkit.report import make_report
+from prmkit.models.model_dir import build_metadata, write_metadata
+from prmkit.evaluation.report import make_report
 from prmkit.tokenization import TokenizationParams, encode_solutions
 from push_fixtures import (  # noqa: F401 - fixtures register by being imported
     FIGURES, PUSHED, QWEN2_TOKENIZER, REPO, REPORT, TOKEN, _assert_one_line_error, _front_matter, _loopback_only, _metadata,

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from hub_server import HubServer
 from prmkit.cli.app import app
-from prmkit.modeling import write_metadata
+from prmkit.models.model_dir import write_metadata
 from push_fixtures import (  # noqa: F401 - fixtures register by being imported
     FIGURES, PUSHED, REPO, TOKEN, _assert_one_line_error, _loopback_only, _metadata, base_model_dir_fixture, hub_fixture,
     model_dir_fixture, push,
@@ -83,7 +83,7 @@ def test_a_file_holding_the_token_in_use_is_refused_by_name(hub, model_dir, wher
 
 
 def test_redact_unit_values():
-    from prmkit.redact import is_secret_key, mask, redact
+    from prmkit.core.redact import is_secret_key, mask, redact
 
     for key in ("hub_token", "token", "HF_TOKEN", "accessToken", "push_to_hub_token", "password", "db_passwd",
                 "client_secret", "api_key", "apiKey", "aws_secret_access_key", "private_key", "use_auth_token"):
@@ -106,9 +106,10 @@ def test_redact_unit_values():
 
 def test_every_saved_config_and_metadata_is_redacted(tmp_path):
     """prmkit_config.yaml (dump_config), prmkit.json (write_metadata), report.json and score state are redacted."""
-    from prmkit.config import dump_config, load_config
-    from prmkit.report import make_report, write_report
-    from prmkit.run_dir import run_identity
+    from prmkit.config.load import dump_config, load_config
+    from prmkit.evaluation.report import make_report
+    from prmkit.evaluation.write import write_report
+    from prmkit.train.run_dir import run_identity
     from prmkit.scoring.resume import write_state
 
     url = "https://bob:pAssw0rd99@example.com/train.jsonl"

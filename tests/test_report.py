@@ -12,7 +12,9 @@ from prmkit.metrics import (
     outcome_metrics,
     step_metrics,
 )
-from prmkit.report import MissingExtraError, build_markdown, make_report, rich_tables, write_report
+from prmkit.evaluation.report import MissingExtraError, make_report
+from prmkit.evaluation.render import build_markdown, rich_tables
+from prmkit.evaluation.write import write_report
 
 # matplotlib is the optional "plot" extra (installed by "test"); without it
 # only the plotting tests are skipped.

@@ -10,8 +10,8 @@ import pytest
 from conftest import ROOT, _check_reports_under, validate_report
 from eval_fixtures import processbench_records, write_json
 
-from prmkit import evaluation
-from prmkit.report import REPORT_VERSION, make_report, report_schema
+from prmkit.evaluation import evaluate as evaluation
+from prmkit.evaluation.report import REPORT_VERSION, make_report, report_schema
 
 
 def test_the_schema_is_a_valid_json_schema_shipped_with_the_package():

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from prmkit.cli.app import app
 from prmkit.metrics import aggregate, first_error_index
-from prmkit.modeling import build_metadata, write_metadata
+from prmkit.models.model_dir import build_metadata, write_metadata
 from prmkit.scoring import StepScorer, output_paths, score_file
 from prmkit.tokenization import TokenizationParams
 
@@ -333,7 +333,7 @@ def test_two_processes_merge_in_input_order(tmp_path, prm_dir):
 
 
 def test_formats_that_need_conversion_are_written_as_stepwise_rows(tmp_path, prm_dir):
-    from prmkit.formats import Options, convert
+    from prmkit.data.formats import Options, convert
 
     lines = (EXAMPLES / "prm800k_samples.jsonl").read_text(encoding="utf-8").splitlines()[:2]
     src = tmp_path / "prm800k.jsonl"

@@ -10,11 +10,12 @@ import torch
 from conftest import make_tiny_prm, prmkit_log
 
 from prmkit.errors import UsageError
-from prmkit.modeling import PRMKIT_JSON, build_metadata, write_metadata
+from prmkit.core.filenames import PRMKIT_JSON
+from prmkit.models.model_dir import build_metadata, write_metadata
 from prmkit.scoring import StepScorer
 from prmkit.scoring.engine import _is_causal, _probe_causal
 from prmkit.scoring.loading import resolve_device as _resolve_device
-from prmkit.scoring.loading import resolve_dtype as _resolve_dtype
+from prmkit.models.loading import resolve_dtype as _resolve_dtype
 from prmkit.tokenization import TokenizationParams, encode_solutions
 
 SOLUTIONS = [
@@ -220,7 +221,7 @@ def test_bad_settings_are_usage_errors(scorer):
 
 
 def test_settings_over_the_recorded_tokenizer_and_tokenization(tmp_path, train_tokenizer_dir):
-    from prmkit.modeling import kind_tokenization, resolve_tokenization
+    from prmkit.models.model_dir import kind_tokenization, resolve_tokenization
 
     model_dir = make_tiny_prm(tmp_path / "prm", train_tokenizer_dir, seed=2)
     # No fingerprint recorded: an explicit tokenizer is used, with a word that nothing can vouch for it.

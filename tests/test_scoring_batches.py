@@ -327,19 +327,19 @@ def test_the_tokenizer_loads_in_a_thread_while_the_weights_load(monkeypatch, prm
     # On CUDA only by default; here the CPU takes the same path.
     import threading
 
-    import prmkit.dataset
+    import prmkit.models.loading
     from prmkit.scoring import engine
     from prmkit.tokenization import tokenizer_fingerprint
 
     loaded_in = []
-    real = prmkit.dataset.load_tokenizer
+    real = prmkit.models.loading.load_tokenizer
 
     def recording(*args):
         loaded_in.append(threading.current_thread().name)
         return real(*args)
 
     monkeypatch.setattr(engine, "OVERLAP_TOKENIZER_ON", ("cpu",))
-    monkeypatch.setattr(prmkit.dataset, "load_tokenizer", recording)
+    monkeypatch.setattr(prmkit.models.loading, "load_tokenizer", recording)
     overlapped = StepScorer.from_pretrained(prm_dir, device="cpu", dtype="float32")
     assert len(loaded_in) == 1 and loaded_in[0].startswith("prmkit-load")
     assert tokenizer_fingerprint(overlapped.tokenizer) == tokenizer_fingerprint(scorer.tokenizer)

@@ -19,7 +19,7 @@ pytest.importorskip("fastapi", reason="the serve extra: pip install 'prmkit[serv
 
 from fastapi.testclient import TestClient  # noqa: E402
 
-from prmkit.config import ServeConfig  # noqa: E402
+from prmkit.config.schema import ServeConfig  # noqa: E402
 from prmkit.errors import PrmkitError  # noqa: E402
 from prmkit.metrics import aggregate  # noqa: E402
 from prmkit.serve.app import create_app  # noqa: E402

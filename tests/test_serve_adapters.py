@@ -51,7 +51,7 @@ def url(scorer):
 
     import uvicorn
 
-    from prmkit.config import ServeConfig
+    from prmkit.config.schema import ServeConfig
     from prmkit.serve.app import create_app
 
     app = create_app(lambda: scorer, replace(ServeConfig(), aggregate="last"))

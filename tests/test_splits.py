@@ -9,8 +9,11 @@ import pytest
 from typer.testing import CliRunner
 
 from prmkit.cli.app import app
-from prmkit.config import load_config
-from prmkit.dataset import METADATA_FILE, iter_records, load_tokenizer, prepare_splits, resolve_source
+from prmkit.config.load import load_config
+from prmkit.core.filenames import METADATA_FILE
+from prmkit.data.sources import iter_records, resolve_source
+from prmkit.models.loading import load_tokenizer
+from prmkit.data.prepare import prepare_splits
 from prmkit.errors import ConfigError, DataError
 
 runner = CliRunner()
@@ -37,12 +40,12 @@ def no_hub(monkeypatch):
     """Fail the test if anything asks the Hub (prmkit's lookup, or datasets loading a Hub id)."""
     import datasets
 
-    import prmkit.locate
+    import prmkit.core.locate
 
     def refuse(*args, **kwargs):
         raise AssertionError(f"the Hub was asked: {args} {kwargs}")
 
-    monkeypatch.setattr(prmkit.locate, "_on_hub", refuse)
+    monkeypatch.setattr(prmkit.core.locate, "_on_hub", refuse)
     real = datasets.load_dataset
 
     def local_only(path, *args, **kwargs):
@@ -137,7 +140,7 @@ def test_eval_fraction_from_the_command_line(tmp_path, tiny_tokenizer_dir):
 
 
 def test_the_example_holds_out_a_fraction_instead_of_its_eval_file(tmp_path):
-    from prmkit.example import apply_example
+    from prmkit.train.example import apply_example
 
     cfg = load_config(None, ["data.eval_fraction=0.1", f"data.cache_dir={tmp_path}"], {"train.example": True})
     apply_example(cfg)

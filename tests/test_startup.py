@@ -7,8 +7,8 @@ import json
 import subprocess
 import sys
 
-from prmkit.config import _resolve
-from prmkit.training_fields import imported_training_arguments, parse_training_arguments
+from prmkit.config.load import _resolve
+from prmkit.config.training_args import imported_training_arguments, parse_training_arguments
 
 HEAVY = ("torch", "transformers", "datasets", "fastapi", "uvicorn", "prometheus_client")
 

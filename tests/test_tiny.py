@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
 from prmkit.cli.app import app
-from prmkit.example import tiny_architectures, tiny_base_dir
+from prmkit.train.example import tiny_architectures, tiny_base_dir
 
 runner = CliRunner()
 

@@ -198,7 +198,7 @@ def test_default_is_trl_on_prompts_over_512_tokens(qwen2_tokenizer):
     # Qwen2 tokens; a few-shot prompt made of 10 consecutive real problems is 650-850 tokens, with a real solution.
     from trl.experimental.prm import PRMTrainer
 
-    from prmkit.config import load_config
+    from prmkit.config.load import load_config
 
     rows = json.loads((SHARED / "data" / "processbench" / "gsm8k.json").read_text())
     prompts = ["\n\n".join(r["problem"] for r in rows[i : i + 10]) for i in range(0, 60, 10)]

@@ -13,7 +13,7 @@ import yaml
 from typer.testing import CliRunner
 
 from prmkit.cli.app import app
-from prmkit.config import load_config
+from prmkit.config.load import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -174,7 +174,7 @@ def test_training_arguments_prmkit_would_bypass_are_refused(tmp_path, setting, m
 
 def test_hub_settings_prmkit_pushes_with(tmp_path, monkeypatch):
     import prmkit.hub
-    from prmkit.training import _push
+    from prmkit.train.recipe import _push
 
     result = runner.invoke(app, ["train", "--example", "-o", str(tmp_path / "run"), "--set", "train.push_to_hub=true",
                                  "--set", "train.hub_model_id=me/prm", "--set", "train.hub_strategy=checkpoint"])
@@ -191,7 +191,7 @@ def test_hub_settings_prmkit_pushes_with(tmp_path, monkeypatch):
 
 def test_a_past_index_is_refused():
     from prmkit.errors import ConfigError
-    from prmkit.training_fields import check_training_arguments
+    from prmkit.config.training_args import check_training_arguments
 
     check_training_arguments({"past_index": -1, "label_names": ["labels"]}, "grouped")
     with pytest.raises(ConfigError, match="train.past_index: 0 is not supported"):

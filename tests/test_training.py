@@ -1,4 +1,4 @@
-"""prmkit.training and the model helpers in prmkit.modeling: loss, batching, metrics, outputs, LoRA, resuming."""
+"""prmkit.train.recipe and the model helpers in prmkit.models.model_dir: loss, batching, metrics, outputs, LoRA, resuming."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from conftest import TRAIN_TINY_MODEL, fake_checkpoint, write_train_rows
-from prmkit.config import load_config
+from prmkit.config.load import load_config
 from prmkit.errors import UsageError
 from prmkit.tokenization import IGNORE_INDEX
 
@@ -49,7 +49,7 @@ def read_weights(model_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def test_soft_cross_entropy_with_hard_targets_equals_cross_entropy():
-    from prmkit.batching import step_loss
+    from prmkit.kinds.heads import step_loss
 
     torch.manual_seed(0)
     logits = torch.randn(3, 7, 2, dtype=torch.float32)
@@ -64,7 +64,7 @@ def test_soft_cross_entropy_with_hard_targets_equals_cross_entropy():
 
 
 def test_soft_and_mixed_labels():
-    from prmkit.batching import step_loss
+    from prmkit.kinds.heads import step_loss
 
     logits = torch.tensor([[[0.2, 1.0], [2.0, -1.0], [0.0, 0.0]]])
     labels = torch.tensor([[0.3, 1.0, IGNORE_INDEX]])  # one soft label, one hard, one ignored
@@ -76,7 +76,7 @@ def test_soft_and_mixed_labels():
 def test_label_smoothing_mixes_the_target_with_the_uniform_one():
     import math
 
-    from prmkit.batching import step_loss
+    from prmkit.kinds.heads import step_loss
 
     # train.label_smoothing_factor eps: target p' = (1 - eps) * p + eps / 2, hard and soft labels alike.
     logits = torch.tensor([[[0.2, 1.0], [2.0, -1.0], [0.0, 0.0]]])
@@ -123,7 +123,8 @@ def _features(tokenizer_dir: Path, rows_file: Path, n: int = 6):
 def test_every_batching_mode_gives_the_same_loss(tmp_path, train_tokenizer_dir, attn):
     from transformers import AutoModelForTokenClassification, Qwen2Config
 
-    from prmkit.batching import StepCollator, step_loss
+    from prmkit.train.batching import StepCollator
+    from prmkit.kinds.heads import step_loss
 
     tok, feats = _features(train_tokenizer_dir, write_train_rows(tmp_path / "rows.jsonl", n=6))
     assert len({len(f["input_ids"]) for f in feats}) > 3  # lengths differ, so padding and packing really differ
@@ -155,7 +156,7 @@ def test_every_batching_mode_gives_the_same_loss(tmp_path, train_tokenizer_dir, 
 def test_length_grouped_sampler_is_a_seeded_permutation_with_less_padding():
     import random
 
-    from prmkit.batching import LengthGroupedSampler
+    from prmkit.train.batching import LengthGroupedSampler
 
     rng = random.Random(0)
     lengths = [rng.randint(20, 600) for _ in range(203)]
@@ -184,7 +185,8 @@ def test_eval_metrics_use_labelled_positions_only():
     from transformers import EvalPrediction
 
     from prmkit.metrics import step_metrics
-    from prmkit.batching import make_compute_metrics, preprocess_logits_for_metrics
+    from prmkit.train.batching import make_compute_metrics
+    from prmkit.kinds.heads import preprocess_logits_for_metrics
 
     logits = torch.tensor([[[0.0, 2.0], [1.0, 0.0], [0.0, 0.0]], [[3.0, 0.0], [0.0, 1.0], [5.0, 5.0]]])
     labels = torch.tensor([[1, IGNORE_INDEX, 0], [0, 1, IGNORE_INDEX]])
@@ -211,7 +213,7 @@ def test_eval_metrics_use_labelled_positions_only():
 def test_is_causal():
     from transformers import BertConfig, LlamaConfig, Qwen2Config, T5Config
 
-    from prmkit.modeling import is_causal
+    from prmkit.models.loading import is_causal
 
     assert is_causal(Qwen2Config())
     assert is_causal(LlamaConfig())
@@ -223,8 +225,8 @@ def test_is_causal():
 def test_bidirectional_model_is_refused_before_any_data_work(tmp_path, train_tokenizer_dir):
     from transformers import BertConfig
 
-    from prmkit.modeling import load_model_config
-    from prmkit.training import train
+    from prmkit.models.loading import load_model_config
+    from prmkit.train.recipe import train
 
     bert = tmp_path / "bert"
     BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=4000).save_pretrained(bert)
@@ -240,7 +242,7 @@ def test_bidirectional_model_is_refused_before_any_data_work(tmp_path, train_tok
 def test_pad_token_falls_back_to_eos_with_a_warning(train_tokenizer_dir, caplog):
     from transformers import AutoTokenizer
 
-    from prmkit.modeling import ensure_pad_token
+    from prmkit.models.loading import ensure_pad_token
 
     tok = AutoTokenizer.from_pretrained(train_tokenizer_dir)
     tok.pad_token = None
@@ -253,7 +255,7 @@ def test_pad_token_falls_back_to_eos_with_a_warning(train_tokenizer_dir, caplog)
 def test_disable_dropout():
     from transformers import AutoModelForTokenClassification, Qwen2Config
 
-    from prmkit.modeling import disable_dropout
+    from prmkit.models.loading import disable_dropout
 
     model = AutoModelForTokenClassification.from_config(
         Qwen2Config(**TRAIN_TINY_MODEL, vocab_size=50, num_labels=2, attention_dropout=0.1))
@@ -268,8 +270,8 @@ def test_disable_dropout():
 
 @pytest.mark.slow
 def test_train_writes_a_self_describing_model_dir(tmp_path, tiny_qwen2_config_dir, monkeypatch):
-    from prmkit.modeling import load_trained_model
-    from prmkit.training import train
+    from prmkit.models.loading import load_trained_model
+    from prmkit.train.recipe import train
 
     pushed = {}
 
@@ -335,8 +337,8 @@ def _logits_callback(store: dict, input_ids: torch.Tensor):
 def test_lora_output_reloads_with_the_logits_it_had_in_memory(tmp_path, tiny_qwen2_config_dir, merge):
     from safetensors.torch import load_file
 
-    from prmkit.modeling import load_trained_model
-    from prmkit.training import train
+    from prmkit.models.loading import load_trained_model
+    from prmkit.train.recipe import train
 
     cfg = make_cfg(tmp_path, tiny_qwen2_config_dir, write_train_rows(tmp_path / "train.jsonl", n=12),
                    **{"train__lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
@@ -370,7 +372,7 @@ class _Killed(Exception):
 def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, tiny_qwen2_config_dir):
     from transformers import TrainerCallback
 
-    from prmkit.training import train
+    from prmkit.train.recipe import train
 
     rows = write_train_rows(tmp_path / "train.jsonl", n=20, soft=True)
     keys = {"train__max_steps": 9, "train__save_steps": 3}  # 5 steps per epoch: the kill lands in epoch 2
@@ -401,7 +403,7 @@ def test_resuming_from_the_last_steps_checkpoint_saves_the_same_model_without_tr
 
     from transformers import TrainerCallback
 
-    from prmkit.training import train
+    from prmkit.train.recipe import train
 
     # What a kill during the final save leaves: checkpoint-3 of a 3-step run (mid-epoch: 5 steps make an epoch).
     rows = write_train_rows(tmp_path / "train.jsonl", n=20)
@@ -438,7 +440,7 @@ def test_resuming_from_the_last_steps_checkpoint_saves_the_same_model_without_tr
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["token-classification", "lm-tag"])
 def test_label_smoothing_changes_training_and_is_recorded(tmp_path, tiny_qwen2_config_dir, kind):
-    from prmkit.training import train
+    from prmkit.train.recipe import train
 
     rows = write_train_rows(tmp_path / "train.jsonl", n=8, soft=True)
     keys = {"train__max_steps": 2, "train__kind": kind}
@@ -456,7 +458,7 @@ def test_label_smoothing_changes_training_and_is_recorded(tmp_path, tiny_qwen2_c
 
 @pytest.mark.slow
 def test_a_sequential_train_sampling_strategy_is_honoured(tmp_path, tiny_qwen2_config_dir, monkeypatch):
-    from prmkit.training import train
+    from prmkit.train.recipe import train
 
     # `auto` batching would group by length with prmkit's own sampler; the order asked for is kept instead.
     monkeypatch.setenv("PRMKIT_DEBUG_ROWS_DIR", str(tmp_path / "rows"))
@@ -471,7 +473,7 @@ def test_a_sequential_train_sampling_strategy_is_honoured(tmp_path, tiny_qwen2_c
 def test_sigint_saves_a_checkpoint_and_the_run_resumes(tmp_path, tiny_qwen2_config_dir):
     from transformers import TrainerCallback
 
-    from prmkit.training import train
+    from prmkit.train.recipe import train
 
     class CtrlC(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
@@ -495,8 +497,8 @@ def test_sigint_saves_a_checkpoint_and_the_run_resumes(tmp_path, tiny_qwen2_conf
 
 
 def test_output_dir_rules(tmp_path, tiny_qwen2_config_dir, monkeypatch):
-    from prmkit.config import dump_config
-    from prmkit.run_dir import plan_output_dir
+    from prmkit.config.load import dump_config
+    from prmkit.train.run_dir import plan_output_dir
 
     rows = tmp_path / "rows.jsonl"
     cfg = make_cfg(tmp_path, tiny_qwen2_config_dir, rows)
@@ -538,8 +540,8 @@ def test_output_dir_rules(tmp_path, tiny_qwen2_config_dir, monkeypatch):
 
 
 def test_the_hint_for_a_run_already_there_reads_with_and_without_a_checkpoint(tmp_path, tiny_qwen2_config_dir):
-    from prmkit.config import dump_config
-    from prmkit.run_dir import plan_output_dir
+    from prmkit.config.load import dump_config
+    from prmkit.train.run_dir import plan_output_dir
 
     cfg = make_cfg(tmp_path, tiny_qwen2_config_dir, tmp_path / "rows.jsonl")
     out = tmp_path / "out"
@@ -555,8 +557,8 @@ def test_the_hint_for_a_run_already_there_reads_with_and_without_a_checkpoint(tm
 
 
 def test_example_fills_in_only_defaults(tmp_path):
-    from prmkit.example import EXAMPLE_EVAL, EXAMPLE_TRAIN
-    from prmkit.training import resolve_config
+    from prmkit.train.example import EXAMPLE_EVAL, EXAMPLE_TRAIN
+    from prmkit.train.recipe import resolve_config
 
     cfg = resolve_config(load_config(None, ["train.learning_rate=0.0003", "data.max_length=300"], {"train.example": True}))
     assert cfg.data.train == str(EXAMPLE_TRAIN) and cfg.data.eval == str(EXAMPLE_EVAL)
@@ -571,9 +573,9 @@ def test_example_fills_in_only_defaults(tmp_path):
 
 
 def test_example_never_replaces_an_explicit_setting_even_one_equal_to_the_default(tmp_path):
-    from prmkit.config import TRAINING_ARGUMENT_DEFAULTS, DataConfig
-    from prmkit.example import EXAMPLE_TRAIN
-    from prmkit.training import resolve_config
+    from prmkit.config.schema import TRAINING_ARGUMENT_DEFAULTS, DataConfig
+    from prmkit.train.example import EXAMPLE_TRAIN
+    from prmkit.train.recipe import resolve_config
 
     explicit = ["train.save_strategy=steps", "train.logging_steps=10", "data.max_length=1024", "data.eval=null",
                 "train.output_dir=runs/prm"]

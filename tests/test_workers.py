@@ -130,7 +130,7 @@ def test_a_worker_ends_soon_after_its_parent_even_without_the_kernel_telling_it(
     """The portable half: the watchdog alone (no PR_SET_PDEATHSIG) ends a worker whose parent died."""
     code = (
         "import os, sys, time\n"
-        "from prmkit.workers import die_with_parent\n"
+        "from prmkit.core.workers import die_with_parent\n"
         "parent = os.getpid()\n"
         "if os.fork() == 0:\n"
         "    die_with_parent(parent, pdeathsig=False)\n"

@@ -19,13 +19,13 @@ from typing import Callable
 
 import typer
 
-from prmkit.atomic import TEMP_SUFFIX
+from prmkit.core.atomic import TEMP_SUFFIX
 from prmkit.cli._options import DebugOpt
 from prmkit.cli._output import MaskedStream, Output
-from prmkit.errors import ConfigError, DataError, PrmkitError, write_failure
-from prmkit.redact import mask
+from prmkit.errors import ConfigError, DataError, PrmkitError, first_line, write_failure
+from prmkit.core.redact import mask
 
-MAX_PROBLEMS = 10
+MAX_SHOWN_PROBLEMS = 10  # problem lines printed under an error; the rest are counted
 
 _ELSEWHERE = ("write somewhere else: the command's output option, data.cache_dir or $PRMKIT_CACHE for prepared "
               "data, $HF_HOME for downloads")
@@ -61,10 +61,10 @@ def debug_enabled() -> bool:
 def report(err: PrmkitError, out: Output) -> None:
     out.error(err.message)
     if isinstance(err, (DataError, ConfigError)):
-        for line in err.problems[:MAX_PROBLEMS]:
+        for line in err.problems[:MAX_SHOWN_PROBLEMS]:
             out.error(f"  {line}")
-        if len(err.problems) > MAX_PROBLEMS:
-            out.error(f"  ... and {len(err.problems) - MAX_PROBLEMS} more")
+        if len(err.problems) > MAX_SHOWN_PROBLEMS:
+            out.error(f"  ... and {len(err.problems) - MAX_SHOWN_PROBLEMS} more")
     if err.hint:
         out.hint(err.hint)
 
@@ -75,7 +75,7 @@ def describe_os_error(err: OSError, command: str | None = None) -> tuple[str, st
     if hint == _FULL:
         hint += _FULL_AGAIN.get(command or "", "")
     if what is None:
-        what = err.strerror or (str(err).splitlines()[0] if str(err) else type(err).__name__)
+        what = err.strerror or first_line(err)
     if err.filename is None:
         return what, hint
     path = Path(os.fsdecode(err.filename))

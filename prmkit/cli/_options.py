@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from prmkit.config import unescape  # noqa: F401 - one reading of escapes for flags and config files
+from prmkit.config.load import unescape  # noqa: F401 - one reading of escapes for flags and config files
 
 ConfigOpt = Annotated[
     Optional[Path], typer.Option("--config", "-c", help="YAML config file (see `prmkit config init`).")

@@ -1,6 +1,6 @@
 """The one place that prints: results to stdout, progress, warnings, errors and hints to stderr.
 
-Everything printed here goes through prmkit.redact: no token, password or URL credential reaches the terminal.
+Everything printed here goes through prmkit.core.redact: no token, password or URL credential reaches the terminal.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 
 from rich.console import Console
 
-from prmkit.redact import mask, redact
+from prmkit.core.redact import mask, redact
 
 
 class MaskedStream:
@@ -49,7 +49,7 @@ class Output:
     def result(self, data: dict[str, Any] | None = None, *renderables: Any) -> None:
         """Print a command's result: one JSON object with --json, else the rich renderables (or the data as text)."""
         if self.json_mode:
-            from prmkit.jsonio import dumps
+            from prmkit.core.jsonio import dumps
 
             payload = json.loads(dumps(data if data is not None else {}))  # plain types, so redact sees every string
             sys.stdout.write(dumps(redact(payload)) + "\n")

@@ -10,8 +10,8 @@ import typer
 from prmkit.cli._errors import handle_errors
 from prmkit.cli._options import ConfigOpt, JsonOpt, OverwriteOpt, SetOpt
 from prmkit.cli._output import Output, attach_logging
-from prmkit.config import load_config, render_template
-from prmkit.config_show import derived_settings, show_config
+from prmkit.config.load import load_config, render_template
+from prmkit.cli.config_show import derived_settings, show_config
 from prmkit.errors import UsageError
 
 app = typer.Typer(help="Write a config template or show a resolved config.", no_args_is_help=True)

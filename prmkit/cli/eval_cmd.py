@@ -23,7 +23,7 @@ from prmkit.cli._options import (
     unescape,
 )
 from prmkit.cli._output import Output, attach_logging, stderr
-from prmkit.config import load_config
+from prmkit.config.load import load_config
 from prmkit.errors import UsageError
 
 
@@ -100,14 +100,16 @@ def evaluate(
     if not ev.data:
         raise UsageError("no evaluation data", hint="pass --data FILE (repeatable) or set eval.data")
 
-    from prmkit import evaluation
+    from prmkit.core.filenames import REJECTS_FILE
+    from prmkit.evaluation.evaluate import evaluate as run_evaluation
+    from prmkit.evaluation.write import check_output_dir, check_plotting, write_outputs
 
     out_dir = Path(ev.output_dir).expanduser()
-    evaluation.check_output_dir(out_dir, overwrite, models=names, data=ev.data,
+    check_output_dir(out_dir, overwrite, models=names, data=ev.data,
                                 config=str(config) if config is not None else None)
     plots = bool(ev.plots)
     if ev.plots:
-        evaluation.check_plotting()  # asked for: refused now, before any scoring, when matplotlib is missing
+        check_plotting()  # asked for: refused now, before any scoring, when matplotlib is missing
     elif ev.plots is None:
         plots = _plotting_available()
 
@@ -128,12 +130,12 @@ def evaluate(
 
     hf_logging.disable_progress_bar()  # the weight-loading bar is noise beside our own progress
 
-    from prmkit.modeling import explicit_tokenization
+    from prmkit.models.model_dir import explicit_tokenization
     from prmkit.scoring import end_distributed
 
     with _progress(enabled=main) as progress:
         try:
-            result = evaluation.evaluate(
+            result = run_evaluation(
                 names, ev.data,
                 # A config written for prepare and train (data.format) serves eval too, unless eval.format is set.
                 fmt=ev.format if cfg.is_set("eval.format") else cfg.data.format, step_separator=None, threshold=given,
@@ -149,9 +151,9 @@ def evaluate(
             end_distributed()
     if not main:
         return
-    files = evaluation.write_outputs(result, out_dir, plots=plots)
+    files = write_outputs(result, out_dir, plots=plots)
 
-    from prmkit.report import rich_tables
+    from prmkit.evaluation.render import rich_tables
 
     out.result(
         {**result.report, "output_dir": str(out_dir), "files": [str(p) for p in files]},
@@ -161,7 +163,7 @@ def evaluate(
     if ev.plots is None and not plots:
         out.warn("no plots: matplotlib is not installed; pip install 'prmkit[plot]' adds them (--no-plots: no warning)")
     if result.rejects:
-        out.warn(f"{len(result.rejects)} invalid rows skipped; see {out_dir / evaluation.REJECTS_FILE}")
+        out.warn(f"{len(result.rejects)} invalid rows skipped; see {out_dir / REJECTS_FILE}")
     report_path = out_dir / "report.json"
     if len(names) == 1:
         out.hint(f"to put these figures in the model card: prmkit push {names[0]} --eval-report {report_path}")
@@ -171,8 +173,8 @@ def evaluate(
 
 
 def _plotting_available() -> bool:
-    from prmkit.evaluation import check_plotting
-    from prmkit.report import MissingExtraError
+    from prmkit.evaluation.write import check_plotting
+    from prmkit.evaluation.report import MissingExtraError
 
     try:
         check_plotting()

@@ -11,7 +11,7 @@ from rich.table import Table
 from prmkit.cli._errors import handle_errors
 from prmkit.cli._options import ConfigOpt, FormatOpt, JsonOpt, OverwriteOpt, SetOpt, SkipInvalidOpt, StepSeparatorOpt, unescape
 from prmkit.cli._output import Output, attach_logging, stderr
-from prmkit.config import load_config
+from prmkit.config.load import load_config
 from prmkit.errors import UsageError
 
 
@@ -39,7 +39,8 @@ def prepare(
         "data.train": train, "data.eval": eval_, "model.tokenizer": tokenizer, "data.format": format_,
         "data.step_separator": unescape(step_separator), "data.skip_invalid": skip_invalid,
     })
-    from prmkit.dataset import load_tokenizer, prepare_splits  # numpy and the tokenizers: not for --help
+    from prmkit.models.loading import load_tokenizer
+    from prmkit.data.prepare import prepare_splits  # numpy and the tokenizers: not for --help
 
     if not cfg.tokenizer_name:
         raise UsageError("no tokenizer: set model.tokenizer or model.name_or_path", hint="e.g. --tokenizer Qwen/Qwen2-0.5B")

@@ -11,9 +11,9 @@ from rich.table import Table
 from prmkit.cli._errors import handle_errors
 from prmkit.cli._options import ConfigOpt, JsonOpt, SetOpt
 from prmkit.cli._output import Output, attach_logging
-from prmkit.config import load_config
+from prmkit.config.load import load_config
 from prmkit.errors import UsageError
-from prmkit.redact import register_secret
+from prmkit.core.redact import register_secret
 
 if TYPE_CHECKING:
     from prmkit.hub import PushResult

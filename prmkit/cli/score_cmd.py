@@ -24,9 +24,9 @@ from prmkit.cli._options import (
     unescape,
 )
 from prmkit.cli._output import Output, attach_logging, stderr
-from prmkit.config import load_config
+from prmkit.config.load import load_config
 from prmkit.errors import UsageError
-from prmkit.outputs import refuse_inputs_inside
+from prmkit.core.outputs import refuse_inputs_inside
 
 
 @handle_errors
@@ -136,7 +136,7 @@ def score(
 
 def scorer_from_config(model: str, cfg: Any, step_separator: str | None = None, timings: Any = None) -> Any:
     """The engine as `prmkit score` builds it from a config (`prmkit serve` builds the same one)."""
-    from prmkit.modeling import explicit_tokenization
+    from prmkit.models.model_dir import explicit_tokenization
     from prmkit.scoring import StepScorer
 
     sc = cfg.score

@@ -12,7 +12,7 @@ import typer
 from prmkit.cli._errors import handle_errors
 from prmkit.cli._options import ConfigOpt, DeviceOpt, DtypeOpt, SetOpt, StepSeparatorOpt, unescape
 from prmkit.cli._output import Output, attach_logging
-from prmkit.config import load_config
+from prmkit.config.load import load_config
 from prmkit.errors import PrmkitError, UsageError
 
 INSTALL = "pip install 'prmkit[serve]'"
@@ -63,7 +63,7 @@ def serve(
     if api_key is not None and not api_key.strip():
         raise UsageError("--api-key is empty", hint="give a key, or leave --api-key and PRMKIT_API_KEY unset")
     if api_key:
-        from prmkit.redact import register_secret
+        from prmkit.core.redact import register_secret
 
         register_secret(api_key)  # masked wherever it could turn up: logs, errors, tracebacks
     elif not _loopback(settings.host):

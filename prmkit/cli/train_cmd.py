@@ -25,9 +25,9 @@ from prmkit.cli._options import (
     unescape,
 )
 from prmkit.cli._output import Output, attach_logging, stderr
-from prmkit.config import load_config
+from prmkit.config.load import load_config
 
-ENV_LAUNCHED = "PRMKIT_LAUNCHED"  # same value as prmkit.training.ENV_LAUNCHED; kept here so --help stays fast
+ENV_LAUNCHED = "PRMKIT_LAUNCHED"  # same value as prmkit.train.recipe.ENV_LAUNCHED; kept here so --help stays fast
 
 
 def _rank() -> int:
@@ -109,9 +109,9 @@ def train(
 
     if ((num_processes or 1) > 1 or accelerate_config is not None) and not _in_distributed_launch():
         # Check what can be checked here, so a bad config is one clear line, not one traceback per process.
-        from prmkit import training
+        from prmkit.train import recipe as training
 
-        from prmkit.modeling import load_model_config
+        from prmkit.models.loading import load_model_config
 
         cfg = training.resolve_config(cfg)
         load_model_config(cfg.model)
@@ -126,7 +126,7 @@ def train(
         raise typer.Exit(relaunch(child, num_processes, accelerate_config))
 
     _quiet_libraries(main_rank)
-    from prmkit import training
+    from prmkit.train import recipe as training
 
     from prmkit.scoring import end_distributed
 

@@ -8,10 +8,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-from prmkit import jsonio
+from prmkit.core import jsonio
 from prmkit.errors import UsageError
 from prmkit.hub.files import inside, read_text_capped
-from prmkit.modeling import CONFIG_YAML, PRMKIT_JSON
+from prmkit.core.filenames import CONFIG_YAML, PRMKIT_JSON
 
 log = logging.getLogger("prmkit")
 
@@ -202,7 +202,7 @@ PRMKIT_CLI_USAGE = "prmkit score {repo_id} solutions.jsonl -o scored.jsonl"
 
 
 def lm_tag_snippet(repo_id: str, kind: dict) -> str:
-    """Plain-transformers scoring code for an lm-tag PRM, reading each step where ``prmkit.kinds`` does."""
+    """Plain-transformers scoring code for an lm-tag PRM, reading each step where ``prmkit.kinds.spec`` does."""
     good, bad = kind.get("reward_tokens") or ["+", "-"]
     ids = kind.get("reward_token_ids")
     if ids:

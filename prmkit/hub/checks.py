@@ -6,13 +6,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from prmkit import jsonio
+from prmkit.core import jsonio
 from prmkit.errors import UsageError
 from prmkit.hub.card import hub_id
 from prmkit.errors import first_line
 from prmkit.hub.files import TOKENIZER_VOCAB_FILES, read_text_capped
-from prmkit.model_files import read_safetensors_header
-from prmkit.modeling import CONFIG_YAML, MODEL_LOAD_DEFAULTS, quiet_transformers
+from prmkit.models.files import read_safetensors_header
+from prmkit.core.filenames import CONFIG_YAML
+from prmkit.models.loading import MODEL_LOAD_DEFAULTS, quiet_transformers
 
 
 def check_weights(model_dir: Path, files: list[tuple[str, Path]]) -> None:
@@ -40,7 +41,7 @@ def trust_remote_code(model_dir: Path) -> bool:
         return False
     import yaml
 
-    from prmkit.config import load_yaml
+    from prmkit.config.load import load_yaml
 
     try:
         cfg = load_yaml(read_text_capped(path)) or {}

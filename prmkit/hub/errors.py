@@ -8,7 +8,7 @@ import os
 from typing import Iterator
 
 from prmkit.errors import PrmkitError, UsageError, first_line
-from prmkit.redact import mask, register_secret
+from prmkit.core.redact import mask, register_secret
 
 
 def resolve_token(token: str | None = None) -> str:

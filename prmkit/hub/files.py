@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from prmkit.errors import UsageError
-from prmkit.modeling import CONFIG_YAML, PRMKIT_JSON
+from prmkit.core.filenames import CONFIG_YAML, PRMKIT_JSON
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 # The Trainer pickles its arguments beside the weights; they are not weights and are never pushed.

@@ -7,7 +7,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prmkit import __version__, jsonio
+from prmkit.core.version import __version__
+from prmkit.core import jsonio
 from prmkit.errors import PrmkitError, UsageError
 from prmkit.hub.card import HUB_ID, build_card, is_template_card, load_eval_report
 from prmkit.hub.checks import check_adapter, check_model_loads, check_tokenizer, check_weights, trust_remote_code
@@ -18,8 +19,8 @@ from prmkit.hub.files import (
 from prmkit.hub.sanitize import (
     REWRITTEN_JSON, REWRITTEN_YAML, holds_secret, publishable, refuse_secret_files, rewrite_for_upload, secrets_in_use,
 )
-from prmkit.modeling import CONFIG_YAML, PRMKIT_JSON
-from prmkit.redact import mask, redact
+from prmkit.core.filenames import CONFIG_YAML, PRMKIT_JSON
+from prmkit.core.redact import mask, redact
 
 log = logging.getLogger("prmkit")
 
@@ -344,7 +345,7 @@ def push_model(
 
 
 def push_with_config(model_dir: str | Path, push: Any, *, dry_run: bool = False, token: str | None = None) -> PushResult:
-    """``push_model`` with every setting from a config's ``push`` section (prmkit.config.PushConfig)."""
+    """``push_model`` with every setting from a config's ``push`` section (prmkit.config.schema.PushConfig)."""
     return push_model(
         model_dir, push.repo_id or "", private=push.private, revision=push.revision,
         commit_message=push.commit_message, create_pr=push.create_pr, adapter=push.adapter,

@@ -16,11 +16,11 @@ from typing import Any, Iterable
 
 import yaml
 
-from prmkit import jsonio
-from prmkit.config import load_yaml
+from prmkit.core import jsonio
+from prmkit.config.load import load_yaml
 from prmkit.errors import UsageError
 from prmkit.hub.files import read_text_capped
-from prmkit.redact import MASK, redact, register_secret
+from prmkit.core.redact import MASK, redact, register_secret
 
 # Files rewritten on the way up, by how they are parsed.
 REWRITTEN_JSON = ("prmkit.json", "adapter_config.json")
@@ -125,7 +125,7 @@ def holds_secret(path: Path, secrets: list[str], header_only: bool = False) -> b
         return False
     needles = [s.encode("utf-8") for s in secrets]
     if header_only:
-        from prmkit.model_files import read_safetensors_header
+        from prmkit.models.files import read_safetensors_header
 
         header = json.dumps(read_safetensors_header(path).get("__metadata__") or {}, ensure_ascii=False).encode()
         return any(n in header for n in needles)

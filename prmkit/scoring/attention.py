@@ -21,6 +21,8 @@ import logging
 from functools import lru_cache
 from typing import Any
 
+from prmkit.errors import named_first_line
+
 log = logging.getLogger("prmkit")
 
 VARLEN = "prmkit_varlen"
@@ -110,7 +112,7 @@ def probe_torch_varlen(config: Any, dtype_name: str, device: str = "cuda", varle
     try:
         got = _torch_varlen_call(varlen, q, k, v, cu, max(lengths), scale).float()
     except Exception as e:  # noqa: BLE001 - any failure means: do not use it
-        return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        return named_first_line(e)
     want = _per_sequence(q.float(), k.float(), v.float(), cu, scale)
     if tuple(got.shape) != tuple(want.shape):
         return f"output shape {tuple(got.shape)}, expected {tuple(want.shape)}"

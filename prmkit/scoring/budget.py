@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from prmkit.memory import ModelShape
+from prmkit.models.memory import ModelShape
 
 CPU_BATCH_TOKENS = 2048
 """With 2,048 tokens the activations and attention scores stay in cache; the score benchmark's forward passes take 25%
@@ -91,13 +91,13 @@ def device_batch_tokens(
 
 def free_device_memory(device: Any) -> tuple[int, int] | None:
     """(bytes this process may still allocate, total bytes) on a CUDA device, after emptying the allocator's cache;
-    None for other devices. The first figure is :func:`prmkit.memory.device_budget`'s, so a per-process memory
+    None for other devices. The first figure is :func:`prmkit.models.memory.device_budget`'s, so a per-process memory
     fraction is honoured as in training."""
     import torch
 
     if getattr(device, "type", str(device)) != "cuda" or not torch.cuda.is_available():
         return None
-    from prmkit.memory import device_budget
+    from prmkit.models.memory import device_budget
 
     torch.cuda.empty_cache()
     free = device_budget(device=device).bytes

@@ -27,16 +27,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from prmkit.errors import DataError, PrmkitError, UsageError, first_line
-from prmkit.formats import step_problem
-from prmkit.modeling import (
-    POSITIVE_LABEL_ID,
-    PRMKIT_JSON,
-    kind_tokenization,
-    read_metadata,
-    resolve_tokenization,
-)
-from prmkit.memory import release_memory
-from prmkit.model_files import check_model_dir, check_tokenizer_fits, embedding_rows
+from prmkit.data.formats import step_problem
+from prmkit.models.model_dir import POSITIVE_LABEL_ID, kind_tokenization, read_metadata, resolve_tokenization
+from prmkit.core.filenames import PRMKIT_JSON
+from prmkit.models.memory import release_memory
+from prmkit.models.files import check_model_dir, check_tokenizer_fits, embedding_rows
 from prmkit.scoring import attention, budget
 from prmkit.scoring.loading import (
     OVERLAP_TOKENIZER_ON,
@@ -47,8 +42,8 @@ from prmkit.scoring.loading import (
     load_model,
     model_identity,
     resolve_device,
-    resolve_dtype,
 )
+from prmkit.models.loading import resolve_dtype
 from prmkit.scoring.timings import Timings
 from prmkit.tokenization import Encoded, TextEncoder, TokenizationParams, encode_solutions, tokenizer_fingerprint
 
@@ -145,7 +140,7 @@ class StepScorer:
         self.causal = _is_causal(model) if causal is None else causal
         self.allow_bidirectional = allow_bidirectional
         self.kind_encoder = kind_encoder
-        """Another PRM kind's tokens and read positions (:class:`prmkit.kinds.KindEncoder`); None: TRL's tokenization."""
+        """Another PRM kind's tokens and read positions (:class:`prmkit.kinds.encoder.KindEncoder`); None: TRL's tokenization."""
         self.prefix_mode = not self.causal and not allow_bidirectional and kind_encoder is None
         if self.prefix_mode:
             log.warning(
@@ -175,7 +170,7 @@ class StepScorer:
         """The batch budget when none is given, and where it came from (the summary and the log say it)."""
         if self.device.type == "cpu":
             return budget.CPU_BATCH_TOKENS, "cpu default"
-        from prmkit.memory import model_shape
+        from prmkit.models.memory import model_shape
 
         memory = budget.free_device_memory(self.device)
         shape = model_shape(self.model.config)
@@ -226,14 +221,14 @@ class StepScorer:
         with TRL) the separator defaults to ``"\\n"`` with a warning. ``step_separator`` overrides it.
         ``tokenization`` (``data.*`` keys the user set) and ``tokenizer`` (a tokenizer to load instead of the model's
         own) are honoured over what the model recorded, with a warning where they differ from training; settings
-        that cannot apply are refused (:func:`prmkit.modeling.resolve_tokenization`).
+        that cannot apply are refused (:func:`prmkit.models.model_dir.resolve_tokenization`).
         Under ``accelerate launch`` with several processes, each process takes its own device and scores a share.
         The config is read once and handed to the model, whose weights are read straight onto the device. On CUDA
         a causal model is loaded with a varlen attention kernel for packed batches (:mod:`prmkit.scoring.attention`)
         unless ``packing`` is False or ``attn_implementation`` is given. ``timings`` collects the seconds spent loading
         (``model_load``: the architecture's code, weights, tokenizer), tokenizing and in forward passes.
         """
-        from prmkit.locate import locate
+        from prmkit.core.locate import locate
 
         timings = timings or Timings()
         name = str(path_or_id)
@@ -247,19 +242,20 @@ class StepScorer:
         import torch
         from transformers import AutoConfig, AutoModelForTokenClassification
 
-        from prmkit.dataset import load_tokenizer
-        from prmkit.modeling import is_causal, quiet_transformers
+        from prmkit.models.loading import load_tokenizer
+        from prmkit.models.loading import is_causal, quiet_transformers
 
         metadata = read_metadata(local) if is_local else hub_metadata(name, revision)
         if is_local:
             check_model_dir(local)  # config sizes and weight headers, before transformers trusts them
-        from prmkit import kinds
+        from prmkit.kinds.spec import LM_TAG, TOKEN_CLASSIFICATION
+        from prmkit.scoring.kinds import resolve_kind, scorer_for_kind
 
-        kind, settings, kind_tokenizer = kinds.resolve_kind(name, metadata, kind_settings, local=is_local,
+        kind, settings, kind_tokenizer = resolve_kind(name, metadata, kind_settings, local=is_local,
                                                             revision=revision, trust_remote_code=trust_remote_code)
 
         rank, world_size, dev = resolve_device(device)
-        torch_dtype = resolve_dtype(dtype, dev)
+        torch_dtype = resolve_dtype(dtype, dev, key="dtype")
         if dev.type == "cuda":
             torch.cuda.init()  # the CUDA context is start-up, not model loading
         adapter = is_local and (local / "adapter_config.json").is_file()
@@ -280,13 +276,13 @@ class StepScorer:
             load_kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
             if revision:
                 load_kwargs["revision"] = revision
-            if kind != kinds.TOKEN_CLASSIFICATION:
+            if kind != TOKEN_CLASSIFICATION:
                 if attn_implementation:
                     load_kwargs["attn_implementation"] = attn_implementation
                 max_length = kind_tokenization(name, kind, tokenization, step_separator)
-                if max_length is None and kind == kinds.LM_TAG:  # a prmkit-trained lm-tag model: its training limit
+                if max_length is None and kind == LM_TAG:  # a prmkit-trained lm-tag model: its training limit
                     max_length = ((metadata or {}).get("tokenization") or {}).get("max_length")
-                scorer = kinds.scorer_for_kind(
+                scorer = scorer_for_kind(
                     cls, kind, name, load_tokenizer(tokenizer, trust_remote_code) if tokenizer else
                     kind_tokenizer or load_tokenizer(name, trust_remote_code), settings,
                     load_kwargs=load_kwargs, device=dev, max_length=max_length, batch_tokens=batch_tokens,
@@ -301,7 +297,7 @@ class StepScorer:
                 try:
                     if adapter:
                         # A LoRA adapter that `prmkit train` saved unmerged: its base, the adapter, and the trained head.
-                        from prmkit.modeling import load_trained_model
+                        from prmkit.models.loading import load_trained_model
 
                         extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
                         model, info = load_trained_model(local, torch_dtype, trust_remote_code, **extra), {}
@@ -426,7 +422,7 @@ class StepScorer:
     def score_tokens(self, rows: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[StepScores]:
         """Score solutions already tokenized: ``(input_ids, step positions)`` each, as a `prmkit prepare` dataset
         holds them (its labelled positions). The caller has checked that they were made with this model's tokenizer
-        and tokenization (:func:`prmkit.prepared_input.check_matches`)."""
+        and tokenization (:func:`prmkit.data.prepared_input.check_matches`)."""
         if self.kind_encoder is not None or self.prefix_mode:
             raise UsageError(f"{self.identity.get('name')}: token ids can be scored by a causal (or bidirectional) "
                              "token-classification PRM only", hint="give the text data instead")
@@ -682,7 +678,7 @@ class StepScorer:
 
 
 def _check_items(items: Sequence[tuple[str, Sequence[str]]]) -> None:
-    """The library API refuses what the CLI refuses (:func:`prmkit.formats.step_problem`)."""
+    """The library API refuses what the CLI refuses (:func:`prmkit.data.formats.step_problem`)."""
     for n, item in enumerate(items, 1):
         prompt, steps = item
         if not isinstance(prompt, str):
@@ -747,7 +743,7 @@ def _is_causal(model: Any) -> bool:
     """Whether a token sees only what precedes it: prmkit's one rule for known architectures, else a probe."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
-    from prmkit.modeling import is_causal
+    from prmkit.models.loading import is_causal
 
     config = model.config
     text = config.get_text_config() if hasattr(config, "get_text_config") else config

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from prmkit.errors import DataError, UsageError
-from prmkit.formats import RowError
-from prmkit.jsonio import dumps_record
+from prmkit.data.formats import RowError
+from prmkit.core.jsonio import dumps_record
 from prmkit.metrics import AGGREGATES
 
 SELECT = ("best",)

@@ -18,14 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from prmkit import __version__
-from prmkit.atomic import remove_leftovers
-from prmkit.dataset import SourceRecord, reject_entry
+from prmkit.core.version import __version__
+from prmkit.core.atomic import remove_leftovers
+from prmkit.data.sources import SourceRecord, reject_entry
 from prmkit.errors import DataError, PrmkitError, UsageError
-from prmkit.formats import Options, RowError, check_format
-from prmkit.jsonio import dumps, dumps_record
+from prmkit.data.formats import Options, RowError, check_format
+from prmkit.core.jsonio import dumps, dumps_record
 from prmkit.metrics import aggregate, first_error_index
-from prmkit.outputs import OutputLock, refuse_inputs_inside
+from prmkit.core.outputs import OutputLock, refuse_inputs_inside
 from prmkit.scoring.engine import StepScorer, StepScores
 from prmkit.scoring.groups import GroupOrder, GroupSpec, GroupWriter, key_of
 from prmkit.scoring.resume import (
@@ -167,7 +167,7 @@ def score_file(
     With ``group`` (``--group-by``) each line also gets its ``rank`` in its group and the ``group_size``, or only
     each group's best line is written (``--select best``); groups must be contiguous (:mod:`prmkit.scoring.groups`).
 
-    A second run writing the same ``output`` is refused while the first is alive (:class:`prmkit.outputs.OutputBusy`
+    A second run writing the same ``output`` is refused while the first is alive (:class:`prmkit.core.outputs.OutputBusy`
     names its PID), and so is an output (or one of its companion files) that is the input or lies inside the model.
     ``lock`` is supplied by the wrapper that takes and releases it; callers leave it out.
     """

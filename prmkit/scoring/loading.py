@@ -9,13 +9,13 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from prmkit.atomic import read_json
+from prmkit.core.atomic import read_json
 from prmkit.errors import PrmkitError, UsageError, first_line
-from prmkit.modeling import MODEL_LOAD_DEFAULTS, PRMKIT_JSON
+from prmkit.models.loading import MODEL_LOAD_DEFAULTS
+from prmkit.core.filenames import PRMKIT_JSON
 
 log = logging.getLogger("prmkit")
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def load_model(cls, name: str, kwargs: dict, attn_implementation: str | None, fall_back: bool = False):
@@ -26,7 +26,7 @@ def load_model(cls, name: str, kwargs: dict, attn_implementation: str | None, fa
         if not fall_back or attn_implementation is None:
             raise
         # The architecture (or this build) does not take the packing kernel prmkit chose: fall back to padded batches.
-        log.info(f"{attn_implementation} unavailable for {name} ({str(e).splitlines()[0]}); using padded batches")
+        log.info(f"{attn_implementation} unavailable for {name} ({first_line(e)}); using padded batches")
         return cls.from_pretrained(name, output_loading_info=True, **kwargs)
 
 
@@ -130,18 +130,6 @@ def resolve_device(device: str):
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"device {device!r} asked for, but CUDA is not available", hint="use --device cpu or auto")
     return 0, 1, dev
-
-
-def resolve_dtype(dtype: str, device):
-    import torch
-
-    if dtype not in DTYPES:
-        raise UsageError(f"unknown dtype {dtype!r}", hint=f"one of {', '.join(DTYPES)}")
-    if dtype == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32  # bf16 matmuls are slow on most CPUs, and fp32 is exact
-    return getattr(torch, dtype)
 
 
 def model_identity(name: str, model: Any | None = None) -> dict[str, Any]:

@@ -25,11 +25,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prmkit import jsonio
-from prmkit.atomic import write_atomic
+from prmkit.core import jsonio
+from prmkit.core.atomic import write_atomic
 from prmkit.errors import UsageError
-from prmkit.jsonio import dumps
-from prmkit.redact import redact
+from prmkit.core.jsonio import dumps
+from prmkit.core.redact import redact
 
 log = logging.getLogger("prmkit")
 

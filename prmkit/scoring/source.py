@@ -6,9 +6,9 @@ from __future__ import annotations
 import hashlib
 from typing import Any, Iterator
 
-from prmkit.dataset import SourceRecord
-from prmkit.formats import SIGNATURES, Options, RowError, convert, detect_format, validate
-from prmkit.jsonio import nonfinite_field
+from prmkit.data.sources import SourceRecord
+from prmkit.data.formats import SIGNATURES, Options, RowError, convert, detect_format, validate
+from prmkit.core.jsonio import nonfinite_field
 
 SCORABLE = ("stepwise", "processbench")
 
@@ -17,7 +17,7 @@ class InputSource:
     """A score input: a JSONL file or stdin read line by line with byte offsets, or any source `prepare` reads."""
 
     def __init__(self, spec: str):
-        from prmkit.dataset import Source, resolve_source
+        from prmkit.data.sources import Source, resolve_source
 
         self.spec = spec
         self.stdin = spec == "-"
@@ -33,7 +33,7 @@ class InputSource:
 
     def fingerprint(self) -> str | None:
         """A hash of the content (not the path, so the same file named from elsewhere still matches)."""
-        from prmkit.dataset import fingerprint_source
+        from prmkit.data.sources import fingerprint_source
 
         if self.stdin:
             return None
@@ -61,7 +61,7 @@ class InputSource:
         return n + (last != b"\n")
 
     def records(self, after_line: int = 0, after_offset: int | None = None) -> Iterator[SourceRecord]:
-        from prmkit.dataset import iter_records, read_jsonl
+        from prmkit.data.sources import iter_records, read_jsonl
 
         if self.source.kind != "jsonl" or self.source.instruction is not None:
             # A slice is read from its start: a byte offset says nothing about which rows the slice holds.

@@ -19,7 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from prmkit import __version__
+from prmkit.core.version import __version__
 from prmkit.errors import DataError, PrmkitError, first_line
 from prmkit.serve import endpoints
 from prmkit.serve.batcher import Batcher, QueueFull, ShuttingDown

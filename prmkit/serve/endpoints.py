@@ -165,7 +165,7 @@ def _pooling_inputs(svc: Service, obj: dict) -> tuple[list[str | list[int]], boo
     if add is not None and not isinstance(add, bool):
         raise RequestError(422, f"add_special_tokens: expected a boolean, got {type(add).__name__}")
     if obj.get("messages") is not None:
-        from prmkit.chat_template import render_chat
+        from prmkit.kinds.chat_template import render_chat
 
         messages = obj["messages"]
         if not isinstance(messages, list) or not messages or not all(

@@ -12,7 +12,7 @@ from typing import Any, Optional, Union
 
 from pydantic import BaseModel, Field
 
-from prmkit.formats import step_problem
+from prmkit.data.formats import step_problem
 from prmkit.tokenization import text_problem
 
 
