@@ -127,6 +127,23 @@ def test_scores_do_not_depend_on_which_requests_share_a_batch(scorer):
     assert [m["step_scores"] for m in mixed] == alone[::-1]
 
 
+def test_a_model_scored_prefix_by_prefix_is_served_too(scorer):
+    from prmkit.scoring import StepScorer
+
+    prefix = StepScorer(scorer.model, scorer.tokenizer, scorer.params, causal=False)
+    assert prefix.prefix_mode
+    want = [r.scores for r in prefix.score_solutions(SOLUTIONS)]
+    with served(prefix, max_wait_ms=100) as c, ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda s: c.post("/v1/score", json=items_body([s])), SOLUTIONS))
+    assert [a.json()["items"][0]["step_scores"] for a in answers] == want
+
+
+def test_a_scored_request_says_where_its_time_went(client):
+    timing = client.post("/v1/score", json=GOOD).headers["Server-Timing"]
+    parts = dict(p.split(";dur=") for p in timing.split(", "))
+    assert set(parts) == {"tokenize", "queue", "engine"} and float(parts["engine"]) > 0
+
+
 def test_a_response_is_cut_into_steps_at_the_model_separator(client, scorer):
     prompt, steps = SOLUTIONS[1]
     answer = client.post("/v1/score", json={"prompt": prompt, "response": "\n" + "\n".join(steps) + "\n"}).json()

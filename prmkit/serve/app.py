@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from prmkit.core.version import __version__
 from prmkit.errors import DataError, PrmkitError, first_line
 from prmkit.serve import endpoints
-from prmkit.serve.batcher import Batcher, QueueFull, ShuttingDown
+from prmkit.serve.batcher import TIMING, Batcher, QueueFull, ShuttingDown
 from prmkit.serve.metrics import Metrics
 from prmkit.serve.policy import response_separator
 from prmkit.serve.schemas import (
@@ -192,10 +192,15 @@ def create_app(load: Callable[[], Any], settings: Any, *, threshold: float = 0.5
                      work: Callable[[endpoints.Service, Any], Awaitable[dict]]) -> Response:
         started = time.perf_counter()
         status, response = 200, None
+        timing: dict[str, float] = {}
+        TIMING.set(timing)
         try:
             svc = state.ready_service()
             obj = parse_json(await read_body(request, body_limit))
             response = JSONResponse(await work(svc, obj))
+            if timing:
+                # Where a request's time went, in the standard header browsers and proxies show (milliseconds).
+                response.headers["Server-Timing"] = ", ".join(f"{k};dur={v * 1000:.2f}" for k, v in timing.items())
         except RequestError as e:
             status, response = e.status, error_response(e.status, e.message, e.headers)
         except QueueFull as e:

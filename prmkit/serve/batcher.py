@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import logging
 import threading
 import time
@@ -26,6 +27,10 @@ from typing import Any, Callable, Sequence
 from prmkit.errors import PrmkitError, first_line
 
 log = logging.getLogger("prmkit")
+
+TIMING: contextvars.ContextVar[dict | None] = contextvars.ContextVar("prmkit_serve_timing", default=None)
+"""A request handler sets a dict here; :meth:`Batcher.score` fills it with seconds spent tokenizing, queued and in
+the engine call that scored the request (the server's ``Server-Timing`` header)."""
 
 
 class QueueFull(Exception):
@@ -50,6 +55,8 @@ class _Job:
     loop: asyncio.AbstractEventLoop
     enqueued: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
+    started: float = 0.0
+    engine_s: float = 0.0
 
     def finish(self, result: Any = None, error: BaseException | None = None) -> None:
         def settle() -> None:
@@ -90,6 +97,9 @@ class Batcher:
         self._worker = threading.Thread(target=self._work, name="prmkit-engine", daemon=True)
         self._rate = 0.0  # solutions per second of recent batches, for Retry-After
         self.prefix_mode = bool(getattr(scorer, "prefix_mode", False))
+        # A model scored prefix by prefix tokenizes in the engine call too; a fast tokenizer must not be called from
+        # two threads at once (its settings are changed per call), so the two take turns.
+        self._tokenizer_lock = threading.Lock()
 
     # -- the asyncio side -------------------------------------------------------------------------------------------
 
@@ -112,8 +122,9 @@ class Batcher:
         try:
             with self._cond:
                 self._tokenizing += 1
+            began = time.perf_counter()
             try:
-                encoded = await loop.run_in_executor(self._tokenizer, encode)
+                encoded = await loop.run_in_executor(self._tokenizer, self._locked, encode)
             finally:
                 with self._cond:
                     self._tokenizing -= 1
@@ -128,13 +139,23 @@ class Batcher:
                 self.metrics.queue_depth(self._reserved, len(self._queue))
                 self._cond.notify_all()
             try:
-                return await asyncio.shield(job.future)
+                results = await asyncio.shield(job.future)
             except asyncio.CancelledError:
                 job.cancelled = True
                 raise
+            timing = TIMING.get()
+            if timing is not None:
+                timing.update(tokenize=job.enqueued - began, queue=job.started - job.enqueued, engine=job.engine_s)
+            return results
         finally:
             if not taken:
                 self._release(rows)
+
+    def _locked(self, encode: Callable[[], list[Any]]) -> list[Any]:
+        if not self.prefix_mode:
+            return encode()
+        with self._tokenizer_lock:
+            return encode()
 
     def _admit(self, n: int) -> None:
         with self._cond:
@@ -199,6 +220,8 @@ class Batcher:
             if not jobs:
                 continue
             started = time.perf_counter()
+            for job in jobs:
+                job.started = started
             try:
                 results = self._score(jobs)
             except Exception as e:  # noqa: BLE001 - each request is then scored alone, so only the one at fault fails
@@ -215,6 +238,7 @@ class Batcher:
             seconds = time.perf_counter() - started
             offset = 0
             for job in jobs:
+                job.engine_s = seconds
                 job.finish(results[offset: offset + job.rows])
                 offset += job.rows
             rows = sum(j.rows for j in jobs)
@@ -224,7 +248,8 @@ class Batcher:
 
     def _score(self, jobs: list[_Job]) -> list[Any]:
         if self.prefix_mode and all(job.items is not None for job in jobs):
-            return self.scorer.score_solutions([item for job in jobs for item in job.items])
+            with self._tokenizer_lock:
+                return self.scorer.score_solutions([item for job in jobs for item in job.items])
         return self.scorer.score_encoded([enc for job in jobs for enc in job.encoded])
 
     def _fail(self, job: _Job, error: BaseException) -> None:
