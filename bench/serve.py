@@ -37,11 +37,16 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _data import QWEN2_TOKENIZER, make_rows  # noqa: E402
-from _scoring import SEP, build_model  # noqa: E402
+from _data import QWEN2_TOKENIZER, make_rows
+from _scoring import SEP, build_model
 
-SHAPE = {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
-         "intermediate_size": 1024}  # bench/score.py's
+SHAPE = {
+    "hidden_size": 256,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 1024,
+}  # bench/score.py's
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -108,9 +113,16 @@ async def drive(base: str, rows: list[dict], clients: int) -> dict:
         wall = time.perf_counter() - start
         after = (await client.get("/metrics")).text
     (s0, c0), (s1, c1) = metric_sums(before, "prmkit_batch_requests"), metric_sums(after, "prmkit_batch_requests")
-    return {"clients": clients, "requests": len(rows), "seconds": wall, "latencies": latencies, "scores": scores,
-            "overheads": [a - b for a, b in zip(latencies, engine)],
-            "engine_calls": c1 - c0, "mean_batch_requests": (s1 - s0) / (c1 - c0) if c1 > c0 else None}
+    return {
+        "clients": clients,
+        "requests": len(rows),
+        "seconds": wall,
+        "latencies": latencies,
+        "scores": scores,
+        "overheads": [a - b for a, b in zip(latencies, engine, strict=True)],
+        "engine_calls": c1 - c0,
+        "mean_batch_requests": (s1 - s0) / (c1 - c0) if c1 > c0 else None,
+    }
 
 
 def start_server(model_dir: Path, port: int, env: dict, extra: list[str]) -> subprocess.Popen:
@@ -139,10 +151,20 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--latency-requests", type=int, default=200, help="requests at 1 and at 8 clients")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch threads for the engine and the server (OMP_NUM_THREADS); default: torch's own")
-    ap.add_argument("--set", action="append", default=[], dest="sets", metavar="KEY=VALUE",
-                    help="serve settings for the server (e.g. serve.max_wait_ms=5)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads for the engine and the server (OMP_NUM_THREADS); default: torch's own",
+    )
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        dest="sets",
+        metavar="KEY=VALUE",
+        help="serve settings for the server (e.g. serve.max_wait_ms=5)",
+    )
     args = ap.parse_args()
     if not QWEN2_TOKENIZER.exists():
         raise SystemExit(f"needs the Qwen2 tokenizer at {QWEN2_TOKENIZER} (../shared)")
@@ -188,12 +210,13 @@ def main() -> None:
     offline_2, _ = offline(scorer, items)
     engine = min(offline_1, offline_2)
 
-    diffs = [abs(a - b) for x, y in zip(many["scores"], offline_scores) for a, b in zip(x, y)]
+    diffs = [abs(a - b) for x, y in zip(many["scores"], offline_scores, strict=True) for a, b in zip(x, y, strict=True)]
     lone_engine_p50 = statistics.median(alone_times)
     runs = {}
     for run in (one, eight, many):
         runs[str(run["clients"])] = {
-            "requests": run["requests"], "seconds": round(run["seconds"], 2),
+            "requests": run["requests"],
+            "seconds": round(run["seconds"], 2),
             "requests_per_s": round(run["requests"] / run["seconds"], 1),
             "p50_ms": round(percentile(run["latencies"], 50) * 1000, 1),
             "p99_ms": round(percentile(run["latencies"], 99) * 1000, 1),
@@ -221,28 +244,43 @@ def main() -> None:
         "max_abs_score_diff_vs_offline": max(diffs),
         "loadavg_1min_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-                   f"Python {platform.python_version()}",
+        f"Python {platform.python_version()}",
     }
-    out = Path(__file__).resolve().parent / "results" / ("serve.json" if args.rows == 2000 else f"serve-{args.rows}.json")
+    out = (
+        Path(__file__).resolve().parent / "results" / ("serve.json" if args.rows == 2000 else f"serve-{args.rows}.json")
+    )
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
 
-    print(f"{args.rows} solutions, {steps} steps; Qwen2 h256 x 4 layers (random), Qwen2 tokenizer, fp32 CPU, "
-          f"{result['threads']} torch threads; {result['machine']}\n")
-    print(f"throughput at {args.clients} clients: {result['served_steps_per_s']} steps/s, offline engine "
-          f"{result['offline_engine_steps_per_s']} steps/s: {result['throughput_ratio']:.1%} (target >= 85%)")
-    print(f"lone request p50 {result['lone_request_p50_ms']} ms; the engine alone on the same items "
-          f"{result['engine_alone_p50_ms']} ms: +{result['lone_request_overhead_p50_ms']} ms (target <= +15 ms)")
-    print(f"lone request minus the server's own engine call for it (Server-Timing): p50 "
-          f"{result['lone_request_minus_its_engine_call_p50_ms']} ms, p99 {result['lone_request_minus_its_engine_call_p99_ms']} ms")
-    print(f"mean batch at {args.clients} clients: {result['mean_batch_requests_at_max_clients']} requests per engine "
-          "call (target >= 16)")
+    print(
+        f"{args.rows} solutions, {steps} steps; Qwen2 h256 x 4 layers (random), Qwen2 tokenizer, fp32 CPU, "
+        f"{result['threads']} torch threads; {result['machine']}\n"
+    )
+    print(
+        f"throughput at {args.clients} clients: {result['served_steps_per_s']} steps/s, offline engine "
+        f"{result['offline_engine_steps_per_s']} steps/s: {result['throughput_ratio']:.1%} (target >= 85%)"
+    )
+    print(
+        f"lone request p50 {result['lone_request_p50_ms']} ms; the engine alone on the same items "
+        f"{result['engine_alone_p50_ms']} ms: +{result['lone_request_overhead_p50_ms']} ms (target <= +15 ms)"
+    )
+    print(
+        f"lone request minus the server's own engine call for it (Server-Timing): p50 "
+        f"{result['lone_request_minus_its_engine_call_p50_ms']} ms, "
+        f"p99 {result['lone_request_minus_its_engine_call_p99_ms']} ms"
+    )
+    print(
+        f"mean batch at {args.clients} clients: {result['mean_batch_requests_at_max_clients']} requests per engine "
+        "call (target >= 16)"
+    )
     print(f"max |score difference| vs the offline engine: {result['max_abs_score_diff_vs_offline']}\n")
     print("| clients | requests | req/s | p50 ms | p99 ms | mean batch (requests) |")
     print("|---|---|---|---|---|---|")
     for clients, run in runs.items():
-        print(f"| {clients} | {run['requests']} | {run['requests_per_s']} | {run['p50_ms']} | {run['p99_ms']} | "
-              f"{run['mean_batch_requests']} |")
+        print(
+            f"| {clients} | {run['requests']} | {run['requests_per_s']} | {run['p50_ms']} | {run['p99_ms']} | "
+            f"{run['mean_batch_requests']} |"
+        )
 
 
 def _free_port() -> int:

@@ -14,24 +14,33 @@ from pathlib import Path
 
 import pytest
 from conftest import make_tiny_prm
+from test_kinds import lm_tag_model, qwen_prm_model  # noqa: F401 - the tiny kind models, as fixtures
 
 pytest.importorskip("fastapi", reason="the serve extra: pip install 'prmkit[serve]'")
 
-from fastapi.testclient import TestClient  # noqa: E402
+from fastapi.testclient import TestClient
 
-from prmkit.config.schema import ServeConfig  # noqa: E402
-from prmkit.errors import PrmkitError  # noqa: E402
-from prmkit.metrics import aggregate  # noqa: E402
-from prmkit.serve.app import create_app  # noqa: E402
+from prmkit.config.schema import ServeConfig
+from prmkit.errors import PrmkitError
+from prmkit.metrics import aggregate
+from prmkit.serve.app import create_app
 
 SOLUTIONS = [
     ("Which number is larger, 9.8 or 9.11?", ["11 is greater than 8.", "Hence, 9.11 > 9.8."]),
-    ("Let's call the price of a pencil p and the price of a jumbo eraser e.",
-     ["The first equation is 3p + e = 124, and the second equation is 5p + e = 182.", "So the answer is 42.",
-      "We check: 6 * 7 = 42.", "Hence 42."]),
+    (
+        "Let's call the price of a pencil p and the price of a jumbo eraser e.",
+        [
+            "The first equation is 3p + e = 124, and the second equation is 5p + e = 182.",
+            "So the answer is 42.",
+            "We check: 6 * 7 = 42.",
+            "Hence 42.",
+        ],
+    ),
     ("So the answer is 42.", ["We check: 6 * 7 = 42."]),
-    ("Step 1: Janet spends 3 hours + 5 hours = 8 hours per week on music lessons.",
-     ["11 is greater than 8.", "Hence, 9.11 > 9.8.", "So the answer is 42."]),
+    (
+        "Step 1: Janet spends 3 hours + 5 hours = 8 hours per week on music lessons.",
+        ["11 is greater than 8.", "Hence, 9.11 > 9.8.", "So the answer is 42."],
+    ),
 ]
 GOOD = {"items": [{"prompt": SOLUTIONS[0][0], "steps": SOLUTIONS[0][1]}]}
 
@@ -96,8 +105,22 @@ def test_v1_score_is_what_prmkit_score_writes_bit_for_bit(tmp_path, prm_dir):
     rows = tmp_path / "rows.jsonl"
     rows.write_text("".join(json.dumps({"prompt": p, "completions": s}) + "\n" for p, s in SOLUTIONS))
     out = tmp_path / "scored.jsonl"
-    result = CliRunner().invoke(cli, ["score", str(prm_dir), str(rows), "-o", str(out), "--dtype", "float32",
-                                      "--device", "cpu", "--set", "data.max_length=40"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "score",
+            str(prm_dir),
+            str(rows),
+            "-o",
+            str(out),
+            "--dtype",
+            "float32",
+            "--device",
+            "cpu",
+            "--set",
+            "data.max_length=40",
+        ],
+    )
     assert result.exit_code == 0, result.output
     written = [json.loads(line) for line in out.read_text().splitlines()]
     assert any(w.get("truncated") for w in written) and not all(w.get("truncated") for w in written)
@@ -105,7 +128,7 @@ def test_v1_score_is_what_prmkit_score_writes_bit_for_bit(tmp_path, prm_dir):
     short = StepScorer.from_pretrained(prm_dir, dtype="float32", device="cpu", tokenization={"max_length": 40})
     with served(short, truncated="read") as c:
         got = c.post("/v1/score", json=items_body(SOLUTIONS)).json()["items"]
-    for item, line in zip(got, written):
+    for item, line in zip(got, written, strict=True):
         assert item["step_scores"] == line["step_scores"]  # floats parsed from JSON: the same bits
         assert item["aggregates"] == line["aggregates"]
         assert item["first_error"] == line["first_error"]
@@ -168,7 +191,11 @@ BAD = {
     "NaN": (b'{"items": [{"prompt": "a", "steps": [NaN]}]}', 400, "NaN is not valid JSON"),
     "a body that is not an object": (b"[1, 2]", 422, "JSON object"),
     "steps not a list": ({"items": [{"prompt": "a", "steps": "b"}]}, 422, "items[0].steps: expected a list"),
-    "a step not a string": ({"items": [{"prompt": "a", "steps": ["b", 3]}]}, 422, "items[0].steps[1]: expected a string"),
+    "a step not a string": (
+        {"items": [{"prompt": "a", "steps": ["b", 3]}]},
+        422,
+        "items[0].steps[1]: expected a string",
+    ),
     "prompt not a string": ({"items": [{"prompt": None, "steps": ["b"]}]}, 422, "items[0].prompt: expected a string"),
     "a lone surrogate": (b'{"items": [{"prompt": "a", "steps": ["b\\ud800"]}]}', 422, "lone surrogate U+D800"),
     "no steps": ({"items": [{"prompt": "a", "steps": []}]}, 422, "items[0].steps: empty"),
@@ -194,10 +221,10 @@ def test_a_bad_request_is_a_one_line_4xx_and_the_next_good_one_succeeds(scorer, 
         assert metric(c, "prmkit_errors_total") >= 1
 
 
-def test_a_step_holding_the_step_tag_is_a_4xx(lm_tag_model):
+def test_a_step_holding_the_step_tag_is_a_4xx(request):
     from prmkit.scoring import StepScorer
 
-    path, _, _ = lm_tag_model
+    path, _, _ = request.getfixturevalue("lm_tag_model")
     tagged = StepScorer.from_pretrained(path, dtype="float32", device="cpu")
     with served(tagged) as c:
         sent = c.post("/v1/score", json={"items": [{"prompt": "a", "steps": ["b ки c"]}]})
@@ -237,7 +264,7 @@ class Gated:
         self.entered.set()
         assert self.go.wait(30)
         fail = self.inner.tokenizer.encode("FAIL", add_special_tokens=False)
-        if any(ids[i: i + len(fail)] == fail for ids in (e.input_ids for e in encoded) for i in range(len(ids))):
+        if any(ids[i : i + len(fail)] == fail for ids in (e.input_ids for e in encoded) for i in range(len(ids))):
             raise PrmkitError("out of cpu memory scoring a single sequence of 99999 tokens (test)")
         return self.inner.score_encoded(encoded)
 
@@ -292,7 +319,7 @@ def test_one_request_failing_fails_alone_not_the_batch_it_shared(scorer):
         gated.go.set()
         assert holder.result().status_code == 200
         assert bad.result().status_code == 413 and "single sequence" in bad.result().json()["error"]["message"]
-        for s, good in zip(SOLUTIONS[1:3], goods):
+        for s, good in zip(SOLUTIONS[1:3], goods, strict=True):
             assert good.result().json()["items"][0]["step_scores"] == scorer.score(*s)
 
 
@@ -314,7 +341,11 @@ def test_an_api_key_is_required_except_for_health_and_docs(scorer):
 
 def test_get_reward_answers_openrlhf_shapes(client, scorer):
     assert client.post("/get_reward", json={"query": []}).json() == {
-        "rewards": [], "scores": [], "step_rewards": [], "extra_logs": {"truncated": [], "num_steps": []}}
+        "rewards": [],
+        "scores": [],
+        "step_rewards": [],
+        "extra_logs": {"truncated": [], "num_steps": []},
+    }
     assert client.post("/get_reward", json={"query": [], "prompts": [], "labels": []}).json()["rewards"] == []
     pad = scorer.tokenizer.pad_token
     queries, prompts, expected = [], [], []
@@ -353,7 +384,9 @@ def test_a_truncated_solution_follows_serve_truncated(prm_dir, scorer, policy):
         rewarded = c.post("/get_reward", json={"query": [prompt + "\n" + "\n".join(steps)], "prompts": [prompt]})
         if policy == "error":
             for answer in (scored, rewarded):
-                assert answer.status_code == 422 and "cut by the model's max_length" in answer.json()["error"]["message"]
+                assert (
+                    answer.status_code == 422 and "cut by the model's max_length" in answer.json()["error"]["message"]
+                )
             assert c.post("/v1/score", json=GOOD).status_code == 200
             return
         item = scored.json()["items"][0]
@@ -369,10 +402,10 @@ def test_a_truncated_solution_follows_serve_truncated(prm_dir, scorer, policy):
 # vLLM /pooling
 
 
-def test_pooling_answers_vllm_shapes_for_a_qwen_prm(qwen_prm_model):
+def test_pooling_answers_vllm_shapes_for_a_qwen_prm(request):
     from prmkit.scoring import StepScorer
 
-    path, _, _ = qwen_prm_model
+    path, _, _ = request.getfixturevalue("qwen_prm_model")
     scorer = StepScorer.from_pretrained(path, dtype="float32", device="cpu")
     tok = scorer.tokenizer
     texts = [scorer.kind_encoder._text(p, s) for p, s in SOLUTIONS[:2]]  # what a vLLM client sends
@@ -383,18 +416,29 @@ def test_pooling_answers_vllm_shapes_for_a_qwen_prm(qwen_prm_model):
             answer = c.post("/pooling", json=body).json()
             assert answer["object"] == "list" and answer["model"] == "prm" and answer["id"].startswith("pool-")
             assert [d["index"] for d in answer["data"]] == [0, 1]
-            for d, w in zip(answer["data"], want):
+            for d, w in zip(answer["data"], want, strict=True):
                 assert d["object"] == "pooling"
                 assert [pair[1] for pair in d["data"]] == w and all(pair[0] == 1.0 - pair[1] for pair in d["data"])
             tokens = sum(len(tok(t)["input_ids"]) for t in texts)
-            assert answer["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0,
-                                       "prompt_tokens_details": None}
+            assert answer["usage"] == {
+                "prompt_tokens": tokens,
+                "total_tokens": tokens,
+                "completion_tokens": 0,
+                "prompt_tokens_details": None,
+            }
         one = c.post("/pooling", json={"input": tok(texts[0])["input_ids"], "task": "token_classify"}).json()
         assert [p[1] for p in one["data"][0]["data"]] == want[0]
         system = "Please reason step by step, and put your final answer within \\boxed{}."
-        chat = c.post("/pooling", json={"messages": [
-            {"role": "system", "content": system}, {"role": "user", "content": SOLUTIONS[0][0]},
-            {"role": "assistant", "content": "<extra_0>".join(SOLUTIONS[0][1]) + "<extra_0>"}]}).json()
+        chat = c.post(
+            "/pooling",
+            json={
+                "messages": [
+                    {"role": "system", "content": system},
+                    {"role": "user", "content": SOLUTIONS[0][0]},
+                    {"role": "assistant", "content": "<extra_0>".join(SOLUTIONS[0][1]) + "<extra_0>"},
+                ]
+            },
+        ).json()
         assert [p[1] for p in chat["data"][0]["data"]] == want[0]
         assert c.post("/pooling", json={"input": texts[0], "task": "embed"}).status_code == 400
         assert c.post("/pooling", json={"input": 5}).status_code == 422
@@ -402,10 +446,10 @@ def test_pooling_answers_vllm_shapes_for_a_qwen_prm(qwen_prm_model):
         assert c.post("/pooling", json={"input": texts[0] * 40}).status_code == 400  # past max_position_embeddings
 
 
-def test_pooling_reads_an_lm_tag_model_and_refuses_a_token_classifier(lm_tag_model, client):
+def test_pooling_reads_an_lm_tag_model_and_refuses_a_token_classifier(request, client):
     from prmkit.scoring import StepScorer
 
-    path, _, _ = lm_tag_model
+    path, _, _ = request.getfixturevalue("lm_tag_model")
     scorer = StepScorer.from_pretrained(path, dtype="float32", device="cpu")
     prompt, steps = SOLUTIONS[0]
     with served(scorer) as c:
@@ -414,9 +458,7 @@ def test_pooling_reads_an_lm_tag_model_and_refuses_a_token_classifier(lm_tag_mod
         # /get_reward cuts an lm-tag response at its tags, in the layout the model reads.
         query = prompt + " " + "\n".join(f"{s} ки" for s in steps)
         assert c.post("/get_reward", json={"query": [query], "prompts": [prompt]}).json()["step_rewards"] == [
-            scorer.score(prompt, steps)]
+            scorer.score(prompt, steps)
+        ]
     refused = client.post("/pooling", json={"input": "a", "task": "token_classify"})
     assert refused.status_code == 400 and "use /v1/score" in refused.json()["error"]["message"]
-
-
-from test_kinds import lm_tag_model, qwen_prm_model  # noqa: E402,F401 - the tiny kind models, as fixtures

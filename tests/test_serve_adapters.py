@@ -73,14 +73,23 @@ def url(scorer):
 def test_trl_reward_function_takes_plain_and_conversational_completions(scorer):
     reward = reward_function(scorer)
     assert reward.__name__ == "prmkit_prm"
-    plain = reward(prompts=[PROBLEM, OTHER[0]], completions=["\n".join(STEPS) + "\n", "\n".join(OTHER[1])],
-                   completion_ids=[[1], [2]], trainer_state=None)
+    plain = reward(
+        prompts=[PROBLEM, OTHER[0]],
+        completions=["\n".join(STEPS) + "\n", "\n".join(OTHER[1])],
+        completion_ids=[[1], [2]],
+        trainer_state=None,
+    )
     assert plain == [min(scorer.score(PROBLEM, STEPS)), min(scorer.score(*OTHER))]
-    chat = reward(prompts=[[{"role": "system", "content": "Be brief."}, {"role": "user", "content": PROBLEM}]],
-                  completions=[[{"role": "assistant", "content": "\n".join(STEPS)}]], completion_ids=[[1]])
+    chat = reward(
+        prompts=[[{"role": "system", "content": "Be brief."}, {"role": "user", "content": PROBLEM}]],
+        completions=[[{"role": "assistant", "content": "\n".join(STEPS)}]],
+        completion_ids=[[1]],
+    )
     assert chat == plain[:1]
-    parts = reward(prompts=[[{"role": "user", "content": [{"type": "text", "text": PROBLEM}]}]],
-                   completions=[[{"role": "assistant", "content": "\n".join(STEPS)}]])
+    parts = reward(
+        prompts=[[{"role": "user", "content": [{"type": "text", "text": PROBLEM}]}]],
+        completions=[[{"role": "assistant", "content": "\n".join(STEPS)}]],
+    )
     assert parts == plain[:1]
     assert reward(prompts=[PROBLEM], completions=["\n \n"]) == [0.0]  # no step: no reward
     last = reward_function(scorer, aggregate="last", asynchronous=True)
@@ -127,7 +136,7 @@ def test_verl_compute_score_and_dense_rewards_at_step_ends(scorer):
     positions = step_end_tokens(text, ids, tok, "\n")
     ends = step_ends(text, "\n")
     assert ends == [len(STEPS[0]), len(STEPS[0]) + 1 + len(STEPS[1]), len(text) - 1]
-    for end, position in zip(ends, positions):
+    for end, position in zip(ends, positions, strict=True):
         # The token at `position` holds the step's last character, the one before it does not reach it.
         assert len(tok.decode(ids[: position + 1])) >= end > len(tok.decode(ids[:position]))
     row = dense_scores(want, positions, len(ids))
@@ -140,7 +149,8 @@ def test_a_url_scores_as_the_server_does(url, scorer):
     assert reward.backend.aggregate == "last" and reward.backend.separator == "\n"
     assert reward(prompts=[PROBLEM, PROBLEM], completions=["\n".join(STEPS), " "]) == [want[-1], 0.0]
     assert asyncio.run(reward_function(url, asynchronous=True)(prompts=[PROBLEM], completions=["\n".join(STEPS)])) == [
-        want[-1]]
+        want[-1]
+    ]
     assert PRM(url).score([PROBLEM], [["\n\n".join(STEPS)]]) == [[want]]
     answer = asyncio.run(compute_score_fn(url)("x", "\n".join(STEPS), None, {"problem": PROBLEM}))
     assert answer["score"] == want[-1] and answer["step_scores"] == want
@@ -166,9 +176,18 @@ def test_trl_grpo_trainer_runs_two_steps_with_the_reward_function(tmp_path, scor
 
     tok = AutoTokenizer.from_pretrained(train_tokenizer_dir)
     torch.manual_seed(0)
-    policy = Qwen2ForCausalLM(Qwen2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                          num_key_value_heads=1, intermediate_size=64, vocab_size=len(tok),
-                                          pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id))
+    policy = Qwen2ForCausalLM(
+        Qwen2Config(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            intermediate_size=64,
+            vocab_size=len(tok),
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+    )
     seen: list[list[float]] = []
     reward = reward_function(scorer)
 
@@ -177,12 +196,22 @@ def test_trl_grpo_trainer_runs_two_steps_with_the_reward_function(tmp_path, scor
         seen.append(values)
         return values
 
-    args = GRPOConfig(output_dir=str(tmp_path / "grpo"), max_steps=2, per_device_train_batch_size=2, num_generations=2,
-                      max_completion_length=12, learning_rate=1e-4, logging_steps=1, report_to=[], use_cpu=True,
-                      save_strategy="no", seed=0, bf16=False)
+    args = GRPOConfig(
+        output_dir=str(tmp_path / "grpo"),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        num_generations=2,
+        max_completion_length=12,
+        learning_rate=1e-4,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        seed=0,
+        bf16=False,
+    )
     data = Dataset.from_dict({"prompt": [PROBLEM, OTHER[0], "What is 6 * 7?", "So the answer is 42."]})
-    trainer = GRPOTrainer(model=policy, reward_funcs=[prmkit_prm], args=args, train_dataset=data,
-                          processing_class=tok)
+    trainer = GRPOTrainer(model=policy, reward_funcs=[prmkit_prm], args=args, train_dataset=data, processing_class=tok)
     trainer.train()
     assert trainer.state.global_step == 2 and len(seen) >= 2
     assert all(len(v) == 2 and all(0.0 <= x <= 1.0 for x in v) for v in seen)
@@ -200,7 +229,10 @@ def _grpo_classes():
     import types
 
     added = []
-    names = {"requests": ("requests", "requests.adapters"), "urllib3": ("urllib3", "urllib3.util", "urllib3.util.retry")}
+    names = {
+        "requests": ("requests", "requests.adapters"),
+        "urllib3": ("urllib3", "urllib3.util", "urllib3.util.retry"),
+    }
     for top, modules in names.items():
         if importlib.util.find_spec(top) is not None:
             continue

@@ -30,8 +30,11 @@ def _free_port() -> int:
 
 
 def _call(url: str, body: dict | None = None, timeout: float = 120) -> tuple[int | None, dict | str]:
-    request = urllib.request.Request(url, data=json.dumps(body).encode() if body is not None else None,
-                                     headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url,
+        data=json.dumps(body).encode() if body is not None else None,
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+    )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             text = response.read().decode()
@@ -51,9 +54,27 @@ def test_a_served_process_is_unhealthy_while_loading_and_drains_on_sigterm(tmp_p
     # forward passes a hundredfold, and the timings here would depend on the neighbours.
     env = {**os.environ, "PRMKIT_API_KEY": KEY, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     drain_s = 20
-    proc = subprocess.Popen([sys.executable, "-m", "prmkit", "serve", str(prm), "--port", str(port), "--dtype",
-                             "float32", "--device", "cpu", "--set", f"serve.drain_s={drain_s}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "prmkit",
+            "serve",
+            str(prm),
+            "--port",
+            str(port),
+            "--dtype",
+            "float32",
+            "--device",
+            "cpu",
+            "--set",
+            f"serve.drain_s={drain_s}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         seen = []
         deadline = time.monotonic() + 120
@@ -69,7 +90,9 @@ def test_a_served_process_is_unhealthy_while_loading_and_drains_on_sigterm(tmp_p
         steps = ["The first equation is 3p + e = 124, and the second equation is 5p + e = 182."] * 3
         big = {"items": [{"prompt": f"Problem {i}: what is {i} + {i}?", "steps": steps} for i in range(4000)]}
         answer: dict = {}
-        worker = threading.Thread(target=lambda: answer.update(zip(("status", "body"), _call(base + "/v1/score", big))))
+        worker = threading.Thread(
+            target=lambda: answer.update(zip(("status", "body"), _call(base + "/v1/score", big), strict=True))
+        )
         worker.start()
         while True:
             _, metrics = _call(base + "/metrics")
@@ -99,10 +122,18 @@ def test_a_served_process_is_unhealthy_while_loading_and_drains_on_sigterm(tmp_p
 
 
 def test_a_missing_serve_extra_is_one_line_naming_the_install_command(tmp_path):
-    probe = ("import sys; sys.modules['fastapi'] = None\n"
-             "from prmkit.cli.app import main\nsys.argv = ['prmkit', 'serve', 'some-model']\nmain()")
-    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    probe = (
+        "import sys; sys.modules['fastapi'] = None\n"
+        "from prmkit.cli.app import main\nsys.argv = ['prmkit', 'serve', 'some-model']\nmain()"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=120,
+    )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "pip install 'prmkit[serve]'" in lines[0] and "fastapi" in lines[0], proc.stderr

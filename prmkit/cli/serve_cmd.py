@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -16,18 +16,24 @@ from prmkit.config.load import load_config
 from prmkit.errors import PrmkitError, UsageError
 
 INSTALL = "pip install 'prmkit[serve]'"
+MODEL_HELP = "A prmkit output directory, a transformers model directory, or a Hub id."
+PORT_HELP = "Port (serve.port; default 8000; 0 picks a free one)."
+KEY_HELP = "Require Authorization: Bearer KEY on every request but /health and /docs (never written anywhere)."
+BATCH_HELP = "Token budget of one forward batch (score.batch_tokens)."
 
 
 @handle_errors
 def serve(
-    model: Annotated[str, typer.Argument(metavar="MODEL", help="A prmkit output directory, a transformers model directory, or a Hub id.")],
-    host: Annotated[Optional[str], typer.Option("--host", help="Address to bind (serve.host; default 127.0.0.1).")] = None,
-    port: Annotated[Optional[int], typer.Option("--port", help="Port (serve.port; default 8000; 0 picks a free one).")] = None,
+    model: Annotated[str, typer.Argument(metavar="MODEL", help=MODEL_HELP)],
+    host: Annotated[str | None, typer.Option("--host", help="Address to bind (serve.host; default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option("--port", help=PORT_HELP)] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="PRMKIT_API_KEY", show_envvar=True, help="Require Authorization: Bearer KEY on every request but /health and /docs (never written anywhere).")] = None,
+    api_key: Annotated[
+        str | None, typer.Option("--api-key", envvar="PRMKIT_API_KEY", show_envvar=True, help=KEY_HELP)
+    ] = None,
     step_separator: StepSeparatorOpt = None,
-    batch_tokens: Annotated[Optional[int], typer.Option("--batch-tokens", help="Token budget of one forward batch (score.batch_tokens).")] = None,
+    batch_tokens: Annotated[int | None, typer.Option("--batch-tokens", help=BATCH_HELP)] = None,
     dtype: DtypeOpt = None,
     device: DeviceOpt = None,
 ) -> None:
@@ -53,8 +59,17 @@ def serve(
         raise UsageError(f"prmkit serve needs the serve extra ({e.name} is not installed): {INSTALL}") from None
     out = Output()
     attach_logging(out)
-    cfg = load_config(config, set_, {"serve.host": host, "serve.port": port, "score.batch_tokens": batch_tokens,
-                                     "score.dtype": dtype, "score.device": device})
+    cfg = load_config(
+        config,
+        set_,
+        {
+            "serve.host": host,
+            "serve.port": port,
+            "score.batch_tokens": batch_tokens,
+            "score.dtype": dtype,
+            "score.device": device,
+        },
+    )
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UsageError("prmkit serve runs as one process", hint="start it without accelerate launch or torchrun")
     settings = cfg.serve
@@ -67,8 +82,10 @@ def serve(
 
         register_secret(api_key)  # masked wherever it could turn up: logs, errors, tracebacks
     elif not _loopback(settings.host):
-        out.warn(f"serving on {settings.host} without an API key: anyone who can reach this address can use the "
-                 "model; set --api-key (or PRMKIT_API_KEY)")
+        out.warn(
+            f"serving on {settings.host} without an API key: anyone who can reach this address can use the "
+            "model; set --api-key (or PRMKIT_API_KEY)"
+        )
     _check_port(settings.host, settings.port)
 
     from prmkit.cli.score_cmd import scorer_from_config
@@ -116,5 +133,7 @@ def _check_port(host: str, port: int) -> None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((host, port))
     except OSError as e:
-        raise UsageError(f"cannot listen on {host}:{port}: {e.strerror or e}",
-                         hint="choose another --port, or stop what listens there") from None
+        raise UsageError(
+            f"cannot listen on {host}:{port}: {e.strerror or e}",
+            hint="choose another --port, or stop what listens there",
+        ) from None

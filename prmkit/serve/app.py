@@ -13,7 +13,8 @@ import json
 import logging
 import threading
 import time
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -49,8 +50,13 @@ LOADING_RETRY_S = 5
 class ServeState:
     """Where the server stands (loading, ready, draining, failed), and the loaded service."""
 
-    def __init__(self, settings: Any, threshold: float, api_key: str | None,
-                 on_fatal: Callable[[BaseException], None] | None = None):
+    def __init__(
+        self,
+        settings: Any,
+        threshold: float,
+        api_key: str | None,
+        on_fatal: Callable[[BaseException], None] | None = None,
+    ):
         self.settings = settings
         self.threshold = threshold
         self.api_key = api_key
@@ -77,7 +83,7 @@ class ServeState:
             self.status = "ready"
             self.metrics.ready.set(1)
             log.info(f"ready: {self.service.name} ({self.service.kind}); steps cut at {self.service.separator!r}")
-        except BaseException as e:  # noqa: BLE001 - the server cannot serve without its model: it stops
+        except BaseException as e:  # the server cannot serve without its model: it stops
             self.status = "failed"
             self.exception = e
             self.error = e.message if isinstance(e, PrmkitError) else f"{type(e).__name__}: {first_line(e)}"
@@ -102,17 +108,26 @@ def build_service(scorer: Any, settings: Any, threshold: float, metrics: Metrics
     specials = {t for t in (getattr(tokenizer, "all_special_tokens", None) or []) if isinstance(t, str) and t}
     batcher = Batcher(scorer, max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue, metrics=metrics)
     return endpoints.Service(
-        scorer=scorer, batcher=batcher, metrics=metrics, name=str(scorer.identity.get("name", "prm")),
-        kind=encoder.kind if encoder is not None else "token-classification", separator=separator, strip=strip,
-        aggregate=settings.aggregate, policy=settings.truncated, threshold=threshold,
-        max_request_tokens=settings.max_request_tokens, specials=sorted(specials, key=len, reverse=True),
+        scorer=scorer,
+        batcher=batcher,
+        metrics=metrics,
+        name=str(scorer.identity.get("name", "prm")),
+        kind=encoder.kind if encoder is not None else "token-classification",
+        separator=separator,
+        strip=strip,
+        aggregate=settings.aggregate,
+        policy=settings.truncated,
+        threshold=threshold,
+        max_request_tokens=settings.max_request_tokens,
+        specials=sorted(specials, key=len, reverse=True),
     )
 
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     # One line: a message a log shows whole, in the shape OpenAI-style clients read ({"error": {"message": ...}}).
-    return JSONResponse({"error": {"message": " ".join(message.split()), "code": status}}, status_code=status,
-                        headers=headers)
+    return JSONResponse(
+        {"error": {"message": " ".join(message.split()), "code": status}}, status_code=status, headers=headers
+    )
 
 
 class Gate:
@@ -132,14 +147,16 @@ class Gate:
             given = dict(scope.get("headers") or []).get(b"authorization", b"")
             if not hmac.compare_digest(given, self._expected):
                 self.state.metrics.errors.labels("unauthorized").inc()
-                await error_response(401, "missing or wrong API key: send Authorization: Bearer <key>",
-                                     {"WWW-Authenticate": "Bearer"})(scope, receive, send)
+                await error_response(
+                    401, "missing or wrong API key: send Authorization: Bearer <key>", {"WWW-Authenticate": "Bearer"}
+                )(scope, receive, send)
                 return
         counted = path not in ("/health", "/metrics")
         if counted and self.state.draining:
             self.state.metrics.errors.labels("draining").inc()
-            await error_response(503, "the server is shutting down",
-                                 {"Retry-After": str(LOADING_RETRY_S), "Connection": "close"})(scope, receive, send)
+            await error_response(
+                503, "the server is shutting down", {"Retry-After": str(LOADING_RETRY_S), "Connection": "close"}
+            )(scope, receive, send)
             return
         if counted:
             self.state.busy += 1
@@ -165,8 +182,14 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def create_app(load: Callable[[], Any], settings: Any, *, threshold: float = 0.5, api_key: str | None = None,
-               on_fatal: Callable[[BaseException], None] | None = None) -> FastAPI:
+def create_app(
+    load: Callable[[], Any],
+    settings: Any,
+    *,
+    threshold: float = 0.5,
+    api_key: str | None = None,
+    on_fatal: Callable[[BaseException], None] | None = None,
+) -> FastAPI:
     """The ASGI app. ``settings`` is the config's serve section (:class:`prmkit.config.ServeConfig`)."""
     state = ServeState(settings, threshold, api_key, on_fatal)
     body_limit = int(settings.max_body_mb * 2**20)
@@ -178,9 +201,13 @@ def create_app(load: Callable[[], Any], settings: Any, *, threshold: float = 0.5
         if state.service is not None:
             await state.service.batcher.stop(timeout=1.0)
 
-    app = FastAPI(title="prmkit serve", version=__version__, lifespan=lifespan,
-                  description="Process rewards online: per-step scores of a process reward model, batched across "
-                              "requests. Errors are {\"error\": {\"message\": ..., \"code\": ...}}.")
+    app = FastAPI(
+        title="prmkit serve",
+        version=__version__,
+        lifespan=lifespan,
+        description="Process rewards online: per-step scores of a process reward model, batched across "
+        'requests. Errors are {"error": {"message": ..., "code": ...}}.',
+    )
     app.state.prmkit = state
     app.add_middleware(Gate, state=state)
 
@@ -188,8 +215,9 @@ def create_app(load: Callable[[], Any], settings: Any, *, threshold: float = 0.5
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error_response(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
 
-    async def handle(request: Request, endpoint: str,
-                     work: Callable[[endpoints.Service, Any], Awaitable[dict]]) -> Response:
+    async def handle(
+        request: Request, endpoint: str, work: Callable[[endpoints.Service, Any], Awaitable[dict]]
+    ) -> Response:
         started = time.perf_counter()
         status, response = 200, None
         timing: dict[str, float] = {}
@@ -213,7 +241,7 @@ def create_app(load: Callable[[], Any], settings: Any, *, threshold: float = 0.5
             # The engine's own failures, this request's alone: out of memory on one sequence is its size's fault.
             status = 413 if "out of" in e.message and "memory" in e.message else 500
             response = error_response(status, e.message)
-        except Exception as e:  # noqa: BLE001 - a bug: the request fails, the server goes on
+        except Exception as e:  # a bug: the request fails, the server goes on
             log.exception(f"{endpoint}: internal error")
             status, response = 500, error_response(500, f"internal error: {type(e).__name__}: {first_line(e)}")
         finally:
@@ -223,21 +251,41 @@ def create_app(load: Callable[[], Any], settings: Any, *, threshold: float = 0.5
             state.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
         return response
 
-    errors = {400: {"model": ErrorResponse}, 401: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
-              422: {"model": ErrorResponse}, 503: {"model": ErrorResponse}}
+    errors: dict[int | str, dict[str, Any]] = {
+        400: {"model": ErrorResponse},
+        401: {"model": ErrorResponse},
+        413: {"model": ErrorResponse},
+        422: {"model": ErrorResponse},
+        503: {"model": ErrorResponse},
+    }
 
-    @app.post("/v1/score", response_model=ScoreResponse, responses=errors, openapi_extra=request_body(ScoreRequest),
-              summary="Score every step of each solution (prmkit's own API)")
+    @app.post(
+        "/v1/score",
+        response_model=ScoreResponse,
+        responses=errors,
+        openapi_extra=request_body(ScoreRequest),
+        summary="Score every step of each solution (prmkit's own API)",
+    )
     async def score(request: Request) -> Response:
         return await handle(request, "/v1/score", endpoints.score)
 
-    @app.post("/get_reward", response_model=RewardResponse, responses=errors,
-              openapi_extra=request_body(RewardRequest), summary="OpenRLHF's remote reward model")
+    @app.post(
+        "/get_reward",
+        response_model=RewardResponse,
+        responses=errors,
+        openapi_extra=request_body(RewardRequest),
+        summary="OpenRLHF's remote reward model",
+    )
     async def get_reward(request: Request) -> Response:
         return await handle(request, "/get_reward", endpoints.get_reward)
 
-    @app.post("/pooling", response_model=PoolingResponse, responses=errors,
-              openapi_extra=request_body(PoolingRequest), summary="vLLM's pooling API, task token_classify")
+    @app.post(
+        "/pooling",
+        response_model=PoolingResponse,
+        responses=errors,
+        openapi_extra=request_body(PoolingRequest),
+        summary="vLLM's pooling API, task token_classify",
+    )
     async def pooling(request: Request) -> Response:
         return await handle(request, "/pooling", endpoints.pooling)
 
@@ -268,18 +316,24 @@ def create_app(load: Callable[[], Any], settings: Any, *, threshold: float = 0.5
 def describe(svc: endpoints.Service) -> dict[str, Any]:
     scorer = svc.scorer
     encoder = getattr(scorer, "kind_encoder", None)
-    tokenization = scorer.params.to_dict() if encoder is None else {
-        **encoder.settings.to_dict(), "max_length": encoder.max_length}
-    return json.loads(json.dumps({
-        "model": svc.name,
-        "kind": svc.kind,
-        "step_separator": svc.separator,
-        "tokenization": tokenization,
-        "aggregate": svc.aggregate,
-        "truncated": svc.policy,
-        "max_request_tokens": svc.max_request_tokens,
-        "device": str(scorer.device),
-        "dtype": str(scorer.dtype).removeprefix("torch."),
-        "batch_tokens": scorer.batch_tokens,
-        "prmkit_version": __version__,
-    }, default=str))
+    tokenization = (
+        scorer.params.to_dict() if encoder is None else {**encoder.settings.to_dict(), "max_length": encoder.max_length}
+    )
+    return json.loads(
+        json.dumps(
+            {
+                "model": svc.name,
+                "kind": svc.kind,
+                "step_separator": svc.separator,
+                "tokenization": tokenization,
+                "aggregate": svc.aggregate,
+                "truncated": svc.policy,
+                "max_request_tokens": svc.max_request_tokens,
+                "device": str(scorer.device),
+                "dtype": str(scorer.dtype).removeprefix("torch."),
+                "batch_tokens": scorer.batch_tokens,
+                "prmkit_version": __version__,
+            },
+            default=str,
+        )
+    )

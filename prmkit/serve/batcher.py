@@ -20,9 +20,10 @@ import contextvars
 import logging
 import threading
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from prmkit.errors import PrmkitError, first_line
 
@@ -81,12 +82,19 @@ class _NoMetrics:
 class Batcher:
     """The queue between the request handlers (asyncio) and the engine's worker thread."""
 
-    def __init__(self, scorer: Any, *, max_wait_ms: float = 10.0, max_queue: int = 4096,
-                 max_batch_rows: int | None = None, metrics: Any = None):
+    def __init__(
+        self,
+        scorer: Any,
+        *,
+        max_wait_ms: float = 10.0,
+        max_queue: int = 4096,
+        max_batch_rows: int | None = None,
+        metrics: Any = None,
+    ):
         self.scorer = scorer
         self.max_wait = max(0.0, float(max_wait_ms)) / 1000.0
         self.max_queue = int(max_queue)
-        self.max_batch_rows = int(max_batch_rows or getattr(scorer, "sort_window", 2048))
+        self.max_batch_rows = int(max_batch_rows) if max_batch_rows else int(getattr(scorer, "sort_window", 2048))
         self.metrics = metrics or _NoMetrics()
         self._queue: collections.deque[_Job] = collections.deque()
         self._cond = threading.Condition()
@@ -110,8 +118,9 @@ class Batcher:
     def waiting(self) -> int:
         return self._reserved
 
-    async def score(self, encode: Callable[[], list[Any]], rows: int,
-                    items: Sequence[tuple[str, Sequence[str]]] | None = None) -> list[Any]:
+    async def score(
+        self, encode: Callable[[], list[Any]], rows: int, items: Sequence[tuple[str, Sequence[str]]] | None = None
+    ) -> list[Any]:
         """Scores (:class:`~prmkit.scoring.StepScores`) for ``rows`` solutions: ``encode()`` runs on the tokenizer
         thread and returns their encodings (:meth:`~prmkit.scoring.StepScorer.encode`, after the caller's checks).
         A model scored prefix by prefix scores ``items`` (the text) instead. Raises :class:`QueueFull`,
@@ -197,8 +206,12 @@ class Batcher:
                 return None
             deadline = self._queue[0].enqueued + self.max_wait
             # Wait for requests still being tokenized, not for ones that may never come: a lone request goes at once.
-            while (self._tokenizing and not self._stopping and sum(j.rows for j in self._queue) < self.max_batch_rows
-                   and time.perf_counter() < deadline):
+            while (
+                self._tokenizing
+                and not self._stopping
+                and sum(j.rows for j in self._queue) < self.max_batch_rows
+                and time.perf_counter() < deadline
+            ):
                 self._cond.wait(max(0.0, deadline - time.perf_counter()))
             jobs: list[_Job] = []
             rows = 0
@@ -224,7 +237,7 @@ class Batcher:
                 job.started = started
             try:
                 results = self._score(jobs)
-            except Exception as e:  # noqa: BLE001 - each request is then scored alone, so only the one at fault fails
+            except Exception as e:  # each request is then scored alone, so only the one at fault fails
                 if len(jobs) == 1:
                     self._fail(jobs[0], e)
                     continue
@@ -232,14 +245,14 @@ class Batcher:
                 for job in jobs:
                     try:
                         job.finish(self._score([job]))
-                    except Exception as e1:  # noqa: BLE001
+                    except Exception as e1:  # this request's own failure
                         self._fail(job, e1)
                 continue
             seconds = time.perf_counter() - started
             offset = 0
             for job in jobs:
                 job.engine_s = seconds
-                job.finish(results[offset: offset + job.rows])
+                job.finish(results[offset : offset + job.rows])
                 offset += job.rows
             rows = sum(j.rows for j in jobs)
             tokens = sum(r.num_tokens for r in results)
@@ -249,8 +262,8 @@ class Batcher:
     def _score(self, jobs: list[_Job]) -> list[Any]:
         if self.prefix_mode and all(job.items is not None for job in jobs):
             with self._tokenizer_lock:
-                return self.scorer.score_solutions([item for job in jobs for item in job.items])
-        return self.scorer.score_encoded([enc for job in jobs for enc in job.encoded])
+                return self.scorer.score_solutions([item for job in jobs for item in job.items or ()])
+        return self.scorer.score_encoded([enc for job in jobs for enc in job.encoded or ()])
 
     def _fail(self, job: _Job, error: BaseException) -> None:
         if not isinstance(error, PrmkitError):

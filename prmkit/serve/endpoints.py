@@ -9,20 +9,23 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
+from prmkit.errors import first_line
 from prmkit.serve.batcher import Batcher
-from prmkit.tokenization import text_problem
 from prmkit.serve.policy import scored_item, solution_reward, split_response
 from prmkit.serve.schemas import (
     RequestError,
     need_object,
+    optional_text,
     refuse_unknown,
     steps_field,
     string_list,
     text_field,
 )
+from prmkit.tokenization import text_problem
 
 TAG_KINDS = ("qwen-prm", "lm-tag")
 POOLING_TASKS = (None, "token_classify", "encode", "reward")
@@ -50,14 +53,15 @@ class Service:
         """The engine's encodings (on the tokenizer thread), each within serve.max_request_tokens."""
         encoder = getattr(self.scorer, "kind_encoder", None)
         encoded = encoder.encode(pairs, where=names) if encoder is not None else self.scorer.encode(pairs)
-        for name, enc in zip(names, encoded):
+        for name, enc in zip(names, encoded, strict=True):
             self.check_length(name, len(enc.input_ids))
         return encoded
 
     def check_length(self, name: str, tokens: int) -> None:
         if tokens > self.max_request_tokens:
-            raise RequestError(413, f"{name}: {tokens} tokens, more than serve.max_request_tokens "
-                                    f"({self.max_request_tokens})")
+            raise RequestError(
+                413, f"{name}: {tokens} tokens, more than serve.max_request_tokens ({self.max_request_tokens})"
+            )
 
     async def run(self, pairs: list[tuple[str, list[str]]], names: list[str]) -> list[Any]:
         results = await self.batcher.score(lambda: self.encode(pairs, names), len(pairs), items=pairs)
@@ -76,7 +80,7 @@ async def score(svc: Service, obj: Any) -> dict[str, Any]:
         refuse_unknown(obj, ("items",))
         raw = obj["items"]
         if not isinstance(raw, list) or not raw:
-            raise RequestError(422, "items: expected a non-empty list of {\"prompt\": ..., \"steps\": [...]}")
+            raise RequestError(422, 'items: expected a non-empty list of {"prompt": ..., "steps": [...]}')
         pairs, names = [], []
         for i, item in enumerate(raw):
             where = f"items[{i}]."
@@ -88,7 +92,7 @@ async def score(svc: Service, obj: Any) -> dict[str, Any]:
     elif "response" in obj or "prompt" in obj:
         refuse_unknown(obj, ("prompt", "response", "step_separator"))
         prompt, response = text_field(obj, "prompt"), text_field(obj, "response")
-        given = text_field(obj, "step_separator", required=False)
+        given = optional_text(obj, "step_separator")
         if given == "":
             raise RequestError(422, "step_separator: empty; leave it out to use the server's")
         separator, strip = (given, False) if given is not None else (svc.separator, svc.strip)
@@ -99,8 +103,10 @@ async def score(svc: Service, obj: Any) -> dict[str, Any]:
     else:
         raise RequestError(422, "expected items (a list of {prompt, steps}), or prompt and response")
     results = await svc.run(pairs, names)
-    items = [scored_item(r.scores, r.truncated, svc.threshold, svc.aggregate, svc.policy, name)
-             for r, name in zip(results, names)]
+    items = [
+        scored_item(r.scores, r.truncated, svc.threshold, svc.aggregate, svc.policy, name)
+        for r, name in zip(results, names, strict=True)
+    ]
     if cut is not None:
         items[0]["steps"] = cut
     return {"model": svc.name, "items": items}
@@ -140,19 +146,25 @@ async def get_reward(svc: Service, obj: Any) -> dict[str, Any]:
     prompts = string_list(obj, "prompts") if queries else []
     if len(prompts) != len(queries):
         raise RequestError(422, f"prompts: {len(prompts)} prompts for {len(queries)} queries")
-    cuts = [split_response(response_of(q, p, svc.specials, f"query[{i}]"), svc.separator, svc.strip)
-            for i, (q, p) in enumerate(zip(queries, prompts))]
+    cuts = [
+        split_response(response_of(q, p, svc.specials, f"query[{i}]"), svc.separator, svc.strip)
+        for i, (q, p) in enumerate(zip(queries, prompts, strict=True))
+    ]
     todo = [i for i, steps in enumerate(cuts) if steps]
     results = await svc.run([(prompts[i], cuts[i]) for i in todo], [f"query[{i}]" for i in todo]) if todo else []
     rewards = [0.0] * len(queries)  # a response without a step earns nothing
     step_rewards: list[list[float | None]] = [[] for _ in queries]
     truncated = [0.0] * len(queries)
-    for i, r in zip(todo, results):
+    for i, r in zip(todo, results, strict=True):
         rewards[i] = solution_reward(r.scores, r.truncated, svc.aggregate, svc.policy, f"query[{i}]")
         step_rewards[i] = list(r.scores)
         truncated[i] = float(r.truncated)
-    return {"rewards": rewards, "scores": list(rewards), "step_rewards": step_rewards,
-            "extra_logs": {"truncated": truncated, "num_steps": [float(len(c)) for c in cuts]}}
+    return {
+        "rewards": rewards,
+        "scores": list(rewards),
+        "step_rewards": step_rewards,
+        "extra_logs": {"truncated": truncated, "num_steps": [float(len(c)) for c in cuts]},
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -168,17 +180,22 @@ def _pooling_inputs(svc: Service, obj: dict) -> tuple[list[str | list[int]], boo
         from prmkit.kinds.chat_template import render_chat
 
         messages = obj["messages"]
-        if not isinstance(messages, list) or not messages or not all(
+        if (
+            not isinstance(messages, list)
+            or not messages
+            or not all(
                 isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in messages):
-            raise RequestError(422, "messages: expected a non-empty list of {\"role\": ..., \"content\": ...}")
+                for m in messages
+            )
+        ):
+            raise RequestError(422, 'messages: expected a non-empty list of {"role": ..., "content": ...}')
         for i, m in enumerate(messages):
             text_field(m, "content", f"messages[{i}].")
         encoder = svc.scorer.kind_encoder
         try:
             text = render_chat(svc.scorer.tokenizer, messages, encoder.settings.chat_template)
-        except Exception as e:  # noqa: BLE001 - a template error is the request's problem, said in one line
-            raise RequestError(422, f"messages: the chat template failed: {str(e).splitlines()[0] if str(e) else e}")
+        except Exception as e:  # a template error is the request's problem, said in one line
+            raise RequestError(422, f"messages: the chat template failed: {first_line(e)}") from None
         return [text], bool(add)
     raw = obj.get("input")
     if isinstance(raw, str):
@@ -187,8 +204,13 @@ def _pooling_inputs(svc: Service, obj: dict) -> tuple[list[str | list[int]], boo
         inputs = list(raw)
     elif isinstance(raw, list) and raw and all(isinstance(x, int) and not isinstance(x, bool) for x in raw):
         inputs = [list(raw)]
-    elif isinstance(raw, list) and raw and all(isinstance(x, list) and x and all(
-            isinstance(t, int) and not isinstance(t, bool) for t in x) for x in raw):
+    elif (
+        isinstance(raw, list)
+        and raw
+        and all(
+            isinstance(x, list) and x and all(isinstance(t, int) and not isinstance(t, bool) for t in x) for x in raw
+        )
+    ):
         inputs = [list(x) for x in raw]
     else:
         raise RequestError(422, "input: expected a string, a list of strings, a list of token ids or a list of them")
@@ -202,12 +224,16 @@ def _pooling_inputs(svc: Service, obj: dict) -> tuple[list[str | list[int]], boo
 async def pooling(svc: Service, obj: Any) -> dict[str, Any]:
     obj = need_object(obj)
     if svc.kind not in TAG_KINDS:
-        raise RequestError(400, f"/pooling reads step tags, which a {svc.kind} model's text does not carry (only "
-                                f"{' and '.join(TAG_KINDS)} models'); use /v1/score")
+        raise RequestError(
+            400,
+            f"/pooling reads step tags, which a {svc.kind} model's text does not carry (only "
+            f"{' and '.join(TAG_KINDS)} models'); use /v1/score",
+        )
     task = obj.get("task")
     if task not in POOLING_TASKS:
-        raise RequestError(400, f"task {task!r} is not served; this server answers token_classify (per-step "
-                                "[p_wrong, p_correct])")
+        raise RequestError(
+            400, f"task {task!r} is not served; this server answers token_classify (per-step [p_wrong, p_correct])"
+        )
     if obj.get("use_activation") is False or obj.get("dimensions") is not None:
         raise RequestError(400, "use_activation: false and dimensions are not served: the data are probabilities")
     inputs, add_special = _pooling_inputs(svc, obj)
@@ -227,8 +253,10 @@ async def pooling(svc: Service, obj: Any) -> dict[str, Any]:
             if bad is not None:
                 raise RequestError(422, f"{name}: token id {bad} is outside the tokenizer's {vocab} tokens")
             if encoder.max_length is not None and len(ids) > encoder.max_length:
-                raise RequestError(400, f"{name}: {len(ids)} tokens, more than the model's maximum context length "
-                                        f"({encoder.max_length})")
+                raise RequestError(
+                    400,
+                    f"{name}: {len(ids)} tokens, more than the model's maximum context length ({encoder.max_length})",
+                )
             svc.check_length(name, len(ids))
             out.append(Encoded(ids, [k for k, t in enumerate(ids) if t == encoder.tag_id], 0))
         return out
@@ -247,8 +275,13 @@ async def pooling(svc: Service, obj: Any) -> dict[str, Any]:
         "object": "list",
         "created": int(time.time()),
         "model": obj.get("model") if isinstance(obj.get("model"), str) else svc.name,
-        "data": [{"index": i, "object": "pooling", "data": [[1.0 - p, p] for p in r.scores]}
-                 for i, r in enumerate(results)],
-        "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0,
-                  "prompt_tokens_details": None},
+        "data": [
+            {"index": i, "object": "pooling", "data": [[1.0 - p, p] for p in r.scores]} for i, r in enumerate(results)
+        ],
+        "usage": {
+            "prompt_tokens": tokens,
+            "total_tokens": tokens,
+            "completion_tokens": 0,
+            "prompt_tokens_details": None,
+        },
     }

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 _SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
-_TOKEN_BUCKETS = tuple(2 ** k for k in range(6, 22))
+_TOKEN_BUCKETS = tuple(2**k for k in range(6, 22))
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -19,23 +19,33 @@ class Metrics:
 
         self.registry = r = CollectorRegistry()
         self.requests = Counter("prmkit_requests", "HTTP requests answered", ["endpoint", "status"], registry=r)
-        self.latency = Histogram("prmkit_request_seconds", "Time from a request's arrival to its answer",
-                                 ["endpoint"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.latency = Histogram(
+            "prmkit_request_seconds",
+            "Time from a request's arrival to its answer",
+            ["endpoint"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.rows = Counter("prmkit_rows", "Solutions scored", registry=r)
         self.steps = Counter("prmkit_steps", "Steps scored", registry=r)
         self.tokens = Counter("prmkit_tokens", "Tokens read by the model", registry=r)
         self.truncated = Counter("prmkit_truncated_rows", "Solutions cut by the model's max_length", registry=r)
-        self.batch_requests = Histogram("prmkit_batch_requests", "Requests scored together in one engine call",
-                                        buckets=_SIZE_BUCKETS, registry=r)
-        self.batch_rows = Histogram("prmkit_batch_rows", "Solutions scored together in one engine call",
-                                    buckets=_SIZE_BUCKETS, registry=r)
-        self.batch_tokens = Histogram("prmkit_batch_tokens", "Tokens scored together in one engine call",
-                                      buckets=_TOKEN_BUCKETS, registry=r)
-        self.batch_seconds = Histogram("prmkit_batch_seconds", "Seconds of one engine call",
-                                       buckets=_LATENCY_BUCKETS, registry=r)
+        self.batch_requests = Histogram(
+            "prmkit_batch_requests", "Requests scored together in one engine call", buckets=_SIZE_BUCKETS, registry=r
+        )
+        self.batch_rows = Histogram(
+            "prmkit_batch_rows", "Solutions scored together in one engine call", buckets=_SIZE_BUCKETS, registry=r
+        )
+        self.batch_tokens = Histogram(
+            "prmkit_batch_tokens", "Tokens scored together in one engine call", buckets=_TOKEN_BUCKETS, registry=r
+        )
+        self.batch_seconds = Histogram(
+            "prmkit_batch_seconds", "Seconds of one engine call", buckets=_LATENCY_BUCKETS, registry=r
+        )
         self.queue_rows = Gauge("prmkit_queue_rows", "Solutions admitted and not yet being scored", registry=r)
-        self.queue_requests = Gauge("prmkit_queue_requests", "Requests tokenized and waiting for the engine",
-                                    registry=r)
+        self.queue_requests = Gauge(
+            "prmkit_queue_requests", "Requests tokenized and waiting for the engine", registry=r
+        )
         self.in_flight = Gauge("prmkit_requests_in_flight", "Requests being answered", registry=r)
         self.errors = Counter("prmkit_errors", "Requests that failed, by reason", ["reason"], registry=r)
         self.ready = Gauge("prmkit_ready", "1 once the model is loaded and the server takes work", registry=r)

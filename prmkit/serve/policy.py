@@ -6,7 +6,8 @@ here imports the serve extra or torch.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from prmkit.errors import DataError
 from prmkit.metrics import aggregate, first_error_index
@@ -49,8 +50,9 @@ def split_response(text: str, separator: str, strip: bool = False) -> list[str]:
     return [p for p in pieces if p.strip()]
 
 
-def solution_reward(scores: Sequence[float | None], truncated: bool, how: str = "min", policy: str = "lowest",
-                    where: str = "solution") -> float:
+def solution_reward(
+    scores: Sequence[float | None], truncated: bool, how: str = "min", policy: str = "lowest", where: str = "solution"
+) -> float:
     """One reward for a solution: the ``how`` aggregate of its step scores.
 
     A solution that ``max_length`` cut must not earn a reward from its first steps alone (a policy would learn to hide
@@ -64,16 +66,19 @@ def solution_reward(scores: Sequence[float | None], truncated: bool, how: str = 
     if truncated:
         if policy == "error":
             read = sum(s is not None for s in scores)
-            raise Truncated(f"{where}: cut by the model's max_length after {read} of {len(scores)} steps",
-                            hint="shorten it, or serve with serve.truncated=lowest or read")
+            raise Truncated(
+                f"{where}: cut by the model's max_length after {read} of {len(scores)} steps",
+                hint="shorten it, or serve with serve.truncated=lowest or read",
+            )
         if policy == "lowest":
             return 0.0
     value = aggregate(scores)[how]
     return 0.0 if value is None else float(value)
 
 
-def scored_item(scores: Sequence[float | None], truncated: bool, threshold: float, how: str, policy: str,
-                where: str = "solution") -> dict[str, Any]:
+def scored_item(
+    scores: Sequence[float | None], truncated: bool, threshold: float, how: str, policy: str, where: str = "solution"
+) -> dict[str, Any]:
     """An item of /v1/score: ``step_scores``, ``aggregates`` and ``first_error`` exactly as `prmkit score` writes
     them, ``truncated`` always, and the ``reward`` under the server's aggregate and truncation policy."""
     scores = list(scores)

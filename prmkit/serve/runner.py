@@ -39,11 +39,11 @@ def run(app: Any, host: str, port: int, drain_s: float) -> int:
             log.info(f"draining: {state.busy} request(s) in flight, up to {drain_s:g} s; new requests get 503")
 
         async def on_tick(self, counter: int) -> bool:
-            if self.drain_deadline is not None and not self.should_exit:
-                if state.busy == 0 or time.monotonic() >= self.drain_deadline:
-                    if state.busy:
-                        log.warning(f"drain time is up: {state.busy} request(s) still in flight are cancelled")
-                    self.should_exit = True
+            deadline = self.drain_deadline
+            if deadline is not None and not self.should_exit and (state.busy == 0 or time.monotonic() >= deadline):
+                if state.busy:
+                    log.warning(f"drain time is up: {state.busy} request(s) still in flight are cancelled")
+                self.should_exit = True
             return await super().on_tick(counter)
 
         async def startup(self, sockets: Any = None) -> None:
@@ -51,11 +51,21 @@ def run(app: Any, host: str, port: int, drain_s: float) -> int:
             for server in self.servers:
                 for sock in server.sockets:
                     name = sock.getsockname()
-                    log.info(f"listening on http://{_url_host(name[0])}:{name[1]} (GET /health is 200 once the model "
-                             "is loaded; /docs shows the API)")
+                    log.info(
+                        f"listening on http://{_url_host(name[0])}:{name[1]} (GET /health is 200 once the model "
+                        "is loaded; /docs shows the API)"
+                    )
 
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="on",
-                            timeout_graceful_shutdown=max(0.5, SHUTDOWN_MARGIN_S - 0.5), server_header=False)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=1,
+        server_header=False,
+    )
     server = Server(config)
 
     def fatal(error: BaseException) -> None:

@@ -8,7 +8,7 @@ here instead, so that every bad request gets one line (``items[2].steps[0]: empt
 from __future__ import annotations
 
 import json
-from typing import Any, Optional, Union
+from typing import Any
 
 from pydantic import BaseModel, Field
 
@@ -51,8 +51,15 @@ def parse_json(body: bytes) -> Any:
 
 
 def _kind(value: Any) -> str:
-    return {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string",
-            list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+    return {
+        type(None): "null",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "an object",
+    }.get(type(value), type(value).__name__)
 
 
 def need_object(obj: Any) -> dict:
@@ -67,10 +74,12 @@ def refuse_unknown(obj: dict, known: tuple[str, ...], where: str = "") -> None:
         raise RequestError(422, f"{where}{extra[0]}: unknown field; expected {', '.join(known)}")
 
 
-def text_field(obj: dict, key: str, where: str = "", required: bool = True) -> str | None:
+def optional_text(obj: dict, key: str, where: str = "") -> str | None:
+    return None if obj.get(key) is None and key not in obj else text_field(obj, key, where)
+
+
+def text_field(obj: dict, key: str, where: str = "") -> str:
     value = obj.get(key)
-    if value is None and not required and key not in obj:
-        return None
     if not isinstance(value, str):
         raise RequestError(422, f"{where}{key}: expected a string, got {_kind(value)}")
     problem = text_problem(value)
@@ -115,19 +124,19 @@ class ScoreItem(BaseModel):
 class ScoreRequest(BaseModel):
     """Either ``items``, or one ``prompt`` with a ``response`` the server cuts into steps."""
 
-    items: Optional[list[ScoreItem]] = None
-    prompt: Optional[str] = None
-    response: Optional[str] = None
-    step_separator: Optional[str] = Field(None, description="Where to cut the response; default: the server's.")
+    items: list[ScoreItem] | None = None
+    prompt: str | None = None
+    response: str | None = None
+    step_separator: str | None = Field(None, description="Where to cut the response; default: the server's.")
 
 
 class ScoredItem(BaseModel):
-    step_scores: list[Optional[float]] = Field(description="p(step correct); null for a step cut by max_length")
-    aggregates: dict[str, Optional[float]] = Field(description="min, prod, last, mean of the scores read")
+    step_scores: list[float | None] = Field(description="p(step correct); null for a step cut by max_length")
+    aggregates: dict[str, float | None] = Field(description="min, prod, last, mean of the scores read")
     first_error: int = Field(description="first step below score.threshold, or -1")
     truncated: bool
     reward: float = Field(description="serve.aggregate under serve.truncated")
-    steps: Optional[list[str]] = Field(None, description="the steps cut from a response")
+    steps: list[str] | None = Field(None, description="the steps cut from a response")
 
 
 class ScoreResponse(BaseModel):
@@ -139,25 +148,25 @@ class RewardRequest(BaseModel):
     """OpenRLHF's remote reward model request: each query is prompt + response."""
 
     query: list[str]
-    prompts: Optional[list[str]] = None
-    labels: Optional[list[Any]] = None
+    prompts: list[str] | None = None
+    labels: list[Any] | None = None
 
 
 class RewardResponse(BaseModel):
     rewards: list[float]
     scores: list[float]
-    step_rewards: list[list[Optional[float]]]
+    step_rewards: list[list[float | None]]
     extra_logs: dict[str, list[float]]
 
 
 class PoolingRequest(BaseModel):
     """vLLM's /pooling request (completion or chat form) with ``task: token_classify``."""
 
-    model: Optional[str] = None
-    input: Union[str, list[str], list[int], list[list[int]], None] = None
-    messages: Optional[list[dict[str, Any]]] = None
-    task: Optional[str] = "token_classify"
-    add_special_tokens: Optional[bool] = None
+    model: str | None = None
+    input: str | list[str] | list[int] | list[list[int]] | None = None
+    messages: list[dict[str, Any]] | None = None
+    task: str | None = "token_classify"
+    add_special_tokens: bool | None = None
 
 
 class PoolingData(BaseModel):
@@ -172,7 +181,7 @@ class PoolingResponse(BaseModel):
     created: int
     model: str
     data: list[PoolingData]
-    usage: dict[str, Optional[int]]
+    usage: dict[str, int | None]
 
 
 class ModelInfo(BaseModel):

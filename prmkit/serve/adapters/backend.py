@@ -14,8 +14,9 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from prmkit.errors import PrmkitError, UsageError
 from prmkit.serve.policy import AGGREGATES, TRUNCATED, response_separator, solution_reward, split_response
@@ -47,11 +48,11 @@ class Backend:
 
     def score_steps(self, items: Sequence[tuple[str, Sequence[str]]]) -> list[tuple[list[float | None], bool]]:
         """(step scores, truncated) for solutions already cut into steps."""
-        items = [(p, list(s)) for p, s in items]
-        todo = [i for i, (_, steps) in enumerate(items) if steps]
-        out: list[tuple[list[float | None], bool]] = [([], False) for _ in items]
+        solutions = [(p, list(s)) for p, s in items]
+        todo = [i for i, (_, steps) in enumerate(solutions) if steps]
+        out: list[tuple[list[float | None], bool]] = [([], False) for _ in solutions]
         if todo:
-            for i, result in zip(todo, self._scores([items[i] for i in todo])):
+            for i, result in zip(todo, self._scores([solutions[i] for i in todo]), strict=True):
                 out[i] = result
         return out
 
@@ -59,9 +60,15 @@ class Backend:
         """Each ``(prompt, response)`` cut into steps and scored; a response without a step earns 0.0."""
         cut = [(prompt, self.steps_of(response)) for prompt, response in pairs]
         results = self.score_steps(cut)
-        return [Scored(steps, scores, truncated,
-                       solution_reward(scores, truncated, self.aggregate, self.policy, f"completion {n}"))
-                for n, ((_, steps), (scores, truncated)) in enumerate(zip(cut, results), 1)]
+        return [
+            Scored(
+                steps,
+                scores,
+                truncated,
+                solution_reward(scores, truncated, self.aggregate, self.policy, f"completion {n}"),
+            )
+            for n, ((_, steps), (scores, truncated)) in enumerate(zip(cut, results, strict=True), 1)
+        ]
 
     async def ascore(self, pairs: Sequence[tuple[str, str]]) -> list[Scored]:
         return await asyncio.to_thread(self.score, list(pairs))
@@ -70,8 +77,9 @@ class Backend:
 class LocalBackend(Backend):
     """A :class:`~prmkit.scoring.StepScorer` in this process (one forward pass at a time: calls are serialized)."""
 
-    def __init__(self, scorer: Any, aggregate: str | None = None, truncated: str | None = None,
-                 step_separator: str | None = None):
+    def __init__(
+        self, scorer: Any, aggregate: str | None = None, truncated: str | None = None, step_separator: str | None = None
+    ):
         self.scorer = scorer
         self.aggregate = _choice("aggregate", aggregate or "min", AGGREGATES)
         self.policy = _choice("truncated", truncated or "lowest", TRUNCATED)
@@ -89,8 +97,14 @@ class RemoteBackend(Backend):
     A 503 (a full queue, a model still loading) is retried after its Retry-After, up to ``wait_s`` seconds in all.
     """
 
-    def __init__(self, url: str, api_key: str | None = None, step_separator: str | None = None,
-                 timeout_s: float = 600.0, wait_s: float = 300.0):
+    def __init__(
+        self,
+        url: str,
+        api_key: str | None = None,
+        step_separator: str | None = None,
+        timeout_s: float = 600.0,
+        wait_s: float = 300.0,
+    ):
         self.url = url.rstrip("/")
         self.api_key = api_key if api_key is not None else os.environ.get("PRMKIT_API_KEY") or None
         self.timeout_s = timeout_s
@@ -126,21 +140,31 @@ class RemoteBackend(Backend):
                 raise PrmkitError(f"{self.url}{path}: {e.code}: {message}") from None
             except (urllib.error.URLError, OSError) as e:
                 reason = getattr(e, "reason", e)
-                raise PrmkitError(f"{self.url}{path}: cannot reach the server ({reason})",
-                                  hint="is `prmkit serve` running there?") from None
+                raise PrmkitError(
+                    f"{self.url}{path}: cannot reach the server ({reason})", hint="is `prmkit serve` running there?"
+                ) from None
 
 
-def connect(model: Any, *, aggregate: str | None = None, truncated: str | None = None,
-            step_separator: str | None = None, api_key: str | None = None, **load: Any) -> Backend:
+def connect(
+    model: Any,
+    *,
+    aggregate: str | None = None,
+    truncated: str | None = None,
+    step_separator: str | None = None,
+    api_key: str | None = None,
+    **load: Any,
+) -> Backend:
     """A backend for ``model``: a loaded :class:`~prmkit.scoring.StepScorer`, a `prmkit serve` URL (http:// or
     https://), or anything :meth:`~prmkit.scoring.StepScorer.from_pretrained` loads (``load`` goes to it)."""
     if isinstance(model, Backend):
         return model
     if isinstance(model, str) and model.startswith(("http://", "https://")):
         if aggregate is not None or truncated is not None or load:
-            raise UsageError("a prmkit serve URL scores with the server's settings; set serve.aggregate and "
-                             "serve.truncated on the server instead", hint="leave aggregate, truncated and model "
-                                                                           "loading options out for a URL")
+            raise UsageError(
+                "a prmkit serve URL scores with the server's settings; set serve.aggregate and "
+                "serve.truncated on the server instead",
+                hint="leave aggregate, truncated and model loading options out for a URL",
+            )
         return RemoteBackend(model, api_key=api_key, step_separator=step_separator)
     if hasattr(model, "score_solutions"):
         return LocalBackend(model, aggregate, truncated, step_separator)
@@ -158,5 +182,5 @@ def _choice(name: str, value: str, choices: tuple[str, ...]) -> str:
 def _server_message(error: urllib.error.HTTPError) -> str:
     try:
         return json.loads(error.read())["error"]["message"]
-    except Exception:  # noqa: BLE001 - not prmkit's error shape: say what HTTP said
+    except Exception:  # not prmkit's error shape: say what HTTP said
         return str(error.reason)

@@ -20,15 +20,22 @@ from prmkit.serve.policy import solution_reward
 
 
 class PRM:
-    def __init__(self, model: Any, *, split_on: str = "\n\n", truncated: str | None = None,
-                 api_key: str | None = None, **load: Any):
+    def __init__(
+        self,
+        model: Any,
+        *,
+        split_on: str = "\n\n",
+        truncated: str | None = None,
+        api_key: str | None = None,
+        **load: Any,
+    ):
         self.backend = connect(model, truncated=truncated, step_separator=split_on, api_key=api_key, **load)
         self.split_on = split_on
 
     def score(self, questions: list[str], outputs: list[list[str]]) -> list[list[list[float]]]:
         if len(questions) != len(outputs):
             raise ValueError(f"{len(questions)} questions for {len(outputs)} lists of outputs")
-        flat = [(q, self.backend.steps_of(o)) for q, outs in zip(questions, outputs) for o in outs]
+        flat = [(q, self.backend.steps_of(o)) for q, outs in zip(questions, outputs, strict=True) for o in outs]
         results = iter(self.backend.score_steps(flat))
         answer = []
         n = 0

@@ -12,7 +12,8 @@ default ``truncated="lowest"``, and a completion without a step gets 0.0.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from prmkit.serve.adapters.backend import connect
 
@@ -22,7 +23,8 @@ def message_text(content: Any) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return "".join(part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text")
+        texts = (part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text")
+        return "".join(texts)
     return "" if content is None else str(content)
 
 
@@ -36,34 +38,48 @@ def prompt_text(prompt: Any) -> str:
 def completion_text(completion: Any) -> str:
     if isinstance(completion, str):
         return completion
-    return "".join(message_text(m.get("content")) for m in completion or ()
-                   if isinstance(m, dict) and m.get("role", "assistant") == "assistant")
+    return "".join(
+        message_text(m.get("content"))
+        for m in completion or ()
+        if isinstance(m, dict) and m.get("role", "assistant") == "assistant"
+    )
 
 
-def reward_function(model: Any, *, aggregate: str | None = None, truncated: str | None = None,
-                    step_separator: str | None = None, api_key: str | None = None, asynchronous: bool = False,
-                    name: str = "prmkit_prm", **load: Any) -> Callable[..., Any]:
+def reward_function(
+    model: Any,
+    *,
+    aggregate: str | None = None,
+    truncated: str | None = None,
+    step_separator: str | None = None,
+    api_key: str | None = None,
+    asynchronous: bool = False,
+    name: str = "prmkit_prm",
+    **load: Any,
+) -> Callable[..., Any]:
     """TRL's reward function signature, ``(prompts, completions, completion_ids, **kwargs) -> list[float]``.
 
     ``model`` is a `prmkit serve` URL, a loaded :class:`~prmkit.scoring.StepScorer`, or a model to load (``load``
     goes to :meth:`~prmkit.scoring.StepScorer.from_pretrained`). ``asynchronous`` returns a coroutine function, which
     TRL runs beside its other async reward functions.
     """
-    backend = connect(model, aggregate=aggregate, truncated=truncated, step_separator=step_separator,
-                      api_key=api_key, **load)
+    backend = connect(
+        model, aggregate=aggregate, truncated=truncated, step_separator=step_separator, api_key=api_key, **load
+    )
 
     def pairs(prompts: list[Any], completions: list[Any]) -> list[tuple[str, str]]:
-        return [(prompt_text(p), completion_text(c)) for p, c in zip(prompts, completions)]
+        return [(prompt_text(p), completion_text(c)) for p, c in zip(prompts, completions, strict=True)]
 
-    if asynchronous:
-        async def reward(prompts: list[Any], completions: list[Any], completion_ids: Any = None,
-                         **kwargs: Any) -> list[float]:
-            return [s.reward for s in await backend.ascore(pairs(prompts, completions))]
-    else:
-        def reward(prompts: list[Any], completions: list[Any], completion_ids: Any = None,
-                   **kwargs: Any) -> list[float]:
-            return [s.reward for s in backend.score(pairs(prompts, completions))]
+    async def async_reward(
+        prompts: list[Any], completions: list[Any], completion_ids: Any = None, **kwargs: Any
+    ) -> list[float]:
+        return [s.reward for s in await backend.ascore(pairs(prompts, completions))]
 
+    def sync_reward(
+        prompts: list[Any], completions: list[Any], completion_ids: Any = None, **kwargs: Any
+    ) -> list[float]:
+        return [s.reward for s in backend.score(pairs(prompts, completions))]
+
+    reward: Any = async_reward if asynchronous else sync_reward
     reward.__name__ = reward.__qualname__ = name  # TRL names the reward's column and logs after it
-    reward.backend = backend  # type: ignore[attr-defined]
+    reward.backend = backend  # the adapter's scorer or URL, for callers who want the settings in use
     return reward

@@ -17,29 +17,43 @@ what verl's ``rm_scores`` (batch x response length) holds for a reward model sco
 
 from __future__ import annotations
 
-from typing import Any, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from prmkit.serve.adapters.backend import connect
 
 PROBLEM_KEYS = ("question", "prompt", "problem")
 
 
-def compute_score_fn(model: Any, *, aggregate: str | None = None, truncated: str | None = None,
-                     step_separator: str | None = None, api_key: str | None = None,
-                     problem_keys: Sequence[str] = PROBLEM_KEYS, **load: Any) -> Callable[..., Awaitable[dict]]:
+def compute_score_fn(
+    model: Any,
+    *,
+    aggregate: str | None = None,
+    truncated: str | None = None,
+    step_separator: str | None = None,
+    api_key: str | None = None,
+    problem_keys: Sequence[str] = PROBLEM_KEYS,
+    **load: Any,
+) -> Callable[..., Awaitable[dict]]:
     """verl's ``compute_score(data_source, solution_str, ground_truth, extra_info=None, **kwargs)``, async."""
-    backend = connect(model, aggregate=aggregate, truncated=truncated, step_separator=step_separator,
-                      api_key=api_key, **load)
+    backend = connect(
+        model, aggregate=aggregate, truncated=truncated, step_separator=step_separator, api_key=api_key, **load
+    )
 
-    async def compute_score(data_source: Any, solution_str: str, ground_truth: Any, extra_info: Any = None,
-                            **kwargs: Any) -> dict[str, Any]:
+    async def compute_score(
+        data_source: Any, solution_str: str, ground_truth: Any, extra_info: Any = None, **kwargs: Any
+    ) -> dict[str, Any]:
         info = extra_info if isinstance(extra_info, dict) else {}
         problem = next((info[k] for k in problem_keys if isinstance(info.get(k), str)), "")
         scored = (await backend.ascore([(problem, solution_str)]))[0]
-        return {"score": scored.reward, "step_scores": scored.step_scores, "truncated": scored.truncated,
-                "num_steps": len(scored.steps)}
+        return {
+            "score": scored.reward,
+            "step_scores": scored.step_scores,
+            "truncated": scored.truncated,
+            "num_steps": len(scored.steps),
+        }
 
-    compute_score.backend = backend  # type: ignore[attr-defined]
+    compute_score.backend = backend  # type: ignore[attr-defined]  # the settings in use, for callers to read
     return compute_score
 
 
@@ -54,8 +68,9 @@ def step_ends(solution_str: str, separator: str, strip: bool = False) -> list[in
     return ends
 
 
-def step_end_tokens(solution_str: str, response_ids: Sequence[int], tokenizer: Any, separator: str,
-                    strip: bool = False) -> list[int]:
+def step_end_tokens(
+    solution_str: str, response_ids: Sequence[int], tokenizer: Any, separator: str, strip: bool = False
+) -> list[int]:
     """For each step, the index in ``response_ids`` of the token holding its last character.
 
     The offsets come from decoding prefixes of ``response_ids`` (a binary search per step), so the positions are
@@ -84,7 +99,7 @@ def step_end_tokens(solution_str: str, response_ids: Sequence[int], tokenizer: A
 def dense_scores(step_scores: Sequence[float | None], positions: Sequence[int], length: int) -> list[float]:
     """A row of ``length`` zeros with each step's score at its step-end token (an unscored step adds 0)."""
     row = [0.0] * length
-    for score, position in zip(step_scores, positions):
+    for score, position in zip(step_scores, positions, strict=False):
         if score is not None and 0 <= position < length:
             row[position] += score
     return row
