@@ -221,6 +221,16 @@ def test_a_bad_request_is_a_one_line_4xx_and_the_next_good_one_succeeds(scorer, 
         assert metric(c, "prmkit_errors_total") >= 1
 
 
+def test_a_body_over_serve_max_body_mb_is_a_413(scorer):
+    with served(scorer, max_body_mb=0.001) as c:
+        big = {"items": [{"prompt": "a" * 2000, "steps": ["b"]}]}
+        sent = c.post("/v1/score", json=big)
+        assert sent.status_code == 413 and "serve.max_body_mb" in sent.json()["error"]["message"]
+        chunked = c.post("/v1/score", content=iter([json.dumps(big).encode()]))  # no Content-Length: counted as read
+        assert chunked.status_code == 413
+        assert c.post("/v1/score", json=GOOD).status_code == 200
+
+
 def test_a_step_holding_the_step_tag_is_a_4xx(request):
     from prmkit.scoring import StepScorer
 
