@@ -20,7 +20,7 @@ The package is layered; each layer imports only the ones above it in this list (
 - ``models``: model directories and loading;
 - ``scoring``: the engine and `prmkit score`'s job; ``hub``: publishing;
 - ``training``, ``evaluation``: the recipes (``training``, so that ``prmkit.train`` stays the function);
-- ``api``: the functions above;
+- ``serve``: scores over HTTP; ``api``: the functions above;
 - ``cli``: the `prmkit` command.
 """
 

@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("prmkit.data",),
     ("prmkit.models",),
     ("prmkit.scoring", "prmkit.hub"),
-    ("prmkit.training", "prmkit.evaluation"),
+    ("prmkit.training", "prmkit.evaluation", "prmkit.serve"),
     ("prmkit.api",),
     ("prmkit.cli", "prmkit.__main__"),
     ("prmkit",),

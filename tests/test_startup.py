@@ -10,7 +10,7 @@ import sys
 from prmkit.config.load import _resolve
 from prmkit.config.training_args import imported_training_arguments, parse_training_arguments
 
-HEAVY = ("torch", "transformers", "datasets")
+HEAVY = ("torch", "transformers", "datasets", "fastapi", "uvicorn", "prometheus_client")
 
 # Runs each command in one fresh interpreter, as `prmkit ...` would, then reports the heavy modules it imported.
 PROBE = r"""
@@ -36,7 +36,7 @@ def probe(commands: list[list[str]], cwd) -> list[dict]:
 def test_help_of_every_command_and_config_commands_import_no_heavy_library(tmp_path):
     cfg = tmp_path / "x.yaml"
     commands = [
-        ["--help"], *([name, "--help"] for name in ("prepare", "train", "eval", "score", "push", "config")),
+        ["--help"], *([name, "--help"] for name in ("prepare", "train", "eval", "score", "serve", "push", "config")),
         ["config", "init", "--help"], ["config", "show", "--help"],
         ["config", "init", str(cfg)],
         # The template holds TrainingArguments keys (learning_rate, save_strategy, ...): checking them needs no torch.

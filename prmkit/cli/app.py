@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from prmkit.core.version import __version__
-from prmkit.cli import config_cmd, eval_cmd, prepare_cmd, push_cmd, score_cmd, train_cmd
+from prmkit.cli import config_cmd, eval_cmd, prepare_cmd, push_cmd, score_cmd, serve_cmd, train_cmd
 from prmkit.cli._errors import mask_stderr
 from prmkit.models.memory import use_expandable_segments
 
@@ -51,6 +51,7 @@ app.command("prepare", no_args_is_help=False, short_help="Tokenize step-labelled
 app.command("train", short_help="Train a PRM into a self-describing model directory.")(train_cmd.train)
 app.command("eval", short_help="Evaluate PRMs: step metrics, ProcessBench F1, Best-of-N.")(eval_cmd.evaluate)
 app.command("score", short_help="Score every step of every solution in a JSONL file.")(score_cmd.score)
+app.command("serve", short_help="Serve a PRM's step scores over HTTP (RL rewards, test-time search).")(serve_cmd.serve)
 app.command("push", short_help="Publish a model directory and its card to the Hub.")(push_cmd.push)
 app.add_typer(config_cmd.app, name="config", short_help="Write a config template or show a resolved config.")
 

@@ -131,7 +131,7 @@ def raise_config_problems(problems: list[ConfigError]) -> None:
 # Keys whose value is text to match in the data, where a shell user types '\n' for a line break. A YAML file keeps
 # backslashes as typed outside double quotes ('\n' is a backslash and an n), and so does --set; read there the way
 # --step-separator reads them, so a config and the command line mean the same thing.
-ESCAPED_KEYS = ("data.step_separator",)
+ESCAPED_KEYS = ("data.step_separator", "serve.step_separator")
 
 
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", "0": "\0"}

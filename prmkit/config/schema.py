@@ -168,6 +168,33 @@ class ScoreConfig:
 
 
 @dataclass
+class ServeConfig:
+    """`prmkit serve`; the model is loaded and batched with the score section's keys (dtype, device, batch_tokens,
+    packing, sort_window, threshold). The API key is never a config key: --api-key or $PRMKIT_API_KEY."""
+
+    host: str = "127.0.0.1"
+    """Address to bind; a public one without an API key is warned about."""
+    port: int = 8000
+    max_wait_ms: float = 10.0
+    """How long a batch may wait for more requests to join it, while requests are still arriving."""
+    max_queue: int = 4096
+    """Solutions waiting to be scored; past it a request gets 503 with Retry-After."""
+    max_request_tokens: int = 32768
+    """Tokens one solution may hold as the model reads it; more is a 413."""
+    max_body_mb: float = 32.0
+    """Largest request body; more is a 413."""
+    aggregate: str = "min"
+    """The reward of a solution: min | last | prod | mean of its step scores."""
+    truncated: str = "lowest"
+    """A solution cut by max_length: lowest (reward 0.0) | read (aggregate the steps read) | error (a 422)."""
+    drain_s: float = 30.0
+    """On SIGTERM: seconds for the requests in flight to finish (new ones get 503) before the process exits 0."""
+    step_separator: str | None = None
+    """Where a response is cut into steps (/get_reward, "response" requests, adapters); null: the model's separator
+    (token-classification), its step tag (lm-tag), or a blank line (qwen-prm, chat-plus-minus)."""
+
+
+@dataclass
 class PushConfig:
     repo_id: str | None = None
     private: bool = False
@@ -187,6 +214,7 @@ SECTIONS: dict[str, type] = {
     "train": TrainConfig,
     "eval": EvalConfig,
     "score": ScoreConfig,
+    "serve": ServeConfig,
     "push": PushConfig,
 }
 
@@ -194,6 +222,8 @@ SECTIONS: dict[str, type] = {
 CHOICES: dict[str, tuple[str, ...]] = {
     "score.select": ("best",),
     "score.aggregate": ("min", "prod", "last", "mean"),
+    "serve.aggregate": ("min", "last", "prod", "mean"),
+    "serve.truncated": ("lowest", "read", "error"),
     "data.prm800k_neutral": PRM800K_NEUTRAL,
     "train.batching": BATCHING,
     "train.gradient_checkpointing": ("auto",),
@@ -286,6 +316,12 @@ RANGES: dict[str, Range] = {
     "score.threshold": _PROBABILITY,
     "score.batch_tokens": _COUNT,
     "score.sort_window": _COUNT,
+    "serve.port": Range(0, 65535, note="0: any free port"),
+    "serve.max_wait_ms": Range(0, 60_000),
+    "serve.max_queue": _COUNT,
+    "serve.max_request_tokens": _COUNT,
+    "serve.max_body_mb": _POSITIVE,
+    "serve.drain_s": _NON_NEGATIVE,
     "train.memory_budget_gb": Range(0, low_open=True, note="GiB; null: the device's free memory"),
     "train.lora.r": _COUNT,
     "train.lora.alpha": _POSITIVE,
@@ -354,6 +390,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     push: PushConfig = field(default_factory=PushConfig)
     training_arguments: dict[str, Any] = field(default_factory=lambda: dict(TRAINING_ARGUMENT_DEFAULTS))
     """The `train` section's TrainingArguments fields, kept apart from prmkit's own train keys."""

@@ -319,9 +319,24 @@ class StepScorer:
         _check_items(items)
         with self.timings.stage("tokenize"):
             encoded, seqs = self._sequences(items)
-        values = self._run(seqs, on_batch, batch_log)
-        results = [StepScores([None] * len(steps), any(p < 0 for p in enc.step_positions), len(enc.input_ids))
-                   for (_, steps), enc in zip(items, encoded)]
+        return self._results([len(steps) for _, steps in items], encoded, self._run(seqs, on_batch, batch_log))
+
+    def score_encoded(self, encoded: Sequence[Encoded]) -> list[StepScores]:
+        """Score solutions :meth:`encode` already tokenized (``prmkit serve`` tokenizes off the forward thread).
+
+        The same sequences and batches as :meth:`score_solutions` for the same items, so the same scores. A model
+        scored prefix by prefix needs the text of every prefix: give it to :meth:`score_solutions` instead.
+        """
+        if self.prefix_mode:
+            raise UsageError(f"{self.identity.get('name')}: a model scored prefix by prefix needs the solutions' text",
+                             hint="use score_solutions")
+        encoded = list(encoded)
+        seqs = self._one_pass_sequences(encoded)
+        return self._results([len(enc.step_positions) for enc in encoded], encoded, self._run(seqs, None))
+
+    def _results(self, n_steps: list[int], encoded: Sequence[Encoded], values: list) -> list[StepScores]:
+        results = [StepScores([None] * n, any(p < 0 for p in enc.step_positions), len(enc.input_ids))
+                   for n, enc in zip(n_steps, encoded)]
         for (i, k, _), value in values:
             results[i].scores[k] = value
         if not self._spread_checked:
@@ -363,16 +378,21 @@ class StepScorer:
                 pos = enc.step_positions[k]
                 seqs.append(_Seq(enc.input_ids[: pos + 1], [(i, k, pos)]))
         else:
-            for i, enc in enumerate(encoded):
-                targets = [(i, k, p) for k, p in enumerate(enc.step_positions) if p >= 0]
-                if not targets:
-                    continue
-                ids = enc.input_ids
-                if self.causal:
-                    # Tokens after the last scored position cannot change a causal model's scores.
-                    ids = ids[: max(p for _, _, p in targets) + 1]
-                seqs.append(_Seq(ids, targets))
+            seqs = self._one_pass_sequences(encoded)
         return encoded, seqs
+
+    def _one_pass_sequences(self, encoded: Sequence[Encoded]) -> list[_Seq]:
+        seqs: list[_Seq] = []
+        for i, enc in enumerate(encoded):
+            targets = [(i, k, p) for k, p in enumerate(enc.step_positions) if p >= 0]
+            if not targets:
+                continue
+            ids = enc.input_ids
+            if self.causal:
+                # Tokens after the last scored position cannot change a causal model's scores.
+                ids = ids[: max(p for _, _, p in targets) + 1]
+            seqs.append(_Seq(ids, targets))
+        return seqs
 
     # -- batching and forward passes ------------------------------------------------------------------------------
 
