@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _data import SHARED  # noqa: E402
-from score import build_model  # noqa: E402
+from _data import SHARED
+from score import build_model
 
 GSM8K = SHARED / "data" / "processbench" / "gsm8k.json"
 
@@ -128,7 +128,7 @@ def main() -> None:
 
     print(f"ProcessBench GSM8K from ../shared: {result['solutions']} solutions, {result['steps']} steps; Qwen2 h256 x 4 "
           f"layers (random), Qwen2 tokenizer, fp32 CPU, {result['threads']} torch threads\n")
-    print("| | whole process, median of {} (s) | runs (s) | forward passes | solutions scored |".format(args.repeats))
+    print(f"| | whole process, median of {args.repeats} (s) | runs (s) | forward passes | solutions scored |")
     print("|---|---|---|---|---|")
     for mode, label in (("fixed", "`--threshold 0.5` (baseline)"), ("tuned", "`--tune-threshold gsm8k`")):
         print(f"| {label} | {result['whole_process_median_seconds'][mode]} | "

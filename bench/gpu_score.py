@@ -36,8 +36,9 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -63,7 +64,7 @@ def stage(results: dict, name: str, fn: Callable[[], Any]) -> Any:
         value = fn()
         results["stages"][name] = {"ok": True, "seconds": round(time.perf_counter() - start, 2)}
         return value
-    except Exception as e:  # noqa: BLE001 - a benchmark records a failed stage and runs the next one
+    except Exception as e:
         results["stages"][name] = {"ok": False, "seconds": round(time.perf_counter() - start, 2),
                                    "error": f"{type(e).__name__}: {str(e)[:500]}",
                                    "traceback": traceback.format_exc()[-2000:]}
@@ -172,7 +173,6 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

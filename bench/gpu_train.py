@@ -186,7 +186,7 @@ class NvmlPeak:
             self.nvml = pynvml
             self.handle = pynvml.nvmlDeviceGetHandleByIndex(0)
             self.base = pynvml.nvmlDeviceGetMemoryInfo(self.handle).used
-        except Exception:  # noqa: BLE001 - no NVML, no GPU: nothing to poll
+        except Exception:
             self.nvml = None
             return
         self.thread = threading.Thread(target=self._poll, daemon=True)
@@ -202,7 +202,7 @@ class NvmlPeak:
                 elif self.how != "per-process":
                     used = self.nvml.nvmlDeviceGetMemoryInfo(self.handle).used - self.base
                     self.peak, self.how = max(self.peak, used), "device used above start"
-            except Exception:  # noqa: BLE001
+            except Exception:
                 pass
 
     def stop(self) -> float | None:
@@ -276,7 +276,7 @@ def loss_gap(a: list | None, b: list | None) -> dict | None:
     """Mean and largest absolute difference of two loss curves over the steps both logged."""
     if not a or not b:
         return None
-    other = dict((int(s), v) for s, v in b)
+    other = {int(s): v for s, v in b}
     diffs = [abs(v - other[int(s)]) for s, v in a if int(s) in other]
     if not diffs:
         return None

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _data import QWEN2_TOKENIZER, make_rows, write_jsonl  # noqa: E402
+from _data import QWEN2_TOKENIZER, make_rows, write_jsonl
 
 TRL_SCRIPT = r"""
 import sys, os

@@ -35,8 +35,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _data import QWEN2_TOKENIZER, make_rows, write_jsonl  # noqa: E402
-from _scoring import bare_limit, build_model, encode_rows, recipe  # noqa: E402
+from _data import QWEN2_TOKENIZER, make_rows, write_jsonl
+from _scoring import bare_limit, build_model, encode_rows, recipe
 
 SHAPE = {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
          "intermediate_size": 1024}
@@ -177,7 +177,6 @@ def main() -> None:
         raise SystemExit(f"needs the Qwen2 tokenizer at {QWEN2_TOKENIZER} (../shared)")
 
     import torch
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _data import QWEN2_TOKENIZER, make_rows, write_jsonl  # noqa: E402
+from _data import QWEN2_TOKENIZER, make_rows, write_jsonl
 
 SEED = 42
 LEARNING_RATE = 1e-4

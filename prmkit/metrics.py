@@ -497,7 +497,7 @@ def aggregate(step_scores: Sequence[float | None]) -> dict[str, float | None]:
     """
     vals = _present(step_scores)
     if not vals:
-        return {name: None for name in AGGREGATES}
+        return dict.fromkeys(AGGREGATES)
     if any(math.isnan(v) for v in vals):
         raise ValueError("step scores contain NaN")
     return {

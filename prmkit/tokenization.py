@@ -25,8 +25,9 @@ import json
 import os
 import re
 import warnings
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -42,11 +43,11 @@ class TokenizationParams:
     train_on_last_step_only: bool = False
 
     @classmethod
-    def from_data_config(cls, data: Any) -> "TokenizationParams":
+    def from_data_config(cls, data: Any) -> TokenizationParams:
         return cls(**{f.name: getattr(data, f.name) for f in fields(cls)})
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TokenizationParams":
+    def from_dict(cls, d: dict[str, Any]) -> TokenizationParams:
         return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
     def to_dict(self) -> dict[str, Any]:
@@ -84,7 +85,7 @@ class EncodedBatch:
         return np.diff(self.row_offsets)
 
     @classmethod
-    def from_rows(cls, rows: Sequence[Encoded]) -> "EncodedBatch":
+    def from_rows(cls, rows: Sequence[Encoded]) -> EncodedBatch:
         """Flat arrays from per-row results (another PRM kind's tokenization, :mod:`prmkit.kinds.spec`)."""
         lengths = [len(r.input_ids) for r in rows]
         steps = [len(r.step_positions) for r in rows]
@@ -384,7 +385,7 @@ class _PieceSplitter:
         self.worker_pids: set[int] = set()  # which processes have split text for this encoder (for diagnostics)
 
     @classmethod
-    def for_backend(cls, backend: Any) -> "_PieceSplitter | None":
+    def for_backend(cls, backend: Any) -> _PieceSplitter | None:
         try:
             import regex  # noqa: F401  (a transformers dependency)
             from tokenizers import Tokenizer, pre_tokenizers
@@ -730,8 +731,8 @@ def tokenize_rows(
     if soft:
         token_labels = [IGNORE_INDEX if v == IGNORE_INDEX else v for v in token_labels]
     return {
-        "input_ids": [ids[a:b] for a, b in zip(offsets, offsets[1:])],
-        "labels": [token_labels[a:b] for a, b in zip(offsets, offsets[1:])],
+        "input_ids": [ids[a:b] for a, b in itertools.pairwise(offsets)],
+        "labels": [token_labels[a:b] for a, b in itertools.pairwise(offsets)],
         "num_tokens": batch.num_tokens.tolist(),
         "steps_lost": batch.steps_lost.tolist(),
     }
@@ -745,7 +746,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any]:
         h.update(backend.to_str().encode("utf-8"))
     else:
         for token, idx in sorted(tokenizer.get_vocab().items()):
-            h.update(f"{token}\t{idx}\n".encode("utf-8"))
+            h.update(f"{token}\t{idx}\n".encode())
     h.update(f"bos={tokenizer.bos_token_id}".encode())
     return {
         "name_or_path": str(getattr(tokenizer, "name_or_path", "")),

@@ -204,8 +204,7 @@ def tiny_prm_pair(tmp_path_factory, train_tokenizer_dir) -> tuple[Path, Path]:
 
 TRAIN_TINY_MODEL = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
                     "intermediate_size": 128}
-_TRAIN_WORDS = ("add subtract multiply the total apples pencils costs each week hours minutes so we get then "
-                "therefore answer price eraser equation solve both sides divide by").split()
+_TRAIN_WORDS = ["add", "subtract", "multiply", "the", "total", "apples", "pencils", "costs", "each", "week", "hours", "minutes", "so", "we", "get", "then", "therefore", "answer", "price", "eraser", "equation", "solve", "both", "sides", "divide", "by"]
 
 
 def write_train_rows(path: Path, n: int = 24, seed: int = 0, soft: bool = False) -> Path:

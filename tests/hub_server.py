@@ -67,7 +67,7 @@ class HubServer:
     def files(self, repo_id: str, revision: str = "main") -> dict[str, bytes]:
         return self.repos[repo_id].branches[revision]
 
-    def start(self) -> "HubServer":
+    def start(self) -> HubServer:
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
         self._httpd.daemon_threads = True
         threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
@@ -79,7 +79,7 @@ class HubServer:
             self._httpd.server_close()
             self._httpd = None
 
-    def __enter__(self) -> "HubServer":
+    def __enter__(self) -> HubServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hub_server import HubServer
 from typer.testing import CliRunner
 
-from hub_server import HubServer
 from prmkit.cli.app import app
-from prmkit.models.model_dir import build_metadata, write_metadata
 from prmkit.evaluation.report import make_report
+from prmkit.models.model_dir import build_metadata, write_metadata
 from prmkit.tokenization import TokenizationParams
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"

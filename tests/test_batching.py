@@ -8,11 +8,11 @@ import random
 import numpy as np
 import pytest
 import torch
-
 from conftest import TRAIN_TINY_MODEL, write_train_rows
-from prmkit.training.batching import StepCollator, resolve_batching
+
 from prmkit.kinds.heads import step_loss
 from prmkit.tokenization import IGNORE_INDEX
+from prmkit.training.batching import StepCollator, resolve_batching
 
 
 def _rows(n: int = 7, soft: bool = False, seed: int = 0):
@@ -170,8 +170,9 @@ def test_auto_batching_packs_only_on_cuda_with_a_varlen_kernel():
 
 
 def test_varlen_kernels_respect_the_model_class():
-    from prmkit.training.kernels import model_class_for, varlen_kernels_available
     from transformers import Qwen2Config
+
+    from prmkit.training.kernels import model_class_for, varlen_kernels_available
 
     cls = model_class_for(Qwen2Config())
     assert cls.__name__ == "Qwen2ForTokenClassification"

@@ -37,7 +37,7 @@ def test_the_gpu_score_benchmark_runs_in_its_tiny_cpu_mode(tmp_path):
     assert set(result["bare_limit"]["by_budget"]) == {"1024", "2048"}
     assert result["bare_limit"]["best"]["best_budget"] in (1024, 2048)
     assert "engine_share_of_best_limit" in result["summary"] and "| prmkit defaults |" in proc.stdout
-    imports = dict((name, seconds) for name, _, seconds in result["startup_profile"]["top_imports_seconds"])
+    imports = {name: seconds for name, _, seconds in result["startup_profile"]["top_imports_seconds"]}
     torch_seconds = result["startup_profile"]["torch_import_seconds"]
     assert torch_seconds > 0 and result["startup_profile"]["imports_total_seconds"] >= torch_seconds
     assert imports.get("torch", torch_seconds) == torch_seconds

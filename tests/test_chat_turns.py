@@ -11,9 +11,9 @@ import time
 import pytest
 
 from prmkit.errors import UsageError
+from prmkit.kinds.encoder import KindEncoder
 from prmkit.kinds.registry import CHAT_PLUS_MINUS
 from prmkit.kinds.spec import KindSettings
-from prmkit.kinds.encoder import KindEncoder
 from tests.conftest import requires_shared
 from tests.test_kinds import CHATML_TEMPLATE, LLAMA3_TEMPLATE, _tokenizer
 
@@ -106,7 +106,7 @@ def new_encode(tok, max_length, items):
 
 @pytest.fixture(scope="module")
 def tiny_llama_tokenizer(tmp_path_factory):
-    return _tokenizer(tmp_path_factory.mktemp("chat-tok"), specials=LLAMA3_SPECIALS + ["<|im_start|>", "<|im_end|>"],
+    return _tokenizer(tmp_path_factory.mktemp("chat-tok"), specials=[*LLAMA3_SPECIALS, "<|im_start|>", "<|im_end|>"],
                       template=LLAMA3_TEMPLATE, bos=True)
 
 
@@ -146,14 +146,14 @@ def test_chat_encoding_is_the_turn_by_turn_encoding(tiny_llama_tokenizer, templa
     if max_length == 200:  # the long rows are cut, and their later turns have no position
         assert len(got[3][0]) == 200 and got[3][1][-1] == -1 and got[3][1][0] >= 0
     if max_length == 5000:
-        assert len(got[4][0]) == 5000 and 0 < got[4][1][100] and got[4][1][-1] == -1
+        assert len(got[4][0]) == 5000 and got[4][1][100] > 0 and got[4][1][-1] == -1
 
 
 @requires_shared
 @pytest.mark.parametrize("max_length", [None, 64, 1000])
 def test_chat_encoding_with_the_qwen2_tokenizer_is_the_turn_by_turn_encoding(qwen2_llama3_tokenizer, max_length):
     tok = _with_template(qwen2_llama3_tokenizer, LLAMA3_TEMPLATE)
-    rows = ROWS + [("Long.", [f"Step {k}: x = {k} * 3 + 1, so x ≈ {k * 3.5}." for k in range(120)])]
+    rows = [*ROWS, ("Long.", [f"Step {k}: x = {k} * 3 + 1, so x ≈ {k * 3.5}." for k in range(120)])]
     got = new_encode(tok, max_length, rows)
     assert got == old_encode(tok, max_length, rows)
 

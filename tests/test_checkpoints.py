@@ -10,9 +10,15 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import fake_checkpoint, write_train_rows
-from prmkit.core.checkpoints import INCOMPLETE_PREFIX, MARKER, checkpoint_problem, latest_complete_checkpoint, safetensors_problem
+
+from prmkit.core.checkpoints import (
+    INCOMPLETE_PREFIX,
+    MARKER,
+    checkpoint_problem,
+    latest_complete_checkpoint,
+    safetensors_problem,
+)
 
 
 def _truncate(path: Path, keep: int) -> None:

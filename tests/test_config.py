@@ -11,8 +11,8 @@ from conftest import ROOT
 from typer.testing import CliRunner
 
 from prmkit.cli.app import app
-from prmkit.config.schema import SECTIONS, Config
 from prmkit.config.load import load_config, render_template
+from prmkit.config.schema import SECTIONS, Config
 from prmkit.errors import ConfigError
 
 runner = CliRunner()
@@ -185,8 +185,8 @@ def test_range_boundaries_and_null_are_accepted():
 def test_every_numeric_key_has_a_range():
     import dataclasses
 
-    from prmkit.config.schema import RANGES, training_argument_fields
     from prmkit.config.load import _resolve
+    from prmkit.config.schema import RANGES, training_argument_fields
 
     numeric = set()
     for section, cls in SECTIONS.items():

@@ -16,8 +16,8 @@ import pytest
 from conftest import make_tiny_prm
 from typer.testing import CliRunner
 
-from prmkit.core import jsonio
 from prmkit.cli.app import app
+from prmkit.core import jsonio
 
 runner = CliRunner()
 
@@ -62,7 +62,7 @@ def test_a_deeply_nested_line_is_a_bad_row(tmp_path, prm_dir, train_tokenizer_di
     strict, _ = _run(command, tmp_path, prm_dir, train_tokenizer_dir, src)
     assert strict.exit_code == 2, strict.output
     assert f"rows.jsonl: line 2: row: {REASON} (at column {COLUMN})" in strict.stderr
-    assert "Traceback" not in strict.output and strict.exception is None or isinstance(strict.exception, SystemExit)
+    assert ("Traceback" not in strict.output and strict.exception is None) or isinstance(strict.exception, SystemExit)
 
     skipped, out = _run(command, tmp_path, prm_dir, train_tokenizer_dir, src, "--skip-invalid")
     assert skipped.exit_code == 0, skipped.output

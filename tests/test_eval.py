@@ -24,9 +24,9 @@ from eval_fixtures import (
     write_jsonl,
 )
 
+from prmkit.errors import DataError, UsageError
 from prmkit.evaluation import evaluate as evaluation
 from prmkit.evaluation import write as eval_write
-from prmkit.errors import DataError, UsageError
 
 SHARED_GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "processbench" / "gsm8k.json"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

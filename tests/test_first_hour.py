@@ -201,10 +201,10 @@ def _all_commands():
     def walk(group, path):
         for name, cmd in group.commands.items():
             if hasattr(cmd, "commands"):
-                yield path + [name], cmd
-                yield from walk(cmd, path + [name])
+                yield [*path, name], cmd
+                yield from walk(cmd, [*path, name])
             else:
-                yield path + [name], cmd
+                yield [*path, name], cmd
 
     root = get_command(app)
     return [([], root), *walk(root, [])]
@@ -230,8 +230,8 @@ def test_every_help_is_readable_at_80_columns(monkeypatch):
         assert res.exit_code == 0, (path, res.output)
         text = res.stdout
         where = f"prmkit {' '.join(path)} --help"
-        cut = [line for line in text.splitlines() if "…" in line or re.search(r"\S\.\.\.$", line)
-               and not line.startswith("Usage:")]  # click ends a cut short help with "..."
+        cut = [line for line in text.splitlines() if "…" in line or (re.search(r"\S\.\.\.$", line)
+               and not line.startswith("Usage:"))]  # click ends a cut short help with "..."
         assert not cut, (where, cut)
         assert max(len(line) for line in text.splitlines()) <= 80, where
         for param in getattr(cmd, "params", []):
@@ -302,9 +302,9 @@ def test_sigterm_saves_a_checkpoint_and_names_the_signal(tmp_path, tiny_qwen2_co
 
 
 def test_the_example_data_warning_says_what_to_do():
+    from prmkit.data.formats import Options
     from prmkit.data.sources import read_step_rows
     from prmkit.training.example import EXAMPLE_TRAIN
-    from prmkit.data.formats import Options
 
     with prmkit_log() as records:
         read_step_rows(str(EXAMPLE_TRAIN), "prm800k", Options(), "\n", skip_invalid=False)

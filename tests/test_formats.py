@@ -7,8 +7,8 @@ import json
 import pytest
 from conftest import EXAMPLES, SHARED, requires_shared
 
-from prmkit.errors import DataError
 from prmkit.data.formats import Options, RowError, convert, detect_format, validate
+from prmkit.errors import DataError
 
 # Look-alike Math-Shepherd lines written for prmkit (the real ones carry no licence we may bundle).
 SHEPHERD = {

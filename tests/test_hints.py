@@ -150,7 +150,7 @@ class Source:
     def _message_parts(top: ast.AST):
         roots: list[ast.AST] = []
         for node in ast.walk(top):
-            if isinstance(node, ast.Raise) and node.exc or isinstance(node, ast.Return) and node.value:
+            if (isinstance(node, ast.Raise) and node.exc) or (isinstance(node, ast.Return) and node.value):
                 roots.append(node)
             elif isinstance(node, ast.Call):
                 func = node.func

@@ -41,7 +41,7 @@ def _tokenizer(path: Path, *, specials: list[str], added: list[str] = (), templa
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<s>", *specials],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator((_CORPUS + ["a + b - c + d - e"]) * 20, trainer=trainer)
+    tok.train_from_iterator(([*_CORPUS, "a + b - c + d - e"]) * 20, trainer=trainer)
     if bos:
         tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
     kwargs = {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "additional_special_tokens": specials}
@@ -236,7 +236,7 @@ def _sentencepiece_tokenizer(path: Path):
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"])
-    tok.train_from_iterator((_CORPUS + ["a + b - c ки d + e - f ки"]) * 20, trainer=trainer)
+    tok.train_from_iterator(([*_CORPUS, "a + b - c ки d + e - f ки"]) * 20, trainer=trainer)
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                    pad_token="</s>")
@@ -403,7 +403,6 @@ def test_eval_compares_kinds_side_by_side_in_a_subprocess(tmp_path, tiny_prm_pai
         assert m["subsets"]["gsm8k"]["n_solutions"] == 12
     # The qwen-prm model's first-error verdicts come from its own scores: check one subset figure by hand.
     from prmkit.scoring import StepScorer
-
     from tests.eval_fixtures import processbench_first_error
 
     records = json.loads(data.read_text())
@@ -573,7 +572,6 @@ def test_push_plans_an_lm_tag_model_and_its_card_snippet_scores_as_prmkit(tmp_pa
     import shutil
 
     from prmkit.hub import plan_push
-
     from tests.conftest import write_train_rows
 
     rows = write_train_rows(tmp_path / "train.jsonl", n=8)

@@ -14,8 +14,8 @@ from hub_server import HubServer
 from typer.testing import CliRunner
 
 from prmkit.cli.app import app
-from prmkit.errors import UsageError
 from prmkit.core.locate import locate, looks_like_path
+from prmkit.errors import UsageError
 
 runner = CliRunner()
 ROWS = '{"prompt": "p", "completions": ["a", "b"], "labels": [true, false]}\n'

@@ -11,10 +11,24 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_train_rows
 from typer.testing import CliRunner
 
-from conftest import write_train_rows
-from prmkit.models.memory import ALLOC_DEFAULT, GIB, Budget, MicroBatch, ModelShape, allocator_setting, device_budget, estimate_memory, largest_micro_batch, model_shape, oom_hint, plan_memory, use_expandable_segments
+from prmkit.models.memory import (
+    ALLOC_DEFAULT,
+    GIB,
+    Budget,
+    MicroBatch,
+    ModelShape,
+    allocator_setting,
+    device_budget,
+    estimate_memory,
+    largest_micro_batch,
+    model_shape,
+    oom_hint,
+    plan_memory,
+    use_expandable_segments,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 # The issue's GPU setting: the Qwen2-0.5B shape, Qwen2's vocabulary.
@@ -197,9 +211,11 @@ def test_estimate_matches_the_tensors_autograd_saves(mode):
 
     batch = MicroBatch(rows=3, width=160, sequences=3)
     ids = torch.randint(0, 300, (batch.rows, batch.width))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"):
-            model(input_ids=ids).logits.sum().backward()
+    with (
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"),
+    ):
+        model(input_ids=ids).logits.sum().backward()
     measured = sum(saved.values())
     shape = model_shape(config, model)
     assert shape.total_params == sum(p.numel() for p in model.parameters())

@@ -254,7 +254,7 @@ def test_tune_threshold_handles_none_and_matches_brute_force():
     for _ in range(60):
         n = rng.randint(1, 6)
         steps = [None if rng.random() < 0.15 else round(rng.random(), 2) for _ in range(n)]
-        samples.append((steps, rng.choice([-1] + list(range(n)))))
+        samples.append((steps, rng.choice([-1, *list(range(n))])))
     samples.append(([0.9, 0.1], 0))
     samples.append(([0.9, 0.9], -1))
     grid = [i / 20 for i in range(1, 20)]

@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import fake_checkpoint, make_tiny_prm, write_train_rows
 from typer.testing import CliRunner
 
-from conftest import fake_checkpoint, make_tiny_prm, write_train_rows
 from prmkit.cli.app import app
 
 runner = CliRunner()
@@ -116,9 +116,9 @@ class _Crash(Exception):
 
 @pytest.mark.slow
 def test_overwrite_keeps_the_old_output_until_the_new_run_saves_a_checkpoint(tmp_path, tiny_qwen2_config_dir):
+    from test_training import make_cfg
     from transformers import TrainerCallback
 
-    from test_training import make_cfg
     from prmkit.core.checkpoints import checkpoint_problem
     from prmkit.training.recipe import train
 
@@ -157,6 +157,7 @@ def test_overwrite_keeps_the_old_output_until_the_new_run_saves_a_checkpoint(tmp
 
 def test_a_killed_overwrite_is_settled_by_the_next_run(tmp_path, tiny_qwen2_config_dir):
     from test_training import make_cfg
+
     from prmkit.core.overwrite import REPLACED, _set_aside_contents, settle_overwrite
     from prmkit.training.run_dir import claim_output_dir
 
@@ -233,7 +234,7 @@ def test_every_kill_point_of_an_overwrite_is_settled_without_loss(tmp_path, monk
         _set_aside_contents(out)
         (out / "prmkit_config.yaml").write_text("the new run's config")
         fake_checkpoint(out / "checkpoint-1", marker=False).joinpath("trainer_state.json").unlink()  # incomplete
-        killed = killed_at(n, lambda: settle_overwrite(out))
+        killed = killed_at(n, lambda out=out: settle_overwrite(out))
         settle_overwrite(out)  # the next run
         assert snapshot(out) == before, f"killed at rename {n + 1} of the restore"
         n += 1
@@ -244,7 +245,7 @@ def test_every_kill_point_of_an_overwrite_is_settled_without_loss(tmp_path, monk
     while killed:
         out = tmp_path / f"aside-{n}"
         before = old_run(out)
-        killed = killed_at(n, lambda: _set_aside_contents(out))
+        killed = killed_at(n, lambda out=out: _set_aside_contents(out))
         settle_overwrite(out)
         assert snapshot(out) == before, f"killed at rename {n + 1} of the set-aside"
         n += 1

@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 from prmkit.cli.app import app
 from prmkit.config.load import load_config
 from prmkit.core.filenames import METADATA_FILE, REJECTS_FILE
-from prmkit.models.loading import load_tokenizer
 from prmkit.data.prepare import prepare_splits
+from prmkit.models.loading import load_tokenizer
 
 runner = CliRunner()
 

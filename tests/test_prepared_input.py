@@ -13,9 +13,9 @@ from typer.testing import CliRunner
 
 from prmkit.cli.app import app
 from prmkit.config.load import load_config
-from prmkit.models.loading import load_tokenizer
 from prmkit.data.prepare import prepare_splits
 from prmkit.errors import DataError
+from prmkit.models.loading import load_tokenizer
 
 runner = CliRunner()
 
@@ -83,7 +83,7 @@ def test_a_prepared_directory_is_training_data_checked_against_the_run(tmp_path,
 
     from prmkit.training.recipe import resolve_config
 
-    prep, train, held = prepared
+    prep, _train, held = prepared
     tok = load_tokenizer(str(train_tokenizer_dir))
 
     def cfg(*overrides, **data):
@@ -118,7 +118,6 @@ def test_a_prepared_directory_is_training_data_checked_against_the_run(tmp_path,
 @pytest.mark.slow
 def test_eval_scores_a_prepared_directory_as_it_scores_the_text(tmp_path, prepared, train_tokenizer_dir):
     from prmkit.evaluation.evaluate import evaluate
-
     from prmkit.models.model_dir import build_metadata, write_metadata
     from prmkit.tokenization import TokenizationParams, tokenizer_fingerprint
 

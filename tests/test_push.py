@@ -18,15 +18,28 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from hub_server import HubServer, git_blob_sha1
-from prmkit.models.model_dir import build_metadata, write_metadata
-from prmkit.evaluation.report import make_report
-from prmkit.tokenization import TokenizationParams, encode_solutions
 from push_fixtures import (  # noqa: F401 - fixtures register by being imported
-    FIGURES, PUSHED, QWEN2_TOKENIZER, REPO, REPORT, TOKEN, _assert_one_line_error, _front_matter, _loopback_only, _metadata,
-    _save_tiny_model, base_model_dir_fixture, hub_fixture, model_dir_fixture, push,
+    FIGURES,
+    PUSHED,
+    QWEN2_TOKENIZER,
+    REPO,
+    REPORT,
+    TOKEN,
+    _assert_one_line_error,
+    _front_matter,
+    _loopback_only,
+    _metadata,
+    _save_tiny_model,
+    base_model_dir_fixture,
+    hub_fixture,
+    model_dir_fixture,
+    push,
 )
+
+from prmkit.evaluation.report import make_report
+from prmkit.models.model_dir import build_metadata, write_metadata
+from prmkit.tokenization import TokenizationParams, encode_solutions
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Pushing
@@ -409,7 +422,7 @@ def _run_snippet(card: str, repo_id: str, local_dir: Path) -> dict:
     assert f'repo = "{repo_id}"' in code
     code = code.replace(f'repo = "{repo_id}"', f"repo = {str(local_dir)!r}").replace("print(step_scores)", "")
     namespace: dict = {}
-    exec(compile(code, "<card snippet>", "exec"), namespace)  # noqa: S102 - our own generated code
+    exec(compile(code, "<card snippet>", "exec"), namespace)
     return namespace
 
 

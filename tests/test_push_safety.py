@@ -13,15 +13,24 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hub_server import HubServer
+from push_fixtures import (  # noqa: F401 - fixtures register by being imported
+    FIGURES,
+    PUSHED,
+    REPO,
+    TOKEN,
+    _assert_one_line_error,
+    _loopback_only,
+    _metadata,
+    base_model_dir_fixture,
+    hub_fixture,
+    model_dir_fixture,
+    push,
+)
 from typer.testing import CliRunner
 
-from hub_server import HubServer
 from prmkit.cli.app import app
 from prmkit.models.model_dir import write_metadata
-from push_fixtures import (  # noqa: F401 - fixtures register by being imported
-    FIGURES, PUSHED, REPO, TOKEN, _assert_one_line_error, _loopback_only, _metadata, base_model_dir_fixture, hub_fixture,
-    model_dir_fixture, push,
-)
 
 
 def _uploaded(hub) -> dict[str, bytes]:
@@ -109,8 +118,8 @@ def test_every_saved_config_and_metadata_is_redacted(tmp_path):
     from prmkit.config.load import dump_config, load_config
     from prmkit.evaluation.report import make_report
     from prmkit.evaluation.write import write_report
-    from prmkit.training.run_dir import run_identity
     from prmkit.scoring.resume import write_state
+    from prmkit.training.run_dir import run_identity
 
     url = "https://bob:pAssw0rd99@example.com/train.jsonl"
     cfg = load_config(None, ["train.hub_token=hf_SavedSecretToken12345", f"data.train={url}"])

@@ -4,6 +4,9 @@ import sys
 
 import pytest
 
+from prmkit.evaluation.render import build_markdown, rich_tables
+from prmkit.evaluation.report import MissingExtraError, make_report
+from prmkit.evaluation.write import write_report
 from prmkit.metrics import (
     accuracy_by_position,
     best_of_n,
@@ -12,9 +15,6 @@ from prmkit.metrics import (
     outcome_metrics,
     step_metrics,
 )
-from prmkit.evaluation.report import MissingExtraError, make_report
-from prmkit.evaluation.render import build_markdown, rich_tables
-from prmkit.evaluation.write import write_report
 
 # matplotlib is the optional "plot" extra (installed by "test"); without it
 # only the plotting tests are skipped.

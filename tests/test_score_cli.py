@@ -25,7 +25,7 @@ from prmkit.tokenization import TokenizationParams
 
 runner = CliRunner()
 
-WORDS = "apples pears plus minus equals twice half total left each so then we have the answer is".split()
+WORDS = ["apples", "pears", "plus", "minus", "equals", "twice", "half", "total", "left", "each", "so", "then", "we", "have", "the", "answer", "is"]
 
 
 def make_rows(n: int, seed: int = 0, short: bool = False) -> list[dict]:

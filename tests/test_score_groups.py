@@ -20,7 +20,7 @@ from prmkit.metrics import aggregate
 from prmkit.scoring import GroupSpec, StepScorer, output_paths, score_file
 
 runner = CliRunner()
-WORDS = "apples pears plus minus equals twice half total left each so then we have the answer is".split()
+WORDS = ["apples", "pears", "plus", "minus", "equals", "twice", "half", "total", "left", "each", "so", "then", "we", "have", "the", "answer", "is"]
 
 
 def candidates(groups: int, seed: int = 0, sizes: tuple[int, int] = (1, 9), fixed: int | None = None) -> list[dict]:
@@ -104,7 +104,7 @@ def test_a_group_seen_again_is_one_line_naming_both_places(tmp_path, scorer):
         score_file(scorer, str(src), str(tmp_path / "out.jsonl"), group=GroupSpec("problem_id"))
     assert "sort_by(.problem_id)" in e.value.hint
 
-    missing = items[:2] + [{k: v for k, v in items[2].items() if k != "problem_id"}] + items[3:6]
+    missing = [*items[:2], {k: v for k, v in items[2].items() if k != "problem_id"}, *items[3:6]]
     src = write_jsonl(tmp_path / "missing.jsonl", missing)
     with pytest.raises(DataError, match="line 3: problem_id: missing"):
         score_file(scorer, str(src), str(tmp_path / "m.jsonl"), group=GroupSpec("problem_id"))

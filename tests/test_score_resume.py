@@ -127,7 +127,7 @@ def test_a_failed_stdin_run_leaves_nothing_behind(tmp_path, prm_dir):
 
 
 def test_every_atomic_write_removes_what_a_killed_writer_of_that_file_left(tmp_path):
-    from prmkit.core.atomic import TEMP_SUFFIX, _HOST, write_atomic
+    from prmkit.core.atomic import _HOST, TEMP_SUFFIX, write_atomic
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     pid = int(dead.stdout)

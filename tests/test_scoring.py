@@ -9,13 +9,13 @@ import pytest
 import torch
 from conftest import make_tiny_prm, prmkit_log
 
-from prmkit.errors import UsageError
 from prmkit.core.filenames import PRMKIT_JSON
+from prmkit.errors import UsageError
+from prmkit.models.loading import resolve_dtype as _resolve_dtype
 from prmkit.models.model_dir import build_metadata, write_metadata
 from prmkit.scoring import StepScorer
 from prmkit.scoring.engine import _is_causal, _probe_causal
 from prmkit.scoring.loading import resolve_device as _resolve_device
-from prmkit.models.loading import resolve_dtype as _resolve_dtype
 from prmkit.tokenization import TokenizationParams, encode_solutions
 
 SOLUTIONS = [

@@ -7,6 +7,7 @@ scaled_dot_product_attention per sequence) and by FlexAttention agree with padde
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import subprocess
@@ -24,7 +25,7 @@ from prmkit.scoring import StepScorer, attention, score_file
 from prmkit.scoring.engine import PAD_MULTIPLE, padded_width
 from prmkit.scoring.timings import STAGES, Timings, process_age
 
-WORDS = "apples pears plus minus equals twice half total left each so then we have the answer is".split()
+WORDS = ["apples", "pears", "plus", "minus", "equals", "twice", "half", "total", "left", "each", "so", "then", "we", "have", "the", "answer", "is"]
 
 
 def solutions(n: int, seed: int = 0) -> list[tuple[str, list[str]]]:
@@ -190,7 +191,7 @@ def fake_varlen(signature: str):
             assert gqa, "grouped-query attention needs enable_gqa or repeated heads"
         out = torch.empty_like(q)
         bounds = cu.tolist()
-        for s, e in zip(bounds[:-1], bounds[1:]):
+        for s, e in itertools.pairwise(bounds):
             qs, ks, vs = (t[s:e].transpose(0, 1) for t in (q, k, v))
             out[s:e] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=scale,
                                                       enable_gqa=gqa).transpose(0, 1)

@@ -11,10 +11,10 @@ from typer.testing import CliRunner
 from prmkit.cli.app import app
 from prmkit.config.load import load_config
 from prmkit.core.filenames import METADATA_FILE
-from prmkit.data.sources import iter_records, resolve_source
-from prmkit.models.loading import load_tokenizer
 from prmkit.data.prepare import prepare_splits
+from prmkit.data.sources import iter_records, resolve_source
 from prmkit.errors import ConfigError, DataError
+from prmkit.models.loading import load_tokenizer
 
 runner = CliRunner()
 

@@ -9,6 +9,8 @@ from conftest import SHARED, requires_shared
 
 from prmkit.tokenization import (
     IGNORE_INDEX as X,
+)
+from prmkit.tokenization import (
     TextEncoder,
     TokenizationParams,
     encode_solutions,
@@ -58,7 +60,7 @@ def test_bos_is_prepended_when_the_tokenizer_has_one():
 
 
 def test_train_on_last_step_only_applies_to_train_split_only():
-    ids, labels = run(word_tokenizer(), "q", ["a", "b", "c"], [1, 1, 0], train_on_last_step_only=True)
+    _ids, labels = run(word_tokenizer(), "q", ["a", "b", "c"], [1, 1, 0], train_on_last_step_only=True)
     assert labels == [X, X, X, X, X, X, 0]
     _, eval_labels = run(word_tokenizer(), "q", ["a", "b", "c"], [1, 1, 0], is_eval=True, train_on_last_step_only=True)
     assert eval_labels == [X, X, 1, X, 1, X, 0]
@@ -106,7 +108,7 @@ def test_step_positions_mark_truncated_steps():
 
 
 def test_soft_labels_are_kept_not_floored():
-    ids, labels = run(word_tokenizer(), "q", ["a", "b"], [0.7, 1])
+    _ids, labels = run(word_tokenizer(), "q", ["a", "b"], [0.7, 1])
     assert labels == [X, X, 0.7, X, 1]
 
 

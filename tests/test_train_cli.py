@@ -190,8 +190,8 @@ def test_hub_settings_prmkit_pushes_with(tmp_path, monkeypatch):
 
 
 def test_a_past_index_is_refused():
-    from prmkit.errors import ConfigError
     from prmkit.config.training_args import check_training_arguments
+    from prmkit.errors import ConfigError
 
     check_training_arguments({"past_index": -1, "label_names": ["labels"]}, "grouped")
     with pytest.raises(ConfigError, match="train.past_index: 0 is not supported"):
@@ -240,9 +240,8 @@ def test_a_batch_size_of_1e20_is_out_of_range(tmp_path, value):
 def test_a_full_disk_while_saving_is_one_line(tmp_path, tiny_qwen2_config_dir, monkeypatch, where):
     import torch
     import transformers.modeling_utils
-    from safetensors import SafetensorError
-
     from conftest import write_train_rows
+    from safetensors import SafetensorError
 
     # What safetensors and torch raise when the disk fills up (measured on a full tmpfs): not OSError.
     saves = []

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import TRAIN_TINY_MODEL, fake_checkpoint, write_train_rows
+
 from prmkit.config.load import load_config
 from prmkit.errors import UsageError
 from prmkit.tokenization import IGNORE_INDEX
@@ -123,8 +123,8 @@ def _features(tokenizer_dir: Path, rows_file: Path, n: int = 6):
 def test_every_batching_mode_gives_the_same_loss(tmp_path, train_tokenizer_dir, attn):
     from transformers import AutoModelForTokenClassification, Qwen2Config
 
-    from prmkit.training.batching import StepCollator
     from prmkit.kinds.heads import step_loss
+    from prmkit.training.batching import StepCollator
 
     tok, feats = _features(train_tokenizer_dir, write_train_rows(tmp_path / "rows.jsonl", n=6))
     assert len({len(f["input_ids"]) for f in feats}) > 3  # lengths differ, so padding and packing really differ
@@ -184,9 +184,9 @@ def test_length_grouped_sampler_is_a_seeded_permutation_with_less_padding():
 def test_eval_metrics_use_labelled_positions_only():
     from transformers import EvalPrediction
 
+    from prmkit.kinds.heads import preprocess_logits_for_metrics
     from prmkit.metrics import step_metrics
     from prmkit.training.batching import make_compute_metrics
-    from prmkit.kinds.heads import preprocess_logits_for_metrics
 
     logits = torch.tensor([[[0.0, 2.0], [1.0, 0.0], [0.0, 0.0]], [[3.0, 0.0], [0.0, 1.0], [5.0, 5.0]]])
     labels = torch.tensor([[1, IGNORE_INDEX, 0], [0, 1, IGNORE_INDEX]])

@@ -14,16 +14,16 @@ import os
 import signal
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import typer
 
-from prmkit.core.atomic import TEMP_SUFFIX
 from prmkit.cli._options import DebugOpt
 from prmkit.cli._output import MaskedStream, Output
-from prmkit.errors import ConfigError, DataError, PrmkitError, first_line, write_failure
+from prmkit.core.atomic import TEMP_SUFFIX
 from prmkit.core.redact import mask
+from prmkit.errors import ConfigError, DataError, PrmkitError, first_line, write_failure
 
 MAX_SHOWN_PROBLEMS = 10  # problem lines printed under an error; the rest are counted
 

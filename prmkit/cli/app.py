@@ -7,9 +7,9 @@ from typing import Annotated
 
 import typer
 
-from prmkit.core.version import __version__
 from prmkit.cli import config_cmd, eval_cmd, prepare_cmd, push_cmd, score_cmd, serve_cmd, train_cmd
 from prmkit.cli._errors import mask_stderr
+from prmkit.core.version import __version__
 from prmkit.models.memory import use_expandable_segments
 
 app = typer.Typer(

@@ -10,10 +10,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from prmkit.config.schema import SECTIONS, Config, eval_schedule
 from prmkit.config.load import dump_config
-from prmkit.training.example import example_settings, put, tiny_settings
+from prmkit.config.schema import SECTIONS, Config, eval_schedule
 from prmkit.core.redact import redact
+from prmkit.training.example import example_settings, put, tiny_settings
 
 BUILT = object()
 """A derived value known only once it is built (the tiny model's directory): shown as a comment, not a value."""

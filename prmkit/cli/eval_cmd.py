@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -30,36 +30,36 @@ from prmkit.errors import UsageError
 @handle_errors
 def evaluate(
     models: Annotated[
-        Optional[list[str]],
+        list[str] | None,
         typer.Argument(help="Model directories or Hub ids; several are compared side by side.", metavar="MODEL",
                        show_default=False),
     ] = None,
     data: Annotated[
-        Optional[list[str]],
+        list[str] | None,
         typer.Option("--data", "-d", help="Evaluation data (repeatable): a file, saved dataset or Hub id; "
                      "named by its file stem or Hub split, or NAME=SRC. Sets eval.data.", metavar="SRC"),
     ] = None,
     model_opt: Annotated[
-        Optional[list[str]], typer.Option("--model", "-m", help="Another model to evaluate (repeatable).", metavar="MODEL")
+        list[str] | None, typer.Option("--model", "-m", help="Another model to evaluate (repeatable).", metavar="MODEL")
     ] = None,
     format_: FormatOpt = None,
     step_separator: StepSeparatorOpt = None,
     threshold: Annotated[
-        Optional[float],
+        float | None,
         typer.Option("--threshold", min=0.0, max=1.0, help="A step is judged correct when its score is >= this "
                      "(sets eval.threshold; default 0.5)."),
     ] = None,
     tune_threshold: Annotated[
-        Optional[str],
+        str | None,
         typer.Option("--tune-threshold", metavar="SUBSET", help="Pick the threshold that maximises first-error F1 on "
                      "this subset and apply it to all (sets eval.tune_threshold)."),
     ] = None,
     output_dir: Annotated[
-        Optional[Path], typer.Option("--output-dir", "-o", help="Where report.json, report.md and plots go "
+        Path | None, typer.Option("--output-dir", "-o", help="Where report.json, report.md and plots go "
                                      "(sets eval.output_dir; default ./eval).")
     ] = None,
     plots: Annotated[
-        Optional[bool], typer.Option("--plots/--no-plots", help="Write PNG plots (sets eval.plots; default: when "
+        bool | None, typer.Option("--plots/--no-plots", help="Write PNG plots (sets eval.plots; default: when "
                                      "matplotlib is installed, else a warning; --plots requires it).")
     ] = None,
     dtype: DtypeOpt = None,
@@ -165,8 +165,8 @@ def _write(out: Output, result, out_dir: Path, names: list[str], plots: bool, wa
 
 
 def _plotting_available() -> bool:
-    from prmkit.evaluation.write import check_plotting
     from prmkit.evaluation.report import MissingExtraError
+    from prmkit.evaluation.write import check_plotting
 
     try:
         check_plotting()
@@ -180,7 +180,7 @@ class _progress:
 
     def __init__(self, enabled: bool):
         self.enabled = enabled
-        self._bar = None
+        self._bar: Any = None
         self._tasks: dict[str, int] = {}
 
     def __enter__(self):

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
 from prmkit.cli._errors import handle_errors
-from prmkit.cli._options import ConfigOpt, FormatOpt, JsonOpt, OverwriteOpt, SetOpt, SkipInvalidOpt, StepSeparatorOpt, unescape
+from prmkit.cli._options import (
+    ConfigOpt,
+    FormatOpt,
+    JsonOpt,
+    OverwriteOpt,
+    SetOpt,
+    SkipInvalidOpt,
+    StepSeparatorOpt,
+    unescape,
+)
 from prmkit.cli._output import Output, attach_logging, stderr
 from prmkit.config.load import load_config
 from prmkit.errors import UsageError
@@ -20,9 +29,9 @@ def prepare(
     output: Annotated[Path, typer.Option("--output", "-o", help="Directory for the prepared DatasetDict.")],
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    train: Annotated[Optional[str], typer.Option("--train", help="Training data (sets data.train).")] = None,
-    eval_: Annotated[Optional[str], typer.Option("--eval", help="Evaluation data (sets data.eval).")] = None,
-    tokenizer: Annotated[Optional[str], typer.Option("--tokenizer", help="Tokenizer (sets model.tokenizer).")] = None,
+    train: Annotated[str | None, typer.Option("--train", help="Training data (sets data.train).")] = None,
+    eval_: Annotated[str | None, typer.Option("--eval", help="Evaluation data (sets data.eval).")] = None,
+    tokenizer: Annotated[str | None, typer.Option("--tokenizer", help="Tokenizer (sets model.tokenizer).")] = None,
     format_: FormatOpt = None,
     step_separator: StepSeparatorOpt = None,
     skip_invalid: SkipInvalidOpt = None,
@@ -39,8 +48,8 @@ def prepare(
         "data.train": train, "data.eval": eval_, "model.tokenizer": tokenizer, "data.format": format_,
         "data.step_separator": unescape(step_separator), "data.skip_invalid": skip_invalid,
     })
-    from prmkit.models.loading import load_tokenizer
     from prmkit.data.prepare import prepare_splits  # numpy and the tokenizers: not for --help
+    from prmkit.models.loading import load_tokenizer
 
     if not cfg.tokenizer_name:
         raise UsageError("no tokenizer: set model.tokenizer or model.name_or_path", hint="e.g. --tokenizer Qwen/Qwen2-0.5B")
@@ -60,7 +69,7 @@ def prepare(
 class _Progress:
     """Rows tokenized per split, rows/s and an ETA on stderr; rich draws nothing when stderr is not a terminal."""
 
-    def __enter__(self) -> "_Progress":
+    def __enter__(self) -> _Progress:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self._progress = Progress(TextColumn("tokenizing {task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 import time
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -40,14 +40,14 @@ def score(
     set_: SetOpt = None,
     step_separator: StepSeparatorOpt = None,
     format_: FormatOpt = None,
-    threshold: Annotated[Optional[float], typer.Option("--threshold", help="First error = first step scoring below this (score.threshold).")] = None,
-    batch_tokens: Annotated[Optional[int], typer.Option("--batch-tokens", help="Token budget of one forward batch (score.batch_tokens).")] = None,
+    threshold: Annotated[float | None, typer.Option("--threshold", help="First error = first step scoring below this (score.threshold).")] = None,
+    batch_tokens: Annotated[int | None, typer.Option("--batch-tokens", help="Token budget of one forward batch (score.batch_tokens).")] = None,
     dtype: DtypeOpt = None,
     device: DeviceOpt = None,
     skip_invalid: SkipInvalidOpt = None,
-    group_by: Annotated[Optional[str], typer.Option("--group-by", metavar="FIELD", help="Rank the lines sharing this field's value (their lines must be together): adds rank (1 = best) and group_size (score.group_by).")] = None,
-    select: Annotated[Optional[str], typer.Option("--select", metavar="best", help="With --group-by: write only each group's best line (score.select).")] = None,
-    aggregate: Annotated[Optional[str], typer.Option("--aggregate", metavar="min|prod|last|mean", help="What ranks a group's lines (score.aggregate; default min).")] = None,
+    group_by: Annotated[str | None, typer.Option("--group-by", metavar="FIELD", help="Rank the lines sharing this field's value (their lines must be together): adds rank (1 = best) and group_size (score.group_by).")] = None,
+    select: Annotated[str | None, typer.Option("--select", metavar="best", help="With --group-by: write only each group's best line (score.select).")] = None,
+    aggregate: Annotated[str | None, typer.Option("--aggregate", metavar="min|prod|last|mean", help="What ranks a group's lines (score.aggregate; default min).")] = None,
     overwrite: OverwriteOpt = False,
     json_: JsonOpt = False,
 ) -> None:
@@ -158,14 +158,14 @@ class _Progress:
         self.started = time.perf_counter()
         self.n_steps = 0
         self.n_lines = 0
-        self._progress = None
-        self._task = None
+        self._progress: Any = None
+        self._task: Any = None
         self.total = total
 
     def _start(self) -> None:
         from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-        columns = [TextColumn("scoring"), BarColumn() if self.total else TextColumn(""),
+        columns: list[Any] = [TextColumn("scoring"), BarColumn() if self.total else TextColumn(""),
                    TextColumn("{task.completed}/{task.total} lines" if self.total else "{task.fields[lines]} lines"),
                    TextColumn("{task.fields[lines_rate]} lines/s, {task.fields[steps_rate]} steps/s")]
         if self.total:

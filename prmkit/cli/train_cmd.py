@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -42,25 +42,25 @@ def _in_distributed_launch() -> bool:
 def train(
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    output_dir: Annotated[Optional[Path], typer.Option("--output-dir", "-o", help="Where the model and checkpoints go (sets train.output_dir).")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Base model: a Hub id or a local directory (sets model.name_or_path).")] = None,
-    tokenizer: Annotated[Optional[str], typer.Option("--tokenizer", help="Tokenizer, if not the model's: a Hub id or a local directory (sets model.tokenizer).")] = None,
-    tiny: Annotated[Optional[str], typer.Option("--tiny", metavar="ARCH", help="Train a tiny random model of this architecture (qwen2, llama, mistral, gpt2, ...) for --tokenizer instead of --model: an offline smoke run on your own data (sets model.tiny).")] = None,
-    train_data: Annotated[Optional[str], typer.Option("--train", help="Training data (sets data.train).")] = None,
-    eval_data: Annotated[Optional[str], typer.Option("--eval", help="Evaluation data, scored during training (sets data.eval).")] = None,
+    output_dir: Annotated[Path | None, typer.Option("--output-dir", "-o", help="Where the model and checkpoints go (sets train.output_dir).")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Base model: a Hub id or a local directory (sets model.name_or_path).")] = None,
+    tokenizer: Annotated[str | None, typer.Option("--tokenizer", help="Tokenizer, if not the model's: a Hub id or a local directory (sets model.tokenizer).")] = None,
+    tiny: Annotated[str | None, typer.Option("--tiny", metavar="ARCH", help="Train a tiny random model of this architecture (qwen2, llama, mistral, gpt2, ...) for --tokenizer instead of --model: an offline smoke run on your own data (sets model.tiny).")] = None,
+    train_data: Annotated[str | None, typer.Option("--train", help="Training data (sets data.train).")] = None,
+    eval_data: Annotated[str | None, typer.Option("--eval", help="Evaluation data, scored during training (sets data.eval).")] = None,
     format_: FormatOpt = None,
     step_separator: StepSeparatorOpt = None,
     skip_invalid: SkipInvalidOpt = None,
-    max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Stop after this many optimizer steps (sets train.max_steps).", min=1)] = None,
-    learning_rate: Annotated[Optional[float], typer.Option("--learning-rate", help="Peak learning rate (sets train.learning_rate; default 1e-5, 2e-3 for --tiny and --example).")] = None,
-    epochs: Annotated[Optional[float], typer.Option("--epochs", help="Passes over the training data (sets train.num_train_epochs; default 1).")] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Random seed for weights and data order (sets train.seed; default 42).", min=0)] = None,
-    max_length: Annotated[Optional[int], typer.Option("--max-length", help="Longest tokenized row, prompt included (sets data.max_length; default 1024).", min=1)] = None,
+    max_steps: Annotated[int | None, typer.Option("--max-steps", help="Stop after this many optimizer steps (sets train.max_steps).", min=1)] = None,
+    learning_rate: Annotated[float | None, typer.Option("--learning-rate", help="Peak learning rate (sets train.learning_rate; default 1e-5, 2e-3 for --tiny and --example).")] = None,
+    epochs: Annotated[float | None, typer.Option("--epochs", help="Passes over the training data (sets train.num_train_epochs; default 1).")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Random seed for weights and data order (sets train.seed; default 42).", min=0)] = None,
+    max_length: Annotated[int | None, typer.Option("--max-length", help="Longest tokenized row, prompt included (sets data.max_length; default 1024).", min=1)] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue this run from the last checkpoint in --output-dir.")] = False,
     resume_with_changes: Annotated[bool, typer.Option("--resume-with-changes", help="Like --resume, but continue even when the config differs from the run's in epochs, steps, batch sizes, data or other training keys.")] = False,
     overwrite: OverwriteOpt = False,
-    num_processes: Annotated[Optional[int], typer.Option("--num-processes", help="Relaunch through `accelerate launch` with this many processes (GPUs; CPU processes when there is no GPU).", min=1)] = None,
-    accelerate_config: Annotated[Optional[Path], typer.Option("--accelerate-config", help="An accelerate config file (multi-GPU, DeepSpeed, FSDP; see examples/) for the relaunch.", exists=True, dir_okay=False)] = None,
+    num_processes: Annotated[int | None, typer.Option("--num-processes", help="Relaunch through `accelerate launch` with this many processes (GPUs; CPU processes when there is no GPU).", min=1)] = None,
+    accelerate_config: Annotated[Path | None, typer.Option("--accelerate-config", help="An accelerate config file (multi-GPU, DeepSpeed, FSDP; see examples/) for the relaunch.", exists=True, dir_okay=False)] = None,
     example: Annotated[bool, typer.Option("--example", help="Train offline on the bundled example data with a tiny model (a smoke run in seconds).")] = False,
     json_: JsonOpt = False,
 ) -> None:
@@ -109,9 +109,8 @@ def train(
 
     if ((num_processes or 1) > 1 or accelerate_config is not None) and not _in_distributed_launch():
         # Check what can be checked here, so a bad config is one clear line, not one traceback per process.
-        from prmkit.training import recipe as training
-
         from prmkit.models.loading import load_model_config
+        from prmkit.training import recipe as training
 
         cfg = training.resolve_config(cfg)
         load_model_config(cfg.model)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import types
 import typing
@@ -107,7 +108,7 @@ class BoundedLoader(yaml.SafeLoader):
 
 def load_yaml(text: str) -> Any:
     """``yaml.safe_load`` with alias expansion bounded (:class:`BoundedLoader`)."""
-    return yaml.load(text, Loader=BoundedLoader)  # noqa: S506 - a SafeLoader subclass
+    return yaml.load(text, Loader=BoundedLoader)
 
 
 def _collect(problems: list[ConfigError], func: Any, *args: Any) -> None:
@@ -267,7 +268,7 @@ _TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str:
 def _resolve(annotation: Any) -> tuple[set[type], bool]:
     """Base types an annotation admits, and whether it admits null."""
     if isinstance(annotation, str):
-        annotation = eval(annotation, {"typing": typing}, {**vars(typing), "Any": Any})  # noqa: S307 - our own hints
+        annotation = eval(annotation, {"typing": typing}, {**vars(typing), "Any": Any})
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         kinds: set[type] = set()
@@ -410,10 +411,10 @@ def _field_docs(cls: type) -> dict[str, str]:
     except (OSError, TypeError):
         return docs
     body = tree.body[0].body  # type: ignore[attr-defined]
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-                docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    for node, nxt in itertools.pairwise(body):
+        is_field = isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+        if is_field and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
     return docs
 
 

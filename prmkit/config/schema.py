@@ -265,17 +265,17 @@ class Range:
             return False
         if self.low is not None and (value <= self.low if self.low_open else value < self.low):
             return False
-        if self.high is not None and (value >= self.high if self.high_open else value > self.high):
-            return False
-        return True
+        return not (self.high is not None and (value >= self.high if self.high_open else value > self.high))
 
     def describe(self) -> str:
         if self.low is not None and self.high is not None:
             text = f"in {'(' if self.low_open else '['}{_num(self.low)}, {_num(self.high)}{')' if self.high_open else ']'}"
         elif self.low is not None:
             text = f"{'>' if self.low_open else '>='} {_num(self.low)}"
-        else:
+        elif self.high is not None:
             text = f"{'<' if self.high_open else '<='} {_num(self.high)}"
+        else:
+            text = "any number"
         text += "".join(f" or {_num(v)}" for v in self.special)
         return text + (f" ({self.note})" if self.note else "")
 

@@ -30,7 +30,7 @@ class FieldInfo:
     """The default when it is a literal (dataclasses.MISSING when it is computed or absent)."""
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def training_argument_fields() -> dict[str, FieldInfo]:
     """Every ``TrainingArguments`` field a user may set (``init=True``), by name."""
     parsed = parse_training_arguments()
@@ -113,7 +113,7 @@ def _evaluate(annotation: str) -> Any:
     # Only the plain kinds (bool, int, float, str, list, dict, None) matter to the config checks; an enum or a class
     # of transformers' own becomes a stand-in that counts as none of them, as the real class would.
     try:
-        return eval(annotation, {"__builtins__": {}}, _Names())  # noqa: S307 - an annotation from transformers' source
+        return eval(annotation, {"__builtins__": {}}, _Names())
     except Exception:
         return annotation
 
@@ -192,6 +192,6 @@ def check_integrations(args: Any) -> None:
             # What the Trainer does with it: each callback checks its package in __init__ (some are missing from
             # the list of available ones: flyte, and azure_ml beside mlflow).
             INTEGRATION_TO_CALLBACK[name]()
-        except Exception as e:  # noqa: BLE001 - the Trainer would fail the same way, with a traceback
+        except Exception as e:
             raise ConfigError(f"train.report_to: {name}: {first_line(e)}",
                               hint=f"install it, or remove {name!r} from train.report_to") from None

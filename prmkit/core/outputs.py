@@ -11,8 +11,8 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from prmkit.core import jsonio
 from prmkit.core.jsonio import dumps
@@ -98,7 +98,7 @@ class OutputLock:
     def held(self) -> bool:
         return self._fd is not None
 
-    def acquire(self, wait: bool = False) -> "OutputLock":
+    def acquire(self, wait: bool = False) -> OutputLock:
         """Take the lock, or raise :class:`OutputBusy` naming the holder; with ``wait``, wait for it instead."""
         if self._fd is not None:
             return self
@@ -145,7 +145,7 @@ class OutputLock:
             self.path.unlink()
         os.close(fd)
 
-    def __enter__(self) -> "OutputLock":
+    def __enter__(self) -> OutputLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

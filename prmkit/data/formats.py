@@ -192,8 +192,7 @@ def validate(row: dict[str, Any], label_threshold: float | None = None, allow_un
     prompt = row.get("prompt")
     if not isinstance(prompt, str):
         raise RowError("prompt", f"expected a string, got {_kind(prompt)}")
-    steps = row.get("completions")
-    _check_steps("completions", steps)
+    steps = _check_steps("completions", row.get("completions"))
     for i, step in enumerate(steps):
         problem = step_problem(step)
         if problem:
@@ -204,7 +203,7 @@ def validate(row: dict[str, Any], label_threshold: float | None = None, allow_un
         raise RowError("labels", f"expected a list, got {_kind(labels)}")
     if len(labels) != len(steps):
         raise RowError("labels", f"{len(labels)} labels for {len(steps)} steps")
-    normalized = []
+    normalized: list[Any] = []
     for i, label in enumerate(labels):
         if label is None and allow_unlabelled:
             normalized.append(None)
@@ -235,11 +234,13 @@ def _kind(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
-def _check_steps(name: str, steps: Any) -> None:
+def _check_steps(name: str, steps: Any) -> list[Any]:
+    """``steps`` when it is a non-empty list (its items are checked by the caller)."""
     if not isinstance(steps, list):
         raise RowError(name, f"expected a non-empty list of strings, got {_kind(steps)}")
     if not steps:
         raise RowError(name, "empty: expected a non-empty list of strings")
+    return steps
 
 
 def _check_texts(prompt: str, steps: list[str]) -> None:
@@ -349,7 +350,7 @@ def _prm800k(record: dict, neutral: str) -> list[dict]:
         if chosen is not None:
             if not isinstance(chosen, int) or not 0 <= chosen < len(completions or []):
                 raise RowError(f"label.steps[{n}].chosen_completion", f"{chosen!r} is not an index into completions")
-            picked = completions[chosen]
+            picked = (completions or [])[chosen]  # a list here: the range check above failed otherwise
             verdict = _rating_label(picked.get("rating"), neutral)
         elif human is not None:
             picked, verdict = human, True
@@ -368,7 +369,7 @@ def _processbench(record: dict, is_eval: bool) -> dict:
     problem, steps, label = record.get("problem"), record.get("steps"), record.get("label")
     if "problem" not in record:
         raise RowError("problem", "missing")
-    _check_steps("steps", steps)
+    steps = _check_steps("steps", steps)
     if "label" not in record:
         raise RowError("label", "missing")
     if not isinstance(label, int) or isinstance(label, bool) or not -1 <= label < len(steps):

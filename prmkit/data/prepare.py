@@ -11,8 +11,9 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from prmkit.core.atomic import (
     make_temp_dir,

@@ -9,9 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from prmkit.core import jsonio
 from prmkit.core.filenames import METADATA_FILE
@@ -340,7 +341,7 @@ class StepRows:
     def __len__(self) -> int:
         return len(self.prompts)
 
-    def take(self, indexes: list[int]) -> "StepRows":
+    def take(self, indexes: list[int]) -> StepRows:
         return StepRows([self.prompts[i] for i in indexes], [self.completions[i] for i in indexes],
                         [self.labels[i] for i in indexes], [self.first_errors[i] for i in indexes],
                         [self.rows[i] for i in indexes])

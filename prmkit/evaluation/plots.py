@@ -208,7 +208,7 @@ def _score_histogram(entries: Entries, raw_leaf: RawLeaf, path: Path) -> Path | 
         for mask, label, color in ((good, "correct steps", "tab:green"),
                                    (~good, "wrong steps", "tab:red")):
             if mask.any():
-                ax.hist(scores[mask], bins=bins, density=True, alpha=0.5, color=color,
+                ax.hist(scores[mask], bins=list(bins), density=True, alpha=0.5, color=color,
                         label=f"{label} ({int(mask.sum())})")
         if threshold is not None:
             ax.axvline(float(threshold), color="black", linestyle=":", label="threshold")

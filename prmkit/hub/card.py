@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from prmkit.core import jsonio
+from prmkit.core.filenames import CONFIG_YAML, PRMKIT_JSON
 from prmkit.data.formats import uses_neutral_ratings
 from prmkit.errors import UsageError
 from prmkit.hub.files import inside, read_text_capped
 from prmkit.kinds.registry import HUB_TOKEN_CLASSIFICATION, trained_kind
-from prmkit.core.filenames import CONFIG_YAML, PRMKIT_JSON
 
 log = logging.getLogger("prmkit")
 
@@ -21,6 +21,11 @@ TAGS = ["prm", "process-reward-model", "reward-model", "prmkit"]
 PROCESSBENCH_SUBSETS = {"gsm8k", "math", "olympiadbench", "omnimath"}
 LOCAL_DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow", ".txt")
 HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
+
+
+def _object(value: Any) -> dict[str, Any]:
+    """A JSON object read from prmkit.json, or {} when it is absent or not an object."""
+    return value if isinstance(value, dict) else {}
 
 
 def hub_id(spec: Any) -> str | None:
@@ -140,7 +145,7 @@ def _eval_section(report: dict, where: str | None) -> tuple[list[str], list[Any]
               "F1 is their harmonic mean. Step columns score every labelled step at the threshold."]
     if where:
         lines.append(f"Figures from `{Path(where).name}` written by `prmkit eval`.")
-    return lines + [""], results
+    return [*lines, ""], results
 
 
 PRMKIT_CLI_USAGE = "prmkit score {repo_id} solutions.jsonl -o scored.jsonl"
@@ -167,7 +172,7 @@ def _describe_model(spec: str) -> str:
 
 def _data_sources(data: dict) -> dict[str, list[str]]:
     """{split: [spec, ...]} from prmkit.json's data section (``sources`` as prepare writes it, or train/eval keys)."""
-    sources = data.get("sources") if isinstance(data.get("sources"), dict) else {}
+    sources = _object(data.get("sources"))
     return {key: _sources(sources.get(key, data.get(key))) for key in ("train", "eval")}
 
 
@@ -197,8 +202,8 @@ def _training_section(meta: dict, base: str | None, separator: str, has_config_y
     training = meta.get("training") or {}
     lora = meta.get("lora") or training.get("lora")
     model = meta.get("model") or {}
-    splits = data.get("splits") if isinstance(data.get("splits"), dict) else meta.get("splits") or {}
-    formats = data.get("formats") if isinstance(data.get("formats"), dict) else {}
+    splits = _object(data.get("splits") if isinstance(data.get("splits"), dict) else meta.get("splits"))
+    formats = _object(data.get("formats"))
 
     if model.get("init_from_config"):
         base_cell = f"{_describe_model(base)}'s architecture with random weights (`model.init_from_config`)" \
@@ -210,7 +215,7 @@ def _training_section(meta: dict, base: str | None, separator: str, has_config_y
         if not specs:
             continue
         detail = [formats.get(key) or (data.get("format") if data.get("format") not in (None, "auto") else None)]
-        split = splits.get(key) if isinstance(splits.get(key), dict) else {}
+        split = _object(splits.get(key))
         if split.get("rows_kept") is not None:
             detail.append(f"{split['rows_kept']:,} rows")
         if split.get("steps") is not None:
@@ -221,28 +226,28 @@ def _training_section(meta: dict, base: str | None, separator: str, has_config_y
         rows.append(("PRM800K neutral ratings count as", _setting(data["prm800k_neutral"])))
     if data.get("label_threshold") is not None:
         rows.append(("soft labels binarized at", _setting(data["label_threshold"])))
-    lines = _kv_table(rows, ("", "setup")) + [""]
+    lines = [*_kv_table(rows, ("", "setup")), ""]
 
     lines += ["Tokenization (TRL `PRMTrainer` compatible; recorded in `prmkit.json`):", ""]
     tok_rows = [("step_separator", f"`{json.dumps(separator, ensure_ascii=False)}`")]
     tok_rows += [(k, _setting(v)) for k, v in tok.items() if k != "step_separator"]
-    lines += _kv_table(tok_rows, ("parameter", "value")) + [""]
+    lines += [*_kv_table(tok_rows, ("parameter", "value")), ""]
 
     hyper = _hyperparameters(training)
     if hyper:
         lines += ["Hyperparameters:", ""]
-        lines += _kv_table([(k, _setting(v)) for k, v in hyper.items()], ("parameter", "value")) + [""]
+        lines += [*_kv_table([(k, _setting(v)) for k, v in hyper.items()], ("parameter", "value")), ""]
     if isinstance(lora, dict) and lora:
         lines += ["LoRA:", ""]
-        lines += _kv_table([(k, _setting(v)) for k, v in lora.items()], ("parameter", "value")) + [""]
+        lines += [*_kv_table([(k, _setting(v)) for k, v in lora.items()], ("parameter", "value")), ""]
     def short(v: Any) -> str:
         return f"{v:.4g}" if isinstance(v, float) else str(v)
 
     run = [(k.replace("_", " "), short(training[k])) for k in _RUN_RESULT_KEYS if training.get(k) is not None]
-    evals = training.get("eval") if isinstance(training.get("eval"), dict) else {}
+    evals = _object(training.get("eval"))
     run += [(f"eval {k}", short(v)) for k, v in evals.items() if isinstance(v, (int, float))]
     if run:
-        lines += ["Training run:", ""] + _kv_table(run, ("", "")) + [""]
+        lines += ["Training run:", "", *_kv_table(run, ("", "")), ""]
     if meta.get("prmkit_version"):
         where = f"; the full config is in `{CONFIG_YAML}`" if has_config_yaml else ""
         lines += [f"Trained with prmkit {meta['prmkit_version']}{where}.", ""]

@@ -7,12 +7,11 @@ from pathlib import Path
 from typing import Any
 
 from prmkit.core import jsonio
-from prmkit.errors import UsageError
+from prmkit.core.filenames import CONFIG_YAML
+from prmkit.errors import UsageError, first_line
 from prmkit.hub.card import hub_id
-from prmkit.errors import first_line
 from prmkit.hub.files import TOKENIZER_VOCAB_FILES, read_text_capped
 from prmkit.models.files import read_safetensors_header
-from prmkit.core.filenames import CONFIG_YAML
 from prmkit.models.loading import MODEL_LOAD_DEFAULTS, quiet_transformers
 
 

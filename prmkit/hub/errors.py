@@ -5,10 +5,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
-from prmkit.errors import PrmkitError, UsageError, first_line
 from prmkit.core.redact import mask, register_secret
+from prmkit.errors import PrmkitError, UsageError, first_line
 
 
 def resolve_token(token: str | None = None) -> str:
@@ -29,7 +29,11 @@ def hub_error(exc: BaseException, repo_id: str | None = None, token: str | None 
     """The one-line PrmkitError for a huggingface_hub or network failure; None for anything else (a bug)."""
     from huggingface_hub import constants
     from huggingface_hub.errors import (
-        HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError,
+        HfHubHTTPError,
+        LocalTokenNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
     )
 
     repo = repo_id or "the repo"

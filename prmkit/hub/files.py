@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from prmkit.errors import UsageError
 from prmkit.core.filenames import CONFIG_YAML, PRMKIT_JSON
+from prmkit.errors import UsageError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 # The Trainer pickles its arguments beside the weights; they are not weights and are never pushed.

@@ -7,20 +7,34 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prmkit.core.version import __version__
 from prmkit.core import jsonio
+from prmkit.core.filenames import CONFIG_YAML, PRMKIT_JSON
+from prmkit.core.redact import mask, redact
+from prmkit.core.version import __version__
 from prmkit.errors import PrmkitError, UsageError
 from prmkit.hub.card import HUB_ID, build_card, is_template_card, load_eval_report
 from prmkit.hub.checks import check_adapter, check_model_loads, check_tokenizer, check_weights, trust_remote_code
 from prmkit.hub.errors import hub_errors, resolve_token
 from prmkit.hub.files import (
-    ADAPTER_FILES, README, PushFile, human_size, inside, is_weight, read_text_capped, relative_to_dir, select_files,
+    ADAPTER_FILES,
+    README,
+    PushFile,
+    human_size,
+    inside,
+    is_weight,
+    read_text_capped,
+    relative_to_dir,
+    select_files,
 )
 from prmkit.hub.sanitize import (
-    REWRITTEN_JSON, REWRITTEN_YAML, holds_secret, publishable, refuse_secret_files, rewrite_for_upload, secrets_in_use,
+    REWRITTEN_JSON,
+    REWRITTEN_YAML,
+    holds_secret,
+    publishable,
+    refuse_secret_files,
+    rewrite_for_upload,
+    secrets_in_use,
 )
-from prmkit.core.filenames import CONFIG_YAML, PRMKIT_JSON
-from prmkit.core.redact import mask, redact
 from prmkit.kinds.registry import trained_kind
 
 log = logging.getLogger("prmkit")

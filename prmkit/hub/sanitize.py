@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from pathlib import Path, PureWindowsPath
-from typing import Any, Iterable
+from typing import Any
 
 import yaml
 
-from prmkit.core import jsonio
 from prmkit.config.load import load_yaml
+from prmkit.core import jsonio
+from prmkit.core.redact import MASK, redact, register_secret
 from prmkit.errors import UsageError
 from prmkit.hub.files import read_text_capped
-from prmkit.core.redact import MASK, redact, register_secret
 
 # Files rewritten on the way up, by how they are parsed.
 REWRITTEN_JSON = ("prmkit.json", "adapter_config.json")

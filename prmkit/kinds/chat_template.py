@@ -166,7 +166,7 @@ class LimitedEnvironment(ImmutableSandboxedEnvironment):
             _check_args(right if isinstance(right, tuple) else (right,), {})
         return super().call_binop(context, operator, left, right)
 
-    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805 - jinja's signature
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
         _check_time()
         _check_args(args, kwargs)
         _check_str_method(__obj, args)

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import re
 from bisect import bisect_right
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from prmkit.errors import UsageError
 from prmkit.tokenization import Encoded

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any, Sequence
+from typing import Any
 
 from prmkit.errors import DataError, UsageError, first_line
 from prmkit.kinds.chat_turns import ChatTurns

@@ -79,7 +79,7 @@ class KindSettings:
         return out
 
     @classmethod
-    def from_sources(cls, explicit: dict[str, Any] | None, recorded: dict[str, Any] | None) -> "KindSettings":
+    def from_sources(cls, explicit: dict[str, Any] | None, recorded: dict[str, Any] | None) -> KindSettings:
         """Explicit keys (config) win over what a model directory recorded; unset explicit keys are ignored."""
         for source in (recorded or {}, explicit or {}):
             tag = source.get("step_tag")

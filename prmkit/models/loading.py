@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from prmkit.core.atomic import (
     read_json,
@@ -172,7 +172,7 @@ def load_model_config(model_cfg: Any):
         check_model_dir(name, weights=not model_cfg.init_from_config)
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=model_cfg.trust_remote_code)
-    except Exception as e:  # noqa: BLE001 - OSError for a missing model, others for a damaged config
+    except Exception as e:
         hint = ("its config.json is damaged: restore it" if Path(name).is_dir()
                 else "set model.name_or_path to a local directory or a reachable Hub id")
         raise UsageError(f"model {name!r} could not be loaded: {first_line(e)}", hint=hint) from None
@@ -221,7 +221,7 @@ def load_model_for_training(model_cfg: Any, tokenizer: Any, seed: int | None = N
     else:
         try:
             model = auto.from_pretrained(name, config=config, dtype=dtype, **common, **kwargs, **MODEL_LOAD_DEFAULTS)
-        except Exception as e:  # noqa: BLE001 - e.g. sizes that do not match the weights, a damaged file
+        except Exception as e:
             raise UsageError(f"model {name!r} could not be loaded: {first_line(e)}") from None
     if new_tokens:
         from prmkit.models.loading import init_new_tokens
@@ -305,6 +305,6 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     except OSError as e:
         raise UsageError(f"tokenizer {name_or_path!r} could not be loaded: {first_line(e)}",
                          hint="set model.tokenizer (or model.name_or_path) to a local directory or a reachable Hub id") from None
-    except Exception as e:  # noqa: BLE001 - a damaged tokenizer.json fails with whatever the parser meets first
+    except Exception as e:
         raise UsageError(f"tokenizer {name_or_path!r} could not be loaded: {first_line(e)}",
                          hint="its tokenizer files are damaged: restore them, or save the tokenizer again") from None

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Mapping, MutableMapping, Sequence
+from typing import Any
 
 GIB = 1024 ** 3
 
@@ -417,7 +418,8 @@ def plan_memory(
         reason = f"auto: {size(off.total)} without it exceeds the usable {size(usable)}; {size(on.total)} with it"
     chosen = on if enabled else off
     fits = None if usable is None else chosen.total <= usable
-    advice = [] if fits in (True, None) else _advice(shape, lengths, batch_size, batching, usable, enabled, on, estimate_kwargs)
+    advice = [] if usable is None or fits else _advice(shape, lengths, batch_size, batching, usable, enabled, on,
+                                                       estimate_kwargs)
     return MemoryPlan(requested=requested, checkpointing=enabled, reason=reason, budget_bytes=budget.bytes,
                       budget_source=budget.source, usable_bytes=usable, estimate=chosen,
                       estimate_without=off, estimate_with=on, fits=fits, advice=advice)

@@ -13,10 +13,10 @@
   (:mod:`~prmkit.scoring.resumable`).
 """
 
+from prmkit.models.loading import DTYPES
 from prmkit.scoring.engine import StepScorer, StepScores, default_batch_tokens, end_distributed
 from prmkit.scoring.groups import GroupSpec
 from prmkit.scoring.job import InputSource, ScoreCounts, ScoreSummary, output_paths, score_file
-from prmkit.models.loading import DTYPES
 from prmkit.scoring.loading import model_identity
 
 __all__ = [

@@ -22,14 +22,16 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
-from prmkit.errors import DataError, PrmkitError, UsageError, first_line
 from prmkit.data.formats import step_problem
-from prmkit.models.model_dir import POSITIVE_LABEL_ID, resolve_tokenization
-from prmkit.models.memory import release_memory
+from prmkit.errors import DataError, PrmkitError, UsageError, first_line
 from prmkit.models.files import check_tokenizer_fits, embedding_rows
+from prmkit.models.loading import resolve_dtype
+from prmkit.models.memory import release_memory
+from prmkit.models.model_dir import POSITIVE_LABEL_ID, resolve_tokenization
 from prmkit.scoring import attention, budget
 from prmkit.scoring import pretrained as steps
 from prmkit.scoring.loading import (
@@ -37,7 +39,6 @@ from prmkit.scoring.loading import (
     model_identity,
     resolve_device,
 )
-from prmkit.models.loading import resolve_dtype
 from prmkit.scoring.timings import Timings
 from prmkit.tokenization import Encoded, TextEncoder, TokenizationParams, encode_solutions
 
@@ -208,7 +209,7 @@ class StepScorer:
         tokenization: dict[str, Any] | None = None,
         tokenizer: str | None = None,
         timings: Timings | None = None,
-    ) -> "StepScorer":
+    ) -> StepScorer:
         """Load a PRM (a prmkit output dir, a local transformers dir, or a Hub id) with its tokenizer.
 
         The step separator and tokenization come from the model's ``prmkit.json``; without one (a model trained
@@ -462,7 +463,7 @@ class StepScorer:
                 in_flight.append((index, *self._to_host(probs)))
                 settle(keep=1 if self.device.type == "cuda" else 0)
             settle(keep=0)
-        mine = [pair for index in range(len(plan)) for pair in zip(targets[index], values[index])]
+        mine = [pair for index in range(len(plan)) for pair in zip(targets[index], values[index] or [])]
         gathered_values = mine
         if self.world_size > 1:
             import torch.distributed as dist
@@ -500,7 +501,7 @@ class StepScorer:
             try:
                 done.append((part, self._forward(seqs, part)))
                 continue
-            except Exception as e:  # noqa: BLE001 - only out-of-memory errors are handled; the rest is re-raised
+            except Exception as e:
                 if not _is_out_of_memory(e):
                     raise
                 message = first_line(e)
@@ -659,13 +660,16 @@ def end_distributed() -> None:
 def _is_out_of_memory(e: BaseException) -> bool:
     import torch
 
-    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
+    oom: Any = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
     return isinstance(e, oom) or (isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
 
 
 def _is_causal(model: Any) -> bool:
     """Whether a token sees only what precedes it: prmkit's one rule for known architectures, else a probe."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
 
     from prmkit.models.loading import is_causal
 
@@ -683,7 +687,7 @@ def _probe_causal(model: Any) -> bool:
 
     vocab = int(getattr(model.config, "vocab_size", 16) or 16)
     base = [(7 * i + 3) % vocab for i in range(8)]
-    other = base[:-1] + [(base[-1] + 1) % vocab]
+    other = [*base[:-1], (base[-1] + 1) % vocab]
     device = next(model.parameters()).device
     with torch.inference_mode():
         logits = model(input_ids=torch.tensor([base, other], device=device), use_cache=False).logits.float()

@@ -17,13 +17,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
-from prmkit.errors import DataError, UsageError
-from prmkit.data.formats import RowError
 from prmkit.core.jsonio import dumps_record
+from prmkit.data.formats import RowError
+from prmkit.errors import DataError, UsageError
 from prmkit.metrics import AGGREGATES
 
 SELECT = ("best",)

@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
+from prmkit.core.jsonio import dumps_record
+from prmkit.core.outputs import OutputLock
 from prmkit.core.version import __version__
 from prmkit.data.formats import format_choices
 from prmkit.errors import DataError, PrmkitError, UsageError
-from prmkit.core.jsonio import dumps_record
 from prmkit.metrics import aggregate, first_error_index
-from prmkit.core.outputs import OutputLock
 from prmkit.scoring.claim import JobClaim, claim_job
 from prmkit.scoring.engine import StepScorer, StepScores
 from prmkit.scoring.groups import GroupSpec, GroupWriter

@@ -66,7 +66,7 @@ def scorer_for_kind(cls: Any, kind: str, name: str, tokenizer: Any, settings: Ki
         model = load_kind_model(kind, name, load_kwargs, tokenizer, encoder.settings)
     except UsageError:
         raise
-    except Exception as e:  # noqa: BLE001 - e.g. sizes that do not match the weights, a damaged file
+    except Exception as e:
         raise UsageError(f"model {name!r} could not be loaded as {kind}: {first_line(e)}") from None
     model.to(device)
     limit = max_positions(model.config)

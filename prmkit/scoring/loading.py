@@ -6,13 +6,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from prmkit.core.atomic import read_json
+from prmkit.core.filenames import PRMKIT_JSON
 from prmkit.errors import PrmkitError, UsageError, first_line
 from prmkit.models.loading import MODEL_LOAD_DEFAULTS
-from prmkit.core.filenames import PRMKIT_JSON
 
 log = logging.getLogger("prmkit")
 
@@ -57,7 +58,7 @@ class Background:
         self._pool: Any = None
         self._future: Any = None
 
-    def __enter__(self) -> "Background":
+    def __enter__(self) -> Background:
         if self._enabled:
             from concurrent.futures import ThreadPoolExecutor
 

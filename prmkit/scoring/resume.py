@@ -27,9 +27,9 @@ from typing import Any
 
 from prmkit.core import jsonio
 from prmkit.core.atomic import write_atomic
-from prmkit.errors import UsageError
 from prmkit.core.jsonio import dumps
 from prmkit.core.redact import redact
+from prmkit.errors import UsageError
 
 log = logging.getLogger("prmkit")
 
@@ -98,7 +98,7 @@ class BatchJournal:
     def _read(self) -> dict[int, tuple[str, list[float]]]:
         done: dict[int, tuple[str, list[float]]] = {}
         try:
-            fh = open(self.path, "rb")
+            fh = open(self.path, "rb")  # noqa: SIM115 - a missing journal is no error; closed below
         except FileNotFoundError:
             return done
         with fh:
@@ -146,16 +146,16 @@ class BatchJournal:
     def record(self, index: int, targets: list[tuple[int, int, int]], scores: list[float]) -> None:
         if self._fh is None:
             if self._valid_bytes:
-                self._fh = open(self.path, "r+b")
+                self._fh = open(self.path, "r+b")  # noqa: SIM115 - held across batches, closed by close()
                 self._fh.truncate(self._valid_bytes)
                 self._fh.seek(0, os.SEEK_END)
             else:
-                self._fh = open(self.path, "wb")
+                self._fh = open(self.path, "wb")  # noqa: SIM115 - held across batches, closed by close()
                 self._fh.write((json.dumps(self.header) + "\n").encode("utf-8"))
         digest, scores_json = _targets_digest(targets), json.dumps(scores)
         # json.dumps of {"batch", "targets", "scores", "sha256"}, spelled out so the scores are serialized once.
         self._fh.write((f'{{"batch": {index}, "targets": "{digest}", "scores": {scores_json}, '
-                        f'"sha256": "{self._digest(index, digest, scores_json)}"}}\n').encode("utf-8"))
+                        f'"sha256": "{self._digest(index, digest, scores_json)}"}}\n').encode())
         self._fh.flush()
         now = time.monotonic()
         if now - self._synced >= JOURNAL_SYNC_SECONDS:
@@ -277,7 +277,7 @@ def verified_prefix(path: Path, nbytes: int, digest: str, state_path: Path, whol
     """
     sha = hashlib.sha256()
     try:
-        fh = open(path, "rb")
+        fh = open(path, "rb")  # noqa: SIM115 - a missing file is handled apart; closed below
     except FileNotFoundError:
         if nbytes == 0 and not must_exist:
             return sha

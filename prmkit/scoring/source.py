@@ -4,11 +4,12 @@ to where it stopped), or any source `prepare` reads; and the solutions each reco
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
-from prmkit.data.sources import SourceRecord
-from prmkit.data.formats import FORMATS, Options, RowError, convert, detect_format, get_format, validate
 from prmkit.core.jsonio import nonfinite_field
+from prmkit.data.formats import FORMATS, Options, RowError, convert, detect_format, get_format, validate
+from prmkit.data.sources import SourceRecord
 
 
 class InputSource:

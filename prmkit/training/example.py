@@ -8,8 +8,9 @@ import hashlib
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from prmkit.config.schema import Config, _did_you_mean
 from prmkit.core.atomic import (

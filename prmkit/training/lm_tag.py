@@ -46,7 +46,7 @@ class LMTag:
     reward_ids: tuple[int, int]
 
     @classmethod
-    def setup(cls, cfg: Any, tokenizer: Any) -> "LMTag":
+    def setup(cls, cfg: Any, tokenizer: Any) -> LMTag:
         settings = KindSettings.from_sources({**cfg.model.kind_settings(), "kind": cfg.train.kind}, None)
         added = ensure_tag_token(tokenizer, settings.tag()) if get_kind(cfg.train.kind).uses_step_tag else None
         reward = reward_token_ids(tokenizer, settings, cfg.train.kind)

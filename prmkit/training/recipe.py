@@ -313,9 +313,12 @@ def setup_data(run: Run) -> DataSetup:
 
     cfg, state, model_config = run.cfg, run.state, run.model_config
     has_eval = has_eval_data(cfg)
-    tokenizer = load_tokenizer(cfg.tokenizer_name, cfg.model.trust_remote_code)
+    tokenizer_name = cfg.tokenizer_name
+    if tokenizer_name is None:  # resolve_config has refused a run without a model already; said again for the API
+        raise UsageError("no model: set model.name_or_path", hint="e.g. --model Qwen/Qwen2-0.5B")
+    tokenizer = load_tokenizer(tokenizer_name, cfg.model.trust_remote_code)
     text_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
-    check_tokenizer_fits(tokenizer, getattr(text_config, "vocab_size", None), cfg.tokenizer_name,
+    check_tokenizer_fits(tokenizer, getattr(text_config, "vocab_size", None), tokenizer_name,
                          cfg.data.step_separator if get_kind(cfg.train.kind).uses_separator else None)
     ensure_pad_token(tokenizer)
     lm_tag = LMTag.setup(cfg, tokenizer) if get_kind(cfg.train.kind).reads_reward_tokens else None

@@ -113,7 +113,7 @@ class StepTrainer(Trainer):
         try:
             from transformers.trainer_utils import rotate_checkpoints
         except ImportError:  # transformers 5.0-5.1: only the Trainer's own method (it reads args.save_total_limit)
-            rotate_checkpoints = None
+            rotate_checkpoints = None  # type: ignore[assignment]  # the fallback below takes over
 
         limit = self.args.save_total_limit
         self.args.save_total_limit = None
