@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -325,3 +326,29 @@ def test_no_rows_left_is_an_error_not_an_empty_dataset(tmp_path, tiny_tokenizer_
     assert res.exit_code == 2
     assert "no train rows left: all 2 rows were rejected" in res.stderr and f"{bad}: line 2: row: malformed JSON" in res.stderr
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_two_machines_preparing_the_same_data_get_the_same_dataset(tmp_path, train_tokenizer_dir):
+    """Multi-node training without a shared cache prepares on each machine (README, "Several machines"): two processes
+    (their own hash seeds), working directories and caches, the same data, must give the same cache key and the very
+    same Arrow files, so every rank's shard indexes the same rows."""
+    from conftest import write_train_rows
+
+    rows = write_train_rows(tmp_path / "train.jsonl", n=20, seed=3, soft=True)
+    summaries, files = [], []
+    for machine, seed in (("a", "1"), ("b", "2")):
+        home = tmp_path / machine
+        home.mkdir()
+        proc = subprocess.run(
+            [sys.executable, "-m", "prmkit", "prepare", "--train", str(rows), "--tokenizer", str(train_tokenizer_dir),
+             "-o", str(home / "prepared"), "--json"], capture_output=True, text=True, timeout=300, cwd=home,
+            env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONHASHSEED": seed,
+                 "PRMKIT_CACHE": str(home / "cache"), "HF_HOME": str(home / "hf")})
+        assert proc.returncode == 0, proc.stderr
+        summaries.append(json.loads(proc.stdout))
+        meta = json.loads((home / "prepared" / METADATA_FILE).read_text())
+        arrow = sorted((home / "prepared" / "train").glob("*.arrow"))
+        files.append((meta["cache_key"], meta["tokenizer"], [f.read_bytes() for f in arrow]))
+    assert summaries[0]["splits"] == summaries[1]["splits"] and summaries[0]["splits"]["train"]["rows_kept"] == 20
+    assert files[0] == files[1] and files[0][2]

@@ -95,6 +95,11 @@ def test_launch_command():
     cmd, env = launch_command([], 4, Path("ds.yaml"), cuda=True)
     assert cmd[3:7] == ["--config_file", "ds.yaml", "--num_processes", "4"] and "--multi_gpu" not in cmd
     assert env == {"PRMKIT_LAUNCHED": "1"}
+    # A config file on a machine without a GPU: the processes still form one gloo group (they used to train alone).
+    fsdp = ROOT / "examples" / "accelerate" / "fsdp-cpu.yaml"
+    cmd, env = launch_command([], 2, fsdp, cuda=False)
+    assert cmd[3:5] == ["--config_file", str(fsdp)] and env["ACCELERATE_USE_CPU"] == "true"
+    assert cmd[cmd.index("--main_process_port") + 1].isdigit()  # one machine, no port set: a free one
 
 
 def test_relaunch_checks_the_output_dir_before_starting_processes(tmp_path, monkeypatch):
@@ -136,7 +141,7 @@ def test_every_example_accelerate_config_is_valid():
     for path in sorted((ROOT / "examples" / "accelerate").glob("*.yaml")):
         assert isinstance(yaml.safe_load(path.read_text()), dict)
         found[path.stem] = load_config_from_file(str(path)).distributed_type.value
-    assert found == {"deepspeed_zero3": "DEEPSPEED", "fsdp": "FSDP", "multi_gpu": "MULTI_GPU"}
+    assert found == {"deepspeed_zero3": "DEEPSPEED", "fsdp": "FSDP", "fsdp-cpu": "FSDP", "multi_gpu": "MULTI_GPU"}
 
 
 def test_train_with_no_rows_left_is_one_line(tmp_path, tiny_qwen2_config_dir):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -129,8 +130,11 @@ def train(
     from prmkit.scoring import end_distributed
 
     try:
-        result = api.train(cfg, overwrite=overwrite, resume=True if resume else None,
-                           console=stderr() if main_rank else None, accept_changes=resume_with_changes)
+        # stdout is for the result alone; a library that logs to it (DeepSpeed's logger does, whenever deepspeed is
+        # installed, as soon as the Trainer starts) writes to stderr meanwhile.
+        with contextlib.redirect_stdout(sys.stderr):
+            result = api.train(cfg, overwrite=overwrite, resume=True if resume else None,
+                               console=stderr() if main_rank else None, accept_changes=resume_with_changes)
     finally:
         end_distributed()
     if not main_rank:
@@ -240,6 +244,9 @@ def launch_command(child_args: list[str], num_processes: int | None, accelerate_
         cmd += ["--config_file", str(accelerate_config)]
         if num_processes is not None:
             cmd += ["--num_processes", str(num_processes)]
+        if _one_machine_without_port(accelerate_config):
+            # accelerate's default port, 29500, is taken by any other run on this machine: a free one instead.
+            cmd += ["--main_process_port", str(_free_port())]
     else:
         n = num_processes or 1
         cmd += ["--num_processes", str(n), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
@@ -247,10 +254,23 @@ def launch_command(child_args: list[str], num_processes: int | None, accelerate_
         if n > 1:
             # Without a GPU, `--cpu` would start only one process; --multi_gpu with ACCELERATE_USE_CPU gives N gloo ranks.
             cmd.append("--multi_gpu")
-        if not cuda:
-            env["ACCELERATE_USE_CPU"] = "true"
+    if not cuda:
+        # Without it, processes started from a config file (FSDP, DeepSpeed) on a machine with no GPU form no process
+        # group: each would train alone, all of them writing the same output.
+        env["ACCELERATE_USE_CPU"] = "true"
     cmd += ["-m", "prmkit", "train", *child_args]
     return cmd, env
+
+
+def _one_machine_without_port(accelerate_config: Path) -> bool:
+    import yaml
+
+    try:
+        settings = yaml.safe_load(accelerate_config.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return False  # accelerate reads it next, and says what is wrong with it
+    return (isinstance(settings, dict) and int(settings.get("num_machines") or 1) <= 1
+            and not settings.get("main_process_port"))
 
 
 def relaunch(child_args: list[str], num_processes: int | None, accelerate_config: Path | None) -> int:
@@ -288,6 +308,10 @@ def _tables(summary: dict[str, Any]) -> list:
         peak = f", peak reserved {summary['peak_memory_gib']:.1f} GiB" if summary.get("peak_memory_gib") is not None else ""
         rows.append(("memory", f"estimated {mem['estimate']['total_gib']:.1f} GiB{peak}; gradient checkpointing "
                                f"{'on' if summary.get('gradient_checkpointing') else 'off'} ({mem['reason']})"))
+    strategy = summary.get("strategy") or {}
+    if strategy.get("name", "single") != "single":
+        rows.append(("strategy", strategy.get("description", strategy["name"])
+                     + (f"; asked for something else: {strategy['replaced']}" if strategy.get("replaced") else "")))
     if summary.get("resumed_from"):
         rows.append(("resumed from", summary["resumed_from"]))
     if summary.get("lora"):

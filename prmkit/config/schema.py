@@ -109,6 +109,9 @@ class TrainConfig:
     """{r, alpha, dropout, target_modules}; null trains every weight."""
     lora_merge: bool = True
     disable_dropout: bool = True
+    require_strategy: bool = False
+    """Refuse to train when the distributed strategy asked for (train.fsdp, train.deepspeed, the accelerate config or
+    launcher) would be replaced by another (e.g. DDP); false: warn, naming both, and train."""
     example: bool = False
     """Train on the bundled example data with a tiny model built from a config (offline smoke run)."""
 

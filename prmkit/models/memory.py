@@ -146,8 +146,9 @@ def model_shape(config: Any, model: Any = None, lm_head: bool = False) -> ModelS
             if id(p) in seen:  # tied weights count once
                 continue
             seen.add(id(p))
-            params += p.numel()
-            trainable += p.numel() if p.requires_grad else 0
+            n = int(getattr(p, "ds_numel", None) or p.numel())  # ZeRO-3 partitions at load: its full size is kept
+            params += n
+            trainable += n if p.requires_grad else 0
     return ModelShape(hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads, intermediate=intermediate,
                       vocab=int(getattr(text, "vocab_size", 0) or 0), num_labels=int(getattr(config, "num_labels", 2) or 2),
                       params=params, trainable=trainable,
@@ -222,6 +223,28 @@ def optimizer_state_bytes(optim: str, param_bytes: int) -> float:
     return 2.0 * param_bytes
 
 
+@dataclass(frozen=True)
+class Sharding:
+    """How many processes share each part of the model state: one process holds 1/n of it (per rank).
+
+    DDP: nothing is divided. DeepSpeed ZeRO-1: the optimizer states; ZeRO-2 (and FSDP's SHARD_GRAD_OP): gradients and
+    optimizer states; ZeRO-3 (and FSDP's FULL_SHARD): the weights as well. Activations are never divided: each rank
+    runs its own micro-batch. ``gathers_layers``: the weights are sharded, so each rank gathers what it computes with
+    (see :func:`estimate_memory`)."""
+
+    weights: int = 1
+    gradients: int = 1
+    optimizer: int = 1
+    gathers_layers: bool = False
+    label: str = "one process"
+    """The strategy, as the pre-flight line names it ("FSDP2 (FULL_SHARD, ...) on 8 processes")."""
+
+    @classmethod
+    def full(cls, n: int) -> "Sharding":
+        n = max(1, int(n))
+        return cls(n, n, n, gathers_layers=n > 1, label=f"weights, gradients and optimizer states sharded {n} ways")
+
+
 @dataclass
 class MemoryEstimate:
     """Peak device memory of one training process, in bytes, by part."""
@@ -236,20 +259,26 @@ class MemoryEstimate:
     """The backward pass's working set: one layer's activations (two with checkpointing: the recompute as well)."""
     checkpointing: bool
     batch: MicroBatch
+    gathered: int = 0
+    """Sharded weights gathered whole for computing (FSDP FULL_SHARD, ZeRO-3); see :func:`estimate_memory`."""
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.weight_copies + self.activations + self.workspace
+        return (self.weights + self.gradients + self.optimizer + self.weight_copies + self.activations + self.workspace
+                + self.gathered)
 
     def to_dict(self) -> dict[str, Any]:
-        parts = {k: getattr(self, k) for k in ("weights", "gradients", "optimizer", "weight_copies", "activations", "workspace")}
+        parts = {k: getattr(self, k) for k in ("weights", "gradients", "optimizer", "weight_copies", "activations",
+                                               "workspace", "gathered")}
         return {"total_gib": round(self.total / GIB, 2), "total_bytes": self.total, "bytes": parts,
                 "checkpointing": self.checkpointing,
                 "largest_micro_batch": {"rows": self.batch.rows, "width": self.batch.width, "sequences": self.batch.sequences}}
 
     def describe(self) -> str:
+        gathered = f", gathered for compute {size(self.gathered)}" if self.gathered else ""
         return (f"{size(self.total)} (weights {size(self.weights)}, gradients {size(self.gradients)}, optimizer "
-                f"{size(self.optimizer)}, activations {size(self.activations + self.weight_copies + self.workspace)})")
+                f"{size(self.optimizer)}{gathered}, activations "
+                f"{size(self.activations + self.weight_copies + self.workspace)})")
 
 
 def estimate_memory(
@@ -262,14 +291,21 @@ def estimate_memory(
     optimizer: str = "adamw_torch",
     attention: str = "sdpa",
     shards: int = 1,
+    sharding: Sharding | None = None,
 ) -> MemoryEstimate:
-    """Peak memory of a training step on ``batch``: weights, gradients, optimizer states and activations.
+    """Peak memory of one process's training step on ``batch``: weights, gradients, optimizer states, activations.
 
     ``param_bytes`` is the weights' element size (4 for fp32, 2 for bf16/fp16), ``mixed`` means TrainingArguments
-    bf16/fp16 (autocast over fp32 weights), ``shards`` divides weights, gradients and optimizer states (DeepSpeed
-    ZeRO-3 / FSDP full sharding across that many processes). Activations cover the forward pass's saved tensors, plus
-    one layer's worth for the backward pass's working set (and, with checkpointing, one more for the recompute).
-    Eager attention also keeps the full score matrix; SDPA, flash and flex attention do not.
+    bf16/fp16 (autocast over fp32 weights). ``sharding`` divides weights, gradients and optimizer states among the
+    processes as the strategy does (``shards=n`` is short for full sharding n ways: ZeRO-3, FSDP FULL_SHARD); LoRA's
+    frozen weights have no gradients or optimizer states, so only its trainable part counts there. When the weights
+    are sharded, each process also holds whole, while it computes: the parameters outside the decoder layers (FSDP2
+    keeps the root unit gathered from the forward pass to the end of the backward pass), one layer's parameters and
+    that layer's unsharded gradients before they are reduce-scattered (``gathered``, an upper bound: it ignores
+    that the local shard is part of the gathered whole). Activations are per process and never divided: they cover
+    the forward pass's saved tensors, plus one layer's worth for the backward pass's working set (and, with
+    checkpointing, one more for the recompute). Eager attention also keeps the full score matrix; SDPA, flash and
+    flex attention do not.
     """
     mode = precision_mode(param_bytes, mixed)
     h, i, kv, heads = shape.hidden, shape.intermediate, shape.kv_dim, shape.heads
@@ -293,14 +329,21 @@ def estimate_memory(
         saved, workspace = base + shape.layers * RESIDUAL_BYTES[mode] * h * positions, 2 * per_layer + logits
     else:
         saved, workspace = base + shape.layers * per_layer, per_layer + logits
-    shards = max(1, int(shards))
+    split = sharding if sharding is not None else Sharding.full(shards) if int(shards) > 1 else Sharding()
     total, trainable = shape.total_params, shape.trainable_params
-    weights = math.ceil(total * param_bytes / shards)
-    gradients = math.ceil(trainable * param_bytes / shards)
-    optim = math.ceil(trainable * optimizer_state_bytes(optimizer, param_bytes) / shards)
-    copies = 2 * shape.layers * shape.layer_params if mode == "autocast" else 0
+    weights = math.ceil(total * param_bytes / max(1, split.weights))
+    gradients = math.ceil(trainable * param_bytes / max(1, split.gradients))
+    optim = math.ceil(trainable * optimizer_state_bytes(optimizer, param_bytes) / max(1, split.optimizer))
+    gathered = 0
+    if split.gathers_layers and split.weights > 1:
+        outside_layers = max(0, total - shape.layers * shape.layer_params)
+        layer_grads = math.ceil(shape.layer_params * trainable / max(1, total))  # LoRA: the trainable part only
+        gathered = (outside_layers + shape.layer_params + layer_grads) * param_bytes
+    # Sharded weights are cast to 16 bits layer by layer as they are gathered: the copies are sharded as they are.
+    copies = math.ceil(2 * shape.layers * shape.layer_params / max(1, split.weights)) if mode == "autocast" else 0
     return MemoryEstimate(weights=weights, gradients=gradients, optimizer=optim, weight_copies=copies,
-                          activations=int(saved), workspace=int(workspace), checkpointing=checkpointing, batch=batch)
+                          activations=int(saved), workspace=int(workspace), checkpointing=checkpointing, batch=batch,
+                          gathered=gathered)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -372,6 +415,8 @@ class MemoryPlan:
     estimate_with: MemoryEstimate
     fits: bool | None
     advice: list[str] = field(default_factory=list)
+    strategy: str = "one process"
+    """The distributed strategy the estimate assumed (its sharding); the estimate is per process."""
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -384,7 +429,8 @@ class MemoryPlan:
         where = (f"{size(self.usable_bytes)} usable of {size(self.budget_bytes)} ({self.budget_source})"
                  if self.budget_bytes is not None else self.budget_source)
         verdict = "fits" if self.fits else ("does NOT fit" if self.fits is False else "not checked")
-        return (f"memory: estimated peak {self.estimate.describe()} for the largest micro-batch "
+        per = "in one process" if self.strategy == "one process" else f"per process under {self.strategy}"
+        return (f"memory: estimated peak {self.estimate.describe()} {per}, for the largest micro-batch "
                 f"({self.estimate.batch.describe()}), {where}: {verdict}; gradient checkpointing "
                 f"{'on' if self.checkpointing else 'off'} ({self.reason})")
 
@@ -420,9 +466,12 @@ def plan_memory(
     fits = None if usable is None else chosen.total <= usable
     advice = [] if usable is None or fits else _advice(shape, lengths, batch_size, batching, usable, enabled, on,
                                                        estimate_kwargs)
+    sharding = estimate_kwargs.get("sharding")
+    strategy = sharding.label if sharding is not None else Sharding.full(estimate_kwargs.get("shards", 1)).label \
+        if estimate_kwargs.get("shards", 1) > 1 else "one process"
     return MemoryPlan(requested=requested, checkpointing=enabled, reason=reason, budget_bytes=budget.bytes,
                       budget_source=budget.source, usable_bytes=usable, estimate=chosen,
-                      estimate_without=off, estimate_with=on, fits=fits, advice=advice)
+                      estimate_without=off, estimate_with=on, fits=fits, advice=advice, strategy=strategy)
 
 
 def _advice(shape: ModelShape, lengths: Sequence[int], batch_size: int, batching: str, usable: int, enabled: bool,

@@ -73,6 +73,7 @@ from prmkit.models.memory import (
     use_expandable_segments,
 )
 from prmkit.training.batching import StepCollator, make_compute_metrics, resolve_batching
+from prmkit.training.distributed import StrategyPlan, join_cpu_processes, plan_strategy
 from prmkit.training.example import apply_example, apply_tiny
 from prmkit.training.kernels import liger_kernel_config, liger_supports, model_class_for, varlen_kernels_available
 from prmkit.training.lm_tag import LMTag
@@ -167,6 +168,8 @@ class Run:
     args: Any
     """``transformers.TrainingArguments``."""
     model_config: Any
+    strategy: StrategyPlan
+    """The distributed strategy asked for, and (once the Trainer exists) the one that runs."""
     lock: Any = None
     """The output directory's lock (main process only), held until the run ends."""
 
@@ -270,9 +273,11 @@ def setup_run(cfg: Config, overwrite: bool, resume: bool | str | None, accept_ch
     if resume is None:
         resume = cfg.training_arguments.get("resume_from_checkpoint") or None
     has_eval = has_eval_data(cfg)
+    join_cpu_processes()  # launched processes on a machine without a GPU: one gloo group, not N lone runs
     args = build_training_arguments(cfg, has_eval)
     _ = args.device  # initialises the distributed state before PartialState is asked for it
     state = PartialState()
+    strategy = plan_strategy(args, state, cfg.train.require_strategy)  # refuses here, before anything is written
 
     # The main process locks the output directory and decides; every process follows its answer, refusals included.
     lock = None
@@ -291,7 +296,7 @@ def setup_run(cfg: Config, overwrite: bool, resume: bool | str | None, accept_ch
         kind, message, hint = decision["error"]
         raise kind(message, hint=hint)
     plan = decision["plan"]
-    return Run(cfg, plan, state, args, model_config, lock)
+    return Run(cfg, plan, state, args, model_config, strategy, lock)
 
 
 def end_run(run: Run) -> None:
@@ -322,7 +327,9 @@ def setup_data(run: Run) -> DataSetup:
                          cfg.data.step_separator if get_kind(cfg.train.kind).uses_separator else None)
     ensure_pad_token(tokenizer)
     lm_tag = LMTag.setup(cfg, tokenizer) if get_kind(cfg.train.kind).reads_reward_tokens else None
-    with state.main_process_first():
+    # The main process prepares first; then each other machine's first process (a cache hit on shared storage, its
+    # own copy otherwise: prepare is deterministic, so the same rows in the same order); then every other process.
+    with state.main_process_first(), state.local_main_process_first():
         prepared = prepare_splits(cfg, tokenizer)
     if prepared.rejects_path is not None and state.is_main_process:
         rejected = sum(r.rows_rejected for r in prepared.reports.values())
@@ -384,7 +391,7 @@ def setup_trainer(run: Run, data: DataSetup, model: ModelSetup, console: Any, ca
     if len(train_ds) == 0:
         raise UsageError(f"{cfg.data.train}: no training rows left after preparation")
     lengths = train_ds["num_tokens"]
-    memory = _memory_plan(cfg, args, state, model.model, model_config, lengths, batching, attn)
+    memory = _memory_plan(cfg, args, state, model.model, model_config, lengths, batching, attn, run.strategy)
     set_checkpointing(args, memory.checkpointing)
     if state.is_main_process:
         log.info(memory.preflight())
@@ -419,7 +426,10 @@ def setup_trainer(run: Run, data: DataSetup, model: ModelSetup, console: Any, ca
         meter=meter,
         # An --overwrite run that has saved a complete checkpoint has something to keep: the previous contents go.
         on_checkpoint=(lambda _path: settle_overwrite(plan.output_dir)) if plan.action == "overwrite" else None,
+        strategy=run.strategy,
     )
+    run.strategy.confirm(trainer)
+    trainer.add_callback(run.strategy.callback(trainer))
     from transformers import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts to stdout, which is for results only
@@ -495,6 +505,7 @@ def collect_result(run: Run, data: DataSetup, model: ModelSetup, setup: TrainerS
         loss_history=history,
         lora=model.lora_info,
         world_size=state.num_processes,
+        strategy=run.strategy.to_dict(),
         resumed_from=plan.checkpoint if plan.action == "resume" else None,
         skipped_checkpoints=[{"checkpoint": p, "reason": why} for p, why in plan.skipped],
     )
@@ -574,23 +585,22 @@ def requested_checkpointing(cfg: Config) -> str | bool:
 
 
 def _memory_plan(cfg: Config, args: Any, state: Any, model: Any, model_config: Any, lengths: Sequence[int],
-                 batching: str, attn: str) -> MemoryPlan:
+                 batching: str, attn: str, strategy: StrategyPlan) -> MemoryPlan:
     """The memory plan for this process; under several processes, all plan against the smallest budget."""
     import torch
-    from accelerate.utils import DistributedType
 
     budget = device_budget(cfg.train.memory_budget_gb, args.device)
     if budget.bytes is not None and state.num_processes > 1 and torch.distributed.is_initialized():
         t = torch.tensor([budget.bytes], dtype=torch.long, device=args.device)
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
         budget = type(budget)(int(t.item()), budget.source + " (smallest of all processes)")
-    shards = state.num_processes if state.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP) else 1
     param = next(model.parameters())
     optim = getattr(args.optim, "value", args.optim)
     shape = model_shape(model_config, model, lm_head=get_kind(cfg.train.kind).vocabulary_logits)
     return plan_memory(requested_checkpointing(cfg), shape, lengths,
                        args.per_device_train_batch_size, batching, budget, param_bytes=param.element_size(),
-                       mixed=bool(args.bf16 or args.fp16), optimizer=str(optim), attention=attn or "sdpa", shards=shards)
+                       mixed=bool(args.bf16 or args.fp16), optimizer=str(optim), attention=attn or "sdpa",
+                       sharding=strategy.expected.sharding_for_memory())
 
 
 def _present_modules(model: Any, names: Any) -> list[str]:

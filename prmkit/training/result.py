@@ -42,6 +42,8 @@ class TrainResult:
     """[step, loss] for every logged training loss."""
     lora: dict[str, Any] | None = None
     world_size: int = 1
+    strategy: dict[str, Any] | None = None
+    """The distributed strategy that ran (prmkit.training.distributed.Strategy): DDP, FSDP, DeepSpeed, one process."""
     resumed_from: str | None = None
     skipped_checkpoints: list[dict[str, str]] = field(default_factory=list)
     """Checkpoints newer than ``resumed_from`` that were incomplete, each with the reason; set aside, not used."""

@@ -19,6 +19,7 @@ from prmkit.core.overwrite import FINAL_TMP
 from prmkit.models.loading import BASE_MODEL_DIR
 from prmkit.models.model_dir import build_metadata, write_metadata
 from prmkit.tokenization import TokenizationParams
+from prmkit.training.distributed import gathered_state_dict, merged_lora, save_lora_base, save_whole_model
 from prmkit.training.result import TrainResult
 
 log = logging.getLogger("prmkit")
@@ -27,31 +28,31 @@ log = logging.getLogger("prmkit")
 def save_final(trainer: Any, cfg: Config, tokenizer: Any, prepared: Any, output_dir: Path, state: Any,
                 result: TrainResult, lora_info: dict | None, batching: str) -> None:
     """Write the model beside the checkpoints: build it in a hidden directory, then move the files in."""
-    from accelerate.utils import DistributedType
-
     tmp = output_dir / FINAL_TMP
-    sharded = trainer.accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
     adapter_dir: str | None = None
+    # FSDP and ZeRO-3 shard the weights: every process takes part in gathering them (None: they are whole in memory).
+    full = gathered_state_dict(trainer) if lora_info is not None and (
+        cfg.train.lora_merge or cfg.model.init_from_config) else None
     if lora_info is None:
-        trainer.save_model(str(tmp))  # gathers DeepSpeed/FSDP shards; writes on the main process only
-    elif cfg.train.lora_merge and not sharded:
-        trainer.save_model(str(tmp / "adapter"))
+        save_whole_model(trainer, str(tmp))  # gathers DeepSpeed/FSDP shards; writes on the main process only
+    elif cfg.train.lora_merge:
+        save_whole_model(trainer, str(tmp / "adapter"))
         if state.is_main_process:
-            merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+            peft_model = trainer.accelerator.unwrap_model(trainer.model)
+            merged = peft_model.merge_and_unload() if full is None else merged_lora(peft_model, full)
             merged.save_pretrained(str(tmp))
             tokenizer.save_pretrained(str(tmp))
         adapter_dir = "adapter"
     else:
-        if cfg.train.lora_merge:
-            log.warning("LoRA merge is not done under DeepSpeed/FSDP; saving the adapter (merge it after loading)")
-            if lora_info is not None:
-                lora_info["merged"] = False
-        trainer.save_model(str(tmp))
+        save_whole_model(trainer, str(tmp))
         adapter_dir = "."
         if cfg.model.init_from_config and state.is_main_process:
             # The random base cannot be downloaded again; keep it so the adapter can be loaded.
             base = trainer.accelerator.unwrap_model(trainer.model).get_base_model()
-            _save_base_without_lora(base, tmp / BASE_MODEL_DIR)
+            if full is None:
+                _save_base_without_lora(base, tmp / BASE_MODEL_DIR)
+            else:
+                save_lora_base(base, full, tmp / BASE_MODEL_DIR)
     if not state.is_main_process:
         state.wait_for_everyone()
         return
@@ -66,6 +67,7 @@ def save_final(trainer: Any, cfg: Config, tokenizer: Any, prepared: Any, output_
         **hyper,
         "disable_dropout": cfg.train.disable_dropout,
         "world_size": state.num_processes,
+        "strategy": result.strategy,
         "effective_batch_size": trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps * state.num_processes,
         "global_step": result.global_step,
         "epochs": result.epochs,

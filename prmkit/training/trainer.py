@@ -22,6 +22,7 @@ from prmkit.core.checkpoints import mark_complete, save_failure
 from prmkit.core.jsonio import dumps
 from prmkit.errors import Interrupted
 from prmkit.training.batching import LengthGroupedSampler
+from prmkit.training.distributed import StrategyPlan, enable_cpu_deepspeed, enable_cpu_fsdp
 from prmkit.training.kernels import check_forward_untouched
 
 log = logging.getLogger("prmkit")
@@ -58,7 +59,8 @@ class StepTrainer(Trainer):
     """The Trainer with prmkit's sampler, token meter and debug row log; the loss is ``compute_loss_func``."""
 
     def __init__(self, *args: Any, batching: str, lengths: Sequence[int] | None, meter: TokenMeter,
-                 on_checkpoint: Any = None, **kwargs: Any):
+                 on_checkpoint: Any = None, strategy: StrategyPlan | None = None, **kwargs: Any):
+        self.prmkit_strategy = strategy
         self.prmkit_batching = batching
         self.prmkit_lengths = lengths
         self.prmkit_meter = meter
@@ -70,6 +72,12 @@ class StepTrainer(Trainer):
         self.add_callback(self.prmkit_at_end)
         if self.args.use_liger_kernel:
             self.add_callback(ForwardCheck())
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        if self.prmkit_strategy is not None:  # accelerate drops FSDP and DeepSpeed over CPU processes
+            asked = self.prmkit_strategy.asked
+            enable_cpu_fsdp(self, asked) or enable_cpu_deepspeed(self, asked)
 
     prmkit_evaluating = False
     """True from the start of an evaluation until it returns: an out-of-memory error with it still set came from
