@@ -83,7 +83,8 @@ def main() -> None:
         "verify_mb_per_s": round(size / 1e6 / median(verify_only)),
         "hash_on_write_seconds": round(median(manifest_only), 3),
         "verify_share_of_cold_prepare": round(median(verify_only) / cold, 4),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python "
+        f"{platform.python_version()}",
         "repeats": args.repeats,
     }
     out = Path(__file__).resolve().parent / "results" / "cache_verify.json"

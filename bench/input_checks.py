@@ -61,7 +61,11 @@ def main() -> None:
         "ratio": round(statistics.median(on) / statistics.median(off), 3),
         "all_without": [round(x, 3) for x in off],
         "all_with": [round(x, 3) for x in on],
-        "machine": {"python": platform.python_version(), "platform": platform.platform(), "processor": platform.machine()},
+        "machine": {
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "processor": platform.machine(),
+        },
     }
     out = Path(__file__).resolve().parent / "results" / "input_checks.json"
     out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

@@ -180,12 +180,7 @@ def check_score_file(cfg: Config, input: str, output: str) -> GroupSpec | None:
 
 
 def push_model(
-    cfg: Config,
-    *,
-    model_dir: str | Path,
-    repo_id: str | None = None,
-    dry_run: bool = False,
-    token: str | None = None,
+    cfg: Config, *, model_dir: str | Path, repo_id: str | None = None, dry_run: bool = False, token: str | None = None
 ) -> PushResult:
     """Upload ``model_dir`` (weights, tokenizer, ``prmkit.json``, a generated card) to the Hub in one commit
     (`prmkit push`), with the ``push`` section's settings; ``repo_id`` overrides ``push.repo_id``.

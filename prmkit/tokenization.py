@@ -176,7 +176,9 @@ class TextEncoder:
 
             raise DataError(f"cannot tokenize {texts[bad[0]][:40]!r}: {bad[1]}") from None
 
-    def encode_pools(self, batches: Iterable[tuple[Any, Sequence[str]]], processes: int = 1) -> Iterator[tuple[Any, TokenPool]]:
+    def encode_pools(
+        self, batches: Iterable[tuple[Any, Sequence[str]]], processes: int = 1
+    ) -> Iterator[tuple[Any, TokenPool]]:
         """Encode ``(tag, texts)`` batches in order, yielding ``(tag, pool)``; each distinct text once per batch.
 
         ``processes`` > 1 runs the byte-level pre-split in that many worker processes (it is the costly part).
@@ -205,7 +207,8 @@ _SAFE_ALPHABET = "\t\n\r" + "".join(map(chr, range(0x20, 0x7F)))
 
 
 def _ascii_pattern(pattern: str) -> str | None:
-    r"""The pattern for the stdlib ``re`` engine on printable ASCII: ``\p{L}`` is ``[A-Za-z]`` there, ``\p{N}`` ``[0-9]``.
+    r"""The pattern for the stdlib ``re`` engine on printable ASCII: ``\p{L}`` is ``[A-Za-z]`` there, ``\p{N}``
+    ``[0-9]``.
 
     None when the pattern uses anything else this translation does not know.
     """
@@ -265,10 +268,42 @@ def _fast_engine(pattern: str):
     except (re.error, FutureWarning):
         return reference
     rng = random.Random(0)
-    words = ["'s", "'S", "'ll", "'LL", "'re", "'ve", "'m", "'d", "'t", "ab", "Xy", "12", "3", "  ", "\n", "\r\n", "\t",
-             " .", "!!", "<<", ">>", "a1", "_x", "-", "$", "\\frac", "{}", "   \n  ", "\n\n", " "]
+    words = [
+        "'s",
+        "'S",
+        "'ll",
+        "'LL",
+        "'re",
+        "'ve",
+        "'m",
+        "'d",
+        "'t",
+        "ab",
+        "Xy",
+        "12",
+        "3",
+        "  ",
+        "\n",
+        "\r\n",
+        "\t",
+        " .",
+        "!!",
+        "<<",
+        ">>",
+        "a1",
+        "_x",
+        "-",
+        "$",
+        "\\frac",
+        "{}",
+        "   \n  ",
+        "\n\n",
+        " ",
+    ]
     probes = [_SAFE_ALPHABET, *(a + b for a in _SAFE_ALPHABET for b in ("a", " ", "\n", "1", "'", "."))]
-    probes += ["".join(rng.choice(words + list(_SAFE_ALPHABET)) for _ in range(rng.randint(1, 24))) for _ in range(3000)]
+    probes += [
+        "".join(rng.choice(words + list(_SAFE_ALPHABET)) for _ in range(rng.randint(1, 24))) for _ in range(3000)
+    ]
     if any(fast.findall(p) != reference.findall(p) for p in probes):
         return reference
     return fast
@@ -281,7 +316,9 @@ class _PreSplitter:
         self.pattern, self.added = pattern, added
         self.rx = _fast_engine(pattern)
         self.unsafe = re.compile(r"[^\t\n\r\x20-\x7e]")
-        self.added_rx = re.compile("|".join(re.escape(a) for a in sorted(added, key=len, reverse=True))) if added else None
+        self.added_rx = (
+            re.compile("|".join(re.escape(a) for a in sorted(added, key=len, reverse=True))) if added else None
+        )
         self.index: dict[str, int] = {}
 
     def __getstate__(self) -> dict:
@@ -356,8 +393,12 @@ def _worker_pool(processes: int, splitter: _PreSplitter):
 
     if processes <= 1 or not sys.platform.startswith("linux") or "fork" not in mp.get_all_start_methods():
         return None
-    pool = ProcessPoolExecutor(processes, mp_context=mp.get_context("fork"), initializer=_worker_init,
-                               initargs=(splitter, os.getpid(), forked_from_main_thread()))
+    pool = ProcessPoolExecutor(
+        processes,
+        mp_context=mp.get_context("fork"),
+        initializer=_worker_init,
+        initargs=(splitter, os.getpid(), forked_from_main_thread()),
+    )
     pool.submit(int)  # forks every worker now, from this thread, which is the one forked_from_main_thread() saw
     return pool
 
@@ -465,7 +506,9 @@ class _PieceSplitter:
         gather = np.repeat(self._tok_start[stream] - tok_cum[:-1], tok_len) + np.arange(total, dtype=np.int64)
         return self._tok_flat[gather], tok_cum[piece_starts], tok_cum[piece_ends] - tok_cum[piece_starts], covered
 
-    def encode_pools(self, batches: Iterable[tuple[Any, Sequence[str]]], processes: int, rust) -> Iterator[tuple[Any, TokenPool]]:
+    def encode_pools(
+        self, batches: Iterable[tuple[Any, Sequence[str]]], processes: int, rust
+    ) -> Iterator[tuple[Any, TokenPool]]:
         from collections import deque
 
         from prmkit.core.workers import stop_pool

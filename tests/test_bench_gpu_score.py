@@ -15,15 +15,37 @@ from conftest import ROOT
 def test_the_gpu_score_benchmark_runs_in_its_tiny_cpu_mode(tmp_path):
     out = tmp_path / "gpu-score-tiny.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_score.py"), "--tiny", "--rows", "6",
-                           "--recipe-seconds", "1", "--out", str(out)], capture_output=True, text=True, env=env,
-                          timeout=900, cwd=tmp_path)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "gpu_score.py"),
+            "--tiny",
+            "--rows",
+            "6",
+            "--recipe-seconds",
+            "1",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["mode"] == "tiny-cpu" and result["data"]["rows"] == 6
     assert {k: v["ok"] for k, v in result["stages"].items()} == {
-        "environment": True, "model": True, "recipe": True, "prmkit_defaults": True, "prmkit_padded": True,
-        "prmkit_packed_varlen": True, "startup_profile": True, "bare_limit": True}
+        "environment": True,
+        "model": True,
+        "recipe": True,
+        "prmkit_defaults": True,
+        "prmkit_padded": True,
+        "prmkit_packed_varlen": True,
+        "startup_profile": True,
+        "bare_limit": True,
+    }
     runs = result["prmkit"]
     assert runs["defaults"]["packing"] is None and runs["packed_varlen"]["packing"] == "prmkit_varlen"
     for run in runs.values():

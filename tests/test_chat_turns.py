@@ -51,8 +51,16 @@ COUNT_TEMPLATE = (
 ROWS = [
     ("What is 6 * 7?", ["So the answer is 42."]),
     ("Which number is larger, 9.8 or 9.11?", ["11 is greater than 8.", "Hence, 9.11 > 9.8.", "So the answer is 42."]),
-    ("The first equation is 3p + e = 124.", ["Let's call the price of a pencil p.", "3 hours + 5 hours = 8 + 0",
-                                              "  padded step  ", "ünïcödé + 😀 step", "We check: 6 * 7 = 42. +"]),
+    (
+        "The first equation is 3p + e = 124.",
+        [
+            "Let's call the price of a pencil p.",
+            "3 hours + 5 hours = 8 + 0",
+            "  padded step  ",
+            "ünïcödé + 😀 step",
+            "We check: 6 * 7 = 42. +",
+        ],
+    ),
     ("Count.", [f"Step {k}: add {k} + {k + 1} to x." for k in range(40)]),
     ("Many.", [f"x{k} = {k % 7} + {k % 3}" for k in range(300)]),  # rendered in several rounds under a limit
 ]
@@ -106,8 +114,12 @@ def new_encode(tok, max_length, items):
 
 @pytest.fixture(scope="module")
 def tiny_llama_tokenizer(tmp_path_factory):
-    return _tokenizer(tmp_path_factory.mktemp("chat-tok"), specials=[*LLAMA3_SPECIALS, "<|im_start|>", "<|im_end|>"],
-                      template=LLAMA3_TEMPLATE, bos=True)
+    return _tokenizer(
+        tmp_path_factory.mktemp("chat-tok"),
+        specials=[*LLAMA3_SPECIALS, "<|im_start|>", "<|im_end|>"],
+        template=LLAMA3_TEMPLATE,
+        bos=True,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -128,9 +140,11 @@ def _with_template(tok, template):
     return tok
 
 
-@pytest.mark.parametrize("template", [LLAMA3_TEMPLATE, CHATML_TEMPLATE, NUMBERED_TEMPLATE, PLAIN_TEMPLATE,
-                                      CONTENT_TEMPLATE, TRAILING_PLUS_TEMPLATE],
-                         ids=["llama3", "chatml", "numbered", "plain", "content", "trailing-plus"])
+@pytest.mark.parametrize(
+    "template",
+    [LLAMA3_TEMPLATE, CHATML_TEMPLATE, NUMBERED_TEMPLATE, PLAIN_TEMPLATE, CONTENT_TEMPLATE, TRAILING_PLUS_TEMPLATE],
+    ids=["llama3", "chatml", "numbered", "plain", "content", "trailing-plus"],
+)
 @pytest.mark.parametrize("max_length", [None, 1, 30, 200, 5000])
 def test_chat_encoding_is_the_turn_by_turn_encoding(tiny_llama_tokenizer, template, max_length):
     tok = _with_template(tiny_llama_tokenizer, template)
@@ -159,12 +173,95 @@ def test_chat_encoding_with_the_qwen2_tokenizer_is_the_turn_by_turn_encoding(qwe
 
 
 RECORDED = [  # from the encoder before issue #24, with the real Qwen2 BPE and Llama 3's template: (ids, positions)
-    ([151646, 872, 151647, 271, 3838, 374, 220, 21, 353, 220, 22, 30, 2055, 279, 4226, 374, 220, 19, 17, 13, 151648,
-      151646, 77091, 151647, 271, 10, 151648, 151646, 872, 151647, 271, 87, 488, 220, 16, 151648, 151646, 77091, 151647,
-      271, 10, 151648], [24, 39]),
-    ([151646, 872, 151647, 271, 48, 264, 151648, 151646, 77091, 151647, 271, 10, 151648, 151646, 872, 151647, 271, 65,
-      151648, 151646, 77091, 151647, 271, 10, 151648, 151646, 872, 151647, 271, 66, 151648, 151646, 77091, 151647, 271,
-      10, 151648], [10, 22, 34]),
+    (
+        [
+            151646,
+            872,
+            151647,
+            271,
+            3838,
+            374,
+            220,
+            21,
+            353,
+            220,
+            22,
+            30,
+            2055,
+            279,
+            4226,
+            374,
+            220,
+            19,
+            17,
+            13,
+            151648,
+            151646,
+            77091,
+            151647,
+            271,
+            10,
+            151648,
+            151646,
+            872,
+            151647,
+            271,
+            87,
+            488,
+            220,
+            16,
+            151648,
+            151646,
+            77091,
+            151647,
+            271,
+            10,
+            151648,
+        ],
+        [24, 39],
+    ),
+    (
+        [
+            151646,
+            872,
+            151647,
+            271,
+            48,
+            264,
+            151648,
+            151646,
+            77091,
+            151647,
+            271,
+            10,
+            151648,
+            151646,
+            872,
+            151647,
+            271,
+            65,
+            151648,
+            151646,
+            77091,
+            151647,
+            271,
+            10,
+            151648,
+            151646,
+            872,
+            151647,
+            271,
+            66,
+            151648,
+            151646,
+            77091,
+            151647,
+            271,
+            10,
+            151648,
+        ],
+        [10, 22, 34],
+    ),
 ]
 
 

@@ -1,4 +1,5 @@
-"""prmkit.training.distributed without launching processes: the strategy asked for and the one that runs, the warning and
+"""prmkit.training.distributed without launching processes: the strategy asked for and the one that runs, the warning
+and
 the refusal when they differ, memory per rank under each strategy, and sharded checkpoints' completeness."""
 
 from __future__ import annotations

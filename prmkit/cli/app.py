@@ -47,7 +47,8 @@ def root(
 
 # Short lines for `prmkit --help`, which would otherwise cut each docstring's first sentence at 80 columns.
 app.command("prepare", no_args_is_help=False, short_help="Tokenize step-labelled data into a cached dataset.")(
-    prepare_cmd.prepare)
+    prepare_cmd.prepare
+)
 app.command("train", short_help="Train a PRM into a self-describing model directory.")(train_cmd.train)
 app.command("eval", short_help="Evaluate PRMs: step metrics, ProcessBench F1, Best-of-N.")(eval_cmd.evaluate)
 app.command("score", short_help="Score every step of every solution in a JSONL file.")(score_cmd.score)

@@ -31,13 +31,19 @@ from prmkit.errors import UsageError
 def evaluate(
     models: Annotated[
         list[str] | None,
-        typer.Argument(help="Model directories or Hub ids; several are compared side by side.", metavar="MODEL",
-                       show_default=False),
+        typer.Argument(
+            help="Model directories or Hub ids; several are compared side by side.", metavar="MODEL", show_default=False
+        ),
     ] = None,
     data: Annotated[
         list[str] | None,
-        typer.Option("--data", "-d", help="Evaluation data (repeatable): a file, saved dataset or Hub id; "
-                     "named by its file stem or Hub split, or NAME=SRC. Sets eval.data.", metavar="SRC"),
+        typer.Option(
+            "--data",
+            "-d",
+            help="Evaluation data (repeatable): a file, saved dataset or Hub id; "
+            "named by its file stem or Hub split, or NAME=SRC. Sets eval.data.",
+            metavar="SRC",
+        ),
     ] = None,
     model_opt: Annotated[
         list[str] | None, typer.Option("--model", "-m", help="Another model to evaluate (repeatable).", metavar="MODEL")
@@ -46,21 +52,37 @@ def evaluate(
     step_separator: StepSeparatorOpt = None,
     threshold: Annotated[
         float | None,
-        typer.Option("--threshold", min=0.0, max=1.0, help="A step is judged correct when its score is >= this "
-                     "(sets eval.threshold; default 0.5)."),
+        typer.Option(
+            "--threshold",
+            min=0.0,
+            max=1.0,
+            help="A step is judged correct when its score is >= this (sets eval.threshold; default 0.5).",
+        ),
     ] = None,
     tune_threshold: Annotated[
         str | None,
-        typer.Option("--tune-threshold", metavar="SUBSET", help="Pick the threshold that maximises first-error F1 on "
-                     "this subset and apply it to all (sets eval.tune_threshold)."),
+        typer.Option(
+            "--tune-threshold",
+            metavar="SUBSET",
+            help="Pick the threshold that maximises first-error F1 on "
+            "this subset and apply it to all (sets eval.tune_threshold).",
+        ),
     ] = None,
     output_dir: Annotated[
-        Path | None, typer.Option("--output-dir", "-o", help="Where report.json, report.md and plots go "
-                                     "(sets eval.output_dir; default ./eval).")
+        Path | None,
+        typer.Option(
+            "--output-dir",
+            "-o",
+            help="Where report.json, report.md and plots go (sets eval.output_dir; default ./eval).",
+        ),
     ] = None,
     plots: Annotated[
-        bool | None, typer.Option("--plots/--no-plots", help="Write PNG plots (sets eval.plots; default: when "
-                                     "matplotlib is installed, else a warning; --plots requires it).")
+        bool | None,
+        typer.Option(
+            "--plots/--no-plots",
+            help="Write PNG plots (sets eval.plots; default: when "
+            "matplotlib is installed, else a warning; --plots requires it).",
+        ),
     ] = None,
     dtype: DtypeOpt = None,
     device: DeviceOpt = None,
@@ -79,18 +101,30 @@ def evaluate(
       prmkit eval runs/prm-a runs/prm-b --data gsm8k.json --tune-threshold gsm8k -o compare/
 
     An output directory holding only an earlier report is replaced; any other non-empty one needs --overwrite.
+
+    (Over 100 lines because its signature declares the command's options, one per parameter.)
     """
     out = Output(json_)
     attach_logging(out)
     if threshold is not None and tune_threshold is not None:
         raise UsageError("--threshold and --tune-threshold exclude each other", hint="give one of them")
-    cfg = load_config(config, set_, {
-        "eval.data": data, "eval.format": format_, "eval.threshold": threshold, "eval.tune_threshold": tune_threshold,
-        "eval.output_dir": str(output_dir) if output_dir is not None else None, "eval.plots": plots,
-        "eval.dtype": dtype, "eval.device": device,
-        # The data options prepare and train take, on the same keys.
-        "data.step_separator": unescape(step_separator), "data.skip_invalid": skip_invalid,
-    })
+    cfg = load_config(
+        config,
+        set_,
+        {
+            "eval.data": data,
+            "eval.format": format_,
+            "eval.threshold": threshold,
+            "eval.tune_threshold": tune_threshold,
+            "eval.output_dir": str(output_dir) if output_dir is not None else None,
+            "eval.plots": plots,
+            "eval.dtype": dtype,
+            "eval.device": device,
+            # The data options prepare and train take, on the same keys.
+            "data.step_separator": unescape(step_separator),
+            "data.skip_invalid": skip_invalid,
+        },
+    )
     ev = cfg.eval
     names = [*(models or []), *(model_opt or [])]
     if not names and cfg.model.name_or_path:
@@ -104,8 +138,7 @@ def evaluate(
     from prmkit.evaluation.write import check_output_dir
 
     out_dir = Path(ev.output_dir).expanduser()
-    check_output_dir(out_dir, overwrite, models=names, data=ev.data,
-                                config=str(config) if config is not None else None)
+    check_output_dir(out_dir, overwrite, models=names, data=ev.data, config=str(config) if config is not None else None)
     plots = _plots(ev.plots)
 
     # Under `accelerate launch` every process scores a share and receives all scores; one of them speaks and writes.
@@ -148,8 +181,7 @@ def _write(out: Output, result, out_dir: Path, names: list[str], plots: bool, wa
 
     files = write_outputs(result, out_dir, plots=plots)
     out.result(
-        {**result.report, "output_dir": str(out_dir), "files": [str(p) for p in files]},
-        *rich_tables(result.report),
+        {**result.report, "output_dir": str(out_dir), "files": [str(p) for p in files]}, *rich_tables(result.report)
     )
     out.info(f"wrote {', '.join(p.name for p in files)} to {out_dir}")
     if warn_no_plots:
@@ -160,8 +192,10 @@ def _write(out: Output, result, out_dir: Path, names: list[str], plots: bool, wa
     if len(names) == 1:
         out.hint(f"to put these figures in the model card: prmkit push {names[0]} --eval-report {report_path}")
     else:
-        out.hint(f"to put a model's figures in its card: prmkit push MODEL --eval-report {report_path} "
-                 "(push quotes that model's part of the comparison)")
+        out.hint(
+            f"to put a model's figures in its card: prmkit push MODEL --eval-report {report_path} "
+            "(push quotes that model's part of the comparison)"
+        )
 
 
 def _plotting_available() -> bool:
@@ -188,8 +222,14 @@ class _progress:
         if self.enabled and console.is_terminal:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-            self._bar = Progress(TextColumn("scoring {task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), console=console, transient=True)
+            self._bar = Progress(
+                TextColumn("scoring {task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=console,
+                transient=True,
+            )
             self._bar.start()
         return self if self._bar is not None else None
 

@@ -44,19 +44,35 @@ def prepare(
     """
     out = Output(json_)
     attach_logging(out)
-    cfg = load_config(config, set_, {
-        "data.train": train, "data.eval": eval_, "model.tokenizer": tokenizer, "data.format": format_,
-        "data.step_separator": unescape(step_separator), "data.skip_invalid": skip_invalid,
-    })
+    cfg = load_config(
+        config,
+        set_,
+        {
+            "data.train": train,
+            "data.eval": eval_,
+            "model.tokenizer": tokenizer,
+            "data.format": format_,
+            "data.step_separator": unescape(step_separator),
+            "data.skip_invalid": skip_invalid,
+        },
+    )
     from prmkit.data.prepare import prepare_splits  # numpy and the tokenizers: not for --help
     from prmkit.models.loading import load_tokenizer
 
     if not cfg.tokenizer_name:
-        raise UsageError("no tokenizer: set model.tokenizer or model.name_or_path", hint="e.g. --tokenizer Qwen/Qwen2-0.5B")
+        raise UsageError(
+            "no tokenizer: set model.tokenizer or model.name_or_path", hint="e.g. --tokenizer Qwen/Qwen2-0.5B"
+        )
     tok = load_tokenizer(cfg.tokenizer_name, cfg.model.trust_remote_code)
     with _Progress() as progress:
-        result = prepare_splits(cfg, tok, output=output, skip_invalid=cfg.data.skip_invalid, overwrite=overwrite,
-                                on_progress=progress.update)
+        result = prepare_splits(
+            cfg,
+            tok,
+            output=output,
+            skip_invalid=cfg.data.skip_invalid,
+            overwrite=overwrite,
+            on_progress=progress.update,
+        )
     summary = {
         "output": str(result.path),
         "cache_hit": result.cache_hit,
@@ -72,9 +88,16 @@ class _Progress:
     def __enter__(self) -> _Progress:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        self._progress = Progress(TextColumn("tokenizing {task.description}"), BarColumn(), MofNCompleteColumn(),
-                                  TextColumn("rows"), TimeRemainingColumn(), console=stderr(), transient=True,
-                                  auto_refresh=False)  # redrawn per chunk: no thread competing with tokenization
+        self._progress = Progress(
+            TextColumn("tokenizing {task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("rows"),
+            TimeRemainingColumn(),
+            console=stderr(),
+            transient=True,
+            auto_refresh=False,
+        )  # redrawn per chunk: no thread competing with tokenization
         self._tasks: dict[str, Any] = {}
         self._progress.start()
         return self
@@ -95,12 +118,23 @@ def _tables(summary: dict) -> list:
     for name in splits:
         table.add_column(name, justify="right")
     rows = [
-        ("source", "source"), ("format", "format"), ("rows in", "rows_in"), ("rows rejected", "rows_rejected"),
-        ("rows after conversion", "rows_converted"), ("rows dropped (all labels truncated)", "rows_dropped_truncated"),
-        ("rows kept", "rows_kept"), ("steps", "steps"), ("steps lost to truncation", "steps_lost_to_truncation"),
-        ("steps containing the separator", "steps_with_separator"), ("labels +", "labels_positive"),
-        ("labels -", "labels_negative"), ("labels soft", "labels_soft"), ("soft label mean", "soft_label_mean"),
-        ("tokens p50", "tokens_p50"), ("tokens p95", "tokens_p95"), ("tokens max", "tokens_max"),
+        ("source", "source"),
+        ("format", "format"),
+        ("rows in", "rows_in"),
+        ("rows rejected", "rows_rejected"),
+        ("rows after conversion", "rows_converted"),
+        ("rows dropped (all labels truncated)", "rows_dropped_truncated"),
+        ("rows kept", "rows_kept"),
+        ("steps", "steps"),
+        ("steps lost to truncation", "steps_lost_to_truncation"),
+        ("steps containing the separator", "steps_with_separator"),
+        ("labels +", "labels_positive"),
+        ("labels -", "labels_negative"),
+        ("labels soft", "labels_soft"),
+        ("soft label mean", "soft_label_mean"),
+        ("tokens p50", "tokens_p50"),
+        ("tokens p95", "tokens_p95"),
+        ("tokens max", "tokens_max"),
     ]
     for title, key in rows:
         values = [splits[n].get(key) for n in splits]

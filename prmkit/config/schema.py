@@ -58,8 +58,13 @@ class ModelConfig:
 
     def kind_settings(self) -> dict[str, Any]:
         """The kind keys for :class:`prmkit.kinds.spec.KindSettings` (the others are for loading and training)."""
-        return {"kind": self.kind, "step_tag": self.step_tag, "reward_tokens": list(self.reward_tokens),
-                "system_prompt": self.system_prompt, "chat_template": self.chat_template}
+        return {
+            "kind": self.kind,
+            "step_tag": self.step_tag,
+            "reward_tokens": list(self.reward_tokens),
+            "system_prompt": self.system_prompt,
+            "chat_template": self.chat_template,
+        }
 
 
 @dataclass
@@ -272,7 +277,9 @@ class Range:
 
     def describe(self) -> str:
         if self.low is not None and self.high is not None:
-            text = f"in {'(' if self.low_open else '['}{_num(self.low)}, {_num(self.high)}{')' if self.high_open else ']'}"
+            text = (
+                f"in {'(' if self.low_open else '['}{_num(self.low)}, {_num(self.high)}{')' if self.high_open else ']'}"
+            )
         elif self.low is not None:
             text = f"{'>' if self.low_open else '>='} {_num(self.low)}"
         elif self.high is not None:
@@ -381,8 +388,10 @@ def _check_lora(value: Any, origin: str) -> None:
         item = value[name]
         integral = name == "r"
         if isinstance(item, bool) or not isinstance(item, (int, float)) or (integral and not float(item).is_integer()):
-            raise ConfigError(f"{origin}: train.lora.{name}: expected {'an integer' if integral else 'a number'}, "
-                              f"got {shown(item)} ({type(item).__name__})")
+            raise ConfigError(
+                f"{origin}: train.lora.{name}: expected {'an integer' if integral else 'a number'}, "
+                f"got {shown(item)} ({type(item).__name__})"
+            )
         check_range(f"train.lora.{name}", item, origin)
 
 
@@ -418,7 +427,9 @@ class Config:
         if section == "train" and key not in {f.name for f in dataclasses.fields(TrainConfig)}:
             if key not in self.training_arguments:
                 return False
-            return key not in TRAINING_ARGUMENT_DEFAULTS or self.training_arguments[key] != TRAINING_ARGUMENT_DEFAULTS[key]
+            return (
+                key not in TRAINING_ARGUMENT_DEFAULTS or self.training_arguments[key] != TRAINING_ARGUMENT_DEFAULTS[key]
+            )
         return getattr(getattr(self, section), key) != getattr(SECTIONS[section](), key)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -443,8 +454,6 @@ def _did_you_mean(word: str, candidates) -> str:
         return ""
     close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 
 
 def eval_schedule(training_arguments: dict[str, Any], has_eval: bool) -> dict[str, Any]:

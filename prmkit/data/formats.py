@@ -63,13 +63,27 @@ class Format:
 
 
 FORMATS: dict[str, Format] = {
-    STEPWISE: Format(STEPWISE, ("prompt", "completions", "labels"), lambda r, o: [_stepwise(r)],
-                     score_columns=("prompt", "completions", "labels")),
+    STEPWISE: Format(
+        STEPWISE,
+        ("prompt", "completions", "labels"),
+        lambda r, o: [_stepwise(r)],
+        score_columns=("prompt", "completions", "labels"),
+    ),
     MATH_SHEPHERD: Format(MATH_SHEPHERD, ("input", "label"), lambda r, o: [_math_shepherd(r)]),
-    PRM800K: Format(PRM800K, ("question", "label"), lambda r, o: _prm800k(r, o.prm800k_neutral),
-                    whole_solutions=False, neutral_ratings=True),
-    PROCESSBENCH: Format(PROCESSBENCH, ("problem", "steps", "label"), lambda r, o: [_processbench(r, o.is_eval)],
-                         score_columns=("problem", "steps", "label"), first_error_labels=True),
+    PRM800K: Format(
+        PRM800K,
+        ("question", "label"),
+        lambda r, o: _prm800k(r, o.prm800k_neutral),
+        whole_solutions=False,
+        neutral_ratings=True,
+    ),
+    PROCESSBENCH: Format(
+        PROCESSBENCH,
+        ("problem", "steps", "label"),
+        lambda r, o: [_processbench(r, o.is_eval)],
+        score_columns=("problem", "steps", "label"),
+        first_error_labels=True,
+    ),
 }
 """Every format, in the order choices are listed. Tests add one with ``monkeypatch.setitem``: read it at call time."""
 
@@ -103,6 +117,7 @@ def format_signatures() -> dict[str, tuple[str, ...]]:
 def uses_neutral_ratings(names: Iterable[Any]) -> bool:
     """Whether any of these format names (``auto`` and None allowed) is a format with neutral ratings."""
     return any(fmt.neutral_ratings for fmt in (FORMATS.get(n) if isinstance(n, str) else None for n in names) if fmt)
+
 
 SHEPHERD_TAG = "ки"
 _SHEPHERD_MARK = "ⶻ"  # one character, so positions in `input` line up with `label` (TRL's trick)
@@ -278,10 +293,13 @@ def _math_shepherd(record: dict) -> dict:
     # TRL reads `label` only at the tag positions, so a longer label converts there whatever follows. A tail of
     # whitespace changes nothing and converts as in TRL; anything else means the two texts do not line up (a '+' or
     # '-' there would be a label for a step without a tag, which TRL drops unseen), so it is refused.
-    tail = label[len(marked):]
+    tail = label[len(marked) :]
     if len(label) < len(marked) or tail.strip():
-        raise RowError("label", f"length {len(label)} does not match input with tags as one character ({len(marked)})"
-                       + (f"; it ends with {tail!r} past the input" if tail.strip() else ""))
+        raise RowError(
+            "label",
+            f"length {len(label)} does not match input with tags as one character ({len(marked)})"
+            + (f"; it ends with {tail!r} past the input" if tail.strip() else ""),
+        )
     indexes = [m.start() for m in re.finditer(_SHEPHERD_MARK, marked)]
     if not indexes:
         raise RowError("input", f"no step tag {SHEPHERD_TAG!r} found")
@@ -301,8 +319,11 @@ def _math_shepherd(record: dict) -> dict:
         if marker is None and "?" not in prompt:
             raise RowError("input", "cannot find where the first step starts (no 'Step 1:' and no '?')")
         if prompt.count(marker or "?") > 1:
-            raise RowError("input", f"{marker or '?'!r} appears {prompt.count(marker or '?')} times before the first step "
-                           "tag, so where the first step starts is ambiguous")
+            raise RowError(
+                "input",
+                f"{marker or '?'!r} appears {prompt.count(marker or '?')} times before the first step "
+                "tag, so where the first step starts is ambiguous",
+            )
         if marker is not None:
             prompt, first = prompt.split(marker, 1)
             completions = [(marker + first).strip(), *completions]
@@ -346,7 +367,9 @@ def _prm800k(record: dict, neutral: str) -> list[dict]:
             verdict = _rating_label(completion.get("rating"), neutral)
             if verdict is None:
                 continue
-            rows.append({"prompt": prompt, "completions": [*done, completion.get("text")], "labels": [*done_labels, verdict]})
+            rows.append(
+                {"prompt": prompt, "completions": [*done, completion.get("text")], "labels": [*done_labels, verdict]}
+            )
         if chosen is not None:
             if not isinstance(chosen, int) or not 0 <= chosen < len(completions or []):
                 raise RowError(f"label.steps[{n}].chosen_completion", f"{chosen!r} is not an index into completions")

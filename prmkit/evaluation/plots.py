@@ -21,9 +21,7 @@ if TYPE_CHECKING:
 __all__ = ["write_plots"]
 
 
-def _figure(
-    n_panels: int, title: str, ncols: int | None = None
-) -> tuple[Figure, list[Axes]]:
+def _figure(n_panels: int, title: str, ncols: int | None = None) -> tuple[Figure, list[Axes]]:
     # The object-oriented API with an explicit Agg canvas never touches
     # pyplot's global state or the user's configured backend, so this works
     # headless and does not disturb a caller that uses pyplot itself.
@@ -42,8 +40,7 @@ def _figure(
 
 
 def _grid(
-    entries: list[tuple[str | None, Mapping[str, Any]]],
-    value: Callable[[str | None, str, Mapping[str, Any]], Any],
+    entries: list[tuple[str | None, Mapping[str, Any]]], value: Callable[[str | None, str, Mapping[str, Any]], Any]
 ) -> tuple[list[tuple[str, Any] | None], int | None]:
     """One panel per (subset, model) pair that has data.
 
@@ -75,13 +72,22 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
+def _accuracy_axes(ax: Any, title: str, xlabel: str) -> None:
+    """The finish of a panel whose y axis is an accuracy in [0, 1]."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+
+
 def _position_key(label: str) -> int:
     return int(str(label).rstrip("+"))
 
 
 def _panels(
-    entries: list[tuple[str | None, Mapping[str, Any]]],
-    value: Callable[[str | None, str, Mapping[str, Any]], Any],
+    entries: list[tuple[str | None, Mapping[str, Any]]], value: Callable[[str | None, str, Mapping[str, Any]], Any]
 ) -> list[tuple[str, list[tuple[str, Any]]]]:
     """Group series into panels: a single model gets one panel with a series
     per subset; several models get a panel per subset with a series per model."""
@@ -142,15 +148,9 @@ def _accuracy_by_position(entries: Entries, path: Path) -> Path | None:
         labels = sorted({r["position"] for _, rows in series for r in rows}, key=_position_key)
         x = {lab: i for i, lab in enumerate(labels)}
         for name, rows in series:
-            ax.plot([x[r["position"]] for r in rows], [r["accuracy"] for r in rows],
-                    marker="o", label=name)
+            ax.plot([x[r["position"]] for r in rows], [r["accuracy"] for r in rows], marker="o", label=name)
         ax.set_xticks(range(len(labels)), labels)
-        ax.set_xlabel("step")
-        ax.set_ylabel("accuracy")
-        ax.set_ylim(0, 1.02)
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
+        _accuracy_axes(ax, title, "step")
     return _save(fig, path)
 
 
@@ -168,8 +168,7 @@ def _reliability(entries: Entries, raw_leaf: RawLeaf, path: Path) -> Path | None
     for ax, (title, series) in zip(axes, panels):
         ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="perfect")
         for name, bins in series:
-            ax.plot([b["mean_score"] for b in bins], [b["mean_target"] for b in bins],
-                    marker="o", label=name)
+            ax.plot([b["mean_score"] for b in bins], [b["mean_target"] for b in bins], marker="o", label=name)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
         ax.set_xlabel("mean predicted p(correct)")
@@ -205,11 +204,16 @@ def _score_histogram(entries: Entries, raw_leaf: RawLeaf, path: Path) -> Path | 
         good = np.asarray(leaf["targets"], dtype=float) >= 0.5
         # density, because wrong steps are usually far fewer than correct
         # ones and would be invisible on a count scale.
-        for mask, label, color in ((good, "correct steps", "tab:green"),
-                                   (~good, "wrong steps", "tab:red")):
+        for mask, label, color in ((good, "correct steps", "tab:green"), (~good, "wrong steps", "tab:red")):
             if mask.any():
-                ax.hist(scores[mask], bins=list(bins), density=True, alpha=0.5, color=color,
-                        label=f"{label} ({int(mask.sum())})")
+                ax.hist(
+                    scores[mask],
+                    bins=list(bins),
+                    density=True,
+                    alpha=0.5,
+                    color=color,
+                    label=f"{label} ({int(mask.sum())})",
+                )
         if threshold is not None:
             ax.axvline(float(threshold), color="black", linestyle=":", label="threshold")
         ax.set_xlim(0, 1)
@@ -234,19 +238,11 @@ def _best_of_n(entries: Entries, path: Path) -> Path | None:
         for a in AGGREGATES:
             ax.plot(ks, [r.get(a) for r in rows], marker="o", label=f"PRM {a}")
         if any(r.get("majority_vote") is not None for r in rows):
-            ax.plot(ks, [r.get("majority_vote") for r in rows], marker="s",
-                    color="grey", label="majority vote")
-        ax.plot(ks, [r.get("random") for r in rows], linestyle="--", color="black",
-                label="random pick")
-        ax.plot(ks, [r.get("pass") for r in rows], linestyle=":", color="black",
-                label="pass@k")
+            ax.plot(ks, [r.get("majority_vote") for r in rows], marker="s", color="grey", label="majority vote")
+        ax.plot(ks, [r.get("random") for r in rows], linestyle="--", color="black", label="random pick")
+        ax.plot(ks, [r.get("pass") for r in rows], linestyle=":", color="black", label="pass@k")
         if len(ks) > 1:
             ax.set_xscale("log", base=2)
         ax.set_xticks(ks, [str(k) for k in ks])
-        ax.set_xlabel("candidates per problem (k)")
-        ax.set_ylabel("accuracy")
-        ax.set_ylim(0, 1.02)
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
+        _accuracy_axes(ax, title, "candidates per problem (k)")
     return _save(fig, path)

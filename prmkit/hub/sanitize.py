@@ -143,5 +143,8 @@ def holds_secret(path: Path, secrets: list[str], header_only: bool = False) -> b
 
 def refuse_secret_files(names: list[str], model_dir: Path) -> None:
     if names:
-        raise UsageError(f"{model_dir}: {', '.join(names)} contain{'s' if len(names) == 1 else ''} your Hub token: "
-                         "refusing to upload", hint="remove the token from the file, then push again")
+        raise UsageError(
+            f"{model_dir}: {', '.join(names)} contain{'s' if len(names) == 1 else ''} your Hub token: "
+            "refusing to upload",
+            hint="remove the token from the file, then push again",
+        )

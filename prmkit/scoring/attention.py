@@ -109,7 +109,7 @@ def probe_torch_varlen(config: Any, dtype_name: str, device: str = "cuda", varle
     q = torch.randn(total, heads, head_dim, generator=gen).to(device, dtype)
     k, v = (torch.randn(total, kv_heads, head_dim, generator=gen).to(device, dtype) for _ in range(2))
     cu = torch.tensor([0, 37, 42, 132], dtype=torch.int32, device=device)
-    scale = head_dim ** -0.5
+    scale = head_dim**-0.5
     try:
         got = _torch_varlen_call(varlen, q, k, v, cu, max(lengths), scale).float()
     except Exception as e:
@@ -155,8 +155,9 @@ def packed_inputs(lengths: list[int], kernel: str | None) -> dict[str, Any]:
 # The registered varlen attention
 
 
-def varlen_attention(module: Any, query, key, value, attention_mask, scaling: float | None = None,
-                     dropout: float = 0.0, **kwargs: Any):
+def varlen_attention(
+    module: Any, query, key, value, attention_mask, scaling: float | None = None, dropout: float = 0.0, **kwargs: Any
+):
     """Causal attention over sequences packed in one row; a transformers attention function.
 
     ``query`` is (1, heads, tokens, head_dim), ``key``/``value`` (1, kv_heads, tokens, head_dim); the result is

@@ -34,16 +34,11 @@ from prmkit.models.memory import release_memory
 from prmkit.models.model_dir import POSITIVE_LABEL_ID, resolve_tokenization
 from prmkit.scoring import attention, budget
 from prmkit.scoring import pretrained as steps
-from prmkit.scoring.loading import (
-    OVERLAP_TOKENIZER_ON,
-    model_identity,
-    resolve_device,
-)
+from prmkit.scoring.loading import OVERLAP_TOKENIZER_ON, model_identity, resolve_device
 from prmkit.scoring.timings import Timings
 from prmkit.tokenization import Encoded, TextEncoder, TokenizationParams, encode_solutions
 
 log = logging.getLogger("prmkit")
-
 
 
 @dataclass
@@ -130,12 +125,15 @@ class StepScorer:
         self.positive_label_id = positive_label_id
         self.num_labels = int(getattr(model.config, "num_labels", 2))
         if self.num_labels not in (1, 2) and positive_label_id >= self.num_labels:
-            raise UsageError(f"model has {self.num_labels} labels; positive label id {positive_label_id} is out of range")
+            raise UsageError(
+                f"model has {self.num_labels} labels; positive label id {positive_label_id} is out of range"
+            )
         self.dtype = next(model.parameters()).dtype
         self.causal = _is_causal(model) if causal is None else causal
         self.allow_bidirectional = allow_bidirectional
         self.kind_encoder = kind_encoder
-        """Another PRM kind's tokens and read positions (:class:`prmkit.kinds.encoder.KindEncoder`); None: TRL's tokenization."""
+        """Another PRM kind's tokens and read positions (:class:`prmkit.kinds.encoder.KindEncoder`); None: TRL's
+        tokenization."""
         self.prefix_mode = not self.causal and not allow_bidirectional and kind_encoder is None
         if self.prefix_mode:
             log.warning(
@@ -145,12 +143,15 @@ class StepScorer:
         self.kernel = attention.packing_kernel(model)
         if packing is None:
             # The varlen function reads packed rows only; other kernels pack by default where they pay: on CUDA.
-            packing = self.causal and (self.kernel == "varlen" or (self.device.type == "cuda" and self.kernel is not None))
+            packing = self.causal and (
+                self.kernel == "varlen" or (self.device.type == "cuda" and self.kernel is not None)
+            )
         if self.kernel == "varlen" and not packing:
             raise UsageError(f"attention {attention.VARLEN!r} scores packed batches only", hint="leave packing on")
         self.packing = bool(packing)
-        self.batch_tokens, self.batch_tokens_source = (int(batch_tokens), "given") if batch_tokens is not None \
-            else self._device_budget()
+        self.batch_tokens, self.batch_tokens_source = (
+            (int(batch_tokens), "given") if batch_tokens is not None else self._device_budget()
+        )
         self.timings = timings or Timings()
         self.identity = identity or {"name": _model_name(model)}
         self.rank, self.world_size = rank, world_size
@@ -178,8 +179,9 @@ class StepScorer:
         eager = (getattr(self.model.config, "_attn_implementation", None) or "") == "eager"
         # Rows of a non-causal model carry a padding mask, and eager attention materialises its scores.
         width = (self.params.max_length or 4096) if (not self.causal or eager) else None
-        tokens = budget.device_batch_tokens(free, total, shape, self._dtype_bytes, dense_attention_width=width,
-                                            eager_attention=eager)
+        tokens = budget.device_batch_tokens(
+            free, total, shape, self._dtype_bytes, dense_attention_width=width, eager_attention=eager
+        )
         source = f"{free / 2**30:.1f} GiB free on {self.device}"
         log.info(f"batch budget {tokens} tokens, sized to {source}")
         return tokens, source
@@ -222,6 +224,8 @@ class StepScorer:
         a causal model is loaded with a varlen attention kernel for packed batches (:mod:`prmkit.scoring.attention`)
         unless ``packing`` is False or ``attn_implementation`` is given. ``timings`` collects the seconds spent loading
         (``model_load``: the architecture's code, weights, tokenizer), tokenizing and in forward passes.
+
+        (Over 100 lines with its keyword signature (one setting a line); the steps are in scoring/pretrained.py.)
         """
         timings = timings or Timings()
         source = steps.resolve_model(path_or_id, revision)  # before torch: a mistyped path is said at once
@@ -233,8 +237,9 @@ class StepScorer:
         from prmkit.scoring.kinds import resolve_kind
 
         name, metadata = source.name, source.metadata
-        kind, settings, kind_tokenizer = resolve_kind(name, metadata, kind_settings, local=source.is_local,
-                                                      revision=revision, trust_remote_code=trust_remote_code)
+        kind, settings, kind_tokenizer = resolve_kind(
+            name, metadata, kind_settings, local=source.is_local, revision=revision, trust_remote_code=trust_remote_code
+        )
         rank, world_size, dev = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, dev, key="dtype")
         if dev.type == "cuda":
@@ -247,23 +252,55 @@ class StepScorer:
                 load_kwargs["revision"] = revision
             if not get_kind(kind).uses_separator:
                 return steps.kind_scorer(
-                    cls, source, kind, settings, kind_tokenizer, load_kwargs=load_kwargs,
-                    attn_implementation=attn_implementation, tokenization=tokenization, step_separator=step_separator,
-                    tokenizer=tokenizer, trust_remote_code=trust_remote_code, device=dev, batch_tokens=batch_tokens,
-                    sort_window=sort_window, packing=packing, rank=rank, world_size=world_size, timings=timings)
+                    cls,
+                    source,
+                    kind,
+                    settings,
+                    kind_tokenizer,
+                    load_kwargs=load_kwargs,
+                    attn_implementation=attn_implementation,
+                    tokenization=tokenization,
+                    step_separator=step_separator,
+                    tokenizer=tokenizer,
+                    trust_remote_code=trust_remote_code,
+                    device=dev,
+                    batch_tokens=batch_tokens,
+                    sort_window=sort_window,
+                    packing=packing,
+                    rank=rank,
+                    world_size=world_size,
+                    timings=timings,
+                )
             params, changes = resolve_tokenization(name, metadata, step_separator, tokenization)
             model, tok = steps.load_token_classifier(
-                source, config, load_kwargs, device=dev, torch_dtype=torch_dtype,
-                attn_implementation=attn_implementation, chosen=chosen, tokenizer=tokenizer,
-                trust_remote_code=trust_remote_code, overlap_on=OVERLAP_TOKENIZER_ON)
+                source,
+                config,
+                load_kwargs,
+                device=dev,
+                torch_dtype=torch_dtype,
+                attn_implementation=attn_implementation,
+                chosen=chosen,
+                tokenizer=tokenizer,
+                trust_remote_code=trust_remote_code,
+                overlap_on=OVERLAP_TOKENIZER_ON,
+            )
             check_tokenizer_fits(tok, embedding_rows(model), tokenizer or name, params.step_separator)
             steps.check_tokenizer(source, tok, tokenizer, changes)
             identity = model_identity(name, model)
         positive = int(((metadata or {}).get("labels") or {}).get("positive_label_id", POSITIVE_LABEL_ID))
         scorer = cls(
-            model, tok, params, batch_tokens=batch_tokens, sort_window=sort_window, positive_label_id=positive,
-            allow_bidirectional=allow_bidirectional, packing=packing, identity=identity, rank=rank,
-            world_size=world_size, timings=timings,
+            model,
+            tok,
+            params,
+            batch_tokens=batch_tokens,
+            sort_window=sort_window,
+            positive_label_id=positive,
+            allow_bidirectional=allow_bidirectional,
+            packing=packing,
+            identity=identity,
+            rank=rank,
+            world_size=world_size,
+            timings=timings,
         )
         scorer.differs_from_training = changes
         return scorer
@@ -278,7 +315,9 @@ class StepScorer:
         """Score many solutions; results in input order."""
         return [r.scores for r in self.score_iter(items)]
 
-    def score_iter(self, items: Iterable[tuple[str, Sequence[str]]], sort_window: int | None = None) -> Iterator[StepScores]:
+    def score_iter(
+        self, items: Iterable[tuple[str, Sequence[str]]], sort_window: int | None = None
+    ) -> Iterator[StepScores]:
         """Stream results in input order, reading ahead only ``sort_window`` solutions at a time."""
         window: list[tuple[str, Sequence[str]]] = []
         size = sort_window or self.sort_window
@@ -299,11 +338,14 @@ class StepScorer:
         """The tokens and step positions the model reads, from the one tokenization training used."""
         if self.kind_encoder is not None:
             return self.kind_encoder.encode(items)
-        return encode_solutions(self.tokenizer, [p for p, _ in items], [list(s) for _, s in items], self.params,
-                                self._encoder)
+        return encode_solutions(
+            self.tokenizer, [p for p, _ in items], [list(s) for _, s in items], self.params, self._encoder
+        )
 
     def score_solutions(
-        self, items: Sequence[tuple[str, Sequence[str]]], on_batch: Callable[[int], None] | None = None,
+        self,
+        items: Sequence[tuple[str, Sequence[str]]],
+        on_batch: Callable[[int], None] | None = None,
         batch_log: Any = None,
     ) -> list[StepScores]:
         """Score one window of solutions at once: sorted by length, batched by token budget.
@@ -329,15 +371,19 @@ class StepScorer:
         scored prefix by prefix needs the text of every prefix: give it to :meth:`score_solutions` instead.
         """
         if self.prefix_mode:
-            raise UsageError(f"{self.identity.get('name')}: a model scored prefix by prefix needs the solutions' text",
-                             hint="use score_solutions")
+            raise UsageError(
+                f"{self.identity.get('name')}: a model scored prefix by prefix needs the solutions' text",
+                hint="use score_solutions",
+            )
         encoded = list(encoded)
         seqs = self._one_pass_sequences(encoded)
         return self._results([len(enc.step_positions) for enc in encoded], encoded, self._run(seqs, None))
 
     def _results(self, n_steps: list[int], encoded: Sequence[Encoded], values: list) -> list[StepScores]:
-        results = [StepScores([None] * n, any(p < 0 for p in enc.step_positions), len(enc.input_ids))
-                   for n, enc in zip(n_steps, encoded)]
+        results = [
+            StepScores([None] * n, any(p < 0 for p in enc.step_positions), len(enc.input_ids))
+            for n, enc in zip(n_steps, encoded)
+        ]
         for (i, k, _), value in values:
             results[i].scores[k] = value
         if not self._spread_checked:
@@ -349,8 +395,11 @@ class StepScorer:
         holds them (its labelled positions). The caller has checked that they were made with this model's tokenizer
         and tokenization (:func:`prmkit.data.prepared_input.check_matches`)."""
         if self.kind_encoder is not None or self.prefix_mode:
-            raise UsageError(f"{self.identity.get('name')}: token ids can be scored by a causal (or bidirectional) "
-                             "token-classification PRM only", hint="give the text data instead")
+            raise UsageError(
+                f"{self.identity.get('name')}: token ids can be scored by a causal (or bidirectional) "
+                "token-classification PRM only",
+                hint="give the text data instead",
+            )
         seqs = []
         for i, (ids, positions) in enumerate(rows):
             if len(positions):
@@ -375,7 +424,9 @@ class StepScorer:
                         prompts.append(prompt)
                         prefixes.append(list(steps[: k + 1]))
                         owners.append((i, k))
-            for (i, k), enc in zip(owners, encode_solutions(self.tokenizer, prompts, prefixes, self.params, self._encoder)):
+            for (i, k), enc in zip(
+                owners, encode_solutions(self.tokenizer, prompts, prefixes, self.params, self._encoder)
+            ):
                 pos = enc.step_positions[k]
                 seqs.append(_Seq(enc.input_ids[: pos + 1], [(i, k, pos)]))
         else:
@@ -433,8 +484,9 @@ class StepScorer:
         lengths = [len(seqs[i].ids) for i in batch]
         return sum(lengths) if self.packing else padded_width(max(lengths)) * len(lengths)
 
-    def _run(self, seqs: list[_Seq], on_batch: Callable[[int], None] | None,
-             batch_log: Any = None) -> list[tuple[tuple[int, int, int], float]]:
+    def _run(
+        self, seqs: list[_Seq], on_batch: Callable[[int], None] | None, batch_log: Any = None
+    ) -> list[tuple[tuple[int, int, int], float]]:
         torch = self._torch
         plan = self._plan(seqs)
         targets = [[t for i in batch for t in seqs[i].targets] for batch in plan]
@@ -473,8 +525,10 @@ class StepScorer:
             gathered_values = [pair for part in gathered for pair in part]
         # Checked after the gather, so every process raises together instead of leaving the others waiting.
         if any(value != value for _, value in gathered_values):
-            raise PrmkitError("the model produced NaN scores",
-                              hint="try --dtype float32; a half-precision overflow is the usual cause")
+            raise PrmkitError(
+                "the model produced NaN scores",
+                hint="try --dtype float32; a half-precision overflow is the usual cause",
+            )
         return gathered_values
 
     def _to_host(self, probs) -> tuple[Any, Any]:
@@ -518,8 +572,10 @@ class StepScorer:
             lowered = max(1, tokens // 2)
             if lowered < self.batch_tokens:
                 self.batch_tokens = lowered
-            log.warning(f"out of {self.device.type} memory on a batch of {len(part)} sequences ({tokens} tokens): "
-                        f"scoring it in two halves; batch budget now {self.batch_tokens} tokens")
+            log.warning(
+                f"out of {self.device.type} memory on a batch of {len(part)} sequences ({tokens} tokens): "
+                f"scoring it in two halves; batch budget now {self.batch_tokens} tokens"
+            )
         return done
 
     def _forward(self, seqs: list[_Seq], batch: list[int]):
@@ -569,8 +625,10 @@ class StepScorer:
             flat.extend([self._pad_id] * filler)
             lengths.append(filler)
         ids = self._to_device(torch.as_tensor([flat], dtype=torch.long))
-        extra = {k: self._to_device(v) if isinstance(v, torch.Tensor) else v
-                 for k, v in attention.packed_inputs(lengths, self.kernel).items()}
+        extra = {
+            k: self._to_device(v) if isinstance(v, torch.Tensor) else v
+            for k, v in attention.packed_inputs(lengths, self.kernel).items()
+        }
         # No attention mask and no cache: transformers reads the boundaries from position_ids (or cu_seq_lens_*).
         logits = self.model(input_ids=ids, **extra, use_cache=False).logits[0]
         return self._probabilities(logits[self._to_device(torch.as_tensor(cols))])
@@ -629,9 +687,11 @@ def _warn_if_flat(results: Sequence[StepScores], name: str) -> bool:
         return False
     low, high = min(values), max(values)
     if high - low < FLAT_SPREAD:
-        log.warning(f"{name}: the first {len(values)} step scores all lie within {low:.3f}-{high:.3f}: a trained PRM "
-                    "tells steps apart; check that this model is one (an untrained head, or a model read as a kind it "
-                    "was not trained as, scores every step alike)")
+        log.warning(
+            f"{name}: the first {len(values)} step scores all lie within {low:.3f}-{high:.3f}: a trained PRM "
+            "tells steps apart; check that this model is one (an untrained head, or a model read as a kind it "
+            "was not trained as, scores every step alike)"
+        )
     return True
 
 
@@ -676,8 +736,12 @@ def _is_causal(model: Any) -> bool:
     config = model.config
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     model_type = getattr(text, "model_type", None) or getattr(config, "model_type", None)
-    known = (model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES
-             or getattr(text, "is_decoder", False) or getattr(config, "is_encoder_decoder", False))
+    known = (
+        model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        or model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+        or getattr(text, "is_decoder", False)
+        or getattr(config, "is_encoder_decoder", False)
+    )
     return is_causal(config) if known else _probe_causal(model)
 
 

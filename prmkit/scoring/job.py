@@ -40,7 +40,6 @@ __all__ = ["InputSource", "ScoreCounts", "ScoreSummary", "output_paths", "score_
 # The file job: `prmkit score`
 
 
-
 @dataclass
 class ScoreCounts:
     lines_in: int = 0
@@ -158,6 +157,8 @@ def score_file(
     (:class:`prmkit.core.outputs.OutputBusy` names its PID), and so is an output (or one of its companion files) that
     is the input or lies inside the model. ``lock`` is supplied by the wrapper that takes and releases it; callers
     leave it out.
+
+    (Over 100 lines with its keyword signature; the loop's steps are claim, resumable and window.)
     """
     if not 0.0 <= threshold <= 1.0:
         raise UsageError(f"score.threshold must lie in [0, 1], got {threshold}")
@@ -166,15 +167,32 @@ def score_file(
     window_rows = sort_window or scorer.sort_window
     src = InputSource(input_spec)
     if src.stdin and scorer.world_size > 1:
-        raise UsageError("reading stdin needs a single process",
-                         hint="give the input as a file under accelerate launch")
+        raise UsageError(
+            "reading stdin needs a single process", hint="give the input as a file under accelerate launch"
+        )
     paths = None if str(output) == "-" else output_paths(output)
     started = time.perf_counter()
     packing = getattr(scorer.model.config, "_attn_implementation", None) if scorer.packing else None
-    summary = ScoreSummary(input=src.name, output=str(output), model=str(scorer.identity.get("name")), format=fmt,
-                           device=str(scorer.device), dtype=str(scorer.dtype).removeprefix("torch."), packing=packing)
-    claim = claim_job(scorer, src, paths, fmt=fmt, threshold=threshold, window_rows=window_rows, group=group,
-                      overwrite=overwrite, lock=lock)
+    summary = ScoreSummary(
+        input=src.name,
+        output=str(output),
+        model=str(scorer.identity.get("name")),
+        format=fmt,
+        device=str(scorer.device),
+        dtype=str(scorer.dtype).removeprefix("torch."),
+        packing=packing,
+    )
+    claim = claim_job(
+        scorer,
+        src,
+        paths,
+        fmt=fmt,
+        threshold=threshold,
+        window_rows=window_rows,
+        group=group,
+        overwrite=overwrite,
+        lock=lock,
+    )
     plan = claim.plan
     summary.batch_tokens = scorer.batch_tokens  # after the claim: a resumed run keeps the budget it started with
     known = ScoreCounts().to_dict()
@@ -184,20 +202,31 @@ def score_file(
         summary.format = plan.get("format") or fmt
     else:
         summary.resumed_at_line = int(plan.get("input_line", 0)) or None
-        reader = WindowReader(src, fmt, window_rows=window_rows, skip_invalid=skip_invalid,
-                              after_line=int(plan.get("input_line", 0)), after_offset=plan.get("input_offset"),
-                              fmt_detected=plan.get("format_detected"), group=group)
+        reader = WindowReader(
+            src,
+            fmt,
+            window_rows=window_rows,
+            skip_invalid=skip_invalid,
+            after_line=int(plan.get("input_line", 0)),
+            after_offset=plan.get("input_offset"),
+            fmt_detected=plan.get("format_detected"),
+            group=group,
+        )
         out = None
         if scorer.is_main_process:
             # write_state as this module names it: a test replaces it here to crash between a window and its commit
             out = ResumableOutput(paths, claim.job, src, stream=stdout, on_reject=on_reject, save_state=write_state)
             if group is not None:
-                out.group = GroupWriter(group, lambda obj, line: out.write(_record_line(obj, src.where(line))),
-                                        paths["group"] if paths is not None else None)
+                out.group = GroupWriter(
+                    group,
+                    lambda obj, line: out.write(_record_line(obj, src.where(line))),
+                    paths["group"] if paths is not None else None,
+                )
                 if paths is not None:
                     out.group.restore(plan.get("group"))
-        _run(scorer, reader, out, summary, claim, paths, threshold=threshold, on_progress=on_progress,
-             on_steps=on_steps)
+        _run(
+            scorer, reader, out, summary, claim, paths, threshold=threshold, on_progress=on_progress, on_steps=on_steps
+        )
         if out is not None and out.group is not None:
             groups = {"groups_written": out.group.groups, "max_group_lines": out.group.max_buffered}
             summary.group_by = {**out.group.spec.to_dict(), **groups}
@@ -207,9 +236,18 @@ def score_file(
     return summary
 
 
-def _run(scorer: StepScorer, reader: WindowReader, out: ResumableOutput | None, summary: ScoreSummary,
-         claim: JobClaim, paths: dict[str, Path] | None, *, threshold: float,
-         on_progress: Callable[[dict[str, int]], None] | None, on_steps: Callable[[int], None] | None) -> None:
+def _run(
+    scorer: StepScorer,
+    reader: WindowReader,
+    out: ResumableOutput | None,
+    summary: ScoreSummary,
+    claim: JobClaim,
+    paths: dict[str, Path] | None,
+    *,
+    threshold: float,
+    on_progress: Callable[[dict[str, int]], None] | None,
+    on_steps: Callable[[int], None] | None,
+) -> None:
     """Open the output (process 0), score every window, and finish: the last commit and the rename."""
     plan = claim.plan
     last: tuple[int, int | None] = (int(plan.get("input_line", 0)), plan.get("input_offset"))
@@ -222,8 +260,9 @@ def _run(scorer: StepScorer, reader: WindowReader, out: ResumableOutput | None, 
             if window is None:
                 break
             scorer.timings.add("tokenize", time.perf_counter() - reading)
-            results = _score_window(scorer, window, summary, paths if not reader.src.stdin else None, plan.get("job"),
-                                    on_steps)
+            results = _score_window(
+                scorer, window, summary, paths if not reader.src.stdin else None, plan.get("job"), on_steps
+            )
             writing = time.perf_counter()
             _write_window(window, results, out, summary, threshold, reader.src)
             last = (window.last.number, window.last.offset)
@@ -232,8 +271,16 @@ def _run(scorer: StepScorer, reader: WindowReader, out: ResumableOutput | None, 
                 scorer.timings.add("write", time.perf_counter() - writing)
                 if on_progress is not None:
                     c = summary.counts
-                    on_progress({"line": last[0], "lines": c.lines_in, "rows": c.rows_out, "steps": c.steps,
-                                 "lines_this_run": summary.lines_this_run, "steps_this_run": summary.steps_this_run})
+                    on_progress(
+                        {
+                            "line": last[0],
+                            "lines": c.lines_in,
+                            "rows": c.rows_out,
+                            "steps": c.steps,
+                            "lines_this_run": summary.lines_this_run,
+                            "steps_this_run": summary.steps_this_run,
+                        }
+                    )
         summary.format = reader.fmt_used or summary.format
         if summary.counts.lines_in == 0:
             raise DataError(f"{reader.src.name}: no lines to score")
@@ -255,19 +302,32 @@ def _run(scorer: StepScorer, reader: WindowReader, out: ResumableOutput | None, 
             out.close()
 
 
-def _score_window(scorer: StepScorer, window: Window, summary: ScoreSummary, paths: dict[str, Path] | None,
-                  job: str | None, on_steps: Callable[[int], None] | None) -> Iterator[StepScores]:
+def _score_window(
+    scorer: StepScorer,
+    window: Window,
+    summary: ScoreSummary,
+    paths: dict[str, Path] | None,
+    job: str | None,
+    on_steps: Callable[[int], None] | None,
+) -> Iterator[StepScores]:
     """The window's scores in input order; with ``paths`` (a file input and output: resumable), each forward batch
     is kept in this process's journal as it finishes, and one an interrupted run finished is taken from there."""
     items = window.items
     journal = None
     if paths is not None and items:
-        journal = BatchJournal(journal_path(paths, scorer.rank), {
-            "prmkit_version": __version__, "job": job,
-            "window": [window.entries[0][0].number, window.last.number],
-            "solutions": len(items), "batch_tokens": scorer.batch_tokens, "packing": scorer.packing,
-            "rank": scorer.rank, "world_size": scorer.world_size,
-        })
+        journal = BatchJournal(
+            journal_path(paths, scorer.rank),
+            {
+                "prmkit_version": __version__,
+                "job": job,
+                "window": [window.entries[0][0].number, window.last.number],
+                "solutions": len(items),
+                "batch_tokens": scorer.batch_tokens,
+                "packing": scorer.packing,
+                "rank": scorer.rank,
+                "world_size": scorer.world_size,
+            },
+        )
     try:
         return iter(scorer.score_solutions(items, on_batch=on_steps, batch_log=journal))
     finally:
@@ -276,8 +336,14 @@ def _score_window(scorer: StepScorer, window: Window, summary: ScoreSummary, pat
             summary.batches_reused += journal.replayed
 
 
-def _write_window(window: Window, results: Iterator[StepScores], out: ResumableOutput | None, summary: ScoreSummary,
-                  threshold: float, src: InputSource) -> None:
+def _write_window(
+    window: Window,
+    results: Iterator[StepScores],
+    out: ResumableOutput | None,
+    summary: ScoreSummary,
+    threshold: float,
+    src: InputSource,
+) -> None:
     """Count every record of the window and (process 0) write it: scored, held for its group's ranking, or rejected."""
     counts = summary.counts
     writer = out.group if out is not None else None
@@ -318,8 +384,10 @@ def _record_line(obj: dict, where: str) -> str:
     try:
         return dumps_record(obj) + "\n"
     except ValueError:  # the record was checked before scoring, so only a score can be NaN
-        raise PrmkitError(f"{where}: the model gave a score that is not a number (NaN); stopped before writing it",
-                          hint="a float16 model can overflow: try --dtype float32 (or bfloat16)") from None
+        raise PrmkitError(
+            f"{where}: the model gave a score that is not a number (NaN); stopped before writing it",
+            hint="a float16 model can overflow: try --dtype float32 (or bfloat16)",
+        ) from None
 
 
 def _scored_object(obj: dict, res: StepScores, threshold: float) -> dict:

@@ -18,7 +18,6 @@ from prmkit.models.loading import MODEL_LOAD_DEFAULTS
 log = logging.getLogger("prmkit")
 
 
-
 def load_model(cls, name: str, kwargs: dict, attn_implementation: str | None, fall_back: bool = False):
     kwargs = {**MODEL_LOAD_DEFAULTS, **kwargs}
     try:
@@ -110,8 +109,11 @@ def resolve_device(device: str):
         from accelerate import PartialState
 
         # PartialState joins CPU processes (gloo) only when told; accelerate's own Accelerator reads this variable.
-        cpu = (os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or device == "cpu"
-               or not torch.cuda.is_available())
+        cpu = (
+            os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+            or device == "cpu"
+            or not torch.cuda.is_available()
+        )
         state = PartialState(cpu=cpu)
         if state.num_processes != world_size:
             raise PrmkitError(f"WORLD_SIZE is {world_size}, but accelerate joined {state.num_processes} processes")

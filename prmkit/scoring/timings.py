@@ -65,5 +65,7 @@ class Timings:
         """Seconds per stage, ``startup`` being the rest of the wall time so far."""
         total = time.perf_counter() - self.origin
         spent = {name: getattr(self, name) for name in STAGES}
-        return {"startup": round(max(0.0, total - sum(spent.values())), 3),
-                **{k: round(v, 3) for k, v in spent.items()}}
+        return {
+            "startup": round(max(0.0, total - sum(spent.values())), 3),
+            **{k: round(v, 3) for k, v in spent.items()},
+        }

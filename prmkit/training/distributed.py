@@ -552,7 +552,7 @@ def _plain_class(module: Any) -> type:
     return cls
 
 
-def _on_meta(model_class: type, config: Any) -> Any:
+def _on_meta(model_class: Any, config: Any) -> Any:
     import torch
 
     with torch.device("meta"):

@@ -2,12 +2,14 @@
 
 The loop is `transformers.Trainer` (so accelerate, DeepSpeed, FSDP and checkpoints come with it); prmkit adds:
 
-- data from :func:`prmkit.data.prepare.prepare_splits` (cached; the main process prepares, the other ranks read the cache);
+- data from :func:`prmkit.data.prepare.prepare_splits` (cached; the main process prepares, the other ranks read the
+cache);
 - a loss that takes hard (0/1) and soft (probability) step labels alike;
 - batching: ``padded`` (random order), ``grouped`` (similar lengths together, less padding), ``packed`` (no padding
   at all, with flash-attention's or FlexAttention's variable-length kernels on a GPU);
 - memory that fits: the expandable-segments allocator, and gradient checkpointing turned on only when the estimated
-  peak would not fit the device (:mod:`prmkit.models.memory`); an out-of-memory error becomes one message naming the fixes;
+  peak would not fit the device (:mod:`prmkit.models.memory`); an out-of-memory error becomes one message naming the
+  fixes;
 - step-level eval metrics at labelled positions, gathered across ranks in fixed shapes;
 - a self-describing output directory (weights, tokenizer, ``prmkit.json``, the resolved config), safe resuming, and a
   checkpoint on Ctrl-C.
@@ -41,14 +43,7 @@ from prmkit.config.training_args import (
 from prmkit.core.checkpoints import latest_complete_checkpoint, save_failure
 from prmkit.core.overwrite import settle_overwrite
 from prmkit.core.version import __version__
-from prmkit.errors import (
-    ConfigError,
-    PrmkitError,
-    TrainingOutOfMemory,
-    UsageError,
-    first_line,
-    reworded,
-)
+from prmkit.errors import ConfigError, PrmkitError, TrainingOutOfMemory, UsageError, first_line, reworded
 from prmkit.kinds.heads import preprocess_logits_for_metrics, step_loss_func
 from prmkit.kinds.registry import get_kind
 from prmkit.models.loading import (
@@ -94,9 +89,14 @@ def resolve_config(cfg: Config) -> Config:
     if cfg.train.example:
         apply_example(cfg)
     if not cfg.model.name_or_path:
-        raise UsageError("no model: set model.name_or_path", hint="e.g. --model Qwen/Qwen2-0.5B, or --example for an offline smoke run")
+        raise UsageError(
+            "no model: set model.name_or_path",
+            hint="e.g. --model Qwen/Qwen2-0.5B, or --example for an offline smoke run",
+        )
     if not cfg.data.train:
-        raise UsageError("no training data: set data.train", hint="e.g. --train trl-lib/math_shepherd or --train rows.jsonl")
+        raise UsageError(
+            "no training data: set data.train", hint="e.g. --train trl-lib/math_shepherd or --train rows.jsonl"
+        )
     from prmkit.data.splits import check_eval_fraction, prepared_eval
 
     check_eval_fraction(cfg.data)
@@ -152,6 +152,7 @@ def build_training_arguments(cfg: Config, has_eval: bool):
         raise ConfigError(f"train: {first_line(e)}") from None
     check_integrations(args)
     return args
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The recipe: train() runs these steps, top to bottom
@@ -227,7 +228,8 @@ def train(
     """Train a PRM as the config says and write the model directory; see the module docstring.
 
     ``resume`` (True: the last checkpoint; a path: that one) defaults to ``train.resume_from_checkpoint``; a resumed
-    run whose config changes its schedule or data is refused unless ``accept_changes`` (``--resume-with-changes``). A rich
+    run whose config changes its schedule or data is refused unless ``accept_changes`` (``--resume-with-changes``). A
+    rich
     ``console`` gets the progress display; without one, progress goes to the `prmkit` logger only at the end.
     """
     run = setup_run(cfg, overwrite=overwrite, resume=resume, accept_changes=accept_changes)
@@ -323,8 +325,12 @@ def setup_data(run: Run) -> DataSetup:
         raise UsageError("no model: set model.name_or_path", hint="e.g. --model Qwen/Qwen2-0.5B")
     tokenizer = load_tokenizer(tokenizer_name, cfg.model.trust_remote_code)
     text_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
-    check_tokenizer_fits(tokenizer, getattr(text_config, "vocab_size", None), tokenizer_name,
-                         cfg.data.step_separator if get_kind(cfg.train.kind).uses_separator else None)
+    check_tokenizer_fits(
+        tokenizer,
+        getattr(text_config, "vocab_size", None),
+        tokenizer_name,
+        cfg.data.step_separator if get_kind(cfg.train.kind).uses_separator else None,
+    )
     ensure_pad_token(tokenizer)
     lm_tag = LMTag.setup(cfg, tokenizer) if get_kind(cfg.train.kind).reads_reward_tokens else None
     # The main process prepares first; then each other machine's first process (a cache hit on shared storage, its
@@ -346,22 +352,37 @@ def setup_model(run: Run, data: DataSetup) -> ModelSetup:
     cfg, args, state, model_config = run.cfg, run.args, run.state, run.model_config
     cuda = args.device.type == "cuda"
     kernels = varlen_kernels_available(model_class_for(model_config, cfg.train.kind)) if cuda else []
-    batching, attn = resolve_batching(cfg.train.batching, cfg.model.attn_implementation, cuda=cuda,
-                                      causal=is_causal(model_config), kernels=kernels)
+    batching, attn = resolve_batching(
+        cfg.train.batching, cfg.model.attn_implementation, cuda=cuda, causal=is_causal(model_config), kernels=kernels
+    )
     if batching == "grouped" and getattr(args, "train_sampling_strategy", "random") not in GROUPED_STRATEGIES:
         batching = "padded"  # `auto` chose grouped; the order asked for is the Trainer's sampler's (padded batches)
     lm_tag = data.lm_tag
-    model = load_model_for_training(cfg.model, data.tokenizer, seed=args.seed, config=model_config, kind=cfg.train.kind,
-                                    new_tokens=lm_tag.new_ids if lm_tag else None, attn_implementation=attn)
+    model = load_model_for_training(
+        cfg.model,
+        data.tokenizer,
+        seed=args.seed,
+        config=model_config,
+        kind=cfg.train.kind,
+        new_tokens=lm_tag.new_ids if lm_tag else None,
+        attn_implementation=attn,
+    )
     if cfg.train.disable_dropout:
         disable_dropout(model)
     lora_info = None
     if cfg.train.lora is not None:
         model = apply_lora(model, cfg.train.lora, cfg.train.kind)
         pc = model.peft_config["default"]
-        lora_info = {"r": pc.r, "alpha": pc.lora_alpha, "dropout": pc.lora_dropout,
-                     "target_modules": sorted(pc.target_modules) if isinstance(pc.target_modules, (set, list)) else pc.target_modules,
-                     "modules_to_save": _present_modules(model, pc.modules_to_save), "merged": bool(cfg.train.lora_merge)}
+        lora_info = {
+            "r": pc.r,
+            "alpha": pc.lora_alpha,
+            "dropout": pc.lora_dropout,
+            "target_modules": sorted(pc.target_modules)
+            if isinstance(pc.target_modules, (set, list))
+            else pc.target_modules,
+            "modules_to_save": _present_modules(model, pc.modules_to_save),
+            "merged": bool(cfg.train.lora_merge),
+        }
         if state.is_main_process:
             trainable, total = model.get_nb_trainable_parameters()
             log.info(f"LoRA: training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
@@ -380,7 +401,10 @@ def setup_trainer(run: Run, data: DataSetup, model: ModelSetup, console: Any, ca
     batching, attn, cuda, lm_tag = model.batching, model.attn, model.cuda, data.lm_tag
     train_ds, eval_ds = data.train_ds, data.eval_ds
     if batching == "packed" and not (cuda and attn.startswith(("flash", "flex"))):
-        log.info(f"packed batching with {attn or 'default'} attention: correct, but attention runs over a dense mask of the whole pack")
+        log.info(
+            f"packed batching with {attn or 'default'} attention: correct, but attention runs over a dense mask of "
+            "the whole pack"
+        )
     if args.use_liger_kernel and liger_supports(getattr(model_config, "model_type", None)) is False:
         log.warning(f"Liger has no kernels for model type {model_config.model_type!r}; training without them")
     if eval_ds is not None and batching != "packed":
@@ -419,7 +443,8 @@ def setup_trainer(run: Run, data: DataSetup, model: ModelSetup, console: Any, ca
         compute_loss_func=(lm_tag.loss if lm_tag else step_loss_func)(args.label_smoothing_factor),
         compute_metrics=make_compute_metrics(cfg.eval.threshold) if eval_ds is not None else None,
         preprocess_logits_for_metrics=(lm_tag.preprocess if lm_tag else preprocess_logits_for_metrics)
-        if eval_ds is not None else None,
+        if eval_ds is not None
+        else None,
         callbacks=all_callbacks,
         batching=batching,
         lengths=lengths if batching == "grouped" else None,
@@ -457,18 +482,26 @@ def fit(run: Run, setup: TrainerSetup) -> Fitted:
         if trainer.prmkit_evaluating:
             raise TrainingOutOfMemory(
                 f"out of memory evaluating at step {trainer.state.global_step} (eval batches of "
-                f"{trainer.args.per_device_eval_batch_size} rows)", hint=eval_oom_hint(checkpoint)) from None
+                f"{trainer.args.per_device_eval_batch_size} rows)",
+                hint=eval_oom_hint(checkpoint),
+            ) from None
         budget = f" of the {size(memory.usable_bytes)} usable" if memory.usable_bytes is not None else ""
         raise TrainingOutOfMemory(
             f"out of memory at step {trainer.state.global_step + 1} (estimated peak {size(memory.estimate.total)}"
             f"{budget}, gradient checkpointing {'on' if memory.checkpointing else 'off'}, largest micro-batch "
-            f"{memory.estimate.batch.describe()})", hint=oom_hint(memory, checkpoint)) from None
+            f"{memory.estimate.batch.describe()})",
+            hint=oom_hint(memory, checkpoint),
+        ) from None
     finally:
         interrupt.uninstall()
         write_debug_rows(meter, state.process_index)
     seconds = time.perf_counter() - started
     tokens_tensor = torch.tensor([meter.value()], dtype=torch.long, device=args.device)
-    tokens = int(trainer.accelerator.reduce(tokens_tensor, reduction="sum").item()) if state.num_processes > 1 else meter.value()
+    tokens = (
+        int(trainer.accelerator.reduce(tokens_tensor, reduction="sum").item())
+        if state.num_processes > 1
+        else meter.value()
+    )
     return Fitted(output, seconds, tokens)
 
 
@@ -493,8 +526,9 @@ def collect_result(run: Run, data: DataSetup, model: ModelSetup, setup: TrainerS
         eval_rows=len(eval_ds) if eval_ds is not None else 0,
         tokens=tokens,
         tokens_per_second=round(tokens / seconds, 1) if seconds > 0 else 0.0,
-        train_loss=None if output.training_loss is None or math.isnan(output.training_loss)
-        or trainer.prmkit_at_end.nothing_left else float(output.training_loss),
+        train_loss=None
+        if output.training_loss is None or math.isnan(output.training_loss) or trainer.prmkit_at_end.nothing_left
+        else float(output.training_loss),
         final_loss=float(losses[-1]) if losses else None,
         batching=model.batching,
         attn_implementation=attn or None,
@@ -522,8 +556,11 @@ def final_eval_metrics(trainer: Any, result: TrainResult) -> dict[str, Any]:
     last_eval = next((h for h in reversed(trainer.state.log_history) if "eval_loss" in h), None)
     if last_eval is None or last_eval.get("step") != trainer.state.global_step:
         last_eval = _final_evaluation(trainer, result)
-    return {k[5:]: v for k, v in (last_eval or {}).items()
-            if k.startswith("eval_") and k not in ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second")}
+    return {
+        k[5:]: v
+        for k, v in (last_eval or {}).items()
+        if k.startswith("eval_") and k not in ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second")
+    }
 
 
 def save_model(run: Run, data: DataSetup, model: ModelSetup, trainer: Any, result: TrainResult) -> None:
@@ -531,8 +568,17 @@ def save_model(run: Run, data: DataSetup, model: ModelSetup, trainer: Any, resul
     contents go once it is in place."""
     plan, state = run.plan, run.state
     try:
-        save_final(trainer, run.cfg, data.tokenizer, data.prepared, plan.output_dir, state, result, model.lora_info,
-                   model.batching)
+        save_final(
+            trainer,
+            run.cfg,
+            data.tokenizer,
+            data.prepared,
+            plan.output_dir,
+            state,
+            result,
+            model.lora_info,
+            model.batching,
+        )
     except Exception as e:
         failed = save_failure(e, f"cannot save the trained model in {plan.output_dir}", plan.output_dir)
         if failed is None:
@@ -556,8 +602,10 @@ def _final_evaluation(trainer: Any, result: TrainResult) -> dict[str, Any] | Non
     except _oom_errors() as e:
         release_memory()
         result.eval_error = f"out of memory during the final evaluation ({first_line(e)})"
-        log.warning(f"{result.eval_error}; the trained model is saved without its eval figures. Lower "
-                    "train.per_device_eval_batch_size, or run `prmkit eval` on the saved model")
+        log.warning(
+            f"{result.eval_error}; the trained model is saved without its eval figures. Lower "
+            "train.per_device_eval_batch_size, or run `prmkit eval` on the saved model"
+        )
         return None
 
 
@@ -584,8 +632,17 @@ def requested_checkpointing(cfg: Config) -> str | bool:
     return requested
 
 
-def _memory_plan(cfg: Config, args: Any, state: Any, model: Any, model_config: Any, lengths: Sequence[int],
-                 batching: str, attn: str, strategy: StrategyPlan) -> MemoryPlan:
+def _memory_plan(
+    cfg: Config,
+    args: Any,
+    state: Any,
+    model: Any,
+    model_config: Any,
+    lengths: Sequence[int],
+    batching: str,
+    attn: str,
+    strategy: StrategyPlan,
+) -> MemoryPlan:
     """The memory plan for this process; under several processes, all plan against the smallest budget."""
     import torch
 
@@ -597,10 +654,19 @@ def _memory_plan(cfg: Config, args: Any, state: Any, model: Any, model_config: A
     param = next(model.parameters())
     optim = getattr(args.optim, "value", args.optim)
     shape = model_shape(model_config, model, lm_head=get_kind(cfg.train.kind).vocabulary_logits)
-    return plan_memory(requested_checkpointing(cfg), shape, lengths,
-                       args.per_device_train_batch_size, batching, budget, param_bytes=param.element_size(),
-                       mixed=bool(args.bf16 or args.fp16), optimizer=str(optim), attention=attn or "sdpa",
-                       sharding=strategy.expected.sharding_for_memory())
+    return plan_memory(
+        requested_checkpointing(cfg),
+        shape,
+        lengths,
+        args.per_device_train_batch_size,
+        batching,
+        budget,
+        param_bytes=param.element_size(),
+        mixed=bool(args.bf16 or args.fp16),
+        optimizer=str(optim),
+        attention=attn or "sdpa",
+        sharding=strategy.expected.sharding_for_memory(),
+    )
 
 
 def _present_modules(model: Any, names: Any) -> list[str]:
@@ -609,13 +675,16 @@ def _present_modules(model: Any, names: Any) -> list[str]:
     return sorted({n for n in names or [] if n in present})
 
 
-
 # `prmkit train` has none of push's flags: it pushes with the config's push keys, so the Hub code's hints say those.
 PUSH_FLAGS_AS_KEYS = {
-    "--repo-id": "--set push.repo_id=NAMESPACE/NAME", "--private": "--set push.private=true",
-    "--revision": "--set push.revision=BRANCH", "--adapter": "--set push.adapter=true",
-    "--eval-report": "--set push.eval_report=FILE", "--overwrite-card": "--set push.overwrite_card=true",
-    "--allow-pickle": "--set push.allow_pickle=true", "--license": "--set push.license=ID",
+    "--repo-id": "--set push.repo_id=NAMESPACE/NAME",
+    "--private": "--set push.private=true",
+    "--revision": "--set push.revision=BRANCH",
+    "--adapter": "--set push.adapter=true",
+    "--eval-report": "--set push.eval_report=FILE",
+    "--overwrite-card": "--set push.overwrite_card=true",
+    "--allow-pickle": "--set push.allow_pickle=true",
+    "--license": "--set push.license=ID",
 }
 
 
@@ -632,10 +701,16 @@ def _push(cfg: Config, output_dir: Path, lora_info: dict | None) -> dict[str, An
 
 def _push_model(hub: Any, cfg: Config, output_dir: Path, repo_id: str) -> Any:
     return hub.push_model(
-        output_dir, repo_id, private=cfg.push.private or bool(cfg.training_arguments.get("hub_private_repo")),
+        output_dir,
+        repo_id,
+        private=cfg.push.private or bool(cfg.training_arguments.get("hub_private_repo")),
         revision=cfg.push.revision or cfg.training_arguments.get("hub_revision"),
         commit_message=cfg.push.commit_message or f"prmkit {__version__}: train",
-        create_pr=cfg.push.create_pr, adapter=cfg.push.adapter, eval_report=cfg.push.eval_report,
-        overwrite_card=cfg.push.overwrite_card, allow_pickle=cfg.push.allow_pickle, license=cfg.push.license,
+        create_pr=cfg.push.create_pr,
+        adapter=cfg.push.adapter,
+        eval_report=cfg.push.eval_report,
+        overwrite_card=cfg.push.overwrite_card,
+        allow_pickle=cfg.push.allow_pickle,
+        license=cfg.push.license,
         token=cfg.training_arguments.get("hub_token") or None,
     )

@@ -34,7 +34,8 @@ class TrainResult:
     attn_implementation: str | None = None
     gradient_checkpointing: bool = False
     memory: dict[str, Any] | None = None
-    """The memory plan: the estimate, the budget, and why checkpointing is on or off (prmkit.models.memory.MemoryPlan)."""
+    """The memory plan: the estimate, the budget, and why checkpointing is on or off
+    (prmkit.models.memory.MemoryPlan)."""
     peak_memory_gib: float | None = None
     """Peak memory reserved by this process's CUDA allocator (rank 0), when training ran on CUDA."""
     allocator: str | None = None

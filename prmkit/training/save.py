@@ -25,14 +25,29 @@ from prmkit.training.result import TrainResult
 log = logging.getLogger("prmkit")
 
 
-def save_final(trainer: Any, cfg: Config, tokenizer: Any, prepared: Any, output_dir: Path, state: Any,
-                result: TrainResult, lora_info: dict | None, batching: str) -> None:
-    """Write the model beside the checkpoints: build it in a hidden directory, then move the files in."""
+def save_final(
+    trainer: Any,
+    cfg: Config,
+    tokenizer: Any,
+    prepared: Any,
+    output_dir: Path,
+    state: Any,
+    result: TrainResult,
+    lora_info: dict | None,
+    batching: str,
+) -> None:
+    """Write the model beside the checkpoints: build it in a hidden directory, then move the files in.
+
+    (Over 100 lines: the model, the adapter, the base and prmkit.json written in the order a reader finds them.)
+    """
     tmp = output_dir / FINAL_TMP
     adapter_dir: str | None = None
     # FSDP and ZeRO-3 shard the weights: every process takes part in gathering them (None: they are whole in memory).
-    full = gathered_state_dict(trainer) if lora_info is not None and (
-        cfg.train.lora_merge or cfg.model.init_from_config) else None
+    full = (
+        gathered_state_dict(trainer)
+        if lora_info is not None and (cfg.train.lora_merge or cfg.model.init_from_config)
+        else None
+    )
     if lora_info is None:
         save_whole_model(trainer, str(tmp))  # gathers DeepSpeed/FSDP shards; writes on the main process only
     elif cfg.train.lora_merge:
@@ -68,7 +83,9 @@ def save_final(trainer: Any, cfg: Config, tokenizer: Any, prepared: Any, output_
         "disable_dropout": cfg.train.disable_dropout,
         "world_size": state.num_processes,
         "strategy": result.strategy,
-        "effective_batch_size": trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps * state.num_processes,
+        "effective_batch_size": trainer.args.per_device_train_batch_size
+        * trainer.args.gradient_accumulation_steps
+        * state.num_processes,
         "global_step": result.global_step,
         "epochs": result.epochs,
         "train_loss": result.train_loss,
@@ -81,22 +98,32 @@ def save_final(trainer: Any, cfg: Config, tokenizer: Any, prepared: Any, output_
         "memory": result.memory,
         "attn_implementation": result.attn_implementation,
     }
-    data = {**prepared.metadata.get("data", {}), "cache_key": prepared.metadata.get("cache_key"),
-            "splits": prepared.metadata.get("splits", {})}
+    data = {
+        **prepared.metadata.get("data", {}),
+        "cache_key": prepared.metadata.get("cache_key"),
+        "splits": prepared.metadata.get("splits", {}),
+    }
     extra: dict[str, Any] = {
         "training": training,
         "lora": lora_info,
         "batching": batching,
-        "model": {"init_from_config": cfg.model.init_from_config, "dtype": cfg.model.dtype,
-                  "attn_implementation": cfg.model.attn_implementation,
-                  "class": type(trainer.accelerator.unwrap_model(trainer.model)).__name__},
+        "model": {
+            "init_from_config": cfg.model.init_from_config,
+            "dtype": cfg.model.dtype,
+            "attn_implementation": cfg.model.attn_implementation,
+            "class": type(trainer.accelerator.unwrap_model(trainer.model)).__name__,
+        },
     }
     if adapter_dir is not None:
         extra["adapter_dir"] = adapter_dir
     if prepared.metadata.get("kind"):
         extra["kind"] = prepared.metadata["kind"]  # score, eval and push read the lm-tag layout from here
-    metadata = build_metadata(params, cfg.model.name_or_path, data=data, tokenizer=tokenizer_fingerprint(tokenizer), extra=extra)
-    (output_dir / PRMKIT_JSON).unlink(missing_ok=True)  # a resumed run replaces a finished model: not finished meanwhile
+    metadata = build_metadata(
+        params, cfg.model.name_or_path, data=data, tokenizer=tokenizer_fingerprint(tokenizer), extra=extra
+    )
+    (output_dir / PRMKIT_JSON).unlink(
+        missing_ok=True
+    )  # a resumed run replaces a finished model: not finished meanwhile
     for item in tmp.iterdir():
         dest = output_dir / item.name
         if dest.is_dir() and not dest.is_symlink():
@@ -121,12 +148,19 @@ def _check_tokenizer_round_trip(output_dir: Path, tokenizer: Any, trust_remote_c
     except Exception as e:
         log.warning(f"the tokenizer saved in {output_dir} does not load back: {e}")
         return
-    probes = ["The first equation is 3p + e = 124.\n", "  x\t\ty  \n\n  z", "Ünïcödé café 12345 ½ → ∑ 9.11 > 9.8",
-              "Step 1: 40 * 0.25 = 10.ки\n"]
-    if len(again) != len(tokenizer) or any(again.encode(t, add_special_tokens=False) != tokenizer.encode(t, add_special_tokens=False)
-                                            for t in probes):
-        log.warning(f"the tokenizer saved in {output_dir} loads back as {type(again).__name__}, which may tokenize "
-                    f"differently from the {type(tokenizer).__name__} used in training; check model.tokenizer")
+    probes = [
+        "The first equation is 3p + e = 124.\n",
+        "  x\t\ty  \n\n  z",
+        "Ünïcödé café 12345 ½ → ∑ 9.11 > 9.8",
+        "Step 1: 40 * 0.25 = 10.ки\n",
+    ]
+    if len(again) != len(tokenizer) or any(
+        again.encode(t, add_special_tokens=False) != tokenizer.encode(t, add_special_tokens=False) for t in probes
+    ):
+        log.warning(
+            f"the tokenizer saved in {output_dir} loads back as {type(again).__name__}, which may tokenize "
+            f"differently from the {type(tokenizer).__name__} used in training; check model.tokenizer"
+        )
 
 
 def _save_base_without_lora(peft_base: Any, path: Path) -> None:

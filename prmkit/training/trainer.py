@@ -45,7 +45,6 @@ class TokenMeter:
         return int(self.total.item()) if hasattr(self.total, "item") else int(self.total)
 
 
-
 def write_debug_rows(meter: TokenMeter, rank: int) -> None:
     directory = os.environ.get(ENV_DEBUG_ROWS)
     if not directory or meter.rows is None:
@@ -54,12 +53,19 @@ def write_debug_rows(meter: TokenMeter, rank: int) -> None:
     (Path(directory) / f"rows-rank{rank}.json").write_text(dumps(meter.rows), encoding="utf-8")
 
 
-
 class StepTrainer(Trainer):
     """The Trainer with prmkit's sampler, token meter and debug row log; the loss is ``compute_loss_func``."""
 
-    def __init__(self, *args: Any, batching: str, lengths: Sequence[int] | None, meter: TokenMeter,
-                 on_checkpoint: Any = None, strategy: StrategyPlan | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        batching: str,
+        lengths: Sequence[int] | None,
+        meter: TokenMeter,
+        on_checkpoint: Any = None,
+        strategy: StrategyPlan | None = None,
+        **kwargs: Any,
+    ):
         self.prmkit_strategy = strategy
         self.prmkit_batching = batching
         self.prmkit_lengths = lengths
@@ -112,8 +118,7 @@ class StepTrainer(Trainer):
                 self.prmkit_meter.add(n_tokens)
             if rows is not None and self.prmkit_meter.rows is not None:
                 self.prmkit_meter.rows.extend(int(r) for r in rows.tolist())
-        return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                    num_items_in_batch=num_items_in_batch)
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
     def _save_checkpoint(self, model, trial):
         # A checkpoint is complete only once every process has written its part; the marker says so, and older
@@ -142,10 +147,15 @@ class StepTrainer(Trainer):
             if rotate_checkpoints is None:
                 self._rotate_checkpoints(use_mtime=True, output_dir=run_dir)
             else:
-                rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
-                                   best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+                rotate_checkpoints(
+                    output_dir=run_dir,
+                    save_total_limit=limit,
+                    best_model_checkpoint=self.state.best_model_checkpoint,
+                    use_mtime=True,
+                )
             if self.prmkit_on_checkpoint is not None:
                 self.prmkit_on_checkpoint(path)
+
 
 class ForwardCheck(TrainerCallback):
     """Liger is applied when training starts: check then that it left the token-classification forward alone."""
@@ -153,6 +163,7 @@ class ForwardCheck(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is not None:
             check_forward_untouched(model)
+
 
 class AtEndCheck(TrainerCallback):
     """Whether the run starts at (or past) its last step: resumed from the checkpoint of its last step, it has
@@ -163,14 +174,17 @@ class AtEndCheck(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self.nothing_left = 0 < state.max_steps <= state.global_step
         if self.nothing_left and state.is_world_process_zero:
-            log.info(f"nothing left to train: the checkpoint is at step {state.global_step} of "
-                     f"{state.max_steps}; saving its model")
+            log.info(
+                f"nothing left to train: the checkpoint is at step {state.global_step} of "
+                f"{state.max_steps}; saving its model"
+            )
 
     def on_epoch_end(self, args, state, control, **kwargs):
         if self.nothing_left:
             # No step ran: the checkpoint already holds this state and its evaluation (the final one comes later).
             control.should_save = control.should_evaluate = control.should_log = False
         return control
+
 
 class InterruptCallback(TrainerCallback):
     """First Ctrl-C (or SIGTERM): finish the step, save a checkpoint, stop. A second one: stop at once."""
@@ -219,6 +233,7 @@ class InterruptCallback(TrainerCallback):
             control.should_training_stop = True
         return control
 
+
 class ProgressCallback(TrainerCallback):
     """Step, loss, learning rate, tokens/s and ETA on stderr (rich); a bar on a terminal, lines otherwise."""
 
@@ -260,17 +275,18 @@ class ProgressCallback(TrainerCallback):
         self.start_step = state.global_step
         self.start_tokens = self.meter.value()
         if self.console.is_terminal:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeRemainingColumn,
-            )
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-            self.progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
-                                     TextColumn("{task.fields[info]}"), TextColumn("eta"), TimeRemainingColumn(),
-                                     console=self.console, transient=False)
+            self.progress = Progress(
+                TextColumn("train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+                TextColumn("eta"),
+                TimeRemainingColumn(),
+                console=self.console,
+                transient=False,
+            )
             self.progress.start()
             self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step, info="")
 
@@ -286,12 +302,16 @@ class ProgressCallback(TrainerCallback):
             if self.progress is not None:
                 self.progress.update(self.task, completed=state.global_step, info=self._fields(state))
             else:
-                self.console.print(f"step {state.global_step}/{state.max_steps}  {self._fields(state)}  "
-                                   f"eta {self._eta(state)}", markup=False, highlight=False)
+                self.console.print(
+                    f"step {state.global_step}/{state.max_steps}  {self._fields(state)}  eta {self._eta(state)}",
+                    markup=False,
+                    highlight=False,
+                )
         evals = {k[5:]: v for k, v in logs.items() if k.startswith("eval_") and isinstance(v, (int, float))}
         if evals:
-            shown = "  ".join(f"{k} {v:.4f}" for k, v in evals.items()
-                              if k in ("loss", "accuracy", "correct_f1", "wrong_f1", "auroc"))
+            shown = "  ".join(
+                f"{k} {v:.4f}" for k, v in evals.items() if k in ("loss", "accuracy", "correct_f1", "wrong_f1", "auroc")
+            )
             self.console.print(f"eval at step {state.global_step}: {shown}", markup=False, highlight=False)
 
     def on_train_end(self, args, state, control, **kwargs):
