@@ -7,11 +7,57 @@ import os
 import random
 from pathlib import Path
 
-WORDS = (
-    "the number of apples oranges pencils erasers students books costs each total price per week hours minutes "
-    "so we add subtract multiply divide twice half remaining left gives equals therefore answer first second third "
-    "then after before more less than sum product difference ratio percent dollars cents meters kilometers"
-).split()
+WORDS = [
+    "the",
+    "number",
+    "of",
+    "apples",
+    "oranges",
+    "pencils",
+    "erasers",
+    "students",
+    "books",
+    "costs",
+    "each",
+    "total",
+    "price",
+    "per",
+    "week",
+    "hours",
+    "minutes",
+    "so",
+    "we",
+    "add",
+    "subtract",
+    "multiply",
+    "divide",
+    "twice",
+    "half",
+    "remaining",
+    "left",
+    "gives",
+    "equals",
+    "therefore",
+    "answer",
+    "first",
+    "second",
+    "third",
+    "then",
+    "after",
+    "before",
+    "more",
+    "less",
+    "than",
+    "sum",
+    "product",
+    "difference",
+    "ratio",
+    "percent",
+    "dollars",
+    "cents",
+    "meters",
+    "kilometers",
+]
 
 # ../shared beside the repository; PRMKIT_SHARED points elsewhere (a git worktree kept apart from its clone, say).
 SHARED = Path(os.environ.get("PRMKIT_SHARED") or Path(__file__).resolve().parents[2] / "shared")

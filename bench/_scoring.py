@@ -17,8 +17,9 @@ from typing import Any
 SEP = "\n"
 
 
-def build_model(path: Path, tokenizer: Any, shape: dict, seed: int = 0, dtype: str = "float32",
-                device: str = "cpu") -> Path:
+def build_model(
+    path: Path, tokenizer: Any, shape: dict, seed: int = 0, dtype: str = "float32", device: str = "cpu"
+) -> Path:
     """Save a random Qwen2 PRM of ``shape`` (hidden_size, num_hidden_layers, ...) beside ``tokenizer`` at ``path``."""
     import torch
     from transformers import AutoModelForTokenClassification, Qwen2Config
@@ -41,8 +42,9 @@ def build_model(path: Path, tokenizer: Any, shape: dict, seed: int = 0, dtype: s
     return path
 
 
-def recipe(model_dir: Path, rows: list[dict], device: str = "cpu", dtype: str = "float32",
-           max_seconds: float | None = None) -> dict[str, Any]:
+def recipe(
+    model_dir: Path, rows: list[dict], device: str = "cpu", dtype: str = "float32", max_seconds: float | None = None
+) -> dict[str, Any]:
     """The recipe over ``rows`` (or as many as ``max_seconds`` allows): seconds, steps, scores, tokens read, and
     the share of steps read at a token where BPE merged the separator into the step."""
     import torch
@@ -68,18 +70,25 @@ def recipe(model_dir: Path, rows: list[dict], device: str = "cpu", dtype: str = 
     for r in rows[: len(scores)]:  # outside the timing: where the recipe's last token is not the separator token
         for k in range(1, len(r["completions"]) + 1):
             ids = tok(SEP.join((r["prompt"], *r["completions"][:k])) + SEP, add_special_tokens=False)["input_ids"]
-            merged += ids[-len(sep_ids):] != sep_ids
+            merged += ids[-len(sep_ids) :] != sep_ids
             total += 1
             tokens += len(ids)
-    return {"seconds": elapsed, "rows": len(scores), "steps": total, "scores": scores, "tokens": tokens,
-            "merged_share": merged / max(total, 1)}
+    return {
+        "seconds": elapsed,
+        "rows": len(scores),
+        "steps": total,
+        "scores": scores,
+        "tokens": tokens,
+        "merged_share": merged / max(total, 1),
+    }
 
 
 def encode_rows(tokenizer: Any, rows: list[dict]) -> list[Any]:
     from prmkit.tokenization import TokenizationParams, encode_solutions
 
-    return encode_solutions(tokenizer, [r["prompt"] for r in rows], [r["completions"] for r in rows],
-                            TokenizationParams(step_separator=SEP))
+    return encode_solutions(
+        tokenizer, [r["prompt"] for r in rows], [r["completions"] for r in rows], TokenizationParams(step_separator=SEP)
+    )
 
 
 def padded_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
@@ -99,8 +108,14 @@ def padded_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
     return batches
 
 
-def bare_limit(model: Any, encoded: list[Any], batch_tokens: int, pad_id: int, device: Any = "cpu",
-               max_seconds: float | None = None) -> tuple[float, list[list[float]]]:
+def bare_limit(
+    model: Any,
+    encoded: list[Any],
+    batch_tokens: int,
+    pad_id: int,
+    device: Any = "cpu",
+    max_seconds: float | None = None,
+) -> tuple[float, list[list[float]]]:
     """Seconds spent in forward passes alone over ``encoded`` (prmkit's tokens) under ``batch_tokens``; the scores.
 
     The batches are built on the device before the clock starts. ``max_seconds`` stops early (the scores then cover

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _data import QWEN2_TOKENIZER, make_rows, write_jsonl  # noqa: E402
+from _data import QWEN2_TOKENIZER, make_rows, write_jsonl
 
 
 def median(values: list[float]) -> float:
@@ -37,8 +37,8 @@ def main() -> None:
 
     import prmkit.core.atomic as atomic
     import prmkit.data.prepare as dataset
-    from prmkit.models.loading import load_tokenizer
     from prmkit.config.load import load_config
+    from prmkit.models.loading import load_tokenizer
 
     work = Path(tempfile.mkdtemp(prefix="prmkit-bench-cache-"))
     os.environ["PRMKIT_CACHE"] = str(work / "cache")
@@ -83,7 +83,8 @@ def main() -> None:
         "verify_mb_per_s": round(size / 1e6 / median(verify_only)),
         "hash_on_write_seconds": round(median(manifest_only), 3),
         "verify_share_of_cold_prepare": round(median(verify_only) / cold, 4),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python "
+        f"{platform.python_version()}",
         "repeats": args.repeats,
     }
     out = Path(__file__).resolve().parent / "results" / "cache_verify.json"

@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _data import SHARED  # noqa: E402
-from score import build_model  # noqa: E402
+from _data import SHARED
+from score import build_model
 
 GSM8K = SHARED / "data" / "processbench" / "gsm8k.json"
 
@@ -54,8 +54,13 @@ def counted_eval(model_dir: Path, tune: bool) -> tuple[float, int, int, dict]:
         return scorer
 
     start = time.perf_counter()
-    result = evaluation.evaluate([str(model_dir)], [f"gsm8k={GSM8K}"], threshold=None if tune else 0.5,
-                                 tune_threshold="gsm8k" if tune else None, load_scorer=load)
+    result = evaluation.evaluate(
+        [str(model_dir)],
+        [f"gsm8k={GSM8K}"],
+        threshold=None if tune else 0.5,
+        tune_threshold="gsm8k" if tune else None,
+        load_scorer=load,
+    )
     return time.perf_counter() - start, counts["forward"], counts["solutions"], result
 
 
@@ -82,8 +87,20 @@ def main() -> None:
     for i in range(args.repeats):
         for mode, flags in modes.items():
             out = work / f"{mode}{i}"
-            cmd = [sys.executable, "-m", "prmkit", "eval", str(model_dir), "--data", f"gsm8k={GSM8K}", "-o", str(out),
-                   "--no-plots", "--json", *flags]
+            cmd = [
+                sys.executable,
+                "-m",
+                "prmkit",
+                "eval",
+                str(model_dir),
+                "--data",
+                f"gsm8k={GSM8K}",
+                "-o",
+                str(out),
+                "--no-plots",
+                "--json",
+                *flags,
+            ]
             start = time.perf_counter()
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
             times[mode].append(time.perf_counter() - start)
@@ -120,22 +137,28 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "loadavg_1min_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-                   f"Python {platform.python_version()}",
+        f"Python {platform.python_version()}",
     }
     out = Path(__file__).resolve().parent / "results" / "eval_threshold.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
 
-    print(f"ProcessBench GSM8K from ../shared: {result['solutions']} solutions, {result['steps']} steps; Qwen2 h256 x 4 "
-          f"layers (random), Qwen2 tokenizer, fp32 CPU, {result['threads']} torch threads\n")
-    print("| | whole process, median of {} (s) | runs (s) | forward passes | solutions scored |".format(args.repeats))
+    print(
+        f"ProcessBench GSM8K from ../shared: {result['solutions']} solutions, {result['steps']} steps; Qwen2 h256 x 4 "
+        f"layers (random), Qwen2 tokenizer, fp32 CPU, {result['threads']} torch threads\n"
+    )
+    print(f"| | whole process, median of {args.repeats} (s) | runs (s) | forward passes | solutions scored |")
     print("|---|---|---|---|---|")
     for mode, label in (("fixed", "`--threshold 0.5` (baseline)"), ("tuned", "`--tune-threshold gsm8k`")):
-        print(f"| {label} | {result['whole_process_median_seconds'][mode]} | "
-              f"{', '.join(map(str, result['whole_process_seconds'][mode]))} | {result['forward_passes'][mode]} | "
-              f"{result['solutions_scored'][mode]} |")
-    print(f"\ntuned / fixed: {result['tuned_over_fixed']}x; the sweep itself: {sweep * 1000:.1f} ms "
-          f"(threshold {value:.4f}, F1 {f1:.4f} against {result['f1_fixed']:.4f} at 0.5)")
+        print(
+            f"| {label} | {result['whole_process_median_seconds'][mode]} | "
+            f"{', '.join(map(str, result['whole_process_seconds'][mode]))} | {result['forward_passes'][mode]} | "
+            f"{result['solutions_scored'][mode]} |"
+        )
+    print(
+        f"\ntuned / fixed: {result['tuned_over_fixed']}x; the sweep itself: {sweep * 1000:.1f} ms "
+        f"(threshold {value:.4f}, F1 {f1:.4f} against {result['f1_fixed']:.4f} at 0.5)"
+    )
 
 
 if __name__ == "__main__":

@@ -102,7 +102,7 @@ def accelerate_config(name: str, gpus: int) -> dict:
 
 def expected_strategy(name: str, gpus: int):
     """prmkit's Strategy for a run, as the memory plan assumes it."""
-    from prmkit.train.distributed import Strategy
+    from prmkit.training.distributed import Strategy
 
     if name == "fsdp":
         return Strategy(

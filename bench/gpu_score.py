@@ -36,18 +36,29 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _data import QWEN2_TOKENIZER, make_rows, write_jsonl  # noqa: E402
 from _scoring import bare_limit, build_model, encode_rows, recipe  # noqa: E402
 
-QWEN2_05B = {"hidden_size": 896, "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
-             "intermediate_size": 4864}
-TINY = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "intermediate_size": 128}
+QWEN2_05B = {
+    "hidden_size": 896,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "intermediate_size": 4864,
+}
+TINY = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 128,
+}
 WHL_TOKENIZER = HERE.parent / ".whl" / "qwen2-tokenizer"
 
 # Issue #14's targets on the H200.
@@ -63,10 +74,13 @@ def stage(results: dict, name: str, fn: Callable[[], Any]) -> Any:
         value = fn()
         results["stages"][name] = {"ok": True, "seconds": round(time.perf_counter() - start, 2)}
         return value
-    except Exception as e:  # noqa: BLE001 - a benchmark records a failed stage and runs the next one
-        results["stages"][name] = {"ok": False, "seconds": round(time.perf_counter() - start, 2),
-                                   "error": f"{type(e).__name__}: {str(e)[:500]}",
-                                   "traceback": traceback.format_exc()[-2000:]}
+    except Exception as e:
+        results["stages"][name] = {
+            "ok": False,
+            "seconds": round(time.perf_counter() - start, 2),
+            "error": f"{type(e).__name__}: {str(e)[:500]}",
+            "traceback": traceback.format_exc()[-2000:],
+        }
         print(f"stage {name} failed: {type(e).__name__}: {str(e)[:300]}", file=sys.stderr)
         return None
 
@@ -77,15 +91,20 @@ def environment(device: str) -> dict[str, Any]:
 
     from prmkit.scoring import attention
 
-    env: dict[str, Any] = {"torch": torch.__version__, "transformers": transformers.__version__,
-                           "python": platform.python_version(), "cpus": os.cpu_count(),
-                           "flash_attn": attention.flash_attn_installed(),
-                           "torch_varlen": attention._torch_varlen() is not None,
-                           "flex_attention": attention.flex_available()}
+    env: dict[str, Any] = {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "flash_attn": attention.flash_attn_installed(),
+        "torch_varlen": attention._torch_varlen() is not None,
+        "flex_attention": attention.flex_available(),
+    }
     if device == "cuda":
         free, total = torch.cuda.mem_get_info()
-        env.update(gpu=torch.cuda.get_device_name(), gpu_free_gib=round(free / 2**30, 1),
-                   gpu_total_gib=round(total / 2**30, 1))
+        env.update(
+            gpu=torch.cuda.get_device_name(), gpu_free_gib=round(free / 2**30, 1), gpu_total_gib=round(total / 2**30, 1)
+        )
     else:
         env["cpu"] = platform.processor() or platform.machine()
     return env
@@ -93,8 +112,19 @@ def environment(device: str) -> dict[str, Any]:
 
 def run_prmkit(model_dir: Path, src: Path, out: Path, extra: list[str], env: dict, timeout: float) -> dict[str, Any]:
     """`prmkit score` as a whole process: wall seconds and its --json summary."""
-    cmd = [sys.executable, "-m", "prmkit", "score", str(model_dir), str(src), "-o", str(out), "--json", "--overwrite",
-           *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "prmkit",
+        "score",
+        str(model_dir),
+        str(src),
+        "-o",
+        str(out),
+        "--json",
+        "--overwrite",
+        *extra,
+    ]
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     wall = time.perf_counter() - start
@@ -124,8 +154,21 @@ def run_prmkit(model_dir: Path, src: Path, out: Path, extra: list[str], env: dic
 
 def import_profile(model_dir: Path, src: Path, out: Path, extra: list[str], env: dict, timeout: float) -> dict:
     """`prmkit score` once more under ``python -X importtime``: the imports that cost most, outermost first."""
-    cmd = [sys.executable, "-X", "importtime", "-m", "prmkit", "score", str(model_dir), str(src), "-o", str(out),
-           "--json", "--overwrite", *extra]
+    cmd = [
+        sys.executable,
+        "-X",
+        "importtime",
+        "-m",
+        "prmkit",
+        "score",
+        str(model_dir),
+        str(src),
+        "-o",
+        str(out),
+        "--json",
+        "--overwrite",
+        *extra,
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"prmkit score under -X importtime failed:\n{proc.stderr[-2000:]}")
@@ -133,7 +176,7 @@ def import_profile(model_dir: Path, src: Path, out: Path, extra: list[str], env:
     for line in proc.stderr.splitlines():
         if not line.startswith("import time:"):
             continue
-        parts = line[len("import time:"):].split("|")
+        parts = line[len("import time:") :].split("|")
         if len(parts) != 3 or not parts[1].strip().isdigit():
             continue  # the header
         name = parts[2].rstrip()
@@ -141,11 +184,14 @@ def import_profile(model_dir: Path, src: Path, out: Path, extra: list[str], env:
         entries.append((int(parts[1]), depth, name.strip()))
     top = sorted((e for e in entries if e[1] <= 1), reverse=True)[:20]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {"rows": sum(1 for _ in src.open()), "timings": summary.get("timings"),
-            "imports_total_seconds": round(sum(c for c, d, _ in entries if d == 0) / 1e6, 3),
-            # torch at whatever depth: transformers 5.0-5.1 import it deep inside `import transformers`.
-            "torch_import_seconds": round(sum(c for c, _, name in entries if name == "torch") / 1e6, 3),
-            "top_imports_seconds": [[name, depth, round(c / 1e6, 3)] for c, depth, name in top]}
+    return {
+        "rows": sum(1 for _ in src.open()),
+        "timings": summary.get("timings"),
+        "imports_total_seconds": round(sum(c for c, d, _ in entries if d == 0) / 1e6, 3),
+        # torch at whatever depth: transformers 5.0-5.1 import it deep inside `import transformers`.
+        "torch_import_seconds": round(sum(c for c, _, name in entries if name == "torch") / 1e6, 3),
+        "top_imports_seconds": [[name, depth, round(c / 1e6, 3)] for c, depth, name in top],
+    }
 
 
 def scores_of(path: Path) -> list[list[float]]:
@@ -161,10 +207,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true", help="a tiny model on the CPU, to check the script (no GPU needed)")
     ap.add_argument("--rows", type=int, default=None, help="rows to score (default 3000; 12 with --tiny)")
-    ap.add_argument("--tokenizer", default=None,
-                    help="Qwen2 tokenizer directory (default .whl/qwen2-tokenizer, else ../shared's)")
-    ap.add_argument("--budgets", default=None,
-                    help="bare padded budgets, comma-separated (default 16384,32768,65536,131072; 1024,2048 tiny)")
+    ap.add_argument(
+        "--tokenizer", default=None, help="Qwen2 tokenizer directory (default .whl/qwen2-tokenizer, else ../shared's)"
+    )
+    ap.add_argument(
+        "--budgets",
+        default=None,
+        help="bare padded budgets, comma-separated (default 16384,32768,65536,131072; 1024,2048 tiny)",
+    )
     ap.add_argument("--recipe-seconds", type=float, default=None, help="time given to the recipe (default 45; 5 tiny)")
     ap.add_argument("--stage-timeout", type=float, default=240, help="seconds each prmkit run may take")
     ap.add_argument("--no-flex", action="store_true", help="skip the FlexAttention run (it compiles its kernel)")
@@ -172,7 +222,6 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -189,7 +238,11 @@ def main() -> None:
     recipe_seconds = args.recipe_seconds if args.recipe_seconds is not None else (5.0 if tiny else 45.0)
     out_path = Path(args.out) if args.out else HERE / "results" / ("gpu-score-tiny.json" if tiny else "gpu-score.json")
 
-    results: dict[str, Any] = {"mode": "tiny-cpu" if tiny else "gpu", "stages": {}, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    results: dict[str, Any] = {
+        "mode": "tiny-cpu" if tiny else "gpu",
+        "stages": {},
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
     results["environment"] = stage(results, "environment", lambda: environment(device))
     work = Path(tempfile.mkdtemp(prefix="prmkit-gpu-score-"))
     model_dir = work / "model"
@@ -198,11 +251,15 @@ def main() -> None:
         from transformers import AutoTokenizer
 
         if tiny:
-            from prmkit.train.example import build_example_tokenizer
+            from prmkit.training.example import build_example_tokenizer
 
             tok = build_example_tokenizer()
         else:
-            path = Path(args.tokenizer) if args.tokenizer else (WHL_TOKENIZER if WHL_TOKENIZER.exists() else QWEN2_TOKENIZER)
+            path = (
+                Path(args.tokenizer)
+                if args.tokenizer
+                else (WHL_TOKENIZER if WHL_TOKENIZER.exists() else QWEN2_TOKENIZER)
+            )
             tok = AutoTokenizer.from_pretrained(path)
         build_model(model_dir, tok, TINY if tiny else QWEN2_05B, dtype=dtype, device=device)
         return {"shape": TINY if tiny else QWEN2_05B, "vocab": len(tok), "dtype": dtype}
@@ -216,7 +273,12 @@ def main() -> None:
     src = write_jsonl(rows, work / "rows.jsonl")
     steps = sum(len(r["completions"]) for r in rows)
     results["data"] = {"rows": n_rows, "steps": steps}
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(work / "hf"), **({"OMP_NUM_THREADS": "1"} if tiny else {})}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(work / "hf"),
+        **({"OMP_NUM_THREADS": "1"} if tiny else {}),
+    }
 
     # 2. the recipe
     def run_recipe() -> dict[str, Any]:
@@ -237,18 +299,27 @@ def main() -> None:
         # On a CPU the defaults are padded: pack through prmkit's varlen function so the packed path runs too.
         variants.append(("packed_varlen", ["--set", "model.attn_implementation=prmkit_varlen"]))
     if not args.no_flex and not tiny:
-        variants.append(("packed_flex", ["--set", "model.attn_implementation=flex_attention",
-                                         "--set", "score.packing=true"]))
+        variants.append(
+            ("packed_flex", ["--set", "model.attn_implementation=flex_attention", "--set", "score.packing=true"])
+        )
     for label, extra in variants:
-        res = stage(results, f"prmkit_{label}", lambda extra=extra, label=label: run_prmkit(
-            model_dir, src, work / f"{label}.jsonl", [*extra, *device_args], env, args.stage_timeout))
+        res = stage(
+            results,
+            f"prmkit_{label}",
+            lambda extra=extra, label=label: run_prmkit(
+                model_dir, src, work / f"{label}.jsonl", [*extra, *device_args], env, args.stage_timeout
+            ),
+        )
         if res is not None:
             runs[label] = res
     results["prmkit"] = runs
 
     small = write_jsonl(rows[:50], work / "rows50.jsonl")
-    results["startup_profile"] = stage(results, "startup_profile", lambda: import_profile(
-        model_dir, small, work / "profile.jsonl", device_args, env, args.stage_timeout))
+    results["startup_profile"] = stage(
+        results,
+        "startup_profile",
+        lambda: import_profile(model_dir, small, work / "profile.jsonl", device_args, env, args.stage_timeout),
+    )
 
     # 5. the bare padded limit, in this process
     limit: dict[str, Any] = {}
@@ -257,8 +328,9 @@ def main() -> None:
         from transformers import AutoModelForTokenClassification, AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(model_dir)
-        model = AutoModelForTokenClassification.from_pretrained(model_dir, dtype=getattr(torch, dtype),
-                                                                device_map=device).eval()
+        model = AutoModelForTokenClassification.from_pretrained(
+            model_dir, dtype=getattr(torch, dtype), device_map=device
+        ).eval()
         encoded = encode_rows(tok, rows)
         bare_limit(model, encoded[: max(1, len(encoded) // 20)], budgets[0], tok.pad_token_id, device)  # warm-up
         for b in budgets:
@@ -294,12 +366,16 @@ def main() -> None:
             ratios["engine_share_of_best_limit"] = round(best["seconds"] / main_run["engine_seconds"], 3)
             ratios["forward_share_of_best_limit"] = round(best["seconds"] / main_run["timings"]["forward"], 3)
         if base is not None:
-            ratios["whole_process_vs_recipe"] = round(main_run["whole_process_steps_per_s"] / results["recipe"]["steps_per_s"], 1)
+            ratios["whole_process_vs_recipe"] = round(
+                main_run["whole_process_steps_per_s"] / results["recipe"]["steps_per_s"], 1
+            )
         if not tiny:
             ratios["targets_met"] = {
-                "engine_at_least_best_limit": ratios.get("engine_share_of_best_limit", 0) >= TARGET_ENGINE_SHARE_OF_BEST_LIMIT,
+                "engine_at_least_best_limit": ratios.get("engine_share_of_best_limit", 0)
+                >= TARGET_ENGINE_SHARE_OF_BEST_LIMIT,
                 "startup_at_most_5_s": main_run["outside_forward_and_io_seconds"] <= TARGET_STARTUP_SECONDS,
-                "whole_process_at_least_2000_steps_per_s": main_run["whole_process_steps_per_s"] >= TARGET_WHOLE_PROCESS_STEPS_PER_S,
+                "whole_process_at_least_2000_steps_per_s": main_run["whole_process_steps_per_s"]
+                >= TARGET_WHOLE_PROCESS_STEPS_PER_S,
             }
         results["summary"] = ratios
     results["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -307,15 +383,22 @@ def main() -> None:
     out_path.write_text(json.dumps(results, indent=2) + "\n")
 
     print(f"\n{results['mode']}: {n_rows} rows, {steps} steps; {results.get('environment') or ''}")
-    print("| run | wall s | engine s | forward s | outside forward+I/O s | budget | packing | steps/s wall | steps/s engine |")
+    print(
+        "| run | wall s | engine s | forward s | outside forward+I/O s | budget | packing | steps/s wall | steps/s "
+        "engine |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     if base is not None:
-        print(f"| recipe ({results['recipe']['rows']} rows) | {results['recipe']['seconds']:.1f} | | | | | | "
-              f"{results['recipe']['steps_per_s']} | |")
+        print(
+            f"| recipe ({results['recipe']['rows']} rows) | {results['recipe']['seconds']:.1f} | | | | | | "
+            f"{results['recipe']['steps_per_s']} | |"
+        )
     for label, r in runs.items():
-        print(f"| prmkit {label} | {r['wall_seconds']} | {r['engine_seconds']} | {r['timings'].get('forward')} | "
-              f"{r['outside_forward_and_io_seconds']} | {r['batch_tokens']} | {r['packing']} | "
-              f"{r['whole_process_steps_per_s']} | {r['engine_steps_per_s']} |")
+        print(
+            f"| prmkit {label} | {r['wall_seconds']} | {r['engine_seconds']} | {r['timings'].get('forward')} | "
+            f"{r['outside_forward_and_io_seconds']} | {r['batch_tokens']} | {r['packing']} | "
+            f"{r['whole_process_steps_per_s']} | {r['engine_steps_per_s']} |"
+        )
     for b, v in limit.items():
         print(f"| bare padded, {b} tokens | | | {v['seconds']} | | {b} | | | {v['steps_per_s']} |")
     print(f"\nagreement (max |diff|): {json.dumps(agreement)}")

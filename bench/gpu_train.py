@@ -50,18 +50,33 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 from _data import QWEN2_TOKENIZER, make_rows, write_jsonl  # noqa: E402
 
-GIB = 1024 ** 3
+GIB = 1024**3
 SEED = 42
 BATCH_SIZE = 16
 LEARNING_RATE = 1e-5
 LOGGING_STEPS = 4
 H200_BF16_PEAK = 989e12  # dense bf16, datasheet
 H200_BF16_MEASURED = 790e12  # 8192^3 bf16 matmul through PyTorch on that machine (issue #13, device notes)
-QWEN2_05B = {"hidden_size": 896, "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
-             "intermediate_size": 4864, "vocab_size": 151936, "max_position_embeddings": 32768, "rope_theta": 1000000.0,
-             "rms_norm_eps": 1e-6, "tie_word_embeddings": True}
-TINY = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "intermediate_size": 128, "max_position_embeddings": 2048}
+QWEN2_05B = {
+    "hidden_size": 896,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "intermediate_size": 4864,
+    "vocab_size": 151936,
+    "max_position_embeddings": 32768,
+    "rope_theta": 1000000.0,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True,
+}
+TINY = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 128,
+    "max_position_embeddings": 2048,
+}
 DEFAULT_RUNS = ("prmkit-warmup", "prmkit-default", "trl-default", "prmkit-capped", "prmkit-ckpt", "prmkit-fp32-ref")
 OPTIONAL_RUNS = ("prmkit-grouped", "prmkit-liger", "prmkit-compile")
 
@@ -74,7 +89,8 @@ spec = json.loads(sys.argv[1])
 import torch
 cuda = torch.cuda.is_available()
 if cuda and spec["cap_gib"]:
-    torch.cuda.set_per_process_memory_fraction(min(1.0, spec["cap_gib"] * 2**30 / torch.cuda.get_device_properties(0).total_memory))
+    torch.cuda.set_per_process_memory_fraction(min(1.0, spec["cap_gib"] * 2**30 /
+    torch.cuda.get_device_properties(0).total_memory))
 from datasets import load_dataset
 from transformers import AutoConfig, AutoModelForTokenClassification, AutoTokenizer, set_seed
 from trl.experimental.prm import PRMConfig, PRMTrainer
@@ -107,7 +123,8 @@ from prmkit.models.memory import use_expandable_segments
 use_expandable_segments()
 import torch
 if torch.cuda.is_available() and spec["cap_gib"]:
-    torch.cuda.set_per_process_memory_fraction(min(1.0, spec["cap_gib"] * 2**30 / torch.cuda.get_device_properties(0).total_memory))
+    torch.cuda.set_per_process_memory_fraction(min(1.0, spec["cap_gib"] * 2**30 /
+    torch.cuda.get_device_properties(0).total_memory))
 sys.argv = ["prmkit", "train", *spec["argv"]]
 from prmkit.cli.app import main
 main()
@@ -123,8 +140,13 @@ def make_model_dir(path: Path, tokenizer: Path, shape: dict) -> Path:
 
     tok = AutoTokenizer.from_pretrained(tokenizer)
     vocab = shape.get("vocab_size", len(tok))
-    config = Qwen2Config(**{**shape, "vocab_size": max(vocab, len(tok))}, num_labels=2, pad_token_id=tok.pad_token_id,
-                         eos_token_id=tok.eos_token_id, bos_token_id=None)
+    config = Qwen2Config(
+        **{**shape, "vocab_size": max(vocab, len(tok))},
+        num_labels=2,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=None,
+    )
     config.save_pretrained(path)
     tok.save_pretrained(path)
     return path
@@ -135,12 +157,19 @@ def default_tokenizer() -> Path:
     return carried if carried.exists() else QWEN2_TOKENIZER
 
 
-def prmkit_argv(name: str, model: Path, data: Path, out: Path, tiny: bool, ref_steps: int | None, warmup_steps: int,
-                cap_gib: float) -> list[str]:
+def prmkit_argv(
+    name: str, model: Path, data: Path, out: Path, tiny: bool, ref_steps: int | None, warmup_steps: int, cap_gib: float
+) -> list[str]:
     """The `prmkit train` arguments of one run (``ref_steps`` None: the reference runs the whole epoch)."""
-    sets = ["model.init_from_config=true", f"train.seed={SEED}", f"train.learning_rate={LEARNING_RATE}",
-            f"train.per_device_train_batch_size={BATCH_SIZE}", "train.num_train_epochs=1",
-            f"train.logging_steps={LOGGING_STEPS}", "train.save_strategy=no"]
+    sets = [
+        "model.init_from_config=true",
+        f"train.seed={SEED}",
+        f"train.learning_rate={LEARNING_RATE}",
+        f"train.per_device_train_batch_size={BATCH_SIZE}",
+        "train.num_train_epochs=1",
+        f"train.logging_steps={LOGGING_STEPS}",
+        "train.save_strategy=no",
+    ]
     if not tiny:
         sets.append("train.bf16=true")
     if name == "prmkit-warmup":
@@ -151,7 +180,10 @@ def prmkit_argv(name: str, model: Path, data: Path, out: Path, tiny: bool, ref_s
     elif name == "prmkit-ckpt":
         sets.append("train.gradient_checkpointing=true")
     elif name == "prmkit-fp32-ref":
-        sets = [s for s in sets if s != "train.bf16=true"] + ["train.batching=grouped", "model.attn_implementation=sdpa"]
+        sets = [s for s in sets if s != "train.bf16=true"] + [
+            "train.batching=grouped",
+            "model.attn_implementation=sdpa",
+        ]
         if ref_steps:
             sets.append(f"train.max_steps={ref_steps}")
         if not tiny:
@@ -186,7 +218,7 @@ class NvmlPeak:
             self.nvml = pynvml
             self.handle = pynvml.nvmlDeviceGetHandleByIndex(0)
             self.base = pynvml.nvmlDeviceGetMemoryInfo(self.handle).used
-        except Exception:  # noqa: BLE001 - no NVML, no GPU: nothing to poll
+        except Exception:
             self.nvml = None
             return
         self.thread = threading.Thread(target=self._poll, daemon=True)
@@ -202,7 +234,7 @@ class NvmlPeak:
                 elif self.how != "per-process":
                     used = self.nvml.nvmlDeviceGetMemoryInfo(self.handle).used - self.base
                     self.peak, self.how = max(self.peak, used), "device used above start"
-            except Exception:  # noqa: BLE001
+            except Exception:
                 pass
 
     def stop(self) -> float | None:
@@ -217,8 +249,9 @@ def run_child(script: str, spec: dict, env: dict, timeout: float) -> dict:
     """Run one stage; its result is the JSON on the last line of stdout (or why there is none)."""
     start = time.perf_counter()
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen([sys.executable, "-c", script, json.dumps(spec)], env=env, cwd=str(ROOT),
-                                stdout=out, stderr=err)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", script, json.dumps(spec)], env=env, cwd=str(ROOT), stdout=out, stderr=err
+        )
         nvml = NvmlPeak(proc.pid)
         try:
             proc.wait(timeout=timeout)
@@ -231,8 +264,12 @@ def run_child(script: str, spec: dict, env: dict, timeout: float) -> dict:
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
-    result: dict = {"status": status, "wall_seconds": round(time.perf_counter() - start, 1), "nvml_peak_gib": nvml_peak,
-                    "nvml_how": nvml.how}
+    result: dict = {
+        "status": status,
+        "wall_seconds": round(time.perf_counter() - start, 1),
+        "nvml_peak_gib": nvml_peak,
+        "nvml_how": nvml.how,
+    }
     lines = [line for line in stdout.strip().splitlines() if line.startswith("{")]
     if status == "ok" and lines:
         result.update(json.loads(lines[-1]))
@@ -249,26 +286,34 @@ def summarise(name: str, raw: dict, non_embedding: int) -> dict:
         return out
     seconds, tokens = float(raw["seconds"]), int(raw["tokens"])
     tps = tokens / seconds if seconds else 0.0
-    out.update({
-        "trainer_seconds": round(seconds, 2),
-        "tokens": tokens,
-        "tokens_per_second": round(tps, 1),
-        "mfu": round(6 * non_embedding * tps / H200_BF16_PEAK, 4),
-        "mfu_of_measured_matmul_peak": round(6 * non_embedding * tps / H200_BF16_MEASURED, 4),
-        "peak_reserved_gib": None if raw.get("peak_memory_gib") is None else round(raw["peak_memory_gib"], 2),
-        "nvml_peak_gib": raw.get("nvml_peak_gib"),
-        "nvml_how": raw.get("nvml_how"),
-        "train_loss": raw.get("train_loss"),
-        "loss_history": raw.get("loss_history"),
-        "global_step": raw.get("global_step"),
-        "gradient_checkpointing": raw.get("gradient_checkpointing"),
-        "allocator": raw.get("allocator"),
-    })
+    out.update(
+        {
+            "trainer_seconds": round(seconds, 2),
+            "tokens": tokens,
+            "tokens_per_second": round(tps, 1),
+            "mfu": round(6 * non_embedding * tps / H200_BF16_PEAK, 4),
+            "mfu_of_measured_matmul_peak": round(6 * non_embedding * tps / H200_BF16_MEASURED, 4),
+            "peak_reserved_gib": None if raw.get("peak_memory_gib") is None else round(raw["peak_memory_gib"], 2),
+            "nvml_peak_gib": raw.get("nvml_peak_gib"),
+            "nvml_how": raw.get("nvml_how"),
+            "train_loss": raw.get("train_loss"),
+            "loss_history": raw.get("loss_history"),
+            "global_step": raw.get("global_step"),
+            "gradient_checkpointing": raw.get("gradient_checkpointing"),
+            "allocator": raw.get("allocator"),
+        }
+    )
     if name.startswith("prmkit"):
         mem = raw.get("memory") or {}
-        out.update({"batching": raw.get("batching"), "attn_implementation": raw.get("attn_implementation"),
-                    "estimated_peak_gib": (mem.get("estimate") or {}).get("total_gib"),
-                    "checkpointing_reason": mem.get("reason"), "budget_source": mem.get("budget_source")})
+        out.update(
+            {
+                "batching": raw.get("batching"),
+                "attn_implementation": raw.get("attn_implementation"),
+                "estimated_peak_gib": (mem.get("estimate") or {}).get("total_gib"),
+                "checkpointing_reason": mem.get("reason"),
+                "budget_source": mem.get("budget_source"),
+            }
+        )
     return out
 
 
@@ -276,7 +321,7 @@ def loss_gap(a: list | None, b: list | None) -> dict | None:
     """Mean and largest absolute difference of two loss curves over the steps both logged."""
     if not a or not b:
         return None
-    other = dict((int(s), v) for s, v in b)
+    other = {int(s): v for s, v in b}
     diffs = [abs(v - other[int(s)]) for s, v in a if int(s) in other]
     if not diffs:
         return None
@@ -291,13 +336,20 @@ def ratio(a: dict, b: dict, key: str = "trainer_seconds") -> float | None:
 
 def verdicts(runs: dict) -> dict:
     """The issue's targets, each as a measured ratio (None when a run is missing)."""
-    trl, default, capped, ckpt = (runs.get(k, {}) for k in ("trl-default", "prmkit-default", "prmkit-capped", "prmkit-ckpt"))
+    trl, default, capped, ckpt = (
+        runs.get(k, {}) for k in ("trl-default", "prmkit-default", "prmkit-capped", "prmkit-ckpt")
+    )
     out = {
-        "unconstrained_speedup": ratio(trl, default), "unconstrained_target": 3.0,
-        "capped_speedup": ratio(trl, capped), "capped_target": 1.5, "capped_completed": capped.get("status") == "ok",
-        "ckpt_speedup": ratio(trl, ckpt), "ckpt_target": 1.5,
+        "unconstrained_speedup": ratio(trl, default),
+        "unconstrained_target": 3.0,
+        "capped_speedup": ratio(trl, capped),
+        "capped_target": 1.5,
+        "capped_completed": capped.get("status") == "ok",
+        "ckpt_speedup": ratio(trl, ckpt),
+        "ckpt_target": 1.5,
         "ckpt_peak_vs_trl": ratio(ckpt, trl, "peak_reserved_gib"),
-        "default_mfu": default.get("mfu"), "mfu_target": 0.20,
+        "default_mfu": default.get("mfu"),
+        "mfu_target": 0.20,
         "trl_peak_reserved_gib": trl.get("peak_reserved_gib"),
     }
     ref = runs.get("prmkit-fp32-ref", {})
@@ -317,44 +369,101 @@ def dry_run(data_rows: list[dict], tokenizer: Path, cap_gib: float, free_gib: fl
     from prmkit.tokenization import TokenizationParams, tokenize_rows
 
     tok = AutoTokenizer.from_pretrained(tokenizer)
-    cols = tokenize_rows(tok, [r["prompt"] for r in data_rows], [r["completions"] for r in data_rows],
-                         [r["labels"] for r in data_rows], TokenizationParams())
+    cols = tokenize_rows(
+        tok,
+        [r["prompt"] for r in data_rows],
+        [r["completions"] for r in data_rows],
+        [r["labels"] for r in data_rows],
+        TokenizationParams(),
+    )
     lengths = [len(x) for x in cols["input_ids"]]
     shape = model_shape(Qwen2Config(**QWEN2_05B, num_labels=2))
     plans = {}
     for name, budget, requested, batching in (
-            ("prmkit-default", Budget(int(free_gib * GIB), f"free memory of an H200 ({free_gib:g} GiB)"), "auto", "packed"),
-            ("prmkit-capped", Budget(int(cap_gib * GIB), f"per-process memory fraction ({cap_gib:g} GiB)"), "auto", "packed"),
-            ("prmkit-ckpt", Budget(int(free_gib * GIB), f"free memory of an H200 ({free_gib:g} GiB)"), True, "packed"),
-            ("prmkit-grouped", Budget(int(free_gib * GIB), f"free memory of an H200 ({free_gib:g} GiB)"), "auto", "grouped")):
-        plan = plan_memory(requested, shape, lengths, BATCH_SIZE, batching, budget, param_bytes=4, mixed=True,
-                           attention="flex_attention" if batching == "packed" else "sdpa")
-        plans[name] = {"checkpointing": plan.checkpointing, "reason": plan.reason, "fits": plan.fits,
-                       "estimated_peak_gib": plan.estimate.to_dict()["total_gib"], "preflight": plan.preflight()}
-    return {"rows": len(lengths), "tokens": sum(lengths), "min_tokens": min(lengths), "median_tokens": sorted(lengths)[len(lengths) // 2],
-            "max_tokens": max(lengths), "params": shape.total_params, "non_embedding_params": shape.non_embedding_params,
-            "plans": plans}
+        ("prmkit-default", Budget(int(free_gib * GIB), f"free memory of an H200 ({free_gib:g} GiB)"), "auto", "packed"),
+        (
+            "prmkit-capped",
+            Budget(int(cap_gib * GIB), f"per-process memory fraction ({cap_gib:g} GiB)"),
+            "auto",
+            "packed",
+        ),
+        ("prmkit-ckpt", Budget(int(free_gib * GIB), f"free memory of an H200 ({free_gib:g} GiB)"), True, "packed"),
+        (
+            "prmkit-grouped",
+            Budget(int(free_gib * GIB), f"free memory of an H200 ({free_gib:g} GiB)"),
+            "auto",
+            "grouped",
+        ),
+    ):
+        plan = plan_memory(
+            requested,
+            shape,
+            lengths,
+            BATCH_SIZE,
+            batching,
+            budget,
+            param_bytes=4,
+            mixed=True,
+            attention="flex_attention" if batching == "packed" else "sdpa",
+        )
+        plans[name] = {
+            "checkpointing": plan.checkpointing,
+            "reason": plan.reason,
+            "fits": plan.fits,
+            "estimated_peak_gib": plan.estimate.to_dict()["total_gib"],
+            "preflight": plan.preflight(),
+        }
+    return {
+        "rows": len(lengths),
+        "tokens": sum(lengths),
+        "min_tokens": min(lengths),
+        "median_tokens": sorted(lengths)[len(lengths) // 2],
+        "max_tokens": max(lengths),
+        "params": shape.total_params,
+        "non_embedding_params": shape.non_embedding_params,
+        "plans": plans,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--rows", type=int, default=2048)
-    ap.add_argument("--runs", default=",".join(DEFAULT_RUNS),
-                    help=f"comma-separated, in order; known: {', '.join(DEFAULT_RUNS + OPTIONAL_RUNS)}")
+    ap.add_argument(
+        "--runs",
+        default=",".join(DEFAULT_RUNS),
+        help=f"comma-separated, in order; known: {', '.join(DEFAULT_RUNS + OPTIONAL_RUNS)}",
+    )
     ap.add_argument("--cap-gib", type=float, default=16.0, help="the memory-capped runs' per-process limit")
     ap.add_argument("--ref-steps", type=int, default=32, help="optimizer steps of the fp32 loss reference")
     ap.add_argument("--warmup-steps", type=int, default=4)
-    ap.add_argument("--timeout", type=float, default=None,
-                    help="seconds each run may take (TRL and the reference: 1.5x); default 150, --tiny 600")
-    ap.add_argument("--budget", type=float, default=None, help="seconds for all runs, later ones skipped past it; "
-                    "default 450 (the GPU machine's command limit is 600), --tiny 3600")
+    ap.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="seconds each run may take (TRL and the reference: 1.5x); default 150, --tiny 600",
+    )
+    ap.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="seconds for all runs, later ones skipped past it; "
+        "default 450 (the GPU machine's command limit is 600), --tiny 3600",
+    )
     ap.add_argument("--tokenizer", type=Path, default=None)
-    ap.add_argument("--out", type=Path, default=None, help="default: bench/results/gpu-train.json (--tiny: a temp file)")
-    ap.add_argument("--dry-run", action="store_true", help="print the runs and prmkit's memory plan for the H200; train nothing")
-    ap.add_argument("--tiny", action="store_true", help="every stage on the CPU with a tiny model (checks the mechanics)")
+    ap.add_argument(
+        "--out", type=Path, default=None, help="default: bench/results/gpu-train.json (--tiny: a temp file)"
+    )
+    ap.add_argument(
+        "--dry-run", action="store_true", help="print the runs and prmkit's memory plan for the H200; train nothing"
+    )
+    ap.add_argument(
+        "--tiny", action="store_true", help="every stage on the CPU with a tiny model (checks the mechanics)"
+    )
     args = ap.parse_args()
     args.timeout = args.timeout or (600 if args.tiny else 150)
     args.budget = args.budget or (3600 if args.tiny else 450)
@@ -364,7 +473,9 @@ def main() -> None:
         ap.error(f"unknown run {unknown[0]!r}")
     tokenizer = args.tokenizer or default_tokenizer()
     if not tokenizer.exists():
-        raise SystemExit(f"needs the Qwen2 tokenizer at {tokenizer} (../shared, or .whl/qwen2-tokenizer on the GPU machine)")
+        raise SystemExit(
+            f"needs the Qwen2 tokenizer at {tokenizer} (../shared, or .whl/qwen2-tokenizer on the GPU machine)"
+        )
     rows = make_rows(args.rows if not args.tiny else min(args.rows, 64), seed=1)
 
     if args.dry_run:
@@ -388,8 +499,14 @@ def main() -> None:
     from prmkit.models.memory import model_shape
 
     non_embedding = model_shape(Qwen2Config.from_pretrained(model)).non_embedding_params
-    base_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "true", "PRMKIT_CACHE": str(work / "cache"),
-                "HF_HOME": str(work / "hf"), "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    base_env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "true",
+        "PRMKIT_CACHE": str(work / "cache"),
+        "HF_HOME": str(work / "hf"),
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
     for name in ("PYTORCH_CUDA_ALLOC_CONF", "PRMKIT_ALLOC_CONF_DEFAULT", "PRMKIT_LAUNCHED"):
         base_env.pop(name, None)  # every run starts from a user's plain environment
 
@@ -405,17 +522,32 @@ def main() -> None:
             continue
         out = work / name
         if name == "trl-default":
-            spec = {"data": str(data), "model": str(model), "out": str(out), "seed": SEED, "lr": LEARNING_RATE,
-                    "batch": BATCH_SIZE, "log_steps": LOGGING_STEPS, "cap_gib": 0, "extra": {}}
+            spec = {
+                "data": str(data),
+                "model": str(model),
+                "out": str(out),
+                "seed": SEED,
+                "lr": LEARNING_RATE,
+                "batch": BATCH_SIZE,
+                "log_steps": LOGGING_STEPS,
+                "cap_gib": 0,
+                "extra": {},
+            }
             raw = run_child(TRL_CHILD, spec, base_env, min(timeout, left))
         else:
-            spec = {"cap_gib": args.cap_gib if name == "prmkit-capped" and not args.tiny else 0,
-                    "argv": prmkit_argv(name, model, data, out, args.tiny, ref_steps, args.warmup_steps, args.cap_gib)}
+            spec = {
+                "cap_gib": args.cap_gib if name == "prmkit-capped" and not args.tiny else 0,
+                "argv": prmkit_argv(name, model, data, out, args.tiny, ref_steps, args.warmup_steps, args.cap_gib),
+            }
             raw = run_child(PRMKIT_CHILD, spec, base_env, min(timeout, left))
         results[name] = summarise(name, raw, non_embedding)
         r = results[name]
-        print(f"{name}: {r['status']}, {r.get('trainer_seconds', '-')} s trainer, {r.get('tokens_per_second', '-')} tok/s, "
-              f"peak reserved {r.get('peak_reserved_gib', '-')} GiB, wall {r['wall_seconds']} s", file=sys.stderr)
+        print(
+            f"{name}: {r['status']}, {r.get('trainer_seconds', '-')} s trainer, {r.get('tokens_per_second', '-')} "
+            "tok/s, "
+            f"peak reserved {r.get('peak_reserved_gib', '-')} GiB, wall {r['wall_seconds']} s",
+            file=sys.stderr,
+        )
 
     import transformers
 
@@ -423,26 +555,47 @@ def main() -> None:
     report = {
         "device": device,
         "tiny_cpu_mechanics_check": bool(args.tiny),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__},
-        "setting": {"model": "Qwen2ForTokenClassification from a config (random init)", **shape, "rows": len(rows),
-                    "batch_size": BATCH_SIZE, "learning_rate": LEARNING_RATE, "epochs": 1, "precision": "fp32" if args.tiny else "bf16 autocast",
-                    "cap_gib": args.cap_gib, "fp32_reference_steps": args.ref_steps,
-                    "non_embedding_params": non_embedding, "mfu_peak_flops": H200_BF16_PEAK},
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
+        "setting": {
+            "model": "Qwen2ForTokenClassification from a config (random init)",
+            **shape,
+            "rows": len(rows),
+            "batch_size": BATCH_SIZE,
+            "learning_rate": LEARNING_RATE,
+            "epochs": 1,
+            "precision": "fp32" if args.tiny else "bf16 autocast",
+            "cap_gib": args.cap_gib,
+            "fp32_reference_steps": args.ref_steps,
+            "non_embedding_params": non_embedding,
+            "mfu_peak_flops": H200_BF16_PEAK,
+        },
         "runs": results,
         "targets": verdicts(results),
         "total_seconds": round(time.perf_counter() - started, 1),
     }
-    out = args.out or (Path(tempfile.mkdtemp()) / "gpu-train-tiny.json" if args.tiny else HERE / "results" / "gpu-train.json")
+    out = args.out or (
+        Path(tempfile.mkdtemp()) / "gpu-train-tiny.json" if args.tiny else HERE / "results" / "gpu-train.json"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
-    print("| run | status | trainer s | tokens/s | MFU | peak reserved GiB | NVML peak GiB | ckpt | batching | final loss |")
+    print(
+        "| run | status | trainer s | tokens/s | MFU | peak reserved GiB | NVML peak GiB | ckpt | batching | final "
+        "loss |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         losses = r.get("loss_history") or []
-        print(f"| {name} | {r['status']} | {r.get('trainer_seconds', '-')} | {r.get('tokens_per_second', '-')} | "
-              f"{r.get('mfu', '-')} | {r.get('peak_reserved_gib', '-')} | {r.get('nvml_peak_gib', '-')} | "
-              f"{r.get('gradient_checkpointing', '-')} | {r.get('batching', 'padded (TRL)' if name.startswith('trl') else '-')} | "
-              f"{round(losses[-1][1], 4) if losses else '-'} |")
+        print(
+            f"| {name} | {r['status']} | {r.get('trainer_seconds', '-')} | {r.get('tokens_per_second', '-')} | "
+            f"{r.get('mfu', '-')} | {r.get('peak_reserved_gib', '-')} | {r.get('nvml_peak_gib', '-')} | "
+            f"{r.get('gradient_checkpointing', '-')} | "
+            f"{r.get('batching', 'padded (TRL)' if name.startswith('trl') else '-')} | "
+            f"{round(losses[-1][1], 4) if losses else '-'} |"
+        )
     print(json.dumps(report["targets"]))
     print(f"wrote {out}", file=sys.stderr)
 

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _data import make_rows, write_jsonl  # noqa: E402
+from _data import make_rows, write_jsonl
 
 
 def main() -> None:
@@ -29,8 +29,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     args = ap.parse_args()
 
-    import prmkit.data.sources as dataset
     import prmkit.data.formats as formats
+    import prmkit.data.sources as dataset
     from prmkit.data.formats import Options
 
     src = write_jsonl(make_rows(args.rows), Path(tempfile.mkdtemp(prefix="prmkit-bench-inputs-")) / "rows.jsonl")
@@ -61,7 +61,11 @@ def main() -> None:
         "ratio": round(statistics.median(on) / statistics.median(off), 3),
         "all_without": [round(x, 3) for x in off],
         "all_with": [round(x, 3) for x in on],
-        "machine": {"python": platform.python_version(), "platform": platform.platform(), "processor": platform.machine()},
+        "machine": {
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "processor": platform.machine(),
+        },
     }
     out = Path(__file__).resolve().parent / "results" / "input_checks.json"
     out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _data import QWEN2_TOKENIZER, make_rows, write_jsonl  # noqa: E402
+from _data import QWEN2_TOKENIZER, make_rows, write_jsonl
 
 TRL_SCRIPT = r"""
 import sys, os
@@ -77,10 +77,29 @@ def main() -> None:
     for i in range(args.repeats):
         # A fresh datasets cache each time: TRL's load_dataset would otherwise reuse its Arrow conversion.
         env_i = {**env, "HF_HOME": str(work / f"hf{i}"), "PRMKIT_CACHE": str(work / f"cache{i}")}
-        trl_times.append(timed([sys.executable, "-c", TRL_SCRIPT, str(src), str(QWEN2_TOKENIZER), str(work / f"trl{i}")], env_i))
-        ours_times.append(timed([sys.executable, "-m", "prmkit", "prepare", "--train", str(src), "--tokenizer",
-                                 str(QWEN2_TOKENIZER), "-o", str(work / f"ours{i}"), "--json",
-                                 "--set", "data.max_prompt_length=null"], env_i))
+        trl_times.append(
+            timed([sys.executable, "-c", TRL_SCRIPT, str(src), str(QWEN2_TOKENIZER), str(work / f"trl{i}")], env_i)
+        )
+        ours_times.append(
+            timed(
+                [
+                    sys.executable,
+                    "-m",
+                    "prmkit",
+                    "prepare",
+                    "--train",
+                    str(src),
+                    "--tokenizer",
+                    str(QWEN2_TOKENIZER),
+                    "-o",
+                    str(work / f"ours{i}"),
+                    "--json",
+                    "--set",
+                    "data.max_prompt_length=null",
+                ],
+                env_i,
+            )
+        )
 
     import datasets
 
@@ -101,16 +120,21 @@ def main() -> None:
         "prmkit_rows_per_s": round(args.rows / ours_t),
         "encode_batch_rows_per_s": round(args.rows / limit),
         "identical": identical,
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python "
+        f"{platform.python_version()}",
         "repeats": args.repeats,
     }
     out = Path(__file__).resolve().parent / "results" / "prepare.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print("| rows | TRL map (s) | prmkit prepare (s) | speed-up | prmkit rows/s | bare encode_batch rows/s | identical |")
+    print(
+        "| rows | TRL map (s) | prmkit prepare (s) | speed-up | prmkit rows/s | bare encode_batch rows/s | identical |"
+    )
     print("|---|---|---|---|---|---|---|")
-    print(f"| {result['rows']} | {result['trl_seconds']} | {result['prmkit_seconds']} | {result['speedup']}x | "
-          f"{result['prmkit_rows_per_s']} | {result['encode_batch_rows_per_s']} | {identical} |")
+    print(
+        f"| {result['rows']} | {result['trl_seconds']} | {result['prmkit_seconds']} | {result['speedup']}x | "
+        f"{result['prmkit_rows_per_s']} | {result['encode_batch_rows_per_s']} | {identical} |"
+    )
     if not identical:
         raise SystemExit("outputs differ")
 

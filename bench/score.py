@@ -35,11 +35,16 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _data import QWEN2_TOKENIZER, make_rows, write_jsonl  # noqa: E402
-from _scoring import bare_limit, build_model, encode_rows, recipe  # noqa: E402
+from _data import QWEN2_TOKENIZER, make_rows, write_jsonl
+from _scoring import bare_limit, build_model, encode_rows, recipe
 
-SHAPE = {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
-         "intermediate_size": 1024}
+SHAPE = {
+    "hidden_size": 256,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 1024,
+}
 
 
 def forward_limit(model_dir: Path, rows: list[dict], batch_tokens: int) -> tuple[float, list[list[float]]]:
@@ -56,7 +61,7 @@ def journal_cost(model_dir: Path, src: Path, work: Path, repeats: int) -> dict:
     """Engine seconds of `score_file` with the batch journal and without, alternating; outputs must be identical."""
     import statistics
 
-    from prmkit.scoring import StepScorer, job, score_file
+    from prmkit.scoring import StepScorer, job, resumable, score_file
 
     class NoJournal(job.BatchJournal):
         """Keeps nothing: a killed run would redo the whole window, as before the journal."""
@@ -99,7 +104,7 @@ def journal_cost(model_dir: Path, src: Path, work: Path, repeats: int) -> dict:
             super().close()
             inside.append(time.perf_counter() - start)
 
-    hashed = job.HashedFile
+    hashed = resumable.HashedFile  # the output side of the job opens the partial file
     hashing: list[float] = []  # seconds spent keeping the partial output's running sha256 (both modes do it)
 
     class TimedHashedFile(hashed):
@@ -123,10 +128,10 @@ def journal_cost(model_dir: Path, src: Path, work: Path, repeats: int) -> dict:
     batches: list[int] = []
     outputs: dict[str, bytes] = {}
     for i in range(repeats):
-        for mode in (("journal", "none") if i % 2 == 0 else ("none", "journal")):
+        for mode in ("journal", "none") if i % 2 == 0 else ("none", "journal"):
             out = work / f"journal-{mode}-{i}.jsonl"
             job.BatchJournal = TimedJournal if mode == "journal" else NoJournal
-            job.HashedFile = TimedHashedFile
+            resumable.HashedFile = TimedHashedFile
             counted: list[int] = []
             inside.clear()
             hashing.clear()
@@ -134,7 +139,7 @@ def journal_cost(model_dir: Path, src: Path, work: Path, repeats: int) -> dict:
                 summary = score_file(scorer, str(src), str(out), on_steps=counted.append)
             finally:
                 job.BatchJournal = shipped
-                job.HashedFile = hashed
+                resumable.HashedFile = hashed
             seconds[mode].append(summary.seconds)
             if mode == "journal":
                 journal_seconds.append(sum(inside))
@@ -152,8 +157,9 @@ def journal_cost(model_dir: Path, src: Path, work: Path, repeats: int) -> dict:
         "engine_seconds_runs": {k: [round(x, 3) for x in v] for k, v in seconds.items()},
         "journal_overhead": round(with_j / without - 1, 4),
         "seconds_inside_the_journal_runs": [round(x, 4) for x in journal_seconds],
-        "share_of_engine_time_inside_the_journal": round(statistics.median(
-            j / e for j, e in zip(journal_seconds, seconds["journal"])), 5),
+        "share_of_engine_time_inside_the_journal": round(
+            statistics.median(j / e for j, e in zip(journal_seconds, seconds["journal"])), 5
+        ),
         "seconds_hashing_the_output_runs": [round(x, 5) for x in hashing_seconds],
         "outputs_identical": True,
     }
@@ -163,21 +169,31 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--batch-tokens", type=int, default=None,
-                    help="token budget for prmkit and the limit alike (default: prmkit's own for a CPU)")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch threads for all three (the subprocess gets OMP_NUM_THREADS); on a machine shared with "
-                         "other work, 1 avoids OpenMP threads stalling on each other, which hurts the recipe's many "
-                         "small forward passes far more than batched ones")
-    ap.add_argument("--journal-cost", action="store_true",
-                    help="only measure the engine with and without the batch journal (bench/results/score-journal.json)")
+    ap.add_argument(
+        "--batch-tokens",
+        type=int,
+        default=None,
+        help="token budget for prmkit and the limit alike (default: prmkit's own for a CPU)",
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads for all three (the subprocess gets OMP_NUM_THREADS); on a machine shared with "
+        "other work, 1 avoids OpenMP threads stalling on each other, which hurts the recipe's many "
+        "small forward passes far more than batched ones",
+    )
+    ap.add_argument(
+        "--journal-cost",
+        action="store_true",
+        help="only measure the engine with and without the batch journal (bench/results/score-journal.json)",
+    )
     ap.add_argument("--repeats", type=int, default=5, help="runs of each for --journal-cost")
     args = ap.parse_args()
     if not QWEN2_TOKENIZER.exists():
         raise SystemExit(f"needs the Qwen2 tokenizer at {QWEN2_TOKENIZER} (../shared)")
 
     import torch
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -197,11 +213,15 @@ def main() -> None:
 
     if args.journal_cost:
         os.environ["HF_HUB_OFFLINE"] = "1"
-        result = {"rows": args.rows, "steps": steps, "threads": torch.get_num_threads(),
-                  **journal_cost(model_dir, src, work, args.repeats),
-                  "loadavg_1min": round(os.getloadavg()[0], 2),
-                  "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                             f"torch {torch.__version__}, Python {platform.python_version()}"}
+        result = {
+            "rows": args.rows,
+            "steps": steps,
+            "threads": torch.get_num_threads(),
+            **journal_cost(model_dir, src, work, args.repeats),
+            "loadavg_1min": round(os.getloadavg()[0], 2),
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+            f"torch {torch.__version__}, Python {platform.python_version()}",
+        }
         out = Path(__file__).resolve().parent / "results" / "score-journal.json"
         out.write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps(result, indent=2))
@@ -215,8 +235,18 @@ def main() -> None:
 
     runs = []
     for i in range(2):  # twice, keeping the faster: a shared machine's neighbours come and go
-        cmd = [sys.executable, "-m", "prmkit", "score", str(model_dir), str(src), "-o", str(work / f"scored{i}.jsonl"),
-               "--json", *(["--batch-tokens", str(args.batch_tokens)] if args.batch_tokens else [])]
+        cmd = [
+            sys.executable,
+            "-m",
+            "prmkit",
+            "score",
+            str(model_dir),
+            str(src),
+            "-o",
+            str(work / f"scored{i}.jsonl"),
+            "--json",
+            *(["--batch-tokens", str(args.batch_tokens)] if args.batch_tokens else []),
+        ]
         start = time.perf_counter()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         elapsed = time.perf_counter() - start
@@ -229,7 +259,12 @@ def main() -> None:
     ours = [json.loads(line)["step_scores"] for line in (work / "scored0.jsonl").read_text().splitlines()]
 
     base = recipe(model_dir, rows)
-    recipe_t, recipe_scores, merged_share, recipe_tokens = base["seconds"], base["scores"], base["merged_share"], base["tokens"]
+    recipe_t, recipe_scores, merged_share, recipe_tokens = (
+        base["seconds"],
+        base["scores"],
+        base["merged_share"],
+        base["tokens"],
+    )
     # The limit again, after the others, keeping its faster run (the stricter ratio).
     limit_2, _ = forward_limit(model_dir, rows, budget)
     limit = min(limit_1, limit_2)
@@ -254,7 +289,8 @@ def main() -> None:
         "prmkit_engine_seconds": round(engine, 2),
         "prmkit_timings": summary.get("timings"),
         "prmkit_outside_forward_and_io_seconds": round(
-            whole - summary["timings"]["forward"] - summary["timings"]["write"], 2),
+            whole - summary["timings"]["forward"] - summary["timings"]["write"], 2
+        ),
         "limit_seconds": round(limit, 2),
         "limit_seconds_runs": [round(limit_1, 2), round(limit_2, 2)],
         "recipe_steps_per_s": round(rate(recipe_t), 1),
@@ -272,35 +308,52 @@ def main() -> None:
         "prmkit_whole_process_seconds_runs": [round(r[0], 2) for r in runs],
         "loadavg_1min_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-                   f"Python {platform.python_version()}",
+        f"Python {platform.python_version()}",
     }
-    out = Path(__file__).resolve().parent / "results" / ("score.json" if args.rows == 1000 else f"score-{args.rows}.json")
+    out = (
+        Path(__file__).resolve().parent / "results" / ("score.json" if args.rows == 1000 else f"score-{args.rows}.json")
+    )
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
 
-    print(f"{args.rows} solutions, {steps} steps, {summary.get('tokens')} tokens; Qwen2 h256 x 4 layers (random), "
-          f"Qwen2 tokenizer, fp32 CPU, {torch.get_num_threads()} torch threads, batch_tokens {budget}\n")
+    print(
+        f"{args.rows} solutions, {steps} steps, {summary.get('tokens')} tokens; Qwen2 h256 x 4 layers (random), "
+        f"Qwen2 tokenizer, fp32 CPU, {torch.get_num_threads()} torch threads, batch_tokens {budget}\n"
+    )
     print("| | seconds | steps/s | vs recipe | share of limit |")
     print("|---|---|---|---|---|")
-    print(f"| (a) recipe: pipeline per prefix | {result['recipe_seconds']} | {result['recipe_steps_per_s']} | 1x | "
-          f"{limit / recipe_t:.1%} |")
-    print(f"| (b) `prmkit score`, whole process | {result['prmkit_whole_process_seconds']} | "
-          f"{result['prmkit_whole_process_steps_per_s']} | {result['speedup_vs_recipe_whole_process']}x | "
-          f"{result['share_of_limit_whole_process']:.1%} |")
-    print(f"| (b) `prmkit score`, engine (summary seconds) | {result['prmkit_engine_seconds']} | "
-          f"{result['prmkit_engine_steps_per_s']} | {result['speedup_vs_recipe_engine']}x | "
-          f"{result['share_of_limit_engine']:.1%} |")
-    print(f"| (c) limit: bare padded forward passes | {result['limit_seconds']} | {result['limit_steps_per_s']} | "
-          f"{recipe_t / limit:.2f}x | 100% |")
+    print(
+        f"| (a) recipe: pipeline per prefix | {result['recipe_seconds']} | {result['recipe_steps_per_s']} | 1x | "
+        f"{limit / recipe_t:.1%} |"
+    )
+    print(
+        f"| (b) `prmkit score`, whole process | {result['prmkit_whole_process_seconds']} | "
+        f"{result['prmkit_whole_process_steps_per_s']} | {result['speedup_vs_recipe_whole_process']}x | "
+        f"{result['share_of_limit_whole_process']:.1%} |"
+    )
+    print(
+        f"| (b) `prmkit score`, engine (summary seconds) | {result['prmkit_engine_seconds']} | "
+        f"{result['prmkit_engine_steps_per_s']} | {result['speedup_vs_recipe_engine']}x | "
+        f"{result['share_of_limit_engine']:.1%} |"
+    )
+    print(
+        f"| (c) limit: bare padded forward passes | {result['limit_seconds']} | {result['limit_steps_per_s']} | "
+        f"{recipe_t / limit:.2f}x | 100% |"
+    )
     t = summary["timings"]
-    print(f"\nprmkit's timings (the faster run): start-up {t['startup']} s (interpreter, imports), model load "
-          f"{t['model_load']} s, tokenize {t['tokenize']} s, forward {t['forward']} s, write {t['write']} s; outside "
-          f"forward passes and I/O {result['prmkit_outside_forward_and_io_seconds']} s")
-    print(f"\nprmkit vs bare forward: max |diff| {max_vs_limit:.2e}. The recipe reads {merged_share:.1%} of steps at a "
-          f"token where BPE merged the separator into the step (max |diff| vs prmkit {max_vs_recipe:.3f}; verdict at "
-          f"0.5 differs on {verdict_differs:.1%} of steps).\nThe recipe reads {recipe_tokens / summary['tokens']:.2f}x "
-          f"the tokens (every prefix again); the rest of the gain ({recipe_t / limit / (recipe_tokens / summary['tokens']):.2f}x) "
-          "is cheaper tokens: cache-sized batches instead of one long sequence at a time.")
+    print(
+        f"\nprmkit's timings (the faster run): start-up {t['startup']} s (interpreter, imports), model load "
+        f"{t['model_load']} s, tokenize {t['tokenize']} s, forward {t['forward']} s, write {t['write']} s; outside "
+        f"forward passes and I/O {result['prmkit_outside_forward_and_io_seconds']} s"
+    )
+    print(
+        f"\nprmkit vs bare forward: max |diff| {max_vs_limit:.2e}. The recipe reads {merged_share:.1%} of steps at a "
+        f"token where BPE merged the separator into the step (max |diff| vs prmkit {max_vs_recipe:.3f}; verdict at "
+        f"0.5 differs on {verdict_differs:.1%} of steps).\nThe recipe reads {recipe_tokens / summary['tokens']:.2f}x "
+        "the tokens (every prefix again); the rest of the gain "
+        f"({recipe_t / limit / (recipe_tokens / summary['tokens']):.2f}x) "
+        "is cheaper tokens: cache-sized batches instead of one long sequence at a time."
+    )
 
 
 if __name__ == "__main__":

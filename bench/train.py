@@ -3,7 +3,8 @@
 The model is a Qwen2 architecture built from a config (hidden 128, 4 layers, random weights, seed 42) with the real
 Qwen2 tokenizer; the data are 1,024 rows of distinct text whose lengths vary like Math-Shepherd's. Both train one
 epoch with batch 16, the same learning rate and seed, dropout off, float32, no gradient checkpointing (TRL's
-PRMConfig turns it on by default; --trl-gradient-checkpointing measures that), and save the final model. Wall time counts the
+PRMConfig turns it on by default; --trl-gradient-checkpointing measures that), and save the final model. Wall time
+counts the
 whole process (imports, tokenization, model build, training, save); peak memory is the process's max RSS.
 
     pip install -e ".[bench]"
@@ -27,14 +28,20 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _data import QWEN2_TOKENIZER, make_rows, write_jsonl  # noqa: E402
+from _data import QWEN2_TOKENIZER, make_rows, write_jsonl
 
 SEED = 42
 LEARNING_RATE = 1e-4
 BATCH_SIZE = 16
 LOGGING_STEPS = 8
-MODEL = {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
-         "intermediate_size": 512, "max_position_embeddings": 2048}
+MODEL = {
+    "hidden_size": 128,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 512,
+    "max_position_embeddings": 2048,
+}
 
 # TRL's PRMTrainer exactly as its docs use it, on a raw stepwise dataset (it tokenizes with tokenize_row).
 TRL_SCRIPT = r"""
@@ -84,8 +91,15 @@ def make_model_dir(path: Path) -> Path:
     from transformers import AutoTokenizer, Qwen2Config
 
     tok = AutoTokenizer.from_pretrained(QWEN2_TOKENIZER)
-    config = Qwen2Config(**MODEL, vocab_size=len(tok), num_labels=2, pad_token_id=tok.pad_token_id,
-                         eos_token_id=tok.eos_token_id, bos_token_id=None, tie_word_embeddings=False)
+    config = Qwen2Config(
+        **MODEL,
+        vocab_size=len(tok),
+        num_labels=2,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+    )
     config.save_pretrained(path)
     tok.save_pretrained(path)
     return path
@@ -95,8 +109,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--trl-gradient-checkpointing", action="store_true",
-                    help="TRL's own default (PRMConfig turns it on); off by default so both sides do the same work")
+    ap.add_argument(
+        "--trl-gradient-checkpointing",
+        action="store_true",
+        help="TRL's own default (PRMConfig turns it on); off by default so both sides do the same work",
+    )
     args = ap.parse_args()
     if not QWEN2_TOKENIZER.exists():
         raise SystemExit(f"needs the Qwen2 tokenizer at {QWEN2_TOKENIZER} (../shared)")
@@ -113,23 +130,72 @@ def main() -> None:
         # Fresh caches every time: neither side may reuse tokenized data from an earlier run.
         env = {**base_env, "HF_HOME": str(work / f"hf{i}"), "PRMKIT_CACHE": str(work / f"cache{i}")}
         out = work / f"trl{i}"
-        t, rss, _ = run([sys.executable, "-c", TRL_SCRIPT, str(data), str(model_dir), str(out), str(SEED),
-                         str(LEARNING_RATE), str(BATCH_SIZE), str(LOGGING_STEPS),
-                         "1" if args.trl_gradient_checkpointing else "0"], env)
-        runs["trl"].append({"seconds": t, "cpu_seconds": run.cpu, "peak_rss_mib": rss, **json.loads((out / "bench.json").read_text())})
+        t, rss, _ = run(
+            [
+                sys.executable,
+                "-c",
+                TRL_SCRIPT,
+                str(data),
+                str(model_dir),
+                str(out),
+                str(SEED),
+                str(LEARNING_RATE),
+                str(BATCH_SIZE),
+                str(LOGGING_STEPS),
+                "1" if args.trl_gradient_checkpointing else "0",
+            ],
+            env,
+        )
+        runs["trl"].append(
+            {"seconds": t, "cpu_seconds": run.cpu, "peak_rss_mib": rss, **json.loads((out / "bench.json").read_text())}
+        )
 
         out = work / f"prmkit{i}"
-        t, rss, done = run([sys.executable, "-m", "prmkit", "train", "--model", str(model_dir), "--train", str(data),
-                            "-o", str(out), "--json",
-                            "--set", "model.init_from_config=true", "--set", "data.max_prompt_length=null",
-                            "--set", f"train.seed={SEED}", "--set", f"train.learning_rate={LEARNING_RATE}",
-                            "--set", f"train.per_device_train_batch_size={BATCH_SIZE}",
-                            "--set", "train.num_train_epochs=1", "--set", f"train.logging_steps={LOGGING_STEPS}",
-                            "--set", "train.save_strategy=no"], env)
+        t, rss, done = run(
+            [
+                sys.executable,
+                "-m",
+                "prmkit",
+                "train",
+                "--model",
+                str(model_dir),
+                "--train",
+                str(data),
+                "-o",
+                str(out),
+                "--json",
+                "--set",
+                "model.init_from_config=true",
+                "--set",
+                "data.max_prompt_length=null",
+                "--set",
+                f"train.seed={SEED}",
+                "--set",
+                f"train.learning_rate={LEARNING_RATE}",
+                "--set",
+                f"train.per_device_train_batch_size={BATCH_SIZE}",
+                "--set",
+                "train.num_train_epochs=1",
+                "--set",
+                f"train.logging_steps={LOGGING_STEPS}",
+                "--set",
+                "train.save_strategy=no",
+            ],
+            env,
+        )
         summary = json.loads(done.stdout.strip().splitlines()[-1])
-        runs["prmkit"].append({"seconds": t, "cpu_seconds": run.cpu, "peak_rss_mib": rss, "train_loss": summary["train_loss"],
-                               "final_loss": summary["final_loss"], "global_step": summary["global_step"],
-                               "batching": summary["batching"], "tokens": summary["tokens"]})
+        runs["prmkit"].append(
+            {
+                "seconds": t,
+                "cpu_seconds": run.cpu,
+                "peak_rss_mib": rss,
+                "train_loss": summary["train_loss"],
+                "final_loss": summary["final_loss"],
+                "global_step": summary["global_step"],
+                "batching": summary["batching"],
+                "tokens": summary["tokens"],
+            }
+        )
         print(f"run {i + 1}/{args.repeats}: TRL {runs['trl'][-1]['seconds']:.1f} s, prmkit {t:.1f} s", file=sys.stderr)
 
     def med(side: str, key: str) -> float:
@@ -142,12 +208,23 @@ def main() -> None:
         "steps": sum(len(r["completions"]) for r in rows),
         "tokens": runs["prmkit"][0]["tokens"],
         "optimizer_steps": runs["prmkit"][0]["global_step"],
-        "model": {"architecture": "Qwen2ForTokenClassification (random init)", **MODEL,
-                  "tokenizer": "Qwen2 (../shared/fixtures/qwen2-tokenizer)"},
-        "settings": {"batch_size": BATCH_SIZE, "epochs": 1, "learning_rate": LEARNING_RATE, "seed": SEED,
-                     "max_length": 1024, "dtype": "float32", "dropout": "off",
-                     "prmkit_batching": runs["prmkit"][0]["batching"], "prmkit_gradient_checkpointing": False,
-                     "trl_gradient_checkpointing": args.trl_gradient_checkpointing},
+        "model": {
+            "architecture": "Qwen2ForTokenClassification (random init)",
+            **MODEL,
+            "tokenizer": "Qwen2 (../shared/fixtures/qwen2-tokenizer)",
+        },
+        "settings": {
+            "batch_size": BATCH_SIZE,
+            "epochs": 1,
+            "learning_rate": LEARNING_RATE,
+            "seed": SEED,
+            "max_length": 1024,
+            "dtype": "float32",
+            "dropout": "off",
+            "prmkit_batching": runs["prmkit"][0]["batching"],
+            "prmkit_gradient_checkpointing": False,
+            "trl_gradient_checkpointing": args.trl_gradient_checkpointing,
+        },
         "trl_seconds": round(trl_t, 2),
         "prmkit_seconds": round(ours_t, 2),
         "speedup": round(trl_t / ours_t, 2),
@@ -161,19 +238,24 @@ def main() -> None:
         "trl_peak_rss_mib": round(med("trl", "peak_rss_mib")),
         "prmkit_peak_rss_mib": round(med("prmkit", "peak_rss_mib")),
         "runs": runs,
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python "
+        f"{platform.python_version()}",
         "repeats": args.repeats,
     }
     result["passed"] = result["speedup"] >= 1.5 and result["train_loss_rel_diff"] <= 0.05
     out = Path(__file__).resolve().parent / "results" / "train.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print("| rows | tokens | TRL PRMTrainer (s) | prmkit train (s) | speed-up | TRL loss | prmkit loss | loss diff | "
-          "TRL peak RSS (MiB) | prmkit peak RSS (MiB) |")
+    print(
+        "| rows | tokens | TRL PRMTrainer (s) | prmkit train (s) | speed-up | TRL loss | prmkit loss | loss diff | "
+        "TRL peak RSS (MiB) | prmkit peak RSS (MiB) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
-    print(f"| {result['rows']} | {result['tokens']} | {result['trl_seconds']} | {result['prmkit_seconds']} | "
-          f"{result['speedup']}x | {result['trl_train_loss']} | {result['prmkit_train_loss']} | "
-          f"{100 * result['train_loss_rel_diff']:.1f}% | {result['trl_peak_rss_mib']} | {result['prmkit_peak_rss_mib']} |")
+    print(
+        f"| {result['rows']} | {result['tokens']} | {result['trl_seconds']} | {result['prmkit_seconds']} | "
+        f"{result['speedup']}x | {result['trl_train_loss']} | {result['prmkit_train_loss']} | "
+        f"{100 * result['train_loss_rel_diff']:.1f}% | {result['trl_peak_rss_mib']} | {result['prmkit_peak_rss_mib']} |"
+    )
     if not result["passed"]:
         raise SystemExit("requirement not met: speed-up >= 1.5x and loss within 5%")
 

@@ -19,7 +19,8 @@ The package is layered; each layer imports only the ones above it in this list (
 - ``data``: reading, splitting and preparing step-labelled data;
 - ``models``: model directories and loading;
 - ``scoring``: the engine and `prmkit score`'s job; ``hub``: publishing;
-- ``train``, ``evaluation``: the recipes; ``api``: the functions above;
+- ``training``, ``evaluation``: the recipes (``training``, so that ``prmkit.train`` stays the function);
+- ``serve``: scores over HTTP; ``api``: the functions above;
 - ``cli``: the `prmkit` command.
 """
 

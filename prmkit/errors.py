@@ -11,7 +11,8 @@ import logging
 import os
 import re
 import reprlib
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 _OS_ERROR = re.compile(r"\(os error (\d+)\)")
 

@@ -167,10 +167,7 @@ def expected_calibration_curve(
 
 
 def step_metrics(
-    scores: Sequence[float],
-    targets: Sequence[float],
-    threshold: float = 0.5,
-    n_bins: int = 10,
+    scores: Sequence[float], targets: Sequence[float], threshold: float = 0.5, n_bins: int = 10
 ) -> dict[str, Any]:
     """Step-level classification and calibration metrics.
 
@@ -211,11 +208,7 @@ def step_metrics(
 
     p = np.clip(s, _LOG_LOSS_EPS, 1.0 - _LOG_LOSS_EPS)
     log_loss = -np.mean(t * np.log(p) + (1.0 - t) * np.log1p(-p))
-    ece = sum(
-        row["n"] / n * abs(row["mean_score"] - row["mean_target"])
-        for row in curve
-        if row["n"]
-    )
+    ece = sum(row["n"] / n * abs(row["mean_score"] - row["mean_target"]) for row in curve if row["n"])
 
     return {
         "n": n,
@@ -320,9 +313,7 @@ def first_error_metrics(predictions: Sequence[int], labels: Sequence[int]) -> di
     pred = np.asarray(predictions)
     lab = np.asarray(labels)
     if pred.shape != lab.shape or pred.ndim != 1:
-        raise ValueError(
-            f"predictions and labels must be 1-D and equally long: {pred.shape} vs {lab.shape}"
-        )
+        raise ValueError(f"predictions and labels must be 1-D and equally long: {pred.shape} vs {lab.shape}")
     if lab.size and np.any(lab < -1):
         raise ValueError("labels must be -1 (no error) or a 0-based step index")
     match = pred == lab
@@ -401,8 +392,7 @@ def _default_grid(endpoints: np.ndarray) -> np.ndarray:
 
 
 def tune_threshold(
-    samples: Sequence[tuple[Sequence[float | None], int]],
-    grid: Sequence[float] | None = None,
+    samples: Sequence[tuple[Sequence[float | None], int]], grid: Sequence[float] | None = None
 ) -> tuple[float, float]:
     """Threshold that maximises the first-error F1 (see ``first_error_metrics``).
 
@@ -434,9 +424,7 @@ def tune_threshold(
         label = int(label)
         n_steps = len(step_scores)
         if label < -1 or label >= n_steps:
-            raise ValueError(
-                f"sample {j}: label {label} is not -1 or a step index below {n_steps}"
-            )
+            raise ValueError(f"sample {j}: label {label} is not -1 or a step index below {n_steps}")
         # None never triggers an error, which +inf reproduces in the prefix min.
         vals = np.array([np.inf if v is None else float(v) for v in step_scores], dtype=float)
         if np.any(np.isnan(vals)):
@@ -467,9 +455,7 @@ def tune_threshold(
 
     def hits(lo_g: np.ndarray, hi_g: np.ndarray) -> np.ndarray:
         # #{lo < t <= hi} = #{lo < t} - #{hi < t}, valid because lo <= hi.
-        return np.searchsorted(np.sort(lo_g), g, side="left") - np.searchsorted(
-            np.sort(hi_g), g, side="left"
-        )
+        return np.searchsorted(np.sort(lo_g), g, side="left") - np.searchsorted(np.sort(hi_g), g, side="left")
 
     ea = hits(lo[is_error], hi[is_error]) / n_error
     ca = hits(lo[~is_error], hi[~is_error]) / n_correct
@@ -497,21 +483,14 @@ def aggregate(step_scores: Sequence[float | None]) -> dict[str, float | None]:
     """
     vals = _present(step_scores)
     if not vals:
-        return {name: None for name in AGGREGATES}
+        return dict.fromkeys(AGGREGATES)
     if any(math.isnan(v) for v in vals):
         raise ValueError("step scores contain NaN")
-    return {
-        "min": min(vals),
-        "prod": float(np.prod(vals)),
-        "last": vals[-1],
-        "mean": float(np.mean(vals)),
-    }
+    return {"min": min(vals), "prod": float(np.prod(vals)), "last": vals[-1], "mean": float(np.mean(vals))}
 
 
 def outcome_metrics(
-    all_step_scores: Sequence[Sequence[float | None]],
-    final_answer_correct: Sequence[bool],
-    threshold: float = 0.5,
+    all_step_scores: Sequence[Sequence[float | None]], final_answer_correct: Sequence[bool], threshold: float = 0.5
 ) -> dict[str, Any]:
     """Solution-level verification: is the final answer right?
 
@@ -529,9 +508,7 @@ def outcome_metrics(
         )
     if not all_step_scores:
         raise ValueError("no solutions given")
-    predicted = np.array(
-        [all(v >= threshold for v in _present(steps)) for steps in all_step_scores], dtype=bool
-    )
+    predicted = np.array([all(v >= threshold for v in _present(steps)) for steps in all_step_scores], dtype=bool)
     actual = np.array([bool(c) for c in final_answer_correct], dtype=bool)
     tp = int(np.sum(predicted & actual))
     fp = int(np.sum(predicted & ~actual))
@@ -573,10 +550,7 @@ def _majority_pick(answers: list[str]) -> int:
 
 
 def _bon_point(
-    aggs: list[list[dict[str, float | None]]],
-    correct: list[list[bool]],
-    answers: list[list[str]] | None,
-    k: int | None,
+    aggs: list[list[dict[str, float | None]]], correct: list[list[bool]], answers: list[list[str]] | None, k: int | None
 ) -> dict[str, float | None]:
     # k=None slices to the end, i.e. uses every candidate.
     out: dict[str, float | None] = {}
@@ -586,9 +560,7 @@ def _bon_point(
     if answers is None:
         out["majority_vote"] = None
     else:
-        out["majority_vote"] = float(
-            np.mean([c[_majority_pick(a[:k])] for a, c in zip(answers, correct)])
-        )
+        out["majority_vote"] = float(np.mean([c[_majority_pick(a[:k])] for a, c in zip(answers, correct)]))
     out["random"] = float(np.mean([np.mean(c[:k]) for c in correct]))
     out["pass"] = float(np.mean([any(c[:k]) for c in correct]))
     return out
@@ -634,9 +606,7 @@ def best_of_n(groups: Sequence[Sequence[Mapping[str, Any]]], seed: int = 0) -> d
         g_aggs, g_correct, g_answers = [], [], []
         for j, cand in enumerate(group):
             if not isinstance(cand, Mapping) or "step_scores" not in cand or "correct" not in cand:
-                raise ValueError(
-                    f"problem {i}, candidate {j}: needs 'step_scores' and 'correct'"
-                )
+                raise ValueError(f"problem {i}, candidate {j}: needs 'step_scores' and 'correct'")
             g_aggs.append(aggregate(cand["step_scores"]))
             g_correct.append(bool(cand["correct"]))
             g_answers.append(cand.get("answer"))

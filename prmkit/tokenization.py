@@ -25,8 +25,9 @@ import json
 import os
 import re
 import warnings
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -42,11 +43,11 @@ class TokenizationParams:
     train_on_last_step_only: bool = False
 
     @classmethod
-    def from_data_config(cls, data: Any) -> "TokenizationParams":
+    def from_data_config(cls, data: Any) -> TokenizationParams:
         return cls(**{f.name: getattr(data, f.name) for f in fields(cls)})
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TokenizationParams":
+    def from_dict(cls, d: dict[str, Any]) -> TokenizationParams:
         return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
     def to_dict(self) -> dict[str, Any]:
@@ -84,7 +85,7 @@ class EncodedBatch:
         return np.diff(self.row_offsets)
 
     @classmethod
-    def from_rows(cls, rows: Sequence[Encoded]) -> "EncodedBatch":
+    def from_rows(cls, rows: Sequence[Encoded]) -> EncodedBatch:
         """Flat arrays from per-row results (another PRM kind's tokenization, :mod:`prmkit.kinds.spec`)."""
         lengths = [len(r.input_ids) for r in rows]
         steps = [len(r.step_positions) for r in rows]
@@ -175,7 +176,9 @@ class TextEncoder:
 
             raise DataError(f"cannot tokenize {texts[bad[0]][:40]!r}: {bad[1]}") from None
 
-    def encode_pools(self, batches: Iterable[tuple[Any, Sequence[str]]], processes: int = 1) -> Iterator[tuple[Any, TokenPool]]:
+    def encode_pools(
+        self, batches: Iterable[tuple[Any, Sequence[str]]], processes: int = 1
+    ) -> Iterator[tuple[Any, TokenPool]]:
         """Encode ``(tag, texts)`` batches in order, yielding ``(tag, pool)``; each distinct text once per batch.
 
         ``processes`` > 1 runs the byte-level pre-split in that many worker processes (it is the costly part).
@@ -204,7 +207,8 @@ _SAFE_ALPHABET = "\t\n\r" + "".join(map(chr, range(0x20, 0x7F)))
 
 
 def _ascii_pattern(pattern: str) -> str | None:
-    r"""The pattern for the stdlib ``re`` engine on printable ASCII: ``\p{L}`` is ``[A-Za-z]`` there, ``\p{N}`` ``[0-9]``.
+    r"""The pattern for the stdlib ``re`` engine on printable ASCII: ``\p{L}`` is ``[A-Za-z]`` there, ``\p{N}``
+    ``[0-9]``.
 
     None when the pattern uses anything else this translation does not know.
     """
@@ -264,10 +268,42 @@ def _fast_engine(pattern: str):
     except (re.error, FutureWarning):
         return reference
     rng = random.Random(0)
-    words = ["'s", "'S", "'ll", "'LL", "'re", "'ve", "'m", "'d", "'t", "ab", "Xy", "12", "3", "  ", "\n", "\r\n", "\t",
-             " .", "!!", "<<", ">>", "a1", "_x", "-", "$", "\\frac", "{}", "   \n  ", "\n\n", " "]
+    words = [
+        "'s",
+        "'S",
+        "'ll",
+        "'LL",
+        "'re",
+        "'ve",
+        "'m",
+        "'d",
+        "'t",
+        "ab",
+        "Xy",
+        "12",
+        "3",
+        "  ",
+        "\n",
+        "\r\n",
+        "\t",
+        " .",
+        "!!",
+        "<<",
+        ">>",
+        "a1",
+        "_x",
+        "-",
+        "$",
+        "\\frac",
+        "{}",
+        "   \n  ",
+        "\n\n",
+        " ",
+    ]
     probes = [_SAFE_ALPHABET, *(a + b for a in _SAFE_ALPHABET for b in ("a", " ", "\n", "1", "'", "."))]
-    probes += ["".join(rng.choice(words + list(_SAFE_ALPHABET)) for _ in range(rng.randint(1, 24))) for _ in range(3000)]
+    probes += [
+        "".join(rng.choice(words + list(_SAFE_ALPHABET)) for _ in range(rng.randint(1, 24))) for _ in range(3000)
+    ]
     if any(fast.findall(p) != reference.findall(p) for p in probes):
         return reference
     return fast
@@ -280,7 +316,9 @@ class _PreSplitter:
         self.pattern, self.added = pattern, added
         self.rx = _fast_engine(pattern)
         self.unsafe = re.compile(r"[^\t\n\r\x20-\x7e]")
-        self.added_rx = re.compile("|".join(re.escape(a) for a in sorted(added, key=len, reverse=True))) if added else None
+        self.added_rx = (
+            re.compile("|".join(re.escape(a) for a in sorted(added, key=len, reverse=True))) if added else None
+        )
         self.index: dict[str, int] = {}
 
     def __getstate__(self) -> dict:
@@ -355,8 +393,12 @@ def _worker_pool(processes: int, splitter: _PreSplitter):
 
     if processes <= 1 or not sys.platform.startswith("linux") or "fork" not in mp.get_all_start_methods():
         return None
-    pool = ProcessPoolExecutor(processes, mp_context=mp.get_context("fork"), initializer=_worker_init,
-                               initargs=(splitter, os.getpid(), forked_from_main_thread()))
+    pool = ProcessPoolExecutor(
+        processes,
+        mp_context=mp.get_context("fork"),
+        initializer=_worker_init,
+        initargs=(splitter, os.getpid(), forked_from_main_thread()),
+    )
     pool.submit(int)  # forks every worker now, from this thread, which is the one forked_from_main_thread() saw
     return pool
 
@@ -384,7 +426,7 @@ class _PieceSplitter:
         self.worker_pids: set[int] = set()  # which processes have split text for this encoder (for diagnostics)
 
     @classmethod
-    def for_backend(cls, backend: Any) -> "_PieceSplitter | None":
+    def for_backend(cls, backend: Any) -> _PieceSplitter | None:
         try:
             import regex  # noqa: F401  (a transformers dependency)
             from tokenizers import Tokenizer, pre_tokenizers
@@ -464,7 +506,9 @@ class _PieceSplitter:
         gather = np.repeat(self._tok_start[stream] - tok_cum[:-1], tok_len) + np.arange(total, dtype=np.int64)
         return self._tok_flat[gather], tok_cum[piece_starts], tok_cum[piece_ends] - tok_cum[piece_starts], covered
 
-    def encode_pools(self, batches: Iterable[tuple[Any, Sequence[str]]], processes: int, rust) -> Iterator[tuple[Any, TokenPool]]:
+    def encode_pools(
+        self, batches: Iterable[tuple[Any, Sequence[str]]], processes: int, rust
+    ) -> Iterator[tuple[Any, TokenPool]]:
         from collections import deque
 
         from prmkit.core.workers import stop_pool
@@ -730,8 +774,8 @@ def tokenize_rows(
     if soft:
         token_labels = [IGNORE_INDEX if v == IGNORE_INDEX else v for v in token_labels]
     return {
-        "input_ids": [ids[a:b] for a, b in zip(offsets, offsets[1:])],
-        "labels": [token_labels[a:b] for a, b in zip(offsets, offsets[1:])],
+        "input_ids": [ids[a:b] for a, b in itertools.pairwise(offsets)],
+        "labels": [token_labels[a:b] for a, b in itertools.pairwise(offsets)],
         "num_tokens": batch.num_tokens.tolist(),
         "steps_lost": batch.steps_lost.tolist(),
     }
@@ -745,7 +789,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any]:
         h.update(backend.to_str().encode("utf-8"))
     else:
         for token, idx in sorted(tokenizer.get_vocab().items()):
-            h.update(f"{token}\t{idx}\n".encode("utf-8"))
+            h.update(f"{token}\t{idx}\n".encode())
     h.update(f"bos={tokenizer.bos_token_id}".encode())
     return {
         "name_or_path": str(getattr(tokenizer, "name_or_path", "")),

@@ -42,7 +42,9 @@ def make_tiny_tokenizer(path: Path, bos: bool = False) -> Path:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     specials = ["<|endoftext|>", "<s>"]
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(_CORPUS * 20, trainer=trainer)
     kwargs = {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
     if bos:
@@ -159,8 +161,16 @@ def make_tiny_prm(path: Path, tokenizer_dir: Path, seed: int = 0, step_separator
     from prmkit.tokenization import TokenizationParams
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    cfg = Qwen2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      intermediate_size=128, vocab_size=len(tok), num_labels=2, pad_token_id=tok.pad_token_id)
+    cfg = Qwen2Config(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=len(tok),
+        num_labels=2,
+        pad_token_id=tok.pad_token_id,
+    )
     torch.manual_seed(seed)
     model = AutoModelForTokenClassification.from_config(cfg)
     model.save_pretrained(path)
@@ -169,7 +179,9 @@ def make_tiny_prm(path: Path, tokenizer_dir: Path, seed: int = 0, step_separator
     # transformers picks a model directory's tokenizer class from its config: a Qwen2 config reloads the tokenizer
     # as Qwen2Tokenizer, so only a tokenizer with Qwen2's pipeline comes back unchanged. Scoring must see the same ids.
     probe = "Hence, 9.11 > 9.8.  Step 2: 3 + 5 = 8 (twice)"
-    assert AutoTokenizer.from_pretrained(path)(probe)["input_ids"] == tok(probe)["input_ids"], "tokenizer changed on reload"
+    assert AutoTokenizer.from_pretrained(path)(probe)["input_ids"] == tok(probe)["input_ids"], (
+        "tokenizer changed on reload"
+    )
     return path
 
 
@@ -202,10 +214,41 @@ def tiny_prm_pair(tmp_path_factory, train_tokenizer_dir) -> tuple[Path, Path]:
 
 # --- training fixtures (tests/test_training.py, test_train_cli.py, test_distributed.py) -----------------------------
 
-TRAIN_TINY_MODEL = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-                    "intermediate_size": 128}
-_TRAIN_WORDS = ("add subtract multiply the total apples pencils costs each week hours minutes so we get then "
-                "therefore answer price eraser equation solve both sides divide by").split()
+TRAIN_TINY_MODEL = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 128,
+}
+_TRAIN_WORDS = [
+    "add",
+    "subtract",
+    "multiply",
+    "the",
+    "total",
+    "apples",
+    "pencils",
+    "costs",
+    "each",
+    "week",
+    "hours",
+    "minutes",
+    "so",
+    "we",
+    "get",
+    "then",
+    "therefore",
+    "answer",
+    "price",
+    "eraser",
+    "equation",
+    "solve",
+    "both",
+    "sides",
+    "divide",
+    "by",
+]
 
 
 def write_train_rows(path: Path, n: int = 24, seed: int = 0, soft: bool = False) -> Path:
@@ -222,8 +265,10 @@ def write_train_rows(path: Path, n: int = 24, seed: int = 0, soft: bool = False)
             for k in range(rng.randint(1, 6)):
                 good = rng.random() > 0.25
                 ok = ok and good
-                steps.append(f"Step {k + 1}: {a} + {b + (0 if good else 1)} = {a + b + (0 if good else 1)} "
-                             + " ".join(rng.choices(_TRAIN_WORDS, k=rng.randint(2, 12))))
+                steps.append(
+                    f"Step {k + 1}: {a} + {b + (0 if good else 1)} = {a + b + (0 if good else 1)} "
+                    + " ".join(rng.choices(_TRAIN_WORDS, k=rng.randint(2, 12)))
+                )
                 labels.append(ok)
             if soft and i % 3 == 0:
                 labels = [round(rng.uniform(0.05, 0.95), 3) for _ in labels]
@@ -234,7 +279,7 @@ def write_train_rows(path: Path, n: int = 24, seed: int = 0, soft: bool = False)
 @pytest.fixture(scope="session")
 def train_tokenizer_dir(tmp_path_factory) -> Path:
     """prmkit's example tokenizer (Qwen2's pre-tokenizer, so it loads back identically beside a Qwen2 config)."""
-    from prmkit.train.example import build_example_tokenizer
+    from prmkit.training.example import build_example_tokenizer
 
     path = tmp_path_factory.mktemp("train-tok")
     build_example_tokenizer().save_pretrained(path)
@@ -248,8 +293,14 @@ def tiny_qwen2_config_dir(tmp_path_factory, train_tokenizer_dir) -> Path:
 
     tok = AutoTokenizer.from_pretrained(train_tokenizer_dir)
     path = tmp_path_factory.mktemp("tiny-qwen2")
-    Qwen2Config(**TRAIN_TINY_MODEL, vocab_size=len(tok), num_labels=2, pad_token_id=tok.pad_token_id,
-                eos_token_id=tok.eos_token_id, bos_token_id=None).save_pretrained(path)
+    Qwen2Config(
+        **TRAIN_TINY_MODEL,
+        vocab_size=len(tok),
+        num_labels=2,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=None,
+    ).save_pretrained(path)
     tok.save_pretrained(path)
     return path
 

@@ -1,7 +1,7 @@
 """Several training runs in one multi-process launch, through prmkit's Python API (tests/test_distributed.py).
 
 Launched with `accelerate launch ... tests/dist_driver.py SPEC.json`: every process calls
-``prmkit.train.recipe.train`` once per run in SPEC (the code `prmkit train` runs), so one launch, and its start-up
+``prmkit.training.recipe.train`` once per run in SPEC (the code `prmkit train` runs), so one launch, and its start-up
 cost, serves several runs. SPEC is ``{"out": DIR, "runs": [{"name", "flags", "kill_after_checkpoint"?}]}``; rank 0
 writes each run's summary to DIR/NAME.json. A run with ``kill_after_checkpoint: N`` is killed with SIGKILL, every
 process of the launch at once (the workers, the launcher), at the end of step N + 1, once checkpoint-N is complete:
@@ -47,7 +47,7 @@ def killer(step: int, checkpoint: Path):
 def main(spec_path: str) -> None:
     from prmkit.config.load import load_config
     from prmkit.scoring import end_distributed
-    from prmkit.train.recipe import train
+    from prmkit.training.recipe import train
 
     spec = json.loads(Path(spec_path).read_text())
     out = Path(spec["out"])

@@ -37,14 +37,16 @@ def processbench_records(n: int, seed: int) -> list[dict]:
     for i in range(n):
         steps = [rng.choice(SENTENCES) for _ in range(rng.randint(2, 5))]
         label = -1 if i % 2 == 0 else rng.randrange(len(steps))
-        records.append({
-            "id": f"t-{seed}-{i}",
-            "generator": "test",
-            "problem": PROBLEMS[i % len(PROBLEMS)],
-            "steps": steps,
-            "final_answer_correct": label == -1,
-            "label": label,
-        })
+        records.append(
+            {
+                "id": f"t-{seed}-{i}",
+                "generator": "test",
+                "problem": PROBLEMS[i % len(PROBLEMS)],
+                "steps": steps,
+                "final_answer_correct": label == -1,
+                "label": label,
+            }
+        )
     return records
 
 

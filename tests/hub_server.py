@@ -34,8 +34,9 @@ class Repo:
 
 
 class HubServer:
-    def __init__(self, token: str = "hf_test_token", user: str = "alice", orgs: list[str] | None = None,
-                 role: str = "write"):
+    def __init__(
+        self, token: str = "hf_test_token", user: str = "alice", orgs: list[str] | None = None, role: str = "write"
+    ):
         self.token = token
         self.user = user
         self.orgs = list(orgs or [])
@@ -67,7 +68,7 @@ class HubServer:
     def files(self, repo_id: str, revision: str = "main") -> dict[str, bytes]:
         return self.repos[repo_id].branches[revision]
 
-    def start(self) -> "HubServer":
+    def start(self) -> HubServer:
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
         self._httpd.daemon_threads = True
         threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
@@ -79,7 +80,7 @@ class HubServer:
             self._httpd.server_close()
             self._httpd = None
 
-    def __enter__(self) -> "HubServer":
+    def __enter__(self) -> HubServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -113,11 +114,22 @@ class HubServer:
         tree.update(files)
         oid = hashlib.sha1(json.dumps([repo_id, target, len(self.commits), sorted(tree)]).encode()).hexdigest()
         repo.shas[target] = oid
-        self.commits.append({"repo_id": repo_id, "revision": target, "summary": header.get("summary"),
-                             "description": header.get("description"), "files": files, "deleted": deleted,
-                             "create_pr": create_pr})
-        return {"commitUrl": f"{self.url}/{repo_id}/commit/{oid}", "commitOid": oid,
-                "pullRequestUrl": f"{self.url}/{repo_id}/discussions/{repo.prs}" if create_pr else None}
+        self.commits.append(
+            {
+                "repo_id": repo_id,
+                "revision": target,
+                "summary": header.get("summary"),
+                "description": header.get("description"),
+                "files": files,
+                "deleted": deleted,
+                "create_pr": create_pr,
+            }
+        )
+        return {
+            "commitUrl": f"{self.url}/{repo_id}/commit/{oid}",
+            "commitOid": oid,
+            "pullRequestUrl": f"{self.url}/{repo_id}/discussions/{repo.prs}" if create_pr else None,
+        }
 
 
 def _make_handler(hub: HubServer):
@@ -169,9 +181,15 @@ def _make_handler(hub: HubServer):
         def _route(self, method: str, path: str, query: dict, body: bytes) -> None:
             seg = [unquote(s) for s in path.strip("/").split("/")]
             if method == "GET" and path == "/api/whoami-v2":
-                return self._send(200, {"type": "user", "name": hub.user, "orgs": [{"name": o} for o in hub.orgs],
-                                        "auth": {"type": "access_token",
-                                                 "accessToken": {"displayName": "test", "role": hub.role}}})
+                return self._send(
+                    200,
+                    {
+                        "type": "user",
+                        "name": hub.user,
+                        "orgs": [{"name": o} for o in hub.orgs],
+                        "auth": {"type": "access_token", "accessToken": {"displayName": "test", "role": hub.role}},
+                    },
+                )
             if method == "POST" and path == "/api/validate-yaml":
                 return self._send(200, {})
             if method == "POST" and path == "/api/repos/create":
@@ -184,20 +202,33 @@ def _make_handler(hub: HubServer):
                 return self._send(404, {"error": "Not found"})
             repo_id, rest = f"{seg[2]}/{seg[3]}", seg[4:]
             repo = hub.repos.get(repo_id)
-            if repo is None or (repo.private and not repo_id.startswith(f"{hub.user}/")
-                                and repo_id.split("/")[0] not in hub.orgs):
+            if repo is None or (
+                repo.private and not repo_id.startswith(f"{hub.user}/") and repo_id.split("/")[0] not in hub.orgs
+            ):
                 return self._send(404, {"error": "Repository not found"}, "RepoNotFound")
             verb = rest[0] if rest else "info"
             revision = rest[1] if len(rest) > 1 else "main"
             if verb in ("info", "revision", "tree") and revision not in repo.branches:
                 return self._send(404, {"error": f"Invalid rev id: {revision}"}, "RevisionNotFound")
             if method == "GET" and verb in ("info", "revision"):
-                return self._send(200, {"id": repo_id, "private": repo.private, "sha": repo.shas.get(revision),
-                                        "siblings": [{"rfilename": p} for p in sorted(repo.branches[revision])]})
+                return self._send(
+                    200,
+                    {
+                        "id": repo_id,
+                        "private": repo.private,
+                        "sha": repo.shas.get(revision),
+                        "siblings": [{"rfilename": p} for p in sorted(repo.branches[revision])],
+                    },
+                )
             if method == "GET" and verb == "tree":
                 files = repo.branches[revision]
-                return self._send(200, [{"type": "file", "path": p, "size": len(d), "oid": git_blob_sha1(d)}
-                                        for p, d in sorted(files.items())])
+                return self._send(
+                    200,
+                    [
+                        {"type": "file", "path": p, "size": len(d), "oid": git_blob_sha1(d)}
+                        for p, d in sorted(files.items())
+                    ],
+                )
             if method == "POST" and verb == "branch":
                 if revision in repo.branches:
                     return self._send(409, {"error": "Reference already exists"})
@@ -214,8 +245,10 @@ def _make_handler(hub: HubServer):
                     return self._send(404, {"error": f"Invalid rev id: {revision}"}, "RevisionNotFound")
                 if verb == "preupload":
                     files = json.loads(body)["files"]
-                    return self._send(200, {"files": [{"path": f["path"], "uploadMode": "regular",
-                                                       "shouldIgnore": False} for f in files]})
+                    return self._send(
+                        200,
+                        {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]},
+                    )
                 lines = [json.loads(line) for line in body.splitlines() if line.strip()]
                 create_pr = query.get("create_pr", ["0"])[0] == "1"
                 return self._send(200, hub.commit(repo_id, revision, lines, create_pr))
@@ -225,8 +258,9 @@ def _make_handler(hub: HubServer):
             namespace = payload.get("organization") or hub.user
             repo_id = f"{namespace}/{payload['name']}"
             if namespace != hub.user and namespace not in hub.orgs:
-                return self._send(403, {"error": f"You don't have the rights to create a model under the namespace "
-                                                 f"\"{namespace}\""})
+                return self._send(
+                    403, {"error": f'You don\'t have the rights to create a model under the namespace "{namespace}"'}
+                )
             if hub.role == "read":
                 return self._send(403, {"error": "You don't have the rights to create a model (read token)"})
             if repo_id in hub.repos:

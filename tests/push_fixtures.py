@@ -13,38 +13,68 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hub_server import HubServer
 from typer.testing import CliRunner
 
-from hub_server import HubServer
 from prmkit.cli.app import app
-from prmkit.models.model_dir import build_metadata, write_metadata
 from prmkit.evaluation.report import make_report
+from prmkit.models.model_dir import build_metadata, write_metadata
 from prmkit.tokenization import TokenizationParams
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 QWEN2_TOKENIZER = SHARED / "fixtures" / "qwen2-tokenizer"
 TOKEN = "hf_TestToken_5f3c9a1e7d"
 REPO = "alice/tiny-prm"
-PUSHED = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "prmkit.json",
-          "prmkit_config.yaml", "README.md"}
+PUSHED = {
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "prmkit.json",
+    "prmkit_config.yaml",
+    "README.md",
+}
 _CONFUSION = {"tp": 8, "fp": 2, "tn": 5, "fn": 1}
 FIGURES = {
     "model": "runs/tiny",
     "threshold": 0.5,
     "threshold_source": "default",
     "subsets": {
-        "gsm8k": {"step": {"n": 16, "accuracy": 0.8125, "correct_f1": 0.85, "wrong_f1": 0.7, "prm_score": 0.61,
-                           "auroc": 0.74, "confusion": _CONFUSION}, "by_position": [],
-                  "first_error": {"error_accuracy": 0.5, "correct_accuracy": 0.75, "f1": 0.6}},
-        "math": {"step": {"n": 16, "accuracy": 0.7, "correct_f1": 0.8, "wrong_f1": 0.5, "prm_score": 0.55,
-                          "auroc": 0.66, "confusion": _CONFUSION}, "by_position": [],
-                 "first_error": {"error_accuracy": 0.4, "correct_accuracy": 0.6, "f1": 0.48}},
+        "gsm8k": {
+            "step": {
+                "n": 16,
+                "accuracy": 0.8125,
+                "correct_f1": 0.85,
+                "wrong_f1": 0.7,
+                "prm_score": 0.61,
+                "auroc": 0.74,
+                "confusion": _CONFUSION,
+            },
+            "by_position": [],
+            "first_error": {"error_accuracy": 0.5, "correct_accuracy": 0.75, "f1": 0.6},
+        },
+        "math": {
+            "step": {
+                "n": 16,
+                "accuracy": 0.7,
+                "correct_f1": 0.8,
+                "wrong_f1": 0.5,
+                "prm_score": 0.55,
+                "auroc": 0.66,
+                "confusion": _CONFUSION,
+            },
+            "by_position": [],
+            "first_error": {"error_accuracy": 0.4, "correct_accuracy": 0.6, "f1": 0.48},
+        },
     },
     "mean_f1": 0.54,
 }
 REPORT = make_report({"runs/tiny": FIGURES})
-TEXT = ["What is 2 + 3?\n2 + 3 = 5.\nThe answer is 5.\n", "Tom has 3 apples.\nHe buys 2 more.\nSo he has 5.\n",
-        "Step one.\nStep two.\nSo x = 4.\n"] * 40
+TEXT = [
+    "What is 2 + 3?\n2 + 3 = 5.\nThe answer is 5.\n",
+    "Tom has 3 apples.\nHe buys 2 more.\nSo he has 5.\n",
+    "Step one.\nStep two.\nSo x = 4.\n",
+] * 40
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -89,8 +119,9 @@ def _tiny_tokenizer(path: Path):
     # No pre-tokenizer regex: BPE may then merge across the step boundary ('.\n'), as Qwen2's does.
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<s>", "</s>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<s>", "</s>", "<pad>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     backend.train_from_iterator(TEXT, trainer)
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     tok.save_pretrained(path)
@@ -102,29 +133,61 @@ def _save_tiny_model(path: Path, vocab_size: int) -> None:
     from transformers import AutoModelForTokenClassification, Qwen2Config
 
     torch.manual_seed(0)
-    cfg = Qwen2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      intermediate_size=128, vocab_size=vocab_size, num_labels=2)
+    cfg = Qwen2Config(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=vocab_size,
+        num_labels=2,
+    )
     AutoModelForTokenClassification.from_config(cfg).save_pretrained(path)
 
 
 def _metadata(separator: str = "\n") -> dict:
-    """prmkit.json as `prmkit train` writes it (prmkit/training.py `_save_final`)."""
+    """prmkit.json as `prmkit train` writes it (prmkit/training/save.py `save_final`)."""
     params = TokenizationParams(step_separator=separator, max_length=256, max_prompt_length=128)
     data = {
-        "format": "auto", "formats": {"train": "math-shepherd", "eval": "processbench"},
-        "prm800k_neutral": "negative", "label_threshold": None,
+        "format": "auto",
+        "formats": {"train": "math-shepherd", "eval": "processbench"},
+        "prm800k_neutral": "negative",
+        "label_threshold": None,
         "sources": {"train": "trl-lib/math_shepherd:train[:10%]", "eval": "/data/local/processbench.json"},
-        "fingerprints": {"train": "ab12", "eval": "cd34"}, "cache_key": "0123456789abcdef01234567",
+        "fingerprints": {"train": "ab12", "eval": "cd34"},
+        "cache_key": "0123456789abcdef01234567",
         "splits": {"train": {"rows_kept": 1200, "steps": 5400}, "eval": {"rows_kept": 40, "steps": 160}},
     }
-    training = {"learning_rate": 2e-5, "num_train_epochs": 1, "per_device_train_batch_size": 4, "seed": 42,
-                "report_to": "none", "logging_steps": 10, "save_strategy": "steps", "save_steps": 500,
-                "disable_dropout": True, "world_size": 1, "effective_batch_size": 4, "global_step": 300,
-                "epochs": 1.0, "train_loss": 0.61, "final_loss": 0.55, "eval": {"loss": 0.5}, "seconds": 12.5}
+    training = {
+        "learning_rate": 2e-5,
+        "num_train_epochs": 1,
+        "per_device_train_batch_size": 4,
+        "seed": 42,
+        "report_to": "none",
+        "logging_steps": 10,
+        "save_strategy": "steps",
+        "save_steps": 500,
+        "disable_dropout": True,
+        "world_size": 1,
+        "effective_batch_size": 4,
+        "global_step": 300,
+        "epochs": 1.0,
+        "train_loss": 0.61,
+        "final_loss": 0.55,
+        "eval": {"loss": 0.5},
+        "seconds": 12.5,
+    }
     return build_metadata(
-        params, "Qwen/Qwen2-0.5B", data=data, tokenizer={"class": "PreTrainedTokenizerFast"},
-        extra={"training": training, "lora": None, "batching": "padded",
-               "model": {"init_from_config": False, "dtype": "auto", "attn_implementation": None}},
+        params,
+        "Qwen/Qwen2-0.5B",
+        data=data,
+        tokenizer={"class": "PreTrainedTokenizerFast"},
+        extra={
+            "training": training,
+            "lora": None,
+            "batching": "padded",
+            "model": {"init_from_config": False, "dtype": "auto", "attn_implementation": None},
+        },
     )
 
 

@@ -1,4 +1,5 @@
-"""prmkit.train.batching and prmkit.train.kernels: collation without per-token loops, packing with a variable-length attention
+"""prmkit.training.batching and prmkit.training.kernels: collation without per-token loops, packing with a
+variable-length attention
 kernel (FlexAttention here, flash-attention on a GPU), `batching: auto`, Liger's gate and torch_compile."""
 
 from __future__ import annotations
@@ -8,11 +9,11 @@ import random
 import numpy as np
 import pytest
 import torch
-
 from conftest import TRAIN_TINY_MODEL, write_train_rows
-from prmkit.train.batching import StepCollator, resolve_batching
+
 from prmkit.kinds.heads import step_loss
 from prmkit.tokenization import IGNORE_INDEX
+from prmkit.training.batching import StepCollator, resolve_batching
 
 
 def _rows(n: int = 7, soft: bool = False, seed: int = 0):
@@ -33,13 +34,17 @@ def _reference(feats, mode, pad, soft):
     ids = [[int(t) for t in f["input_ids"]] for f in feats]
     labels = [[(float if soft else int)(x) for x in f["labels"]] for f in feats]
     if mode == "packed":
-        return {"input_ids": torch.tensor([[t for s in ids for t in s]]),
-                "position_ids": torch.tensor([[p for s in ids for p in range(len(s))]]),
-                "labels": torch.tensor([[x for s in labels for x in s]], dtype=ldtype)}
+        return {
+            "input_ids": torch.tensor([[t for s in ids for t in s]]),
+            "position_ids": torch.tensor([[p for s in ids for p in range(len(s))]]),
+            "labels": torch.tensor([[x for s in labels for x in s]], dtype=ldtype),
+        }
     width = max(len(s) for s in ids)
-    return {"input_ids": torch.tensor([s + [pad] * (width - len(s)) for s in ids]),
-            "labels": torch.tensor([s + [IGNORE_INDEX] * (width - len(s)) for s in labels], dtype=ldtype),
-            "attention_mask": torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in ids])}
+    return {
+        "input_ids": torch.tensor([s + [pad] * (width - len(s)) for s in ids]),
+        "labels": torch.tensor([s + [IGNORE_INDEX] * (width - len(s)) for s in labels], dtype=ldtype),
+        "attention_mask": torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in ids]),
+    }
 
 
 @pytest.mark.parametrize("soft", [False, True])
@@ -48,9 +53,14 @@ def _reference(feats, mode, pad, soft):
 def test_collator_equals_the_per_token_reference(mode, soft, as_numpy):
     feats = _rows(soft=soft)
     if as_numpy:  # what a dataset formatted as numpy hands the collator in training
-        feats = [{"input_ids": np.asarray(f["input_ids"], dtype=np.int32),
-                  "labels": np.asarray(f["labels"], dtype=np.float32 if soft else np.int64), "row": np.int64(f["row"])}
-                 for f in feats]
+        feats = [
+            {
+                "input_ids": np.asarray(f["input_ids"], dtype=np.int32),
+                "labels": np.asarray(f["labels"], dtype=np.float32 if soft else np.int64),
+                "row": np.int64(f["row"]),
+            }
+            for f in feats
+        ]
     batch = StepCollator(7, mode, soft_labels=soft, causal=False)(feats)
     expected = _reference(feats, mode, 7, soft)
     for key, value in expected.items():
@@ -66,8 +76,14 @@ def _tiny(tok, attn: str, seed: int = 0):
     from transformers import AutoModelForTokenClassification, Qwen2Config
 
     torch.manual_seed(seed)
-    config = Qwen2Config(**TRAIN_TINY_MODEL, vocab_size=len(tok), num_labels=2, pad_token_id=tok.pad_token_id,
-                         use_cache=False, classifier_dropout=0.0)
+    config = Qwen2Config(
+        **TRAIN_TINY_MODEL,
+        vocab_size=len(tok),
+        num_labels=2,
+        pad_token_id=tok.pad_token_id,
+        use_cache=False,
+        classifier_dropout=0.0,
+    )
     return AutoModelForTokenClassification.from_config(config, attn_implementation=attn, dtype=torch.float32)
 
 
@@ -77,8 +93,13 @@ def _features(tok, path, n=8):
     from prmkit.tokenization import TokenizationParams, tokenize_rows
 
     rows = [json.loads(line) for line in path.read_text().splitlines()[:n]]
-    cols = tokenize_rows(tok, [r["prompt"] for r in rows], [r["completions"] for r in rows],
-                         [[int(x) for x in r["labels"]] for r in rows], TokenizationParams())
+    cols = tokenize_rows(
+        tok,
+        [r["prompt"] for r in rows],
+        [r["completions"] for r in rows],
+        [[int(x) for x in r["labels"]] for r in rows],
+        TokenizationParams(),
+    )
     return [{"input_ids": i, "labels": lab} for i, lab in zip(cols["input_ids"], cols["labels"])]
 
 
@@ -170,8 +191,9 @@ def test_auto_batching_packs_only_on_cuda_with_a_varlen_kernel():
 
 
 def test_varlen_kernels_respect_the_model_class():
-    from prmkit.train.kernels import model_class_for, varlen_kernels_available
     from transformers import Qwen2Config
+
+    from prmkit.training.kernels import model_class_for, varlen_kernels_available
 
     cls = model_class_for(Qwen2Config())
     assert cls.__name__ == "Qwen2ForTokenClassification"
@@ -192,7 +214,7 @@ def test_varlen_kernels_respect_the_model_class():
 
 def test_liger_is_gated_to_what_applies_to_a_prm():
     from prmkit.errors import ConfigError
-    from prmkit.train.kernels import LIGER_DEFAULTS, liger_kernel_config
+    from prmkit.training.kernels import LIGER_DEFAULTS, liger_kernel_config
 
     with pytest.raises(ConfigError, match="not installed") as err:
         liger_kernel_config(None, cuda=True, installed=False)
@@ -210,7 +232,7 @@ def test_liger_is_gated_to_what_applies_to_a_prm():
 def test_liger_on_cpu_is_a_config_error_before_training(tmp_path, tiny_qwen2_config_dir):
     from prmkit.config.load import load_config
     from prmkit.errors import ConfigError
-    from prmkit.train.recipe import build_training_arguments
+    from prmkit.training.recipe import build_training_arguments
 
     cfg = load_config(None, ["train.use_liger_kernel=true", f"train.output_dir={tmp_path / 'o'}"])
     with pytest.raises(ConfigError, match="train.use_liger_kernel"):
@@ -221,7 +243,7 @@ def test_a_replaced_forward_is_refused(train_tokenizer_dir):
     from transformers import AutoTokenizer
 
     from prmkit.errors import ConfigError
-    from prmkit.train.kernels import check_forward_untouched
+    from prmkit.training.kernels import check_forward_untouched
 
     model = _tiny(AutoTokenizer.from_pretrained(train_tokenizer_dir), "sdpa")
     check_forward_untouched(model)
@@ -238,13 +260,22 @@ def test_torch_compile_passes_through_and_trains_the_same(tmp_path, tiny_qwen2_c
     import torch._dynamo
 
     from prmkit.config.load import load_config
-    from prmkit.train.recipe import train
+    from prmkit.training.recipe import train
 
     def cfg(out, **extra):
-        flags = {"model.name_or_path": str(tiny_qwen2_config_dir), "model.init_from_config": True,
-                 "data.train": str(write_train_rows(tmp_path / "rows.jsonl", n=8)), "train.output_dir": str(tmp_path / out),
-                 "train.per_device_train_batch_size": 4, "train.max_steps": 2, "train.logging_steps": 1,
-                 "train.save_strategy": "no", "train.learning_rate": 1e-3, "train.seed": 0, **extra}
+        flags = {
+            "model.name_or_path": str(tiny_qwen2_config_dir),
+            "model.init_from_config": True,
+            "data.train": str(write_train_rows(tmp_path / "rows.jsonl", n=8)),
+            "train.output_dir": str(tmp_path / out),
+            "train.per_device_train_batch_size": 4,
+            "train.max_steps": 2,
+            "train.logging_steps": 1,
+            "train.save_strategy": "no",
+            "train.learning_rate": 1e-3,
+            "train.seed": 0,
+            **extra,
+        }
         return load_config(None, None, flags)
 
     eager = train(cfg("eager"))

@@ -1,4 +1,5 @@
-"""The batch budget sized to a device: a pure function of free memory and the model's dimensions, checked with numbers."""
+"""The batch budget sized to a device: a pure function of free memory and the model's dimensions, checked with
+numbers."""
 
 from __future__ import annotations
 

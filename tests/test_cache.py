@@ -15,15 +15,27 @@ from typer.testing import CliRunner
 from prmkit.cli.app import app
 from prmkit.config.load import load_config
 from prmkit.core.filenames import METADATA_FILE
-from prmkit.models.loading import load_tokenizer
 from prmkit.data.prepare import prepare_splits
+from prmkit.models.loading import load_tokenizer
 
 runner = CliRunner()
 
 ROWS = [
-    {"prompt": "Which number is larger, 9.8 or 9.11?", "completions": ["11 is greater than 8.", "Hence, 9.11 > 9.8."], "labels": [True, False]},
-    {"prompt": "Let's call the price of a pencil p.", "completions": ["The first equation is 3p + e = 124."], "labels": [True]},
-    {"prompt": "So the answer is 42.", "completions": ["We check: 6 * 7 = 42.", "So the answer is 42."], "labels": [0.25, 1]},
+    {
+        "prompt": "Which number is larger, 9.8 or 9.11?",
+        "completions": ["11 is greater than 8.", "Hence, 9.11 > 9.8."],
+        "labels": [True, False],
+    },
+    {
+        "prompt": "Let's call the price of a pencil p.",
+        "completions": ["The first equation is 3p + e = 124."],
+        "labels": [True],
+    },
+    {
+        "prompt": "So the answer is 42.",
+        "completions": ["We check: 6 * 7 = 42.", "So the answer is 42."],
+        "labels": [0.25, 1],
+    },
 ]
 
 
@@ -75,7 +87,7 @@ def test_damaged_cache_is_rebuilt_with_a_notice(source, tiny_tokenizer_dir, capl
     elif damage == "zero":
         # Same size, zeroed bytes in the middle of the token ids: Arrow still loads it, with altered rows.
         middle = len(data) // 2
-        arrow.write_bytes(data[:middle] + bytes(64) + data[middle + 64:])
+        arrow.write_bytes(data[:middle] + bytes(64) + data[middle + 64 :])
     else:
         import shutil
 
@@ -83,8 +95,11 @@ def test_damaged_cache_is_rebuilt_with_a_notice(source, tiny_tokenizer_dir, capl
     caplog.set_level(logging.INFO, logger="prmkit")
     again = prepare(tiny_tokenizer_dir, source)
     assert not again.cache_hit and again.path == first.path
-    reason = {"truncate": f"has {len(data) // 2} bytes, but {len(data)} were written",
-              "zero": "does not match the checksum recorded when it was written", "delete_split": "is missing"}[damage]
+    reason = {
+        "truncate": f"has {len(data) // 2} bytes, but {len(data)} were written",
+        "zero": "does not match the checksum recorded when it was written",
+        "delete_split": "is missing",
+    }[damage]
     [notice] = warnings(caplog)
     assert notice.startswith(f"{first.path}: train/") and reason in notice and notice.endswith("; rebuilding it")
     assert rows_of(again) == expected
@@ -173,8 +188,19 @@ def test_train_rebuilds_a_damaged_cache(tmp_path, source, tiny_qwen2_config_dir)
     from conftest import write_train_rows
 
     rows = write_train_rows(tmp_path / "train.jsonl", n=8)
-    args = ["train", "-m", str(tiny_qwen2_config_dir), "--train", str(rows), "--set", "model.init_from_config=true",
-            "--max-steps", "1", "--set", "train.per_device_train_batch_size=4"]
+    args = [
+        "train",
+        "-m",
+        str(tiny_qwen2_config_dir),
+        "--train",
+        str(rows),
+        "--set",
+        "model.init_from_config=true",
+        "--max-steps",
+        "1",
+        "--set",
+        "train.per_device_train_batch_size=4",
+    ]
     assert runner.invoke(app, [*args, "-o", str(tmp_path / "a")]).exit_code == 0
     [entry] = (Path(os.environ["PRMKIT_CACHE"]) / "prepared").iterdir()
     arrow = arrow_file(entry)
@@ -187,10 +213,12 @@ def test_train_rebuilds_a_damaged_cache(tmp_path, source, tiny_qwen2_config_dir)
 
 
 def test_cached_example_model_is_verified_and_rebuilt(tmp_path, caplog):
-    from prmkit.train.example import MANIFEST_FILE, example_base_dir
+    from prmkit.training.example import MANIFEST_FILE, example_base_dir
 
     first = example_base_dir(str(tmp_path / "cache"))
-    assert json.loads((first / MANIFEST_FILE).read_text())["config.json"]["size"] == (first / "config.json").stat().st_size
+    assert (
+        json.loads((first / MANIFEST_FILE).read_text())["config.json"]["size"] == (first / "config.json").stat().st_size
+    )
     assert example_base_dir(str(tmp_path / "cache")) == first
     good = (first / "tokenizer.json").read_bytes()
     (first / "tokenizer.json").write_bytes(good[:-10])

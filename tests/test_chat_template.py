@@ -8,8 +8,10 @@ import pytest
 
 from prmkit.kinds.chat_template import TemplateLimitError, render_chat
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 HI = [{"role": "user", "content": "hi"}]
 
 
@@ -24,25 +26,35 @@ def tok(tmp_path_factory):
     return tok
 
 
-@pytest.mark.parametrize("template", [
-    None,  # the tokenizer's own
-    "{{ bos_token }}{% for m in messages %}{{ loop.index }}/{{ loop.length }} {{ m.content | tojson }}"
-    "{% if loop.last %}!{% endif %}{% generation %}{{ m.role ~ '.' }}{% endgeneration %}{% endfor %}"
-    "{{ '%s|%5d|{:>4}'.format('x') % ('y', 7) }}{{ 'a b'.split(' ') | join('-') }}{{ raise_exception is defined }}",
-])
+@pytest.mark.parametrize(
+    "template",
+    [
+        None,  # the tokenizer's own
+        "{{ bos_token }}{% for m in messages %}{{ loop.index }}/{{ loop.length }} {{ m.content | tojson }}"
+        "{% if loop.last %}!{% endif %}{% generation %}{{ m.role ~ '.' }}{% endgeneration %}{% endfor %}"
+        "{{ '%s|%5d|{:>4}'.format('x') % ('y', 7) }}{{ 'a b'.split(' ') | join('-') }}{{ raise_exception is defined }}",
+    ],
+)
 def test_renders_as_apply_chat_template(tok, template):
-    messages = [{"role": "user", "content": 'a "quoted" <|im_end|> step'}, {"role": "assistant", "content": "+"},
-                {"role": "user", "content": "step 2"}, {"role": "assistant", "content": "-"}]
+    messages = [
+        {"role": "user", "content": 'a "quoted" <|im_end|> step'},
+        {"role": "assistant", "content": "+"},
+        {"role": "user", "content": "step 2"},
+        {"role": "assistant", "content": "-"},
+    ]
     want = tok.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=False)
     assert render_chat(tok, messages, template) == want
 
 
-@pytest.mark.parametrize("template", [
-    "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
-    # No call, filter or output inside the loops: only the loops' own iteration can stop them.
-    "{% set r = range(100000) %}{% for i in r %}{% for j in r %}{% endfor %}{% endfor %}",
-    "{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}{{ f(60) }}",
-])
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+        # No call, filter or output inside the loops: only the loops' own iteration can stop them.
+        "{% set r = range(100000) %}{% for i in r %}{% for j in r %}{% endfor %}{% endfor %}",
+        "{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}{{ f(60) }}",
+    ],
+)
 def test_a_runaway_template_stops_at_the_time_limit(tok, template):
     start = time.monotonic()
     with pytest.raises(TemplateLimitError, match=r"rendering took longer than 0.3 s"):
@@ -50,20 +62,23 @@ def test_a_runaway_template_stops_at_the_time_limit(tok, template):
     assert time.monotonic() - start < 3
 
 
-@pytest.mark.parametrize("template, what", [
-    ("{{ 'x' * 10**9 }}", "a value of more than 16,777,216 characters"),
-    ("{{ [0] * 10**9 }}", "a value of more than"),
-    ("{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}", "a value"),
-    ("{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s + ns.s %}{% endfor %}", "a value"),
-    ("{% for i in range(100000) %}{{ 'y' * 1000 }}{% endfor %}", "a rendering of more than"),
-    ("{{ 'x'.ljust(10**9) }}", "an argument of more than"),
-    ("{{ 'x' | center(10**9) }}", "an argument of more than"),
-    ("{{ lipsum(10**6) }}", "'lipsum' is undefined"),  # a million paragraphs of lorem ipsum
-    ("{{ '%999999999d' % 1 }}", "a format string with a width"),
-    ("{{ '{:>999999999}'.format(1) }}", "a format string with a width"),
-    ("{{ ('a' * 100000).replace('', 'x' * 1000) }}", "a value of more than"),
-    ("{{ 10 ** (10 ** 9) }}", "an integer power"),
-])
+@pytest.mark.parametrize(
+    "template, what",
+    [
+        ("{{ 'x' * 10**9 }}", "a value of more than 16,777,216 characters"),
+        ("{{ [0] * 10**9 }}", "a value of more than"),
+        ("{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}", "a value"),
+        ("{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s + ns.s %}{% endfor %}", "a value"),
+        ("{% for i in range(100000) %}{{ 'y' * 1000 }}{% endfor %}", "a rendering of more than"),
+        ("{{ 'x'.ljust(10**9) }}", "an argument of more than"),
+        ("{{ 'x' | center(10**9) }}", "an argument of more than"),
+        ("{{ lipsum(10**6) }}", "'lipsum' is undefined"),  # a million paragraphs of lorem ipsum
+        ("{{ '%999999999d' % 1 }}", "a format string with a width"),
+        ("{{ '{:>999999999}'.format(1) }}", "a format string with a width"),
+        ("{{ ('a' * 100000).replace('', 'x' * 1000) }}", "a value of more than"),
+        ("{{ 10 ** (10 ** 9) }}", "an integer power"),
+    ],
+)
 def test_a_template_cannot_build_a_huge_value(tok, template, what):
     start = time.monotonic()
     with pytest.raises(Exception, match=what):

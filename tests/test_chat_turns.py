@@ -11,9 +11,9 @@ import time
 import pytest
 
 from prmkit.errors import UsageError
+from prmkit.kinds.encoder import KindEncoder
 from prmkit.kinds.registry import CHAT_PLUS_MINUS
 from prmkit.kinds.spec import KindSettings
-from prmkit.kinds.encoder import KindEncoder
 from tests.conftest import requires_shared
 from tests.test_kinds import CHATML_TEMPLATE, LLAMA3_TEMPLATE, _tokenizer
 
@@ -51,8 +51,16 @@ COUNT_TEMPLATE = (
 ROWS = [
     ("What is 6 * 7?", ["So the answer is 42."]),
     ("Which number is larger, 9.8 or 9.11?", ["11 is greater than 8.", "Hence, 9.11 > 9.8.", "So the answer is 42."]),
-    ("The first equation is 3p + e = 124.", ["Let's call the price of a pencil p.", "3 hours + 5 hours = 8 + 0",
-                                              "  padded step  ", "ünïcödé + 😀 step", "We check: 6 * 7 = 42. +"]),
+    (
+        "The first equation is 3p + e = 124.",
+        [
+            "Let's call the price of a pencil p.",
+            "3 hours + 5 hours = 8 + 0",
+            "  padded step  ",
+            "ünïcödé + 😀 step",
+            "We check: 6 * 7 = 42. +",
+        ],
+    ),
     ("Count.", [f"Step {k}: add {k} + {k + 1} to x." for k in range(40)]),
     ("Many.", [f"x{k} = {k % 7} + {k % 3}" for k in range(300)]),  # rendered in several rounds under a limit
 ]
@@ -106,8 +114,12 @@ def new_encode(tok, max_length, items):
 
 @pytest.fixture(scope="module")
 def tiny_llama_tokenizer(tmp_path_factory):
-    return _tokenizer(tmp_path_factory.mktemp("chat-tok"), specials=LLAMA3_SPECIALS + ["<|im_start|>", "<|im_end|>"],
-                      template=LLAMA3_TEMPLATE, bos=True)
+    return _tokenizer(
+        tmp_path_factory.mktemp("chat-tok"),
+        specials=[*LLAMA3_SPECIALS, "<|im_start|>", "<|im_end|>"],
+        template=LLAMA3_TEMPLATE,
+        bos=True,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -128,9 +140,11 @@ def _with_template(tok, template):
     return tok
 
 
-@pytest.mark.parametrize("template", [LLAMA3_TEMPLATE, CHATML_TEMPLATE, NUMBERED_TEMPLATE, PLAIN_TEMPLATE,
-                                      CONTENT_TEMPLATE, TRAILING_PLUS_TEMPLATE],
-                         ids=["llama3", "chatml", "numbered", "plain", "content", "trailing-plus"])
+@pytest.mark.parametrize(
+    "template",
+    [LLAMA3_TEMPLATE, CHATML_TEMPLATE, NUMBERED_TEMPLATE, PLAIN_TEMPLATE, CONTENT_TEMPLATE, TRAILING_PLUS_TEMPLATE],
+    ids=["llama3", "chatml", "numbered", "plain", "content", "trailing-plus"],
+)
 @pytest.mark.parametrize("max_length", [None, 1, 30, 200, 5000])
 def test_chat_encoding_is_the_turn_by_turn_encoding(tiny_llama_tokenizer, template, max_length):
     tok = _with_template(tiny_llama_tokenizer, template)
@@ -146,25 +160,108 @@ def test_chat_encoding_is_the_turn_by_turn_encoding(tiny_llama_tokenizer, templa
     if max_length == 200:  # the long rows are cut, and their later turns have no position
         assert len(got[3][0]) == 200 and got[3][1][-1] == -1 and got[3][1][0] >= 0
     if max_length == 5000:
-        assert len(got[4][0]) == 5000 and 0 < got[4][1][100] and got[4][1][-1] == -1
+        assert len(got[4][0]) == 5000 and got[4][1][100] > 0 and got[4][1][-1] == -1
 
 
 @requires_shared
 @pytest.mark.parametrize("max_length", [None, 64, 1000])
 def test_chat_encoding_with_the_qwen2_tokenizer_is_the_turn_by_turn_encoding(qwen2_llama3_tokenizer, max_length):
     tok = _with_template(qwen2_llama3_tokenizer, LLAMA3_TEMPLATE)
-    rows = ROWS + [("Long.", [f"Step {k}: x = {k} * 3 + 1, so x ≈ {k * 3.5}." for k in range(120)])]
+    rows = [*ROWS, ("Long.", [f"Step {k}: x = {k} * 3 + 1, so x ≈ {k * 3.5}." for k in range(120)])]
     got = new_encode(tok, max_length, rows)
     assert got == old_encode(tok, max_length, rows)
 
 
 RECORDED = [  # from the encoder before issue #24, with the real Qwen2 BPE and Llama 3's template: (ids, positions)
-    ([151646, 872, 151647, 271, 3838, 374, 220, 21, 353, 220, 22, 30, 2055, 279, 4226, 374, 220, 19, 17, 13, 151648,
-      151646, 77091, 151647, 271, 10, 151648, 151646, 872, 151647, 271, 87, 488, 220, 16, 151648, 151646, 77091, 151647,
-      271, 10, 151648], [24, 39]),
-    ([151646, 872, 151647, 271, 48, 264, 151648, 151646, 77091, 151647, 271, 10, 151648, 151646, 872, 151647, 271, 65,
-      151648, 151646, 77091, 151647, 271, 10, 151648, 151646, 872, 151647, 271, 66, 151648, 151646, 77091, 151647, 271,
-      10, 151648], [10, 22, 34]),
+    (
+        [
+            151646,
+            872,
+            151647,
+            271,
+            3838,
+            374,
+            220,
+            21,
+            353,
+            220,
+            22,
+            30,
+            2055,
+            279,
+            4226,
+            374,
+            220,
+            19,
+            17,
+            13,
+            151648,
+            151646,
+            77091,
+            151647,
+            271,
+            10,
+            151648,
+            151646,
+            872,
+            151647,
+            271,
+            87,
+            488,
+            220,
+            16,
+            151648,
+            151646,
+            77091,
+            151647,
+            271,
+            10,
+            151648,
+        ],
+        [24, 39],
+    ),
+    (
+        [
+            151646,
+            872,
+            151647,
+            271,
+            48,
+            264,
+            151648,
+            151646,
+            77091,
+            151647,
+            271,
+            10,
+            151648,
+            151646,
+            872,
+            151647,
+            271,
+            65,
+            151648,
+            151646,
+            77091,
+            151647,
+            271,
+            10,
+            151648,
+            151646,
+            872,
+            151647,
+            271,
+            66,
+            151648,
+            151646,
+            77091,
+            151647,
+            271,
+            10,
+            151648,
+        ],
+        [10, 22, 34],
+    ),
 ]
 
 

@@ -10,9 +10,15 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import fake_checkpoint, write_train_rows
-from prmkit.core.checkpoints import INCOMPLETE_PREFIX, MARKER, checkpoint_problem, latest_complete_checkpoint, safetensors_problem
+
+from prmkit.core.checkpoints import (
+    INCOMPLETE_PREFIX,
+    MARKER,
+    checkpoint_problem,
+    latest_complete_checkpoint,
+    safetensors_problem,
+)
 
 
 def _truncate(path: Path, keep: int) -> None:
@@ -94,7 +100,7 @@ def test_the_newest_complete_checkpoint_is_chosen_and_newer_ones_are_named(tmp_p
 def test_resume_skips_a_partial_checkpoint_says_why_and_sets_it_aside(tmp_path, tiny_qwen2_config_dir, caplog):
     from test_training import make_cfg
 
-    from prmkit.train.recipe import train
+    from prmkit.training.recipe import train
 
     rows = write_train_rows(tmp_path / "train.jsonl", n=16)
     keys = {"train__max_steps": 4, "train__save_steps": 1, "train__save_total_limit": 2}
@@ -117,9 +123,12 @@ def test_resume_skips_a_partial_checkpoint_says_why_and_sets_it_aside(tmp_path, 
     # A longer schedule on purpose: said with accept_changes (the CLI's --resume-with-changes).
     result = train(make_cfg(tmp_path, tiny_qwen2_config_dir, rows, **longer), resume=True, accept_changes=True)
     assert result.resumed_from == str(out / "checkpoint-4") and result.global_step == 6
-    assert result.skipped_checkpoints == [{"checkpoint": str(partial),
-                                           "reason": "no trainer_state.json and no completion marker: "
-                                                     "the run stopped while writing it"}]
+    assert result.skipped_checkpoints == [
+        {
+            "checkpoint": str(partial),
+            "reason": "no trainer_state.json and no completion marker: the run stopped while writing it",
+        }
+    ]
     assert any("skipping checkpoint-6: incomplete" in r.getMessage() for r in caplog.records)
     # Set aside under a name transformers ignores, and step 6 written afresh, complete.
     assert (out / f"{INCOMPLETE_PREFIX}checkpoint-6" / "model.safetensors").stat().st_size == 1000
@@ -130,7 +139,7 @@ def test_resume_skips_a_partial_checkpoint_says_why_and_sets_it_aside(tmp_path, 
 @pytest.mark.slow
 def test_resume_with_no_complete_checkpoint_is_one_line_not_a_traceback(tmp_path):
     from prmkit.config.load import dump_config, load_config
-    from prmkit.train.recipe import resolve_config
+    from prmkit.training.recipe import resolve_config
 
     out = tmp_path / "run"
     cfg = resolve_config(load_config(None, None, {"train.output_dir": str(out), "train.example": True}))
@@ -140,11 +149,17 @@ def test_resume_with_no_complete_checkpoint_is_one_line_not_a_traceback(tmp_path
     _truncate(partial / "model.safetensors", 20)
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     # The example model was built in this test's cache (PRMKIT_CACHE), which the subprocess inherits.
-    proc = subprocess.run([sys.executable, "-m", "prmkit", "train", "--example", "-o", str(out), "--resume"],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "prmkit", "train", "--example", "-o", str(out), "--resume"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr
-    assert "nothing to resume: no complete checkpoint (checkpoint-2; checkpoint-2: model.safetensors is truncated" \
+    assert (
+        "nothing to resume: no complete checkpoint (checkpoint-2; checkpoint-2: model.safetensors is truncated"
         in proc.stderr
+    )
     assert "--overwrite" in proc.stderr and "Traceback" not in proc.stderr
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # nothing touched
 
@@ -153,7 +168,7 @@ def test_an_explicit_resume_path_is_checked(tmp_path, tiny_qwen2_config_dir):
     from test_training import make_cfg
 
     from prmkit.errors import UsageError
-    from prmkit.train.run_dir import plan_output_dir
+    from prmkit.training.run_dir import plan_output_dir
 
     rows = write_train_rows(tmp_path / "rows.jsonl", n=4)
     cfg = make_cfg(tmp_path, tiny_qwen2_config_dir, rows)

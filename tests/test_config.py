@@ -11,8 +11,8 @@ from conftest import ROOT
 from typer.testing import CliRunner
 
 from prmkit.cli.app import app
-from prmkit.config.schema import SECTIONS, Config
 from prmkit.config.load import load_config, render_template
+from prmkit.config.schema import SECTIONS, Config
 from prmkit.errors import ConfigError
 
 runner = CliRunner()
@@ -36,7 +36,7 @@ def test_defaults_follow_the_contract():
 
 
 def test_precedence_defaults_file_set_flags(tmp_path):
-    path = write(tmp_path, "data:\n  max_length: 2048\n  step_separator: \"\\n\\n\"\nmodel:\n  name_or_path: a\n")
+    path = write(tmp_path, 'data:\n  max_length: 2048\n  step_separator: "\\n\\n"\nmodel:\n  name_or_path: a\n')
     cfg = load_config(path)
     assert cfg.data.max_length == 2048 and cfg.data.step_separator == "\n\n" and cfg.model.name_or_path == "a"
     assert cfg.data.max_prompt_length is None  # untouched default (TRL 1.13 has no prompt limit)
@@ -57,7 +57,9 @@ def test_tokenizer_defaults_to_the_model():
 
 
 def test_train_section_takes_training_arguments(tmp_path):
-    cfg = load_config(write(tmp_path, "train:\n  learning_rate: 2e-5\n  num_train_epochs: 3\n  bf16: false\n  batching: grouped\n"))
+    cfg = load_config(
+        write(tmp_path, "train:\n  learning_rate: 2e-5\n  num_train_epochs: 3\n  bf16: false\n  batching: grouped\n")
+    )
     assert cfg.training_arguments["learning_rate"] == pytest.approx(2e-5)
     assert cfg.training_arguments["num_train_epochs"] == 3
     assert cfg.train.batching == "grouped"
@@ -118,7 +120,9 @@ def test_config_init_and_show_cli(tmp_path):
 
 
 def test_help_lists_every_subcommand_and_python_m_works():
-    proc = subprocess.run([sys.executable, "-m", "prmkit", "--help"], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "prmkit", "--help"], capture_output=True, text=True, cwd=ROOT, timeout=60
+    )
     assert proc.returncode == 0
     for name in ("prepare", "train", "eval", "score", "push", "config"):
         assert name in proc.stdout
@@ -149,12 +153,18 @@ def test_yaml_no_for_strategies_and_epoch_default(tmp_path):
         ("train.learning_rate=.inf", "train.learning_rate: inf is out of range; expected > 0"),
         ("train.num_train_epochs=0", "train.num_train_epochs: 0 is out of range; expected > 0"),
         ("train.max_steps=0", "train.max_steps: 0 is out of range; expected >= 1 or -1"),
-        ("train.per_device_train_batch_size=0",
-         "train.per_device_train_batch_size: 0 is out of range; expected in [1, 2147483647] (rows per device)"),
-        ("train.per_device_eval_batch_size=1e20",  # PyYAML reads 1e20 as a string
-         "train.per_device_eval_batch_size: 100000000000000000000 is out of range; expected in [1, 2147483647]"),
-        ("train.per_device_train_batch_size=2.5e0",
-         "train.per_device_train_batch_size: expected an integer, got '2.5e0'"),
+        (
+            "train.per_device_train_batch_size=0",
+            "train.per_device_train_batch_size: 0 is out of range; expected in [1, 2147483647] (rows per device)",
+        ),
+        (
+            "train.per_device_eval_batch_size=1e20",  # PyYAML reads 1e20 as a string
+            "train.per_device_eval_batch_size: 100000000000000000000 is out of range; expected in [1, 2147483647]",
+        ),
+        (
+            "train.per_device_train_batch_size=2.5e0",
+            "train.per_device_train_batch_size: expected an integer, got '2.5e0'",
+        ),
         ("train.per_device_train_batch_size=2.5", "train.per_device_train_batch_size: expected an integer, got 2.5"),
         ("train.gradient_accumulation_steps=-1", "train.gradient_accumulation_steps: -1 is out of range"),
         ("train.warmup_steps=-2", "train.warmup_steps: -2 is out of range; expected >= 0"),
@@ -175,9 +185,19 @@ def test_numeric_keys_are_range_checked(override, expected):
 
 
 def test_range_boundaries_and_null_are_accepted():
-    cfg = load_config(None, ["data.max_length=1", "data.max_prompt_length=0", "data.max_completion_length=null",
-                             "data.label_threshold=0", "score.threshold=1", "train.max_steps=-1",
-                             "train.warmup_steps=0", "train.lora={r: 1, alpha: 0.5, dropout: 0}"])
+    cfg = load_config(
+        None,
+        [
+            "data.max_length=1",
+            "data.max_prompt_length=0",
+            "data.max_completion_length=null",
+            "data.label_threshold=0",
+            "score.threshold=1",
+            "train.max_steps=-1",
+            "train.warmup_steps=0",
+            "train.lora={r: 1, alpha: 0.5, dropout: 0}",
+        ],
+    )
     assert (cfg.data.max_length, cfg.data.max_prompt_length, cfg.data.max_completion_length) == (1, 0, None)
     assert cfg.training_arguments["max_steps"] == -1 and cfg.train.lora == {"r": 1, "alpha": 0.5, "dropout": 0}
 
@@ -185,8 +205,8 @@ def test_range_boundaries_and_null_are_accepted():
 def test_every_numeric_key_has_a_range():
     import dataclasses
 
-    from prmkit.config.schema import RANGES, training_argument_fields
     from prmkit.config.load import _resolve
+    from prmkit.config.schema import RANGES, training_argument_fields
 
     numeric = set()
     for section, cls in SECTIONS.items():
@@ -207,8 +227,13 @@ def test_range_error_from_a_file_and_on_the_command_line(tmp_path):
     assert res.exit_code == 2
     assert f"{path}: data.max_length: -5 is out of range; expected in [1, 2147483647]" in res.stderr
     assert "Traceback" not in res.output
-    proc = subprocess.run([sys.executable, "-m", "prmkit", "score", "m", "in.jsonl", "-o", "out.jsonl",
-                           "--batch-tokens", "0"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "prmkit", "score", "m", "in.jsonl", "-o", "out.jsonl", "--batch-tokens", "0"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "score.batch_tokens: 0 is out of range" in proc.stderr
     assert "Traceback" not in proc.stderr
 
@@ -225,8 +250,9 @@ def test_yaml_alias_bomb_is_refused_on_the_line_it_is_on(tmp_path):
     path = write(tmp_path, "data:\n  max_length: 8\nmodel:\n  system_prompt: " + alias_bomb(6) + "\n")
     with pytest.raises(ConfigError) as e:
         load_config(path)
-    assert e.value.message == (f"{path}: line 4: too large (more than 100,000 values or 10,000,000 characters once "
-                               "its aliases are expanded)")
+    assert e.value.message == (
+        f"{path}: line 4: too large (more than 100,000 values or 10,000,000 characters once its aliases are expanded)"
+    )
     with pytest.raises(ConfigError, match=r"^--set model.system_prompt: more than 100,000 values"):
         load_config(None, ["model.system_prompt=" + alias_bomb(6)])
     with pytest.raises(ConfigError, match="an alias inside the value it refers to"):
@@ -237,8 +263,9 @@ def test_a_value_shown_in_a_message_is_cut(tmp_path):
     # Five levels (59,049 values) pass the alias limit; the message shows the start of the value only (was: 480 KB).
     with pytest.raises(ConfigError) as e:
         load_config(write(tmp_path, "model:\n  system_prompt: " + alias_bomb(5) + "\n"))
-    assert e.value.message.startswith(f"{tmp_path / 'prmkit.yaml'}: model.system_prompt: expected a string or null, "
-                                      "got [['lol', 'lol', 'lol',")
+    assert e.value.message.startswith(
+        f"{tmp_path / 'prmkit.yaml'}: model.system_prompt: expected a string or null, got [['lol', 'lol', 'lol',"
+    )
     assert e.value.message.endswith("... (list)") and len(e.value.message) < 300 + len(str(tmp_path)) + 100
     with pytest.raises(ConfigError) as e:
         load_config(None, ["data.max_length=" + "x" * 100_000])

@@ -16,8 +16,8 @@ import pytest
 from conftest import make_tiny_prm
 from typer.testing import CliRunner
 
-from prmkit.core import jsonio
 from prmkit.cli.app import app
+from prmkit.core import jsonio
 
 runner = CliRunner()
 
@@ -49,9 +49,11 @@ def prm_dir(tmp_path_factory, train_tokenizer_dir) -> Path:
 
 def _run(command: str, tmp_path: Path, prm_dir: Path, tok: Path, src: Path, *extra: str):
     out = tmp_path / f"{command}-out{len(extra)}"
-    args = {"prepare": ["prepare", "--train", str(src), "--tokenizer", str(tok), "-o", str(out)],
-            "eval": ["eval", str(prm_dir), "--data", str(src), "-o", str(out), "--no-plots"],
-            "score": ["score", str(prm_dir), str(src), "-o", str(out)]}[command]
+    args = {
+        "prepare": ["prepare", "--train", str(src), "--tokenizer", str(tok), "-o", str(out)],
+        "eval": ["eval", str(prm_dir), "--data", str(src), "-o", str(out), "--no-plots"],
+        "score": ["score", str(prm_dir), str(src), "-o", str(out)],
+    }[command]
     return runner.invoke(app, [*args, *extra]), out
 
 
@@ -62,7 +64,7 @@ def test_a_deeply_nested_line_is_a_bad_row(tmp_path, prm_dir, train_tokenizer_di
     strict, _ = _run(command, tmp_path, prm_dir, train_tokenizer_dir, src)
     assert strict.exit_code == 2, strict.output
     assert f"rows.jsonl: line 2: row: {REASON} (at column {COLUMN})" in strict.stderr
-    assert "Traceback" not in strict.output and strict.exception is None or isinstance(strict.exception, SystemExit)
+    assert ("Traceback" not in strict.output and strict.exception is None) or isinstance(strict.exception, SystemExit)
 
     skipped, out = _run(command, tmp_path, prm_dir, train_tokenizer_dir, src, "--skip-invalid")
     assert skipped.exit_code == 0, skipped.output
@@ -71,12 +73,15 @@ def test_a_deeply_nested_line_is_a_bad_row(tmp_path, prm_dir, train_tokenizer_di
     assert (reject["line"], reject["field"], reject["record"], reject["raw"]) == (2, "row", None, deep)
     assert reject["reason"] == f"{REASON} (at column {COLUMN})"
     if command == "score":  # the two good lines are scored
-        assert [json.loads(x)["prompt"] for x in out.read_text(encoding="utf-8").splitlines()] == \
-            [GOOD[0]["prompt"], GOOD[1]["prompt"]]
+        assert [json.loads(x)["prompt"] for x in out.read_text(encoding="utf-8").splitlines()] == [
+            GOOD[0]["prompt"],
+            GOOD[1]["prompt"],
+        ]
 
 
-def test_a_row_too_deep_in_a_json_file_is_rejected_and_a_file_too_deep_to_read_is_one_line(tmp_path,
-                                                                                          train_tokenizer_dir):
+def test_a_row_too_deep_in_a_json_file_is_rejected_and_a_file_too_deep_to_read_is_one_line(
+    tmp_path, train_tokenizer_dir
+):
     rows = tmp_path / "rows.json"
     rows.write_text("[" + ", ".join([json.dumps(GOOD[0]), nested(150), json.dumps(GOOD[1])]) + "]", encoding="utf-8")
     strict, out = _run("prepare", tmp_path, None, train_tokenizer_dir, rows)
@@ -102,10 +107,14 @@ def test_a_deeply_nested_model_file_is_one_line(tmp_path, prm_dir):
     shutil.copytree(prm_dir, model)
     head = '{"notes": '
     (model / "prmkit.json").write_text(head + "[" * 5000 + "]" * 5000 + "}", encoding="utf-8")
-    res = runner.invoke(app, ["score", str(model), str(write(tmp_path / "in.jsonl", *GOOD)), "-o",
-                              str(tmp_path / "out.jsonl")])
+    res = runner.invoke(
+        app, ["score", str(model), str(write(tmp_path / "in.jsonl", *GOOD)), "-o", str(tmp_path / "out.jsonl")]
+    )
     assert res.exit_code == 2, res.output
-    assert f"{model / 'prmkit.json'}: malformed JSON ({REASON[5:]} at line 1 column {len(head) + jsonio.MAX_DEPTH})" in res.stderr
+    assert (
+        f"{model / 'prmkit.json'}: malformed JSON ({REASON[5:]} at line 1 column {len(head) + jsonio.MAX_DEPTH})"
+        in res.stderr
+    )
 
 
 @pytest.mark.parametrize("depth,column", [(99, None), (100, None), (101, 101), (990, 101), (100_000, 101)])
@@ -131,12 +140,18 @@ def test_brackets_inside_strings_do_not_count():
 def test_score_subprocess_rejects_a_nested_line_and_goes_on(tmp_path, prm_dir):
     src = write(tmp_path / "rows.jsonl", GOOD[0], nested(990), nested(200_000), GOOD[1])
     out = tmp_path / "scored.jsonl"
-    res = subprocess.run([sys.executable, "-m", "prmkit", "score", str(prm_dir), str(src), "-o", str(out),
-                          "--skip-invalid", "--json"], capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-m", "prmkit", "score", str(prm_dir), str(src), "-o", str(out), "--skip-invalid", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr
     assert "Traceback" not in res.stderr
     summary = json.loads(res.stdout)
     assert (summary["lines_in"], summary["lines_scored"], summary["lines_rejected"]) == (4, 2, 2)
     rejects = [json.loads(x) for x in Path(summary["rejects"]).read_text(encoding="utf-8").splitlines()]
-    assert [(r["line"], r["reason"]) for r in rejects] == [(2, f"{REASON} (at column {COLUMN})"),
-                                                         (3, f"{REASON} (at column {COLUMN})")]
+    assert [(r["line"], r["reason"]) for r in rejects] == [
+        (2, f"{REASON} (at column {COLUMN})"),
+        (3, f"{REASON} (at column {COLUMN})"),
+    ]

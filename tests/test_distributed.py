@@ -99,7 +99,7 @@ def data(tmp_path_factory, tiny_qwen2_config_dir):
 def one_process(data):
     """The reference runs, in this process: token classification, LoRA (merged), lm-tag."""
     from prmkit.config.load import load_config
-    from prmkit.train.recipe import train
+    from prmkit.training.recipe import train
 
     tmp = data["tmp"] / "one"
     runs = {"plain": {}, "lora": {"train.lora": LORA}, "lmtag": {"train.kind": "lm-tag", "train.learning_rate": 3e-3}}
@@ -367,7 +367,7 @@ def test_deepspeed_zero2_and_zero3_on_cpu_train_the_model_one_process_trains(dat
     from transformers import AutoModelForTokenClassification
 
     from prmkit.config.load import load_config
-    from prmkit.train.recipe import train
+    from prmkit.training.recipe import train
 
     tmp = data["tmp"] / "ds"
     tmp.mkdir()

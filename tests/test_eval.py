@@ -1,4 +1,5 @@
-"""prmkit.evaluation.evaluate: every figure in the report checked against a computation that does not use prmkit's metrics.
+"""prmkit.evaluation.evaluate: every figure in the report checked against a computation that does not use prmkit's
+metrics.
 
 End-to-end tests run tiny random PRMs (conftest.make_tiny_prm) through the real scoring engine; the unit tests at the
 bottom use a fake scorer whose scores are chosen by hand, so the expected figures are exact fractions.
@@ -24,46 +25,106 @@ from eval_fixtures import (
     write_jsonl,
 )
 
+from prmkit.errors import DataError, UsageError
 from prmkit.evaluation import evaluate as evaluation
 from prmkit.evaluation import write as eval_write
-from prmkit.errors import DataError, UsageError
 
 SHARED_GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "processbench" / "gsm8k.json"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 SOFT_ROWS = [
-    {"prompt": "What is 6 * 7?", "completions": ["We check: 6 * 7 = 42.", "So the answer is 42."], "labels": [0.9, 0.75]},
-    {"prompt": "Is 11 greater than 8?", "completions": ["11 is greater than 8.", "Hence, 9.11 > 9.8."], "labels": [1.0, 0.2]},
+    {
+        "prompt": "What is 6 * 7?",
+        "completions": ["We check: 6 * 7 = 42.", "So the answer is 42."],
+        "labels": [0.9, 0.75],
+    },
+    {
+        "prompt": "Is 11 greater than 8?",
+        "completions": ["11 is greater than 8.", "Hence, 9.11 > 9.8."],
+        "labels": [1.0, 0.2],
+    },
     {"prompt": "Which number is larger, 9.8 or 9.11?", "completions": ["Hence, 9.11 > 9.8."], "labels": [0.35]},
-    {"prompt": "What is p?", "completions": ["Let's call the price of a pencil p.", "So the answer is 42."],
-     "labels": [0.6, 0.0]},
+    {
+        "prompt": "What is p?",
+        "completions": ["Let's call the price of a pencil p.", "So the answer is 42."],
+        "labels": [0.6, 0.0],
+    },
 ]
 
 # Best-of-N: three problems with three candidates each, and one problem with a single candidate (not a group).
 BON_ROWS = [
     # correct: T T F, answers 42 42 7 -> majority picks "42", a correct one
-    {"prompt": "What is 6 * 7?", "completions": ["We check: 6 * 7 = 42.", "So the answer is 42."], "labels": [1, 1],
-     "final_answer_correct": True, "answer": "42"},
-    {"prompt": "What is 6 * 7?", "completions": ["Hence, 9.11 > 9.8.", "So the answer is 42."], "labels": [0, 1],
-     "final_answer_correct": True, "answer": "42"},
-    {"prompt": "What is 6 * 7?", "completions": ["11 is greater than 8.", "So the answer is 7."], "labels": [1, 0],
-     "final_answer_correct": False, "answer": "7"},
+    {
+        "prompt": "What is 6 * 7?",
+        "completions": ["We check: 6 * 7 = 42.", "So the answer is 42."],
+        "labels": [1, 1],
+        "final_answer_correct": True,
+        "answer": "42",
+    },
+    {
+        "prompt": "What is 6 * 7?",
+        "completions": ["Hence, 9.11 > 9.8.", "So the answer is 42."],
+        "labels": [0, 1],
+        "final_answer_correct": True,
+        "answer": "42",
+    },
+    {
+        "prompt": "What is 6 * 7?",
+        "completions": ["11 is greater than 8.", "So the answer is 7."],
+        "labels": [1, 0],
+        "final_answer_correct": False,
+        "answer": "7",
+    },
     # correct: T F F, answers 5 6 6 -> majority picks "6", a wrong one
-    {"prompt": "Is 11 greater than 8?", "completions": ["11 is greater than 8."], "labels": [1],
-     "final_answer_correct": True, "answer": "5"},
-    {"prompt": "Is 11 greater than 8?", "completions": ["Hence, 9.11 > 9.8.", "So 6."], "labels": [0, 0],
-     "final_answer_correct": False, "answer": "6"},
-    {"prompt": "Is 11 greater than 8?", "completions": ["We check: 6 * 7 = 42.", "So 6."], "labels": [1, 0],
-     "final_answer_correct": False, "answer": "6"},
+    {
+        "prompt": "Is 11 greater than 8?",
+        "completions": ["11 is greater than 8."],
+        "labels": [1],
+        "final_answer_correct": True,
+        "answer": "5",
+    },
+    {
+        "prompt": "Is 11 greater than 8?",
+        "completions": ["Hence, 9.11 > 9.8.", "So 6."],
+        "labels": [0, 0],
+        "final_answer_correct": False,
+        "answer": "6",
+    },
+    {
+        "prompt": "Is 11 greater than 8?",
+        "completions": ["We check: 6 * 7 = 42.", "So 6."],
+        "labels": [1, 0],
+        "final_answer_correct": False,
+        "answer": "6",
+    },
     # the last candidate has no final_answer_correct: every step labelled correct makes it correct
-    {"prompt": "What is p?", "completions": ["Let's call the price of a pencil p.", "So 1."], "labels": [1, 0],
-     "final_answer_correct": False, "answer": "1"},
-    {"prompt": "What is p?", "completions": ["The first equation is 3p + e = 124.", "So 2."], "labels": [0, 1],
-     "final_answer_correct": False, "answer": "2"},
-    {"prompt": "What is p?", "completions": ["The first equation is 3p + e = 124.", "So 29."], "labels": [1, 1],
-     "answer": "29"},
-    {"prompt": "Alone?", "completions": ["So the answer is 42."], "labels": [1], "final_answer_correct": True,
-     "answer": "42"},
+    {
+        "prompt": "What is p?",
+        "completions": ["Let's call the price of a pencil p.", "So 1."],
+        "labels": [1, 0],
+        "final_answer_correct": False,
+        "answer": "1",
+    },
+    {
+        "prompt": "What is p?",
+        "completions": ["The first equation is 3p + e = 124.", "So 2."],
+        "labels": [0, 1],
+        "final_answer_correct": False,
+        "answer": "2",
+    },
+    {
+        "prompt": "What is p?",
+        "completions": ["The first equation is 3p + e = 124.", "So 29."],
+        "labels": [1, 1],
+        "answer": "29",
+    },
+    {
+        "prompt": "Alone?",
+        "completions": ["So the answer is 42."],
+        "labels": [1],
+        "final_answer_correct": True,
+        "answer": "42",
+    },
 ]
 
 
@@ -132,7 +193,10 @@ def test_first_error_and_mean_f1_match_processbench_definition(tiny_prm_pair, da
         assert fe["labels_from"] == "processbench"
         f1s[name] = expected["f1"]
     # The sample must exercise both kinds of prediction, or the check above proves little.
-    assert 0 < rep["subsets"]["a"]["first_error"]["error_accuracy"] < 1 or 0 < rep["subsets"]["a"]["first_error"]["correct_accuracy"] < 1
+    assert (
+        0 < rep["subsets"]["a"]["first_error"]["error_accuracy"] < 1
+        or 0 < rep["subsets"]["a"]["first_error"]["correct_accuracy"] < 1
+    )
 
     sizes = {n: rep["subsets"][n]["n_solutions"] for n in ("a", "b")}
     assert sizes == {"a": 16, "b": 7}
@@ -176,11 +240,14 @@ def test_tuned_threshold_is_the_best_on_its_subset_and_applies_to_all(tiny_prm_p
     # The step figures use the tuned threshold too.
     pairs = _step_pairs(ref["b"], read_records(data["b"]))
     assert rep["subsets"]["b"]["step"]["accuracy"] == pytest.approx(
-        sum((s >= t) == (y >= 0.5) for s, y in pairs) / len(pairs))
+        sum((s >= t) == (y >= 0.5) for s, y in pairs) / len(pairs)
+    )
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not SHARED_GSM8K.exists(), reason="needs ../shared/data/processbench/gsm8k.json, absent from this clone")
+@pytest.mark.skipif(
+    not SHARED_GSM8K.exists(), reason="needs ../shared/data/processbench/gsm8k.json, absent from this clone"
+)
 def test_real_processbench_gsm8k(tiny_prm_pair, tmp_path):
     import shutil
 
@@ -198,7 +265,9 @@ def test_real_processbench_gsm8k(tiny_prm_pair, tmp_path):
     # Scoring 400 long solutions twice would double this test's time: spot-check that eval read and scored the
     # records as StepScorer does on the raw file, then derive the figures from the scores at an informative threshold.
     sample = [0, 1, 2, 57, 199, 398, 399]
-    alone = StepScorer.from_pretrained(model).score_batch([(records[i]["problem"], records[i]["steps"]) for i in sample])
+    alone = StepScorer.from_pretrained(model).score_batch(
+        [(records[i]["problem"], records[i]["steps"]) for i in sample]
+    )
     for got, want in zip(alone, [scores[i] for i in sample]):
         # Other batch-mates change the float summation order, not the result beyond rounding.
         assert [s is None for s in got] == [s is None for s in want]
@@ -277,7 +346,8 @@ def test_two_models_side_by_side(tiny_prm_pair, data, reference, tmp_path):
     # One shape for one model and for many: the first model's figures on top, every model's under "models".
     assert rep["report_version"] == 1 and rep["model"] == a and list(rep["models"]) == [a, b]
     assert {k: rep[k] for k in ("threshold", "threshold_source", "subsets", "mean_f1")} == {
-        k: rep["models"][a][k] for k in ("threshold", "threshold_source", "subsets", "mean_f1")}
+        k: rep["models"][a][k] for k in ("threshold", "threshold_source", "subsets", "mean_f1")
+    }
     # Model b's prmkit.json says "\n\n": its own tokenization is used, and its figures follow from its own scores.
     assert rep["models"][b]["tokenization"]["step_separator"] == "\n\n"
     assert reference[tiny_prm_pair[0]]["a"] != reference[tiny_prm_pair[1]]["a"]
@@ -301,8 +371,14 @@ def test_plots_are_valid_pngs(tiny_prm_pair, data, tmp_path):
     out = tmp_path / "report"
     files = eval_write.write_outputs(result, out, plots=True)
     names = {p.name for p in files}
-    assert names == {"report.json", "report.md", "accuracy_by_position.png", "reliability.png",
-                     "score_histogram.png", "best_of_n.png"}
+    assert names == {
+        "report.json",
+        "report.md",
+        "accuracy_by_position.png",
+        "reliability.png",
+        "score_histogram.png",
+        "best_of_n.png",
+    }
     for name in names - {"report.json", "report.md"}:
         path = out / name
         assert path.read_bytes()[:8] == PNG_SIGNATURE
@@ -359,14 +435,20 @@ def _pb(problem, steps, label):
 def test_mean_f1_is_unweighted(tmp_path):
     # Subset big: every prediction right (F1 1). Subset small: the error row's wrong step is not marked bad, so the
     # error is missed (error accuracy 0, F1 0). Unweighted mean 0.5; a size-weighted mean would be 4/6.
-    big = write_json(tmp_path / "big.json", [
-        _pb("p1", ["ok", "bad"], 1), _pb("p2", ["bad", "ok"], 0), _pb("p3", ["ok", "ok"], -1), _pb("p4", ["ok"], -1),
-    ])
+    big = write_json(
+        tmp_path / "big.json",
+        [_pb("p1", ["ok", "bad"], 1), _pb("p2", ["bad", "ok"], 0), _pb("p3", ["ok", "ok"], -1), _pb("p4", ["ok"], -1)],
+    )
     small = write_json(tmp_path / "small.json", [_pb("q1", ["ok", "wrong"], 1), _pb("q2", ["ok"], -1)])
     rep = evaluation.evaluate(["fake"], [str(big), str(small)], load_scorer=_fake).report
     assert rep["subsets"]["big"]["first_error"]["f1"] == 1.0
     assert rep["subsets"]["small"]["first_error"] == {
-        "error_accuracy": 0.0, "correct_accuracy": 1.0, "f1": 0.0, "f1_undefined": None, "n_error": 1, "n_correct": 1,
+        "error_accuracy": 0.0,
+        "correct_accuracy": 1.0,
+        "f1": 0.0,
+        "f1_undefined": None,
+        "n_error": 1,
+        "n_correct": 1,
         "labels_from": "processbench",
     }
     assert rep["mean_f1"] == 0.5
@@ -383,14 +465,18 @@ def test_mean_f1_says_which_subsets_it_leaves_out_and_why(tmp_path):
     bothzero = write_json(tmp_path / "bothzero.json", [_pb("r1", ["ok", "wrong"], 1), _pb("r2", ["bad"], -1)])
     soft = write_jsonl(tmp_path / "soft.jsonl", [{"prompt": "s", "completions": ["ok"], "labels": [0.7]}])
     with prmkit_log() as records:
-        rep = evaluation.evaluate(["fake"], [str(onlycorrect), str(mixed), str(bothzero), str(soft)],
-                                  load_scorer=_fake).report
+        rep = evaluation.evaluate(
+            ["fake"], [str(onlycorrect), str(mixed), str(bothzero), str(soft)], load_scorer=_fake
+        ).report
     subs = rep["subsets"]
     assert subs["mixed"]["first_error"]["f1"] == 1.0 and subs["mixed"]["first_error"]["f1_undefined"] is None
     assert subs["onlycorrect"]["first_error"]["f1"] is None
     assert subs["onlycorrect"]["first_error"]["correct_accuracy"] == 1.0
-    assert (subs["bothzero"]["first_error"]["error_accuracy"], subs["bothzero"]["first_error"]["correct_accuracy"],
-            subs["bothzero"]["first_error"]["f1"]) == (0.0, 0.0, None)
+    assert (
+        subs["bothzero"]["first_error"]["error_accuracy"],
+        subs["bothzero"]["first_error"]["correct_accuracy"],
+        subs["bothzero"]["first_error"]["f1"],
+    ) == (0.0, 0.0, None)
     assert rep["mean_f1"] == 1.0 and rep["mean_f1_subsets"] == ["mixed"]
     assert rep["mean_f1_left_out"] == {
         "onlycorrect": "no erroneous samples (label != -1), so the error accuracy is undefined",
@@ -398,8 +484,9 @@ def test_mean_f1_says_which_subsets_it_leaves_out_and_why(tmp_path):
         "soft": "no first-error labels (soft or missing step labels)",
     }
     warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
-    assert any(w.startswith("fake: mean_f1 covers mixed only; left out: onlycorrect (no erroneous samples")
-               for w in warnings), warnings
+    assert any(
+        w.startswith("fake: mean_f1 covers mixed only; left out: onlycorrect (no erroneous samples") for w in warnings
+    ), warnings
 
     eval_write.write_outputs(evaluation.EvalResult(rep, {}), tmp_path / "out", plots=False)
     md = (tmp_path / "out" / "report.md").read_text()
@@ -426,12 +513,15 @@ def test_threshold_sources(tmp_path):
 
 
 def test_first_error_from_hard_step_labels_and_not_from_soft(tmp_path):
-    path = write_jsonl(tmp_path / "rows.jsonl", [
-        {"prompt": "p1", "completions": ["ok", "bad", "ok"], "labels": [True, False, True]},  # first error 1, found
-        {"prompt": "p2", "completions": ["ok", "ok"], "labels": [1, 1]},  # -1, found
-        {"prompt": "p3", "completions": ["ok", "ok"], "labels": [1, 0]},  # first error 1, missed
-        {"prompt": "p4", "completions": ["bad"], "labels": [0.3]},  # soft: no first-error label
-    ])
+    path = write_jsonl(
+        tmp_path / "rows.jsonl",
+        [
+            {"prompt": "p1", "completions": ["ok", "bad", "ok"], "labels": [True, False, True]},  # first error 1, found
+            {"prompt": "p2", "completions": ["ok", "ok"], "labels": [1, 1]},  # -1, found
+            {"prompt": "p3", "completions": ["ok", "ok"], "labels": [1, 0]},  # first error 1, missed
+            {"prompt": "p4", "completions": ["bad"], "labels": [0.3]},  # soft: no first-error label
+        ],
+    )
     rep = evaluation.evaluate(["f"], [str(path)], load_scorer=_fake).report
     fe = rep["subsets"]["rows"]["first_error"]
     assert (fe["n_error"], fe["n_correct"], fe["error_accuracy"], fe["correct_accuracy"]) == (2, 1, 0.5, 1.0)

@@ -35,8 +35,9 @@ def reference(tiny_prm_pair, data):
     from prmkit.scoring import StepScorer
 
     scorer = StepScorer.from_pretrained(tiny_prm_pair[0])
-    return {name: scorer.score_batch([(r["problem"], r["steps"]) for r in read_records(data[name])])
-            for name in ("a", "b")}
+    return {
+        name: scorer.score_batch([(r["problem"], r["steps"]) for r in read_records(data[name])]) for name in ("a", "b")
+    }
 
 
 def run(*args: str):
@@ -58,7 +59,8 @@ def test_json_result_equals_report_json(tiny_prm_pair, data, reference, tmp_path
         expected = processbench_first_error(reference[name], [r["label"] for r in read_records(data[name])], 0.5)
         assert written["subsets"][name]["first_error"]["f1"] == pytest.approx(expected["f1"], abs=1e-12)
     assert written["mean_f1"] == pytest.approx(
-        (written["subsets"]["a"]["first_error"]["f1"] + written["subsets"]["b"]["first_error"]["f1"]) / 2)
+        (written["subsets"]["a"]["first_error"]["f1"] + written["subsets"]["b"]["first_error"]["f1"]) / 2
+    )
     # The hint for `push` goes to stderr.
     assert f"prmkit push {model} --eval-report {out / 'report.json'}" in res.stderr.replace("\n", "")
 
@@ -169,8 +171,9 @@ def test_without_matplotlib_the_report_is_written_without_plots(tiny_prm_pair, d
     assert res.exit_code == 0, res.output
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["report.json", "report.md"]
     warnings = [line for line in res.stderr.splitlines() if line.startswith("warning:")]
-    assert warnings == ["warning: no plots: matplotlib is not installed; pip install 'prmkit[plot]' adds them "
-                        "(--no-plots: no warning)"]
+    assert warnings == [
+        "warning: no plots: matplotlib is not installed; pip install 'prmkit[plot]' adds them (--no-plots: no warning)"
+    ]
     quiet = run(tiny_prm_pair[0], "--data", data["a"], "-o", tmp_path / "quiet", "--no-plots")
     assert quiet.exit_code == 0 and "warning:" not in quiet.stderr
 
@@ -185,7 +188,8 @@ def test_two_models_positional_and_option(tiny_prm_pair, data, tmp_path):
     assert list(rep["models"]) == [str(a), str(b)]
     assert "Subset: a" in res.stdout  # the side-by-side table
     assert {"score_histogram.png", "reliability.png", "accuracy_by_position.png", "best_of_n.png"} <= {
-        p.name for p in out.iterdir()}
+        p.name for p in out.iterdir()
+    }
 
 
 @pytest.mark.slow
@@ -193,19 +197,47 @@ def test_python_m_prmkit_subprocess(tiny_prm_pair, data, tmp_path):
     out = tmp_path / "sub"
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run(
-        [sys.executable, "-m", "prmkit", "eval", str(tiny_prm_pair[0]), "--data", str(data["b"]), "-o", str(out),
-         "--no-plots", "--json"],
-        capture_output=True, text=True, env=env, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "prmkit",
+            "eval",
+            str(tiny_prm_pair[0]),
+            "--data",
+            str(data["b"]),
+            "-o",
+            str(out),
+            "--no-plots",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     printed = json.loads(proc.stdout)
     assert printed["subsets"]["b"]["n_solutions"] == 7
-    assert printed["subsets"]["b"]["first_error"] == json.loads((out / "report.json").read_text())["subsets"]["b"][
-        "first_error"]
+    assert (
+        printed["subsets"]["b"]["first_error"]
+        == json.loads((out / "report.json").read_text())["subsets"]["b"]["first_error"]
+    )
     bad = subprocess.run(
-        [sys.executable, "-m", "prmkit", "eval", str(tiny_prm_pair[0]), "--data", str(data["bad"]), "-o",
-         str(tmp_path / "x")],
-        capture_output=True, text=True, env=env, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "prmkit",
+            "eval",
+            str(tiny_prm_pair[0]),
+            "--data",
+            str(data["bad"]),
+            "-o",
+            str(tmp_path / "x"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert bad.returncode == 2 and "row 3" in bad.stderr and "Traceback" not in bad.stderr
 
@@ -223,8 +255,19 @@ def test_dtype_and_device_reach_the_scorer(tiny_prm_pair, data, tmp_path, monkey
         return scorer
 
     monkeypatch.setattr(evaluation, "_default_loader", spy)
-    res = run(tiny_prm_pair[0], "--data", data["a"], "-o", tmp_path / "o", "--no-plots", "--dtype", "bfloat16",
-              "--device", "cpu", "--json")
+    res = run(
+        tiny_prm_pair[0],
+        "--data",
+        data["a"],
+        "-o",
+        tmp_path / "o",
+        "--no-plots",
+        "--dtype",
+        "bfloat16",
+        "--device",
+        "cpu",
+        "--json",
+    )
     assert res.exit_code == 0, res.stderr
     assert seen == [("bfloat16", "cpu", "torch.bfloat16", "cpu")]
     # From the config file too, under the eval section.
@@ -304,10 +347,30 @@ def test_tuning_the_threshold_reuses_the_one_scoring_pass(tiny_prm_pair, data, t
         return scorer
 
     monkeypatch.setattr(evaluation, "_default_loader", counting)
-    fixed = run(tiny_prm_pair[0], "--data", data["a"], "--data", data["b"], "-o", tmp_path / "f", "--no-plots",
-                "--threshold", "0.5")
-    tuned = run(tiny_prm_pair[0], "--data", data["a"], "--data", data["b"], "-o", tmp_path / "t", "--no-plots",
-                "--tune-threshold", "a")
+    fixed = run(
+        tiny_prm_pair[0],
+        "--data",
+        data["a"],
+        "--data",
+        data["b"],
+        "-o",
+        tmp_path / "f",
+        "--no-plots",
+        "--threshold",
+        "0.5",
+    )
+    tuned = run(
+        tiny_prm_pair[0],
+        "--data",
+        data["a"],
+        "--data",
+        data["b"],
+        "-o",
+        tmp_path / "t",
+        "--no-plots",
+        "--tune-threshold",
+        "a",
+    )
     assert fixed.exit_code == 0 and tuned.exit_code == 0, fixed.stderr + tuned.stderr
     assert len(counts) == 2 and counts[0] == counts[1]
     assert counts[1]["solutions"] == 16 + 7 and counts[1]["forward"] > 0
@@ -325,8 +388,9 @@ def test_a_full_disk_leaves_the_previous_report_whole(tiny_prm_pair, data, tmp_p
     import prmkit.evaluation.plots
 
     def files(directory: Path) -> dict[str, bytes]:
-        return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*"))
-                if p.is_file()}
+        return {
+            p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()
+        }
 
     def full(path, data):  # the disk fills up while the plots are written, after report.json and report.md
         path = Path(path)

@@ -42,18 +42,33 @@ def test_a_single_quoted_separator_is_read_as_the_command_line_reads_it_with_a_w
     # In double quotes YAML has read the escapes: the value stays as it is, without a word, and a separator holding a
     # backslash survives prmkit_config.yaml (written double-quoted) unchanged.
     with prmkit_log() as records:
-        assert load_config(write(tmp_path / "double.yaml", 'data:\n  step_separator: "\\n"\n')).data.step_separator == "\n"
+        assert (
+            load_config(write(tmp_path / "double.yaml", 'data:\n  step_separator: "\\n"\n')).data.step_separator == "\n"
+        )
         literal = load_config(None, ['data.step_separator="a\\\\nb"'])
         assert literal.data.step_separator == "a\\nb"
         assert load_config(write(tmp_path / "saved.yaml", dump_config(literal))).data.step_separator == "a\\nb"
     assert not records
 
     # prepare builds the same dataset from the YAML file as from --step-separator '\n': steps are separated.
-    rows = write(tmp_path / "rows.jsonl", json.dumps({"prompt": "p", "completions": ["a", "b"], "labels": [1, 0]}) + "\n")
+    rows = write(
+        tmp_path / "rows.jsonl", json.dumps({"prompt": "p", "completions": ["a", "b"], "labels": [1, 0]}) + "\n"
+    )
     metas = []
     for name, args in (("yaml", ["-c", single]), ("flag", ["--step-separator", "\\n"])):
-        res = runner.invoke(app, ["prepare", "--train", str(rows), "--tokenizer", str(train_tokenizer_dir), "-o",
-                                  str(tmp_path / name), *map(str, args)])
+        res = runner.invoke(
+            app,
+            [
+                "prepare",
+                "--train",
+                str(rows),
+                "--tokenizer",
+                str(train_tokenizer_dir),
+                "-o",
+                str(tmp_path / name),
+                *map(str, args),
+            ],
+        )
         assert res.exit_code == 0, res.output
         metas.append(json.loads((tmp_path / name / "prmkit_dataset.json").read_text()))
     assert metas[0]["tokenization"]["step_separator"] == metas[1]["tokenization"]["step_separator"] == "\n"
@@ -67,14 +82,21 @@ def test_a_single_quoted_separator_is_read_as_the_command_line_reads_it_with_a_w
 
 def _run_dir(tmp_path, tiny_qwen2_config_dir, **train):
     rows = write_train_rows(tmp_path / "rows.jsonl", n=8)
-    base = {"model.name_or_path": str(tiny_qwen2_config_dir), "model.init_from_config": True, "data.train": str(rows),
-            "train.output_dir": str(tmp_path / "out"), "train.per_device_train_batch_size": 4}
+    base = {
+        "model.name_or_path": str(tiny_qwen2_config_dir),
+        "model.init_from_config": True,
+        "data.train": str(rows),
+        "train.output_dir": str(tmp_path / "out"),
+        "train.per_device_train_batch_size": 4,
+    }
     cfg = load_config(None, None, {**base, **{f"train.{k}": v for k, v in train.items()}})
     return base, cfg
 
 
-def test_resuming_with_a_changed_schedule_names_every_key_and_needs_resume_with_changes(tmp_path, tiny_qwen2_config_dir):
-    from prmkit.train.run_dir import plan_output_dir
+def test_resuming_with_a_changed_schedule_names_every_key_and_needs_resume_with_changes(
+    tmp_path, tiny_qwen2_config_dir
+):
+    from prmkit.training.run_dir import plan_output_dir
 
     base, ran = _run_dir(tmp_path, tiny_qwen2_config_dir, num_train_epochs=10, logging_steps=5)
     out = tmp_path / "out"
@@ -87,7 +109,8 @@ def test_resuming_with_a_changed_schedule_names_every_key_and_needs_resume_with_
         plan_output_dir(again, resume=True)
     assert err.value.message == (
         f"cannot resume {out} with a config that differs from its prmkit_config.yaml: "
-        "train.num_train_epochs (was 10, now 1), train.per_device_train_batch_size (was 4, now 2)")
+        "train.num_train_epochs (was 10, now 1), train.per_device_train_batch_size (was 4, now 2)"
+    )
     assert "--resume-with-changes" in err.value.hint
     with prmkit_log() as records:
         plan = plan_output_dir(again, resume=True, accept_changes=True)
@@ -99,24 +122,45 @@ def test_resuming_with_a_changed_schedule_names_every_key_and_needs_resume_with_
     cadence = load_config(None, None, {**base, "train.num_train_epochs": 10, "train.save_steps": 7})
     with prmkit_log() as records:
         assert plan_output_dir(cadence, resume=True).action == "resume"
-    assert any("train.save_steps (was 500, now 7)" in r.getMessage() and "train.logging_steps" in r.getMessage()
-               for r in records)
+    assert any(
+        "train.save_steps (was 500, now 7)" in r.getMessage() and "train.logging_steps" in r.getMessage()
+        for r in records
+    )
     # The same key spelled out in one config and left to its default in the other is no change.
-    spelled = load_config(None, None, {**base, "train.num_train_epochs": 10, "train.logging_steps": 5,
-                                       "train.gradient_accumulation_steps": 1})
+    spelled = load_config(
+        None,
+        None,
+        {**base, "train.num_train_epochs": 10, "train.logging_steps": 5, "train.gradient_accumulation_steps": 1},
+    )
     assert plan_output_dir(spelled, resume=True).action == "resume"
     # Another model's checkpoints cannot be resumed, whatever is accepted.
     other = load_config(None, None, {**base, "model.name_or_path": str(tmp_path), "train.num_train_epochs": 10})
     with pytest.raises(UsageError, match="checkpoints are of another model: model.name_or_path"):
         plan_output_dir(other, resume=True, accept_changes=True)
 
-    res = runner.invoke(app, ["train", "--model", str(tiny_qwen2_config_dir), "--set", "model.init_from_config=true",
-                              "--train", base["data.train"], "-o", str(out), "--set",
-                              "train.per_device_train_batch_size=4", "--resume"])
+    res = runner.invoke(
+        app,
+        [
+            "train",
+            "--model",
+            str(tiny_qwen2_config_dir),
+            "--set",
+            "model.init_from_config=true",
+            "--train",
+            base["data.train"],
+            "-o",
+            str(out),
+            "--set",
+            "train.per_device_train_batch_size=4",
+            "--resume",
+        ],
+    )
     assert res.exit_code == 2, res.output
     errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
-    assert errors == [f"error: cannot resume {out} with a config that differs from its prmkit_config.yaml: "
-                      "train.num_train_epochs (was 10, now 1)"]
+    assert errors == [
+        f"error: cannot resume {out} with a config that differs from its prmkit_config.yaml: "
+        "train.num_train_epochs (was 10, now 1)"
+    ]
 
 
 # --- 4. `config show` prints what a command will use; every config error at once ----------------------------------
@@ -124,10 +168,12 @@ def test_resuming_with_a_changed_schedule_names_every_key_and_needs_resume_with_
 
 def test_config_show_prints_what_train_will_use_marked_as_derived(tmp_path, train_tokenizer_dir):
     from prmkit.cli.config_show import BUILT, derived_settings
-    from prmkit.train.recipe import resolve_config
+    from prmkit.training.recipe import resolve_config
 
-    path = write(tmp_path / "tiny.yaml", f"model:\n  tiny: qwen2\n  tokenizer: {train_tokenizer_dir}\n"
-                                         f"data:\n  train: rows.jsonl\n  eval: eval.jsonl\n")
+    path = write(
+        tmp_path / "tiny.yaml",
+        f"model:\n  tiny: qwen2\n  tokenizer: {train_tokenizer_dir}\ndata:\n  train: rows.jsonl\n  eval: eval.jsonl\n",
+    )
     res = runner.invoke(app, ["config", "show", "-c", str(path)])
     assert res.exit_code == 0, res.output
     assert "  learning_rate: 0.002  # derived: model.tiny\n" in res.stdout
@@ -169,7 +215,7 @@ def test_every_config_error_is_reported_at_once(tmp_path):
 
 
 def _capture_train(monkeypatch):
-    import prmkit.train.recipe as training
+    import prmkit.training.recipe as training
 
     seen = {}
 
@@ -183,8 +229,25 @@ def _capture_train(monkeypatch):
 
 def test_training_flags_set_their_keys_and_win_over_set(monkeypatch):
     seen = _capture_train(monkeypatch)
-    res = runner.invoke(app, ["train", "--example", "--set", "train.learning_rate=1e-4", "--learning-rate", "3e-4",
-                              "--epochs", "2", "--seed", "7", "--max-length", "512", "--set", "data.max_length=64"])
+    res = runner.invoke(
+        app,
+        [
+            "train",
+            "--example",
+            "--set",
+            "train.learning_rate=1e-4",
+            "--learning-rate",
+            "3e-4",
+            "--epochs",
+            "2",
+            "--seed",
+            "7",
+            "--max-length",
+            "512",
+            "--set",
+            "data.max_length=64",
+        ],
+    )
     assert "stopped by the test" in res.stderr, res.output
     cfg = seen["cfg"]
     assert cfg.training_arguments["learning_rate"] == 3e-4  # a command's own flag beats --set, as the README says
@@ -201,10 +264,10 @@ def _all_commands():
     def walk(group, path):
         for name, cmd in group.commands.items():
             if hasattr(cmd, "commands"):
-                yield path + [name], cmd
-                yield from walk(cmd, path + [name])
+                yield [*path, name], cmd
+                yield from walk(cmd, [*path, name])
             else:
-                yield path + [name], cmd
+                yield [*path, name], cmd
 
     root = get_command(app)
     return [([], root), *walk(root, [])]
@@ -230,8 +293,11 @@ def test_every_help_is_readable_at_80_columns(monkeypatch):
         assert res.exit_code == 0, (path, res.output)
         text = res.stdout
         where = f"prmkit {' '.join(path)} --help"
-        cut = [line for line in text.splitlines() if "…" in line or re.search(r"\S\.\.\.$", line)
-               and not line.startswith("Usage:")]  # click ends a cut short help with "..."
+        cut = [
+            line
+            for line in text.splitlines()
+            if "…" in line or (re.search(r"\S\.\.\.$", line) and not line.startswith("Usage:"))
+        ]  # click ends a cut short help with "..."
         assert not cut, (where, cut)
         assert max(len(line) for line in text.splitlines()) <= 80, where
         for param in getattr(cmd, "params", []):
@@ -247,10 +313,16 @@ def test_every_help_is_readable_at_80_columns(monkeypatch):
 
 
 def test_a_run_stopped_by_sigterm_exits_143_and_says_so(monkeypatch, tmp_path):
-    import prmkit.train.recipe as training
+    import prmkit.training.recipe as training
 
-    stopped = training.TrainResult(output_dir=str(tmp_path), model_dir=None, global_step=3, interrupted=True,
-                                   signal="SIGTERM", checkpoint=str(tmp_path / "checkpoint-3"))
+    stopped = training.TrainResult(
+        output_dir=str(tmp_path),
+        model_dir=None,
+        global_step=3,
+        interrupted=True,
+        signal="SIGTERM",
+        checkpoint=str(tmp_path / "checkpoint-3"),
+    )
     monkeypatch.setattr(training, "train", lambda cfg, **kwargs: stopped)
     res = runner.invoke(app, ["train", "--example", "-o", str(tmp_path)])
     assert res.exit_code == 143, res.output
@@ -280,7 +352,7 @@ def test_sigterm_saves_a_checkpoint_and_names_the_signal(tmp_path, tiny_qwen2_co
 
     from transformers import TrainerCallback
 
-    from prmkit.train.recipe import train
+    from prmkit.training.recipe import train
 
     class Term(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
@@ -294,7 +366,9 @@ def test_sigterm_saves_a_checkpoint_and_names_the_signal(tmp_path, tiny_qwen2_co
     assert result.interrupted and result.signal == "SIGTERM" and result.global_step == 2
     assert result.checkpoint == str(tmp_path / "out" / "checkpoint-2")
     [said] = [r.getMessage() for r in records if "received" in r.getMessage()]
-    assert said == "SIGTERM received: saving a checkpoint after this step; a second SIGTERM or Ctrl-C stops without saving"
+    assert (
+        said == "SIGTERM received: saving a checkpoint after this step; a second SIGTERM or Ctrl-C stops without saving"
+    )
     assert signal.getsignal(signal.SIGTERM) is before
 
 
@@ -302,9 +376,9 @@ def test_sigterm_saves_a_checkpoint_and_names_the_signal(tmp_path, tiny_qwen2_co
 
 
 def test_the_example_data_warning_says_what_to_do():
-    from prmkit.data.sources import read_step_rows
-    from prmkit.train.example import EXAMPLE_TRAIN
     from prmkit.data.formats import Options
+    from prmkit.data.sources import read_step_rows
+    from prmkit.training.example import EXAMPLE_TRAIN
 
     with prmkit_log() as records:
         read_step_rows(str(EXAMPLE_TRAIN), "prm800k", Options(), "\n", skip_invalid=False)
@@ -316,10 +390,14 @@ def test_the_example_data_warning_says_what_to_do():
 def test_the_example_verdict_explains_the_figures(tmp_path):
     from prmkit.cli.train_cmd import _example_verdict
 
-    (tmp_path / "prmkit.json").write_text(json.dumps(
-        {"data": {"splits": {"eval": {"labels_positive": 437, "labels_negative": 60}}}}))
-    summary = {"model_dir": str(tmp_path), "loss_history": [[5, 0.6223], [75, 0.3037]],
-               "eval_metrics": {"accuracy": 0.8793, "wrong_f1": 0.0, "auroc": 0.5681, "steps": 497.0}}
+    (tmp_path / "prmkit.json").write_text(
+        json.dumps({"data": {"splits": {"eval": {"labels_positive": 437, "labels_negative": 60}}}})
+    )
+    summary = {
+        "model_dir": str(tmp_path),
+        "loss_history": [[5, 0.6223], [75, 0.3037]],
+        "eval_metrics": {"accuracy": 0.8793, "wrong_f1": 0.0, "auroc": 0.5681, "steps": 497.0},
+    }
     line = _example_verdict(summary)
     assert line.startswith("example: it worked: the model is saved and the loss fell (0.62 -> 0.30).")
     assert 'accuracy 0.879 on 497 steps is what answering "correct" for every step scores (0.879)' in line
@@ -331,8 +409,9 @@ def test_the_example_verdict_explains_the_figures(tmp_path):
 
 @pytest.mark.slow
 def test_the_example_ends_with_the_verdict(tmp_path):
-    res = runner.invoke(app, ["train", "--example", "-o", str(tmp_path / "run"), "--max-steps", "4",
-                              "--set", "train.logging_steps=1"])
+    res = runner.invoke(
+        app, ["train", "--example", "-o", str(tmp_path / "run"), "--max-steps", "4", "--set", "train.logging_steps=1"]
+    )
     assert res.exit_code == 0, res.output
     last = res.stdout.strip().splitlines()[-1]
     assert last.startswith("example: ") and "the model is saved" in last and "accuracy" in last and "auroc" in last

@@ -7,8 +7,8 @@ import json
 import pytest
 from conftest import EXAMPLES, SHARED, requires_shared
 
-from prmkit.errors import DataError
 from prmkit.data.formats import Options, RowError, convert, detect_format, validate
+from prmkit.errors import DataError
 
 # Look-alike Math-Shepherd lines written for prmkit (the real ones carry no licence we may bundle).
 SHEPHERD = {
@@ -77,7 +77,11 @@ def test_prm800k_expansion_like_trl():
                 "chosen_completion": 2,
                 "human_completion": None,
             },
-            {"completions": [{"text": "c1", "rating": -1}], "chosen_completion": None, "human_completion": {"text": "h", "rating": None}},
+            {
+                "completions": [{"text": "c1", "rating": -1}],
+                "chosen_completion": None,
+                "human_completion": {"text": "h", "rating": None},
+            },
         ]
     )
     rows = convert("prm800k", line, Options())
@@ -173,7 +177,9 @@ def test_math_shepherd_label_longer_than_input_converts_only_when_the_tail_is_wh
     # Anything else past the input means the texts do not line up; a '+' there is a label for a step with no tag,
     # which TRL would drop without a word. Refused, naming what is there.
     for tail in ("+", "x"):
-        with pytest.raises(RowError, match=rf"ends with '\{tail}' past the input" if tail == "+" else "ends with 'x'") as e:
+        with pytest.raises(
+            RowError, match=rf"ends with '\{tail}' past the input" if tail == "+" else "ends with 'x'"
+        ) as e:
             convert("math-shepherd", {**rec, "label": rec["label"] + tail}, Options())
         assert e.value.field == "label"
     with pytest.raises(RowError, match="does not match input"):  # shorter: TRL fails with an IndexError
@@ -212,12 +218,15 @@ def test_prm800k_first_step_in_error_gives_no_empty_path_row():
     ]
 
 
-@pytest.mark.parametrize("fmt, record, reason", [
-    ("stepwise", {"prompt": "p", "completions": ["a", " \n\t"], "labels": [1, 1]}, "empty step (whitespace only)"),
-    ("processbench", {"problem": "p", "steps": ["a", "  "], "label": -1}, "empty step (whitespace only)"),
-    # Math-Shepherd steps are stripped, as in TRL's converter: the step between the two tags is then empty.
-    ("math-shepherd", {"input": "Q? Step 1: a ки \n ки", "label": "Q? Step 1: a + \n +"}, "empty step"),
-])
+@pytest.mark.parametrize(
+    "fmt, record, reason",
+    [
+        ("stepwise", {"prompt": "p", "completions": ["a", " \n\t"], "labels": [1, 1]}, "empty step (whitespace only)"),
+        ("processbench", {"problem": "p", "steps": ["a", "  "], "label": -1}, "empty step (whitespace only)"),
+        # Math-Shepherd steps are stripped, as in TRL's converter: the step between the two tags is then empty.
+        ("math-shepherd", {"input": "Q? Step 1: a ки \n ки", "label": "Q? Step 1: a + \n +"}, "empty step"),
+    ],
+)
 def test_whitespace_only_step_is_an_empty_step(fmt, record, reason):
     with pytest.raises(RowError) as e:
         convert(fmt, record, Options(is_eval=True))

@@ -23,9 +23,14 @@ from prmkit.cli.app import app
 
 runner = CliRunner()
 
-ROWS = [{"prompt": "Which number is larger, 9.8 or 9.11?", "completions": ["11 is greater than 8.", "Hence, 9.11 > 9.8."],
-         "labels": [True, False]},
-        {"prompt": "So the answer is 42.", "completions": ["We check: 6 * 7 = 42."], "labels": [True]}]
+ROWS = [
+    {
+        "prompt": "Which number is larger, 9.8 or 9.11?",
+        "completions": ["11 is greater than 8.", "Hence, 9.11 > 9.8."],
+        "labels": [True, False],
+    },
+    {"prompt": "So the answer is 42.", "completions": ["We check: 6 * 7 = 42."], "labels": [True]},
+]
 
 
 def write_jsonl(path: Path, rows) -> Path:
@@ -74,12 +79,15 @@ def assert_one_line(result, *expected: str) -> None:
     assert "hint:" in result.stderr and "Traceback" not in result.output
 
 
-@pytest.mark.parametrize("code, what, hint", [
-    (errno.EACCES, "permission denied", "check the permissions"),
-    (errno.EROFS, "read-only file system", "write somewhere else"),
-    (errno.ENOSPC, "no space left on device", "free some space"),
-    (errno.EDQUOT, "disk quota exceeded", "free some space"),
-])
+@pytest.mark.parametrize(
+    "code, what, hint",
+    [
+        (errno.EACCES, "permission denied", "check the permissions"),
+        (errno.EROFS, "read-only file system", "write somewhere else"),
+        (errno.ENOSPC, "no space left on device", "free some space"),
+        (errno.EDQUOT, "disk quota exceeded", "free some space"),
+    ],
+)
 def test_os_errors_are_described_with_path_and_hint(code, what, hint):
     from prmkit.cli._errors import describe_os_error
 
@@ -94,10 +102,16 @@ def test_os_errors_are_described_with_path_and_hint(code, what, hint):
     assert describe_os_error(OSError(code, os.strerror(code)))[0] == what
 
 
-@pytest.mark.parametrize("command, again", [
-    ("prepare", ""), ("evaluate", ""), ("push", ""), ("score", "; it resumes where it stopped"),
-    ("train", " with --resume in place of any --overwrite, to continue from the last complete checkpoint"),
-])
+@pytest.mark.parametrize(
+    "command, again",
+    [
+        ("prepare", ""),
+        ("evaluate", ""),
+        ("push", ""),
+        ("score", "; it resumes where it stopped"),
+        ("train", " with --resume in place of any --overwrite, to continue from the last complete checkpoint"),
+    ],
+)
 def test_a_full_disk_hint_says_what_running_again_does_for_that_command(command, again):
     from prmkit.cli._errors import describe_os_error
 
@@ -109,8 +123,9 @@ def test_a_full_disk_hint_says_what_running_again_does_for_that_command(command,
     assert message == "/data: cannot write here: no space left on device"
 
 
-@pytest.mark.parametrize("command", [["prepare"], ["train"], ["eval"], ["score"], ["push"], ["config", "init"],
-                                     ["config", "show"]])
+@pytest.mark.parametrize(
+    "command", [["prepare"], ["train"], ["eval"], ["score"], ["push"], ["config", "init"], ["config", "show"]]
+)
 def test_debug_is_accepted_after_every_subcommand(tmp_path, monkeypatch, command):
     from prmkit.errors import ConfigError
 
@@ -130,7 +145,9 @@ def test_prepare_into_a_read_only_directory(tmp_path, monkeypatch, tiny_tokenize
     ro = tmp_path / "ro"
     ro.mkdir()
     refuse_writes_under(monkeypatch, ro, errno.EROFS)
-    res = runner.invoke(app, ["prepare", "--train", str(src), "--tokenizer", str(tiny_tokenizer_dir), "-o", str(ro / "out")])
+    res = runner.invoke(
+        app, ["prepare", "--train", str(src), "--tokenizer", str(tiny_tokenizer_dir), "-o", str(ro / "out")]
+    )
     assert_one_line(res, f"{ro}: cannot write here: read-only file system")
     assert "detected format" not in res.stderr  # refused before any row was read or tokenized
     monkeypatch.undo()
@@ -173,12 +190,17 @@ def test_score_into_a_read_only_directory(tmp_path, monkeypatch, prm_dir):
 
 
 def test_score_on_a_full_disk_then_resumes_to_the_same_bytes(tmp_path, monkeypatch, prm_dir):
-    import prmkit.scoring.job as job
+    import prmkit.scoring.resumable as resumable  # the module that opens the partial output
 
     rows = [{"prompt": f"Q{i}: {r['prompt']}", "completions": r["completions"]} for i, r in enumerate(ROWS * 6)]
     src = write_jsonl(tmp_path / "in.jsonl", rows)
     whole = tmp_path / "whole.jsonl"
-    assert runner.invoke(app, ["score", str(prm_dir), str(src), "-o", str(whole), "--set", "score.sort_window=4"]).exit_code == 0
+    assert (
+        runner.invoke(
+            app, ["score", str(prm_dir), str(src), "-o", str(whole), "--set", "score.sort_window=4"]
+        ).exit_code
+        == 0
+    )
 
     real_open = builtins.open
 
@@ -198,7 +220,7 @@ def test_score_on_a_full_disk_then_resumes_to_the_same_bytes(tmp_path, monkeypat
         return fh
 
     out = tmp_path / "scored.jsonl"
-    monkeypatch.setattr(job, "open", open_, raising=False)
+    monkeypatch.setattr(resumable, "open", open_, raising=False)
     res = runner.invoke(app, ["score", str(prm_dir), str(src), "-o", str(out), "--set", "score.sort_window=4"])
     assert_one_line(res, "error: no space left on device", "run the same command again")
     assert not out.exists() and out.with_name(out.name + ".partial").exists()
@@ -214,8 +236,22 @@ def test_train_into_a_read_only_directory(tmp_path, monkeypatch, tiny_qwen2_conf
     ro = tmp_path / "ro"
     ro.mkdir()
     refuse_writes_under(monkeypatch, ro, errno.EROFS)
-    res = runner.invoke(app, ["train", "-m", str(tiny_qwen2_config_dir), "--train", str(rows), "-o", str(ro / "run"),
-                              "--set", "model.init_from_config=true", "--max-steps", "1"])
+    res = runner.invoke(
+        app,
+        [
+            "train",
+            "-m",
+            str(tiny_qwen2_config_dir),
+            "--train",
+            str(rows),
+            "-o",
+            str(ro / "run"),
+            "--set",
+            "model.init_from_config=true",
+            "--max-steps",
+            "1",
+        ],
+    )
     assert_one_line(res, f"error: {ro}", "read-only file system", "hint: write somewhere else")
 
 
@@ -228,7 +264,10 @@ def test_damaged_prmkit_json_names_the_file(tmp_path, prm_dir):
     src = write_jsonl(tmp_path / "in.jsonl", ROWS)
     res = runner.invoke(app, ["score", str(model), str(src), "-o", str(tmp_path / "out.jsonl")])
     assert res.exit_code == 2, res.output
-    assert f"{model / 'prmkit.json'}: malformed JSON (Expecting property name enclosed in double quotes at line 1" in res.stderr
+    assert (
+        f"{model / 'prmkit.json'}: malformed JSON (Expecting property name enclosed in double quotes at line 1"
+        in res.stderr
+    )
     assert "Traceback" not in res.output
 
 
@@ -236,13 +275,25 @@ def test_damaged_prmkit_json_names_the_file(tmp_path, prm_dir):
 def test_subprocess_real_not_a_directory_and_debug_traceback(tmp_path, tiny_tokenizer_dir):
     src = write_jsonl(tmp_path / "rows.jsonl", ROWS)
     (tmp_path / "afile").write_text("not a directory")
-    cmd = [sys.executable, "-m", "prmkit", "prepare", "--train", str(src), "--tokenizer", str(tiny_tokenizer_dir),
-           "-o", str(tmp_path / "afile" / "out")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "prmkit",
+        "prepare",
+        "--train",
+        str(src),
+        "--tokenizer",
+        str(tiny_tokenizer_dir),
+        "-o",
+        str(tmp_path / "afile" / "out"),
+    ]
     env = {**os.environ, "PRMKIT_CACHE": str(tmp_path / "cache")}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 1, proc.stderr
     assert f"error: {tmp_path / 'afile'}: already exists" in proc.stderr and "Traceback" not in proc.stderr
-    debug = subprocess.run([cmd[0], "-m", "prmkit", "--debug", *cmd[3:]], capture_output=True, text=True, timeout=120, env=env)
+    debug = subprocess.run(
+        [cmd[0], "-m", "prmkit", "--debug", *cmd[3:]], capture_output=True, text=True, timeout=120, env=env
+    )
     assert debug.returncode != 0 and "Traceback" in debug.stderr and "FileExistsError" in debug.stderr
 
 
@@ -250,8 +301,11 @@ def test_subprocess_real_not_a_directory_and_debug_traceback(tmp_path, tiny_toke
 def test_score_to_a_closed_pipe_is_one_line(tmp_path, prm_dir):
     rows = [{"prompt": f"Q{i}: {r['prompt']}", "completions": r["completions"]} for i, r in enumerate(ROWS * 40)]
     src = write_jsonl(tmp_path / "in.jsonl", rows)
-    proc = subprocess.Popen([sys.executable, "-m", "prmkit", "score", str(prm_dir), str(src), "-o", "-",
-                             "--set", "score.sort_window=2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prmkit", "score", str(prm_dir), str(src), "-o", "-", "--set", "score.sort_window=2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     first = proc.stdout.readline()
     proc.stdout.close()  # `| head -1`
     _, err = proc.communicate(timeout=300)
@@ -262,12 +316,18 @@ def test_score_to_a_closed_pipe_is_one_line(tmp_path, prm_dir):
     assert "Traceback" not in err and "Exception ignored" not in err
 
 
-@pytest.mark.parametrize("recorded, expected", [
-    ({"max_length": -5}, "tokenization.max_length: -5 is out of range; expected in [1, 2147483647]"),
-    # was: an OverflowError traceback from numpy while truncating
-    ({"max_length": 10**30}, "tokenization.max_length: 1000000000000000000000000000000 is out of range; expected in"),
-    ({"max_prompt_length": "lots"}, "tokenization.max_prompt_length: expected an integer or null, got 'lots'"),
-])
+@pytest.mark.parametrize(
+    "recorded, expected",
+    [
+        ({"max_length": -5}, "tokenization.max_length: -5 is out of range; expected in [1, 2147483647]"),
+        # was: an OverflowError traceback from numpy while truncating
+        (
+            {"max_length": 10**30},
+            "tokenization.max_length: 1000000000000000000000000000000 is out of range; expected in",
+        ),
+        ({"max_prompt_length": "lots"}, "tokenization.max_prompt_length: expected an integer or null, got 'lots'"),
+    ],
+)
 def test_limits_recorded_in_prmkit_json_are_range_checked(tmp_path, prm_dir, recorded, expected):
     import shutil
 
@@ -276,6 +336,8 @@ def test_limits_recorded_in_prmkit_json_are_range_checked(tmp_path, prm_dir, rec
     meta = json.loads((model / "prmkit.json").read_text())
     meta["tokenization"].update(recorded)
     (model / "prmkit.json").write_text(json.dumps(meta))
-    res = runner.invoke(app, ["score", str(model), str(write_jsonl(tmp_path / "in.jsonl", ROWS)), "-o", str(tmp_path / "o.jsonl")])
+    res = runner.invoke(
+        app, ["score", str(model), str(write_jsonl(tmp_path / "in.jsonl", ROWS)), "-o", str(tmp_path / "o.jsonl")]
+    )
     assert res.exit_code == 2, res.output
     assert f"{model / 'prmkit.json'}: {expected}" in res.stderr and "Traceback" not in res.output

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import requires_shared
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,15 +30,22 @@ def test_help_lists_the_modes():
     assert proc.returncode == 0, proc.stderr
     for option in ("--dry-run", "--tiny", "--runs", "--cap-gib", "--budget", "--timeout", "--out"):
         assert option in proc.stdout, option
-    bad = subprocess.run([sys.executable, str(BENCH), "--runs", "prmkit-fastest"], capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, str(BENCH), "--runs", "prmkit-fastest"], capture_output=True, text=True, timeout=120
+    )
     assert bad.returncode == 2 and "unknown run 'prmkit-fastest'" in bad.stderr
 
 
 @pytest.mark.slow
 @requires_shared
 def test_dry_run_plans_the_h200_runs(tmp_path):
-    proc = subprocess.run([sys.executable, str(BENCH), "--dry-run", "--rows", "96"], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--dry-run", "--rows", "96"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert proc.returncode == 0, proc.stderr
     plan = json.loads(proc.stdout)
     assert plan["rows"] == 96 and plan["params"] == 494_034_562  # the Qwen2-0.5B shape
@@ -68,14 +74,20 @@ def test_run_commands():
     assert "train.gradient_checkpointing=true" in sets("prmkit-ckpt")
     assert "train.max_steps=4" in sets("prmkit-warmup")
     ref = sets("prmkit-fp32-ref")
-    assert "train.bf16=true" not in ref and {"train.batching=grouped", "model.attn_implementation=sdpa",
-                                              "train.max_steps=32", "train.tf32=false"} <= set(ref)
+    assert "train.bf16=true" not in ref and {
+        "train.batching=grouped",
+        "model.attn_implementation=sdpa",
+        "train.max_steps=32",
+        "train.tf32=false",
+    } <= set(ref)
     assert not any(s.startswith("train.max_steps") for s in sets("prmkit-fp32-ref", ref=None))
     # On the CPU the cap becomes a budget the tiny model cannot fit, so auto's decision is exercised; on the GPU the
     # cap is the process's memory fraction, set by the child before training.
     assert "train.memory_budget_gb=0.001" in sets("prmkit-capped", tiny=True)
     assert not any("memory_budget" in s for s in sets("prmkit-capped"))
-    assert "train.use_liger_kernel=true" in sets("prmkit-liger") and "train.torch_compile=true" in sets("prmkit-compile")
+    assert "train.use_liger_kernel=true" in sets("prmkit-liger") and "train.torch_compile=true" in sets(
+        "prmkit-compile"
+    )
 
 
 def test_verdicts_and_loss_gap():
@@ -99,13 +111,20 @@ def test_verdicts_and_loss_gap():
 
 def test_summary_figures():
     gt = _bench()
-    raw = {"status": "ok", "wall_seconds": 40.0, "seconds": 20.0, "tokens": 1_000_000, "peak_memory_gib": 30.123,
-           "memory": {"estimate": {"total_gib": 33.4}, "reason": "auto: fits", "budget_source": "free"},
-           "batching": "packed", "attn_implementation": "flex_attention", "loss_history": [[4, 0.5]]}
+    raw = {
+        "status": "ok",
+        "wall_seconds": 40.0,
+        "seconds": 20.0,
+        "tokens": 1_000_000,
+        "peak_memory_gib": 30.123,
+        "memory": {"estimate": {"total_gib": 33.4}, "reason": "auto: fits", "budget_source": "free"},
+        "batching": "packed",
+        "attn_implementation": "flex_attention",
+        "loss_history": [[4, 0.5]],
+    }
     s = gt.summarise("prmkit-default", raw, 357_899_906)
     assert s["tokens_per_second"] == 50_000.0
     assert s["mfu"] == round(6 * 357_899_906 * 50_000 / 989e12, 4)
     assert s["peak_reserved_gib"] == 30.12 and s["estimated_peak_gib"] == 33.4 and s["batching"] == "packed"
     failed = gt.summarise("prmkit-capped", {"status": "exit 1", "wall_seconds": 3.0, "stderr_tail": "OOM"}, 1)
     assert failed == {"status": "exit 1", "wall_seconds": 3.0, "stderr_tail": "OOM"}
-

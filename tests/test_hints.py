@@ -78,18 +78,25 @@ class Source:
 
     def _imports(self, mod: str, tree: ast.AST) -> dict[str, tuple]:
         table: dict[str, tuple] = {}
-        package = mod.split(".") if (PACKAGE.parent / mod.replace(".", "/") / "__init__.py").exists() else mod.split(".")[:-1]
+        package = (
+            mod.split(".") if (PACKAGE.parent / mod.replace(".", "/") / "__init__.py").exists() else mod.split(".")[:-1]
+        )
         for node in ast.walk(tree):  # imports inside functions too: prmkit imports heavy modules late
             if isinstance(node, ast.ImportFrom):
                 base = package[: len(package) - node.level + 1] if node.level else []
                 src = ".".join([*base, node.module] if node.module else base)
                 for alias in node.names if src.startswith("prmkit") else []:
                     full = f"{src}.{alias.name}"
-                    table[alias.asname or alias.name] = ("module", full) if full in self.trees else ("name", src, alias.name)
+                    table[alias.asname or alias.name] = (
+                        ("module", full) if full in self.trees else ("name", src, alias.name)
+                    )
             elif isinstance(node, ast.Import):
                 for alias in node.names:
                     if alias.name in self.trees:
-                        table[alias.asname or alias.name.split(".")[0]] = ("module", alias.name if alias.asname else "prmkit")
+                        table[alias.asname or alias.name.split(".")[0]] = (
+                            "module",
+                            alias.name if alias.asname else "prmkit",
+                        )
         return table
 
     def resolve(self, mod: str, name: str, depth: int = 0) -> tuple[str, str] | None:
@@ -108,8 +115,13 @@ class Source:
             if isinstance(n, ast.With):
                 for item in n.items:
                     call = item.context_expr
-                    if (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "reworded"
-                            and call.args and isinstance(call.args[0], ast.Name)):
+                    if (
+                        isinstance(call, ast.Call)
+                        and isinstance(call.func, ast.Name)
+                        and call.func.id == "reworded"
+                        and call.args
+                        and isinstance(call.args[0], ast.Name)
+                    ):
                         table = f"{mod}.{call.args[0].id}"
             target = None
             if isinstance(n, ast.Name):
@@ -150,7 +162,7 @@ class Source:
     def _message_parts(top: ast.AST):
         roots: list[ast.AST] = []
         for node in ast.walk(top):
-            if isinstance(node, ast.Raise) and node.exc or isinstance(node, ast.Return) and node.value:
+            if (isinstance(node, ast.Raise) and node.exc) or (isinstance(node, ast.Return) and node.value):
                 roots.append(node)
             elif isinstance(node, ast.Call):
                 func = node.func
@@ -160,7 +172,7 @@ class Source:
                     roots.extend(node.args)
                 roots.extend(k.value for k in node.keywords if k.arg in ("hint", "message"))
             elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                args = node.args.args[len(node.args.args) - len(node.args.defaults):]
+                args = node.args.args[len(node.args.args) - len(node.args.defaults) :]
                 roots.extend(d for a, d in zip(args, node.args.defaults) if a.arg in ("hint", "message"))
         seen = set()
         for root in roots:
@@ -193,22 +205,32 @@ def test_every_flag_a_message_names_exists_on_the_command_printing_it():
     options, entry = commands()
     source = Source()
     reached = {name: source.reach(start) for name, start in entry.items()}
-    tables = {key: getattr(importlib.import_module(key.rpartition(".")[0]), key.rpartition(".")[2])
-              for found in reached.values() for _unit, key in found if key}
+    tables = {
+        key: getattr(importlib.import_module(key.rpartition(".")[0]), key.rpartition(".")[2])
+        for found in reached.values()
+        for _unit, key in found
+        if key
+    }
     checked, wrong = 0, []
     for unit, line, text in source.messages():
         for flag in FLAG.findall(text):
             named = named_command(text, flag, sorted(entry, key=len, reverse=True))
-            printers = [(named, None)] if named is not None else \
-                [(name, table) for name, found in reached.items() for u, table in found if u == unit]
+            printers = (
+                [(named, None)]
+                if named is not None
+                else [(name, table) for name, found in reached.items() for u, table in found if u == unit]
+            )
             for command, table in printers:
                 checked += 1
                 if flag not in options[command] | set(tables.get(table, ())) and (command, flag) not in AWAITED:
                     wrong.append(f"{unit[0]}:{line}: `prmkit {command}` has no {flag}: {text[:90]!r}")
     assert checked > 100  # the walk found the messages (and the commands reach them)
     assert not wrong, "\n".join(sorted(set(wrong)))
-    arrived = [f"`prmkit {command}` now has {flag}: remove it from AWAITED" for command, flag in AWAITED
-               if flag in options[command]]
+    arrived = [
+        f"`prmkit {command}` now has {flag}: remove it from AWAITED"
+        for command, flag in AWAITED
+        if flag in options[command]
+    ]
     assert not arrived, arrived
 
 
@@ -221,7 +243,7 @@ def test_the_walk_sees_through_shared_code():
     assert (("prmkit.data.sources", "read_step_rows"), None) in train
     assert not any(unit == ("prmkit.data.sources", "read_step_rows") for unit, _ in push)
     assert (("prmkit.hub.files", "select_files"), None) in push
-    assert (("prmkit.hub.files", "select_files"), "prmkit.train.recipe.PUSH_FLAGS_AS_KEYS") in train
+    assert (("prmkit.hub.files", "select_files"), "prmkit.training.recipe.PUSH_FLAGS_AS_KEYS") in train
     assert not any(unit == ("prmkit.hub.files", "select_files") and table is None for unit, table in train)
     assert named_command("run `prmkit --debug COMMAND ...`", "--debug", list(entry)) == ""
     assert named_command("the same `prmkit train` command plus --resume", "--resume", list(entry)) == "train"
@@ -232,7 +254,7 @@ def test_train_pushes_with_hints_in_its_own_terms(tmp_path, monkeypatch):
     import prmkit.hub
     from prmkit.config.load import load_config
     from prmkit.errors import UsageError
-    from prmkit.train.recipe import _push
+    from prmkit.training.recipe import _push
 
     def refusing_push(model_dir, repo_id, **kwargs):
         logging.getLogger("prmkit").warning("no license given (--license or push.license): the card declares none")
@@ -243,5 +265,6 @@ def test_train_pushes_with_hints_in_its_own_terms(tmp_path, monkeypatch):
         _push(load_config(None, ["push.repo_id=me/prm"]), tmp_path, None)
     assert err.value.hint == "pass --set push.allow_pickle=true to upload them anyway"
     assert [r.getMessage() for r in records] == [
-        "no license given (--set push.license=ID or push.license): the card declares none"]
+        "no license given (--set push.license=ID or push.license): the card declares none"
+    ]
     assert not logging.getLogger("prmkit").filters  # `prmkit push` itself keeps its own words

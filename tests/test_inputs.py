@@ -38,6 +38,7 @@ def write(path: Path, text: str | bytes) -> Path:
 
 def strict_json(text: str):
     """json.loads that refuses NaN and Infinity, which Python accepts but JSON does not have."""
+
     def refuse(name):
         raise ValueError(f"{name} is not JSON")
 
@@ -54,23 +55,44 @@ def prm_dir(tmp_path_factory, train_tokenizer_dir) -> Path:
 
 
 def prepare(tmp_path, tok, src, *extra):
-    return runner.invoke(app, ["prepare", "--train", str(src), "--tokenizer", str(tok), "-o", str(tmp_path / "out"),
-                               "--json", *map(str, extra)])
+    return runner.invoke(
+        app,
+        [
+            "prepare",
+            "--train",
+            str(src),
+            "--tokenizer",
+            str(tok),
+            "-o",
+            str(tmp_path / "out"),
+            "--json",
+            *map(str, extra),
+        ],
+    )
 
 
 # --- 1. text that is not text ---------------------------------------------------------------------------------------
 
 # A JSON line that json.loads accepts but whose text cannot be tokenized (written raw: json.dumps would escape it).
 BAD_TEXT = [
-    ('{"prompt": "a\\ud800b", "completions": ["x"], "labels": [true]}', "prompt", "lone surrogate U+D800 at character 1"),
-    ('{"prompt": "p", "completions": ["ok", "\\udc00\\ud800"], "labels": [true, false]}', "completions[1]",
-     "lone surrogate U+DC00 at character 0"),
+    (
+        '{"prompt": "a\\ud800b", "completions": ["x"], "labels": [true]}',
+        "prompt",
+        "lone surrogate U+D800 at character 1",
+    ),
+    (
+        '{"prompt": "p", "completions": ["ok", "\\udc00\\ud800"], "labels": [true, false]}',
+        "completions[1]",
+        "lone surrogate U+DC00 at character 0",
+    ),
     ('{"prompt": "p", "completions": ["a\\u0000b"], "labels": [true]}', "completions[0]", "NUL character (U+0000)"),
 ]
 
 
 @pytest.mark.parametrize("line,field,reason", BAD_TEXT)
-def test_bad_text_is_a_bad_row_in_prepare_and_skip_invalid_rejects_it(tmp_path, train_tokenizer_dir, line, field, reason):
+def test_bad_text_is_a_bad_row_in_prepare_and_skip_invalid_rejects_it(
+    tmp_path, train_tokenizer_dir, line, field, reason
+):
     src = write(tmp_path / "rows.jsonl", lines(GOOD[0], line, GOOD[1]))
     result = prepare(tmp_path, train_tokenizer_dir, src)
     assert result.exit_code == 2, result.output
@@ -89,10 +111,25 @@ def test_bad_text_is_a_bad_row_in_prepare_and_skip_invalid_rejects_it(tmp_path, 
 def test_bad_text_in_train_eval_and_score(tmp_path, prm_dir, tiny_qwen2_config_dir):
     line, field, reason = BAD_TEXT[0]
     src = write(tmp_path / "rows.jsonl", lines(GOOD[0], line))
-    trained = runner.invoke(app, ["train", "--model", str(tiny_qwen2_config_dir), "--set", "model.init_from_config=true",
-                                  "--train", str(src), "-o", str(tmp_path / "run"), "--max-steps", "1"])
-    evaluated = runner.invoke(app, ["eval", str(prm_dir), "--data", str(src), "-o", str(tmp_path / "eval"),
-                                    "--no-plots"])
+    trained = runner.invoke(
+        app,
+        [
+            "train",
+            "--model",
+            str(tiny_qwen2_config_dir),
+            "--set",
+            "model.init_from_config=true",
+            "--train",
+            str(src),
+            "-o",
+            str(tmp_path / "run"),
+            "--max-steps",
+            "1",
+        ],
+    )
+    evaluated = runner.invoke(
+        app, ["eval", str(prm_dir), "--data", str(src), "-o", str(tmp_path / "eval"), "--no-plots"]
+    )
     scored = runner.invoke(app, ["score", str(prm_dir), str(src), "-o", str(tmp_path / "scored.jsonl")])
     for result in (trained, evaluated, scored):
         assert result.exit_code == 2, result.output
@@ -154,7 +191,16 @@ def test_a_raw_nul_byte_is_a_bad_line(tmp_path, train_tokenizer_dir):
 
 @pytest.mark.slow
 def test_prepare_subprocess_bad_text_and_utf16(tmp_path, train_tokenizer_dir):
-    cmd = [sys.executable, "-m", "prmkit", "prepare", "--tokenizer", str(train_tokenizer_dir), "-o", str(tmp_path / "o")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "prmkit",
+        "prepare",
+        "--tokenizer",
+        str(train_tokenizer_dir),
+        "-o",
+        str(tmp_path / "o"),
+    ]
     bad = write(tmp_path / "bad.jsonl", lines(GOOD[0], BAD_TEXT[0][0]))
     proc = subprocess.run([*cmd, "--train", str(bad)], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 2, proc.stderr
@@ -190,30 +236,49 @@ def test_score_subprocess_rejects_bad_labels_and_text_and_writes_valid_json(tmp_
     records = [GOOD[0], *(line for line, _, _ in BAD_LABELS[:3]), BAD_LABELS[4][0], BAD_TEXT[0][0], unlabelled]
     src = write(tmp_path / "in.jsonl", lines(*records))
     out = tmp_path / "out.jsonl"
-    proc = subprocess.run([sys.executable, "-m", "prmkit", "score", str(prm_dir), str(src), "-o", str(out),
-                           "--skip-invalid"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "prmkit", "score", str(prm_dir), str(src), "-o", str(out), "--skip-invalid"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "scored 2 of 7 lines" in proc.stderr and "5 rejected" in proc.stderr
     scored = [strict_json(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert [r["prompt"] for r in scored] == [GOOD[0]["prompt"], unlabelled["prompt"]]
     assert scored[1]["id"] == "x\ud800" and scored[1]["labels"] is None  # written back exactly (as a \u escape)
     rejects = [strict_json(line) for line in Path(f"{out}.rejects.jsonl").read_text(encoding="utf-8").splitlines()]
-    assert [(r["line"], r["field"]) for r in rejects] == [(2, "labels"), (3, "labels[0]"), (4, "labels[0]"),
-                                                          (5, "score"), (6, "prompt")]
+    assert [(r["line"], r["field"]) for r in rejects] == [
+        (2, "labels"),
+        (3, "labels[0]"),
+        (4, "labels[0]"),
+        (5, "score"),
+        (6, "prompt"),
+    ]
     # A NaN cannot be written as JSON: the record says null there, and `raw` keeps the line as it was.
     assert rejects[1]["record"]["labels"] == [None] and rejects[1]["raw"] == BAD_LABELS[1][0]
     assert "raw" not in rejects[0]
 
     # Empty stdin is an error (exit 2), as an empty file is.
-    proc = subprocess.run([sys.executable, "-m", "prmkit", "score", str(prm_dir), "-", "-o", "-"], input="",
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "prmkit", "score", str(prm_dir), "-", "-o", "-"],
+        input="",
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert proc.returncode == 2 and "<stdin>: no lines to score" in proc.stderr, proc.stderr
 
 
 def test_json_writers_never_write_nan(tmp_path):
     from prmkit.core.jsonio import dumps, dumps_record, nonfinite_field
 
-    assert dumps({"a": float("nan"), "b": [1.0, float("inf")], "p": Path("x")}) == '{"a": null, "b": [1.0, null], "p": "x"}'
+    assert (
+        dumps({"a": float("nan"), "b": [1.0, float("inf")], "p": Path("x")})
+        == '{"a": null, "b": [1.0, null], "p": "x"}'
+    )
     with pytest.raises(ValueError):
         dumps_record({"a": float("nan")})
     assert nonfinite_field({"a": {"b": [1, float("-inf")]}}) == "a.b[1]"
@@ -225,17 +290,35 @@ def test_json_writers_never_write_nan(tmp_path):
 # --- 3. what was found, and what was expected -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name,content,message", [
-    ("one.json", json.dumps(PB),
-     "one.json: found one object with keys ['label', 'problem', 'steps']; expected a JSON array of rows"),
-    ("two.json", json.dumps({"train": [GOOD[0]], "test": [GOOD[1]]}),
-     "two.json: found an object with several arrays of rows (test, train)"),
-    ("strings.json", json.dumps(["a", "b"]), "strings.json: cannot detect the data format: none of the first 2 rows is a JSON object"),
-    ("array.jsonl", json.dumps(GOOD) + "\n", "array.jsonl: line 1: a JSON array, expected an object"),
-    ("other.jsonl", lines({"question": "q", "answer": "a"}),
-     "other.jsonl: line 1: cannot detect the data format from columns ['answer', 'question']"),
-])
-def test_unusable_shapes_say_what_was_found_and_what_was_expected(tmp_path, train_tokenizer_dir, name, content, message):
+@pytest.mark.parametrize(
+    "name,content,message",
+    [
+        (
+            "one.json",
+            json.dumps(PB),
+            "one.json: found one object with keys ['label', 'problem', 'steps']; expected a JSON array of rows",
+        ),
+        (
+            "two.json",
+            json.dumps({"train": [GOOD[0]], "test": [GOOD[1]]}),
+            "two.json: found an object with several arrays of rows (test, train)",
+        ),
+        (
+            "strings.json",
+            json.dumps(["a", "b"]),
+            "strings.json: cannot detect the data format: none of the first 2 rows is a JSON object",
+        ),
+        ("array.jsonl", json.dumps(GOOD) + "\n", "array.jsonl: line 1: a JSON array, expected an object"),
+        (
+            "other.jsonl",
+            lines({"question": "q", "answer": "a"}),
+            "other.jsonl: line 1: cannot detect the data format from columns ['answer', 'question']",
+        ),
+    ],
+)
+def test_unusable_shapes_say_what_was_found_and_what_was_expected(
+    tmp_path, train_tokenizer_dir, name, content, message
+):
     result = prepare(tmp_path, train_tokenizer_dir, write(tmp_path / name, content))
     assert result.exit_code == 2, result.output
     assert message in result.stderr
@@ -266,13 +349,23 @@ def test_empty_stdin_is_an_error_like_an_empty_file(tmp_path, prm_dir):
     assert "<stdin>: no lines to score" in from_stdin.stderr and from_stdin.stdout == ""
 
 
-def test_stdin_is_refused_clearly_where_data_is_read_more_than_once(tmp_path, prm_dir, train_tokenizer_dir,
-                                                                   tiny_qwen2_config_dir):
+def test_stdin_is_refused_clearly_where_data_is_read_more_than_once(
+    tmp_path, prm_dir, train_tokenizer_dir, tiny_qwen2_config_dir
+):
     text = lines(*GOOD)
     calls = {
         "prepare": ["prepare", "--train", "-", "--tokenizer", str(train_tokenizer_dir), "-o", str(tmp_path / "p")],
-        "train": ["train", "--model", str(tiny_qwen2_config_dir), "--set", "model.init_from_config=true",
-                  "--train", "-", "-o", str(tmp_path / "run")],
+        "train": [
+            "train",
+            "--model",
+            str(tiny_qwen2_config_dir),
+            "--set",
+            "model.init_from_config=true",
+            "--train",
+            "-",
+            "-o",
+            str(tmp_path / "run"),
+        ],
         "eval": ["eval", str(prm_dir), "--data", "-", "-o", str(tmp_path / "eval"), "--no-plots"],
     }
     for name, args in calls.items():
@@ -298,23 +391,32 @@ def test_a_line_in_another_format_is_named_as_such(tmp_path, train_tokenizer_dir
     src = write(tmp_path / "mixed.jsonl", lines(GOOD[0], PB))
     result = prepare(tmp_path, train_tokenizer_dir, src)
     assert result.exit_code == 2
-    assert ("mixed.jsonl: line 2: row: a processbench row (columns label, problem, steps), but the format detected "
-            "from line 1 is stepwise; one source holds one format") in result.stderr
+    assert (
+        "mixed.jsonl: line 2: row: a processbench row (columns label, problem, steps), but the format detected "
+        "from line 1 is stepwise; one source holds one format"
+    ) in result.stderr
     assert "missing" not in result.stderr
 
     src = write(tmp_path / "mixed2.jsonl", lines(PB, {"prompt": "p", "completions": ["a"]}))
     scored = runner.invoke(app, ["score", str(prm_dir), str(src), "-o", str(tmp_path / "o.jsonl")])
     assert scored.exit_code == 2
-    assert ("mixed2.jsonl: line 2: row: a stepwise row (columns completions, prompt), but the format detected from "
-            "line 1 is processbench") in scored.stderr
+    assert (
+        "mixed2.jsonl: line 2: row: a stepwise row (columns completions, prompt), but the format detected from "
+        "line 1 is processbench"
+    ) in scored.stderr
 
-    given = prepare(tmp_path, train_tokenizer_dir, write(tmp_path / "g.jsonl", lines(GOOD[0])), "--format", "processbench")
-    assert "line 1: row: a stepwise row (columns completions, labels, prompt), but the format given is processbench" \
+    given = prepare(
+        tmp_path, train_tokenizer_dir, write(tmp_path / "g.jsonl", lines(GOOD[0])), "--format", "processbench"
+    )
+    assert (
+        "line 1: row: a stepwise row (columns completions, labels, prompt), but the format given is processbench"
         in given.stderr
+    )
 
 
-@pytest.mark.parametrize("record,field", [({**PB, "steps": []}, "steps"), ({**GOOD[0], "completions": [], "labels": []},
-                                                                            "completions")])
+@pytest.mark.parametrize(
+    "record,field", [({**PB, "steps": []}, "steps"), ({**GOOD[0], "completions": [], "labels": []}, "completions")]
+)
 def test_empty_steps_say_empty(tmp_path, train_tokenizer_dir, record, field):
     result = prepare(tmp_path, train_tokenizer_dir, write(tmp_path / "rows.jsonl", lines(record)))
     assert result.exit_code == 2
@@ -326,8 +428,9 @@ def test_empty_steps_say_empty(tmp_path, train_tokenizer_dir, record, field):
 
 
 def test_config_init_writes_the_separator_on_one_line_and_show_prints_integers(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "prmkit", "config", "init"], capture_output=True, text=True,
-                          timeout=120, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "prmkit", "config", "init"], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
     assert proc.returncode == 0, proc.stderr
     assert '  step_separator: "\\n"\n' in proc.stdout
     assert yaml.safe_load(proc.stdout)["data"]["step_separator"] == "\n"
@@ -354,6 +457,17 @@ def test_a_malformed_line_is_kept_raw_in_rejects_for_replay(tmp_path, train_toke
     assert reject["line"] == 2 and reject["record"] is None and reject["raw"] == broken
     # Fixed by hand and replayed, the line is a good row.
     replay = write(tmp_path / "replay.jsonl", reject["raw"].replace("],}", "]}") + "\n")
-    again = runner.invoke(app, ["prepare", "--train", str(replay), "--tokenizer", str(train_tokenizer_dir), "-o",
-                                str(tmp_path / "again"), "--json"])
+    again = runner.invoke(
+        app,
+        [
+            "prepare",
+            "--train",
+            str(replay),
+            "--tokenizer",
+            str(train_tokenizer_dir),
+            "-o",
+            str(tmp_path / "again"),
+            "--json",
+        ],
+    )
     assert again.exit_code == 0 and json.loads(again.stdout)["splits"]["train"]["rows_kept"] == 1

@@ -39,11 +39,16 @@ def _tokenizer(path: Path, *, specials: list[str], added: list[str] = (), templa
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<s>", *specials],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator((_CORPUS + ["a + b - c + d - e"]) * 20, trainer=trainer)
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<s>", *specials],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(([*_CORPUS, "a + b - c + d - e"]) * 20, trainer=trainer)
     if bos:
-        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+        )
     kwargs = {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "additional_special_tokens": specials}
     if bos:
         kwargs["bos_token"] = "<s>"
@@ -61,9 +66,18 @@ def _llama(path: Path, tok, seed: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      intermediate_size=64, vocab_size=len(tok), max_position_embeddings=512,
-                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        vocab_size=len(tok),
+        max_position_embeddings=512,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(cfg).eval()
     model.save_pretrained(path)
     return model
@@ -94,9 +108,16 @@ def qwen_prm_model(tmp_path_factory):
     path = tmp_path_factory.mktemp("kinds") / "qwen-prm-like"
     tok = _tokenizer(path, specials=["<|im_start|>", "<|im_end|>", "<extra_0>"], template=CHATML_TEMPLATE, bos=False)
     torch.manual_seed(3)
-    cfg = Qwen2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      intermediate_size=64, vocab_size=len(tok), max_position_embeddings=512,
-                      pad_token_id=tok.pad_token_id)
+    cfg = Qwen2Config(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        vocab_size=len(tok),
+        max_position_embeddings=512,
+        pad_token_id=tok.pad_token_id,
+    )
     model = qwen_prm_class()(cfg).eval()
     for p in model.score.parameters():  # post_init's small init makes every softmax ~0.5; spread the scores
         torch.nn.init.normal_(p, std=0.5)
@@ -179,7 +200,7 @@ def reference_qwen_prm(path: Path, tok, question: str, steps: list[str]) -> list
     cfg = Qwen2Config.from_pretrained(path)
     state = load_file(str(path / "model.safetensors"))
     body = Qwen2Model(cfg).eval()
-    body.load_state_dict({k[len("model."):]: v for k, v in state.items() if k.startswith("model.")})
+    body.load_state_dict({k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")})
     messages = [
         {"role": "system", "content": "Please reason step by step, and put your final answer within \\boxed{}."},
         {"role": "user", "content": question},
@@ -236,10 +257,13 @@ def _sentencepiece_tokenizer(path: Path):
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"])
-    tok.train_from_iterator((_CORPUS + ["a + b - c ки d + e - f ки"]) * 20, trainer=trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="</s>")
+    tok.train_from_iterator(([*_CORPUS, "a + b - c ки d + e - f ки"]) * 20, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>"
+    )
     fast.save_pretrained(path)
     return fast
 
@@ -276,9 +300,17 @@ def test_lm_tag_with_the_qwen2_tokenizer_scores_as_openrlhf_reads_it(tmp_path):
     tok.add_special_tokens({"additional_special_tokens": ["ки"]})  # OpenRLHF's placeholder token, kept whole
     tok.save_pretrained(path)
     torch.manual_seed(5)
-    cfg = Qwen2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      intermediate_size=64, vocab_size=len(tok), max_position_embeddings=512,
-                      pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+    cfg = Qwen2Config(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        vocab_size=len(tok),
+        max_position_embeddings=512,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+    )
     model = Qwen2ForCausalLM(cfg).eval()
     model.save_pretrained(path)
     scorer = _scorer(path, kind="lm-tag")
@@ -387,10 +419,28 @@ def test_eval_compares_kinds_side_by_side_in_a_subprocess(tmp_path, tiny_prm_pai
     out = tmp_path / "cmp"
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run(
-        [sys.executable, "-m", "prmkit", "eval", str(tiny_prm_pair[0]), str(qwen_prm_model[0]),
-         f"{chat_model[0]}@chat-plus-minus", "--data", str(data), "-o", str(out), "--no-plots", "--device", "cpu",
-         "--dtype", "float32"],
-        capture_output=True, text=True, env=env, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "prmkit",
+            "eval",
+            str(tiny_prm_pair[0]),
+            str(qwen_prm_model[0]),
+            f"{chat_model[0]}@chat-plus-minus",
+            "--data",
+            str(data),
+            "-o",
+            str(out),
+            "--no-plots",
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
     report = json.loads((out / "report.json").read_text())
@@ -403,7 +453,6 @@ def test_eval_compares_kinds_side_by_side_in_a_subprocess(tmp_path, tiny_prm_pai
         assert m["subsets"]["gsm8k"]["n_solutions"] == 12
     # The qwen-prm model's first-error verdicts come from its own scores: check one subset figure by hand.
     from prmkit.scoring import StepScorer
-
     from tests.eval_fixtures import processbench_first_error
 
     records = json.loads(data.read_text())
@@ -423,14 +472,29 @@ def test_score_cli_with_an_explicit_kind(tmp_path, lm_tag_model):
     rows = tmp_path / "in.jsonl"
     rows.write_text("".join(json.dumps({"prompt": q, "completions": s}) + "\n" for q, s in SOLUTIONS))
     out = tmp_path / "out.jsonl"
-    res = CliRunner().invoke(app, ["score", str(path), str(rows), "-o", str(out), "--device", "cpu", "--dtype",
-                                   "float32", "--set", "model.kind=lm-tag"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "score",
+            str(path),
+            str(rows),
+            "-o",
+            str(out),
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--set",
+            "model.kind=lm-tag",
+        ],
+    )
     assert res.exit_code == 0, res.output
     got = [json.loads(line)["step_scores"] for line in out.read_text().splitlines()]
     want = _scorer(path, kind="lm-tag").score_batch(SOLUTIONS)
     assert got == [pytest.approx(w, abs=1e-6) for w in want]
-    res = CliRunner().invoke(app, ["score", str(path), str(rows), "-o", str(tmp_path / "x.jsonl"), "--set",
-                                   "model.kind=magic"])
+    res = CliRunner().invoke(
+        app, ["score", str(path), str(rows), "-o", str(tmp_path / "x.jsonl"), "--set", "model.kind=magic"]
+    )
     assert res.exit_code == 2 and "model.kind: expected one of auto, token-classification" in res.output
 
 
@@ -440,13 +504,21 @@ def test_score_cli_with_an_explicit_kind(tmp_path, lm_tag_model):
 
 def _train_lm_tag(tmp_path, config_dir, rows, out="lm", **keys):
     from prmkit.config.load import load_config
-    from prmkit.train.recipe import train
+    from prmkit.training.recipe import train
 
     flags = {
-        "model.name_or_path": str(config_dir), "model.init_from_config": True, "data.train": str(rows),
-        "train.kind": "lm-tag", "train.output_dir": str(tmp_path / out), "train.per_device_train_batch_size": 4,
-        "train.max_steps": 6, "train.logging_steps": 1, "train.save_steps": 100, "train.learning_rate": 3e-3,
-        "train.seed": 0, **keys,
+        "model.name_or_path": str(config_dir),
+        "model.init_from_config": True,
+        "data.train": str(rows),
+        "train.kind": "lm-tag",
+        "train.output_dir": str(tmp_path / out),
+        "train.per_device_train_batch_size": 4,
+        "train.max_steps": 6,
+        "train.logging_steps": 1,
+        "train.save_steps": 100,
+        "train.learning_rate": 3e-3,
+        "train.seed": 0,
+        **keys,
     }
     return train(load_config(None, None, flags)), tmp_path / out
 
@@ -464,8 +536,12 @@ def test_lm_tag_training_writes_a_model_that_scores_as_the_model_card_reads_it(t
     meta = json.loads((out / "prmkit.json").read_text())
     tok = AutoTokenizer.from_pretrained(out)
     plus_minus = [tok.encode(t, add_special_tokens=False)[0] for t in "+-"]
-    assert meta["kind"] == {"kind": "lm-tag", "step_tag": "ки", "reward_tokens": ["+", "-"],
-                            "reward_token_ids": plus_minus}
+    assert meta["kind"] == {
+        "kind": "lm-tag",
+        "step_tag": "ки",
+        "reward_tokens": ["+", "-"],
+        "reward_token_ids": plus_minus,
+    }
     assert "ки" in tok.all_special_tokens  # added: the example vocabulary has no such token
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     tag_id = tok.convert_tokens_to_ids("ки")
@@ -499,7 +575,7 @@ def reference_math_shepherd_qwen(model, tok, question, steps):
 def test_lm_tag_loss_is_cross_entropy_over_the_two_reward_tokens_with_soft_labels():
     import torch
 
-    from prmkit.train.lm_tag import lm_tag_loss
+    from prmkit.training.lm_tag import lm_tag_loss
 
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 11)
@@ -534,8 +610,9 @@ def test_lm_tag_training_with_lora_merges_and_scores(tmp_path, tiny_qwen2_config
     scores = _scorer(out).score_batch([("What is 2 + 3?", ["2 + 3 = 5.", "The answer is 5."])])[0]
     assert len(scores) == 2 and all(0.0 < s < 1.0 for s in scores)
     with pytest.raises(UsageError, match="lora_merge"):
-        _train_lm_tag(tmp_path, tiny_qwen2_config_dir, rows, out="lora2",
-                      **{"train.lora": lora, "train.lora_merge": False})
+        _train_lm_tag(
+            tmp_path, tiny_qwen2_config_dir, rows, out="lora2", **{"train.lora": lora, "train.lora_merge": False}
+        )
 
 
 @pytest.mark.slow
@@ -553,8 +630,9 @@ def test_prepare_lm_tag_puts_labels_at_the_tags(tmp_path, train_tokenizer_dir):
     from prmkit.data.prepare import prepare_splits
 
     rows = tmp_path / "rows.jsonl"
-    rows.write_text(json.dumps({"prompt": "What is 2 + 3?", "completions": ["2 + 3 = 5.", "So 6."],
-                                "labels": [True, 0.25]}) + "\n")
+    rows.write_text(
+        json.dumps({"prompt": "What is 2 + 3?", "completions": ["2 + 3 = 5.", "So 6."], "labels": [True, 0.25]}) + "\n"
+    )
     cfg = load_config(None, None, {"data.train": str(rows), "train.kind": "lm-tag"})
     tok = AutoTokenizer.from_pretrained(train_tokenizer_dir)
     prepared = prepare_splits(cfg, tok, output=tmp_path / "prep")
@@ -573,7 +651,6 @@ def test_push_plans_an_lm_tag_model_and_its_card_snippet_scores_as_prmkit(tmp_pa
     import shutil
 
     from prmkit.hub import plan_push
-
     from tests.conftest import write_train_rows
 
     rows = write_train_rows(tmp_path / "train.jsonl", n=8)
@@ -603,11 +680,17 @@ def test_recorded_kind_settings_win_over_defaults_and_an_explicit_change_warns(t
 
     path = tmp_path / "recorded"
     shutil.copytree(lm_tag_model[0], path)
-    (path / "prmkit.json").write_text(json.dumps({"kind": {"kind": "lm-tag", "step_tag": "ки", "reward_tokens": ["-", "+"]},
-                                                  "tokenization": {"max_length": 64}}))
+    (path / "prmkit.json").write_text(
+        json.dumps(
+            {
+                "kind": {"kind": "lm-tag", "step_tag": "ки", "reward_tokens": ["-", "+"]},
+                "tokenization": {"max_length": 64},
+            }
+        )
+    )
     # The CLI passes only the keys the user set: the default reward_tokens must not replace the recorded ones.
     assert load_config(None, None, {}).kind_settings() == {}
-    assert load_config(None, ["model.reward_tokens=[\"+\", \"-\"]"], {}).kind_settings() == {"reward_tokens": ["+", "-"]}
+    assert load_config(None, ['model.reward_tokens=["+", "-"]'], {}).kind_settings() == {"reward_tokens": ["+", "-"]}
     recorded = _scorer(path)
     assert recorded.kind_encoder.settings.reward_tokens == ("-", "+")
     assert recorded.kind_encoder.max_length == 64  # the training limit prmkit.json records
@@ -648,8 +731,24 @@ def test_lm_tag_training_with_the_default_tag_on_the_qwen2_tokenizer(tmp_path):
     assert added is not None and tok.encode("a ки\nb ки").count(added) == 2
     rows = write_train_rows(tmp_path / "rows.jsonl", n=8)
     out = tmp_path / "x"
-    res = CliRunner().invoke(app, ["train", "--tiny", "qwen2", "--tokenizer", str(QWEN2_TOKENIZER), "--train",
-                                   str(rows), "-o", str(out), "--max-steps", "2", "--set", "train.kind=lm-tag"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--tiny",
+            "qwen2",
+            "--tokenizer",
+            str(QWEN2_TOKENIZER),
+            "--train",
+            str(rows),
+            "-o",
+            str(out),
+            "--max-steps",
+            "2",
+            "--set",
+            "train.kind=lm-tag",
+        ],
+    )
     assert res.exit_code == 0, res.output
     kind = json.loads((out / "prmkit.json").read_text())["kind"]
     assert kind["step_tag"] == "ки" and kind["reward_token_ids"] == [10, 12]  # `+`, `-`, each encoded alone
@@ -692,12 +791,16 @@ def test_a_runaway_chat_template_is_one_line_naming_it(chat_model, qwen_prm_mode
     start = time.monotonic()
     with pytest.raises(UsageError) as e:  # was: no limit (this one renders in seconds, 10^10 loops in hours)
         scorer.score_batch(SOLUTIONS[:1])
-    assert e.value.message == ("the chat template failed (model.chat_template): rendering took longer than 0.3 s "
-                               "(a runaway loop?)")
+    assert e.value.message == (
+        "the chat template failed (model.chat_template): rendering took longer than 0.3 s (a runaway loop?)"
+    )
     assert time.monotonic() - start < 3
     # The tokenizer's own template is named by the tokenizer's directory.
     scorer = _scorer(qwen_prm_model[0])
     scorer.tokenizer.chat_template = "{{ 'x' * 10**9 }}"
-    with pytest.raises(UsageError, match=rf"^the chat template failed \(the chat template of {qwen_prm_model[0]}\): "
-                                         "a value of more than 16,777,216 characters"):
+    with pytest.raises(
+        UsageError,
+        match=rf"^the chat template failed \(the chat template of {qwen_prm_model[0]}\): "
+        "a value of more than 16,777,216 characters",
+    ):
         scorer.score_batch(SOLUTIONS[:1])

@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("prmkit.data",),
     ("prmkit.models",),
     ("prmkit.scoring", "prmkit.hub"),
-    ("prmkit.train", "prmkit.evaluation"),
+    ("prmkit.training", "prmkit.evaluation", "prmkit.serve"),
     ("prmkit.api",),
     ("prmkit.cli", "prmkit.__main__"),
     ("prmkit",),
@@ -54,7 +54,9 @@ def imports(modules: dict[str, Path]) -> dict[str, set[tuple[str, int]]]:
                     base = ".".join([*anchor, base] if base else anchor)
                 targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
             for target in targets:
-                while target and target not in modules:  # `import prmkit.a.b` names prmkit.a.b; a class in it, its module
+                while (
+                    target and target not in modules
+                ):  # `import prmkit.a.b` names prmkit.a.b; a class in it, its module
                     target = target.rpartition(".")[0]
                 if target.startswith("prmkit") and target != name:
                     edges[name].add((target, node.lineno))
@@ -120,15 +122,19 @@ def test_no_import_circles(edges):
 
 
 def test_no_import_from_a_lower_layer_up(edges):
-    upward = sorted(f"{m}:{line} imports {t}" for m, ts in edges.items() for t, line in ts
-                    if m != "prmkit" and layer(t) > layer(m))
+    upward = sorted(
+        f"{m}:{line} imports {t}" for m, ts in edges.items() for t, line in ts if m != "prmkit" and layer(t) > layer(m)
+    )
     assert upward == []
 
 
 def test_the_checks_see_a_circle_and_an_upward_import(tmp_path):
     """The checks above are not vacuous: a circle and an arrow up, hidden in function-level imports, are found."""
-    edges = {"prmkit.core.a": {("prmkit.core.b", 3)}, "prmkit.core.b": {("prmkit.core.a", 9)},
-             "prmkit.data.x": {("prmkit.cli.app", 5)}}
+    edges = {
+        "prmkit.core.a": {("prmkit.core.b", 3)},
+        "prmkit.core.b": {("prmkit.core.a", 9)},
+        "prmkit.data.x": {("prmkit.cli.app", 5)},
+    }
     assert cycles(edges) == [["prmkit.core.a", "prmkit.core.b"]]
     assert layer("prmkit.data.x") < layer("prmkit.cli.app")
     src = tmp_path / "prmkit" / "core"

@@ -14,8 +14,8 @@ from hub_server import HubServer
 from typer.testing import CliRunner
 
 from prmkit.cli.app import app
-from prmkit.errors import UsageError
 from prmkit.core.locate import locate, looks_like_path
+from prmkit.errors import UsageError
 
 runner = CliRunner()
 ROWS = '{"prompt": "p", "completions": ["a", "b"], "labels": [true, false]}\n'
@@ -108,14 +108,17 @@ def test_offline_the_hub_cache_decides(tmp_path, monkeypatch):
     assert locate("nobody/data", "dataset", repo_type="dataset") == "nobody/data"  # datasets has its own cache
 
 
-@pytest.mark.parametrize("what,args", [
-    ("tokenizer", ["prepare", "-o", "out", "--train", "rows.jsonl", "--tokenizer", "runs/tok"]),
-    ("dataset", ["prepare", "-o", "out", "--train", "runs/data", "--tokenizer", "TOKENIZER"]),
-    ("model", ["train", "--model", "runs/base", "--train", "rows.jsonl", "-o", "out"]),
-    ("tokenizer", ["train", "--tiny", "qwen2", "--tokenizer", "runs/tok", "--train", "rows.jsonl", "-o", "out"]),
-    ("model", ["eval", "TOKENIZER", "runs/prm", "--data", "rows.jsonl", "-o", "out", "--no-plots"]),
-    ("model", ["score", "runs/prm", "rows.jsonl", "-o", "out.jsonl"]),
-])
+@pytest.mark.parametrize(
+    "what,args",
+    [
+        ("tokenizer", ["prepare", "-o", "out", "--train", "rows.jsonl", "--tokenizer", "runs/tok"]),
+        ("dataset", ["prepare", "-o", "out", "--train", "runs/data", "--tokenizer", "TOKENIZER"]),
+        ("model", ["train", "--model", "runs/base", "--train", "rows.jsonl", "-o", "out"]),
+        ("tokenizer", ["train", "--tiny", "qwen2", "--tokenizer", "runs/tok", "--train", "rows.jsonl", "-o", "out"]),
+        ("model", ["eval", "TOKENIZER", "runs/prm", "--data", "rows.jsonl", "-o", "out", "--no-plots"]),
+        ("model", ["score", "runs/prm", "rows.jsonl", "-o", "out.jsonl"]),
+    ],
+)
 def test_every_command_says_so_in_one_line(tmp_path, monkeypatch, unreachable_hub, tiny_tokenizer_dir, what, args):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "rows.jsonl").write_text(ROWS)
@@ -132,8 +135,14 @@ def test_score_with_a_mistyped_path_returns_at_once_in_a_real_process(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
     env["HF_ENDPOINT"] = f"http://127.0.0.1:{closed_port()}"
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "prmkit", "score", "runs/nothere", "in.jsonl", "-o", "out.jsonl"],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "prmkit", "score", "runs/nothere", "in.jsonl", "-o", "out.jsonl"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env=env,
+    )
     elapsed = time.perf_counter() - started
     assert proc.returncode == 2, proc.stderr
     assert "tried both a local path and the Hub" in proc.stderr and "could not be reached" in proc.stderr

@@ -11,10 +11,24 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_train_rows
 from typer.testing import CliRunner
 
-from conftest import write_train_rows
-from prmkit.models.memory import ALLOC_DEFAULT, GIB, Budget, MicroBatch, ModelShape, allocator_setting, device_budget, estimate_memory, largest_micro_batch, model_shape, oom_hint, plan_memory, use_expandable_segments
+from prmkit.models.memory import (
+    ALLOC_DEFAULT,
+    GIB,
+    Budget,
+    MicroBatch,
+    ModelShape,
+    allocator_setting,
+    device_budget,
+    estimate_memory,
+    largest_micro_batch,
+    model_shape,
+    oom_hint,
+    plan_memory,
+    use_expandable_segments,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 # The issue's GPU setting: the Qwen2-0.5B shape, Qwen2's vocabulary.
@@ -65,19 +79,53 @@ runpy.run_module("prmkit", run_name="__main__")
 def test_cli_sets_the_allocator_before_torch_is_imported(tmp_path):
     """`python -m prmkit train` (also what `accelerate launch -m prmkit train` runs in each process): the variable is
     in the environment at the moment torch is first imported, so before CUDA can initialise."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF",
-                                                            "PYTORCH_HIP_ALLOC_CONF", "PRMKIT_ALLOC_CONF_DEFAULT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        not in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF", "PYTORCH_HIP_ALLOC_CONF", "PRMKIT_ALLOC_CONF_DEFAULT")
+    }
     seen = tmp_path / "seen.json"
     # A model that does not exist: train fails right after importing transformers (and torch), which is enough.
-    proc = subprocess.run([sys.executable, "-c", _TORCH_IMPORT_PROBE, str(seen), "train", "--model", str(tmp_path / "none"),
-                           "--train", str(tmp_path / "rows.jsonl"), "-o", str(tmp_path / "out")],
-                          capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _TORCH_IMPORT_PROBE,
+            str(seen),
+            "train",
+            "--model",
+            str(tmp_path / "none"),
+            "--train",
+            str(tmp_path / "rows.jsonl"),
+            "-o",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert proc.returncode == 2, proc.stderr
     assert json.loads(seen.read_text()) == {"env": "expandable_segments:True"}
 
-    proc = subprocess.run([sys.executable, "-c", _TORCH_IMPORT_PROBE, str(seen), "train", "--model", str(tmp_path / "none"),
-                           "--train", str(tmp_path / "rows.jsonl")],
-                          capture_output=True, text=True, timeout=300, env={**env, "PYTORCH_CUDA_ALLOC_CONF": "garbage_collection_threshold:0.6"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _TORCH_IMPORT_PROBE,
+            str(seen),
+            "train",
+            "--model",
+            str(tmp_path / "none"),
+            "--train",
+            str(tmp_path / "rows.jsonl"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**env, "PYTORCH_CUDA_ALLOC_CONF": "garbage_collection_threshold:0.6"},
+    )
     assert json.loads(seen.read_text()) == {"env": "garbage_collection_threshold:0.6"}
 
 
@@ -86,8 +134,13 @@ def test_num_processes_launches_children_with_the_allocator_setting(tmp_path, mo
     import prmkit.cli.train_cmd as train_cmd
     from prmkit.cli.app import app
 
-    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF", "PYTORCH_HIP_ALLOC_CONF", "PRMKIT_ALLOC_CONF_DEFAULT",
-                 "PRMKIT_LAUNCHED"):
+    for name in (
+        "PYTORCH_CUDA_ALLOC_CONF",
+        "PYTORCH_ALLOC_CONF",
+        "PYTORCH_HIP_ALLOC_CONF",
+        "PRMKIT_ALLOC_CONF_DEFAULT",
+        "PRMKIT_LAUNCHED",
+    ):
         monkeypatch.delenv(name, raising=False)
     launched = {}
 
@@ -136,7 +189,9 @@ def test_estimate_of_the_issue_setting_brackets_the_h200_measurements():
     assert 9.8 <= on.total / GIB <= 9.8 * 1.25
     assert on.activations < off.activations / 10
     # Packed: no padding, so at most the 16 longest rows end to end, never more than the padded batch.
-    packed = estimate_memory(QWEN2_05B, largest_micro_batch([140, 526, 1085] * 300, 16, "packed"), param_bytes=4, mixed=True)
+    packed = estimate_memory(
+        QWEN2_05B, largest_micro_batch([140, 526, 1085] * 300, 16, "packed"), param_bytes=4, mixed=True
+    )
     assert packed.total <= off.total
     # bf16 weights halve weights, gradients and the optimizer; no autocast copies.
     half = estimate_memory(QWEN2_05B, batch, param_bytes=2)
@@ -175,8 +230,16 @@ def test_estimate_matches_the_tensors_autograd_saves(mode):
     """The coefficients are measurements: re-measure on a small model of another shape, within 10%."""
     from transformers import AutoModelForTokenClassification, Qwen2Config
 
-    config = Qwen2Config(hidden_size=192, num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2,
-                         intermediate_size=640, vocab_size=300, num_labels=2, use_cache=False)
+    config = Qwen2Config(
+        hidden_size=192,
+        num_hidden_layers=3,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        intermediate_size=640,
+        vocab_size=300,
+        num_labels=2,
+        use_cache=False,
+    )
     dtype = torch.bfloat16 if mode == "bf16" else torch.float32
     torch.manual_seed(0)
     model = AutoModelForTokenClassification.from_config(config, dtype=dtype, attn_implementation="sdpa").train()
@@ -197,14 +260,21 @@ def test_estimate_matches_the_tensors_autograd_saves(mode):
 
     batch = MicroBatch(rows=3, width=160, sequences=3)
     ids = torch.randint(0, 300, (batch.rows, batch.width))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"):
-            model(input_ids=ids).logits.sum().backward()
+    with (
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"),
+    ):
+        model(input_ids=ids).logits.sum().backward()
     measured = sum(saved.values())
     shape = model_shape(config, model)
     assert shape.total_params == sum(p.numel() for p in model.parameters())
-    est = estimate_memory(shape, batch, param_bytes=2 if mode == "bf16" else 4, mixed=mode == "autocast",
-                          checkpointing=mode == "checkpointing")
+    est = estimate_memory(
+        shape,
+        batch,
+        param_bytes=2 if mode == "bf16" else 4,
+        mixed=mode == "autocast",
+        checkpointing=mode == "checkpointing",
+    )
     expected = est.activations + est.weight_copies  # the recompute's tensors go through checkpoint's own hooks
     assert abs(measured - expected) / measured < 0.10, (measured, expected)
 
@@ -218,21 +288,29 @@ MIXED = {"param_bytes": 4, "mixed": True}
 
 
 def test_auto_turns_checkpointing_on_only_when_it_would_not_fit():
-    roomy = plan_memory("auto", QWEN2_05B, LENGTHS, 16, "grouped", Budget(int(139 * GIB), "free memory of H200"), **MIXED)
+    roomy = plan_memory(
+        "auto", QWEN2_05B, LENGTHS, 16, "grouped", Budget(int(139 * GIB), "free memory of H200"), **MIXED
+    )
     assert roomy.checkpointing is False and roomy.fits is True and roomy.advice == []
     assert roomy.reason.startswith("auto: fits without it")
 
-    capped = plan_memory("auto", QWEN2_05B, LENGTHS, 16, "grouped", Budget(16 * GIB, "per-process memory fraction"), **MIXED)
+    capped = plan_memory(
+        "auto", QWEN2_05B, LENGTHS, 16, "grouped", Budget(16 * GIB, "per-process memory fraction"), **MIXED
+    )
     assert capped.checkpointing is True and capped.fits is True
     assert "exceeds the usable 14.7 GiB" in capped.reason
     assert capped.estimate is capped.estimate_with and capped.usable_bytes == int(16 * GIB * 0.92)
     line = capped.preflight()
     assert "fits" in line and "16 rows x 1,085 tokens" in line and "gradient checkpointing on" in line
 
-    tight = plan_memory("auto", QWEN2_05B, LENGTHS, 16, "grouped", Budget(9 * GIB, "train.memory_budget_gb = 9"), **MIXED)
+    tight = plan_memory(
+        "auto", QWEN2_05B, LENGTHS, 16, "grouped", Budget(9 * GIB, "train.memory_budget_gb = 9"), **MIXED
+    )
     assert tight.checkpointing is True and tight.fits is False
     assert "does NOT fit" in tight.preflight() and "8.3 GiB usable of 9.0 GiB" in tight.preflight()
-    assert any(t.startswith("train.per_device_train_batch_size: ") and "gradient_accumulation_steps" in t for t in tight.advice)
+    assert any(
+        t.startswith("train.per_device_train_batch_size: ") and "gradient_accumulation_steps" in t for t in tight.advice
+    )
     assert any(t.startswith("train.lora") for t in tight.advice)
     # Each tip is itself an estimate under the same budget.
     size = int(next(t for t in tight.advice if "per_device" in t).split(": ")[1].split()[0])
@@ -277,8 +355,15 @@ def test_device_budget_reads_the_per_process_fraction(monkeypatch):
 
 def test_oom_hint_names_the_fixes():
     hint = oom_hint(None, "runs/x/checkpoint-20")
-    for fix in ("gradient_checkpointing: true", "per_device_train_batch_size", "gradient_accumulation_steps",
-                "batching: packed", "lora", "runs/x/checkpoint-20", "--resume"):
+    for fix in (
+        "gradient_checkpointing: true",
+        "per_device_train_batch_size",
+        "gradient_accumulation_steps",
+        "batching: packed",
+        "lora",
+        "runs/x/checkpoint-20",
+        "--resume",
+    ):
         assert fix in hint, fix
     on = plan_memory(True, QWEN2_05B, LENGTHS, 16, "grouped", Budget(None, "x"), **MIXED)
     assert "gradient_checkpointing" not in oom_hint(on, None) and "No checkpoint was saved yet" in oom_hint(on, None)
@@ -291,10 +376,17 @@ def test_oom_hint_names_the_fixes():
 def _cfg(tmp_path: Path, model_dir: Path, **keys):
     from prmkit.config.load import load_config
 
-    flags = {"model.name_or_path": str(model_dir), "model.init_from_config": True,
-             "data.train": str(write_train_rows(tmp_path / "rows.jsonl", n=12)), "train.output_dir": str(tmp_path / "out"),
-             "train.per_device_train_batch_size": 4, "train.max_steps": 2, "train.logging_steps": 1,
-             "train.save_strategy": "no", "train.seed": 0}
+    flags = {
+        "model.name_or_path": str(model_dir),
+        "model.init_from_config": True,
+        "data.train": str(write_train_rows(tmp_path / "rows.jsonl", n=12)),
+        "train.output_dir": str(tmp_path / "out"),
+        "train.per_device_train_batch_size": 4,
+        "train.max_steps": 2,
+        "train.logging_steps": 1,
+        "train.save_strategy": "no",
+        "train.seed": 0,
+    }
     flags.update({k.replace("__", "."): v for k, v in keys.items()})
     return load_config(None, None, flags)
 
@@ -304,7 +396,7 @@ def _cfg(tmp_path: Path, model_dir: Path, **keys):
 def test_auto_checkpointing_follows_the_budget_and_is_recorded(tmp_path, tiny_qwen2_config_dir, caplog):
     from transformers import TrainerCallback
 
-    from prmkit.train.recipe import train
+    from prmkit.training.recipe import train
 
     class Spy(TrainerCallback):
         def on_step_end(self, args, state, control, model=None, **kwargs):
@@ -326,14 +418,29 @@ def test_auto_checkpointing_follows_the_budget_and_is_recorded(tmp_path, tiny_qw
     assert [step for step, _ in result.loss_history] == [1, 2]
 
     # Explicit false is obeyed, and the pre-flight says it will not fit and what would (checkpointing, here).
-    between = (result.memory["estimate_with"]["total_bytes"] + result.memory["estimate_without"]["total_bytes"]) / 2 / 0.92 / GIB
+    between = (
+        (result.memory["estimate_with"]["total_bytes"] + result.memory["estimate_without"]["total_bytes"])
+        / 2
+        / 0.92
+        / GIB
+    )
     caplog.clear()
     spy = Spy()
-    result = train(_cfg(tmp_path, tiny_qwen2_config_dir, train__output_dir=str(tmp_path / "off"),
-                        train__memory_budget_gb=between, train__gradient_checkpointing=False), callbacks=[spy])
+    result = train(
+        _cfg(
+            tmp_path,
+            tiny_qwen2_config_dir,
+            train__output_dir=str(tmp_path / "off"),
+            train__memory_budget_gb=between,
+            train__gradient_checkpointing=False,
+        ),
+        callbacks=[spy],
+    )
     assert result.gradient_checkpointing is False and spy.seen is False
     assert result.memory["fits"] is False
-    warning = next(r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "may not fit" in r.getMessage())
+    warning = next(
+        r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "may not fit" in r.getMessage()
+    )
     assert "train.gradient_checkpointing: true" in warning
 
     # No budget on CPU: auto leaves it off.
@@ -360,15 +467,38 @@ def test_out_of_memory_is_one_message_and_keeps_the_last_checkpoint(tmp_path, ti
     monkeypatch.delenv("PRMKIT_DEBUG", raising=False)
     out = tmp_path / "run"
     rows = write_train_rows(tmp_path / "rows.jsonl", n=16)
-    result = CliRunner().invoke(app, ["train", "--model", str(tiny_qwen2_config_dir), "--train", str(rows), "-o", str(out),
-                                      "--max-steps", "4", "--set", "model.init_from_config=true",
-                                      "--set", "train.per_device_train_batch_size=4", "--set", "train.save_steps=2"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--model",
+            str(tiny_qwen2_config_dir),
+            "--train",
+            str(rows),
+            "-o",
+            str(out),
+            "--max-steps",
+            "4",
+            "--set",
+            "model.init_from_config=true",
+            "--set",
+            "train.per_device_train_batch_size=4",
+            "--set",
+            "train.save_steps=2",
+        ],
+    )
     assert result.exit_code == 1, result.output
     assert "Traceback" not in result.output and "OutOfMemoryError" not in result.output
     errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
     assert len(errors) == 1 and "out of memory at step 3" in errors[0], result.stderr
-    for fix in ("gradient_checkpointing: true", "per_device_train_batch_size", "batching: packed", "lora",
-                str(out / "checkpoint-2"), "--resume"):
+    for fix in (
+        "gradient_checkpointing: true",
+        "per_device_train_batch_size",
+        "batching: packed",
+        "lora",
+        str(out / "checkpoint-2"),
+        "--resume",
+    ):
         assert fix in result.stderr, fix
     assert (out / "checkpoint-2" / "model.safetensors").is_file()
     assert not (out / "prmkit.json").exists()  # not a finished model
@@ -387,23 +517,58 @@ def _train_with_evaluation_out_of_memory(tmp_path: Path, config_dir: Path, monke
     monkeypatch.delenv("PRMKIT_DEBUG", raising=False)
     out = tmp_path / "run"
     rows = write_train_rows(tmp_path / "rows.jsonl", n=16)
-    result = CliRunner().invoke(app, ["train", "--model", str(config_dir), "--train", str(rows), "--eval", str(rows),
-                                      "-o", str(out), "--set", "model.init_from_config=true",
-                                      "--set", "train.per_device_train_batch_size=4", *args])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--model",
+            str(config_dir),
+            "--train",
+            str(rows),
+            "--eval",
+            str(rows),
+            "-o",
+            str(out),
+            "--set",
+            "model.init_from_config=true",
+            "--set",
+            "train.per_device_train_batch_size=4",
+            *args,
+        ],
+    )
     return result, out
 
 
 @pytest.mark.slow
-def test_out_of_memory_while_evaluating_during_training_names_the_eval_batch(tmp_path, tiny_qwen2_config_dir, monkeypatch):
+def test_out_of_memory_while_evaluating_during_training_names_the_eval_batch(
+    tmp_path, tiny_qwen2_config_dir, monkeypatch
+):
     result, out = _train_with_evaluation_out_of_memory(
-        tmp_path, tiny_qwen2_config_dir, monkeypatch, "--max-steps", "4", "--set", "train.eval_strategy=steps",
-        "--set", "train.eval_steps=3", "--set", "train.save_steps=2", "--set", "train.per_device_eval_batch_size=8")
+        tmp_path,
+        tiny_qwen2_config_dir,
+        monkeypatch,
+        "--max-steps",
+        "4",
+        "--set",
+        "train.eval_strategy=steps",
+        "--set",
+        "train.eval_steps=3",
+        "--set",
+        "train.save_steps=2",
+        "--set",
+        "train.per_device_eval_batch_size=8",
+    )
     assert result.exit_code == 1, result.output
     assert "Traceback" not in result.output and "OutOfMemoryError" not in result.output
     errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
     assert errors == ["error: out of memory evaluating at step 3 (eval batches of 8 rows)"], result.stderr
-    for fix in ("train.per_device_eval_batch_size", "train.eval_strategy: no", "prmkit eval", str(out / "checkpoint-2"),
-                "--resume"):
+    for fix in (
+        "train.per_device_eval_batch_size",
+        "train.eval_strategy: no",
+        "prmkit eval",
+        str(out / "checkpoint-2"),
+        "--resume",
+    ):
         assert fix in result.stderr, fix
     assert "gradient_checkpointing" not in result.stderr.split("hint:", 1)[1]
 
@@ -411,11 +576,15 @@ def test_out_of_memory_while_evaluating_during_training_names_the_eval_batch(tmp
 @pytest.mark.slow
 def test_out_of_memory_in_the_final_evaluation_keeps_the_trained_model(tmp_path, tiny_qwen2_config_dir, monkeypatch):
     result, out = _train_with_evaluation_out_of_memory(
-        tmp_path, tiny_qwen2_config_dir, monkeypatch, "--max-steps", "2", "--json", "--set", "train.eval_strategy=no")
+        tmp_path, tiny_qwen2_config_dir, monkeypatch, "--max-steps", "2", "--json", "--set", "train.eval_strategy=no"
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["eval_metrics"] == {} and summary["global_step"] == 2
-    assert summary["eval_error"] == "out of memory during the final evaluation (CUDA out of memory. Tried to allocate 8.00 GiB)"
+    assert (
+        summary["eval_error"]
+        == "out of memory during the final evaluation (CUDA out of memory. Tried to allocate 8.00 GiB)"
+    )
     assert "per_device_eval_batch_size" in result.stderr and "Traceback" not in result.output
     # The model is saved and says why it has no eval figures.
     assert (out / "model.safetensors").is_file()
@@ -425,7 +594,7 @@ def test_out_of_memory_in_the_final_evaluation_keeps_the_trained_model(tmp_path,
 
 def test_transformers_newer_name_counts_as_explicit_and_both_names_are_set(tmp_path):
     from prmkit.config.load import load_config
-    from prmkit.train.recipe import build_training_arguments, requested_checkpointing, set_checkpointing
+    from prmkit.training.recipe import build_training_arguments, requested_checkpointing, set_checkpointing
 
     assert requested_checkpointing(load_config(None, [])) == "auto"
     assert requested_checkpointing(load_config(None, ["train.gradient_checkpointing=false"])) is False

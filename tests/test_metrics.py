@@ -109,8 +109,7 @@ def test_auroc_all_tied_is_half():
 
 
 @pytest.mark.parametrize(
-    "scores, targets",
-    [([0.5], [0.5, 1]), ([], []), ([1.2], [1]), ([0.5], [-0.1]), ([float("nan")], [1])],
+    "scores, targets", [([0.5], [0.5, 1]), ([], []), ([1.2], [1]), ([0.5], [-0.1]), ([float("nan")], [1])]
 )
 def test_step_metrics_rejects_bad_input(scores, targets):
     with pytest.raises(ValueError):
@@ -213,7 +212,10 @@ def test_mean_f1_summary_names_what_it_leaves_out():
         "soft": "no first-error labels (soft or missing step labels)",
     }
     assert mean_f1_summary({"soft": None}) == {
-        "mean_f1": None, "subsets": [], "left_out": {"soft": "no first-error labels (soft or missing step labels)"}}
+        "mean_f1": None,
+        "subsets": [],
+        "left_out": {"soft": "no first-error labels (soft or missing step labels)"},
+    }
 
 
 # ---------------------------------------------------------------- tuning
@@ -224,12 +226,7 @@ def test_mean_f1_summary_names_what_it_leaves_out():
 #   C [.95, .75],     label -1: t <= .75
 #   D [.9, .68, .9],  label -1: t <= .68
 # All four are right exactly for t in (.62, .68] -> F1 = 1.
-TUNE = [
-    ([0.9, 0.62, 0.2], 1),
-    ([0.8, 0.7, 0.35], 2),
-    ([0.95, 0.75], -1),
-    ([0.9, 0.68, 0.9], -1),
-]
+TUNE = [([0.9, 0.62, 0.2], 1), ([0.8, 0.7, 0.35], 2), ([0.95, 0.75], -1), ([0.9, 0.68, 0.9], -1)]
 
 
 def test_tune_threshold_finds_known_best():
@@ -254,7 +251,7 @@ def test_tune_threshold_handles_none_and_matches_brute_force():
     for _ in range(60):
         n = rng.randint(1, 6)
         steps = [None if rng.random() < 0.15 else round(rng.random(), 2) for _ in range(n)]
-        samples.append((steps, rng.choice([-1] + list(range(n)))))
+        samples.append((steps, rng.choice([-1, *list(range(n))])))
     samples.append(([0.9, 0.1], 0))
     samples.append(([0.9, 0.9], -1))
     grid = [i / 20 for i in range(1, 20)]
@@ -291,10 +288,7 @@ def test_aggregate():
 
 
 def test_outcome_metrics():
-    m = outcome_metrics(
-        [[0.9, 0.8], [0.9, 0.3], [0.6, None], [0.2]],
-        [True, True, False, False],
-    )
+    m = outcome_metrics([[0.9, 0.8], [0.9, 0.3], [0.6, None], [0.2]], [True, True, False, False])
     # judged correct: [T, F, T, F] -> tp 1, fn 1, fp 1, tn 1
     assert m["confusion"] == {"tp": 1, "fp": 1, "tn": 1, "fn": 1}
     assert m["accuracy"] == approx(0.5)

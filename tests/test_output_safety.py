@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import fake_checkpoint, make_tiny_prm, write_train_rows
 from typer.testing import CliRunner
 
-from conftest import fake_checkpoint, make_tiny_prm, write_train_rows
 from prmkit.cli.app import app
 
 runner = CliRunner()
@@ -40,23 +40,41 @@ def old_run(directory: Path) -> dict[str, bytes]:
 # train --overwrite: an input inside the output is refused outright
 
 
-@pytest.mark.parametrize("case", ["train-data", "eval-data", "model", "tokenizer", "config", "cache", "linked-output",
-                                  "linked-input"])
+@pytest.mark.parametrize(
+    "case", ["train-data", "eval-data", "model", "tokenizer", "config", "cache", "linked-output", "linked-input"]
+)
 def test_train_overwrite_refuses_an_input_inside_the_output(tmp_path, tiny_qwen2_config_dir, case):
     victim = tmp_path / "victim"
     old_run(victim)
     args = ["train", "--example", "--overwrite", "-o", str(victim)]
-    label = {"train-data": "data.train", "eval-data": "data.eval", "model": "model.name_or_path",
-             "tokenizer": "model.tokenizer", "config": "--config", "cache": "the prepared-data cache",
-             "linked-output": "data.train", "linked-input": "data.train"}[case]
+    label = {
+        "train-data": "data.train",
+        "eval-data": "data.eval",
+        "model": "model.name_or_path",
+        "tokenizer": "model.tokenizer",
+        "config": "--config",
+        "cache": "the prepared-data cache",
+        "linked-output": "data.train",
+        "linked-input": "data.train",
+    }[case]
     if case in ("train-data", "linked-output"):
         args += ["--train", str(write_train_rows(victim / "train.jsonl", n=4))]
     elif case == "eval-data":
         args += ["--eval", str(write_train_rows(victim / "eval.jsonl", n=4))]
     elif case == "model":  # -m runs/M -o runs/M --overwrite
         shutil.copytree(tiny_qwen2_config_dir, victim, dirs_exist_ok=True)
-        args = ["train", "--overwrite", "-o", str(victim), "-m", str(victim), "--train",
-                str(write_train_rows(tmp_path / "rows.jsonl", n=4)), "--set", "model.init_from_config=true"]
+        args = [
+            "train",
+            "--overwrite",
+            "-o",
+            str(victim),
+            "-m",
+            str(victim),
+            "--train",
+            str(write_train_rows(tmp_path / "rows.jsonl", n=4)),
+            "--set",
+            "model.init_from_config=true",
+        ]
     elif case == "tokenizer":
         shutil.copytree(tiny_qwen2_config_dir, victim / "tok")
         args += ["--set", f"model.tokenizer={victim / 'tok'}"]
@@ -64,9 +82,20 @@ def test_train_overwrite_refuses_an_input_inside_the_output(tmp_path, tiny_qwen2
         (victim / "my.yaml").write_text("train:\n  learning_rate: 0.001\n")
         args += ["--config", str(victim / "my.yaml")]
     elif case == "cache":  # not with --example, which builds its model in the cache before any output is planned
-        args = ["train", "--overwrite", "-o", str(victim), "-m", str(tiny_qwen2_config_dir), "--train",
-                str(write_train_rows(tmp_path / "rows.jsonl", n=4)), "--set", "model.init_from_config=true",
-                "--set", f"data.cache_dir={victim / 'cache'}"]
+        args = [
+            "train",
+            "--overwrite",
+            "-o",
+            str(victim),
+            "-m",
+            str(tiny_qwen2_config_dir),
+            "--train",
+            str(write_train_rows(tmp_path / "rows.jsonl", n=4)),
+            "--set",
+            "model.init_from_config=true",
+            "--set",
+            f"data.cache_dir={victim / 'cache'}",
+        ]
     elif case == "linked-input":
         write_train_rows(victim / "train.jsonl", n=4)
         (tmp_path / "rows.jsonl").symlink_to(victim / "train.jsonl")
@@ -88,8 +117,23 @@ def test_train_overwrite_refusal_as_a_real_process(tmp_path):
     old_run(victim)
     write_train_rows(victim / "train.jsonl", n=4)
     before = snapshot(victim)
-    proc = subprocess.run([sys.executable, "-m", "prmkit", "train", "--example", "-o", str(victim), "--overwrite",
-                           "--train", str(victim / "train.jsonl")], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "prmkit",
+            "train",
+            "--example",
+            "-o",
+            str(victim),
+            "--overwrite",
+            "--train",
+            str(victim / "train.jsonl"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr
     assert f"data.train {victim / 'train.jsonl'} lies inside the output {victim}" in proc.stderr
     assert snapshot(victim) == before
@@ -116,11 +160,11 @@ class _Crash(Exception):
 
 @pytest.mark.slow
 def test_overwrite_keeps_the_old_output_until_the_new_run_saves_a_checkpoint(tmp_path, tiny_qwen2_config_dir):
+    from test_training import make_cfg
     from transformers import TrainerCallback
 
-    from test_training import make_cfg
     from prmkit.core.checkpoints import checkpoint_problem
-    from prmkit.train.recipe import train
+    from prmkit.training.recipe import train
 
     victim = tmp_path / "out"
     before = old_run(victim)
@@ -157,8 +201,9 @@ def test_overwrite_keeps_the_old_output_until_the_new_run_saves_a_checkpoint(tmp
 
 def test_a_killed_overwrite_is_settled_by_the_next_run(tmp_path, tiny_qwen2_config_dir):
     from test_training import make_cfg
+
     from prmkit.core.overwrite import REPLACED, _set_aside_contents, settle_overwrite
-    from prmkit.train.run_dir import claim_output_dir
+    from prmkit.training.run_dir import claim_output_dir
 
     # Killed after setting the old contents aside, before saving anything: they come back, the new files go.
     out = tmp_path / "out"
@@ -202,6 +247,7 @@ def kill_at_rename(monkeypatch, n: int) -> None:
             if calls[0] > n:
                 raise _Killed
             return real(*args, **kwargs)
+
         return call
 
     monkeypatch.setattr(os, "rename", dying(os.rename))
@@ -233,7 +279,7 @@ def test_every_kill_point_of_an_overwrite_is_settled_without_loss(tmp_path, monk
         _set_aside_contents(out)
         (out / "prmkit_config.yaml").write_text("the new run's config")
         fake_checkpoint(out / "checkpoint-1", marker=False).joinpath("trainer_state.json").unlink()  # incomplete
-        killed = killed_at(n, lambda: settle_overwrite(out))
+        killed = killed_at(n, lambda out=out: settle_overwrite(out))
         settle_overwrite(out)  # the next run
         assert snapshot(out) == before, f"killed at rename {n + 1} of the restore"
         n += 1
@@ -244,7 +290,7 @@ def test_every_kill_point_of_an_overwrite_is_settled_without_loss(tmp_path, monk
     while killed:
         out = tmp_path / f"aside-{n}"
         before = old_run(out)
-        killed = killed_at(n, lambda: _set_aside_contents(out))
+        killed = killed_at(n, lambda out=out: _set_aside_contents(out))
         settle_overwrite(out)
         assert snapshot(out) == before, f"killed at rename {n + 1} of the set-aside"
         n += 1
@@ -301,15 +347,27 @@ def test_prepare_refuses_an_input_inside_its_output(tmp_path, train_tokenizer_di
     out.mkdir()
     rows = write_train_rows(out / "rows.jsonl", n=4)
     before = snapshot(out)
-    result = runner.invoke(app, ["prepare", "--train", str(rows), "--tokenizer", str(train_tokenizer_dir),
-                                 "-o", str(out), "--overwrite"])
+    result = runner.invoke(
+        app, ["prepare", "--train", str(rows), "--tokenizer", str(train_tokenizer_dir), "-o", str(out), "--overwrite"]
+    )
     assert result.exit_code == 2, result.output
     assert f"data.train {rows} lies inside the output {out}, which prepare replaces" in result.stderr
     assert snapshot(out) == before
     # A tokenizer inside the output: the same.
     shutil.copytree(train_tokenizer_dir, out / "tok")
-    result = runner.invoke(app, ["prepare", "--train", str(write_train_rows(tmp_path / "r.jsonl", n=4)),
-                                 "--tokenizer", str(out / "tok"), "-o", str(out), "--overwrite"])
+    result = runner.invoke(
+        app,
+        [
+            "prepare",
+            "--train",
+            str(write_train_rows(tmp_path / "r.jsonl", n=4)),
+            "--tokenizer",
+            str(out / "tok"),
+            "-o",
+            str(out),
+            "--overwrite",
+        ],
+    )
     assert result.exit_code == 2 and "tokenizer" in result.stderr and (out / "tok" / "tokenizer.json").is_file()
 
 
@@ -319,8 +377,12 @@ def prm_dir(tmp_path_factory, train_tokenizer_dir) -> Path:
 
 
 def _rows(path: Path, n: int = 3) -> Path:
-    path.write_text("".join(json.dumps({"prompt": f"Q{i}?", "completions": ["1 plus 1.", "So 2."],
-                                        "labels": [True, i % 2 == 0]}) + "\n" for i in range(n)))
+    path.write_text(
+        "".join(
+            json.dumps({"prompt": f"Q{i}?", "completions": ["1 plus 1.", "So 2."], "labels": [True, i % 2 == 0]}) + "\n"
+            for i in range(n)
+        )
+    )
     return path
 
 
@@ -346,13 +408,25 @@ def test_eval_refuses_an_input_inside_its_output_dir(tmp_path, prm_dir):
     out.mkdir()
     data = _rows(out / "rejects.jsonl")  # a name the report owns: it would be deleted after the run
     before = data.read_bytes()
-    result = runner.invoke(app, ["eval", str(prm_dir), "--data", str(data), "-o", str(out), "--overwrite",
-                                 "--no-plots"])
+    result = runner.invoke(
+        app, ["eval", str(prm_dir), "--data", str(data), "-o", str(out), "--overwrite", "--no-plots"]
+    )
     assert result.exit_code == 2, result.output
     assert f"--data {data} lies inside the output {out}, which eval writes its report into" in result.stderr
     assert data.read_bytes() == before and not (out / "report.json").exists()
-    model_as_output = runner.invoke(app, ["eval", str(prm_dir), "--data", str(_rows(tmp_path / "d.jsonl")),
-                                          "-o", str(prm_dir), "--overwrite", "--no-plots"])
+    model_as_output = runner.invoke(
+        app,
+        [
+            "eval",
+            str(prm_dir),
+            "--data",
+            str(_rows(tmp_path / "d.jsonl")),
+            "-o",
+            str(prm_dir),
+            "--overwrite",
+            "--no-plots",
+        ],
+    )
     assert model_as_output.exit_code == 2 and f"model {prm_dir} is the output" in model_as_output.stderr
     assert not (prm_dir / "report.json").exists()
 
@@ -363,10 +437,13 @@ def test_eval_refuses_an_input_inside_its_output_dir(tmp_path, prm_dir):
 
 def _hold_lock(target: Path, command: str, seconds: float = 300) -> subprocess.Popen:
     """A separate process holding the output lock of ``target`` for ``seconds`` (or until killed)."""
-    code = ("import sys, time; from prmkit.core.outputs import OutputLock; "
-            "OutputLock(sys.argv[1], sys.argv[2]).acquire(); print('locked', flush=True); time.sleep(float(sys.argv[3]))")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(target), command, str(seconds)], stdout=subprocess.PIPE,
-                            text=True)
+    code = (
+        "import sys, time; from prmkit.core.outputs import OutputLock; "
+        "OutputLock(sys.argv[1], sys.argv[2]).acquire(); print('locked', flush=True); time.sleep(float(sys.argv[3]))"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(target), command, str(seconds)], stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout.readline().strip() == "locked"
     return proc
 
@@ -377,7 +454,9 @@ def test_lock_refuses_a_second_holder_and_a_dead_holder_never_blocks(tmp_path):
     target = tmp_path / "runs" / "x"
     first = OutputLock(target, "prmkit train").acquire()
     assert first.path == tmp_path / "runs" / ".x.prmkit-lock" and first.path.is_file()
-    with pytest.raises(OutputBusy, match=rf"{target} is in use by another prmkit run \(prmkit train, PID {os.getpid()}, started "):
+    with pytest.raises(
+        OutputBusy, match=rf"{target} is in use by another prmkit run \(prmkit train, PID {os.getpid()}, started "
+    ):
         OutputLock(target).acquire()
     # Another spelling of the same directory (a link) is the same lock.
     (tmp_path / "alias").symlink_to(tmp_path / "runs", target_is_directory=True)
@@ -467,20 +546,40 @@ def test_score_and_eval_name_a_model_set_aside_by_overwrite(tmp_path, prm_dir, t
     for new_files in ([], ["prmkit_config.yaml"]):
         for name in new_files:
             (model / name).write_text("model: {name_or_path: new}\n")
-        for args in (["score", str(model), str(src), "-o", str(tmp_path / "out.jsonl")],
-                     ["eval", str(model), "--data", str(src), "-o", str(tmp_path / "eval"), "--no-plots"]):
+        for args in (
+            ["score", str(model), str(src), "-o", str(tmp_path / "out.jsonl")],
+            ["eval", str(model), "--data", str(src), "-o", str(tmp_path / "eval"), "--no-plots"],
+        ):
             result = runner.invoke(app, args)
             assert result.exit_code == 2, result.output
-            assert (f"error: {model}: no finished model: `prmkit train --overwrite` set the previous model aside in "
-                    f"{aside}, and the new run has not finished (it is running, or was interrupted)") in result.stderr
-            assert (f"hint: score it where it lies ({aside}); if that run was interrupted, run its `prmkit train` "
-                    "command again without --overwrite: that puts the previous model back, then stops") in result.stderr
+            assert (
+                f"error: {model}: no finished model: `prmkit train --overwrite` set the previous model aside in "
+                f"{aside}, and the new run has not finished (it is running, or was interrupted)"
+            ) in result.stderr
+            assert (
+                f"hint: score it where it lies ({aside}); if that run was interrupted, run its `prmkit train` "
+                "command again without --overwrite: that puts the previous model back, then stops"
+            ) in result.stderr
     # Both ways the hint gives work: the set-aside model scores where it lies...
     result = runner.invoke(app, ["score", str(aside), str(src), "-o", str(tmp_path / "aside.jsonl")])
     assert result.exit_code == 0, result.output
     # ...and the train command, without --overwrite, puts it back, then stops.
-    result = runner.invoke(app, ["train", "-m", str(tiny_qwen2_config_dir), "--train", str(src), "-o", str(model),
-                                 "--set", "model.init_from_config=true", "--max-steps", "1"])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "-m",
+            str(tiny_qwen2_config_dir),
+            "--train",
+            str(src),
+            "-o",
+            str(model),
+            "--set",
+            "model.init_from_config=true",
+            "--max-steps",
+            "1",
+        ],
+    )
     assert result.exit_code == 2, result.output
     assert "the previous contents are back as they were" in result.stderr
     assert snapshot(model) == before

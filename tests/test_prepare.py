@@ -14,15 +14,27 @@ from typer.testing import CliRunner
 from prmkit.cli.app import app
 from prmkit.config.load import load_config
 from prmkit.core.filenames import METADATA_FILE, REJECTS_FILE
-from prmkit.models.loading import load_tokenizer
 from prmkit.data.prepare import prepare_splits
+from prmkit.models.loading import load_tokenizer
 
 runner = CliRunner()
 
 ROWS = [
-    {"prompt": "Which number is larger, 9.8 or 9.11?", "completions": ["11 is greater than 8.", "Hence, 9.11 > 9.8."], "labels": [True, False]},
-    {"prompt": "Let's call the price of a pencil p.", "completions": ["The first equation is 3p + e = 124."], "labels": [True]},
-    {"prompt": "So the answer is 42.", "completions": ["We check: 6 * 7 = 42.", "So the answer is 42."], "labels": [0.25, 1]},
+    {
+        "prompt": "Which number is larger, 9.8 or 9.11?",
+        "completions": ["11 is greater than 8.", "Hence, 9.11 > 9.8."],
+        "labels": [True, False],
+    },
+    {
+        "prompt": "Let's call the price of a pencil p.",
+        "completions": ["The first equation is 3p + e = 124."],
+        "labels": [True],
+    },
+    {
+        "prompt": "So the answer is 42.",
+        "completions": ["We check: 6 * 7 = 42.", "So the answer is 42."],
+        "labels": [0.25, 1],
+    },
 ]
 
 
@@ -32,7 +44,11 @@ def write_jsonl(path, rows):
 
 
 def cfg_for(tok_dir, train, **data):
-    return load_config(None, None, {"model.tokenizer": str(tok_dir), "data.train": str(train), **{f"data.{k}": v for k, v in data.items()}})
+    return load_config(
+        None,
+        None,
+        {"model.tokenizer": str(tok_dir), "data.train": str(train), **{f"data.{k}": v for k, v in data.items()}},
+    )
 
 
 def prepare_cli(*args):
@@ -43,7 +59,9 @@ def test_prepare_writes_a_datasetdict_with_metadata(tmp_path, tiny_tokenizer_dir
     import datasets
 
     src = write_jsonl(tmp_path / "rows.jsonl", ROWS)
-    res = prepare_cli("-o", tmp_path / "out", "--train", src, "--eval", src, "--tokenizer", tiny_tokenizer_dir, "--json")
+    res = prepare_cli(
+        "-o", tmp_path / "out", "--train", src, "--eval", src, "--tokenizer", tiny_tokenizer_dir, "--json"
+    )
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert summary["splits"]["train"]["rows_kept"] == 3
@@ -82,7 +100,9 @@ def test_cache_hit_and_invalidation(tmp_path, tiny_tokenizer_dir, tiny_bos_token
     assert again.cache_hit and again.path == first.path
     # A changed parameter, tokenizer or data file is a different cache entry.
     assert not prepare_splits(cfg_for(tiny_tokenizer_dir, src, max_length=16), tok).cache_hit
-    assert not prepare_splits(cfg_for(tiny_bos_tokenizer_dir, src), load_tokenizer(str(tiny_bos_tokenizer_dir))).cache_hit
+    assert not prepare_splits(
+        cfg_for(tiny_bos_tokenizer_dir, src), load_tokenizer(str(tiny_bos_tokenizer_dir))
+    ).cache_hit
     write_jsonl(src, ROWS[:2])
     changed = prepare_splits(cfg_for(tiny_tokenizer_dir, src), tok)
     assert not changed.cache_hit and changed.reports["train"].rows_kept == 2
@@ -94,7 +114,9 @@ def test_output_dir_is_rebuilt_when_inputs_change(tmp_path, tiny_tokenizer_dir):
     assert prepare_cli("-o", out, "--train", src, "--tokenizer", tiny_tokenizer_dir).exit_code == 0
     res = prepare_cli("-o", out, "--train", src, "--tokenizer", tiny_tokenizer_dir, "--json")
     assert json.loads(res.stdout.strip().splitlines()[-1])["cache_hit"] is True
-    res = prepare_cli("-o", out, "--train", src, "--tokenizer", tiny_tokenizer_dir, "--set", "data.max_length=16", "--json")
+    res = prepare_cli(
+        "-o", out, "--train", src, "--tokenizer", tiny_tokenizer_dir, "--set", "data.max_length=16", "--json"
+    )
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert summary["cache_hit"] is False
     assert summary["splits"]["train"]["tokens_max"] == 16 and summary["splits"]["train"]["rows_kept"] == 1
@@ -109,8 +131,9 @@ def test_the_prepared_directory_follows_the_umask(tmp_path, tiny_tokenizer_dir, 
     previous = os.umask(umask)
     try:
         fresh = prepare_cli("--train", src, "--tokenizer", tiny_tokenizer_dir, "-o", tmp_path / "out")
-        replaced = prepare_cli("--train", src, "--tokenizer", tiny_tokenizer_dir, "-o", tmp_path / "out",
-                               "--set", "data.max_length=64")
+        replaced = prepare_cli(
+            "--train", src, "--tokenizer", tiny_tokenizer_dir, "-o", tmp_path / "out", "--set", "data.max_length=64"
+        )
     finally:
         os.umask(previous)
     assert fresh.exit_code == 0 and replaced.exit_code == 0, fresh.output + replaced.output
@@ -155,7 +178,9 @@ def test_bad_rows_stop_with_file_line_field_and_reason(tmp_path, tiny_tokenizer_
 def test_skip_invalid_writes_rejects_and_counts_reconcile(tmp_path, tiny_tokenizer_dir):
     src = tmp_path / "bad.jsonl"
     src.write_text("\n".join(BAD_LINES) + "\n")
-    res = prepare_cli("-o", tmp_path / "out", "--train", src, "--tokenizer", tiny_tokenizer_dir, "--skip-invalid", "--json")
+    res = prepare_cli(
+        "-o", tmp_path / "out", "--train", src, "--tokenizer", tiny_tokenizer_dir, "--skip-invalid", "--json"
+    )
     assert res.exit_code == 0, res.output
     split = json.loads(res.stdout.strip().splitlines()[-1])["splits"]["train"]
     assert split["rows_in"] == 5 and split["rows_rejected"] == 3 and split["rows_kept"] == 2
@@ -219,9 +244,9 @@ def test_parquet_csv_and_saved_dataset_sources(tmp_path, tiny_tokenizer_dir):
         prepared = prepare_splits(cfg_for(tiny_tokenizer_dir, src), tok)
         assert prepared.reports["train"].format == "processbench"
         assert prepared.reports["train"].steps == 3
-    datasets.Dataset.from_list(
-        [{"input": "Q? Step 1: a ки", "label": "Q? Step 1: a +", "task": "t"}]
-    ).to_csv(str(tmp_path / "ms.csv"))
+    datasets.Dataset.from_list([{"input": "Q? Step 1: a ки", "label": "Q? Step 1: a +", "task": "t"}]).to_csv(
+        str(tmp_path / "ms.csv")
+    )
     prepared = prepare_splits(cfg_for(tiny_tokenizer_dir, tmp_path / "ms.csv"), tok)
     assert prepared.reports["train"].format == "math-shepherd" and prepared.reports["train"].labels_positive == 1
 
@@ -229,13 +254,18 @@ def test_parquet_csv_and_saved_dataset_sources(tmp_path, tiny_tokenizer_dir):
 def test_hub_dataset_unreachable_is_one_line(tmp_path, tiny_tokenizer_dir, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    res = prepare_cli("-o", tmp_path / "out", "--train", "nobody/no-such-dataset:train[:10%]", "--tokenizer", tiny_tokenizer_dir)
+    res = prepare_cli(
+        "-o", tmp_path / "out", "--train", "nobody/no-such-dataset:train[:10%]", "--tokenizer", tiny_tokenizer_dir
+    )
     assert res.exit_code == 2
     assert "nobody/no-such-dataset:train[:10%]: could not load" in res.stderr
 
 
 def test_truncation_losses_are_counted(tmp_path, tiny_tokenizer_dir):
-    rows = [{"prompt": "So the answer is 42. " * 30, "completions": ["We check: 6 * 7 = 42."] * 3, "labels": [1, 1, 1]}, ROWS[1]]
+    rows = [
+        {"prompt": "So the answer is 42. " * 30, "completions": ["We check: 6 * 7 = 42."] * 3, "labels": [1, 1, 1]},
+        ROWS[1],
+    ]
     src = write_jsonl(tmp_path / "rows.jsonl", rows)
     cfg = cfg_for(tiny_tokenizer_dir, src, max_length=40, max_prompt_length=None)
     prepared = prepare_splits(cfg, load_tokenizer(str(tiny_tokenizer_dir)))
@@ -256,22 +286,30 @@ def test_num_proc_gives_the_same_result(tmp_path, train_tokenizer_dir, monkeypat
 
     monkeypatch.setattr(dataset_mod, "CHUNK_ROWS", 8)
     rows = [dict(ROWS[i % 3], prompt=f"{ROWS[i % 3]['prompt']} {i}") for i in range(40)]
-    rows.append({"prompt": "unicode: café ½", "completions": ["<|endoftext|> inside", "b"], "labels": [1, 0]})  # Rust path
+    rows.append(
+        {"prompt": "unicode: café ½", "completions": ["<|endoftext|> inside", "b"], "labels": [1, 0]}
+    )  # Rust path
     src = write_jsonl(tmp_path / "rows.jsonl", rows)
     tok = load_tokenizer(str(train_tokenizer_dir))
     one = prepare_splits(cfg_for(train_tokenizer_dir, src, num_proc=1), tok, output=tmp_path / "one").load()["train"]
     two = prepare_splits(cfg_for(train_tokenizer_dir, src, num_proc=2), tok, output=tmp_path / "two").load()["train"]
     assert one["input_ids"] == two["input_ids"]
     assert one["labels"] == two["labels"]
-    assert len(one) == 41 and one["input_ids"][-1][:3] == tok("unicode: café ½", add_special_tokens=False)["input_ids"][:3]
+    assert (
+        len(one) == 41 and one["input_ids"][-1][:3] == tok("unicode: café ½", add_special_tokens=False)["input_ids"][:3]
+    )
 
 
 def test_bundled_examples_prepare(tmp_path, tiny_tokenizer_dir):
-    cfg = load_config(None, None, {
-        "model.tokenizer": str(tiny_tokenizer_dir),
-        "data.train": str(EXAMPLES / "prm800k_samples.jsonl"),
-        "data.eval": str(EXAMPLES / "processbench_gsm8k_sample.json"),
-    })
+    cfg = load_config(
+        None,
+        None,
+        {
+            "model.tokenizer": str(tiny_tokenizer_dir),
+            "data.train": str(EXAMPLES / "prm800k_samples.jsonl"),
+            "data.eval": str(EXAMPLES / "processbench_gsm8k_sample.json"),
+        },
+    )
     prepared = prepare_splits(cfg, load_tokenizer(str(tiny_tokenizer_dir)))
     assert prepared.reports["train"].format == "prm800k" and prepared.reports["train"].rows_converted == 201
     assert prepared.reports["eval"].format == "processbench" and prepared.reports["eval"].rows_in == 120
@@ -281,16 +319,43 @@ def test_bundled_examples_prepare(tmp_path, tiny_tokenizer_dir):
 def test_prepare_as_a_real_subprocess(tmp_path, tiny_tokenizer_dir):
     src = write_jsonl(tmp_path / "rows.jsonl", ROWS)
     proc = subprocess.run(
-        [sys.executable, "-m", "prmkit", "prepare", "-o", str(tmp_path / "out"), "--train", str(src),
-         "--tokenizer", str(tiny_tokenizer_dir), "--json"],
-        capture_output=True, text=True, cwd=ROOT, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "prmkit",
+            "prepare",
+            "-o",
+            str(tmp_path / "out"),
+            "--train",
+            str(src),
+            "--tokenizer",
+            str(tiny_tokenizer_dir),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["splits"]["train"]["rows_kept"] == 3
     bad = subprocess.run(
-        [sys.executable, "-m", "prmkit", "prepare", "-o", str(tmp_path / "o2"), "--train", str(tmp_path / "nope.jsonl"),
-         "--tokenizer", str(tiny_tokenizer_dir)],
-        capture_output=True, text=True, cwd=ROOT, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "prmkit",
+            "prepare",
+            "-o",
+            str(tmp_path / "o2"),
+            "--train",
+            str(tmp_path / "nope.jsonl"),
+            "--tokenizer",
+            str(tiny_tokenizer_dir),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
     )
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1].endswith("nope.jsonl: file not found") or "file not found" in bad.stderr
@@ -304,11 +369,23 @@ def test_progress_reports_rows_per_split_up_to_the_total(tmp_path, tiny_tokenize
     rows = [dict(ROWS[i % 3], prompt=f"{ROWS[i % 3]['prompt']} {i}") for i in range(10)]
     src = write_jsonl(tmp_path / "rows.jsonl", rows)
     seen = []
-    cfg = load_config(None, None, {"model.tokenizer": str(tiny_tokenizer_dir), "data.train": str(src),
-                                   "data.eval": str(src)})
-    prepare_splits(cfg, load_tokenizer(str(tiny_tokenizer_dir)), output=tmp_path / "out",
-                   on_progress=lambda split, done, total: seen.append((split, done, total)))
-    assert seen == [("train", 4, 10), ("train", 8, 10), ("train", 10, 10), ("eval", 4, 10), ("eval", 8, 10), ("eval", 10, 10)]
+    cfg = load_config(
+        None, None, {"model.tokenizer": str(tiny_tokenizer_dir), "data.train": str(src), "data.eval": str(src)}
+    )
+    prepare_splits(
+        cfg,
+        load_tokenizer(str(tiny_tokenizer_dir)),
+        output=tmp_path / "out",
+        on_progress=lambda split, done, total: seen.append((split, done, total)),
+    )
+    assert seen == [
+        ("train", 4, 10),
+        ("train", 8, 10),
+        ("train", 10, 10),
+        ("eval", 4, 10),
+        ("eval", 8, 10),
+        ("eval", 10, 10),
+    ]
 
 
 def test_no_rows_left_is_an_error_not_an_empty_dataset(tmp_path, tiny_tokenizer_dir):
@@ -316,7 +393,9 @@ def test_no_rows_left_is_an_error_not_an_empty_dataset(tmp_path, tiny_tokenizer_
     out = tmp_path / "out"
     res = prepare_cli("-o", out, "--train", src, "--tokenizer", tiny_tokenizer_dir, "--set", "data.max_length=2")
     assert res.exit_code == 2, res.output
-    assert f"{src}: no train rows left: all 3 rows lost every labelled step to truncation (data.max_length=2" in res.stderr
+    assert (
+        f"{src}: no train rows left: all 3 rows lost every labelled step to truncation (data.max_length=2" in res.stderr
+    )
     assert "hint: raise data.max_length" in res.stderr and "Traceback" not in res.output
     assert not out.exists()
     # Every row rejected under --skip-invalid: the reasons are listed, and nothing is written.
@@ -324,7 +403,10 @@ def test_no_rows_left_is_an_error_not_an_empty_dataset(tmp_path, tiny_tokenizer_
     bad.write_text(json.dumps({"prompt": "p", "completions": ["a"], "labels": [1, 0]}) + "\n{not json\n")
     res = prepare_cli("-o", out, "--train", bad, "--tokenizer", tiny_tokenizer_dir, "--skip-invalid")
     assert res.exit_code == 2
-    assert "no train rows left: all 2 rows were rejected" in res.stderr and f"{bad}: line 2: row: malformed JSON" in res.stderr
+    assert (
+        "no train rows left: all 2 rows were rejected" in res.stderr
+        and f"{bad}: line 2: row: malformed JSON" in res.stderr
+    )
     assert not out.exists()
 
 
@@ -341,10 +423,31 @@ def test_two_machines_preparing_the_same_data_get_the_same_dataset(tmp_path, tra
         home = tmp_path / machine
         home.mkdir()
         proc = subprocess.run(
-            [sys.executable, "-m", "prmkit", "prepare", "--train", str(rows), "--tokenizer", str(train_tokenizer_dir),
-             "-o", str(home / "prepared"), "--json"], capture_output=True, text=True, timeout=300, cwd=home,
-            env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONHASHSEED": seed,
-                 "PRMKIT_CACHE": str(home / "cache"), "HF_HOME": str(home / "hf")})
+            [
+                sys.executable,
+                "-m",
+                "prmkit",
+                "prepare",
+                "--train",
+                str(rows),
+                "--tokenizer",
+                str(train_tokenizer_dir),
+                "-o",
+                str(home / "prepared"),
+                "--json",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=home,
+            env={
+                **os.environ,
+                "PYTHONPATH": str(ROOT),
+                "PYTHONHASHSEED": seed,
+                "PRMKIT_CACHE": str(home / "cache"),
+                "HF_HOME": str(home / "hf"),
+            },
+        )
         assert proc.returncode == 0, proc.stderr
         summaries.append(json.loads(proc.stdout))
         meta = json.loads((home / "prepared" / METADATA_FILE).read_text())

@@ -13,9 +13,9 @@ from typer.testing import CliRunner
 
 from prmkit.cli.app import app
 from prmkit.config.load import load_config
-from prmkit.models.loading import load_tokenizer
 from prmkit.data.prepare import prepare_splits
 from prmkit.errors import DataError
+from prmkit.models.loading import load_tokenizer
 
 runner = CliRunner()
 
@@ -27,7 +27,7 @@ class Seen(dict):
 @pytest.mark.slow
 def test_train_and_eval_take_the_data_options_prepare_takes(tmp_path, monkeypatch):
     import prmkit.evaluation.evaluate
-    import prmkit.train.recipe
+    import prmkit.training.recipe
     from prmkit.cli.train_cmd import _child_args
 
     seen = Seen()
@@ -40,7 +40,7 @@ def test_train_and_eval_take_the_data_options_prepare_takes(tmp_path, monkeypatc
         seen["eval"] = kwargs
         raise typer.Exit(0)
 
-    monkeypatch.setattr(prmkit.train.recipe, "train", fake_train)
+    monkeypatch.setattr(prmkit.training.recipe, "train", fake_train)
     monkeypatch.setattr(prmkit.evaluation.evaluate, "evaluate", fake_evaluate)
     flags = ["--format", "math-shepherd", "--step-separator", r"\n\n", "--skip-invalid"]
     res = runner.invoke(app, ["train", "--model", "m", "--train", "rows.jsonl", "-o", str(tmp_path / "run"), *flags])
@@ -48,8 +48,20 @@ def test_train_and_eval_take_the_data_options_prepare_takes(tmp_path, monkeypatc
     data = seen["train"].data
     assert (data.format, data.step_separator, data.skip_invalid) == ("math-shepherd", "\n\n", True)
     # A relaunch through accelerate passes them on as typed.
-    child = _child_args(None, None, None, "m", "rows.jsonl", None, None, False, False, False, False,
-                        data_flags={"--format": "math-shepherd", "--step-separator": r"\n\n", "--skip-invalid": True})
+    child = _child_args(
+        None,
+        None,
+        None,
+        "m",
+        "rows.jsonl",
+        None,
+        None,
+        False,
+        False,
+        False,
+        False,
+        data_flags={"--format": "math-shepherd", "--step-separator": r"\n\n", "--skip-invalid": True},
+    )
     assert child[-5:] == ["--format", "math-shepherd", "--step-separator", r"\n\n", "--skip-invalid"]
 
     res = runner.invoke(app, ["eval", "m", "--data", "rows.jsonl", "-o", str(tmp_path / "ev"), "--no-plots", *flags])
@@ -61,7 +73,9 @@ def test_train_and_eval_take_the_data_options_prepare_takes(tmp_path, monkeypatc
     # A config written for prepare and train (data.format) serves eval too.
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("data:\n  format: processbench\n  skip_invalid: true\n", encoding="utf-8")
-    res = runner.invoke(app, ["eval", "m", "--data", "rows.jsonl", "-o", str(tmp_path / "ev"), "--no-plots", "-c", str(cfg)])
+    res = runner.invoke(
+        app, ["eval", "m", "--data", "rows.jsonl", "-o", str(tmp_path / "ev"), "--no-plots", "-c", str(cfg)]
+    )
     assert res.exit_code == 0, res.output
     assert seen["eval"]["fmt"] == "processbench" and seen["eval"]["skip_invalid"] is True
 
@@ -71,24 +85,41 @@ def prepared(tmp_path, train_tokenizer_dir) -> tuple[Path, Path, Path]:
     """(prepared directory with train and eval splits, the train rows, the eval rows) for the example tokenizer."""
     train = write_train_rows(tmp_path / "train.jsonl", n=16, seed=1)
     held = write_train_rows(tmp_path / "eval.jsonl", n=8, seed=2)
-    res = runner.invoke(app, ["prepare", "--tokenizer", str(train_tokenizer_dir), "--train", str(train), "--eval",
-                              str(held), "-o", str(tmp_path / "prep")])
+    res = runner.invoke(
+        app,
+        [
+            "prepare",
+            "--tokenizer",
+            str(train_tokenizer_dir),
+            "--train",
+            str(train),
+            "--eval",
+            str(held),
+            "-o",
+            str(tmp_path / "prep"),
+        ],
+    )
     assert res.exit_code == 0, res.output
     return tmp_path / "prep", train, held
 
 
-def test_a_prepared_directory_is_training_data_checked_against_the_run(tmp_path, prepared, train_tokenizer_dir,
-                                                                         tiny_bos_tokenizer_dir):
+def test_a_prepared_directory_is_training_data_checked_against_the_run(
+    tmp_path, prepared, train_tokenizer_dir, tiny_bos_tokenizer_dir
+):
     import datasets
 
-    from prmkit.train.recipe import resolve_config
+    from prmkit.training.recipe import resolve_config
 
-    prep, train, held = prepared
+    prep, _train, held = prepared
     tok = load_tokenizer(str(train_tokenizer_dir))
 
     def cfg(*overrides, **data):
-        flags = {"model.name_or_path": "m", "model.tokenizer": str(train_tokenizer_dir), "data.train": str(prep),
-                 **{f"data.{k}": v for k, v in data.items()}}
+        flags = {
+            "model.name_or_path": "m",
+            "model.tokenizer": str(train_tokenizer_dir),
+            "data.train": str(prep),
+            **{f"data.{k}": v for k, v in data.items()},
+        }
         return resolve_config(load_config(None, list(overrides), flags))
 
     # Taken as it is: its eval split becomes data.eval (as load_from_disk(dir)["eval"] would be used); nothing copied.
@@ -118,7 +149,6 @@ def test_a_prepared_directory_is_training_data_checked_against_the_run(tmp_path,
 @pytest.mark.slow
 def test_eval_scores_a_prepared_directory_as_it_scores_the_text(tmp_path, prepared, train_tokenizer_dir):
     from prmkit.evaluation.evaluate import evaluate
-
     from prmkit.models.model_dir import build_metadata, write_metadata
     from prmkit.tokenization import TokenizationParams, tokenizer_fingerprint
 
@@ -128,8 +158,14 @@ def test_eval_scores_a_prepared_directory_as_it_scores_the_text(tmp_path, prepar
     with pytest.raises(DataError, match="prepared with another tokenizer"):
         evaluate([str(prm)], [f"prep={prep}"])
     # prmkit.json names the tokenizer the model was trained with, as `prmkit train` writes it: that one is accepted.
-    write_metadata(prm, build_metadata(TokenizationParams(), base_model=None,
-                                       tokenizer=tokenizer_fingerprint(load_tokenizer(str(train_tokenizer_dir)))))
+    write_metadata(
+        prm,
+        build_metadata(
+            TokenizationParams(),
+            base_model=None,
+            tokenizer=tokenizer_fingerprint(load_tokenizer(str(train_tokenizer_dir))),
+        ),
+    )
     from_text = evaluate([str(prm)], [f"text={held}"]).report["subsets"]["text"]
     from_prep = evaluate([str(prm)], [f"prep={prep}"]).report["subsets"]["prep"]
     assert from_prep["step"] == from_text["step"]  # the same token ids, scored at the same positions
@@ -137,27 +173,59 @@ def test_eval_scores_a_prepared_directory_as_it_scores_the_text(tmp_path, prepar
     assert from_prep["n_steps_labelled"] == from_text["n_steps_labelled"]
     assert from_prep["outcome"] is None and from_prep["best_of_n"] is None
 
-    res = runner.invoke(app, ["eval", str(prm), "--data", str(prep), "-o", str(tmp_path / "ev"), "--no-plots",
-                              "--set", "data.max_length=64"])
+    res = runner.invoke(
+        app,
+        [
+            "eval",
+            str(prm),
+            "--data",
+            str(prep),
+            "-o",
+            str(tmp_path / "ev"),
+            "--no-plots",
+            "--set",
+            "data.max_length=64",
+        ],
+    )
     assert res.exit_code == 2
     assert f"error: {prep}: prepared with data.max_length=1024, but model {prm} uses 64" in res.stderr
 
 
 @pytest.mark.slow
-def test_train_on_a_prepared_directory_and_on_a_held_out_fraction(tmp_path, prepared, tiny_qwen2_config_dir,
-                                                                   train_tokenizer_dir):
+def test_train_on_a_prepared_directory_and_on_a_held_out_fraction(
+    tmp_path, prepared, tiny_qwen2_config_dir, train_tokenizer_dir
+):
     prep, train, _ = prepared
-    base = ["train", "--model", str(tiny_qwen2_config_dir), "--tokenizer", str(train_tokenizer_dir), "--set",
-            "model.init_from_config=true", "--max-steps", "2", "--json"]
+    base = [
+        "train",
+        "--model",
+        str(tiny_qwen2_config_dir),
+        "--tokenizer",
+        str(train_tokenizer_dir),
+        "--set",
+        "model.init_from_config=true",
+        "--max-steps",
+        "2",
+        "--json",
+    ]
     res = runner.invoke(app, [*base, "--train", str(prep), "-o", str(tmp_path / "a")])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout.strip().splitlines()[-1])["eval_metrics"]["steps"] > 0  # the prepared eval split
     meta = json.loads((tmp_path / "a" / "prmkit.json").read_text())
     assert meta["data"]["sources"] == {"train": str(train), "eval": str(prepared[2])}
 
-    res = runner.invoke(app, [*base, "--train", str(train), "--set", "data.eval_fraction=0.25", "-o", str(tmp_path / "b")])
+    res = runner.invoke(
+        app, [*base, "--train", str(train), "--set", "data.eval_fraction=0.25", "-o", str(tmp_path / "b")]
+    )
     assert res.exit_code == 0, res.output
     meta = json.loads((tmp_path / "b" / "prmkit.json").read_text())
-    assert meta["data"]["eval_split"] == {"fraction": 0.25, "seed": 42, "grouped_by": "prompt", "train_rows": 12,
-                                          "eval_rows": 4, "train_problems": 12, "eval_problems": 4}
+    assert meta["data"]["eval_split"] == {
+        "fraction": 0.25,
+        "seed": 42,
+        "grouped_by": "prompt",
+        "train_rows": 12,
+        "eval_rows": 4,
+        "train_problems": 12,
+        "eval_problems": 4,
+    }
     assert meta["training"]["eval"]["steps"] > 0

@@ -18,15 +18,28 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from hub_server import HubServer, git_blob_sha1
-from prmkit.models.model_dir import build_metadata, write_metadata
-from prmkit.evaluation.report import make_report
-from prmkit.tokenization import TokenizationParams, encode_solutions
 from push_fixtures import (  # noqa: F401 - fixtures register by being imported
-    FIGURES, PUSHED, QWEN2_TOKENIZER, REPO, REPORT, TOKEN, _assert_one_line_error, _front_matter, _loopback_only, _metadata,
-    _save_tiny_model, base_model_dir_fixture, hub_fixture, model_dir_fixture, push,
+    FIGURES,
+    PUSHED,
+    QWEN2_TOKENIZER,
+    REPO,
+    REPORT,
+    TOKEN,
+    _assert_one_line_error,
+    _front_matter,
+    _loopback_only,
+    _metadata,
+    _save_tiny_model,
+    base_model_dir_fixture,
+    hub_fixture,
+    model_dir_fixture,
+    push,
 )
+
+from prmkit.evaluation.report import make_report
+from prmkit.models.model_dir import build_metadata, write_metadata
+from prmkit.tokenization import TokenizationParams, encode_solutions
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Pushing
@@ -70,7 +83,7 @@ def test_push_uploads_byte_identical_files_in_one_commit_and_repush_is_a_no_op(h
     assert "| train loss | 0.61 |" in card and "| seconds | 12.5 |" in card
     assert "(math-shepherd, 1,200 rows, 5,400 steps)" in card
     assert "local file `processbench.json`" in card and "/data/local" not in card
-    assert "StepScorer.from_pretrained(\"alice/tiny-prm\")" in card
+    assert 'StepScorer.from_pretrained("alice/tiny-prm")' in card
 
     again = push(str(model_dir), "--repo-id", REPO, "--license", "apache-2.0")
     assert again.exit_code == 0, again.stderr
@@ -133,7 +146,10 @@ def test_named_chat_templates_go_up_with_the_tokenizer(hub, model_dir):
     assert "additional_chat_templates/" not in json.loads(result.stdout)["skipped"]
     # What went up loads back with the named template, as transformers reads a repo.
     tok = AutoTokenizer.from_pretrained(model_dir)
-    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], chat_template="tool_use", tokenize=False) == "[user] hi\n"
+    assert (
+        tok.apply_chat_template([{"role": "user", "content": "hi"}], chat_template="tool_use", tokenize=False)
+        == "[user] hi\n"
+    )
 
 
 def test_token_never_printed_or_written(hub, model_dir, monkeypatch):
@@ -259,13 +275,24 @@ def test_eval_report_option_and_missing_prmkit_json(hub, model_dir, tmp_path):
 
 
 def test_stale_shards_are_removed_in_the_same_commit(hub, model_dir):
-    hub.add_repo(REPO, files={"model-00001-of-00002.safetensors": b"old", "model-00002-of-00002.safetensors": b"old",
-                              "model.safetensors.index.json": b"{}", "adapter_config.json": b"{}",
-                              "notes.txt": b"keep me"})
+    hub.add_repo(
+        REPO,
+        files={
+            "model-00001-of-00002.safetensors": b"old",
+            "model-00002-of-00002.safetensors": b"old",
+            "model.safetensors.index.json": b"{}",
+            "adapter_config.json": b"{}",
+            "notes.txt": b"keep me",
+        },
+    )
     result = push(str(model_dir), "--repo-id", REPO, "--json")
     assert result.exit_code == 0, result.stderr
-    assert json.loads(result.stdout)["deleted"] == ["adapter_config.json", "model-00001-of-00002.safetensors",
-                                                    "model-00002-of-00002.safetensors", "model.safetensors.index.json"]
+    assert json.loads(result.stdout)["deleted"] == [
+        "adapter_config.json",
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+    ]
     assert len(hub.commits) == 1
     assert set(hub.files(REPO)) == PUSHED | {"notes.txt"}
 
@@ -338,16 +365,19 @@ def test_adapter_push(hub, base_model_dir, tmp_path, layout):
     d.mkdir()
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(base_model_dir / name, d / name)
-    write_metadata(d, {**_metadata(), "lora": {"r": 4, "alpha": 8, "merged": layout == "adapter"},
-                       "adapter_dir": layout})
+    write_metadata(
+        d, {**_metadata(), "lora": {"r": 4, "alpha": 8, "merged": layout == "adapter"}, "adapter_dir": layout}
+    )
     model = AutoModelForTokenClassification.from_pretrained(base_model_dir)
-    lora = get_peft_model(model, LoraConfig(task_type=TaskType.TOKEN_CLS, r=4, lora_alpha=8,
-                                            target_modules=["q_proj", "v_proj"]))
+    lora = get_peft_model(
+        model, LoraConfig(task_type=TaskType.TOKEN_CLS, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    )
     adapter_dir = d / layout
     lora.save_pretrained(adapter_dir)  # records the local base dir; name a Hub model as a real run would
     adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())
     (adapter_dir / "adapter_config.json").write_text(
-        json.dumps({**adapter_config, "base_model_name_or_path": "Qwen/Qwen2-0.5B"}))
+        json.dumps({**adapter_config, "base_model_name_or_path": "Qwen/Qwen2-0.5B"})
+    )
     if layout == "adapter":
         lora.merge_and_unload().save_pretrained(d)
 
@@ -364,8 +394,15 @@ def test_adapter_push(hub, base_model_dir, tmp_path, layout):
     sources = {f["path"]: f["source"] for f in out["files"]}
     assert sources["adapter_model.safetensors"] == str(Path(layout) / "adapter_model.safetensors")
     files = hub.files(REPO)
-    assert set(files) == {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json",
-                          "tokenizer_config.json", "prmkit.json", "README.md", "model.safetensors"}
+    assert set(files) == {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "prmkit.json",
+        "README.md",
+        "model.safetensors",
+    }
     assert files["adapter_model.safetensors"] == (adapter_dir / "adapter_model.safetensors").read_bytes()
     card = files["README.md"].decode()
     meta = _front_matter(card)
@@ -378,10 +415,14 @@ def test_card_from_the_briefs_metadata_layout_and_random_init():
     from prmkit.hub import build_card
 
     meta = build_metadata(
-        TokenizationParams(step_separator="\n\n"), "Qwen/Qwen2-0.5B",
+        TokenizationParams(step_separator="\n\n"),
+        "Qwen/Qwen2-0.5B",
         data={"train": "trl-lib/prm800k", "eval": "Qwen/ProcessBench:gsm8k", "format": "prm800k"},
-        extra={"training": {"hyperparameters": {"learning_rate": 1e-4, "num_train_epochs": 3}},
-               "lora": {"r": 16, "alpha": 32}, "model": {"init_from_config": True}},
+        extra={
+            "training": {"hyperparameters": {"learning_rate": 1e-4, "num_train_epochs": 3}},
+            "lora": {"r": 16, "alpha": 32},
+            "model": {"init_from_config": True},
+        },
     )
     card = build_card(REPO, meta, license="mit")
     front = _front_matter(card)
@@ -409,7 +450,7 @@ def _run_snippet(card: str, repo_id: str, local_dir: Path) -> dict:
     assert f'repo = "{repo_id}"' in code
     code = code.replace(f'repo = "{repo_id}"', f"repo = {str(local_dir)!r}").replace("print(step_scores)", "")
     namespace: dict = {}
-    exec(compile(code, "<card snippet>", "exec"), namespace)  # noqa: S102 - our own generated code
+    exec(compile(code, "<card snippet>", "exec"), namespace)
     return namespace
 
 
@@ -457,8 +498,10 @@ def test_card_snippet_with_qwen2_tokenizer(tmp_path):
     _save_tiny_model(tmp_path, len(tok))
     ns = _check_snippet_against_encode_solutions(tmp_path, "\n")
     assert tok.bos_token_id is None
-    assert tok("5.\n", add_special_tokens=False)["input_ids"] != tok("5.", add_special_tokens=False)["input_ids"] + \
-        tok("\n", add_special_tokens=False)["input_ids"]
+    assert (
+        tok("5.\n", add_special_tokens=False)["input_ids"]
+        != tok("5.", add_special_tokens=False)["input_ids"] + tok("\n", add_special_tokens=False)["input_ids"]
+    )
     assert len(ns["positions"]) == len(ns["steps"])
 
 
@@ -470,17 +513,31 @@ def test_card_snippet_with_qwen2_tokenizer(tmp_path):
 def test_subprocess_with_hf_endpoint(model_dir, tmp_path):
     with HubServer(token=TOKEN, user="alice") as server:
         home = tmp_path / "home"
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("HF_", "HUGGING", "TRANSFORMERS_OFFLINE", "PRMKIT_DEBUG"))}
-        env.update(HF_ENDPOINT=server.url, HF_TOKEN=TOKEN, HF_HUB_DISABLE_TELEMETRY="1", HOME=str(home),
-                   HF_HOME=str(home / "hf"), XDG_CACHE_HOME=str(home / "cache"), NO_PROXY="127.0.0.1,localhost")
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("HF_", "HUGGING", "TRANSFORMERS_OFFLINE", "PRMKIT_DEBUG"))
+        }
+        env.update(
+            HF_ENDPOINT=server.url,
+            HF_TOKEN=TOKEN,
+            HF_HUB_DISABLE_TELEMETRY="1",
+            HOME=str(home),
+            HF_HOME=str(home / "hf"),
+            XDG_CACHE_HOME=str(home / "cache"),
+            NO_PROXY="127.0.0.1,localhost",
+        )
         cmd = [sys.executable, "-m", "prmkit", "push", str(model_dir), "--repo-id", REPO, "--license", "mit"]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
         assert "committed" in proc.stdout and TOKEN not in proc.stdout + proc.stderr
         assert len(server.commits) == 1
-        published = {p: git_blob_sha1(d) for p, d in server.files(REPO).items() if p not in ("README.md", "prmkit.json")}
-        assert published == {p: git_blob_sha1((model_dir / p).read_bytes()) for p in PUSHED - {"README.md", "prmkit.json"}}
+        published = {
+            p: git_blob_sha1(d) for p, d in server.files(REPO).items() if p not in ("README.md", "prmkit.json")
+        }
+        assert published == {
+            p: git_blob_sha1((model_dir / p).read_bytes()) for p in PUSHED - {"README.md", "prmkit.json"}
+        }
         assert b"/data/local" not in server.files(REPO)["prmkit.json"]
         # Every request went to the loopback server; none elsewhere (the process had no other endpoint).
         assert ("GET", "/api/whoami-v2") in server.requests
@@ -491,10 +548,16 @@ def test_subprocess_with_hf_endpoint(model_dir, tmp_path):
 def test_card_says_which_subsets_the_mean_f1_leaves_out():
     from prmkit.hub import build_card
 
-    report = {**REPORT, "mean_f1": 0.6, "mean_f1_subsets": ["gsm8k"],
-              "mean_f1_left_out": {"math": "no erroneous samples (label != -1), so the error accuracy is undefined"}}
+    report = {
+        **REPORT,
+        "mean_f1": 0.6,
+        "mean_f1_subsets": ["gsm8k"],
+        "mean_f1_left_out": {"math": "no erroneous samples (label != -1), so the error accuracy is undefined"},
+    }
     card = build_card(REPO, _metadata(), report=report)
-    assert ("Mean first-error F1 (ProcessBench's metric, unweighted over subsets): **0.600** at threshold 0.5.\n"
-            "It averages gsm8k only; left out: math (no erroneous samples (label != -1), so the error accuracy is "
-            "undefined).") in card
+    assert (
+        "Mean first-error F1 (ProcessBench's metric, unweighted over subsets): **0.600** at threshold 0.5.\n"
+        "It averages gsm8k only; left out: math (no erroneous samples (label != -1), so the error accuracy is "
+        "undefined)."
+    ) in card
     assert "It averages" not in build_card(REPO, _metadata(), report=REPORT)

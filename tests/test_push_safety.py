@@ -13,15 +13,24 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hub_server import HubServer
+from push_fixtures import (  # noqa: F401 - fixtures register by being imported
+    FIGURES,
+    PUSHED,
+    REPO,
+    TOKEN,
+    _assert_one_line_error,
+    _loopback_only,
+    _metadata,
+    base_model_dir_fixture,
+    hub_fixture,
+    model_dir_fixture,
+    push,
+)
 from typer.testing import CliRunner
 
-from hub_server import HubServer
 from prmkit.cli.app import app
 from prmkit.models.model_dir import write_metadata
-from push_fixtures import (  # noqa: F401 - fixtures register by being imported
-    FIGURES, PUSHED, REPO, TOKEN, _assert_one_line_error, _loopback_only, _metadata, base_model_dir_fixture, hub_fixture,
-    model_dir_fixture, push,
-)
 
 
 def _uploaded(hub) -> dict[str, bytes]:
@@ -41,18 +50,32 @@ def _no_leak(hub, *needles: str) -> None:
 def test_token_in_an_existing_config_is_uploaded_redacted_and_said(hub, model_dir):
     # prmkit_config.yaml as `train --set train.hub_token=...` wrote it before redaction, plus other secret spellings
     # and credentials inside URLs.
-    (model_dir / "prmkit_config.yaml").write_text(yaml.safe_dump({
-        "model": {"name_or_path": "Qwen/Qwen2-0.5B"},
-        "data": {"train": "https://bob:s3cretPass@data.example.com/train.jsonl?token=qwertyuiop&split=train"},
-        "train": {"hub_token": TOKEN, "wandb_api_key": "wandbKey123456", "db_password": "hunter2hunter2",
-                  "learning_rate": 1e-5, "batch_tokens": 2048},
-    }))
+    (model_dir / "prmkit_config.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "model": {"name_or_path": "Qwen/Qwen2-0.5B"},
+                "data": {"train": "https://bob:s3cretPass@data.example.com/train.jsonl?token=qwertyuiop&split=train"},
+                "train": {
+                    "hub_token": TOKEN,
+                    "wandb_api_key": "wandbKey123456",
+                    "db_password": "hunter2hunter2",
+                    "learning_rate": 1e-5,
+                    "batch_tokens": 2048,
+                },
+            }
+        )
+    )
     result = push(str(model_dir), "--repo-id", REPO, "--license", "mit", "--json")
     assert result.exit_code == 0, result.stderr
     assert "uploading it redacted" in result.stderr and "train.hub_token" in result.stderr
     published = yaml.safe_load(_uploaded(hub)["prmkit_config.yaml"])
-    assert published["train"] == {"hub_token": "***", "wandb_api_key": "***", "db_password": "***",
-                                  "learning_rate": 1e-5, "batch_tokens": 2048}
+    assert published["train"] == {
+        "hub_token": "***",
+        "wandb_api_key": "***",
+        "db_password": "***",
+        "learning_rate": 1e-5,
+        "batch_tokens": 2048,
+    }
     assert published["data"]["train"] == "https://***@data.example.com/train.jsonl?token=***&split=train"
     _no_leak(hub, TOKEN, "s3cretPass", "qwertyuiop", "wandbKey123456", "hunter2hunter2")
     assert TOKEN not in result.output and "hunter2hunter2" not in result.output
@@ -85,22 +108,67 @@ def test_a_file_holding_the_token_in_use_is_refused_by_name(hub, model_dir, wher
 def test_redact_unit_values():
     from prmkit.core.redact import is_secret_key, mask, redact
 
-    for key in ("hub_token", "token", "HF_TOKEN", "accessToken", "push_to_hub_token", "password", "db_passwd",
-                "client_secret", "api_key", "apiKey", "aws_secret_access_key", "private_key", "use_auth_token"):
+    for key in (
+        "hub_token",
+        "token",
+        "HF_TOKEN",
+        "accessToken",
+        "push_to_hub_token",
+        "password",
+        "db_passwd",
+        "client_secret",
+        "api_key",
+        "apiKey",
+        "aws_secret_access_key",
+        "private_key",
+        "use_auth_token",
+    ):
         assert is_secret_key(key), key
-    for key in ("tokenizer", "tokenization", "pad_token", "bos_token_id", "additional_special_tokens", "author",
-                "cache_key", "step_separator", "max_length", "reward_tokens", "tokens_per_second"):
+    for key in (
+        "tokenizer",
+        "tokenization",
+        "pad_token",
+        "bos_token_id",
+        "additional_special_tokens",
+        "author",
+        "cache_key",
+        "step_separator",
+        "max_length",
+        "reward_tokens",
+        "tokens_per_second",
+    ):
         assert not is_secret_key(key), key
     assert mask("git+https://x-access-token:ghp_abc@github.com/o/r") == "git+https://***@github.com/o/r"
-    assert mask("s3://b/k?X-Amz-Signature=abc&X-Amz-Credential=def&v=1") == "s3://b/k?X-Amz-Signature=***&X-Amz-Credential=***&v=1"
+    assert (
+        mask("s3://b/k?X-Amz-Signature=abc&X-Amz-Credential=def&v=1")
+        == "s3://b/k?X-Amz-Signature=***&X-Amz-Credential=***&v=1"
+    )
     assert mask("Authorization: Bearer abc.def") == "Authorization: Bearer ***"
     assert mask("export HF_TOKEN=hf_" + "a1" * 17) == "export HF_TOKEN=***"
-    assert mask("see https://huggingface.co/alice/prm?revision=main") == "see https://huggingface.co/alice/prm?revision=main"
+    assert (
+        mask("see https://huggingface.co/alice/prm?revision=main")
+        == "see https://huggingface.co/alice/prm?revision=main"
+    )
     # Counts, flags and null under secret-sounding keys stay; strings and structures under them go.
-    assert redact({"batch_tokens": 2048, "use_auth_token": True, "hub_token": None, "token": "tokvalue-9f8e7d",
-                   "credentials": {"user": "bob", "key": "k3y-k3y-k3y"}, "pad_token": "<pad>", "reward_tokens": ["+", "-"]}) == {
-        "batch_tokens": 2048, "use_auth_token": True, "hub_token": None, "token": "***",
-        "credentials": {"user": "***", "key": "***"}, "pad_token": "<pad>", "reward_tokens": ["+", "-"]}
+    assert redact(
+        {
+            "batch_tokens": 2048,
+            "use_auth_token": True,
+            "hub_token": None,
+            "token": "tokvalue-9f8e7d",
+            "credentials": {"user": "bob", "key": "k3y-k3y-k3y"},
+            "pad_token": "<pad>",
+            "reward_tokens": ["+", "-"],
+        }
+    ) == {
+        "batch_tokens": 2048,
+        "use_auth_token": True,
+        "hub_token": None,
+        "token": "***",
+        "credentials": {"user": "***", "key": "***"},
+        "pad_token": "<pad>",
+        "reward_tokens": ["+", "-"],
+    }
     assert mask("later: tokvalue-9f8e7d and k3y-k3y-k3y") == "later: *** and ***"  # redacted values are remembered
 
 
@@ -109,8 +177,8 @@ def test_every_saved_config_and_metadata_is_redacted(tmp_path):
     from prmkit.config.load import dump_config, load_config
     from prmkit.evaluation.report import make_report
     from prmkit.evaluation.write import write_report
-    from prmkit.train.run_dir import run_identity
     from prmkit.scoring.resume import write_state
+    from prmkit.training.run_dir import run_identity
 
     url = "https://bob:pAssw0rd99@example.com/train.jsonl"
     cfg = load_config(None, ["train.hub_token=hf_SavedSecretToken12345", f"data.train={url}"])
@@ -122,12 +190,22 @@ def test_every_saved_config_and_metadata_is_redacted(tmp_path):
     # A saved (redacted) run is still the same run as the one that wrote it.
     assert run_identity(cfg.to_dict()) == run_identity(saved)
 
-    write_metadata(tmp_path, {"base_model": url, "training": {"hub_token": "hf_SavedSecretToken12345"},
-                              "notes": {"api_secret": "topsecretvalue"}})
+    write_metadata(
+        tmp_path,
+        {
+            "base_model": url,
+            "training": {"hub_token": "hf_SavedSecretToken12345"},
+            "notes": {"api_secret": "topsecretvalue"},
+        },
+    )
     write_report(make_report({url: {**FIGURES, "model": url}}), tmp_path / "eval", plots=False)
     write_state(tmp_path / "state.json", {"input_spec": url + "?sig=abcdef", "model": {"name": url}})
-    for path in (tmp_path / "prmkit.json", tmp_path / "eval" / "report.json", tmp_path / "eval" / "report.md",
-                 tmp_path / "state.json"):
+    for path in (
+        tmp_path / "prmkit.json",
+        tmp_path / "eval" / "report.json",
+        tmp_path / "eval" / "report.md",
+        tmp_path / "state.json",
+    ):
         data = path.read_text()
         assert "pAssw0rd99" not in data and "SavedSecret" not in data and "abcdef" not in data, path
         assert "topsecretvalue" not in data, path
@@ -138,11 +216,24 @@ def test_prepare_metadata_and_rejects_mask_credentials_in_a_source_name(tmp_path
     # A download directory named after a signed URL keeps its query: the name is a credential like any other.
     src = tmp_path / "dl?token=SeCrEtSiGnAtUrE1234" / "rows.jsonl"
     src.parent.mkdir()
-    rows = [{"prompt": "2 + 3?", "completions": ["2 + 3 = 5.", "So 5."], "labels": [True, True]},
-            {"prompt": "bad row", "completions": ["one step"], "labels": []}]
+    rows = [
+        {"prompt": "2 + 3?", "completions": ["2 + 3 = 5.", "So 5."], "labels": [True, True]},
+        {"prompt": "bad row", "completions": ["one step"], "labels": []},
+    ]
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    result = CliRunner().invoke(app, ["prepare", "--train", str(src), "--tokenizer", str(tiny_tokenizer_dir),
-                                      "-o", str(tmp_path / "prepared"), "--skip-invalid"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "prepare",
+            "--train",
+            str(src),
+            "--tokenizer",
+            str(tiny_tokenizer_dir),
+            "-o",
+            str(tmp_path / "prepared"),
+            "--skip-invalid",
+        ],
+    )
     assert result.exit_code == 0, result.output
     written = [tmp_path / "prepared" / name for name in ("prmkit_dataset.json", "rejects.jsonl")]
     for path in written:
@@ -232,10 +323,19 @@ def test_links_inside_the_model_dir_are_fine_and_the_dry_run_shows_the_real_file
 
 def _env(server: HubServer, tmp_path: Path) -> dict[str, str]:
     home = tmp_path / "home"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING", "TRANSFORMERS_OFFLINE",
-                                                                    "PRMKIT_DEBUG"))}
-    env.update(HF_ENDPOINT=server.url, HF_HUB_DISABLE_TELEMETRY="1", HOME=str(home), HF_HOME=str(home / "hf"),
-               XDG_CACHE_HOME=str(home / "cache"), NO_PROXY="127.0.0.1,localhost")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("HF_", "HUGGING", "TRANSFORMERS_OFFLINE", "PRMKIT_DEBUG"))
+    }
+    env.update(
+        HF_ENDPOINT=server.url,
+        HF_HUB_DISABLE_TELEMETRY="1",
+        HOME=str(home),
+        HF_HOME=str(home / "hf"),
+        XDG_CACHE_HOME=str(home / "cache"),
+        NO_PROXY="127.0.0.1,localhost",
+    )
     return env
 
 
@@ -273,12 +373,21 @@ def test_published_metadata_carries_no_local_paths(hub, model_dir):
     meta["training"]["deepspeed"] = "C:\\Users\\alice\\ds.json"
     meta["adapter_dir"] = f"{root}/adapter"
     write_metadata(model_dir, meta)
-    (model_dir / "prmkit_config.yaml").write_text(yaml.safe_dump({
-        "model": {"name_or_path": "/home/alice/models/qwen2-base", "tokenizer": "../tok"},
-        "data": {"train": "/home/alice/data/train.jsonl", "eval": ["a.jsonl", "/srv/b.json"], "step_separator": "/",
-                 "cache_dir": "/home/alice/.cache/prmkit"},
-        "train": {"output_dir": root, "logging_dir": f"{root}/logs", "learning_rate": 1e-5},
-    }, sort_keys=False))
+    (model_dir / "prmkit_config.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "model": {"name_or_path": "/home/alice/models/qwen2-base", "tokenizer": "../tok"},
+                "data": {
+                    "train": "/home/alice/data/train.jsonl",
+                    "eval": ["a.jsonl", "/srv/b.json"],
+                    "step_separator": "/",
+                    "cache_dir": "/home/alice/.cache/prmkit",
+                },
+                "train": {"output_dir": root, "logging_dir": f"{root}/logs", "learning_rate": 1e-5},
+            },
+            sort_keys=False,
+        )
+    )
     local = {name: (model_dir / name).read_bytes() for name in ("prmkit.json", "prmkit_config.yaml")}
     result = push(str(model_dir), "--repo-id", REPO, "--license", "mit")
     assert result.exit_code == 0, result.stderr
@@ -292,8 +401,12 @@ def test_published_metadata_carries_no_local_paths(hub, model_dir):
     assert published["tokenization"]["step_separator"] == "/"
     config = yaml.safe_load(files["prmkit_config.yaml"])
     assert config["model"] == {"name_or_path": "qwen2-base", "tokenizer": "tok"}
-    assert config["data"] == {"train": "train.jsonl", "eval": ["a.jsonl", "b.json"], "step_separator": "/",
-                              "cache_dir": "prmkit"}
+    assert config["data"] == {
+        "train": "train.jsonl",
+        "eval": ["a.jsonl", "b.json"],
+        "step_separator": "/",
+        "cache_dir": "prmkit",
+    }
     assert config["train"] == {"output_dir": ".", "logging_dir": "logs", "learning_rate": 1e-5}
     assert "local model `qwen2-base`" in files["README.md"].decode()
     # The model directory keeps the full paths: score, eval and LoRA loading use them here.
@@ -306,8 +419,7 @@ def test_adapter_config_base_path_is_published_as_a_name(hub, base_model_dir, tm
 
     d = tmp_path / "lora_run"
     model = AutoModelForTokenClassification.from_pretrained(base_model_dir)
-    lora = get_peft_model(model, LoraConfig(task_type=TaskType.TOKEN_CLS, r=2, lora_alpha=4,
-                                            target_modules=["q_proj"]))
+    lora = get_peft_model(model, LoraConfig(task_type=TaskType.TOKEN_CLS, r=2, lora_alpha=4, target_modules=["q_proj"]))
     lora.save_pretrained(d)  # records base_model_name_or_path as the absolute local directory
     for name in ("tokenizer.json", "tokenizer_config.json", "prmkit.json"):
         (d / name).write_bytes((base_model_dir / name).read_bytes())
@@ -352,12 +464,15 @@ def test_huge_metadata_file_is_refused(hub, model_dir):
 # 9 (the Hub part). An answer that is not the Hub's
 
 
-@pytest.mark.parametrize("path,body,needle", [
-    ("/api/whoami-v2", "<html><body>Proxy login required</body></html>", "is not JSON"),
-    (f"/api/models/{REPO}", "<html>maintenance</html>", "is not JSON"),
-    (f"/api/models/{REPO}", {"unexpected": True}, "is not what the Hub sends"),
-    ("/api/whoami-v2", ["not", "an", "account"], "not an account"),
-])
+@pytest.mark.parametrize(
+    "path,body,needle",
+    [
+        ("/api/whoami-v2", "<html><body>Proxy login required</body></html>", "is not JSON"),
+        (f"/api/models/{REPO}", "<html>maintenance</html>", "is not JSON"),
+        (f"/api/models/{REPO}", {"unexpected": True}, "is not what the Hub sends"),
+        ("/api/whoami-v2", ["not", "an", "account"], "not an account"),
+    ],
+)
 def test_a_response_that_is_not_the_hubs_is_one_line(hub, model_dir, path, body, needle):
     hub.add_repo(REPO)
     hub.canned[path] = (200, body)

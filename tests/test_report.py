@@ -4,17 +4,10 @@ import sys
 
 import pytest
 
-from prmkit.metrics import (
-    accuracy_by_position,
-    best_of_n,
-    first_error_metrics,
-    mean_f1,
-    outcome_metrics,
-    step_metrics,
-)
-from prmkit.evaluation.report import MissingExtraError, make_report
 from prmkit.evaluation.render import build_markdown, rich_tables
+from prmkit.evaluation.report import MissingExtraError, make_report
 from prmkit.evaluation.write import write_report
+from prmkit.metrics import accuracy_by_position, best_of_n, first_error_metrics, mean_f1, outcome_metrics, step_metrics
 
 # matplotlib is the optional "plot" extra (installed by "test"); without it
 # only the plotting tests are skipped.
@@ -116,11 +109,13 @@ def test_markdown_escapes_pipes_in_table_cells():
 
 @needs_mpl
 def test_multi_model_side_by_side(tmp_path):
-    multi = make_report({
-        "prm-a": _model("org/prm-a"),
-        # prm-b misses the erroneous math sample: math F1 0, mean F1 (4/7 + 0) / 2
-        "prm-b": {**_model("org/prm-b", math_fe=(1, -1)), "threshold": 0.42, "threshold_source": "tuned on gsm8k"},
-    })
+    multi = make_report(
+        {
+            "prm-a": _model("org/prm-a"),
+            # prm-b misses the erroneous math sample: math F1 0, mean F1 (4/7 + 0) / 2
+            "prm-b": {**_model("org/prm-b", math_fe=(1, -1)), "threshold": 0.42, "threshold_source": "tuned on gsm8k"},
+        }
+    )
     md = build_markdown(multi)
     assert "| Metric | prm-a | prm-b |" in md
     assert "tuned on gsm8k" in md and "0.42" in md

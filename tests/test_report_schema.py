@@ -18,7 +18,9 @@ def test_the_schema_is_a_valid_json_schema_shipped_with_the_package():
     schema = report_schema()
     jsonschema.Draft202012Validator.check_schema(schema)
     assert schema["properties"]["report_version"]["const"] == REPORT_VERSION
-    package_data = next(line for line in (ROOT / "pyproject.toml").read_text().splitlines() if line.startswith("prmkit = ["))
+    package_data = next(
+        line for line in (ROOT / "pyproject.toml").read_text().splitlines() if line.startswith("prmkit = [")
+    )
     assert '"schemas/*.json"' in package_data
 
 
@@ -42,8 +44,13 @@ def test_one_model_and_several_share_the_documented_top_level(tiny_prm_pair, sub
 
 
 def _figures(model: str) -> dict:
-    return {"model": model, "threshold": 0.5, "threshold_source": "default", "mean_f1": None,
-            "subsets": {"s": {"step": None, "by_position": [], "first_error": None}}}
+    return {
+        "model": model,
+        "threshold": 0.5,
+        "threshold_source": "default",
+        "mean_f1": None,
+        "subsets": {"s": {"step": None, "by_position": [], "first_error": None}},
+    }
 
 
 def test_what_the_schema_refuses():

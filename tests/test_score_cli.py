@@ -25,7 +25,25 @@ from prmkit.tokenization import TokenizationParams
 
 runner = CliRunner()
 
-WORDS = "apples pears plus minus equals twice half total left each so then we have the answer is".split()
+WORDS = [
+    "apples",
+    "pears",
+    "plus",
+    "minus",
+    "equals",
+    "twice",
+    "half",
+    "total",
+    "left",
+    "each",
+    "so",
+    "then",
+    "we",
+    "have",
+    "the",
+    "answer",
+    "is",
+]
 
 
 def make_rows(n: int, seed: int = 0, short: bool = False) -> list[dict]:
@@ -40,8 +58,10 @@ def make_rows(n: int, seed: int = 0, short: bool = False) -> list[dict]:
             steps = [f"{rng.randint(0, 99)} {rng.choice(WORDS)}" for _ in range(rng.randint(1, 3))]
             prompt = f"Q{i}?"
         else:
-            steps = [f"Step {k + 1}: {rng.randint(0, 99)} " + " ".join(rng.choices(WORDS, k=rng.randint(2, 9))) + "."
-                     for k in range(rng.randint(1, 6))]
+            steps = [
+                f"Step {k + 1}: {rng.randint(0, 99)} " + " ".join(rng.choices(WORDS, k=rng.randint(2, 9))) + "."
+                for k in range(rng.randint(1, 6))
+            ]
             prompt = f"Question {i}: what is {i} + {2 * i}?"
         row = {"id": i, "meta": {"source": "test", "n": i % 3}, "prompt": prompt, "completions": steps}
         if i % 2 == 0:
@@ -120,11 +140,17 @@ def test_truncated_steps_are_null_and_the_line_says_so(tmp_path, train_tokenizer
 
     from prmkit.tokenization import encode_solutions
 
-    rows = [{"prompt": "So the answer is 42.", "completions": ["We check: 6 * 7 = 42."]},
-            {"prompt": "Which number is larger, 9.8 or 9.11?", "completions": ["11 is greater than 8."] * 12}]
+    rows = [
+        {"prompt": "So the answer is 42.", "completions": ["We check: 6 * 7 = 42."]},
+        {"prompt": "Which number is larger, 9.8 or 9.11?", "completions": ["11 is greater than 8."] * 12},
+    ]
     model = make_tiny_prm(tmp_path / "prm", train_tokenizer_dir, seed=8)
-    encoded = encode_solutions(AutoTokenizer.from_pretrained(model), [r["prompt"] for r in rows],
-                               [r["completions"] for r in rows], TokenizationParams())
+    encoded = encode_solutions(
+        AutoTokenizer.from_pretrained(model),
+        [r["prompt"] for r in rows],
+        [r["completions"] for r in rows],
+        TokenizationParams(),
+    )
     room = encoded[1].step_positions[2] + 1  # the long row keeps three steps
     assert encoded[0].step_positions[-1] < room
     write_metadata(model, build_metadata(TokenizationParams(max_length=room), base_model=None))
@@ -156,15 +182,28 @@ def test_processbench_records_are_scored_whole(tmp_path, prm_dir, scorer):
     res = score_cli(prm_dir, write_jsonl(tmp_path / "pb.jsonl.in.jsonl", unlabelled), "-o", tmp_path / "pb2.jsonl")
     assert res.exit_code == 0, res.output
     for line, want in zip(read_jsonl(tmp_path / "pb2.jsonl"), out):
-        assert list(line) == ["problem", "steps", "step_scores", "aggregates", "first_error", *("truncated",) * ("truncated" in want)]
+        assert list(line) == [
+            "problem",
+            "steps",
+            "step_scores",
+            "aggregates",
+            "first_error",
+            *("truncated",) * ("truncated" in want),
+        ]
         assert line["step_scores"] == pytest.approx(want["step_scores"], abs=1e-6)
 
 
 def test_bad_line_stops_with_its_number_and_skip_invalid_rejects_it(tmp_path, prm_dir):
     good = make_rows(6)
-    text = "".join(json.dumps(r) + "\n" for r in good[:2]) + '{"prompt": "x", "completions": [\n' + \
-        json.dumps(good[2]) + "\n" + json.dumps({"prompt": "y", "completions": ["ok", ""]}) + "\n" + \
-        "".join(json.dumps(r) + "\n" for r in good[3:])
+    text = (
+        "".join(json.dumps(r) + "\n" for r in good[:2])
+        + '{"prompt": "x", "completions": [\n'
+        + json.dumps(good[2])
+        + "\n"
+        + json.dumps({"prompt": "y", "completions": ["ok", ""]})
+        + "\n"
+        + "".join(json.dumps(r) + "\n" for r in good[3:])
+    )
     src = tmp_path / "in.jsonl"
     src.write_text(text, encoding="utf-8")
     res = score_cli(prm_dir, src, "-o", tmp_path / "out.jsonl")
@@ -183,7 +222,9 @@ def test_bad_line_stops_with_its_number_and_skip_invalid_rejects_it(tmp_path, pr
     assert rejects[1]["reason"] == "empty step" and rejects[1]["record"]["prompt"] == "y"
 
 
-def test_existing_output_of_another_input_or_model_is_refused_and_overwrite_starts_over(tmp_path, prm_dir, train_tokenizer_dir):
+def test_existing_output_of_another_input_or_model_is_refused_and_overwrite_starts_over(
+    tmp_path, prm_dir, train_tokenizer_dir
+):
     a = write_jsonl(tmp_path / "a.jsonl", make_rows(4, seed=1))
     b = write_jsonl(tmp_path / "b.jsonl", make_rows(5, seed=2))
     out = tmp_path / "out.jsonl"
@@ -281,8 +322,14 @@ def test_subprocess_stdin_to_stdout(tmp_path, prm_dir):
     rows = make_rows(7, seed=5)
     src = write_jsonl(tmp_path / "in.jsonl", rows)
     assert score_cli(prm_dir, src, "-o", tmp_path / "file.jsonl").exit_code == 0
-    proc = subprocess.run([sys.executable, "-m", "prmkit", "score", str(prm_dir), "-", "-o", "-"],
-                          input=src.read_text(), capture_output=True, text=True, timeout=120, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "prmkit", "score", str(prm_dir), "-", "-o", "-"],
+        input=src.read_text(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == (tmp_path / "file.jsonl").read_text()
     assert "scored 7 of 7 lines" in proc.stderr
@@ -317,10 +364,32 @@ def test_two_processes_merge_in_input_order(tmp_path, prm_dir):
     src = write_jsonl(tmp_path / "in.jsonl", rows)
     assert score_cli(prm_dir, src, "-o", tmp_path / "one.jsonl", "--set", "score.sort_window=16").exit_code == 0
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), "-m", "prmkit", "score", str(prm_dir), str(src),
-           "-o", str(tmp_path / "two.jsonl"), "--set", "score.sort_window=16", "--json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        "-m",
+        "prmkit",
+        "score",
+        str(prm_dir),
+        str(src),
+        "-o",
+        str(tmp_path / "two.jsonl"),
+        "--set",
+        "score.sort_window=16",
+        "--json",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])  # one summary: process 0 speaks for both
@@ -338,8 +407,11 @@ def test_formats_that_need_conversion_are_written_as_stepwise_rows(tmp_path, prm
     lines = (EXAMPLES / "prm800k_samples.jsonl").read_text(encoding="utf-8").splitlines()[:2]
     src = tmp_path / "prm800k.jsonl"
     src.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    expected = [(n, row) for n, line in enumerate(lines, start=1)
-                for row in convert("prm800k", json.loads(line), Options(is_eval=True))]
+    expected = [
+        (n, row)
+        for n, line in enumerate(lines, start=1)
+        for row in convert("prm800k", json.loads(line), Options(is_eval=True))
+    ]
     res = score_cli(prm_dir, src, "-o", tmp_path / "out.jsonl", "--json")
     assert res.exit_code == 0, res.output
     out = read_jsonl(tmp_path / "out.jsonl")
@@ -376,8 +448,24 @@ def test_overrides_of_recorded_tokenization_are_honoured_with_a_warning_or_refus
     expected = [r["step_scores"] for r in read_jsonl(tmp_path / "twin.jsonl")]
     assert trained != expected  # the prompt limit matters for these rows
 
-    proc = subprocess.run([sys.executable, "-m", "prmkit", "score", str(prm), str(src), "-o", str(tmp_path / "o.jsonl"),
-                           "--set", "data.max_prompt_length=null"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "prmkit",
+            "score",
+            str(prm),
+            str(src),
+            "-o",
+            str(tmp_path / "o.jsonl"),
+            "--set",
+            "data.max_prompt_length=null",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr
     assert [r["step_scores"] for r in read_jsonl(tmp_path / "o.jsonl")] == expected
     assert "trained with data.max_prompt_length=4 (prmkit.json); scoring with null as asked" in proc.stderr

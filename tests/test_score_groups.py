@@ -20,7 +20,25 @@ from prmkit.metrics import aggregate
 from prmkit.scoring import GroupSpec, StepScorer, output_paths, score_file
 
 runner = CliRunner()
-WORDS = "apples pears plus minus equals twice half total left each so then we have the answer is".split()
+WORDS = [
+    "apples",
+    "pears",
+    "plus",
+    "minus",
+    "equals",
+    "twice",
+    "half",
+    "total",
+    "left",
+    "each",
+    "so",
+    "then",
+    "we",
+    "have",
+    "the",
+    "answer",
+    "is",
+]
 
 
 def candidates(groups: int, seed: int = 0, sizes: tuple[int, int] = (1, 9), fixed: int | None = None) -> list[dict]:
@@ -78,9 +96,13 @@ def test_rank_every_line_or_select_each_groups_best(tmp_path, scorer):
         assert sorted(r["rank"] for r in group) == list(range(1, len(group) + 1))
         assert {r["group_size"] for r in group} == {len(group)}
         by_rank = sorted(group, key=lambda r: r["rank"])
-        assert [r["aggregates"]["min"] for r in by_rank] == sorted((r["aggregates"]["min"] for r in group), reverse=True)
+        assert [r["aggregates"]["min"] for r in by_rank] == sorted(
+            (r["aggregates"]["min"] for r in group), reverse=True
+        )
     assert summary.group_by["groups_written"] == 40
-    assert summary.group_by["max_group_lines"] == max(len(list(g)) for _, g in groupby(full, key=lambda r: r["problem_id"]))
+    assert summary.group_by["max_group_lines"] == max(
+        len(list(g)) for _, g in groupby(full, key=lambda r: r["problem_id"])
+    )
 
     for agg in ("min", "last", "prod", "mean"):
         best = tmp_path / f"best-{agg}.jsonl"
@@ -99,17 +121,21 @@ def test_a_group_seen_again_is_one_line_naming_both_places(tmp_path, scorer):
     items = candidates(3, fixed=2)
     items.append(dict(items[0]))  # p0 again, after p1 and p2
     src = write_jsonl(tmp_path / "in.jsonl", items)
-    with pytest.raises(DataError, match=r"in.jsonl: line 7: problem_id: group \"p0\" appears again after another "
-                                        r"group; its lines 1-2 came earlier") as e:
+    with pytest.raises(
+        DataError,
+        match=r"in.jsonl: line 7: problem_id: group \"p0\" appears again after another "
+        r"group; its lines 1-2 came earlier",
+    ) as e:
         score_file(scorer, str(src), str(tmp_path / "out.jsonl"), group=GroupSpec("problem_id"))
     assert "sort_by(.problem_id)" in e.value.hint
 
-    missing = items[:2] + [{k: v for k, v in items[2].items() if k != "problem_id"}] + items[3:6]
+    missing = [*items[:2], {k: v for k, v in items[2].items() if k != "problem_id"}, *items[3:6]]
     src = write_jsonl(tmp_path / "missing.jsonl", missing)
     with pytest.raises(DataError, match="line 3: problem_id: missing"):
         score_file(scorer, str(src), str(tmp_path / "m.jsonl"), group=GroupSpec("problem_id"))
-    summary = score_file(scorer, str(src), str(tmp_path / "m2.jsonl"), group=GroupSpec("problem_id", "best"),
-                         skip_invalid=True)
+    summary = score_file(
+        scorer, str(src), str(tmp_path / "m2.jsonl"), group=GroupSpec("problem_id", "best"), skip_invalid=True
+    )
     assert summary.counts.lines_rejected == 1 and len(read_jsonl(tmp_path / "m2.jsonl")) == 3
 
 
@@ -118,12 +144,32 @@ def test_the_command_line_flags(tmp_path, scorer):
     model = scorer.identity["name"]
     res = runner.invoke(app, ["score", model, str(src), "-o", str(tmp_path / "out.jsonl"), "--select", "best"])
     assert res.exit_code == 2 and "--select needs --group-by FIELD" in res.stderr
-    res = runner.invoke(app, ["score", model, str(src), "-o", str(tmp_path / "out.jsonl"), "--group-by", "problem_id",
-                              "--select", "best", "--aggregate", "last", "--json"])
+    res = runner.invoke(
+        app,
+        [
+            "score",
+            model,
+            str(src),
+            "-o",
+            str(tmp_path / "out.jsonl"),
+            "--group-by",
+            "problem_id",
+            "--select",
+            "best",
+            "--aggregate",
+            "last",
+            "--json",
+        ],
+    )
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout.strip().splitlines()[-1])
-    assert summary["group_by"] == {"field": "problem_id", "select": "best", "aggregate": "last", "groups_written": 4,
-                                   "max_group_lines": 3}
+    assert summary["group_by"] == {
+        "field": "problem_id",
+        "select": "best",
+        "aggregate": "last",
+        "groups_written": 4,
+        "max_group_lines": 3,
+    }
     assert [r["rank"] for r in read_jsonl(tmp_path / "out.jsonl")] == [1, 1, 1, 1]
     assert "wrote the best line of each 4 groups (problem_id, by last step score" in res.stderr
 
@@ -186,7 +232,9 @@ main()
 
 
 def peak_run(args: list[str]) -> tuple[int, dict]:
-    proc = subprocess.run([sys.executable, "-c", PEAK_RSS, *args, "--json"], capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-c", PEAK_RSS, *args, "--json"], capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     peak = int(proc.stderr.rsplit("PEAK_RSS_KB", 1)[1].split()[0])
     return peak, json.loads(proc.stdout.strip().splitlines()[-1])
@@ -197,8 +245,9 @@ def test_100k_candidates_in_10k_groups_stay_within_plain_scorings_memory(tmp_pat
     src = write_jsonl(tmp_path / "in.jsonl", candidates(10_000, seed=5, fixed=10))
     model = scorer.identity["name"]
     plain_peak, _ = peak_run([model, str(src), "-o", str(tmp_path / "plain.jsonl")])
-    best_peak, summary = peak_run([model, str(src), "-o", str(tmp_path / "best.jsonl"), "--group-by", "problem_id",
-                                   "--select", "best"])
+    best_peak, summary = peak_run(
+        [model, str(src), "-o", str(tmp_path / "best.jsonl"), "--group-by", "problem_id", "--select", "best"]
+    )
     print(f"peak RSS: plain scoring {plain_peak / 1024:.1f} MiB, --group-by --select best {best_peak / 1024:.1f} MiB")
     assert summary["rows_out"] == 100_000 and summary["group_by"]["groups_written"] == 10_000
     assert summary["group_by"]["max_group_lines"] == 10  # one group held at a time

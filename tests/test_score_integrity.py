@@ -102,8 +102,9 @@ def refused(scorer: StepScorer, run: Path) -> str:
 
 
 def score_cli(prm_dir: Path, run: Path, *extra: str):
-    return CliRunner().invoke(app, ["score", str(prm_dir), str(run / "in.jsonl"),
-                                    "-o", str(run / "out.jsonl"), *SETTINGS, *extra])
+    return CliRunner().invoke(
+        app, ["score", str(prm_dir), str(run / "in.jsonl"), "-o", str(run / "out.jsonl"), *SETTINGS, *extra]
+    )
 
 
 def test_an_untouched_interrupted_run_resumes_byte_identical(run, scorer):
@@ -118,8 +119,10 @@ def test_an_untouched_interrupted_run_resumes_byte_identical(run, scorer):
 def test_a_state_marked_complete_over_a_partial_output_is_refused(run, scorer):
     edit_state(run / "out.jsonl", lambda s: s.update(status="complete"))
     message = refused(scorer, run)
-    assert message == (f"{run / 'out.jsonl.prmkit-state.json'}: changed outside prmkit (its content does not match "
-                       "the sha256 it was written with)")
+    assert message == (
+        f"{run / 'out.jsonl.prmkit-state.json'}: changed outside prmkit (its content does not match "
+        "the sha256 it was written with)"
+    )
     assert (run / "out.jsonl.partial").exists()
 
 
@@ -144,9 +147,11 @@ def test_a_flipped_digit_in_the_partial_output_is_refused(run, scorer):
     partial = run / "out.jsonl.partial"
     data = partial.read_text()
     at = re.search(r'"step_scores": \[0\.\d\d', data).end() - 1
-    partial.write_text(data[:at] + str((int(data[at]) + 1) % 10) + data[at + 1:])
-    assert refused(scorer, run) == (f"{partial}: its first {len(data)} bytes differ from what "
-                                    "out.jsonl.prmkit-state.json records (sha256); it was changed outside prmkit")
+    partial.write_text(data[:at] + str((int(data[at]) + 1) % 10) + data[at + 1 :])
+    assert refused(scorer, run) == (
+        f"{partial}: its first {len(data)} bytes differ from what "
+        "out.jsonl.prmkit-state.json records (sha256); it was changed outside prmkit"
+    )
 
 
 def test_a_flipped_digit_in_a_finished_but_not_yet_renamed_output_is_refused(run, scorer):
@@ -173,14 +178,17 @@ def test_a_journal_score_changed_by_hand_is_scored_again(run, scorer, caplog, va
     assert summary.batches_reused == 1  # the first record; the edited one is scored again
     assert [r.getMessage() for r in caplog.records] == [
         f"{journal_path(output_paths(run / 'out.jsonl'), 0)}: line 3 was changed outside prmkit (it fails its "
-        "checksum); scoring the batches from there again"]
+        "checksum); scoring the batches from there again"
+    ]
 
 
 def test_a_word_in_the_journal_is_scored_again_without_a_traceback(run, prm_dir):
     edit_journal_score(run / "out.jsonl", 1, "abc")
     res = score_cli(prm_dir, run)
     assert res.exit_code == 0, res.output
-    assert "line 2 was changed outside prmkit (it fails its checksum); scoring the batches from there again" in res.stderr
+    assert (
+        "line 2 was changed outside prmkit (it fails its checksum); scoring the batches from there again" in res.stderr
+    )
     assert (run / "out.jsonl").read_bytes() == (run / "ref.jsonl").read_bytes()
 
 
@@ -191,7 +199,8 @@ def test_a_string_in_progress_is_refused_in_one_line(run, prm_dir):
     assert "Traceback" not in res.output
     assert [line for line in res.stderr.splitlines() if line.startswith("error:")] == [
         f"error: {run / 'out.jsonl.prmkit-state.json'}: changed outside prmkit (its content does not match the sha256 "
-        "it was written with)"]
+        "it was written with)"
+    ]
     assert "hint: pass --overwrite to score from the start" in res.stderr
     again = score_cli(prm_dir, run, "--overwrite")
     assert again.exit_code == 0, again.output
@@ -206,8 +215,10 @@ def test_a_state_from_before_the_digests_is_refused_unless_finished(run, scorer)
     edit_state(run / "out.jsonl", old_format)
     edit_state(run / "ref.jsonl", old_format)
     message = refused(scorer, run)
-    assert message == (f"{run / 'out.jsonl.prmkit-state.json'}: written by a prmkit that did not record checksums, so "
-                       "out.jsonl.partial cannot be checked before it is used")
+    assert message == (
+        f"{run / 'out.jsonl.prmkit-state.json'}: written by a prmkit that did not record checksums, so "
+        "out.jsonl.partial cannot be checked before it is used"
+    )
     # A finished output is left as it is: nothing more is written to it.
     summary = score_file(scorer, str(run / "in.jsonl"), str(run / "ref.jsonl"), sort_window=WINDOW)
     assert summary.already_complete and summary.counts.rows_out == 3 * WINDOW
@@ -226,7 +237,9 @@ def test_an_edited_rejects_file_is_refused(tmp_path, scorer):
         raise Crash
 
     with pytest.raises(Crash):
-        score_file(scorer, str(src), str(out), sort_window=WINDOW, skip_invalid=True, on_progress=stop_after_first_window)
+        score_file(
+            scorer, str(src), str(out), sort_window=WINDOW, skip_invalid=True, on_progress=stop_after_first_window
+        )
     rejects = output_paths(out)["rejects_partial"]
     assert stopped == [WINDOW + 1] and '"line": 3' in rejects.read_text()  # the bad line does not count as a row
     rejects.write_text(rejects.read_text().replace('"line": 3', '"line": 4'))

@@ -33,8 +33,9 @@ def small_batches(prm_dir) -> StepScorer:
     return StepScorer.from_pretrained(prm_dir, batch_tokens=96)
 
 
-def stopped_run(monkeypatch, n: int, scorer: StepScorer, src: Path, out: Path, window: list[int] | None = None,
-                **kwargs) -> None:
+def stopped_run(
+    monkeypatch, n: int, scorer: StepScorer, src: Path, out: Path, window: list[int] | None = None, **kwargs
+) -> None:
     """Score until the journal's n-th record (of ``window``, if given), then stop: a kill between two batches."""
     original = BatchJournal.record
     seen = []
@@ -140,8 +141,9 @@ def test_kill_9_in_the_first_window_loses_at_most_a_batch(tmp_path, prm_dir):
     src = write_jsonl(tmp_path / "in.jsonl", make_rows(160, seed=24))
     args = ["score", str(prm_dir), str(src), "--batch-tokens", "96"]
     ref = tmp_path / "ref.jsonl"
-    done = subprocess.run([sys.executable, "-m", "prmkit", *args, "-o", str(ref)], capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "prmkit", *args, "-o", str(ref)], capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr
 
     out = tmp_path / "out.jsonl"

@@ -39,9 +39,14 @@ main()
 
 
 def rows(n: int) -> list[dict]:
-    return [{"id": i, "prompt": f"Q{i}: what is {i} + {i}?",
-             "completions": [f"{i} + {i} = {2 * i}.", "So the answer is " + str(2 * i) + "."][: 1 + i % 2]}
-            for i in range(n)]
+    return [
+        {
+            "id": i,
+            "prompt": f"Q{i}: what is {i} + {i}?",
+            "completions": [f"{i} + {i} = {2 * i}.", "So the answer is " + str(2 * i) + "."][: 1 + i % 2],
+        }
+        for i in range(n)
+    ]
 
 
 def write_jsonl(path: Path, items) -> Path:
@@ -51,8 +56,14 @@ def write_jsonl(path: Path, items) -> Path:
 
 def killed_run(args: list[str], at: int, stdin: str | None = None) -> None:
     env = {**os.environ, "KILL_AT_STATE_WRITE": str(at)}
-    proc = subprocess.run([sys.executable, "-c", KILL_AT_STATE_WRITE, "score", *args], input=stdin, text=True,
-                          capture_output=True, timeout=300, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_AT_STATE_WRITE, "score", *args],
+        input=stdin,
+        text=True,
+        capture_output=True,
+        timeout=300,
+        env=env,
+    )
     assert proc.returncode == -9, proc.stderr
 
 
@@ -77,8 +88,10 @@ def test_resume_refuses_other_batch_settings_and_cleans_state_temp_files(tmp_pat
     assert json.loads(state_file.read_text())["progress"]["input_line"] == 4  # one window committed
     assert len(temp_files(tmp_path)) == 1 and temp_files(tmp_path)[0].startswith(f".{state_file.name}.")
 
-    for other, changed in ((["--batch-tokens", "128", "--set", "score.sort_window=4"], "batch_tokens: 64, now 128"),
-                           (["--batch-tokens", "64", "--set", "score.sort_window=8"], "sort_window: 4, now 8")):
+    for other, changed in (
+        (["--batch-tokens", "128", "--set", "score.sort_window=4"], "batch_tokens: 64, now 128"),
+        (["--batch-tokens", "64", "--set", "score.sort_window=8"], "sort_window: 4, now 8"),
+    ):
         res = runner.invoke(app, ["score", str(prm_dir), str(src), "-o", str(out), *other])
         assert res.exit_code == 2, res.output
         assert f"{out}: refusing to continue it: it was written with other settings ({changed})" in res.stderr
@@ -91,7 +104,12 @@ def test_resume_refuses_other_batch_settings_and_cleans_state_temp_files(tmp_pat
     assert out.read_bytes() == ref.read_bytes()
     state = json.loads(state_file.read_text())
     assert {k: state["settings"][k] for k in ("batch_tokens", "sort_window", "processes", "device", "packing")} == {
-        "batch_tokens": 64, "sort_window": 4, "processes": 1, "device": "cpu", "packing": False}
+        "batch_tokens": 64,
+        "sort_window": 4,
+        "processes": 1,
+        "device": "cpu",
+        "packing": False,
+    }
 
 
 @pytest.mark.slow
@@ -104,8 +122,10 @@ def test_an_interrupted_stdin_run_does_not_block_the_next(tmp_path, prm_dir):
 
     res = runner.invoke(app, ["score", str(prm_dir), "-", "-o", str(out), "--set", "score.sort_window=4"], input=lines)
     assert res.exit_code == 0, res.output
-    assert (f"{out}: an earlier run read stdin and was interrupted; it cannot be continued; removed "
-            f"{paths['partial'].name}, {paths['state'].name}") in res.stderr
+    assert (
+        f"{out}: an earlier run read stdin and was interrupted; it cannot be continued; removed "
+        f"{paths['partial'].name}, {paths['state'].name}"
+    ) in res.stderr
     assert "removed 1 temporary file left beside" in res.stderr
     assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == list(range(12))
     assert temp_files(tmp_path) == [] and not paths["partial"].exists()
@@ -115,8 +135,9 @@ def test_a_failed_stdin_run_leaves_nothing_behind(tmp_path, prm_dir):
     good = "".join(json.dumps(r) + "\n" for r in rows(9))
     out = tmp_path / "out.jsonl"
     paths = output_paths(out)
-    res = runner.invoke(app, ["score", str(prm_dir), "-", "-o", str(out), "--set", "score.sort_window=4"],
-                        input=good + "{not json\n")
+    res = runner.invoke(
+        app, ["score", str(prm_dir), "-", "-o", str(out), "--set", "score.sort_window=4"], input=good + "{not json\n"
+    )
     assert res.exit_code == 2, res.output
     assert "<stdin>: line 10: row: malformed JSON" in res.stderr
     assert "scoring stdin cannot be resumed" in res.stderr
@@ -127,7 +148,7 @@ def test_a_failed_stdin_run_leaves_nothing_behind(tmp_path, prm_dir):
 
 
 def test_every_atomic_write_removes_what_a_killed_writer_of_that_file_left(tmp_path):
-    from prmkit.core.atomic import TEMP_SUFFIX, _HOST, write_atomic
+    from prmkit.core.atomic import _HOST, TEMP_SUFFIX, write_atomic
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     pid = int(dead.stdout)

@@ -9,23 +9,31 @@ import pytest
 import torch
 from conftest import make_tiny_prm, prmkit_log
 
-from prmkit.errors import UsageError
 from prmkit.core.filenames import PRMKIT_JSON
+from prmkit.errors import UsageError
+from prmkit.models.loading import resolve_dtype as _resolve_dtype
 from prmkit.models.model_dir import build_metadata, write_metadata
 from prmkit.scoring import StepScorer
 from prmkit.scoring.engine import _is_causal, _probe_causal
 from prmkit.scoring.loading import resolve_device as _resolve_device
-from prmkit.models.loading import resolve_dtype as _resolve_dtype
 from prmkit.tokenization import TokenizationParams, encode_solutions
 
 SOLUTIONS = [
     ("Which number is larger, 9.8 or 9.11?", ["11 is greater than 8.", "Hence, 9.11 > 9.8."]),
-    ("Let's call the price of a pencil p and the price of a jumbo eraser e.",
-     ["The first equation is 3p + e = 124, and the second equation is 5p + e = 182.", "So the answer is 42.",
-      "We check: 6 * 7 = 42.", "Hence 42."]),
+    (
+        "Let's call the price of a pencil p and the price of a jumbo eraser e.",
+        [
+            "The first equation is 3p + e = 124, and the second equation is 5p + e = 182.",
+            "So the answer is 42.",
+            "We check: 6 * 7 = 42.",
+            "Hence 42.",
+        ],
+    ),
     ("So the answer is 42.", ["We check: 6 * 7 = 42."]),
-    ("Step 1: Janet spends 3 hours + 5 hours = 8 hours per week on music lessons.",
-     ["11 is greater than 8.", "Hence, 9.11 > 9.8.", "So the answer is 42."]),
+    (
+        "Step 1: Janet spends 3 hours + 5 hours = 8 hours per week on music lessons.",
+        ["11 is greater than 8.", "Hence, 9.11 > 9.8.", "So the answer is 42."],
+    ),
 ]
 
 
@@ -61,8 +69,10 @@ def test_one_pass_equals_prefix_by_prefix(scorer):
     one_pass = scorer.score_batch(SOLUTIONS)
     # Each prefix encoded on its own by encode_solutions and scored alone: what a step may see, and no more.
     for (prompt, steps), got in zip(SOLUTIONS, one_pass):
-        by_prefix = [manual_scores(scorer.model, scorer.tokenizer, scorer.params, prompt, steps[: k + 1])[k]
-                     for k in range(len(steps))]
+        by_prefix = [
+            manual_scores(scorer.model, scorer.tokenizer, scorer.params, prompt, steps[: k + 1])[k]
+            for k in range(len(steps))
+        ]
         assert got == pytest.approx(by_prefix, abs=1e-5)
     # The engine's own prefix mode (what a non-causal model gets) agrees too.
     prefix_engine = StepScorer(scorer.model, scorer.tokenizer, scorer.params, causal=False)
@@ -124,14 +134,18 @@ def test_prmkit_json_separator_is_used(tmp_path, train_tokenizer_dir):
     assert sc.params.step_separator == " ки\n"
     assert not [r for r in records if r.levelno >= logging.WARNING]
     prompt, steps = SOLUTIONS[0]
-    assert sc.score(prompt, steps) == pytest.approx(manual_scores(sc.model, sc.tokenizer, sc.params, prompt, steps), abs=1e-6)
+    assert sc.score(prompt, steps) == pytest.approx(
+        manual_scores(sc.model, sc.tokenizer, sc.params, prompt, steps), abs=1e-6
+    )
     plain = manual_scores(sc.model, sc.tokenizer, TokenizationParams(step_separator="\n"), prompt, steps)
     assert sc.score(prompt, steps) != pytest.approx(plain, abs=1e-6)
     # An explicit separator wins, with a warning that it contradicts training.
     with prmkit_log() as records:
         assert StepScorer.from_pretrained(model_dir, step_separator="\n").params.step_separator == "\n"
-    assert any('trained with data.step_separator=" ки\\n" (prmkit.json); scoring with "\\n" as asked' in r.getMessage()
-               for r in records)
+    assert any(
+        'trained with data.step_separator=" ки\\n" (prmkit.json); scoring with "\\n" as asked' in r.getMessage()
+        for r in records
+    )
 
 
 def test_directory_without_prmkit_json_warns_and_uses_newline(tmp_path, train_tokenizer_dir):
@@ -158,8 +172,14 @@ def test_a_model_without_a_trained_head_is_refused(tmp_path, tiny_tokenizer_dir)
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
-    cfg = Qwen2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                      intermediate_size=64, vocab_size=len(tok))
+    cfg = Qwen2Config(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=64,
+        vocab_size=len(tok),
+    )
     Qwen2ForCausalLM(cfg).save_pretrained(tmp_path / "base")
     tok.save_pretrained(tmp_path / "base")
     with pytest.raises(UsageError, match="no trained token-classification head"):
@@ -175,9 +195,17 @@ def tiny_bert():
     from transformers import BertConfig, BertForTokenClassification
 
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=400, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                     num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                     initializer_range=0.5)  # large weights, so what a token sees shows in its score
+    cfg = BertConfig(
+        vocab_size=400,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        initializer_range=0.5,
+    )  # large weights, so what a token sees shows in its score
     return BertForTokenClassification(cfg).eval()
 
 
@@ -259,8 +287,14 @@ def _base_lm(path: Path, tokenizer_dir: Path) -> Path:
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(0)
-    cfg = Qwen2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                      intermediate_size=64, vocab_size=len(tok))
+    cfg = Qwen2Config(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=64,
+        vocab_size=len(tok),
+    )
     Qwen2ForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return path
@@ -269,10 +303,11 @@ def _base_lm(path: Path, tokenizer_dir: Path) -> Path:
 def test_a_kind_forced_on_an_unmarked_causal_lm_warns_and_flat_scores_are_said(tmp_path, tiny_tokenizer_dir):
     """A plain causal LM forced to chat-plus-minus scores every step about alike: both facts are said."""
     base = _base_lm(tmp_path / "base", tiny_tokenizer_dir)
-    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}")
+    template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     with prmkit_log() as records:
-        scorer = StepScorer.from_pretrained(base, dtype="float32", device="cpu",
-                                            kind_settings={"kind": "chat-plus-minus", "chat_template": template})
+        scorer = StepScorer.from_pretrained(
+            base, dtype="float32", device="cpu", kind_settings={"kind": "chat-plus-minus", "chat_template": template}
+        )
         scores = scorer.score_batch(SOLUTIONS)
     messages = [r.getMessage() for r in records if r.levelno >= logging.WARNING]
     assert any("model.kind=chat-plus-minus is set for" in m and "Qwen2ForCausalLM" in m for m in messages), messages
@@ -293,7 +328,8 @@ def test_a_prm_whose_scores_vary_is_not_called_flat(scorer):
         assert _warn_if_flat([StepScores([0.51, 0.515, 0.518, 0.51], False, 9), StepScores([0.5] * 4, False, 9)], "m")
     assert [r.getMessage() for r in records] == [
         "m: the first 8 step scores all lie within 0.500-0.518: a trained PRM tells steps apart; check that this model "
-        "is one (an untrained head, or a model read as a kind it was not trained as, scores every step alike)"]
+        "is one (an untrained head, or a model read as a kind it was not trained as, scores every step alike)"
+    ]
 
 
 def test_the_library_refuses_an_empty_step_as_the_cli_does(scorer):

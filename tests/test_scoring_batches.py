@@ -7,6 +7,7 @@ scaled_dot_product_attention per sequence) and by FlexAttention agree with padde
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import subprocess
@@ -24,15 +25,40 @@ from prmkit.scoring import StepScorer, attention, score_file
 from prmkit.scoring.engine import PAD_MULTIPLE, padded_width
 from prmkit.scoring.timings import STAGES, Timings, process_age
 
-WORDS = "apples pears plus minus equals twice half total left each so then we have the answer is".split()
+WORDS = [
+    "apples",
+    "pears",
+    "plus",
+    "minus",
+    "equals",
+    "twice",
+    "half",
+    "total",
+    "left",
+    "each",
+    "so",
+    "then",
+    "we",
+    "have",
+    "the",
+    "answer",
+    "is",
+]
 
 
 def solutions(n: int, seed: int = 0) -> list[tuple[str, list[str]]]:
     """Distinct solutions of 5 to about 150 tokens, so batches differ in width and count."""
     rng = random.Random(seed)
-    return [(f"Q{i}: " + " ".join(rng.choices(WORDS, k=rng.randint(1, 50))) + "?",
-             [f"{rng.randint(0, 99)} " + " ".join(rng.choices(WORDS, k=rng.randint(1, 20))) + "."
-              for _ in range(rng.randint(1, 5))]) for i in range(n)]
+    return [
+        (
+            f"Q{i}: " + " ".join(rng.choices(WORDS, k=rng.randint(1, 50))) + "?",
+            [
+                f"{rng.randint(0, 99)} " + " ".join(rng.choices(WORDS, k=rng.randint(1, 20))) + "."
+                for _ in range(rng.randint(1, 5))
+            ],
+        )
+        for i in range(n)
+    ]
 
 
 ITEMS = solutions(30)
@@ -120,8 +146,10 @@ def test_other_errors_and_other_out_of_memory_spellings(monkeypatch, scorer, ref
 
 
 def write_rows(path: Path, items) -> Path:
-    path.write_text("".join(json.dumps({"id": i, "prompt": p, "completions": s}) + "\n"
-                            for i, (p, s) in enumerate(items)), encoding="utf-8")
+    path.write_text(
+        "".join(json.dumps({"id": i, "prompt": p, "completions": s}) + "\n" for i, (p, s) in enumerate(items)),
+        encoding="utf-8",
+    )
     return path
 
 
@@ -171,8 +199,9 @@ def test_packed_varlen_scores_equal_padded_ones(varlen_scorer, reference):
 @pytest.mark.slow
 def test_packed_flex_attention_scores_equal_padded_ones(prm_dir, reference):
     # FlexAttention compiles its kernel at the first batch (tens of seconds on two cores): one batch only.
-    flex = StepScorer.from_pretrained(prm_dir, device="cpu", dtype="float32", attn_implementation="flex_attention",
-                                      batch_tokens=100_000, packing=True)
+    flex = StepScorer.from_pretrained(
+        prm_dir, device="cpu", dtype="float32", attn_implementation="flex_attention", batch_tokens=100_000, packing=True
+    )
     assert flex.kernel == "flex"
     got = flex.score_batch(ITEMS[:12])
     diffs = [abs(a - b) for x, y in zip(got, reference[:12]) for a, b in zip(x, y)]
@@ -190,26 +219,47 @@ def fake_varlen(signature: str):
             assert gqa, "grouped-query attention needs enable_gqa or repeated heads"
         out = torch.empty_like(q)
         bounds = cu.tolist()
-        for s, e in zip(bounds[:-1], bounds[1:]):
+        for s, e in itertools.pairwise(bounds):
             qs, ks, vs = (t[s:e].transpose(0, 1) for t in (q, k, v))
-            out[s:e] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=scale,
-                                                      enable_gqa=gqa).transpose(0, 1)
+            out[s:e] = F.scaled_dot_product_attention(
+                qs, ks, vs, is_causal=causal, scale=scale, enable_gqa=gqa
+            ).transpose(0, 1)
         return out
 
     if signature == "2.10":
+
         def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
             calls.append({"is_causal": is_causal})
             return compute(query, key, value, cu_seq_q, is_causal)
     elif signature == "2.11":
-        def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
-                        window_size=(-1, -1)):
+
+        def varlen_attn(
+            query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1)
+        ):
             calls.append({"window_size": window_size, "scale": scale})
             return compute(query, key, value, cu_seq_q, tuple(window_size) == (-1, 0), scale)
     else:
-        def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
-                        window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
+
+        def varlen_attn(
+            query,
+            key,
+            value,
+            cu_seq_q,
+            cu_seq_k,
+            max_q,
+            max_k,
+            *,
+            return_aux=None,
+            scale=None,
+            window_size=(-1, -1),
+            enable_gqa=False,
+            seqused_k=None,
+            block_table=None,
+            num_splits=None,
+        ):
             calls.append({"window_size": window_size, "scale": scale, "enable_gqa": enable_gqa})
             return compute(query, key, value, cu_seq_q, tuple(window_size) == (-1, 0), scale, enable_gqa)
+
     return varlen_attn, calls
 
 
@@ -220,7 +270,7 @@ def test_torch_varlen_is_called_the_way_each_torch_release_spells_it(signature):
     q = torch.randn(10, 4, 8, generator=gen)
     k, v = torch.randn(10, 2, 8, generator=gen), torch.randn(10, 2, 8, generator=gen)
     cu = torch.tensor([0, 3, 8, 10], dtype=torch.int32)
-    for scaling in (8 ** -0.5, 0.2):  # the default scale, and one only a scale argument (or scaled q) gives
+    for scaling in (8**-0.5, 0.2):  # the default scale, and one only a scale argument (or scaled q) gives
         got = attention._torch_varlen_call(varlen, q, k, v, cu, 5, scaling)
         want = attention._per_sequence(q, k, v, cu, scaling)
         assert torch.allclose(got, want, atol=1e-6), (signature, scaling)
@@ -240,17 +290,20 @@ def test_torch_varlen_is_checked_before_it_is_trusted():
     # The kernel as torch 2.12 spells it passes; checked on the CPU in float32 here (half precision on a GPU).
     assert attention.probe_torch_varlen(cfg, "float32", "cpu", fake_varlen("2.12")[0]) is None
 
-    def not_causal(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
-                   enable_gqa=False):
-        return fake_varlen("2.12")[0](query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale=scale,
-                                      enable_gqa=enable_gqa)  # ignores the causal window
+    def not_causal(
+        query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False
+    ):
+        return fake_varlen("2.12")[0](
+            query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale=scale, enable_gqa=enable_gqa
+        )  # ignores the causal window
 
     def broken(*args, **kwargs):
         raise RuntimeError("FlashAttention only supports Ampere GPUs or newer.")
 
     assert "relative error" in attention.probe_torch_varlen(cfg, "float32", "cpu", not_causal)
     assert attention.probe_torch_varlen(cfg, "float32", "cpu", broken) == (
-        "RuntimeError: FlashAttention only supports Ampere GPUs or newer.")
+        "RuntimeError: FlashAttention only supports Ampere GPUs or newer."
+    )
 
 
 def test_the_packing_kernel_is_chosen_by_what_is_installed(monkeypatch):
@@ -270,8 +323,15 @@ def test_the_packing_kernel_is_chosen_by_what_is_installed(monkeypatch):
     have["flash"] = False
     assert choose("cuda", "bfloat16", True, cfg) == attention.VARLEN
     assert choose("cuda", "float32", True, cfg) == "flex_attention"  # flash kernels take half precision only
-    sliding = Qwen2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                          use_sliding_window=True, sliding_window=16, max_window_layers=0)
+    sliding = Qwen2Config(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        use_sliding_window=True,
+        sliding_window=16,
+        max_window_layers=0,
+    )
     assert choose("cuda", "bfloat16", True, sliding) == "flex_attention"
     # A varlen kernel that fails its check on this machine is not used.
     monkeypatch.setattr(attention, "probe_torch_varlen", lambda config, dtype: "RuntimeError: no kernel image")
@@ -305,8 +365,12 @@ def test_timings_add_up_and_refuse_unknown_stages():
 def test_the_json_summary_says_where_the_time_went(tmp_path, prm_dir):
     src = write_rows(tmp_path / "in.jsonl", solutions(30, seed=2))
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "prmkit", "score", str(prm_dir), str(src), "-o",
-                           str(tmp_path / "out.jsonl"), "--json"], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "prmkit", "score", str(prm_dir), str(src), "-o", str(tmp_path / "out.jsonl"), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     wall = time.perf_counter() - start
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -354,16 +418,36 @@ def test_the_tokenizer_loads_in_a_thread_while_the_weights_load(monkeypatch, prm
 def test_a_finished_command_exits_at_once_with_its_code_output_and_exit_handlers(tmp_path, prm_dir):
     src = write_rows(tmp_path / "in.jsonl", solutions(40, seed=5))
     marker = tmp_path / "atexit-ran"
-    code = ("import atexit, sys; atexit.register(lambda path=sys.argv[1]: open(path, 'w').write('ran')); "
-            "sys.argv = ['prmkit', *sys.argv[2:]]; from prmkit.cli.app import main; main()")
-    proc = subprocess.run([sys.executable, "-c", code, str(marker), "score", str(prm_dir), str(src), "-o", "-"],
-                          capture_output=True, text=True, timeout=600)
+    code = (
+        "import atexit, sys; atexit.register(lambda path=sys.argv[1]: open(path, 'w').write('ran')); "
+        "sys.argv = ['prmkit', *sys.argv[2:]]; from prmkit.cli.app import main; main()"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(marker), "score", str(prm_dir), str(src), "-o", "-"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert len(lines) == 40 and all(len(json.loads(line)["step_scores"]) >= 1 for line in lines)
     assert marker.read_text() == "ran"
-    missing = subprocess.run([sys.executable, "-c", code, str(marker), "score", str(prm_dir), str(tmp_path / "nope.jsonl"),
-                              "-o", str(tmp_path / "out.jsonl")], capture_output=True, text=True, timeout=600)
+    missing = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            str(marker),
+            "score",
+            str(prm_dir),
+            str(tmp_path / "nope.jsonl"),
+            "-o",
+            str(tmp_path / "out.jsonl"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert missing.returncode == 2 and "nope.jsonl" in missing.stderr
 
 

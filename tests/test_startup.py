@@ -10,7 +10,7 @@ import sys
 from prmkit.config.load import _resolve
 from prmkit.config.training_args import imported_training_arguments, parse_training_arguments
 
-HEAVY = ("torch", "transformers", "datasets")
+HEAVY = ("torch", "transformers", "datasets", "fastapi", "uvicorn", "prometheus_client")
 
 # Runs each command in one fresh interpreter, as `prmkit ...` would, then reports the heavy modules it imported.
 PROBE = r"""
@@ -27,8 +27,9 @@ print(json.dumps(results))
 
 
 def probe(commands: list[list[str]], cwd) -> list[dict]:
-    proc = subprocess.run([sys.executable, "-c", PROBE, json.dumps(commands)], capture_output=True, text=True,
-                          timeout=300, cwd=cwd)
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE, json.dumps(commands)], capture_output=True, text=True, timeout=300, cwd=cwd
+    )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 
@@ -36,8 +37,10 @@ def probe(commands: list[list[str]], cwd) -> list[dict]:
 def test_help_of_every_command_and_config_commands_import_no_heavy_library(tmp_path):
     cfg = tmp_path / "x.yaml"
     commands = [
-        ["--help"], *([name, "--help"] for name in ("prepare", "train", "eval", "score", "push", "config")),
-        ["config", "init", "--help"], ["config", "show", "--help"],
+        ["--help"],
+        *([name, "--help"] for name in ("prepare", "train", "eval", "score", "serve", "push", "config")),
+        ["config", "init", "--help"],
+        ["config", "show", "--help"],
         ["config", "init", str(cfg)],
         # The template holds TrainingArguments keys (learning_rate, save_strategy, ...): checking them needs no torch.
         ["config", "show", "-c", str(cfg)],
@@ -73,3 +76,15 @@ def test_fields_read_from_the_source_match_the_class():
             assert parsed[name].default == fld.default, name
         if isinstance(fld.default, bool):
             assert isinstance(parsed[name].default, bool), name
+
+
+def test_the_training_recipe_imports_no_heavy_library(tmp_path):
+    # The `prmkit train --num-processes` launcher imports the recipe to check the config and the output directory
+    # before it starts any process: the Trainer classes (prmkit.training.trainer) come in only when a run builds them.
+    code = (
+        "import json, sys; import prmkit.training.recipe; "
+        f"print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r})))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == []

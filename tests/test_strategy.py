@@ -1,4 +1,5 @@
-"""prmkit.train.distributed without launching processes: the strategy asked for and the one that runs, the warning and
+"""prmkit.training.distributed without launching processes: the strategy asked for and the one that runs, the warning
+and
 the refusal when they differ, memory per rank under each strategy, and sharded checkpoints' completeness."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import pytest
 
 from prmkit.errors import ConfigError, UsageError
 from prmkit.models.memory import Budget, MicroBatch, ModelShape, Sharding, estimate_memory, plan_memory
-from prmkit.train.distributed import (
+from prmkit.training.distributed import (
     Strategy,
     check_strategy,
     expected_strategy,
@@ -104,7 +105,7 @@ def test_require_strategy_refuses_before_anything_is_written(tmp_path, tiny_qwen
     from conftest import write_train_rows
 
     from prmkit.config.load import load_config
-    from prmkit.train.recipe import train
+    from prmkit.training.recipe import train
 
     rows = write_train_rows(tmp_path / "train.jsonl", n=4)
     flags = {

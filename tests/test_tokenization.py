@@ -7,8 +7,8 @@ import json
 import pytest
 from conftest import SHARED, requires_shared
 
+from prmkit.tokenization import IGNORE_INDEX as X
 from prmkit.tokenization import (
-    IGNORE_INDEX as X,
     TextEncoder,
     TokenizationParams,
     encode_solutions,
@@ -58,7 +58,7 @@ def test_bos_is_prepended_when_the_tokenizer_has_one():
 
 
 def test_train_on_last_step_only_applies_to_train_split_only():
-    ids, labels = run(word_tokenizer(), "q", ["a", "b", "c"], [1, 1, 0], train_on_last_step_only=True)
+    _ids, labels = run(word_tokenizer(), "q", ["a", "b", "c"], [1, 1, 0], train_on_last_step_only=True)
     assert labels == [X, X, X, X, X, X, 0]
     _, eval_labels = run(word_tokenizer(), "q", ["a", "b", "c"], [1, 1, 0], is_eval=True, train_on_last_step_only=True)
     assert eval_labels == [X, X, 1, X, 1, X, 0]
@@ -106,13 +106,12 @@ def test_step_positions_mark_truncated_steps():
 
 
 def test_soft_labels_are_kept_not_floored():
-    ids, labels = run(word_tokenizer(), "q", ["a", "b"], [0.7, 1])
+    _ids, labels = run(word_tokenizer(), "q", ["a", "b"], [0.7, 1])
     assert labels == [X, X, 0.7, X, 1]
 
 
 @pytest.mark.parametrize(
-    "value, expected",
-    [(True, 1), (False, 0), (1, 1), (0, 0), (0.25, 0.25), (1.0, 1), (0.0, 0), (None, None)],
+    "value, expected", [(True, 1), (False, 0), (1, 1), (0, 0), (0.25, 0.25), (1.0, 1), (0.0, 0), (None, None)]
 )
 def test_normalize_label(value, expected):
     got = normalize_label(value)
@@ -146,7 +145,9 @@ def test_fingerprint_changes_with_the_vocabulary(tiny_tokenizer_dir, tiny_bos_to
     a = tokenizer_fingerprint(AutoTokenizer.from_pretrained(tiny_tokenizer_dir))
     b = tokenizer_fingerprint(AutoTokenizer.from_pretrained(tiny_bos_tokenizer_dir))
     assert a["sha256"] != b["sha256"]
-    assert a == tokenizer_fingerprint(AutoTokenizer.from_pretrained(tiny_tokenizer_dir)) | {"name_or_path": a["name_or_path"]}
+    assert a == tokenizer_fingerprint(AutoTokenizer.from_pretrained(tiny_tokenizer_dir)) | {
+        "name_or_path": a["name_or_path"]
+    }
 
 
 # --- the real Qwen2 BPE ---------------------------------------------------------------------------------------------
@@ -156,10 +157,53 @@ def test_fingerprint_changes_with_the_vocabulary(tiny_tokenizer_dir, tiny_bos_to
 def test_trl_docstring_example_ids(qwen2_tokenizer):
     # The ids printed in TRL 1.13's tokenize_row docstring for this row.
     ids, labels = run(
-        qwen2_tokenizer, "Which number is larger, 9.8 or 9.11?", ["11 is greater than 8.", "Hence, 9.11 > 9.8."], [True, False]
+        qwen2_tokenizer,
+        "Which number is larger, 9.8 or 9.11?",
+        ["11 is greater than 8.", "Hence, 9.11 > 9.8."],
+        [True, False],
     )
-    assert ids == [23085, 1372, 374, 8131, 11, 220, 24, 13, 23, 476, 220, 24, 13, 16, 16, 30, 16, 16, 374, 7046, 1091,
-                   220, 23, 13, 198, 39, 763, 11, 220, 24, 13, 16, 16, 861, 220, 24, 13, 23, 13, 198]
+    assert ids == [
+        23085,
+        1372,
+        374,
+        8131,
+        11,
+        220,
+        24,
+        13,
+        23,
+        476,
+        220,
+        24,
+        13,
+        16,
+        16,
+        30,
+        16,
+        16,
+        374,
+        7046,
+        1091,
+        220,
+        23,
+        13,
+        198,
+        39,
+        763,
+        11,
+        220,
+        24,
+        13,
+        16,
+        16,
+        861,
+        220,
+        24,
+        13,
+        23,
+        13,
+        198,
+    ]
     assert [i for i, x in enumerate(labels) if x != X] == [24, 39]
     assert labels[24] == 1 and labels[39] == 0
 
@@ -168,25 +212,40 @@ def test_trl_docstring_example_ids(qwen2_tokenizer):
 def test_joining_strings_is_not_the_same_tokenization(qwen2_tokenizer):
     # Why steps are tokenized alone: ".\n" is one Qwen2 token, so a joined string has no separate separator token.
     joined = qwen2_tokenizer("Hence, 9.8.\n", add_special_tokens=False)["input_ids"]
-    alone = qwen2_tokenizer("Hence, 9.8.", add_special_tokens=False)["input_ids"] + qwen2_tokenizer("\n", add_special_tokens=False)["input_ids"]
+    alone = (
+        qwen2_tokenizer("Hence, 9.8.", add_special_tokens=False)["input_ids"]
+        + qwen2_tokenizer("\n", add_special_tokens=False)["input_ids"]
+    )
     assert joined != alone
 
 
 @requires_shared
 @pytest.mark.parametrize("sep", ["\n", "\n\n", " ки\n"])
-@pytest.mark.parametrize("limits", [{}, {"max_completion_length": 40}, {"max_length": 90}, {"train_on_last_step_only": True}])
+@pytest.mark.parametrize(
+    "limits", [{}, {"max_completion_length": 40}, {"max_length": 90}, {"train_on_last_step_only": True}]
+)
 def test_parity_with_trl_on_real_data(qwen2_tokenizer, sep, limits):
     from trl.experimental.prm import PRMTrainer
 
     rows = json.loads((SHARED / "data" / "processbench" / "gsm8k.json").read_text())[:25]
     params = TokenizationParams(step_separator=sep, max_prompt_length=None, **limits)
     labels = [[i != r["label"] for i in range(len(r["steps"]))] for r in rows]
-    ours = tokenize_rows(qwen2_tokenizer, [r["problem"] for r in rows], [r["steps"] for r in rows],
-                         [[int(x) for x in ls] for ls in labels], params)
+    ours = tokenize_rows(
+        qwen2_tokenizer,
+        [r["problem"] for r in rows],
+        [r["steps"] for r in rows],
+        [[int(x) for x in ls] for ls in labels],
+        params,
+    )
     for i, r in enumerate(rows):
         theirs = PRMTrainer.tokenize_row(
-            {"prompt": r["problem"], "completions": r["steps"], "labels": labels[i]}, qwen2_tokenizer, sep,
-            params.max_length, params.max_completion_length, params.train_on_last_step_only, False,
+            {"prompt": r["problem"], "completions": r["steps"], "labels": labels[i]},
+            qwen2_tokenizer,
+            sep,
+            params.max_length,
+            params.max_completion_length,
+            params.train_on_last_step_only,
+            False,
         )
         assert ours["input_ids"][i] == theirs["input_ids"]
         assert ours["labels"][i] == theirs["labels"]
@@ -210,19 +269,38 @@ def test_default_is_trl_on_prompts_over_512_tokens(qwen2_tokenizer):
     default = TokenizationParams.from_data_config(load_config().data)
     assert default.max_prompt_length is None
     ours = tokenize_rows(qwen2_tokenizer, prompts, steps, [[int(x) for x in ls] for ls in labels], default)
-    capped = tokenize_rows(qwen2_tokenizer, prompts, steps, [[int(x) for x in ls] for ls in labels],
-                           TokenizationParams(max_length=None, max_prompt_length=512))
+    capped = tokenize_rows(
+        qwen2_tokenizer,
+        prompts,
+        steps,
+        [[int(x) for x in ls] for ls in labels],
+        TokenizationParams(max_length=None, max_prompt_length=512),
+    )
     for i, n in enumerate(prompt_tokens):
         theirs = PRMTrainer.tokenize_row(
-            {"prompt": prompts[i], "completions": steps[i], "labels": labels[i]}, qwen2_tokenizer, "\n",
-            default.max_length, default.max_completion_length, False, False,
+            {"prompt": prompts[i], "completions": steps[i], "labels": labels[i]},
+            qwen2_tokenizer,
+            "\n",
+            default.max_length,
+            default.max_completion_length,
+            False,
+            False,
         )
         assert ours["input_ids"][i] == theirs["input_ids"]
         assert ours["labels"][i] == theirs["labels"]
         # 512 stays available as an explicit setting: it keeps the prompt's last 512 tokens.
-        whole = theirs["input_ids"][:n] + PRMTrainer.tokenize_row(
-            {"prompt": prompts[i], "completions": steps[i], "labels": labels[i]}, qwen2_tokenizer, "\n",
-            None, None, False, False)["input_ids"][n:]
+        whole = (
+            theirs["input_ids"][:n]
+            + PRMTrainer.tokenize_row(
+                {"prompt": prompts[i], "completions": steps[i], "labels": labels[i]},
+                qwen2_tokenizer,
+                "\n",
+                None,
+                None,
+                False,
+                False,
+            )["input_ids"][n:]
+        )
         assert capped["input_ids"][i] == whole[n - 512 :]
 
 
@@ -255,7 +333,11 @@ def test_python_piece_split_gives_the_rust_ids(qwen2_tokenizer):
         assert table[t] == qwen2_tokenizer(t, add_special_tokens=False)["input_ids"], repr(t)
     # Text the Python split is not certain for goes to Rust: non-ASCII, added tokens, other control characters.
     assert encoder._split.pre.safe(["plain ASCII.\n", "unicode: café", "a <|endoftext|>", "form\x0cfeed"]).tolist() == [
-        True, False, False, False]
+        True,
+        False,
+        False,
+        False,
+    ]
     assert isinstance(encoder._split, _PieceSplitter)
 
 
@@ -280,9 +362,9 @@ def reference_encode(tok, prompt, steps, params: TokenizationParams):
     mp = params.max_prompt_length
     if mp is not None and len(prompt_ids) > mp:
         if tok.bos_token_id is not None:
-            prompt_ids = [tok.bos_token_id, *prompt_ids[len(prompt_ids) - mp + 1:]] if mp > 0 else []
+            prompt_ids = [tok.bos_token_id, *prompt_ids[len(prompt_ids) - mp + 1 :]] if mp > 0 else []
         else:
-            prompt_ids = prompt_ids[len(prompt_ids) - mp:]
+            prompt_ids = prompt_ids[len(prompt_ids) - mp :]
     sep = tok(params.step_separator, add_special_tokens=False)["input_ids"] if params.step_separator else []
     ids, positions = list(prompt_ids), []
     for step in steps:
@@ -320,7 +402,11 @@ def test_assembly_matches_the_row_by_row_reference(tiny_tokenizer_dir, tiny_bos_
         got = encode_solutions(tok, prompts, completions, params)
         for prompt, steps, enc in zip(prompts, completions, got):
             ids, positions, n_prompt = reference_encode(tok, prompt, steps, params)
-            assert (enc.input_ids, enc.step_positions, enc.prompt_length) == (ids, positions, n_prompt), (params, prompt, steps)
+            assert (enc.input_ids, enc.step_positions, enc.prompt_length) == (ids, positions, n_prompt), (
+                params,
+                prompt,
+                steps,
+            )
 
 
 def test_steps_lost_and_labels_kept_are_counted_per_row():
@@ -347,7 +433,7 @@ def test_ascii_translation_of_known_pretokenizer_patterns():
     from prmkit.tokenization import _ascii_pattern
 
     assert _ascii_pattern(PRETOKENIZE_REGEX) == (
-        r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\nA-Za-z0-9]?[A-Za-z]+|[0-9]| ?[^\sA-Za-z0-9]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+        r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\nA-Za-z0-9]?[A-Za-z]+|[0-9]| ?[^\sA-Za-z0-9]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""  # noqa: E501 - the pattern as the tokenizer file holds it
     )
     gpt2 = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
     assert _ascii_pattern(gpt2) == r"""'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+"""
@@ -413,9 +499,12 @@ def test_texts_of_one_token_pieces_take_the_short_path_with_the_same_ids(train_t
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(train_tokenizer_dir)
-    words = [w for w in ["the", "is", "of", "and", "to", "step", "number", "answer", "so", "we"]
-             if len(tok(" " + w, add_special_tokens=False)["input_ids"]) == 1
-             and len(tok(w, add_special_tokens=False)["input_ids"]) == 1]
+    words = [
+        w
+        for w in ["the", "is", "of", "and", "to", "step", "number", "answer", "so", "we"]
+        if len(tok(" " + w, add_special_tokens=False)["input_ids"]) == 1
+        and len(tok(w, add_special_tokens=False)["input_ids"]) == 1
+    ]
     assert len(words) >= 4, words
     texts = [" ".join(words[i:] + words[:i]) for i in range(len(words))]
     encoder = TextEncoder(tok)

@@ -20,11 +20,29 @@ runner = CliRunner()
 
 
 def test_help_is_fast_and_lists_the_options():
-    proc = subprocess.run([sys.executable, "-m", "prmkit", "train", "--help"], capture_output=True, text=True,
-                          timeout=60, env={**os.environ, "COLUMNS": "200"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "prmkit", "train", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "200"},
+    )
     assert proc.returncode == 0, proc.stderr
-    for option in ("--config", "--set", "--output-dir", "--max-steps", "--resume", "--overwrite", "--num-processes",
-                   "--accelerate-config", "--example", "--json", "--model", "--train", "--eval"):
+    for option in (
+        "--config",
+        "--set",
+        "--output-dir",
+        "--max-steps",
+        "--resume",
+        "--overwrite",
+        "--num-processes",
+        "--accelerate-config",
+        "--example",
+        "--json",
+        "--model",
+        "--train",
+        "--eval",
+    ):
         assert option in proc.stdout, option
 
 
@@ -54,8 +72,21 @@ def test_example_smoke_run_refusal_and_resume(tmp_path, monkeypatch):
     monkeypatch.setattr(train_cmd, "relaunch", lambda *a, **k: pytest.fail("relaunched twice"))
     longer = runner.invoke(app, ["train", "--example", "-o", str(out), "--max-steps", "3", "--resume"])
     assert longer.exit_code == 2 and "train.max_steps (was 2, now 3)" in longer.stderr  # a longer run is asked for
-    resumed = runner.invoke(app, ["train", "--example", "-o", str(out), "--max-steps", "3", "--resume-with-changes",
-                                  "--num-processes", "2", "--json"])
+    resumed = runner.invoke(
+        app,
+        [
+            "train",
+            "--example",
+            "-o",
+            str(out),
+            "--max-steps",
+            "3",
+            "--resume-with-changes",
+            "--num-processes",
+            "2",
+            "--json",
+        ],
+    )
     assert resumed.exit_code == 0, resumed.output
     summary = json.loads(resumed.stdout.strip().splitlines()[-1])
     assert summary["resumed_from"] == str(out / "checkpoint-2") and summary["global_step"] == 3
@@ -64,19 +95,35 @@ def test_example_smoke_run_refusal_and_resume(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_human_summary_goes_to_stdout_and_progress_to_stderr(tmp_path):
     out = tmp_path / "run"
-    result = runner.invoke(app, ["train", "--example", "-o", str(out), "--max-steps", "2",
-                                 "--set", "train.logging_steps=1", "--set", "data.eval=null"])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--example",
+            "-o",
+            str(out),
+            "--max-steps",
+            "2",
+            "--set",
+            "train.logging_steps=1",
+            "--set",
+            "data.eval=null",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "tokens/s" in result.stdout and str(out) in result.stdout and "train loss" in result.stdout
     assert "step 1/2" in result.stderr and "step 2/2" in result.stderr and "tok/s" in result.stderr
     assert "step 1/2" not in result.stdout
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--set", "train.learning_rate=fast"], "train.learning_rate: expected a number"),
-    (["--model", "/nonexistent/model"], "model '/nonexistent/model': no such file or directory"),
-    (["--set", "train.lora={rank: 8}"], "unknown key 'rank'"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--set", "train.learning_rate=fast"], "train.learning_rate: expected a number"),
+        (["--model", "/nonexistent/model"], "model '/nonexistent/model': no such file or directory"),
+        (["--set", "train.lora={rank: 8}"], "unknown key 'rank'"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     result = runner.invoke(app, ["train", "--example", "-o", str(tmp_path / "run"), *args])
     assert result.exit_code == 2, result.output
@@ -148,8 +195,22 @@ def test_train_with_no_rows_left_is_one_line(tmp_path, tiny_qwen2_config_dir):
     from conftest import write_train_rows
 
     rows = write_train_rows(tmp_path / "rows.jsonl", n=6)
-    res = runner.invoke(app, ["train", "-m", str(tiny_qwen2_config_dir), "--train", str(rows), "-o", str(tmp_path / "run"),
-                              "--set", "model.init_from_config=true", "--set", "data.max_length=3"])
+    res = runner.invoke(
+        app,
+        [
+            "train",
+            "-m",
+            str(tiny_qwen2_config_dir),
+            "--train",
+            str(rows),
+            "-o",
+            str(tmp_path / "run"),
+            "--set",
+            "model.init_from_config=true",
+            "--set",
+            "data.max_length=3",
+        ],
+    )
     assert res.exit_code == 2, res.output
     assert "no train rows left: all 6 rows lost every labelled step to truncation (data.max_length=3" in res.stderr
     assert "Traceback" not in res.output
@@ -159,19 +220,25 @@ def test_train_with_no_rows_left_is_one_line(tmp_path, tiny_qwen2_config_dir):
 # TrainingArguments that prmkit's loss, collator, sampler or metrics would bypass: refused in one line
 
 
-@pytest.mark.parametrize("setting,message", [
-    ("train.label_names=[label]", "train.label_names: ['label'] cannot apply: prmkit's collator"),
-    ("train.include_for_metrics=[inputs]", "train.include_for_metrics: ['inputs'] has no effect"),
-    ("train.batch_eval_metrics=true", "train.batch_eval_metrics: True is not supported"),
-    ("train.eval_do_concat_batches=false", "train.eval_do_concat_batches: False is not supported"),
-    ("train.length_column_name=len", "train.length_column_name: 'len' names no column of prmkit's prepared data"),
-    ("train.train_sampling_strategy=sequential", "train.train_sampling_strategy: 'sequential' contradicts "
-                                                 "train.batching: grouped"),
-])
+@pytest.mark.parametrize(
+    "setting,message",
+    [
+        ("train.label_names=[label]", "train.label_names: ['label'] cannot apply: prmkit's collator"),
+        ("train.include_for_metrics=[inputs]", "train.include_for_metrics: ['inputs'] has no effect"),
+        ("train.batch_eval_metrics=true", "train.batch_eval_metrics: True is not supported"),
+        ("train.eval_do_concat_batches=false", "train.eval_do_concat_batches: False is not supported"),
+        ("train.length_column_name=len", "train.length_column_name: 'len' names no column of prmkit's prepared data"),
+        (
+            "train.train_sampling_strategy=sequential",
+            "train.train_sampling_strategy: 'sequential' contradicts train.batching: grouped",
+        ),
+    ],
+)
 def test_training_arguments_prmkit_would_bypass_are_refused(tmp_path, setting, message):
     out = tmp_path / "run"
-    result = runner.invoke(app, ["train", "--example", "-o", str(out), "--set", "train.batching=grouped",
-                                 "--set", setting])
+    result = runner.invoke(
+        app, ["train", "--example", "-o", str(out), "--set", "train.batching=grouped", "--set", setting]
+    )
     assert result.exit_code == 2, result.output
     assert message in result.stderr and "Traceback" not in result.output
     assert not out.exists()  # refused before anything is written
@@ -179,13 +246,27 @@ def test_training_arguments_prmkit_would_bypass_are_refused(tmp_path, setting, m
 
 def test_hub_settings_prmkit_pushes_with(tmp_path, monkeypatch):
     import prmkit.hub
-    from prmkit.train.recipe import _push
+    from prmkit.training.recipe import _push
 
-    result = runner.invoke(app, ["train", "--example", "-o", str(tmp_path / "run"), "--set", "train.push_to_hub=true",
-                                 "--set", "train.hub_model_id=me/prm", "--set", "train.hub_strategy=checkpoint"])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--example",
+            "-o",
+            str(tmp_path / "run"),
+            "--set",
+            "train.push_to_hub=true",
+            "--set",
+            "train.hub_model_id=me/prm",
+            "--set",
+            "train.hub_strategy=checkpoint",
+        ],
+    )
     assert result.exit_code == 2, result.output
     assert "train.hub_strategy: 'checkpoint' is not supported: prmkit pushes the finished model directory once" in (
-        result.stderr)
+        result.stderr
+    )
     # hub_revision is where prmkit's own push goes when push.revision is not set.
     calls = []
     monkeypatch.setattr(prmkit.hub, "push_model", lambda *args, **kwargs: calls.append(kwargs))
@@ -195,8 +276,8 @@ def test_hub_settings_prmkit_pushes_with(tmp_path, monkeypatch):
 
 
 def test_a_past_index_is_refused():
-    from prmkit.errors import ConfigError
     from prmkit.config.training_args import check_training_arguments
+    from prmkit.errors import ConfigError
 
     check_training_arguments({"past_index": -1, "label_names": ["labels"]}, "grouped")
     with pytest.raises(ConfigError, match="train.past_index: 0 is not supported"):
@@ -233,11 +314,14 @@ def test_a_deepspeed_config_without_deepspeed_is_one_line(tmp_path, monkeypatch)
 
 @pytest.mark.parametrize("value", ["1e20", "100000000000000000000"])
 def test_a_batch_size_of_1e20_is_out_of_range(tmp_path, value):
-    result = runner.invoke(app, ["train", "--example", "-o", str(tmp_path / "run"),
-                                 "--set", f"train.per_device_train_batch_size={value}"])
+    result = runner.invoke(
+        app, ["train", "--example", "-o", str(tmp_path / "run"), "--set", f"train.per_device_train_batch_size={value}"]
+    )
     assert result.exit_code == 2, result.output
-    assert ("train.per_device_train_batch_size: 100000000000000000000 is out of range; expected in [1, 2147483647]"
-            in result.stderr) and "Traceback" not in result.output
+    assert (
+        "train.per_device_train_batch_size: 100000000000000000000 is out of range; expected in [1, 2147483647]"
+        in result.stderr
+    ) and "Traceback" not in result.output
 
 
 @pytest.mark.slow
@@ -245,9 +329,8 @@ def test_a_batch_size_of_1e20_is_out_of_range(tmp_path, value):
 def test_a_full_disk_while_saving_is_one_line(tmp_path, tiny_qwen2_config_dir, monkeypatch, where):
     import torch
     import transformers.modeling_utils
-    from safetensors import SafetensorError
-
     from conftest import write_train_rows
+    from safetensors import SafetensorError
 
     # What safetensors and torch raise when the disk fills up (measured on a full tmpfs): not OSError.
     saves = []
@@ -269,9 +352,26 @@ def test_a_full_disk_while_saving_is_one_line(tmp_path, tiny_qwen2_config_dir, m
     rows = write_train_rows(tmp_path / "rows.jsonl", n=8)
     out = tmp_path / "run"
     # No rotation: its warning goes to transformers' handler, which may hold an earlier CliRunner's closed stream.
-    res = runner.invoke(app, ["train", "-m", str(tiny_qwen2_config_dir), "--train", str(rows), "-o", str(out),
-                              "--max-steps", "2", "--set", "model.init_from_config=true", "--set", "train.save_steps=1",
-                              "--set", "train.save_total_limit=null"])
+    res = runner.invoke(
+        app,
+        [
+            "train",
+            "-m",
+            str(tiny_qwen2_config_dir),
+            "--train",
+            str(rows),
+            "-o",
+            str(out),
+            "--max-steps",
+            "2",
+            "--set",
+            "model.init_from_config=true",
+            "--set",
+            "train.save_steps=1",
+            "--set",
+            "train.save_total_limit=null",
+        ],
+    )
     assert res.exit_code == 1, res.output
     assert "Traceback" not in res.output
     error = next(line for line in res.stderr.splitlines() if line.startswith("error:"))

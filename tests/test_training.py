@@ -1,4 +1,5 @@
-"""prmkit.train.recipe and the model helpers in prmkit.models.model_dir: loss, batching, metrics, outputs, LoRA, resuming."""
+"""prmkit.training.recipe and the model helpers in prmkit.models.model_dir: loss, batching, metrics, outputs, LoRA,
+resuming."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import TRAIN_TINY_MODEL, fake_checkpoint, write_train_rows
+
 from prmkit.config.load import load_config
 from prmkit.errors import UsageError
 from prmkit.tokenization import IGNORE_INDEX
@@ -59,7 +60,9 @@ def test_soft_cross_entropy_with_hard_targets_equals_cross_entropy():
     assert abs(step_loss(logits, hard).item() - expected.item()) < 1e-6
     assert abs(step_loss(logits, hard.float()).item() - expected.item()) < 1e-6
     # Normalised by the accumulated batch's labelled steps when the Trainer says how many there are.
-    total = torch.nn.functional.cross_entropy(logits.view(-1, 2), hard.view(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    total = torch.nn.functional.cross_entropy(
+        logits.view(-1, 2), hard.view(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
     assert abs(step_loss(logits, hard.float(), torch.tensor(10)).item() - total.item() / 10) < 1e-6
 
 
@@ -97,8 +100,9 @@ def test_label_smoothing_mixes_the_target_with_the_uniform_one():
     logits = torch.randn(3, 7, 2)
     hard_labels = torch.full((3, 7), IGNORE_INDEX, dtype=torch.long)
     hard_labels[0, 2], hard_labels[0, 6], hard_labels[1, 3], hard_labels[2, 0] = 1, 0, 1, 0
-    want = torch.nn.functional.cross_entropy(logits.view(-1, 2), hard_labels.view(-1), ignore_index=IGNORE_INDEX,
-                                             label_smoothing=0.9)
+    want = torch.nn.functional.cross_entropy(
+        logits.view(-1, 2), hard_labels.view(-1), ignore_index=IGNORE_INDEX, label_smoothing=0.9
+    )
     assert step_loss(logits, hard_labels, label_smoothing=0.9).item() == pytest.approx(want.item(), abs=1e-6)
 
 
@@ -113,9 +117,16 @@ def _features(tokenizer_dir: Path, rows_file: Path, n: int = 6):
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     rows = [json.loads(line) for line in rows_file.read_text().splitlines()[:n]]
-    cols = tokenize_rows(tok, [r["prompt"] for r in rows], [r["completions"] for r in rows],
-                         [[int(x) for x in r["labels"]] for r in rows], TokenizationParams())
-    return tok, [{"input_ids": i, "labels": lab, "row": k} for k, (i, lab) in enumerate(zip(cols["input_ids"], cols["labels"]))]
+    cols = tokenize_rows(
+        tok,
+        [r["prompt"] for r in rows],
+        [r["completions"] for r in rows],
+        [[int(x) for x in r["labels"]] for r in rows],
+        TokenizationParams(),
+    )
+    return tok, [
+        {"input_ids": i, "labels": lab, "row": k} for k, (i, lab) in enumerate(zip(cols["input_ids"], cols["labels"]))
+    ]
 
 
 @pytest.mark.slow
@@ -123,14 +134,20 @@ def _features(tokenizer_dir: Path, rows_file: Path, n: int = 6):
 def test_every_batching_mode_gives_the_same_loss(tmp_path, train_tokenizer_dir, attn):
     from transformers import AutoModelForTokenClassification, Qwen2Config
 
-    from prmkit.train.batching import StepCollator
     from prmkit.kinds.heads import step_loss
+    from prmkit.training.batching import StepCollator
 
     tok, feats = _features(train_tokenizer_dir, write_train_rows(tmp_path / "rows.jsonl", n=6))
     assert len({len(f["input_ids"]) for f in feats}) > 3  # lengths differ, so padding and packing really differ
     torch.manual_seed(0)
-    config = Qwen2Config(**TRAIN_TINY_MODEL, vocab_size=len(tok), num_labels=2, pad_token_id=tok.pad_token_id,
-                         use_cache=False, attn_implementation=attn)
+    config = Qwen2Config(
+        **TRAIN_TINY_MODEL,
+        vocab_size=len(tok),
+        num_labels=2,
+        pad_token_id=tok.pad_token_id,
+        use_cache=False,
+        attn_implementation=attn,
+    )
     model = AutoModelForTokenClassification.from_config(config).eval()
     losses, probs = {}, {}
     for mode, causal in (("padded", False), ("padded-causal", True), ("grouped", True), ("packed", True)):
@@ -156,7 +173,7 @@ def test_every_batching_mode_gives_the_same_loss(tmp_path, train_tokenizer_dir, 
 def test_length_grouped_sampler_is_a_seeded_permutation_with_less_padding():
     import random
 
-    from prmkit.train.batching import LengthGroupedSampler
+    from prmkit.training.batching import LengthGroupedSampler
 
     rng = random.Random(0)
     lengths = [rng.randint(20, 600) for _ in range(203)]
@@ -169,12 +186,12 @@ def test_length_grouped_sampler_is_a_seeded_permutation_with_less_padding():
     assert list(LengthGroupedSampler(lengths, batch_size=8, seed=3)) == first
 
     def padded_tokens(order):
-        return sum(len(b) * max(lengths[i] for i in b) for b in (order[k:k + 8] for k in range(0, len(order), 8)))
+        return sum(len(b) * max(lengths[i] for i in b) for b in (order[k : k + 8] for k in range(0, len(order), 8)))
 
     shuffled = list(range(203))
     random.Random(1).shuffle(shuffled)
     assert padded_tokens(first) < 0.75 * padded_tokens(shuffled)
-    assert len(first[-(203 % 8):]) == 203 % 8  # the one short batch is last
+    assert len(first[-(203 % 8) :]) == 203 % 8  # the one short batch is last
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -184,9 +201,9 @@ def test_length_grouped_sampler_is_a_seeded_permutation_with_less_padding():
 def test_eval_metrics_use_labelled_positions_only():
     from transformers import EvalPrediction
 
-    from prmkit.metrics import step_metrics
-    from prmkit.train.batching import make_compute_metrics
     from prmkit.kinds.heads import preprocess_logits_for_metrics
+    from prmkit.metrics import step_metrics
+    from prmkit.training.batching import make_compute_metrics
 
     logits = torch.tensor([[[0.0, 2.0], [1.0, 0.0], [0.0, 0.0]], [[3.0, 0.0], [0.0, 1.0], [5.0, 5.0]]])
     labels = torch.tensor([[1, IGNORE_INDEX, 0], [0, 1, IGNORE_INDEX]])
@@ -226,10 +243,12 @@ def test_bidirectional_model_is_refused_before_any_data_work(tmp_path, train_tok
     from transformers import BertConfig
 
     from prmkit.models.loading import load_model_config
-    from prmkit.train.recipe import train
+    from prmkit.training.recipe import train
 
     bert = tmp_path / "bert"
-    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=4000).save_pretrained(bert)
+    BertConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=4000
+    ).save_pretrained(bert)
     cfg = make_cfg(tmp_path, bert, tmp_path / "missing.jsonl", **{"model__tokenizer": str(train_tokenizer_dir)})
     with pytest.raises(UsageError, match="sees steps 3, 4") as err:
         train(cfg)
@@ -258,7 +277,8 @@ def test_disable_dropout():
     from prmkit.models.loading import disable_dropout
 
     model = AutoModelForTokenClassification.from_config(
-        Qwen2Config(**TRAIN_TINY_MODEL, vocab_size=50, num_labels=2, attention_dropout=0.1))
+        Qwen2Config(**TRAIN_TINY_MODEL, vocab_size=50, num_labels=2, attention_dropout=0.1)
+    )
     assert disable_dropout(model) > 0
     assert all(m.p == 0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
     assert all(getattr(m, "attention_dropout", 0.0) == 0.0 for m in model.modules())
@@ -271,7 +291,7 @@ def test_disable_dropout():
 @pytest.mark.slow
 def test_train_writes_a_self_describing_model_dir(tmp_path, tiny_qwen2_config_dir, monkeypatch):
     from prmkit.models.loading import load_trained_model
-    from prmkit.train.recipe import train
+    from prmkit.training.recipe import train
 
     pushed = {}
 
@@ -284,9 +304,18 @@ def test_train_writes_a_self_describing_model_dir(tmp_path, tiny_qwen2_config_di
     monkeypatch.setattr(prmkit.hub, "push_model", fake_push)
     train_file = write_train_rows(tmp_path / "train.jsonl", n=16, soft=True)
     eval_file = write_train_rows(tmp_path / "eval.jsonl", n=9, seed=1)
-    cfg = make_cfg(tmp_path, tiny_qwen2_config_dir, train_file, eval_=eval_file,
-                   **{"train__push_to_hub": True, "push__repo_id": "me/tiny-prm", "data__step_separator": "\n\n",
-                      "train__hub_token": "hf_TrainSecret0123456789abcdef"})
+    cfg = make_cfg(
+        tmp_path,
+        tiny_qwen2_config_dir,
+        train_file,
+        eval_=eval_file,
+        **{
+            "train__push_to_hub": True,
+            "push__repo_id": "me/tiny-prm",
+            "data__step_separator": "\n\n",
+            "train__hub_token": "hf_TrainSecret0123456789abcdef",
+        },
+    )
     result = train(cfg)
     out = tmp_path / "out"
     assert result.model_dir == str(out) and result.global_step == 4 and not result.interrupted
@@ -338,11 +367,19 @@ def test_lora_output_reloads_with_the_logits_it_had_in_memory(tmp_path, tiny_qwe
     from safetensors.torch import load_file
 
     from prmkit.models.loading import load_trained_model
-    from prmkit.train.recipe import train
+    from prmkit.training.recipe import train
 
-    cfg = make_cfg(tmp_path, tiny_qwen2_config_dir, write_train_rows(tmp_path / "train.jsonl", n=12),
-                   **{"train__lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
-                      "train__lora_merge": merge, "train__learning_rate": 5e-2, "train__max_steps": 3})
+    cfg = make_cfg(
+        tmp_path,
+        tiny_qwen2_config_dir,
+        write_train_rows(tmp_path / "train.jsonl", n=12),
+        **{
+            "train__lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+            "train__lora_merge": merge,
+            "train__learning_rate": 5e-2,
+            "train__max_steps": 3,
+        },
+    )
     store: dict = {}
     input_ids = torch.tensor([[5, 17, 240, 99, 3, 8, 61, 12]])
     result = train(cfg, callbacks=[_logits_callback(store, input_ids)])
@@ -372,7 +409,7 @@ class _Killed(Exception):
 def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, tiny_qwen2_config_dir):
     from transformers import TrainerCallback
 
-    from prmkit.train.recipe import train
+    from prmkit.training.recipe import train
 
     rows = write_train_rows(tmp_path / "train.jsonl", n=20, soft=True)
     keys = {"train__max_steps": 9, "train__save_steps": 3}  # 5 steps per epoch: the kill lands in epoch 2
@@ -403,12 +440,16 @@ def test_resuming_from_the_last_steps_checkpoint_saves_the_same_model_without_tr
 
     from transformers import TrainerCallback
 
-    from prmkit.train.recipe import train
+    from prmkit.training.recipe import train
 
     # What a kill during the final save leaves: checkpoint-3 of a 3-step run (mid-epoch: 5 steps make an epoch).
     rows = write_train_rows(tmp_path / "train.jsonl", n=20)
-    keys = {"train__max_steps": 3, "train__save_steps": 3, "train__lr_scheduler_type": "constant",
-            "train__save_strategy": "epoch"}
+    keys = {
+        "train__max_steps": 3,
+        "train__save_steps": 3,
+        "train__lr_scheduler_type": "constant",
+        "train__save_strategy": "epoch",
+    }
     full = train(make_cfg(tmp_path, tiny_qwen2_config_dir, rows, out="full", eval_=rows, **keys))
     copy = tmp_path / "copy"
     copy.mkdir()
@@ -423,8 +464,11 @@ def test_resuming_from_the_last_steps_checkpoint_saves_the_same_model_without_tr
         def on_evaluate(self, args, state, control, **kwargs):
             events.append("evaluate")
 
-    resumed = train(make_cfg(tmp_path, tiny_qwen2_config_dir, rows, out="copy", eval_=rows, **keys), resume=True,
-                    callbacks=[Events()])
+    resumed = train(
+        make_cfg(tmp_path, tiny_qwen2_config_dir, rows, out="copy", eval_=rows, **keys),
+        resume=True,
+        callbacks=[Events()],
+    )
     # Nothing saved again or evaluated again at the epoch's end; the evaluation at step 3 is the checkpoint's.
     assert events == []
     assert resumed.global_step == 3 and resumed.max_steps == 3 and resumed.tokens == 0 and resumed.train_loss is None
@@ -440,13 +484,14 @@ def test_resuming_from_the_last_steps_checkpoint_saves_the_same_model_without_tr
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["token-classification", "lm-tag"])
 def test_label_smoothing_changes_training_and_is_recorded(tmp_path, tiny_qwen2_config_dir, kind):
-    from prmkit.train.recipe import train
+    from prmkit.training.recipe import train
 
     rows = write_train_rows(tmp_path / "train.jsonl", n=8, soft=True)
     keys = {"train__max_steps": 2, "train__kind": kind}
     plain = train(make_cfg(tmp_path, tiny_qwen2_config_dir, rows, out="plain", **keys))
-    smoothed = train(make_cfg(tmp_path, tiny_qwen2_config_dir, rows, out="smooth", train__label_smoothing_factor=0.9,
-                              **keys))
+    smoothed = train(
+        make_cfg(tmp_path, tiny_qwen2_config_dir, rows, out="smooth", train__label_smoothing_factor=0.9, **keys)
+    )
     # Same initial weights and batches: the first step's loss differs only by the smoothing.
     # (lm-tag starts near p = 0.5 over its two tokens, where smoothing moves the loss least: about 1e-4)
     assert smoothed.loss_history[0][1] != pytest.approx(plain.loss_history[0][1], abs=1e-6)
@@ -458,13 +503,14 @@ def test_label_smoothing_changes_training_and_is_recorded(tmp_path, tiny_qwen2_c
 
 @pytest.mark.slow
 def test_a_sequential_train_sampling_strategy_is_honoured(tmp_path, tiny_qwen2_config_dir, monkeypatch):
-    from prmkit.train.recipe import train
+    from prmkit.training.recipe import train
 
     # `auto` batching would group by length with prmkit's own sampler; the order asked for is kept instead.
     monkeypatch.setenv("PRMKIT_DEBUG_ROWS_DIR", str(tmp_path / "rows"))
     rows = write_train_rows(tmp_path / "train.jsonl", n=12)
-    result = train(make_cfg(tmp_path, tiny_qwen2_config_dir, rows, train__max_steps=3,
-                            train__train_sampling_strategy="sequential"))
+    result = train(
+        make_cfg(tmp_path, tiny_qwen2_config_dir, rows, train__max_steps=3, train__train_sampling_strategy="sequential")
+    )
     assert result.batching == "padded"
     assert json.loads((tmp_path / "rows" / "rows-rank0.json").read_text()) == list(range(1, 13))  # line numbers
 
@@ -473,7 +519,7 @@ def test_a_sequential_train_sampling_strategy_is_honoured(tmp_path, tiny_qwen2_c
 def test_sigint_saves_a_checkpoint_and_the_run_resumes(tmp_path, tiny_qwen2_config_dir):
     from transformers import TrainerCallback
 
-    from prmkit.train.recipe import train
+    from prmkit.training.recipe import train
 
     class CtrlC(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
@@ -498,7 +544,7 @@ def test_sigint_saves_a_checkpoint_and_the_run_resumes(tmp_path, tiny_qwen2_conf
 
 def test_output_dir_rules(tmp_path, tiny_qwen2_config_dir, monkeypatch):
     from prmkit.config.load import dump_config
-    from prmkit.train.run_dir import plan_output_dir
+    from prmkit.training.run_dir import plan_output_dir
 
     rows = tmp_path / "rows.jsonl"
     cfg = make_cfg(tmp_path, tiny_qwen2_config_dir, rows)
@@ -541,7 +587,7 @@ def test_output_dir_rules(tmp_path, tiny_qwen2_config_dir, monkeypatch):
 
 def test_the_hint_for_a_run_already_there_reads_with_and_without_a_checkpoint(tmp_path, tiny_qwen2_config_dir):
     from prmkit.config.load import dump_config
-    from prmkit.train.run_dir import plan_output_dir
+    from prmkit.training.run_dir import plan_output_dir
 
     cfg = make_cfg(tmp_path, tiny_qwen2_config_dir, tmp_path / "rows.jsonl")
     out = tmp_path / "out"
@@ -557,10 +603,12 @@ def test_the_hint_for_a_run_already_there_reads_with_and_without_a_checkpoint(tm
 
 
 def test_example_fills_in_only_defaults(tmp_path):
-    from prmkit.train.example import EXAMPLE_EVAL, EXAMPLE_TRAIN
-    from prmkit.train.recipe import resolve_config
+    from prmkit.training.example import EXAMPLE_EVAL, EXAMPLE_TRAIN
+    from prmkit.training.recipe import resolve_config
 
-    cfg = resolve_config(load_config(None, ["train.learning_rate=0.0003", "data.max_length=300"], {"train.example": True}))
+    cfg = resolve_config(
+        load_config(None, ["train.learning_rate=0.0003", "data.max_length=300"], {"train.example": True})
+    )
     assert cfg.data.train == str(EXAMPLE_TRAIN) and cfg.data.eval == str(EXAMPLE_EVAL)
     assert cfg.model.init_from_config and (Path(cfg.model.name_or_path) / "config.json").is_file()
     assert cfg.training_arguments["learning_rate"] == 3e-4  # set by the user: kept
@@ -574,11 +622,16 @@ def test_example_fills_in_only_defaults(tmp_path):
 
 def test_example_never_replaces_an_explicit_setting_even_one_equal_to_the_default(tmp_path):
     from prmkit.config.schema import TRAINING_ARGUMENT_DEFAULTS, DataConfig
-    from prmkit.train.example import EXAMPLE_TRAIN
-    from prmkit.train.recipe import resolve_config
+    from prmkit.training.example import EXAMPLE_TRAIN
+    from prmkit.training.recipe import resolve_config
 
-    explicit = ["train.save_strategy=steps", "train.logging_steps=10", "data.max_length=1024", "data.eval=null",
-                "train.output_dir=runs/prm"]
+    explicit = [
+        "train.save_strategy=steps",
+        "train.logging_steps=10",
+        "data.max_length=1024",
+        "data.eval=null",
+        "train.output_dir=runs/prm",
+    ]
     cfg = resolve_config(load_config(None, explicit, {"train.example": True}))
     assert cfg.training_arguments["save_strategy"] == "steps" == TRAINING_ARGUMENT_DEFAULTS["save_strategy"]
     assert cfg.training_arguments["logging_steps"] == 10 == TRAINING_ARGUMENT_DEFAULTS["logging_steps"]

@@ -66,9 +66,15 @@ def _default_signals() -> None:
 def _start(tmp_path: Path, command: list[str]) -> tuple[subprocess.Popen, list[int]]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PRMKIT_CACHE": str(tmp_path / "cache")}
     # A session of its own: the signal goes to the parent alone, as a scheduler's or `kill PID` does.
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_WORKERS, *command], env=env, cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-                            preexec_fn=_default_signals)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_WORKERS, *command],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        preexec_fn=_default_signals,
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         workers = children(proc.pid)
@@ -108,11 +114,16 @@ def rows(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGKILL],
-                         ids=["SIGTERM", "SIGHUP", "SIGINT", "SIGKILL"])
+@pytest.mark.parametrize(
+    "sig",
+    [signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGKILL],
+    ids=["SIGTERM", "SIGHUP", "SIGINT", "SIGKILL"],
+)
 def test_prepare_workers_end_with_their_parent(tmp_path, rows, train_tokenizer_dir, sig):
-    proc, workers = _start(tmp_path, ["prepare", "--train", str(rows), "--tokenizer", str(train_tokenizer_dir),
-                                      "-o", str(tmp_path / "out")])
+    proc, workers = _start(
+        tmp_path,
+        ["prepare", "--train", str(rows), "--tokenizer", str(train_tokenizer_dir), "-o", str(tmp_path / "out")],
+    )
     assert len(workers) >= 2
     _check_workers_end_with_parent(proc, workers, sig)
     assert not (tmp_path / "out").exists()
@@ -120,9 +131,22 @@ def test_prepare_workers_end_with_their_parent(tmp_path, rows, train_tokenizer_d
 
 @pytest.mark.slow
 def test_train_tokenizing_workers_end_with_their_parent(tmp_path, rows, tiny_qwen2_config_dir):
-    proc, workers = _start(tmp_path, ["train", "--model", str(tiny_qwen2_config_dir), "--set",
-                                      "model.init_from_config=true", "--train", str(rows), "-o", str(tmp_path / "run"),
-                                      "--max-steps", "1"])
+    proc, workers = _start(
+        tmp_path,
+        [
+            "train",
+            "--model",
+            str(tiny_qwen2_config_dir),
+            "--set",
+            "model.init_from_config=true",
+            "--train",
+            str(rows),
+            "-o",
+            str(tmp_path / "run"),
+            "--max-steps",
+            "1",
+        ],
+    )
     _check_workers_end_with_parent(proc, workers, signal.SIGTERM)
 
 
@@ -139,8 +163,9 @@ def test_a_worker_ends_soon_after_its_parent_even_without_the_kernel_telling_it(
         "time.sleep(0.3)\n"
         "os._exit(0)\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)},
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True
+    )
     deadline = time.monotonic() + 10
     worker = None
     while worker is None and time.monotonic() < deadline:

@@ -14,25 +14,29 @@ import os
 import signal
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import typer
 
-from prmkit.core.atomic import TEMP_SUFFIX
 from prmkit.cli._options import DebugOpt
 from prmkit.cli._output import MaskedStream, Output
-from prmkit.errors import ConfigError, DataError, PrmkitError, first_line, write_failure
+from prmkit.core.atomic import TEMP_SUFFIX
 from prmkit.core.redact import mask
+from prmkit.errors import ConfigError, DataError, PrmkitError, first_line, write_failure
 
 MAX_SHOWN_PROBLEMS = 10  # problem lines printed under an error; the rest are counted
 
-_ELSEWHERE = ("write somewhere else: the command's output option, data.cache_dir or $PRMKIT_CACHE for prepared "
-              "data, $HF_HOME for downloads")
+_ELSEWHERE = (
+    "write somewhere else: the command's output option, data.cache_dir or $PRMKIT_CACHE for prepared "
+    "data, $HF_HOME for downloads"
+)
 _FULL = "free some space or write somewhere else, then run the same command again"
 # What running again does after a full disk, where it is more than starting over (the command's function name).
-_FULL_AGAIN = {"score": "; it resumes where it stopped",
-               "train": " with --resume in place of any --overwrite, to continue from the last complete checkpoint"}
+_FULL_AGAIN = {
+    "score": "; it resumes where it stopped",
+    "train": " with --resume in place of any --overwrite, to continue from the last complete checkpoint",
+}
 
 # errno -> (what happened, what to do)
 _OS_ERRORS: dict[int, tuple[str, str | None]] = {
@@ -81,8 +85,10 @@ def describe_os_error(err: OSError, command: str | None = None) -> tuple[str, st
     path = Path(os.fsdecode(err.filename))
     # prmkit's hidden temporary names (a file, or a directory a whole output is built in) mean nothing to a user; the
     # directory they go in does.
-    temp = next((p for p in reversed((path, *path.parents)) if p.name.startswith(".") and p.name.endswith(TEMP_SUFFIX)),
-                path if path.name.startswith(".") else None)
+    temp = next(
+        (p for p in reversed((path, *path.parents)) if p.name.startswith(".") and p.name.endswith(TEMP_SUFFIX)),
+        path if path.name.startswith(".") else None,
+    )
     if temp is not None:
         return f"{os.path.abspath(temp.parent)}: cannot write here: {what}", hint
     where = f"{path} -> {os.fsdecode(err.filename2)}" if err.filename2 is not None else str(path)
@@ -90,8 +96,10 @@ def describe_os_error(err: OSError, command: str | None = None) -> tuple[str, st
 
 
 def describe_json_error(err: json.JSONDecodeError) -> tuple[str, str | None]:
-    return (f"malformed JSON ({err.msg} at line {err.lineno} column {err.colno})",
-            "a JSON file prmkit read is damaged; run it again as `prmkit --debug COMMAND ...` to see which")
+    return (
+        f"malformed JSON ({err.msg} at line {err.lineno} column {err.colno})",
+        "a JSON file prmkit read is damaged; run it again as `prmkit --debug COMMAND ...` to see which",
+    )
 
 
 def _broken_pipe() -> None:
@@ -150,8 +158,9 @@ def handle_errors(func: Callable) -> Callable:
         except (OSError, json.JSONDecodeError) as err:
             if debug_enabled():
                 raise
-            message, hint = (describe_os_error(err, func.__name__) if isinstance(err, OSError)
-                             else describe_json_error(err))
+            message, hint = (
+                describe_os_error(err, func.__name__) if isinstance(err, OSError) else describe_json_error(err)
+            )
             report(PrmkitError(message, hint=hint), Output())
             raise typer.Exit(1) from None
         except Exception as err:
@@ -166,5 +175,6 @@ def handle_errors(func: Callable) -> Callable:
     signature = inspect.signature(func, eval_str=True)
     debug = inspect.Parameter("debug", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=DebugOpt)
     wrapper.__signature__ = signature.replace(  # type: ignore[attr-defined]
-        parameters=[*signature.parameters.values(), debug])
+        parameters=[*signature.parameters.values(), debug]
+    )
     return wrapper

@@ -7,9 +7,9 @@ from typing import Annotated
 
 import typer
 
-from prmkit.core.version import __version__
-from prmkit.cli import config_cmd, eval_cmd, prepare_cmd, push_cmd, score_cmd, train_cmd
+from prmkit.cli import config_cmd, eval_cmd, prepare_cmd, push_cmd, score_cmd, serve_cmd, train_cmd
 from prmkit.cli._errors import mask_stderr
+from prmkit.core.version import __version__
 from prmkit.models.memory import use_expandable_segments
 
 app = typer.Typer(
@@ -47,10 +47,12 @@ def root(
 
 # Short lines for `prmkit --help`, which would otherwise cut each docstring's first sentence at 80 columns.
 app.command("prepare", no_args_is_help=False, short_help="Tokenize step-labelled data into a cached dataset.")(
-    prepare_cmd.prepare)
+    prepare_cmd.prepare
+)
 app.command("train", short_help="Train a PRM into a self-describing model directory.")(train_cmd.train)
 app.command("eval", short_help="Evaluate PRMs: step metrics, ProcessBench F1, Best-of-N.")(eval_cmd.evaluate)
 app.command("score", short_help="Score every step of every solution in a JSONL file.")(score_cmd.score)
+app.command("serve", short_help="Serve a PRM's step scores over HTTP (RL rewards, test-time search).")(serve_cmd.serve)
 app.command("push", short_help="Publish a model directory and its card to the Hub.")(push_cmd.push)
 app.add_typer(config_cmd.app, name="config", short_help="Write a config template or show a resolved config.")
 

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from prmkit.cli._errors import handle_errors
 from prmkit.cli._options import ConfigOpt, JsonOpt, OverwriteOpt, SetOpt
 from prmkit.cli._output import Output, attach_logging
-from prmkit.config.load import load_config, render_template
 from prmkit.cli.config_show import derived_settings, show_config
+from prmkit.config.load import load_config, render_template
 from prmkit.errors import UsageError
 
 app = typer.Typer(help="Write a config template or show a resolved config.", no_args_is_help=True)
@@ -20,7 +20,7 @@ app = typer.Typer(help="Write a config template or show a resolved config.", no_
 @app.command("init")
 @handle_errors
 def init(
-    path: Annotated[Optional[Path], typer.Argument(help="Where to write the template; '-' or nothing prints it.")] = None,
+    path: Annotated[Path | None, typer.Argument(help="Where to write the template; '-' or nothing prints it.")] = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Write a commented template holding every key with its default.

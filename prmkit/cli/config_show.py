@@ -10,10 +10,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from prmkit.config.schema import SECTIONS, Config, eval_schedule
 from prmkit.config.load import dump_config
-from prmkit.train.example import example_settings, put, tiny_settings
+from prmkit.config.schema import SECTIONS, Config, eval_schedule
 from prmkit.core.redact import redact
+from prmkit.training.example import example_settings, put, tiny_settings
 
 BUILT = object()
 """A derived value known only once it is built (the tiny model's directory): shown as a comment, not a value."""
@@ -24,8 +24,12 @@ def derived_settings(cfg: Config) -> list[tuple[str, Any, str]]:
     them; the value is :data:`BUILT` when it exists only once train has built it."""
     from prmkit.kinds.registry import find_kind
 
-    view = dataclasses.replace(cfg, training_arguments=dict(cfg.training_arguments), explicit=set(cfg.explicit),
-                               **{name: dataclasses.replace(getattr(cfg, name)) for name in SECTIONS})
+    view = dataclasses.replace(
+        cfg,
+        training_arguments=dict(cfg.training_arguments),
+        explicit=set(cfg.explicit),
+        **{name: dataclasses.replace(getattr(cfg, name)) for name in SECTIONS},
+    )
     out: list[tuple[str, Any, str]] = []
 
     def derive(items: dict[str, Any], why: str) -> None:
@@ -34,16 +38,24 @@ def derived_settings(cfg: Config) -> list[tuple[str, Any, str]]:
             put(view, dotted, value)
 
     if cfg.model.tiny and not cfg.model.name_or_path:
-        out.append(("model.name_or_path", BUILT, f"model.tiny: a tiny {cfg.model.tiny} model for model.tokenizer, "
-                                                 "built when train starts"))
+        out.append(
+            (
+                "model.name_or_path",
+                BUILT,
+                f"model.tiny: a tiny {cfg.model.tiny} model for model.tokenizer, built when train starts",
+            )
+        )
         derive(tiny_settings(view), "model.tiny")
     if cfg.train.example:
         if not view.model.name_or_path:
             out.append(("model.name_or_path", BUILT, "train.example: a tiny Qwen2 model, built when train starts"))
         derive(example_settings(view), "train.example")
     # The kind whose defaults fill model.step_tag and model.system_prompt: model.kind's, else train.kind's.
-    tagged = [(key, k) for key, name in (("model.kind", cfg.model.kind), ("train.kind", cfg.train.kind))
-              if (k := find_kind(name)) is not None and k.uses_step_tag]
+    tagged = [
+        (key, k)
+        for key, name in (("model.kind", cfg.model.kind), ("train.kind", cfg.train.kind))
+        if (k := find_kind(name)) is not None and k.uses_step_tag
+    ]
     if tagged:
         where, kind = tagged[0]
         if cfg.model.step_tag is None:
@@ -53,8 +65,13 @@ def derived_settings(cfg: Config) -> list[tuple[str, Any, str]]:
     ta = view.training_arguments
     for key, value in eval_schedule(ta, bool(view.data.eval)).items():
         if ta.get(key, "no") != value:
-            why = ("no data.eval" if not view.data.eval else "train.save_steps, as data.eval is set"
-                   if key == "eval_steps" else "data.eval is set")
+            why = (
+                "no data.eval"
+                if not view.data.eval
+                else "train.save_steps, as data.eval is set"
+                if key == "eval_steps"
+                else "data.eval is set"
+            )
             derive({f"train.{key}": value}, why)
     for section in ("eval", "score"):
         if getattr(cfg, section).dtype == "auto" and cfg.model.dtype != "auto":
@@ -66,8 +83,11 @@ def show_config(cfg: Config) -> tuple[dict[str, dict[str, Any]], str]:
     """What `prmkit config show` prints: the config with the derived values in (as a dict, and as YAML whose derived
     lines say what they come from, e.g. ``learning_rate: 0.002  # derived: model.tiny``)."""
     derived = derived_settings(cfg)
-    view = dataclasses.replace(cfg, training_arguments=dict(cfg.training_arguments),
-                               **{name: dataclasses.replace(getattr(cfg, name)) for name in SECTIONS})
+    view = dataclasses.replace(
+        cfg,
+        training_arguments=dict(cfg.training_arguments),
+        **{name: dataclasses.replace(getattr(cfg, name)) for name in SECTIONS},
+    )
     notes: dict[tuple[str, str], str] = {}
     for dotted, value, why in derived:
         if value is not BUILT:

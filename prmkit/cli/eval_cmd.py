@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -30,37 +30,59 @@ from prmkit.errors import UsageError
 @handle_errors
 def evaluate(
     models: Annotated[
-        Optional[list[str]],
-        typer.Argument(help="Model directories or Hub ids; several are compared side by side.", metavar="MODEL",
-                       show_default=False),
+        list[str] | None,
+        typer.Argument(
+            help="Model directories or Hub ids; several are compared side by side.", metavar="MODEL", show_default=False
+        ),
     ] = None,
     data: Annotated[
-        Optional[list[str]],
-        typer.Option("--data", "-d", help="Evaluation data (repeatable): a file, saved dataset or Hub id; "
-                     "named by its file stem or Hub split, or NAME=SRC. Sets eval.data.", metavar="SRC"),
+        list[str] | None,
+        typer.Option(
+            "--data",
+            "-d",
+            help="Evaluation data (repeatable): a file, saved dataset or Hub id; "
+            "named by its file stem or Hub split, or NAME=SRC. Sets eval.data.",
+            metavar="SRC",
+        ),
     ] = None,
     model_opt: Annotated[
-        Optional[list[str]], typer.Option("--model", "-m", help="Another model to evaluate (repeatable).", metavar="MODEL")
+        list[str] | None, typer.Option("--model", "-m", help="Another model to evaluate (repeatable).", metavar="MODEL")
     ] = None,
     format_: FormatOpt = None,
     step_separator: StepSeparatorOpt = None,
     threshold: Annotated[
-        Optional[float],
-        typer.Option("--threshold", min=0.0, max=1.0, help="A step is judged correct when its score is >= this "
-                     "(sets eval.threshold; default 0.5)."),
+        float | None,
+        typer.Option(
+            "--threshold",
+            min=0.0,
+            max=1.0,
+            help="A step is judged correct when its score is >= this (sets eval.threshold; default 0.5).",
+        ),
     ] = None,
     tune_threshold: Annotated[
-        Optional[str],
-        typer.Option("--tune-threshold", metavar="SUBSET", help="Pick the threshold that maximises first-error F1 on "
-                     "this subset and apply it to all (sets eval.tune_threshold)."),
+        str | None,
+        typer.Option(
+            "--tune-threshold",
+            metavar="SUBSET",
+            help="Pick the threshold that maximises first-error F1 on "
+            "this subset and apply it to all (sets eval.tune_threshold).",
+        ),
     ] = None,
     output_dir: Annotated[
-        Optional[Path], typer.Option("--output-dir", "-o", help="Where report.json, report.md and plots go "
-                                     "(sets eval.output_dir; default ./eval).")
+        Path | None,
+        typer.Option(
+            "--output-dir",
+            "-o",
+            help="Where report.json, report.md and plots go (sets eval.output_dir; default ./eval).",
+        ),
     ] = None,
     plots: Annotated[
-        Optional[bool], typer.Option("--plots/--no-plots", help="Write PNG plots (sets eval.plots; default: when "
-                                     "matplotlib is installed, else a warning; --plots requires it).")
+        bool | None,
+        typer.Option(
+            "--plots/--no-plots",
+            help="Write PNG plots (sets eval.plots; default: when "
+            "matplotlib is installed, else a warning; --plots requires it).",
+        ),
     ] = None,
     dtype: DtypeOpt = None,
     device: DeviceOpt = None,
@@ -79,18 +101,30 @@ def evaluate(
       prmkit eval runs/prm-a runs/prm-b --data gsm8k.json --tune-threshold gsm8k -o compare/
 
     An output directory holding only an earlier report is replaced; any other non-empty one needs --overwrite.
+
+    (Over 100 lines because its signature declares the command's options, one per parameter.)
     """
     out = Output(json_)
     attach_logging(out)
     if threshold is not None and tune_threshold is not None:
         raise UsageError("--threshold and --tune-threshold exclude each other", hint="give one of them")
-    cfg = load_config(config, set_, {
-        "eval.data": data, "eval.format": format_, "eval.threshold": threshold, "eval.tune_threshold": tune_threshold,
-        "eval.output_dir": str(output_dir) if output_dir is not None else None, "eval.plots": plots,
-        "eval.dtype": dtype, "eval.device": device,
-        # The data options prepare and train take, on the same keys.
-        "data.step_separator": unescape(step_separator), "data.skip_invalid": skip_invalid,
-    })
+    cfg = load_config(
+        config,
+        set_,
+        {
+            "eval.data": data,
+            "eval.format": format_,
+            "eval.threshold": threshold,
+            "eval.tune_threshold": tune_threshold,
+            "eval.output_dir": str(output_dir) if output_dir is not None else None,
+            "eval.plots": plots,
+            "eval.dtype": dtype,
+            "eval.device": device,
+            # The data options prepare and train take, on the same keys.
+            "data.step_separator": unescape(step_separator),
+            "data.skip_invalid": skip_invalid,
+        },
+    )
     ev = cfg.eval
     names = [*(models or []), *(model_opt or [])]
     if not names and cfg.model.name_or_path:
@@ -100,27 +134,12 @@ def evaluate(
     if not ev.data:
         raise UsageError("no evaluation data", hint="pass --data FILE (repeatable) or set eval.data")
 
-    from prmkit.core.filenames import REJECTS_FILE
-    from prmkit.evaluation.evaluate import evaluate as run_evaluation
-    from prmkit.evaluation.write import check_output_dir, check_plotting, write_outputs
+    from prmkit import api
+    from prmkit.evaluation.write import check_output_dir
 
     out_dir = Path(ev.output_dir).expanduser()
-    check_output_dir(out_dir, overwrite, models=names, data=ev.data,
-                                config=str(config) if config is not None else None)
-    plots = bool(ev.plots)
-    if ev.plots:
-        check_plotting()  # asked for: refused now, before any scoring, when matplotlib is missing
-    elif ev.plots is None:
-        plots = _plotting_available()
-
-    # --threshold on the command line beats tuning asked for in a config; otherwise tuning beats a threshold from the
-    # config file or --set (the template from `prmkit config init` spells out threshold: 0.5).
-    given = None
-    tune_on = ev.tune_threshold
-    if threshold is not None:
-        given, tune_on = threshold, None
-    elif tune_on is None and "eval.threshold" in cfg.explicit:
-        given = ev.threshold
+    check_output_dir(out_dir, overwrite, models=names, data=ev.data, config=str(config) if config is not None else None)
+    plots = _plots(ev.plots)
 
     # Under `accelerate launch` every process scores a share and receives all scores; one of them speaks and writes.
     main = int(os.environ.get("RANK", "0")) == 0
@@ -130,37 +149,42 @@ def evaluate(
 
     hf_logging.disable_progress_bar()  # the weight-loading bar is noise beside our own progress
 
-    from prmkit.models.model_dir import explicit_tokenization
     from prmkit.scoring import end_distributed
 
     with _progress(enabled=main) as progress:
         try:
-            result = run_evaluation(
-                names, ev.data,
-                # A config written for prepare and train (data.format) serves eval too, unless eval.format is set.
-                fmt=ev.format if cfg.is_set("eval.format") else cfg.data.format, step_separator=None, threshold=given,
-                tune_threshold=tune_on, batch_tokens=ev.batch_tokens, dtype=ev.dtype if ev.dtype != "auto" else cfg.model.dtype,
-                device=ev.device,
-                trust_remote_code=cfg.model.trust_remote_code, allow_bidirectional=cfg.model.allow_bidirectional,
-                attn_implementation=cfg.model.attn_implementation, prm800k_neutral=cfg.data.prm800k_neutral,
-                label_threshold=cfg.data.label_threshold, skip_invalid=cfg.data.skip_invalid, progress=progress,
-                kind_settings=cfg.kind_settings(),
-                tokenization=explicit_tokenization(cfg.data, cfg.is_set), tokenizer=cfg.model.tokenizer,
-            )
+            # --threshold beats tuning asked for in a config (api.evaluate's rule for its threshold argument).
+            result = api.evaluate(cfg, models=names, threshold=threshold, progress=progress)
         finally:
             end_distributed()
-    if not main:
-        return
-    files = write_outputs(result, out_dir, plots=plots)
+    if main:
+        _write(out, result, out_dir, names, plots, warn_no_plots=ev.plots is None and not plots)
 
+
+def _plots(asked: bool | None) -> bool:
+    """Whether to write plots: asked for (refused now, before any scoring, when matplotlib is missing), refused, or
+    (None) when matplotlib is installed."""
+    from prmkit.evaluation.write import check_plotting
+
+    if asked:
+        check_plotting()
+    elif asked is None:
+        return _plotting_available()
+    return bool(asked)
+
+
+def _write(out: Output, result, out_dir: Path, names: list[str], plots: bool, warn_no_plots: bool) -> None:
+    """Write the report files and plots, print the report, and say what was written and what to do next."""
+    from prmkit.core.filenames import REJECTS_FILE
     from prmkit.evaluation.render import rich_tables
+    from prmkit.evaluation.write import write_outputs
 
+    files = write_outputs(result, out_dir, plots=plots)
     out.result(
-        {**result.report, "output_dir": str(out_dir), "files": [str(p) for p in files]},
-        *rich_tables(result.report),
+        {**result.report, "output_dir": str(out_dir), "files": [str(p) for p in files]}, *rich_tables(result.report)
     )
     out.info(f"wrote {', '.join(p.name for p in files)} to {out_dir}")
-    if ev.plots is None and not plots:
+    if warn_no_plots:
         out.warn("no plots: matplotlib is not installed; pip install 'prmkit[plot]' adds them (--no-plots: no warning)")
     if result.rejects:
         out.warn(f"{len(result.rejects)} invalid rows skipped; see {out_dir / REJECTS_FILE}")
@@ -168,13 +192,15 @@ def evaluate(
     if len(names) == 1:
         out.hint(f"to put these figures in the model card: prmkit push {names[0]} --eval-report {report_path}")
     else:
-        out.hint(f"to put a model's figures in its card: prmkit push MODEL --eval-report {report_path} "
-                 "(push quotes that model's part of the comparison)")
+        out.hint(
+            f"to put a model's figures in its card: prmkit push MODEL --eval-report {report_path} "
+            "(push quotes that model's part of the comparison)"
+        )
 
 
 def _plotting_available() -> bool:
-    from prmkit.evaluation.write import check_plotting
     from prmkit.evaluation.report import MissingExtraError
+    from prmkit.evaluation.write import check_plotting
 
     try:
         check_plotting()
@@ -188,7 +214,7 @@ class _progress:
 
     def __init__(self, enabled: bool):
         self.enabled = enabled
-        self._bar = None
+        self._bar: Any = None
         self._tasks: dict[str, int] = {}
 
     def __enter__(self):
@@ -196,8 +222,14 @@ class _progress:
         if self.enabled and console.is_terminal:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-            self._bar = Progress(TextColumn("scoring {task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), console=console, transient=True)
+            self._bar = Progress(
+                TextColumn("scoring {task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=console,
+                transient=True,
+            )
             self._bar.start()
         return self if self._bar is not None else None
 

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
 from prmkit.cli._errors import handle_errors
-from prmkit.cli._options import ConfigOpt, FormatOpt, JsonOpt, OverwriteOpt, SetOpt, SkipInvalidOpt, StepSeparatorOpt, unescape
+from prmkit.cli._options import (
+    ConfigOpt,
+    FormatOpt,
+    JsonOpt,
+    OverwriteOpt,
+    SetOpt,
+    SkipInvalidOpt,
+    StepSeparatorOpt,
+    unescape,
+)
 from prmkit.cli._output import Output, attach_logging, stderr
 from prmkit.config.load import load_config
 from prmkit.errors import UsageError
@@ -20,9 +29,9 @@ def prepare(
     output: Annotated[Path, typer.Option("--output", "-o", help="Directory for the prepared DatasetDict.")],
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    train: Annotated[Optional[str], typer.Option("--train", help="Training data (sets data.train).")] = None,
-    eval_: Annotated[Optional[str], typer.Option("--eval", help="Evaluation data (sets data.eval).")] = None,
-    tokenizer: Annotated[Optional[str], typer.Option("--tokenizer", help="Tokenizer (sets model.tokenizer).")] = None,
+    train: Annotated[str | None, typer.Option("--train", help="Training data (sets data.train).")] = None,
+    eval_: Annotated[str | None, typer.Option("--eval", help="Evaluation data (sets data.eval).")] = None,
+    tokenizer: Annotated[str | None, typer.Option("--tokenizer", help="Tokenizer (sets model.tokenizer).")] = None,
     format_: FormatOpt = None,
     step_separator: StepSeparatorOpt = None,
     skip_invalid: SkipInvalidOpt = None,
@@ -35,19 +44,35 @@ def prepare(
     """
     out = Output(json_)
     attach_logging(out)
-    cfg = load_config(config, set_, {
-        "data.train": train, "data.eval": eval_, "model.tokenizer": tokenizer, "data.format": format_,
-        "data.step_separator": unescape(step_separator), "data.skip_invalid": skip_invalid,
-    })
-    from prmkit.models.loading import load_tokenizer
+    cfg = load_config(
+        config,
+        set_,
+        {
+            "data.train": train,
+            "data.eval": eval_,
+            "model.tokenizer": tokenizer,
+            "data.format": format_,
+            "data.step_separator": unescape(step_separator),
+            "data.skip_invalid": skip_invalid,
+        },
+    )
     from prmkit.data.prepare import prepare_splits  # numpy and the tokenizers: not for --help
+    from prmkit.models.loading import load_tokenizer
 
     if not cfg.tokenizer_name:
-        raise UsageError("no tokenizer: set model.tokenizer or model.name_or_path", hint="e.g. --tokenizer Qwen/Qwen2-0.5B")
+        raise UsageError(
+            "no tokenizer: set model.tokenizer or model.name_or_path", hint="e.g. --tokenizer Qwen/Qwen2-0.5B"
+        )
     tok = load_tokenizer(cfg.tokenizer_name, cfg.model.trust_remote_code)
     with _Progress() as progress:
-        result = prepare_splits(cfg, tok, output=output, skip_invalid=cfg.data.skip_invalid, overwrite=overwrite,
-                                on_progress=progress.update)
+        result = prepare_splits(
+            cfg,
+            tok,
+            output=output,
+            skip_invalid=cfg.data.skip_invalid,
+            overwrite=overwrite,
+            on_progress=progress.update,
+        )
     summary = {
         "output": str(result.path),
         "cache_hit": result.cache_hit,
@@ -60,12 +85,19 @@ def prepare(
 class _Progress:
     """Rows tokenized per split, rows/s and an ETA on stderr; rich draws nothing when stderr is not a terminal."""
 
-    def __enter__(self) -> "_Progress":
+    def __enter__(self) -> _Progress:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        self._progress = Progress(TextColumn("tokenizing {task.description}"), BarColumn(), MofNCompleteColumn(),
-                                  TextColumn("rows"), TimeRemainingColumn(), console=stderr(), transient=True,
-                                  auto_refresh=False)  # redrawn per chunk: no thread competing with tokenization
+        self._progress = Progress(
+            TextColumn("tokenizing {task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("rows"),
+            TimeRemainingColumn(),
+            console=stderr(),
+            transient=True,
+            auto_refresh=False,
+        )  # redrawn per chunk: no thread competing with tokenization
         self._tasks: dict[str, Any] = {}
         self._progress.start()
         return self
@@ -86,12 +118,23 @@ def _tables(summary: dict) -> list:
     for name in splits:
         table.add_column(name, justify="right")
     rows = [
-        ("source", "source"), ("format", "format"), ("rows in", "rows_in"), ("rows rejected", "rows_rejected"),
-        ("rows after conversion", "rows_converted"), ("rows dropped (all labels truncated)", "rows_dropped_truncated"),
-        ("rows kept", "rows_kept"), ("steps", "steps"), ("steps lost to truncation", "steps_lost_to_truncation"),
-        ("steps containing the separator", "steps_with_separator"), ("labels +", "labels_positive"),
-        ("labels -", "labels_negative"), ("labels soft", "labels_soft"), ("soft label mean", "soft_label_mean"),
-        ("tokens p50", "tokens_p50"), ("tokens p95", "tokens_p95"), ("tokens max", "tokens_max"),
+        ("source", "source"),
+        ("format", "format"),
+        ("rows in", "rows_in"),
+        ("rows rejected", "rows_rejected"),
+        ("rows after conversion", "rows_converted"),
+        ("rows dropped (all labels truncated)", "rows_dropped_truncated"),
+        ("rows kept", "rows_kept"),
+        ("steps", "steps"),
+        ("steps lost to truncation", "steps_lost_to_truncation"),
+        ("steps containing the separator", "steps_with_separator"),
+        ("labels +", "labels_positive"),
+        ("labels -", "labels_negative"),
+        ("labels soft", "labels_soft"),
+        ("soft label mean", "soft_label_mean"),
+        ("tokens p50", "tokens_p50"),
+        ("tokens p95", "tokens_p95"),
+        ("tokens max", "tokens_max"),
     ]
     for title, key in rows:
         values = [splits[n].get(key) for n in splits]

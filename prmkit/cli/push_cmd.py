@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
@@ -12,8 +12,8 @@ from prmkit.cli._errors import handle_errors
 from prmkit.cli._options import ConfigOpt, JsonOpt, SetOpt
 from prmkit.cli._output import Output, attach_logging
 from prmkit.config.load import load_config
-from prmkit.errors import UsageError
 from prmkit.core.redact import register_secret
+from prmkit.errors import UsageError
 
 if TYPE_CHECKING:
     from prmkit.hub import PushResult
@@ -22,26 +22,66 @@ if TYPE_CHECKING:
 @handle_errors
 def push(
     model_dir: Annotated[Path, typer.Argument(help="Model directory written by `prmkit train`.", show_default=False)],
-    repo_id: Annotated[Optional[str], typer.Option("--repo-id", help="Hub repo, namespace/name (sets push.repo_id).")] = None,
-    private: Annotated[Optional[bool], typer.Option("--private/--public", help="Visibility of a new repo; an existing "
-                                                    "repo must already have it.", show_default=False)] = None,
-    revision: Annotated[Optional[str], typer.Option("--revision", help="Branch to push to (created if missing).")] = None,
-    commit_message: Annotated[Optional[str], typer.Option("--commit-message", help="Commit title.")] = None,
-    create_pr: Annotated[Optional[bool], typer.Option("--create-pr/--no-create-pr", help="Open a pull request "
-                                                      "instead of committing to the branch.", show_default=False)] = None,
+    repo_id: Annotated[
+        str | None, typer.Option("--repo-id", help="Hub repo, namespace/name (sets push.repo_id).")
+    ] = None,
+    private: Annotated[
+        bool | None,
+        typer.Option(
+            "--private/--public",
+            help="Visibility of a new repo; an existing repo must already have it.",
+            show_default=False,
+        ),
+    ] = None,
+    revision: Annotated[str | None, typer.Option("--revision", help="Branch to push to (created if missing).")] = None,
+    commit_message: Annotated[str | None, typer.Option("--commit-message", help="Commit title.")] = None,
+    create_pr: Annotated[
+        bool | None,
+        typer.Option(
+            "--create-pr/--no-create-pr",
+            help="Open a pull request instead of committing to the branch.",
+            show_default=False,
+        ),
+    ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be uploaded; contact nothing.")] = False,
-    adapter: Annotated[Optional[bool], typer.Option("--adapter/--full", help="Push the LoRA adapter (adapter/ or the "
-                                                    "directory itself) instead of full weights.", show_default=False)] = None,
-    token: Annotated[Optional[str], typer.Option("--token", help="Hub token; prefer `hf auth login` or HF_TOKEN, "
-                                                 "since this lands in shell history.", show_default=False)] = None,
-    eval_report: Annotated[Optional[Path], typer.Option("--eval-report", help="report.json from `prmkit eval` to "
-                                                        "quote in the card (default: MODEL_DIR/report.json).")] = None,
-    overwrite_card: Annotated[Optional[bool], typer.Option("--overwrite-card/--keep-card", help="Generate README.md "
-                                                           "even if MODEL_DIR has one.", show_default=False)] = None,
-    allow_pickle: Annotated[Optional[bool], typer.Option("--allow-pickle/--no-allow-pickle", help="Upload pickle "
-                                                         "files (*.bin, *.pt, ...) instead of refusing.",
-                                                         show_default=False)] = None,
-    license_: Annotated[Optional[str], typer.Option("--license", help="License id for the card, e.g. apache-2.0.")] = None,
+    adapter: Annotated[
+        bool | None,
+        typer.Option(
+            "--adapter/--full",
+            help="Push the LoRA adapter (adapter/ or the directory itself) instead of full weights.",
+            show_default=False,
+        ),
+    ] = None,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            "--token",
+            help="Hub token; prefer `hf auth login` or HF_TOKEN, since this lands in shell history.",
+            show_default=False,
+        ),
+    ] = None,
+    eval_report: Annotated[
+        Path | None,
+        typer.Option(
+            "--eval-report",
+            help="report.json from `prmkit eval` to quote in the card (default: MODEL_DIR/report.json).",
+        ),
+    ] = None,
+    overwrite_card: Annotated[
+        bool | None,
+        typer.Option(
+            "--overwrite-card/--keep-card", help="Generate README.md even if MODEL_DIR has one.", show_default=False
+        ),
+    ] = None,
+    allow_pickle: Annotated[
+        bool | None,
+        typer.Option(
+            "--allow-pickle/--no-allow-pickle",
+            help="Upload pickle files (*.bin, *.pt, ...) instead of refusing.",
+            show_default=False,
+        ),
+    ] = None,
+    license_: Annotated[str | None, typer.Option("--license", help="License id for the card, e.g. apache-2.0.")] = None,
     json_: JsonOpt = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -53,23 +93,35 @@ def push(
     Examples:
       prmkit push runs/prm --repo-id alice/qwen2-prm --license apache-2.0
       prmkit push runs/prm --repo-id acme/qwen2-prm --private --dry-run
+
+    (Over 100 lines because its signature declares the command's options, one per parameter.)
     """
     out = Output(json_)
     attach_logging(out)
     if token:
         register_secret(token)  # masked in every message from here on, tracebacks included
         out.warn("--token is saved in your shell history; prefer `hf auth login` or the HF_TOKEN variable")
-    cfg = load_config(config, set_, {
-        "push.repo_id": repo_id, "push.private": private, "push.revision": revision,
-        "push.commit_message": commit_message, "push.create_pr": create_pr, "push.adapter": adapter,
-        "push.eval_report": str(eval_report) if eval_report else None, "push.overwrite_card": overwrite_card,
-        "push.allow_pickle": allow_pickle, "push.license": license_,
-    })
+    cfg = load_config(
+        config,
+        set_,
+        {
+            "push.repo_id": repo_id,
+            "push.private": private,
+            "push.revision": revision,
+            "push.commit_message": commit_message,
+            "push.create_pr": create_pr,
+            "push.adapter": adapter,
+            "push.eval_report": str(eval_report) if eval_report else None,
+            "push.overwrite_card": overwrite_card,
+            "push.allow_pickle": allow_pickle,
+            "push.license": license_,
+        },
+    )
     if not cfg.push.repo_id:
         raise UsageError("no repo id: pass --repo-id or set push.repo_id", hint="e.g. --repo-id alice/qwen2-prm")
-    from prmkit.hub import push_with_config  # huggingface_hub: not for --help
+    from prmkit import api  # the hub code: not for --help
 
-    result = push_with_config(model_dir, cfg.push, dry_run=dry_run, token=token)
+    result = api.push_model(cfg, model_dir=model_dir, dry_run=dry_run, token=token)
     out.result(result.to_dict(), *_render(result))
 
 

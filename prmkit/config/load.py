@@ -1,8 +1,10 @@
-"""Loading a config: YAML (bounded in size), dotted ``--set`` keys, flags, coercion to each field's type; dumping one."""
+"""Loading a config: YAML (bounded in size), dotted ``--set`` keys, flags, coercion to each field's type; dumping
+one."""
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import types
 import typing
@@ -27,7 +29,9 @@ from prmkit.errors import ConfigError, first_line, shown
 log = logging.getLogger(__name__)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None, flags: dict | None = None) -> Config:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, flags: dict | None = None
+) -> Config:
     """Resolve a config: defaults, then the YAML file at ``path``, then ``--set`` overrides, then explicit flags.
 
     ``flags`` maps dotted keys to values from a command's own options; ``None`` values mean "not given". Every problem
@@ -48,7 +52,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
-            problems.append(ConfigError(f"--set {shown(mask(item))}: expected section.key=value, e.g. --set data.max_length=2048"))
+            problems.append(
+                ConfigError(f"--set {shown(mask(item))}: expected section.key=value, e.g. --set data.max_length=2048")
+            )
             continue
         try:
             value = _parse_scalar(raw)
@@ -89,25 +95,32 @@ class BoundedLoader(yaml.SafeLoader):
         if alias:
             size = self._sizes.get(id(node))
             if size is None:  # the anchored node is still being composed
-                raise yaml.composer.ComposerError(None, None, "an alias inside the value it refers to (a recursive "
-                                                  "structure)", mark)
+                raise yaml.composer.ComposerError(
+                    None, None, "an alias inside the value it refers to (a recursive structure)", mark
+                )
         else:
             if isinstance(node, yaml.ScalarNode):
                 size = (1, len(node.value))
             else:
-                children = [c for pair in node.value for c in pair] if isinstance(node, yaml.MappingNode) else node.value
+                children = (
+                    [c for pair in node.value for c in pair] if isinstance(node, yaml.MappingNode) else node.value
+                )
                 sizes = [self._sizes[id(c)] for c in children]
                 size = (1 + sum(n for n, _ in sizes), sum(c for _, c in sizes))
             self._sizes[id(node)] = size
         if size[0] > MAX_YAML_NODES or size[1] > MAX_YAML_CHARS:
-            raise ConfigTooLarge(None, None, f"more than {MAX_YAML_NODES:,} values or {MAX_YAML_CHARS:,} characters "
-                                 "once its aliases are expanded", mark)
+            raise ConfigTooLarge(
+                None,
+                None,
+                f"more than {MAX_YAML_NODES:,} values or {MAX_YAML_CHARS:,} characters once its aliases are expanded",
+                mark,
+            )
         return node
 
 
 def load_yaml(text: str) -> Any:
     """``yaml.safe_load`` with alias expansion bounded (:class:`BoundedLoader`)."""
-    return yaml.load(text, Loader=BoundedLoader)  # noqa: S506 - a SafeLoader subclass
+    return yaml.load(text, Loader=BoundedLoader)
 
 
 def _collect(problems: list[ConfigError], func: Any, *args: Any) -> None:
@@ -124,14 +137,15 @@ def raise_config_problems(problems: list[ConfigError]) -> None:
     if len(problems) == 1:
         raise problems[0]
     lines = [p.message + (f" ({p.hint})" if p.hint else "") for p in problems]
-    raise ConfigError(f"{len(problems)} problems in the config:", problems=lines,
-                      hint="fix them all, then run the same command again")
+    raise ConfigError(
+        f"{len(problems)} problems in the config:", problems=lines, hint="fix them all, then run the same command again"
+    )
 
 
 # Keys whose value is text to match in the data, where a shell user types '\n' for a line break. A YAML file keeps
 # backslashes as typed outside double quotes ('\n' is a backslash and an n), and so does --set; read there the way
 # --step-separator reads them, so a config and the command line mean the same thing.
-ESCAPED_KEYS = ("data.step_separator",)
+ESCAPED_KEYS = ("data.step_separator", "serve.step_separator")
 
 
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", "0": "\0"}
@@ -167,9 +181,11 @@ def _set_text_key(cfg: Config, dotted: str, value: Any, origin: str, double_quot
             fix = f"quote it for YAML: --set '{dotted}={quoted}'"
         else:
             fix = f"write it in double quotes: {dotted.partition('.')[2]}: {quoted}"
-        log.warning(f"{origin}: {dotted}: '{value}' holds a backslash escape, which YAML keeps as typed outside double "
-                    f"quotes; read as {named + ' ' if named else ''}({quoted}), as on the command line. "
-                    f"To say so, {fix}")
+        log.warning(
+            f"{origin}: {dotted}: '{value}' holds a backslash escape, which YAML keeps as typed outside double "
+            f"quotes; read as {named + ' ' if named else ''}({quoted}), as on the command line. "
+            f"To say so, {fix}"
+        )
         value = meant
     set_key(cfg, dotted, value, origin)
 
@@ -212,7 +228,9 @@ def _read_yaml(path: Path, problems: list[ConfigError] | None = None) -> dict[st
         if section not in SECTIONS:
             error = ConfigError(f"{path}: unknown section {shown(section)}{_did_you_mean(str(section), SECTIONS)}")
         elif values is not None and not isinstance(values, dict):
-            error = ConfigError(f"{path}: section {shown(section)}: expected a mapping of keys, got {type(values).__name__}")
+            error = ConfigError(
+                f"{path}: section {shown(section)}: expected a mapping of keys, got {type(values).__name__}"
+            )
         else:
             good[section] = values or {}
             continue
@@ -235,7 +253,9 @@ def _parse_scalar(raw: str) -> Any:
 def set_key(cfg: Config, dotted: str, value: Any, origin: str = "config") -> None:
     section, _, key = dotted.partition(".")
     if section not in SECTIONS:
-        raise ConfigError(f"{origin}: unknown section {shown(section)} in {shown(dotted)}{_did_you_mean(section, SECTIONS)}")
+        raise ConfigError(
+            f"{origin}: unknown section {shown(section)} in {shown(dotted)}{_did_you_mean(section, SECTIONS)}"
+        )
     if not key:
         raise ConfigError(f"{origin}: {shown(dotted)}: expected section.key")
     obj = getattr(cfg, section)
@@ -260,14 +280,20 @@ def set_key(cfg: Config, dotted: str, value: Any, origin: str = "config") -> Non
     raise ConfigError(f"{origin}: unknown key {shown(dotted)}{_did_you_mean(key, own)}")
 
 
-_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list",
-               dict: "a mapping"}
+_TYPE_WORDS = {
+    bool: "true or false",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    list: "a list",
+    dict: "a mapping",
+}
 
 
 def _resolve(annotation: Any) -> tuple[set[type], bool]:
     """Base types an annotation admits, and whether it admits null."""
     if isinstance(annotation, str):
-        annotation = eval(annotation, {"typing": typing}, {**vars(typing), "Any": Any})  # noqa: S307 - our own hints
+        annotation = eval(annotation, {"typing": typing}, {**vars(typing), "Any": Any})
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         kinds: set[type] = set()
@@ -288,7 +314,9 @@ def _resolve(annotation: Any) -> tuple[set[type], bool]:
 
 def _coerce(value: Any, annotation: Any, key: str, origin: str) -> Any:
     kinds, nullable = _resolve(annotation)
-    expected = " or ".join(_TYPE_WORDS.get(k, k.__name__) for k in sorted(kinds, key=str)) + (" or null" if nullable else "")
+    expected = " or ".join(_TYPE_WORDS.get(k, k.__name__) for k in sorted(kinds, key=str)) + (
+        " or null" if nullable else ""
+    )
     if value is None:
         if nullable or not kinds:
             return None
@@ -311,8 +339,7 @@ def _coerce(value: Any, annotation: Any, key: str, origin: str) -> Any:
         choices = choices_for(key)
         if choices and value not in choices:
             allowed = ("true, false or " if bool in kinds else "one of ") + ", ".join(choices)
-            raise ConfigError(f"{origin}: {key}: expected {allowed}, got {shown(value)}"
-                              f"{_did_you_mean(value, choices)}")
+            raise ConfigError(f"{origin}: {key}: expected {allowed}, got {shown(value)}{_did_you_mean(value, choices)}")
         return value
     if list in kinds and isinstance(value, (list, tuple)):
         return list(value)
@@ -331,7 +358,8 @@ def _coerce_training_argument(value: Any, fld: Any, key: str, origin: str) -> An
         kinds, _ = _resolve(fld.type)
     except Exception:
         kinds = set()
-    # TrainingArguments accepts enums as strings and many unions; check the plain scalar kinds, let it validate the rest.
+    # TrainingArguments accepts enums as strings and many unions; check the plain scalar kinds, let it validate the
+    # rest.
     if isinstance(default, bool) and not isinstance(value, bool) and value is not None:
         raise ConfigError(f"{origin}: train.{key}: expected true or false, got {shown(value)} ({type(value).__name__})")
     if kinds & {int, float} and not kinds & {str, dict, list} and isinstance(value, str):
@@ -410,10 +438,10 @@ def _field_docs(cls: type) -> dict[str, str]:
     except (OSError, TypeError):
         return docs
     body = tree.body[0].body  # type: ignore[attr-defined]
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-                docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    for node, nxt in itertools.pairwise(body):
+        is_field = isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+        if is_field and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
     return docs
 
 

@@ -58,8 +58,13 @@ class ModelConfig:
 
     def kind_settings(self) -> dict[str, Any]:
         """The kind keys for :class:`prmkit.kinds.spec.KindSettings` (the others are for loading and training)."""
-        return {"kind": self.kind, "step_tag": self.step_tag, "reward_tokens": list(self.reward_tokens),
-                "system_prompt": self.system_prompt, "chat_template": self.chat_template}
+        return {
+            "kind": self.kind,
+            "step_tag": self.step_tag,
+            "reward_tokens": list(self.reward_tokens),
+            "system_prompt": self.system_prompt,
+            "chat_template": self.chat_template,
+        }
 
 
 @dataclass
@@ -171,6 +176,33 @@ class ScoreConfig:
 
 
 @dataclass
+class ServeConfig:
+    """`prmkit serve`; the model is loaded and batched with the score section's keys (dtype, device, batch_tokens,
+    packing, sort_window, threshold). The API key is never a config key: --api-key or $PRMKIT_API_KEY."""
+
+    host: str = "127.0.0.1"
+    """Address to bind; a public one without an API key is warned about."""
+    port: int = 8000
+    max_wait_ms: float = 10.0
+    """How long a batch may wait for more requests to join it, while requests are still arriving."""
+    max_queue: int = 4096
+    """Solutions waiting to be scored; past it a request gets 503 with Retry-After."""
+    max_request_tokens: int = 32768
+    """Tokens one solution may hold as the model reads it; more is a 413."""
+    max_body_mb: float = 32.0
+    """Largest request body; more is a 413."""
+    aggregate: str = "min"
+    """The reward of a solution: min | last | prod | mean of its step scores."""
+    truncated: str = "lowest"
+    """A solution cut by max_length: lowest (reward 0.0) | read (aggregate the steps read) | error (a 422)."""
+    drain_s: float = 30.0
+    """On SIGTERM: seconds for the requests in flight to finish (new ones get 503) before the process exits 0."""
+    step_separator: str | None = None
+    """Where a response is cut into steps (/get_reward, "response" requests, adapters); null: the model's separator
+    (token-classification), its step tag (lm-tag), or a blank line (qwen-prm, chat-plus-minus)."""
+
+
+@dataclass
 class PushConfig:
     repo_id: str | None = None
     private: bool = False
@@ -190,6 +222,7 @@ SECTIONS: dict[str, type] = {
     "train": TrainConfig,
     "eval": EvalConfig,
     "score": ScoreConfig,
+    "serve": ServeConfig,
     "push": PushConfig,
 }
 
@@ -197,6 +230,8 @@ SECTIONS: dict[str, type] = {
 CHOICES: dict[str, tuple[str, ...]] = {
     "score.select": ("best",),
     "score.aggregate": ("min", "prod", "last", "mean"),
+    "serve.aggregate": ("min", "last", "prod", "mean"),
+    "serve.truncated": ("lowest", "read", "error"),
     "data.prm800k_neutral": PRM800K_NEUTRAL,
     "train.batching": BATCHING,
     "train.gradient_checkpointing": ("auto",),
@@ -238,17 +273,19 @@ class Range:
             return False
         if self.low is not None and (value <= self.low if self.low_open else value < self.low):
             return False
-        if self.high is not None and (value >= self.high if self.high_open else value > self.high):
-            return False
-        return True
+        return not (self.high is not None and (value >= self.high if self.high_open else value > self.high))
 
     def describe(self) -> str:
         if self.low is not None and self.high is not None:
-            text = f"in {'(' if self.low_open else '['}{_num(self.low)}, {_num(self.high)}{')' if self.high_open else ']'}"
+            text = (
+                f"in {'(' if self.low_open else '['}{_num(self.low)}, {_num(self.high)}{')' if self.high_open else ']'}"
+            )
         elif self.low is not None:
             text = f"{'>' if self.low_open else '>='} {_num(self.low)}"
-        else:
+        elif self.high is not None:
             text = f"{'<' if self.high_open else '<='} {_num(self.high)}"
+        else:
+            text = "any number"
         text += "".join(f" or {_num(v)}" for v in self.special)
         return text + (f" ({self.note})" if self.note else "")
 
@@ -289,6 +326,12 @@ RANGES: dict[str, Range] = {
     "score.threshold": _PROBABILITY,
     "score.batch_tokens": _COUNT,
     "score.sort_window": _COUNT,
+    "serve.port": Range(0, 65535, note="0: any free port"),
+    "serve.max_wait_ms": Range(0, 60_000),
+    "serve.max_queue": _COUNT,
+    "serve.max_request_tokens": _COUNT,
+    "serve.max_body_mb": _POSITIVE,
+    "serve.drain_s": _NON_NEGATIVE,
     "train.memory_budget_gb": Range(0, low_open=True, note="GiB; null: the device's free memory"),
     "train.lora.r": _COUNT,
     "train.lora.alpha": _POSITIVE,
@@ -345,8 +388,10 @@ def _check_lora(value: Any, origin: str) -> None:
         item = value[name]
         integral = name == "r"
         if isinstance(item, bool) or not isinstance(item, (int, float)) or (integral and not float(item).is_integer()):
-            raise ConfigError(f"{origin}: train.lora.{name}: expected {'an integer' if integral else 'a number'}, "
-                              f"got {shown(item)} ({type(item).__name__})")
+            raise ConfigError(
+                f"{origin}: train.lora.{name}: expected {'an integer' if integral else 'a number'}, "
+                f"got {shown(item)} ({type(item).__name__})"
+            )
         check_range(f"train.lora.{name}", item, origin)
 
 
@@ -357,6 +402,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     push: PushConfig = field(default_factory=PushConfig)
     training_arguments: dict[str, Any] = field(default_factory=lambda: dict(TRAINING_ARGUMENT_DEFAULTS))
     """The `train` section's TrainingArguments fields, kept apart from prmkit's own train keys."""
@@ -381,7 +427,9 @@ class Config:
         if section == "train" and key not in {f.name for f in dataclasses.fields(TrainConfig)}:
             if key not in self.training_arguments:
                 return False
-            return key not in TRAINING_ARGUMENT_DEFAULTS or self.training_arguments[key] != TRAINING_ARGUMENT_DEFAULTS[key]
+            return (
+                key not in TRAINING_ARGUMENT_DEFAULTS or self.training_arguments[key] != TRAINING_ARGUMENT_DEFAULTS[key]
+            )
         return getattr(getattr(self, section), key) != getattr(SECTIONS[section](), key)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -406,8 +454,6 @@ def _did_you_mean(word: str, candidates) -> str:
         return ""
     close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 
 
 def eval_schedule(training_arguments: dict[str, Any], has_eval: bool) -> dict[str, Any]:

@@ -30,7 +30,7 @@ class FieldInfo:
     """The default when it is a literal (dataclasses.MISSING when it is computed or absent)."""
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def training_argument_fields() -> dict[str, FieldInfo]:
     """Every ``TrainingArguments`` field a user may set (``init=True``), by name."""
     parsed = parse_training_arguments()
@@ -77,7 +77,8 @@ def parse_training_arguments() -> dict[str, FieldInfo] | None:
 def _is_dataclass_decorator(node: ast.expr) -> bool:
     target = node.func if isinstance(node, ast.Call) else node
     return (isinstance(target, ast.Name) and target.id == "dataclass") or (
-        isinstance(target, ast.Attribute) and target.attr == "dataclass")
+        isinstance(target, ast.Attribute) and target.attr == "dataclass"
+    )
 
 
 def _default(value: ast.expr | None) -> tuple[Any, bool]:
@@ -89,7 +90,9 @@ def _default(value: ast.expr | None) -> tuple[Any, bool]:
         init = True
         if "init" in keywords:
             init = bool(_literal(keywords["init"], True))
-        return (_literal(keywords["default"], dataclasses.MISSING) if "default" in keywords else dataclasses.MISSING), init
+        return (
+            _literal(keywords["default"], dataclasses.MISSING) if "default" in keywords else dataclasses.MISSING
+        ), init
     return _literal(value, dataclasses.MISSING), True
 
 
@@ -113,7 +116,7 @@ def _evaluate(annotation: str) -> Any:
     # Only the plain kinds (bool, int, float, str, list, dict, None) matter to the config checks; an enum or a class
     # of transformers' own becomes a stand-in that counts as none of them, as the real class would.
     try:
-        return eval(annotation, {"__builtins__": {}}, _Names())  # noqa: S307 - an annotation from transformers' source
+        return eval(annotation, {"__builtins__": {}}, _Names())
     except Exception:
         return annotation
 
@@ -143,55 +146,73 @@ def check_training_arguments(ta: dict[str, Any], batching: str) -> None:
         raise ConfigError(f"train.{key}: {ta[key]!r} {why}")
 
     if ta.get("deepspeed") and importlib.util.find_spec("deepspeed") is None:
-        raise ConfigError("train.deepspeed is set but the deepspeed package is not installed",
-                          hint="pip install deepspeed, or remove train.deepspeed")
+        raise ConfigError(
+            "train.deepspeed is set but the deepspeed package is not installed",
+            hint="pip install deepspeed, or remove train.deepspeed",
+        )
     if ta.get("label_names") not in (None, ["labels"], "labels"):
-        refuse("label_names", "cannot apply: prmkit's collator, step loss and metrics read the step labels from "
-                              "`labels`; remove the key")
+        refuse(
+            "label_names",
+            "cannot apply: prmkit's collator, step loss and metrics read the step labels from `labels`; remove the key",
+        )
     if ta.get("include_for_metrics"):
-        refuse("include_for_metrics", "has no effect: prmkit's step metrics read only each step's probability and "
-                                      "label; remove the key")
+        refuse(
+            "include_for_metrics",
+            "has no effect: prmkit's step metrics read only each step's probability and label; remove the key",
+        )
     if ta.get("batch_eval_metrics"):
-        refuse("batch_eval_metrics", "is not supported: prmkit's step metrics (AUROC, ECE, ...) need every step of "
-                                     "the eval set at once; remove the key")
+        refuse(
+            "batch_eval_metrics",
+            "is not supported: prmkit's step metrics (AUROC, ECE, ...) need every step of "
+            "the eval set at once; remove the key",
+        )
     if ta.get("eval_do_concat_batches") is False:
-        refuse("eval_do_concat_batches", "is not supported: prmkit's step metrics need the eval batches "
-                                         "concatenated; remove the key")
+        refuse(
+            "eval_do_concat_batches",
+            "is not supported: prmkit's step metrics need the eval batches concatenated; remove the key",
+        )
     if ta.get("past_index", -1) != -1:
         refuse("past_index", "is not supported: a PRM keeps no past state between batches; remove the key")
     if ta.get("length_column_name", "length") not in ("length", LENGTH_COLUMN):
-        refuse("length_column_name", f"names no column of prmkit's prepared data, whose lengths are in "
-                                     f"{LENGTH_COLUMN!r}; remove the key")
+        refuse(
+            "length_column_name",
+            f"names no column of prmkit's prepared data, whose lengths are in {LENGTH_COLUMN!r}; remove the key",
+        )
     if ta.get("push_to_hub") and ta.get("hub_strategy") in ("checkpoint", "all_checkpoints"):
-        refuse("hub_strategy", "is not supported: prmkit pushes the finished model directory once, at the end; "
-                               "remove the key")
+        refuse(
+            "hub_strategy",
+            "is not supported: prmkit pushes the finished model directory once, at the end; remove the key",
+        )
     strategy = ta.get("train_sampling_strategy", "random")
     if batching == "grouped" and strategy not in GROUPED_STRATEGIES:
-        refuse("train_sampling_strategy", "contradicts train.batching: grouped, whose own sampler draws random "
-                                          "batches of similar length; set train.batching: padded to use it")
+        refuse(
+            "train_sampling_strategy",
+            "contradicts train.batching: grouped, whose own sampler draws random "
+            "batches of similar length; set train.batching: padded to use it",
+        )
 
 
 def check_integrations(args: Any) -> None:
     """Refuse a ``report_to`` integration whose package is missing, as one line, before any work starts (the
     Trainer finds out only when it is built, after the data is prepared, with a traceback)."""
-    from transformers.integrations import (
-        INTEGRATION_TO_CALLBACK,
-        get_available_reporting_integrations,
-    )
+    from transformers.integrations import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
 
     from prmkit.errors import ConfigError, first_line
 
     available = set(get_available_reporting_integrations())
     for name in args.report_to or []:
         if name not in INTEGRATION_TO_CALLBACK:
-            raise ConfigError(f"train.report_to: {name!r} is not an integration; expected none, all or "
-                              f"{', '.join(INTEGRATION_TO_CALLBACK)}")
+            raise ConfigError(
+                f"train.report_to: {name!r} is not an integration; expected none, all or "
+                f"{', '.join(INTEGRATION_TO_CALLBACK)}"
+            )
         if name in available:
             continue
         try:
             # What the Trainer does with it: each callback checks its package in __init__ (some are missing from
             # the list of available ones: flyte, and azure_ml beside mlflow).
             INTEGRATION_TO_CALLBACK[name]()
-        except Exception as e:  # noqa: BLE001 - the Trainer would fail the same way, with a traceback
-            raise ConfigError(f"train.report_to: {name}: {first_line(e)}",
-                              hint=f"install it, or remove {name!r} from train.report_to") from None
+        except Exception as e:
+            raise ConfigError(
+                f"train.report_to: {name}: {first_line(e)}", hint=f"install it, or remove {name!r} from train.report_to"
+            ) from None

@@ -2,7 +2,8 @@
 
 transformers writes ``checkpoint-N/`` file by file, so a run killed meanwhile leaves a directory that looks like a
 checkpoint. prmkit writes :data:`MARKER` into it last, listing every file with its size, after every process has
-written its part (see ``StepTrainer._save_checkpoint`` in :mod:`prmkit.train.recipe`). Before resuming, the files are
+written its part (see ``StepTrainer._save_checkpoint`` in :mod:`prmkit.training.trainer`). Before resuming, the files
+are
 checked against the marker, safetensors headers are parsed and torch files must be whole zip archives; the newest
 checkpoint that passes is used and newer ones are named with the reason they were skipped.
 """
@@ -170,6 +171,9 @@ def save_failure(exc: Exception, what: str, output_dir: Path) -> PrmkitError | N
     if why is None:
         return None
     last, _ = latest_complete_checkpoint(output_dir)
-    resume = (f"run the same command with --resume: it continues from {last.name}" if last else
-              "run the same command with --overwrite (no checkpoint is complete)")
+    resume = (
+        f"run the same command with --resume: it continues from {last.name}"
+        if last
+        else "run the same command with --overwrite (no checkpoint is complete)"
+    )
     return PrmkitError(f"{what}: {why}", hint=f"free some space (or lower train.save_total_limit), then {resume}")

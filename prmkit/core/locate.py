@@ -58,41 +58,46 @@ def locate(name: str, what: str, repo_type: str = "model", revision: str | None 
         return name
     where = local.resolve()
     if looks_like_path(name):
-        raise UsageError(f"{what} {name!r}: no such file or directory ({where})",
-                         hint="check the path; a Hub id has the form namespace/name")
+        raise UsageError(
+            f"{what} {name!r}: no such file or directory ({where})",
+            hint="check the path; a Hub id has the form namespace/name",
+        )
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
         if repo_type == "dataset" or _in_hub_cache(name, repo_type):
             return name  # datasets keeps its own offline cache as well; let it look there
-        raise UsageError(f"{what} {name!r}: no local path {where}, and HF_HUB_OFFLINE is set and the Hub cache has "
-                         f"no copy of {name}", hint="check the path, or unset HF_HUB_OFFLINE to download it")
+        raise UsageError(
+            f"{what} {name!r}: no local path {where}, and HF_HUB_OFFLINE is set and the Hub cache has "
+            f"no copy of {name}",
+            hint="check the path, or unset HF_HUB_OFFLINE to download it",
+        )
     found, problem = _on_hub(name, repo_type, revision)
     if found:
         _FOUND.add(key)
         return name
     endpoint = constants.ENDPOINT
     if problem is None:
-        raise UsageError(f"{what} {name!r}: tried both a local path and the Hub: no {where}, and {endpoint} has no "
-                         f"{repo_type} repository {name!r} (or it is private)",
-                         hint=f"check the spelling; writing a local path as ./{name} skips the Hub")
+        raise UsageError(
+            f"{what} {name!r}: tried both a local path and the Hub: no {where}, and {endpoint} has no "
+            f"{repo_type} repository {name!r} (or it is private)",
+            hint=f"check the spelling; writing a local path as ./{name} skips the Hub",
+        )
     if _in_hub_cache(name, repo_type):
         log.warning(f"{what} {name!r}: the Hub is unreachable ({problem}); using the copy in the Hub cache")
         return name
-    raise UsageError(f"{what} {name!r}: tried both a local path and the Hub: no {where}, and {endpoint} could not be "
-                     f"reached ({problem})",
-                     hint="check the path; for a Hub repository check the network (HF_ENDPOINT, proxy), or set "
-                          "HF_HUB_OFFLINE=1 to use the Hub cache")
+    raise UsageError(
+        f"{what} {name!r}: tried both a local path and the Hub: no {where}, and {endpoint} could not be "
+        f"reached ({problem})",
+        hint="check the path; for a Hub repository check the network (HF_ENDPOINT, proxy), or set "
+        "HF_HUB_OFFLINE=1 to use the Hub cache",
+    )
 
 
 def _on_hub(name: str, repo_type: str, revision: str | None) -> tuple[bool, str | None]:
     """(exists, problem): one request, no retries. ``problem`` says why the Hub could not answer, if it could not."""
     from huggingface_hub import HfApi, constants
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        RepositoryNotFoundError,
-    )
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
 
     try:
         HfApi().repo_info(name, repo_type=repo_type, revision=revision, timeout=constants.HF_HUB_ETAG_TIMEOUT)

@@ -11,8 +11,8 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from prmkit.core import jsonio
 from prmkit.core.jsonio import dumps
@@ -51,8 +51,12 @@ def is_within(path: Path, directory: Path) -> bool:
     return path == directory or directory in path.parents
 
 
-def refuse_inputs_inside(output: str | os.PathLike, inputs: Iterable[tuple[str, str | os.PathLike | None]],
-                         why: str, output_inside: bool = False) -> None:
+def refuse_inputs_inside(
+    output: str | os.PathLike,
+    inputs: Iterable[tuple[str, str | os.PathLike | None]],
+    why: str,
+    output_inside: bool = False,
+) -> None:
     """Raise UsageError when an input (``(label, spec)`` pairs) is the output or lies inside it; with
     ``output_inside`` (an output file), when the output is an input or lies inside an input directory instead.
 
@@ -65,10 +69,13 @@ def refuse_inputs_inside(output: str | os.PathLike, inputs: Iterable[tuple[str, 
             continue
         where = "is" if path == out else "lies inside"
         if output_inside:
-            raise UsageError(f"the output {output} {where} the {label} {spec}, which {why}",
-                             hint="write the output somewhere else")
-        raise UsageError(f"{label} {spec} {where} the output {output}, which {why}",
-                         hint="move the input out of it, or choose another output")
+            raise UsageError(
+                f"the output {output} {where} the {label} {spec}, which {why}", hint="write the output somewhere else"
+            )
+        raise UsageError(
+            f"{label} {spec} {where} the output {output}, which {why}",
+            hint="move the input out of it, or choose another output",
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -98,7 +105,7 @@ class OutputLock:
     def held(self) -> bool:
         return self._fd is not None
 
-    def acquire(self, wait: bool = False) -> "OutputLock":
+    def acquire(self, wait: bool = False) -> OutputLock:
         """Take the lock, or raise :class:`OutputBusy` naming the holder; with ``wait``, wait for it instead."""
         if self._fd is not None:
             return self
@@ -113,8 +120,10 @@ class OutputLock:
             except BlockingIOError:
                 holder = _read_holder(fd)
                 os.close(fd)
-                raise OutputBusy(f"{self.target} is in use by another prmkit run ({holder})",
-                                 hint="wait for it to finish, or choose another output") from None
+                raise OutputBusy(
+                    f"{self.target} is in use by another prmkit run ({holder})",
+                    hint="wait for it to finish, or choose another output",
+                ) from None
             except OSError as e:  # a file system without locks (some network mounts)
                 os.close(fd)
                 log.warning(f"cannot lock {self.target} ({e.strerror}); make sure no other run writes there")
@@ -129,8 +138,12 @@ class OutputLock:
                 break
             os.close(fd)
         # The command's name only, never its arguments: a command line can hold a token.
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-                "command": self.command}
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "command": self.command,
+        }
         os.ftruncate(fd, 0)
         os.write(fd, (dumps(info) + "\n").encode())
         self._fd = fd
@@ -145,7 +158,7 @@ class OutputLock:
             self.path.unlink()
         os.close(fd)
 
-    def __enter__(self) -> "OutputLock":
+    def __enter__(self) -> OutputLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

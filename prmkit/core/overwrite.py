@@ -8,9 +8,7 @@ import shutil
 from pathlib import Path
 
 from prmkit.core.atomic import remove_path
-from prmkit.core.checkpoints import (
-    latest_complete_checkpoint,
-)
+from prmkit.core.checkpoints import latest_complete_checkpoint
 from prmkit.core.filenames import PRMKIT_JSON
 from prmkit.errors import UsageError
 
@@ -82,8 +80,11 @@ def settle_overwrite(out: str | Path) -> str | None:
     if kept:
         os.rename(replaced, out / _DISCARDED)
         shutil.rmtree(out / _DISCARDED, ignore_errors=True)
-        return None if kept == "its finished model" else (
-            f"{out}: the --overwrite run that stopped had saved {kept}; the previous contents are deleted")
+        return (
+            None
+            if kept == "its finished model"
+            else (f"{out}: the --overwrite run that stopped had saved {kept}; the previous contents are deleted")
+        )
     for item in list(out.iterdir()):
         if item.name not in _OWN_HIDDEN:
             remove_path(item)
@@ -101,16 +102,26 @@ def set_aside_problem(model_dir: str | Path) -> UsageError | None:
         return None  # a finished new model; the previous one only waits to be deleted
     is_model = any((d / f).is_file() for d in (where, model_dir) for f in (PRMKIT_JSON, "config.json"))
     what = "model" if is_model else "contents"
-    back = (f"if that run was interrupted, run its `prmkit train` command again without --overwrite: that puts the "
-            f"previous {what} back, then stops")
+    back = (
+        f"if that run was interrupted, run its `prmkit train` command again without --overwrite: that puts the "
+        f"previous {what} back, then stops"
+    )
     if where.name != REPLACED:
-        return UsageError(f"{model_dir}: `prmkit train --overwrite` was moving its previous {what} (partly in {where}) "
-                          "when it stopped, or is still at it", hint=back)
+        return UsageError(
+            f"{model_dir}: `prmkit train --overwrite` was moving its previous {what} (partly in {where}) "
+            "when it stopped, or is still at it",
+            hint=back,
+        )
     saved = _has_something_to_keep(model_dir)
     if saved:
-        hint = (f"the new run saved {saved}: the next `prmkit train` into {model_dir} deletes the set-aside {what}, "
-                f"so copy {where} elsewhere first if you need it; it can be scored where it lies")
+        hint = (
+            f"the new run saved {saved}: the next `prmkit train` into {model_dir} deletes the set-aside {what}, "
+            f"so copy {where} elsewhere first if you need it; it can be scored where it lies"
+        )
     else:
         hint = f"score it where it lies ({where}); {back}"
-    return UsageError(f"{model_dir}: no finished model: `prmkit train --overwrite` set the previous {what} aside in "
-                      f"{where}, and the new run has not finished (it is running, or was interrupted)", hint=hint)
+    return UsageError(
+        f"{model_dir}: no finished model: `prmkit train --overwrite` set the previous {what} aside in "
+        f"{where}, and the new run has not finished (it is running, or was interrupted)",
+        hint=hint,
+    )

@@ -19,27 +19,44 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 MASK = "***"
 
 # A key names a secret when any of these occurs in it, case-insensitively ("token" but not "tokenizer", "auth" but not
 # "author").
-_SECRET_KEY = re.compile(r"token(?!i[sz])|passw|passphrase|secret|credential|api[_-]?key|private[_-]?key|"
-                         r"access[_-]?key|auth(?!or)|cookie|signature", re.I)
+_SECRET_KEY = re.compile(
+    r"token(?!i[sz])|passw|passphrase|secret|credential|api[_-]?key|private[_-]?key|"
+    r"access[_-]?key|auth(?!or)|cookie|signature",
+    re.I,
+)
 # Keys that contain "token" and name vocabulary items, never a credential: a tokenizer's special tokens, token ids,
 # and plurals (reward_tokens: ["+", "-"], tokens_per_second). A credential is one value under a singular name.
-_NOT_SECRET_KEY = re.compile(r"^(pad|bos|eos|unk|sep|cls|mask)_token$|special_tokens?|tokens?_ids?$|token_type|"
-                             r"tokens(_|$)", re.I)
+_NOT_SECRET_KEY = re.compile(
+    r"^(pad|bos|eos|unk|sep|cls|mask)_token$|special_tokens?|tokens?_ids?$|token_type|"
+    r"tokens(_|$)",
+    re.I,
+)
 # Query parameters that carry credentials beyond the secret key names: signed-URL signatures and keys.
-_SECRET_PARAMS = {"sig", "key", "code", "x-amz-signature", "x-amz-credential", "x-amz-security-token",
-                  "x-goog-signature", "x-goog-credential"}
+_SECRET_PARAMS = {
+    "sig",
+    "key",
+    "code",
+    "x-amz-signature",
+    "x-amz-credential",
+    "x-amz-security-token",
+    "x-goog-signature",
+    "x-goog-credential",
+}
 _URL_USERINFO = re.compile(r"(?P<scheme>\b[a-z][a-z0-9+.-]*://)(?P<userinfo>[^\s/@?#]+)@", re.I)
 _QUERY_PARAM = re.compile(r"(?P<sep>[?&;])(?P<name>[^\s=&#?;]+)=(?P<value>[^\s&#;\"'<>]*)")
 # Shapes of tokens worth masking wherever they appear: Hugging Face user and organisation tokens, GitHub tokens,
 # AWS access key ids, and bearer headers.
-_TOKEN_SHAPES = re.compile(r"\b(?:hf_[A-Za-z0-9]{20,}|api_org_[A-Za-z0-9]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|"
-                           r"github_pat_[A-Za-z0-9_]{20,}|AKIA[0-9A-Z]{16})\b|(?<=Bearer )[^\s\"',]+")
+_TOKEN_SHAPES = re.compile(
+    r"\b(?:hf_[A-Za-z0-9]{20,}|api_org_[A-Za-z0-9]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|"
+    r"github_pat_[A-Za-z0-9_]{20,}|AKIA[0-9A-Z]{16})\b|(?<=Bearer )[^\s\"',]+"
+)
 _TOKEN_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_TOKEN")
 # Shorter values would mask ordinary words ("no", "test") wherever they appear.
 _MIN_SECRET_LEN = 6
@@ -86,8 +103,9 @@ def mask(text: str, extra: Iterable[str] = ()) -> str:
     """``text`` with URL credentials, token-shaped strings and every known secret (plus ``extra``) replaced."""
     if not isinstance(text, str) or not text:
         return text
-    for secret in sorted({*known_secrets(), *(e for e in extra if e and len(e) >= _MIN_SECRET_LEN)}, key=len,
-                         reverse=True):
+    for secret in sorted(
+        {*known_secrets(), *(e for e in extra if e and len(e) >= _MIN_SECRET_LEN)}, key=len, reverse=True
+    ):
         if secret in text:
             text = text.replace(secret, MASK)
     if "://" in text:

@@ -63,13 +63,27 @@ class Format:
 
 
 FORMATS: dict[str, Format] = {
-    STEPWISE: Format(STEPWISE, ("prompt", "completions", "labels"), lambda r, o: [_stepwise(r)],
-                     score_columns=("prompt", "completions", "labels")),
+    STEPWISE: Format(
+        STEPWISE,
+        ("prompt", "completions", "labels"),
+        lambda r, o: [_stepwise(r)],
+        score_columns=("prompt", "completions", "labels"),
+    ),
     MATH_SHEPHERD: Format(MATH_SHEPHERD, ("input", "label"), lambda r, o: [_math_shepherd(r)]),
-    PRM800K: Format(PRM800K, ("question", "label"), lambda r, o: _prm800k(r, o.prm800k_neutral),
-                    whole_solutions=False, neutral_ratings=True),
-    PROCESSBENCH: Format(PROCESSBENCH, ("problem", "steps", "label"), lambda r, o: [_processbench(r, o.is_eval)],
-                         score_columns=("problem", "steps", "label"), first_error_labels=True),
+    PRM800K: Format(
+        PRM800K,
+        ("question", "label"),
+        lambda r, o: _prm800k(r, o.prm800k_neutral),
+        whole_solutions=False,
+        neutral_ratings=True,
+    ),
+    PROCESSBENCH: Format(
+        PROCESSBENCH,
+        ("problem", "steps", "label"),
+        lambda r, o: [_processbench(r, o.is_eval)],
+        score_columns=("problem", "steps", "label"),
+        first_error_labels=True,
+    ),
 }
 """Every format, in the order choices are listed. Tests add one with ``monkeypatch.setitem``: read it at call time."""
 
@@ -103,6 +117,7 @@ def format_signatures() -> dict[str, tuple[str, ...]]:
 def uses_neutral_ratings(names: Iterable[Any]) -> bool:
     """Whether any of these format names (``auto`` and None allowed) is a format with neutral ratings."""
     return any(fmt.neutral_ratings for fmt in (FORMATS.get(n) if isinstance(n, str) else None for n in names) if fmt)
+
 
 SHEPHERD_TAG = "ки"
 _SHEPHERD_MARK = "ⶻ"  # one character, so positions in `input` line up with `label` (TRL's trick)
@@ -192,8 +207,7 @@ def validate(row: dict[str, Any], label_threshold: float | None = None, allow_un
     prompt = row.get("prompt")
     if not isinstance(prompt, str):
         raise RowError("prompt", f"expected a string, got {_kind(prompt)}")
-    steps = row.get("completions")
-    _check_steps("completions", steps)
+    steps = _check_steps("completions", row.get("completions"))
     for i, step in enumerate(steps):
         problem = step_problem(step)
         if problem:
@@ -204,7 +218,7 @@ def validate(row: dict[str, Any], label_threshold: float | None = None, allow_un
         raise RowError("labels", f"expected a list, got {_kind(labels)}")
     if len(labels) != len(steps):
         raise RowError("labels", f"{len(labels)} labels for {len(steps)} steps")
-    normalized = []
+    normalized: list[Any] = []
     for i, label in enumerate(labels):
         if label is None and allow_unlabelled:
             normalized.append(None)
@@ -235,11 +249,13 @@ def _kind(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
-def _check_steps(name: str, steps: Any) -> None:
+def _check_steps(name: str, steps: Any) -> list[Any]:
+    """``steps`` when it is a non-empty list (its items are checked by the caller)."""
     if not isinstance(steps, list):
         raise RowError(name, f"expected a non-empty list of strings, got {_kind(steps)}")
     if not steps:
         raise RowError(name, "empty: expected a non-empty list of strings")
+    return steps
 
 
 def _check_texts(prompt: str, steps: list[str]) -> None:
@@ -277,10 +293,13 @@ def _math_shepherd(record: dict) -> dict:
     # TRL reads `label` only at the tag positions, so a longer label converts there whatever follows. A tail of
     # whitespace changes nothing and converts as in TRL; anything else means the two texts do not line up (a '+' or
     # '-' there would be a label for a step without a tag, which TRL drops unseen), so it is refused.
-    tail = label[len(marked):]
+    tail = label[len(marked) :]
     if len(label) < len(marked) or tail.strip():
-        raise RowError("label", f"length {len(label)} does not match input with tags as one character ({len(marked)})"
-                       + (f"; it ends with {tail!r} past the input" if tail.strip() else ""))
+        raise RowError(
+            "label",
+            f"length {len(label)} does not match input with tags as one character ({len(marked)})"
+            + (f"; it ends with {tail!r} past the input" if tail.strip() else ""),
+        )
     indexes = [m.start() for m in re.finditer(_SHEPHERD_MARK, marked)]
     if not indexes:
         raise RowError("input", f"no step tag {SHEPHERD_TAG!r} found")
@@ -300,8 +319,11 @@ def _math_shepherd(record: dict) -> dict:
         if marker is None and "?" not in prompt:
             raise RowError("input", "cannot find where the first step starts (no 'Step 1:' and no '?')")
         if prompt.count(marker or "?") > 1:
-            raise RowError("input", f"{marker or '?'!r} appears {prompt.count(marker or '?')} times before the first step "
-                           "tag, so where the first step starts is ambiguous")
+            raise RowError(
+                "input",
+                f"{marker or '?'!r} appears {prompt.count(marker or '?')} times before the first step "
+                "tag, so where the first step starts is ambiguous",
+            )
         if marker is not None:
             prompt, first = prompt.split(marker, 1)
             completions = [(marker + first).strip(), *completions]
@@ -345,11 +367,13 @@ def _prm800k(record: dict, neutral: str) -> list[dict]:
             verdict = _rating_label(completion.get("rating"), neutral)
             if verdict is None:
                 continue
-            rows.append({"prompt": prompt, "completions": [*done, completion.get("text")], "labels": [*done_labels, verdict]})
+            rows.append(
+                {"prompt": prompt, "completions": [*done, completion.get("text")], "labels": [*done_labels, verdict]}
+            )
         if chosen is not None:
             if not isinstance(chosen, int) or not 0 <= chosen < len(completions or []):
                 raise RowError(f"label.steps[{n}].chosen_completion", f"{chosen!r} is not an index into completions")
-            picked = completions[chosen]
+            picked = (completions or [])[chosen]  # a list here: the range check above failed otherwise
             verdict = _rating_label(picked.get("rating"), neutral)
         elif human is not None:
             picked, verdict = human, True
@@ -368,7 +392,7 @@ def _processbench(record: dict, is_eval: bool) -> dict:
     problem, steps, label = record.get("problem"), record.get("steps"), record.get("label")
     if "problem" not in record:
         raise RowError("problem", "missing")
-    _check_steps("steps", steps)
+    steps = _check_steps("steps", steps)
     if "label" not in record:
         raise RowError("label", "missing")
     if not isinstance(label, int) or isinstance(label, bool) or not -1 <= label < len(steps):

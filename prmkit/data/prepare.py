@@ -11,32 +11,21 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from prmkit.core.atomic import (
-    make_temp_dir,
-    manifest,
-    remove_leftovers,
-    swap_in,
-)
+from prmkit.core.atomic import make_temp_dir, manifest, remove_leftovers, swap_in
 from prmkit.core.filenames import METADATA_FILE, REJECTS_FILE
 from prmkit.core.jsonio import dumps
 from prmkit.core.outputs import refuse_inputs_inside
 from prmkit.core.redact import redact
 from prmkit.core.version import __version__
-from prmkit.data.sources import (
-    SplitReport,
-    fingerprint_source,
-    resolve_source,
-)
+from prmkit.data.sources import SplitReport, fingerprint_source, resolve_source
 from prmkit.data.tokenized import Prepared, _read_metadata, verify_prepared
 from prmkit.errors import UsageError
 from prmkit.kinds.registry import DEFAULT_KIND, get_kind
-from prmkit.tokenization import (
-    TokenizationParams,
-    tokenizer_fingerprint,
-)
+from prmkit.tokenization import TokenizationParams, tokenizer_fingerprint
 
 log = logging.getLogger("prmkit")
 
@@ -64,8 +53,14 @@ def _train_kind_encoder(cfg, tokenizer):
     return KindEncoder(kind.name, tokenizer, settings, cfg.data.max_length)
 
 
-def cache_key(tok_fp: dict, params: TokenizationParams, data_cfg, sources: dict[str, str],
-              kind: dict[str, Any] | None = None, held_out: dict[str, Any] | None = None) -> str:
+def cache_key(
+    tok_fp: dict,
+    params: TokenizationParams,
+    data_cfg,
+    sources: dict[str, str],
+    kind: dict[str, Any] | None = None,
+    held_out: dict[str, Any] | None = None,
+) -> str:
     material = {
         **({"kind": kind} if kind else {}),
         **({"eval_fraction": held_out} if held_out else {}),
@@ -85,8 +80,10 @@ def _reuse_existing(target: Path, key: str, output: str | Path | None, overwrite
     interrupted prepare left and refusing to replace a directory prepare did not write."""
     removed, size = remove_leftovers(target.parent, target.name)
     if removed:
-        log.info(f"removed {removed} temporary director{'y' if removed == 1 else 'ies'} ({size / 1e6:.1f} MB) left in "
-                 f"{target.parent} by an interrupted prepare")
+        log.info(
+            f"removed {removed} temporary director{'y' if removed == 1 else 'ies'} ({size / 1e6:.1f} MB) left in "
+            f"{target.parent} by an interrupted prepare"
+        )
     existing = _read_metadata(target)
     if existing is not None and existing.get("cache_key") == key and not overwrite:
         damage = verify_prepared(target, existing)
@@ -98,8 +95,10 @@ def _reuse_existing(target: Path, key: str, output: str | Path | None, overwrite
         log.warning(f"{target}: {damage}; rebuilding it")
     elif existing is None and (target.is_file() or target.is_symlink() or (target.is_dir() and any(target.iterdir()))):
         if output is not None and not overwrite:
-            raise UsageError(f"{target} exists and is not a prmkit prepared dataset (no readable {METADATA_FILE})",
-                             hint="pass --overwrite to replace it, or choose another output directory")
+            raise UsageError(
+                f"{target} exists and is not a prmkit prepared dataset (no readable {METADATA_FILE})",
+                hint="pass --overwrite to replace it, or choose another output directory",
+            )
         if output is None:
             # The cache is prmkit's own: an entry without its metadata is what an interrupted or damaged write leaves.
             log.warning(f"{target}: cache entry without a readable {METADATA_FILE}; rebuilding it")
@@ -124,12 +123,7 @@ def prepare_splits(
     """
     import datasets
 
-    from prmkit.data.splits import (
-        build_splits,
-        check_eval_fraction,
-        prepared_inputs,
-        split_seed,
-    )
+    from prmkit.data.splits import build_splits, check_eval_fraction, prepared_inputs, split_seed
 
     data = cfg.data
     check_eval_fraction(data)
@@ -152,9 +146,16 @@ def prepare_splits(
     target = Path(output) if output else cache_root(data.cache_dir) / "prepared" / key
     if output:
         # A rebuild replaces the whole directory: an input inside it would be deleted with it.
-        refuse_inputs_inside(target, [("data.train", data.train), ("data.eval", data.eval),
-                                      ("tokenizer", cfg.tokenizer_name), ("--config", getattr(cfg, "source", None))],
-                             "prepare replaces")
+        refuse_inputs_inside(
+            target,
+            [
+                ("data.train", data.train),
+                ("data.eval", data.eval),
+                ("tokenizer", cfg.tokenizer_name),
+                ("--config", getattr(cfg, "source", None)),
+            ],
+            "prepare replaces",
+        )
 
     reused = _reuse_existing(target, key, output, overwrite)
     if reused is not None:
@@ -165,8 +166,9 @@ def prepare_splits(
     tmp = make_temp_dir(target.parent, target.name)
     try:
         rejects: list[dict] = []
-        splits, reports, held_record = build_splits(cfg, specs, given.splits, held, tokenizer, params, kind_encoder,
-                                                    skip_invalid, rejects, on_progress)
+        splits, reports, held_record = build_splits(
+            cfg, specs, given.splits, held, tokenizer, params, kind_encoder, skip_invalid, rejects, on_progress
+        )
         metadata = {
             "prmkit_version": __version__,
             "cache_key": key,

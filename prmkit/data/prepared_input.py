@@ -26,7 +26,8 @@ def is_prepared(path: Path | None) -> bool:
 
 @dataclass
 class PreparedSplit:
-    """One split of a prepared directory: the rows (a `datasets.Dataset`), what prepare said of them, and its metadata."""
+    """One split of a prepared directory: the rows (a `datasets.Dataset`), what prepare said of them, and its
+    metadata."""
 
     dataset: Any
     split: str
@@ -65,21 +66,34 @@ def load_split(source: Any, role: str) -> PreparedSplit:
     names = list(dsd)
     split = source.split or (role if role in dsd else names[0] if len(names) == 1 else None)
     if split is None or split not in dsd:
-        raise DataError(f"{spec}: no {source.split or role!r} split; it holds {', '.join(names)}",
-                        hint=f"name one: {path}:{names[0]}")
+        raise DataError(
+            f"{spec}: no {source.split or role!r} split; it holds {', '.join(names)}",
+            hint=f"name one: {path}:{names[0]}",
+        )
     ds = dsd[split]
     if source.instruction is not None and "[" in source.instruction:
-        picked = [i for a, b in row_ranges(spec, f"{split}[{source.instruction.split('[', 1)[1]}", len(ds))
-                  for i in range(a, b)]
+        picked = [
+            i
+            for a, b in row_ranges(spec, f"{split}[{source.instruction.split('[', 1)[1]}", len(ds))
+            for i in range(a, b)
+        ]
         ds = ds.select(picked)
     report = dict((meta.get("splits") or {}).get(split) or {})
     fmt = ((meta.get("data") or {}).get("formats") or {}).get(split) or report.get("format") or "prepared"
     return PreparedSplit(ds, split, report, meta, fmt)
 
 
-def check_matches(spec: str, meta: dict[str, Any], *, tokenizer_fp: dict[str, Any] | None, params: dict[str, Any],
-                  kind: dict[str, Any] | None, labels: dict[str, Any] | None = None, user: str = "this run",
-                  trained_tokenizer: str | None = None) -> None:
+def check_matches(
+    spec: str,
+    meta: dict[str, Any],
+    *,
+    tokenizer_fp: dict[str, Any] | None,
+    params: dict[str, Any],
+    kind: dict[str, Any] | None,
+    labels: dict[str, Any] | None = None,
+    user: str = "this run",
+    trained_tokenizer: str | None = None,
+) -> None:
     """Refuse prepared data made with another tokenizer, tokenization, PRM kind or label settings, naming the first
     difference. ``user`` names who differs ("this run", "model runs/prm"); ``trained_tokenizer`` is the fingerprint
     a model's prmkit.json records of its training tokenizer, which is as good as the one loaded now (a tokenizer can
@@ -87,30 +101,43 @@ def check_matches(spec: str, meta: dict[str, Any], *, tokenizer_fp: dict[str, An
     recorded = meta.get("tokenization") or {}
     for key in params:
         if key in recorded and recorded[key] != params[key]:
-            raise DataError(f"{spec}: prepared with data.{key}={recorded[key]!r}, but {user} uses {params[key]!r}",
-                            hint=f"set data.{key}={_yaml(recorded[key])} to use it as it is, or {_HINT}")
+            raise DataError(
+                f"{spec}: prepared with data.{key}={recorded[key]!r}, but {user} uses {params[key]!r}",
+                hint=f"set data.{key}={_yaml(recorded[key])} to use it as it is, or {_HINT}",
+            )
     if (meta.get("kind") or None) != (kind or None):
         said = lambda k: f"kind {k.get('kind')}" if k else DEFAULT_KIND  # noqa: E731
-        raise DataError(f"{spec}: prepared for {said(meta.get('kind'))}, but {user} trains or scores "
-                        f"{said(kind)}", hint=_HINT)
+        raise DataError(
+            f"{spec}: prepared for {said(meta.get('kind'))}, but {user} trains or scores {said(kind)}", hint=_HINT
+        )
     was = (meta.get("tokenizer") or {}).get("sha256")
     if tokenizer_fp is not None and was and was not in (tokenizer_fp.get("sha256"), trained_tokenizer):
         then, now = (meta.get("tokenizer") or {}).get("name_or_path"), tokenizer_fp.get("name_or_path")
         which = f"{then}, not {user}'s {now}" if then != now else f"{then}, whose ids differ from {user}'s"
-        raise DataError(f"{spec}: prepared with another tokenizer ({which}): its token ids would mean other text",
-                        hint=_HINT)
+        raise DataError(
+            f"{spec}: prepared with another tokenizer ({which}): its token ids would mean other text", hint=_HINT
+        )
     data = meta.get("data") or {}
     for key, value in (labels or {}).items():
         if key == "prm800k_neutral" and not uses_neutral_ratings((data.get("formats") or {}).values()):
             continue  # only PRM800K rows depend on it
         if key in data and data[key] != value:
-            raise DataError(f"{spec}: prepared with data.{key}={data[key]!r}, but {user} uses {value!r}",
-                            hint=f"set data.{key}={_yaml(data[key])}, or {_HINT}")
+            raise DataError(
+                f"{spec}: prepared with data.{key}={data[key]!r}, but {user} uses {value!r}",
+                hint=f"set data.{key}={_yaml(data[key])}, or {_HINT}",
+            )
 
 
 def _yaml(value: Any) -> str:
-    return "null" if value is None else json.dumps(value) if isinstance(value, str) else str(value).lower() \
-        if isinstance(value, bool) else str(value)
+    return (
+        "null"
+        if value is None
+        else json.dumps(value)
+        if isinstance(value, str)
+        else str(value).lower()
+        if isinstance(value, bool)
+        else str(value)
+    )
 
 
 def step_rows(ds: Any) -> tuple[list[list[int]], list[list[int]], list[list[Any]], list[int]]:

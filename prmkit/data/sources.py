@@ -9,9 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from prmkit.core import jsonio
 from prmkit.core.filenames import METADATA_FILE
@@ -48,8 +49,10 @@ def resolve_source(spec: str) -> Source:
     if spec == "-":
         # prepare, train and eval read a source more than once (fingerprint, rows, extras), and a launched training
         # run's processes share no stdin: only `prmkit score` streams it.
-        raise DataError("-: reading data from stdin works only for `prmkit score`",
-                        hint="save it to a file first (e.g. `... > rows.jsonl`) and pass that path")
+        raise DataError(
+            "-: reading data from stdin works only for `prmkit score`",
+            hint="save it to a file first (e.g. `... > rows.jsonl`) and pass that path",
+        )
     path = Path(spec).expanduser()
     part = None if path.exists() else local_part(spec, LOCAL_SUFFIXES)
     if part is not None:
@@ -60,7 +63,11 @@ def resolve_source(spec: str) -> Source:
     if path.is_dir():
         if (path / METADATA_FILE).is_file():  # prepare's output: train and eval read its token ids as they are
             return Source(spec, "prepared", path, instruction=instruction, split=part.split if part else None)
-        if (path / "dataset_info.json").exists() or (path / "state.json").exists() or (path / "dataset_dict.json").exists():
+        if (
+            (path / "dataset_info.json").exists()
+            or (path / "state.json").exists()
+            or (path / "dataset_dict.json").exists()
+        ):
             return Source(spec, "disk", path, instruction=instruction, split=part.split if part else None)
         raise DataError(f"{spec}: a directory, but not one written by datasets' save_to_disk")
     suffix = path.suffix.lower()
@@ -70,8 +77,10 @@ def resolve_source(spec: str) -> Source:
         if path.stat().st_size == 0:
             raise DataError(f"{spec}: the file is empty")
         if part is not None and part.split not in (None, FILE_SPLIT):
-            raise DataError(f"{spec}: a file holds one split, {FILE_SPLIT!r}, not {part.split!r}",
-                            hint=f"slice it as {part.path}[...] (a saved dataset directory can hold several splits)")
+            raise DataError(
+                f"{spec}: a file holds one split, {FILE_SPLIT!r}, not {part.split!r}",
+                hint=f"slice it as {part.path}[...] (a saved dataset directory can hold several splits)",
+            )
         kind = "jsonl" if suffix == ".jsonl" else suffix[1:]
         if kind != "parquet":
             with open(path, "rb") as fh:
@@ -80,7 +89,9 @@ def resolve_source(spec: str) -> Source:
     if part is not None:
         raise DataError(f"{spec}: no such file or directory ({path.resolve()})")
     if path.exists():
-        raise DataError(f"{spec}: unsupported file type {suffix or '(none)'}", hint="use .jsonl, .json, .parquet or .csv")
+        raise DataError(
+            f"{spec}: unsupported file type {suffix or '(none)'}", hint="use .jsonl, .json, .parquet or .csv"
+        )
     from prmkit.core.locate import locate
 
     try:
@@ -93,8 +104,12 @@ def resolve_source(spec: str) -> Source:
 UTF8_BOM = b"\xef\xbb\xbf"
 
 
-_OTHER_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32LE"), (b"\x00\x00\xfe\xff", "UTF-32BE"), (b"\xff\xfe", "UTF-16LE"),
-               (b"\xfe\xff", "UTF-16BE"))
+_OTHER_BOMS = (
+    (b"\xff\xfe\x00\x00", "UTF-32LE"),
+    (b"\x00\x00\xfe\xff", "UTF-32BE"),
+    (b"\xff\xfe", "UTF-16LE"),
+    (b"\xfe\xff", "UTF-16BE"),
+)
 
 
 def check_encoding(head: bytes, name: str) -> None:
@@ -108,13 +123,17 @@ def check_encoding(head: bytes, name: str) -> None:
         # JSON and CSV start with an ASCII character; without a byte-order mark, zeros beside it tell the encoding.
         zeros = tuple(b == 0 for b in head)
         by_zeros: dict[tuple[bool, ...], str] = {
-            (False, True, True, True): "UTF-32LE", (True, True, True, False): "UTF-32BE",
-            (False, True, False, True): "UTF-16LE", (True, False, True, False): "UTF-16BE"}
+            (False, True, True, True): "UTF-32LE",
+            (True, True, True, False): "UTF-32BE",
+            (False, True, False, True): "UTF-16LE",
+            (True, False, True, False): "UTF-16BE",
+        }
         found = by_zeros.get(zeros)
     if found is not None:
-        raise DataError(f"{name}: the text is encoded in {found}, not UTF-8",
-                        hint=f"convert it once: iconv -f {found} -t UTF-8 IN > OUT (a leading byte-order mark is "
-                             "fine in UTF-8)")
+        raise DataError(
+            f"{name}: the text is encoded in {found}, not UTF-8",
+            hint=f"convert it once: iconv -f {found} -t UTF-8 IN > OUT (a leading byte-order mark is fine in UTF-8)",
+        )
 
 
 @dataclass(slots=True)
@@ -180,8 +199,10 @@ def iter_records(source: Source) -> Iterator[SourceRecord]:
 
 def _iter_all(source: Source) -> Iterator[SourceRecord]:
     if source.kind == "prepared":
-        raise DataError(f"{source.spec}: a `prmkit prepare` output holds token ids, not text rows; only train and eval "
-                        "read it", hint="give the data it was prepared from (its prmkit_dataset.json names it)")
+        raise DataError(
+            f"{source.spec}: a `prmkit prepare` output holds token ids, not text rows; only train and eval read it",
+            hint="give the data it was prepared from (its prmkit_dataset.json names it)",
+        )
     if source.kind == "jsonl":
         assert source.path is not None
         with open(source.path, "rb") as fh:
@@ -211,17 +232,25 @@ def _iter_json(source: Source) -> Iterator[SourceRecord]:
         raise DataError(f"{source.spec}: line {e.lineno}: JSON {e.msg} (at column {e.colno})") from None
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":
-            raise DataError(f"{source.spec}: line {e.lineno}: malformed JSON (extra data; is it JSON Lines? name it .jsonl)") from None
+            raise DataError(
+                f"{source.spec}: line {e.lineno}: malformed JSON (extra data; is it JSON Lines? name it .jsonl)"
+            ) from None
         raise DataError(f"{source.spec}: line {e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
     expected = "expected a JSON array of rows (objects), or an object holding one such array"
     if isinstance(data, dict):
         # {"data": [...]} or {"train": [...]} wrappers, as datasets' json loader's `field` would take them.
         lists = [k for k, v in data.items() if isinstance(v, list) and v and isinstance(v[0], dict)]
         if len(lists) != 1:
-            found = (f"one object with keys {sorted(data)}" if not lists
-                     else f"an object with several arrays of rows ({', '.join(sorted(lists))})")
-            hint = ("a single row needs to be in an array: [{...}], or one object per line in a .jsonl file"
-                    if not lists else "keep one array of rows in the file")
+            found = (
+                f"one object with keys {sorted(data)}"
+                if not lists
+                else f"an object with several arrays of rows ({', '.join(sorted(lists))})"
+            )
+            hint = (
+                "a single row needs to be in an array: [{...}], or one object per line in a .jsonl file"
+                if not lists
+                else "keep one array of rows in the file"
+            )
             raise DataError(f"{source.spec}: found {found}; {expected}", hint=hint)
         data = data[lists[0]]
     if not isinstance(data, list):
@@ -238,7 +267,8 @@ def _iter_json(source: Source) -> Iterator[SourceRecord]:
 
 def _json_kind(value: Any) -> str:
     return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}.get(
-        type(value), "null" if value is None else type(value).__name__)
+        type(value), "null" if value is None else type(value).__name__
+    )
 
 
 def _load_with_datasets(source: Source):
@@ -266,8 +296,10 @@ def _load_with_datasets(source: Source):
     except FileNotFoundError as e:
         raise DataError(f"{source.spec}: not found ({e})") from None
     except Exception as e:  # datasets raises many types for an unreachable or missing dataset
-        raise DataError(f"{source.spec}: could not load ({named_first_line(e)})",
-                        hint="a Hub dataset needs network access; local files need a .jsonl, .json, .parquet or .csv suffix") from None
+        raise DataError(
+            f"{source.spec}: could not load ({named_first_line(e)})",
+            hint="a Hub dataset needs network access; local files need a .jsonl, .json, .parquet or .csv suffix",
+        ) from None
 
 
 def _hub_split(spec: str) -> tuple[str, str]:
@@ -340,10 +372,14 @@ class StepRows:
     def __len__(self) -> int:
         return len(self.prompts)
 
-    def take(self, indexes: list[int]) -> "StepRows":
-        return StepRows([self.prompts[i] for i in indexes], [self.completions[i] for i in indexes],
-                        [self.labels[i] for i in indexes], [self.first_errors[i] for i in indexes],
-                        [self.rows[i] for i in indexes])
+    def take(self, indexes: list[int]) -> StepRows:
+        return StepRows(
+            [self.prompts[i] for i in indexes],
+            [self.completions[i] for i in indexes],
+            [self.labels[i] for i in indexes],
+            [self.first_errors[i] for i in indexes],
+            [self.rows[i] for i in indexes],
+        )
 
 
 def tally_rows(report: SplitReport, rows: StepRows, separator: str) -> None:
@@ -368,12 +404,7 @@ def tally_rows(report: SplitReport, rows: StepRows, separator: str) -> None:
 
 
 def read_step_rows(
-    spec: str,
-    fmt: str,
-    opts: Options,
-    separator: str,
-    skip_invalid: bool,
-    rejects: list[dict] | None = None,
+    spec: str, fmt: str, opts: Options, separator: str, skip_invalid: bool, rejects: list[dict] | None = None
 ) -> tuple[StepRows, SplitReport]:
     """Read a source, convert it to stepwise rows and validate each; collect or raise on bad rows."""
     source = resolve_source(spec)
@@ -438,8 +469,10 @@ def _detect(source: Source, records: Iterator[SourceRecord]) -> tuple[str, int, 
         seen.append(rec)
         if rec.problem is None and isinstance(rec.record, dict):
             fmt = detect_format(rec.record.keys(), source.where(rec.number))
-            log.info(f"{source.spec}: detected format {fmt} from {source.unit} {rec.number} "
-                     f"(columns {', '.join(sorted(rec.record))})")
+            log.info(
+                f"{source.spec}: detected format {fmt} from {source.unit} {rec.number} "
+                f"(columns {', '.join(sorted(rec.record))})"
+            )
             return fmt, rec.number, _chain(seen, records)
         if len(seen) >= DETECT_SCAN:
             break
@@ -447,9 +480,11 @@ def _detect(source: Source, records: Iterator[SourceRecord]) -> tuple[str, int, 
         raise DataError(f"{source.spec}: no rows")
     raise DataError(
         f"{source.spec}: cannot detect the data format: none of the first {len(seen)} {source.unit}s is a JSON object",
-        problems=[f"{source.where(r.number)}: {r.problem or 'a JSON ' + _json_kind(r.record) + ', expected an object'}"
-                  for r in seen],
-        hint="each row is one JSON object, e.g. {\"prompt\": ..., \"completions\": [...], \"labels\": [...]}",
+        problems=[
+            f"{source.where(r.number)}: {r.problem or 'a JSON ' + _json_kind(r.record) + ', expected an object'}"
+            for r in seen
+        ],
+        hint='each row is one JSON object, e.g. {"prompt": ..., "completions": [...], "labels": [...]}',
     )
 
 

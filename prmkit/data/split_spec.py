@@ -62,13 +62,15 @@ def check_instruction(spec: str, instruction: str) -> None:
     try:
         ReadInstruction.from_spec(instruction)
     except (ValueError, AssertionError) as e:
-        raise DataError(f"{spec}: cannot read the split {instruction!r} ({e})",
-                        hint="slices look like [:300], [10%:20%] or [-100:]; a saved dataset's split: DIR:test[:10%]") \
-            from None
+        raise DataError(
+            f"{spec}: cannot read the split {instruction!r} ({e})",
+            hint="slices look like [:300], [10%:20%] or [-100:]; a saved dataset's split: DIR:test[:10%]",
+        ) from None
 
 
 def row_ranges(spec: str, instruction: str, total: int) -> list[tuple[int, int]]:
-    """The 0-based ``[start, stop)`` row ranges ``instruction`` selects from ``total`` rows, as `datasets` computes them."""
+    """The 0-based ``[start, stop)`` row ranges ``instruction`` selects from ``total`` rows, as `datasets` computes
+    them."""
     from datasets import ReadInstruction
 
     ri = ReadInstruction.from_spec(instruction)

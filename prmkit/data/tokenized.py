@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from prmkit.core import jsonio
-from prmkit.core.atomic import (
-    check_manifest,
-)
+from prmkit.core.atomic import check_manifest
 from prmkit.core.filenames import METADATA_FILE
 from prmkit.data.sources import SplitReport, StepRows
 from prmkit.errors import DataError
@@ -43,9 +42,16 @@ def _features(soft: bool):
     )
 
 
-def tokenize_step_rows(rows: StepRows, tokenizer, params: TokenizationParams, is_eval: bool, num_proc: int | None = None,
-                       report: SplitReport | None = None, on_rows: Callable[[int, int], None] | None = None,
-                       kind_encoder: Any = None):
+def tokenize_step_rows(
+    rows: StepRows,
+    tokenizer,
+    params: TokenizationParams,
+    is_eval: bool,
+    num_proc: int | None = None,
+    report: SplitReport | None = None,
+    on_rows: Callable[[int, int], None] | None = None,
+    kind_encoder: Any = None,
+):
     """Tokenize validated rows into a `datasets.Dataset` with columns input_ids, labels, num_tokens, steps_lost, row.
 
     Rows that lost every label to truncation are dropped and counted; token-length percentiles and truncation losses
@@ -61,14 +67,20 @@ def tokenize_step_rows(rows: StepRows, tokenizer, params: TokenizationParams, is
     processes = _processes(num_proc, len(rows))
     chunks = [(start, min(start + CHUNK_ROWS, len(rows))) for start in range(0, len(rows), CHUNK_ROWS)]
     if kind_encoder is None:
-        encoded = encode_batches(tokenizer, ((rows.prompts[a:b], rows.completions[a:b]) for a, b in chunks), params,
-                                 processes=processes)
+        encoded = encode_batches(
+            tokenizer, ((rows.prompts[a:b], rows.completions[a:b]) for a, b in chunks), params, processes=processes
+        )
     else:  # another PRM kind's layout (prmkit.kinds.spec): the same function score uses for that kind
         from prmkit.tokenization import EncodedBatch
 
-        encoded = (EncodedBatch.from_rows(kind_encoder.encode(
-            list(zip(rows.prompts[a:b], rows.completions[a:b])), [f"row {n}" for n in rows.rows[a:b]]))
-            for a, b in chunks)
+        encoded = (
+            EncodedBatch.from_rows(
+                kind_encoder.encode(
+                    list(zip(rows.prompts[a:b], rows.completions[a:b])), [f"row {n}" for n in rows.rows[a:b]]
+                )
+            )
+            for a, b in chunks
+        )
     batches, lengths, lost, dropped = [], [], 0, 0
     for (a, b), enc in zip(chunks, encoded):
         batch = label_tokens(enc, step_label_array(rows.labels[a:b]), soft, params.train_on_last_step_only, is_eval)
@@ -110,8 +122,12 @@ def _record_batch(batch: TokenizedBatch, row_numbers, schema):
 
     offsets = pa.array(batch.offsets.astype("int32"), type=pa.int32())
     columns = {
-        "input_ids": pa.ListArray.from_arrays(offsets, pa.array(batch.input_ids, type=schema.field("input_ids").type.value_type)),
-        "labels": pa.ListArray.from_arrays(offsets, pa.array(batch.labels.astype(schema.field("labels").type.value_type.to_pandas_dtype()))),
+        "input_ids": pa.ListArray.from_arrays(
+            offsets, pa.array(batch.input_ids, type=schema.field("input_ids").type.value_type)
+        ),
+        "labels": pa.ListArray.from_arrays(
+            offsets, pa.array(batch.labels.astype(schema.field("labels").type.value_type.to_pandas_dtype()))
+        ),
         "num_tokens": pa.array(batch.num_tokens.astype("int32")),
         "steps_lost": pa.array(batch.steps_lost.astype("int32")),
         "row": pa.array(row_numbers),
@@ -154,16 +170,24 @@ def _check_rows_left(split: str, report: SplitReport, params: TokenizationParams
         return
     spec = report.source
     if report.rows_converted == 0 and report.rows_rejected:
-        raise DataError(f"{spec}: no {split} rows left: all {report.rows_rejected} rows were rejected",
-                        problems=report.problems, hint="fix the rows listed above")
+        raise DataError(
+            f"{spec}: no {split} rows left: all {report.rows_rejected} rows were rejected",
+            problems=report.problems,
+            hint="fix the rows listed above",
+        )
     if report.rows_converted == 0:
-        raise DataError(f"{spec}: no {split} rows left: {report.rows_in} rows gave no labelled solution",
-                        hint="check data.format and data.prm800k_neutral")
-    limits = ", ".join(f"data.{k}={getattr(params, k)}" for k in ("max_length", "max_prompt_length", "max_completion_length"))
-    raise DataError(f"{spec}: no {split} rows left: all {report.rows_converted} rows lost every labelled step to "
-                    f"truncation ({limits})",
-                    hint="raise data.max_length (or data.max_completion_length / lower data.max_prompt_length), "
-                         "or set it to null")
+        raise DataError(
+            f"{spec}: no {split} rows left: {report.rows_in} rows gave no labelled solution",
+            hint="check data.format and data.prm800k_neutral",
+        )
+    limits = ", ".join(
+        f"data.{k}={getattr(params, k)}" for k in ("max_length", "max_prompt_length", "max_completion_length")
+    )
+    raise DataError(
+        f"{spec}: no {split} rows left: all {report.rows_converted} rows lost every labelled step to "
+        f"truncation ({limits})",
+        hint="raise data.max_length (or data.max_completion_length / lower data.max_prompt_length), or set it to null",
+    )
 
 
 def _read_metadata(target: Path) -> dict | None:
@@ -177,7 +201,8 @@ def _read_metadata(target: Path) -> dict | None:
 
 
 def verify_prepared(target: Path, metadata: dict) -> str | None:
-    """What is wrong with a prepared directory's files, or None when each has the size and checksum it was written with."""
+    """What is wrong with a prepared directory's files, or None when each has the size and checksum it was written
+    with."""
     files = metadata.get("files")
     if not isinstance(files, dict) or not files:
         return f"{METADATA_FILE} records no checksums (written by an older prmkit)"

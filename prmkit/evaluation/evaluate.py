@@ -269,21 +269,36 @@ def _prepared_subset(name: str, spec: str, source: Any) -> Subset:
     if not ids:
         raise DataError(f"{spec}: the {part.split!r} split holds no rows")
     first_errors = [_first_error_from_labels(row) for row in labels]
-    log.info(f"{spec}: scoring the {part.split!r} split of a prepared dataset ({len(ids)} rows); outcome and "
-             "Best-of-N figures need the text data")
+    log.info(
+        f"{spec}: scoring the {part.split!r} split of a prepared dataset ({len(ids)} rows); outcome and "
+        "Best-of-N figures need the text data"
+    )
     return Subset(
-        name=name, spec=spec, format=part.format,
+        name=name,
+        spec=spec,
+        format=part.format,
         prompts=[f"\0row {i}" for i in range(len(ids))],  # one candidate per "problem": no Best-of-N groups
-        completions=[[""] * len(p) for p in positions], labels=labels, first_errors=first_errors,
-        final_answer_correct=[None] * len(ids), answers=[None] * len(ids), rows=rows,
-        rows_in=int(part.report.get("rows_in") or len(ids)), rows_rejected=0,
+        completions=[[""] * len(p) for p in positions],
+        labels=labels,
+        first_errors=first_errors,
+        final_answer_correct=[None] * len(ids),
+        answers=[None] * len(ids),
+        rows=rows,
+        rows_in=int(part.report.get("rows_in") or len(ids)),
+        rows_rejected=0,
         first_error_source="step labels" if any(fe is not None for fe in first_errors) else None,
-        tokens=list(zip(ids, positions)), prepared=part.metadata,
+        tokens=list(zip(ids, positions)),
+        prepared=part.metadata,
     )
 
 
-def check_prepared(subsets: Sequence[Subset], scorer: Any, model: str, label_threshold: float | None = None,
-                   prm800k_neutral: str = "negative") -> None:
+def check_prepared(
+    subsets: Sequence[Subset],
+    scorer: Any,
+    model: str,
+    label_threshold: float | None = None,
+    prm800k_neutral: str = "negative",
+) -> None:
     """Refuse a prepared subset made with another tokenizer or tokenization than ``model`` scores with."""
     from prmkit.data.prepared_input import check_matches
     from prmkit.models.model_dir import read_metadata
@@ -297,13 +312,23 @@ def check_prepared(subsets: Sequence[Subset], scorer: Any, model: str, label_thr
             path = Path(split_kind(model)[0]).expanduser()
             trained = ((read_metadata(path) if path.is_dir() else None) or {}).get("tokenizer") or {}
         if getattr(scorer, "kind_encoder", None) is not None:
-            raise DataError(f"{subset.spec}: prepared data holds TRL's token-classification layout; model {model} "
-                            "reads another PRM kind's", hint="give the text data it was prepared from")
+            raise DataError(
+                f"{subset.spec}: prepared data holds TRL's token-classification layout; model {model} "
+                "reads another PRM kind's",
+                hint="give the text data it was prepared from",
+            )
         params = scorer.params.to_dict()
         params.pop("train_on_last_step_only", None)  # training only: an eval split has every label
-        check_matches(subset.spec, subset.prepared, tokenizer_fp=tokenizer_fingerprint(scorer.tokenizer),
-                      params=params, kind=None, user=f"model {model}", trained_tokenizer=trained.get("sha256"),
-                      labels={"label_threshold": label_threshold, "prm800k_neutral": prm800k_neutral})
+        check_matches(
+            subset.spec,
+            subset.prepared,
+            tokenizer_fp=tokenizer_fingerprint(scorer.tokenizer),
+            params=params,
+            kind=None,
+            user=f"model {model}",
+            trained_tokenizer=trained.get("sha256"),
+            labels={"label_threshold": label_threshold, "prm800k_neutral": prm800k_neutral},
+        )
 
 
 def score_subsets(
@@ -348,8 +373,10 @@ def choose_threshold(
         subset = _find_subset(subsets, tune_on)
         samples = [(s, fe) for s, fe in zip(scores[subset.name], subset.first_errors) if fe is not None]
         if not samples:
-            raise UsageError(f"--tune-threshold {tune_on}: that subset has no first-error labels",
-                             hint="tune on ProcessBench-style data, or rows with hard step labels")
+            raise UsageError(
+                f"--tune-threshold {tune_on}: that subset has no first-error labels",
+                hint="tune on ProcessBench-style data, or rows with hard step labels",
+            )
         try:
             value, f1 = metrics.tune_threshold(samples)
         except ValueError as e:
@@ -464,8 +491,10 @@ def build_model_report(
     mean = metrics.mean_f1_summary({name: sub["first_error"] for name, sub in report_subsets.items()})
     if mean["left_out"] and any(sub["first_error"] is not None for sub in report_subsets.values()):
         covered = f"covers {', '.join(mean['subsets'])} only" if mean["subsets"] else "is undefined"
-        log.warning(f"{model}: mean_f1 {covered}; left out: "
-                    + "; ".join(f"{name} ({why})" for name, why in mean["left_out"].items()))
+        log.warning(
+            f"{model}: mean_f1 {covered}; left out: "
+            + "; ".join(f"{name} ({why})" for name, why in mean["left_out"].items())
+        )
     report: dict[str, Any] = {
         "model": model,
         "threshold": value,
@@ -488,11 +517,12 @@ def build_model_report(
 def combine_reports(
     reports: Mapping[str, Mapping[str, Any]], raws: Mapping[str, Mapping[str, Any]]
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """One report for one model or several (:func:`prmkit.evaluation.report.make_report`), and the raw scores for the plots."""
+    """One report for one model or several (:func:`prmkit.evaluation.report.make_report`), and the raw scores for the
+    plots."""
     from prmkit.evaluation.report import make_report
 
     if len(reports) == 1:
-        (name, _), = reports.items()
+        ((name, _),) = reports.items()
         return make_report(reports), dict(raws[name])
     return make_report(reports), {n: dict(r) for n, r in raws.items()}
 
@@ -566,6 +596,8 @@ def evaluate(
     to ``StepScorer.from_pretrained``; every model is loaded, used and released in turn. ``tokenization`` (``data.*``
     keys the user set) and ``tokenizer`` apply over what each model recorded, as in ``prmkit score``; the report's
     ``differs_from_training`` says where that changed a model's tokenization.
+
+    (Over 100 lines with its keyword signature (one parameter a line); the body reads in order.)
     """
     models = [str(m) for m in models]
     if not models:
@@ -584,17 +616,30 @@ def evaluate(
                 locate(path, "model")
     rejects: list[dict] = []
     subsets = load_subsets(
-        data, fmt, separator=_separator_for_warnings(models[0], step_separator if step_separator is not None else
-                                                     (tokenization or {}).get("step_separator")),
+        data,
+        fmt,
+        separator=_separator_for_warnings(
+            models[0], step_separator if step_separator is not None else (tokenization or {}).get("step_separator")
+        ),
         prm800k_neutral=prm800k_neutral,
-        label_threshold=label_threshold, skip_invalid=skip_invalid, rejects=rejects,
+        label_threshold=label_threshold,
+        skip_invalid=skip_invalid,
+        rejects=rejects,
     )
     if tune_threshold is not None:
         _find_subset(subsets, tune_threshold)  # fail before loading any model
     load = load_scorer or _default_loader
     # Passed only when set, so a loader with just the basic StepScorer.from_pretrained keywords works too.
-    extra = {k: v for k, v in (("allow_bidirectional", allow_bidirectional), ("attn_implementation", attn_implementation),
-                               ("tokenization", dict(tokenization or {})), ("tokenizer", tokenizer)) if v}
+    extra = {
+        k: v
+        for k, v in (
+            ("allow_bidirectional", allow_bidirectional),
+            ("attn_implementation", attn_implementation),
+            ("tokenization", dict(tokenization or {})),
+            ("tokenizer", tokenizer),
+        )
+        if v
+    }
     reports: dict[str, dict[str, Any]] = {}
     raws: dict[str, dict[str, Any]] = {}
     all_scores: dict[str, dict[str, list[list[float | None]]]] = {}
@@ -603,8 +648,16 @@ def evaluate(
         path, kind = split_kind(model)
         settings = {**(kind_settings or {}), **({"kind": kind} if kind else {})}
         kind_extra = {"kind_settings": settings} if settings else {}
-        scorer = load(path, step_separator=step_separator, dtype=dtype, device=device, batch_tokens=batch_tokens,
-                      trust_remote_code=trust_remote_code, **extra, **kind_extra)
+        scorer = load(
+            path,
+            step_separator=step_separator,
+            dtype=dtype,
+            device=device,
+            batch_tokens=batch_tokens,
+            trust_remote_code=trust_remote_code,
+            **extra,
+            **kind_extra,
+        )
         check_prepared(subsets, scorer, model, label_threshold, prm800k_neutral)
         params = getattr(scorer, "params", None)
         # Another kind's model reads its own input layout: the report records that instead of TRL's tokenization.
@@ -616,7 +669,7 @@ def evaluate(
         del scorer
         release_memory()
         reports[model], raws[model] = build_model_report(
-            model, subsets, scores, threshold, tune_threshold, tokenization=used, differs_from_training=differs,
+            model, subsets, scores, threshold, tune_threshold, tokenization=used, differs_from_training=differs
         )
         all_scores[model] = scores
     report, raw = combine_reports(reports, raws)

@@ -8,13 +8,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from prmkit.evaluation.report import (
-    _get,
-    _is_multi,
-    _model_reports,
-    _subset_names,
-    _subsets,
-)
+from prmkit.evaluation.report import _get, _is_multi, _model_reports, _subset_names, _subsets
 from prmkit.metrics import AGGREGATES
 
 if TYPE_CHECKING:
@@ -129,9 +123,7 @@ def _best_indices(values: Sequence[Any], better: str | None) -> set[int]:
 
 
 def _comparison_rows(
-    subs: Sequence[Mapping[str, Any] | None],
-    metrics: Sequence[_Metric],
-    mark: Callable[[str], str],
+    subs: Sequence[Mapping[str, Any] | None], metrics: Sequence[_Metric], mark: Callable[[str], str]
 ) -> list[list[str]]:
     rows = []
     for metric in metrics:
@@ -187,8 +179,10 @@ def _md_step(sub: Mapping[str, Any], level: int) -> list[str]:
             _md_table(
                 ["Metric", "Value"],
                 [
-                    ["Steps (correct / wrong)", f"{_fmt(step.get('n'))} "
-                     f"({_fmt(step.get('n_correct'))} / {_fmt(step.get('n_wrong'))})"],
+                    [
+                        "Steps (correct / wrong)",
+                        f"{_fmt(step.get('n'))} ({_fmt(step.get('n_correct'))} / {_fmt(step.get('n_wrong'))})",
+                    ],
                     ["Accuracy", _fmt(step.get("accuracy"))],
                     ["PRMScore (mean of the two F1s)", _fmt(step.get("prm_score"))],
                     ["AUROC", _fmt(step.get("auroc"))],
@@ -245,8 +239,15 @@ def _md_first_error(sub: Mapping[str, Any], level: int) -> list[str]:
         out.append(
             _md_table(
                 ["Acc. on erroneous", "Acc. on correct", "F1", "Erroneous samples", "Correct samples"],
-                [[_fmt(fe.get("error_accuracy")), _fmt(fe.get("correct_accuracy")),
-                  _fmt(fe.get("f1")), _fmt(fe.get("n_error")), _fmt(fe.get("n_correct"))]],
+                [
+                    [
+                        _fmt(fe.get("error_accuracy")),
+                        _fmt(fe.get("correct_accuracy")),
+                        _fmt(fe.get("f1")),
+                        _fmt(fe.get("n_error")),
+                        _fmt(fe.get("n_correct")),
+                    ]
+                ],
                 align="rrrrr",
             )
         )
@@ -264,8 +265,15 @@ def _md_outcome(sub: Mapping[str, Any], level: int) -> list[str]:
         out.append(
             _md_table(
                 ["Accuracy", "Precision", "Recall", "F1", "Solutions"],
-                [[_fmt(oc.get("accuracy")), _fmt(oc.get("precision")), _fmt(oc.get("recall")),
-                  _fmt(oc.get("f1")), _fmt(oc.get("n"))]],
+                [
+                    [
+                        _fmt(oc.get("accuracy")),
+                        _fmt(oc.get("precision")),
+                        _fmt(oc.get("recall")),
+                        _fmt(oc.get("f1")),
+                        _fmt(oc.get("n")),
+                    ]
+                ],
                 align="rrrrr",
             )
         )
@@ -309,9 +317,15 @@ def _md_single_body(rep: Mapping[str, Any], level: int) -> list[str]:
     differs = rep.get("differs_from_training")
     if isinstance(differs, Mapping) and differs:
         # Settings chosen over the model's prmkit.json: say so where the figures are, not only on stderr.
-        out.append("**Not the trained tokenization:** " + "; ".join(
-            f"`{key}` {json.dumps(d.get('used'))} (trained with {json.dumps(d.get('trained'))})"
-            for key, d in differs.items() if isinstance(d, Mapping)) + ".")
+        out.append(
+            "**Not the trained tokenization:** "
+            + "; ".join(
+                f"`{key}` {json.dumps(d.get('used'))} (trained with {json.dumps(d.get('trained'))})"
+                for key, d in differs.items()
+                if isinstance(d, Mapping)
+            )
+            + "."
+        )
     if subsets:
         subs = list(subsets.values())
         metrics = [m for m in _SUMMARY if any(_get(s, *m.path) is not None for s in subs)]
@@ -344,14 +358,10 @@ def build_markdown(report: Mapping[str, Any]) -> str:
     if not _is_multi(report):
         rep = entries[0][1]
         out.append(_h(1, "PRM evaluation report"))
-        facts = [
-            f"- **Model:** `{_model_label(rep.get('model'))}`",
-            f"- **Threshold:** {_threshold_line(rep)}",
-        ]
+        facts = [f"- **Model:** `{_model_label(rep.get('model'))}`", f"- **Threshold:** {_threshold_line(rep)}"]
         if "mean_f1" in rep:
             facts.append(
-                "- **Mean first-error F1** (unweighted over subsets, as in ProcessBench): "
-                f"{_mean_f1_line(rep)}"
+                f"- **Mean first-error F1** (unweighted over subsets, as in ProcessBench): {_mean_f1_line(rep)}"
             )
         out.append("\n".join(facts))
         out.append(_md_preamble(multi=False))
@@ -372,10 +382,15 @@ def build_markdown(report: Mapping[str, Any]) -> str:
                 ["Model id", *(f"`{_model_label(r.get('model', n))}`" for n, r in zip(names, reps))],
                 ["Threshold", *(_fmt_threshold(r.get("threshold")) for r in reps)],
                 ["Threshold chosen by", *(r.get("threshold_source") or "not recorded" for r in reps)],
-                ["Mean first-error F1 (unweighted)",
-                 *(f"**{_fmt(v)}**" if i in best else _fmt(v) for i, v in enumerate(mean_f1s))],
-                *([["Mean F1 leaves out", *(_left_out(r) for r in reps)]]
-                  if any(r.get("mean_f1_left_out") for r in reps) else []),
+                [
+                    "Mean first-error F1 (unweighted)",
+                    *(f"**{_fmt(v)}**" if i in best else _fmt(v) for i, v in enumerate(mean_f1s)),
+                ],
+                *(
+                    [["Mean F1 leaves out", *(_left_out(r) for r in reps)]]
+                    if any(r.get("mean_f1_left_out") for r in reps)
+                    else []
+                ),
             ],
         )
     )
@@ -445,10 +460,7 @@ def rich_tables(report: Mapping[str, Any]) -> list[Table]:
 
     with_fe = [(n, s["first_error"]) for n, s in subsets.items() if isinstance(s.get("first_error"), Mapping)]
     if with_fe:
-        table = Table(
-            title="First error (ProcessBench)",
-            caption=escape(f"mean F1 (unweighted): {_mean_f1_line(rep)}"),
-        )
+        table = Table(title="First error (ProcessBench)", caption=escape(f"mean F1 (unweighted): {_mean_f1_line(rep)}"))
         for col in ("Subset", "Acc. erroneous", "Acc. correct", "F1", "Erroneous", "Correct"):
             table.add_column(col, justify="left" if col == "Subset" else "right")
         for n, fe in with_fe:
@@ -464,9 +476,7 @@ def rich_tables(report: Mapping[str, Any]) -> list[Table]:
         for col in ("Subset", "Accuracy", "Precision", "Recall", "F1", "Solutions"):
             table.add_column(col, justify="left" if col == "Subset" else "right")
         for n, oc in with_oc:
-            table.add_row(
-                escape(str(n)), *(_fmt(oc.get(k)) for k in ("accuracy", "precision", "recall", "f1", "n"))
-            )
+            table.add_row(escape(str(n)), *(_fmt(oc.get(k)) for k in ("accuracy", "precision", "recall", "f1", "n")))
         tables.append(table)
 
     with_bon = [(n, s["best_of_n"]) for n, s in subsets.items() if isinstance(s.get("best_of_n"), Mapping)]

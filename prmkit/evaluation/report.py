@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     pass
 
 
-__all__ = ["REPORT_VERSION", "MissingExtraError", "make_report", "report_schema",]
+__all__ = ["REPORT_VERSION", "MissingExtraError", "make_report", "report_schema"]
 
 
 REPORT_VERSION = 1
@@ -53,8 +53,17 @@ REPORT_VERSION = 1
 """The version of ``prmkit/schemas/report.schema.json`` that :func:`make_report` follows."""
 
 
-MODEL_KEYS = ("model", "threshold", "threshold_source", "subsets", "mean_f1", "mean_f1_subsets", "mean_f1_left_out",
-              "tokenization", "differs_from_training")
+MODEL_KEYS = (
+    "model",
+    "threshold",
+    "threshold_source",
+    "subsets",
+    "mean_f1",
+    "mean_f1_subsets",
+    "mean_f1_left_out",
+    "tokenization",
+    "differs_from_training",
+)
 
 
 class MissingExtraError(PrmkitError, RuntimeError):

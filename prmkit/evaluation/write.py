@@ -50,10 +50,7 @@ def _raw_by_model(
 
 
 def write_report(
-    report: Mapping[str, Any],
-    out_dir: Path,
-    plots: bool = True,
-    raw: Mapping[str, Any] | None = None,
+    report: Mapping[str, Any], out_dir: Path, plots: bool = True, raw: Mapping[str, Any] | None = None
 ) -> list[Path]:
     """Write ``report.json``, ``report.md`` and (with ``plots``) PNG plots.
 
@@ -127,8 +124,13 @@ def _is_previous_report(path: Path) -> bool:
     return isinstance(previous, dict) and ("subsets" in previous or "models" in previous)
 
 
-def check_output_dir(path: str | Path, overwrite: bool = False, models: Sequence[str] = (),
-                     data: Sequence[str] = (), config: str | Path | None = None) -> bool:
+def check_output_dir(
+    path: str | Path,
+    overwrite: bool = False,
+    models: Sequence[str] = (),
+    data: Sequence[str] = (),
+    config: str | Path | None = None,
+) -> bool:
     """Refuse a non-empty directory that is not a previous ``prmkit eval`` report unless ``overwrite``.
 
     A directory holding nothing but an earlier report is replaced: it is this command's own output, and
@@ -137,9 +139,14 @@ def check_output_dir(path: str | Path, overwrite: bool = False, models: Sequence
     delete it (a data file named ``rejects.jsonl``), or land in a model directory that gets published.
     """
     path = Path(path)
-    sources = [spec.partition("=")[2] if "=" in spec and not Path(spec).expanduser().exists() else spec for spec in data]
-    refuse_inputs_inside(path, [*(("model", m) for m in models), *(("--data", s) for s in sources),
-                                ("--config", config)], "eval writes its report into")
+    sources = [
+        spec.partition("=")[2] if "=" in spec and not Path(spec).expanduser().exists() else spec for spec in data
+    ]
+    refuse_inputs_inside(
+        path,
+        [*(("model", m) for m in models), *(("--data", s) for s in sources), ("--config", config)],
+        "eval writes its report into",
+    )
     if path.exists() and not path.is_dir():
         raise UsageError(f"{path} exists and is not a directory", hint="choose another --output-dir")
     if not path.exists() or not any(path.iterdir()):
@@ -212,7 +219,9 @@ def _write_report_set(result: EvalResult, directory: Path, plots: bool) -> list[
     if result.rejects:
         rejects_path = directory / REJECTS_FILE
         # The rows are the user's data, kept as they are; the source's name may be a URL with credentials.
-        _write_jsonl_atomic(rejects_path, [{**r, "source": mask(r["source"])} if isinstance(r.get("source"), str)
-                                           else r for r in result.rejects])
+        _write_jsonl_atomic(
+            rejects_path,
+            [{**r, "source": mask(r["source"])} if isinstance(r.get("source"), str) else r for r in result.rejects],
+        )
         written.append(rejects_path)
     return [p.name for p in written]

@@ -23,7 +23,19 @@ from prmkit.hub.push import PushPlan, PushResult, plan_push, push_model, push_wi
 from prmkit.kinds.cards import transformers_snippet
 
 __all__ = [
-    "PushFile", "PushPlan", "PushResult", "build_card", "find_adapter_dir", "human_size", "hub_error",
-    "is_template_card", "load_eval_report", "plan_push", "push_model", "push_with_config", "read_safetensors_header",
-    "resolve_token", "transformers_snippet",
+    "PushFile",
+    "PushPlan",
+    "PushResult",
+    "build_card",
+    "find_adapter_dir",
+    "hub_error",
+    "human_size",
+    "is_template_card",
+    "load_eval_report",
+    "plan_push",
+    "push_model",
+    "push_with_config",
+    "read_safetensors_header",
+    "resolve_token",
+    "transformers_snippet",
 ]

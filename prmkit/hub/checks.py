@@ -7,12 +7,11 @@ from pathlib import Path
 from typing import Any
 
 from prmkit.core import jsonio
-from prmkit.errors import UsageError
+from prmkit.core.filenames import CONFIG_YAML
+from prmkit.errors import UsageError, first_line
 from prmkit.hub.card import hub_id
-from prmkit.errors import first_line
 from prmkit.hub.files import TOKENIZER_VOCAB_FILES, read_text_capped
 from prmkit.models.files import read_safetensors_header
-from prmkit.core.filenames import CONFIG_YAML
 from prmkit.models.loading import MODEL_LOAD_DEFAULTS, quiet_transformers
 
 
@@ -31,8 +30,10 @@ def check_weights(model_dir: Path, files: list[tuple[str, Path]]) -> None:
             listed = {k for k, v in weight_map.items() if v == shard}
             present = set(headers[shard]) - {"__metadata__"}
             if listed - present:
-                raise UsageError(f"{model_dir / shard}: lacks {len(listed - present)} tensor(s) the index lists, "
-                                  f"e.g. {sorted(listed - present)[0]}")
+                raise UsageError(
+                    f"{model_dir / shard}: lacks {len(listed - present)} tensor(s) the index lists, "
+                    f"e.g. {sorted(listed - present)[0]}"
+                )
 
 
 def trust_remote_code(model_dir: Path) -> bool:
@@ -71,17 +72,25 @@ def check_model_loads(model_dir: Path, warnings: list[str], causal_lm: bool = Fa
         try:
             # Hub kernels off: transformers >= 5.2x kernelizes by default, and no kernel takes the meta device.
             # transformers annotates the model as the return; output_loading_info=True returns (model, info).
-            model, info = auto.from_pretrained(model_dir, device_map="meta",  # type: ignore[misc]
-                                               output_loading_info=True, trust_remote_code=trust, **MODEL_LOAD_DEFAULTS)
+            model, info = auto.from_pretrained(
+                model_dir,
+                device_map="meta",  # type: ignore[misc]
+                output_loading_info=True,
+                trust_remote_code=trust,
+                **MODEL_LOAD_DEFAULTS,
+            )
         except Exception as e:  # whatever stops it loading is the finding
-            raise UsageError(f"{model_dir}: the model does not load with {auto.__name__}: "
-                              f"{first_line(e)}") from None
-    problems = [("missing", sorted(info.get("missing_keys") or [])),
-                ("with the wrong shape", sorted(str(k) for k in info.get("mismatched_keys") or []))]
+            raise UsageError(f"{model_dir}: the model does not load with {auto.__name__}: {first_line(e)}") from None
+    problems = [
+        ("missing", sorted(info.get("missing_keys") or [])),
+        ("with the wrong shape", sorted(str(k) for k in info.get("mismatched_keys") or [])),
+    ]
     for what, keys in problems:
         if keys:
-            raise UsageError(f"{model_dir}: {len(keys)} weight(s) {what} in the checkpoint, e.g. {keys[0]}",
-                              hint="the weights do not match config.json; re-save the model with save_pretrained")
+            raise UsageError(
+                f"{model_dir}: {len(keys)} weight(s) {what} in the checkpoint, e.g. {keys[0]}",
+                hint="the weights do not match config.json; re-save the model with save_pretrained",
+            )
     unexpected = sorted(info.get("unexpected_keys") or [])
     if unexpected:
         warnings.append(f"the checkpoint has {len(unexpected)} weight(s) the model does not use, e.g. {unexpected[0]}")
@@ -101,15 +110,19 @@ def check_adapter(adapter_dir: Path, warnings: list[str]) -> dict[str, Any]:
     if not base:
         warnings.append("adapter_config.json names no base model; users must load the base model themselves")
     elif hub_id(base) is None:
-        warnings.append(f"the adapter's base model {base!r} is a local path: it is published as its name only, and "
-                        "others cannot load the adapter from the Hub until base_model_name_or_path names a Hub model")
+        warnings.append(
+            f"the adapter's base model {base!r} is a local path: it is published as its name only, and "
+            "others cannot load the adapter from the Hub until base_model_name_or_path names a Hub model"
+        )
     return cfg
 
 
 def check_tokenizer(tok_dir: Path, names: set[str], trust: bool) -> None:
     if not any(n in names for n in TOKENIZER_VOCAB_FILES):
-        raise UsageError(f"{tok_dir}: no tokenizer files (expected one of {', '.join(TOKENIZER_VOCAB_FILES)})",
-                          hint="save the tokenizer beside the model: tokenizer.save_pretrained(dir)")
+        raise UsageError(
+            f"{tok_dir}: no tokenizer files (expected one of {', '.join(TOKENIZER_VOCAB_FILES)})",
+            hint="save the tokenizer beside the model: tokenizer.save_pretrained(dir)",
+        )
     from transformers import AutoTokenizer
 
     with quiet_transformers():

@@ -8,25 +8,41 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from prmkit.errors import UsageError
 from prmkit.core.filenames import CONFIG_YAML, PRMKIT_JSON
+from prmkit.errors import UsageError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 # The Trainer pickles its arguments beside the weights; they are not weights and are never pushed.
 TRAINER_PICKLES = {"training_args.bin"}
 CONFIG_FILES = ("config.json", "generation_config.json")
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
-    "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "chat_template.jinja",
     "chat_template.json",
 )
 # Files a tokenizer can be built from; tokenizer_config.json alone describes one but holds no vocabulary.
-TOKENIZER_VOCAB_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.model", "spiece.model",
-                         "sentencepiece.bpe.model")
+TOKENIZER_VOCAB_FILES = (
+    "tokenizer.json",
+    "vocab.json",
+    "vocab.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 README = "README.md"
 CHAT_TEMPLATES_DIR = "additional_chat_templates"
@@ -96,11 +112,14 @@ def _top_files(directory: Path) -> list[Path]:
 
 
 def is_weight(name: str) -> bool:
-    return (name.endswith(".safetensors") or name.endswith(".safetensors.index.json")) and not name.startswith("adapter_")
+    return (name.endswith(".safetensors") or name.endswith(".safetensors.index.json")) and not name.startswith(
+        "adapter_"
+    )
 
 
-def select_files(model_dir: Path, adapter: bool, allow_pickle: bool, metadata: dict | None,
-                  warnings: list[str]) -> tuple[list[tuple[str, Path]], list[str], Path, Path | None]:
+def select_files(
+    model_dir: Path, adapter: bool, allow_pickle: bool, metadata: dict | None, warnings: list[str]
+) -> tuple[list[tuple[str, Path]], list[str], Path, Path | None]:
     """(path in repo, local file) pairs, skipped names, the tokenizer's directory, and the adapter's directory."""
     chosen: dict[str, Path] = {}
     top = _top_files(model_dir)
@@ -111,12 +130,15 @@ def select_files(model_dir: Path, adapter: bool, allow_pickle: bool, metadata: d
     if pickles and not allow_pickle:
         raise UsageError(
             f"{model_dir} holds pickle files ({', '.join(pickles)}): loading them can run arbitrary code",
-            hint="prmkit pushes safetensors only; delete or convert them, or pass --allow-pickle to upload them anyway")
+            hint="prmkit pushes safetensors only; delete or convert them, or pass --allow-pickle to upload them anyway",
+        )
 
     if adapter:
         if adapter_dir is None:
-            raise UsageError(f"--adapter: no adapter_config.json in {model_dir} or {model_dir / 'adapter'}",
-                             hint="train with train.lora set and train.lora_merge: false to get an adapter")
+            raise UsageError(
+                f"--adapter: no adapter_config.json in {model_dir} or {model_dir / 'adapter'}",
+                hint="train with train.lora set and train.lora_merge: false to get an adapter",
+            )
         for name in ADAPTER_FILES:
             if not (adapter_dir / name).is_file():
                 raise UsageError(f"{adapter_dir}: {name} is missing; an adapter needs {' and '.join(ADAPTER_FILES)}")
@@ -165,8 +187,11 @@ def select_files(model_dir: Path, adapter: bool, allow_pickle: bool, metadata: d
     resolved = _inside(model_dir, chosen, [d / sub for d in {model_dir, tok_dir} for sub in LOADER_DIRS])
     taken = set(resolved.values())
     parents = {d for p in taken for d in p.parents}
-    skipped = sorted(p.name + ("/" if p.is_dir() else "") for p in model_dir.iterdir()
-                     if not p.name.startswith(".") and p.resolve() not in taken and p.resolve() not in parents)
+    skipped = sorted(
+        p.name + ("/" if p.is_dir() else "")
+        for p in model_dir.iterdir()
+        if not p.name.startswith(".") and p.resolve() not in taken and p.resolve() not in parents
+    )
     return sorted(resolved.items()), skipped, tok_dir, adapter_dir if adapter else None
 
 
@@ -183,8 +208,11 @@ def _inside(model_dir: Path, chosen: dict[str, Path], also_read: list[Path]) -> 
         if not d.exists():
             continue
         # os.walk lists a linked directory without entering it, so a link to / is caught, not walked.
-        inner = [Path(top) / n for top, dirs, files in os.walk(d) for n in dirs + files] \
-            if d.resolve().is_relative_to(root) else []
+        inner = (
+            [Path(top) / n for top, dirs, files in os.walk(d) for n in dirs + files]
+            if d.resolve().is_relative_to(root)
+            else []
+        )
         escapes += [(p, p.resolve()) for p in [d, *inner] if not p.resolve().is_relative_to(root)]
     _refuse_escapes(model_dir, escapes)
     return resolved
@@ -201,16 +229,20 @@ def inside(path: Path, model_dir: Path) -> Path:
 def _refuse_escapes(model_dir: Path, escapes: list[tuple[Path, Path]]) -> None:
     if escapes:
         shown = ", ".join(f"{relative_to_dir(p, model_dir)} -> {real}" for p, real in escapes)
-        raise UsageError(f"{model_dir}: refusing to push links that lead outside the model directory: {shown}",
-                         hint="copy what you mean to publish into the directory, or remove the links")
+        raise UsageError(
+            f"{model_dir}: refusing to push links that lead outside the model directory: {shown}",
+            hint="copy what you mean to publish into the directory, or remove the links",
+        )
 
 
 def read_text_capped(path: Path, limit: int = METADATA_MAX_BYTES) -> str:
     """A small text file's content, refusing one over ``limit`` bytes before reading it."""
     size = path.stat().st_size
     if size > limit:
-        raise UsageError(f"{path}: {human_size(size)} is too large for this file (at most {human_size(limit)})",
-                         hint="this is not a file prmkit or transformers wrote; replace or remove it")
+        raise UsageError(
+            f"{path}: {human_size(size)} is too large for this file (at most {human_size(limit)})",
+            hint="this is not a file prmkit or transformers wrote; replace or remove it",
+        )
     with open(path, encoding="utf-8") as fh:
         return fh.read(limit + 1)
 

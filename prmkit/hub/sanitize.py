@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from pathlib import Path, PureWindowsPath
-from typing import Any, Iterable
+from typing import Any
 
 import yaml
 
-from prmkit.core import jsonio
 from prmkit.config.load import load_yaml
+from prmkit.core import jsonio
+from prmkit.core.redact import MASK, redact, register_secret
 from prmkit.errors import UsageError
 from prmkit.hub.files import read_text_capped
-from prmkit.core.redact import MASK, redact, register_secret
 
 # Files rewritten on the way up, by how they are parsed.
 REWRITTEN_JSON = ("prmkit.json", "adapter_config.json")
@@ -142,5 +143,8 @@ def holds_secret(path: Path, secrets: list[str], header_only: bool = False) -> b
 
 def refuse_secret_files(names: list[str], model_dir: Path) -> None:
     if names:
-        raise UsageError(f"{model_dir}: {', '.join(names)} contain{'s' if len(names) == 1 else ''} your Hub token: "
-                         "refusing to upload", hint="remove the token from the file, then push again")
+        raise UsageError(
+            f"{model_dir}: {', '.join(names)} contain{'s' if len(names) == 1 else ''} your Hub token: "
+            "refusing to upload",
+            hint="remove the token from the file, then push again",
+        )

@@ -59,8 +59,10 @@ def _check_time() -> None:
 def _check_size(n: int, what: str = "a value") -> None:
     limits = _limits.get()
     if limits is not None and n > limits.chars:
-        raise TemplateLimitError(f"{what} of more than {limits.chars:,} characters or items (the limit is four "
-                                 f"times the conversation, at least {MIN_CHARS:,})")
+        raise TemplateLimitError(
+            f"{what} of more than {limits.chars:,} characters or items (the limit is four "
+            f"times the conversation, at least {MIN_CHARS:,})"
+        )
 
 
 def _check_args(args: Any, kwargs: dict[str, Any]) -> None:
@@ -166,7 +168,7 @@ class LimitedEnvironment(ImmutableSandboxedEnvironment):
             _check_args(right if isinstance(right, tuple) else (right,), {})
         return super().call_binop(context, operator, left, right)
 
-    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805 - jinja's signature
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
         _check_time()
         _check_args(args, kwargs)
         _check_str_method(__obj, args)
@@ -202,8 +204,11 @@ def _environment() -> LimitedEnvironment:
     from transformers.utils.chat_template_utils import _compile_jinja_template
 
     base = _compile_jinja_template("").environment
-    env = LimitedEnvironment(trim_blocks=base.trim_blocks, lstrip_blocks=base.lstrip_blocks,
-                             extensions=[type(e) for e in base.extensions.values()])
+    env = LimitedEnvironment(
+        trim_blocks=base.trim_blocks,
+        lstrip_blocks=base.lstrip_blocks,
+        extensions=[type(e) for e in base.extensions.values()],
+    )
     env.globals.update({k: v for k, v in base.globals.items() if k != "range"})  # the sandbox's own range is capped
     env.globals.pop("lipsum", None)  # no chat template needs jinja's lorem ipsum generator
     env.filters.update({name: _guarded_filter(name, fn) for name, fn in base.filters.items()})
@@ -217,8 +222,9 @@ def compile_template(source: str) -> LimitedTemplate:
     return _environment().from_string(source)  # type: ignore[return-value]
 
 
-def render_chat(tokenizer: Any, messages: list[dict[str, str]], chat_template: str | None = None,
-                seconds: float | None = None) -> str:
+def render_chat(
+    tokenizer: Any, messages: list[dict[str, str]], chat_template: str | None = None, seconds: float | None = None
+) -> str:
     """``tokenizer.apply_chat_template(messages, chat_template=..., tokenize=False, add_generation_prompt=False)``,
     within :data:`RENDER_SECONDS` (or ``seconds``) and the size limit; :class:`TemplateLimitError` past either."""
     source = tokenizer.get_chat_template(chat_template)
@@ -227,7 +233,12 @@ def render_chat(tokenizer: Any, messages: list[dict[str, str]], chat_template: s
     token = _limits.set(_Limits(time.monotonic() + seconds, max(MIN_CHARS, 4 * size), seconds))
     try:
         # What apply_chat_template passes a template: the messages, no tools or documents, the special tokens.
-        return compile_template(source).render(messages=[dict(m) for m in messages], tools=None, documents=None,
-                                               add_generation_prompt=False, **tokenizer.special_tokens_map)
+        return compile_template(source).render(
+            messages=[dict(m) for m in messages],
+            tools=None,
+            documents=None,
+            add_generation_prompt=False,
+            **tokenizer.special_tokens_map,
+        )
     finally:
         _limits.reset(token)

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import re
 from bisect import bisect_right
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from prmkit.errors import UsageError
 from prmkit.tokenization import Encoded
@@ -47,8 +48,11 @@ def checked_turns(read: int) -> list[int]:
 
 
 def not_a_prefix() -> UsageError:
-    return UsageError("the chat template does not render a conversation as a prefix of its continuation, "
-                      "so its turns cannot be scored in one pass", hint="set model.chat_template")
+    return UsageError(
+        "the chat template does not render a conversation as a prefix of its continuation, "
+        "so its turns cannot be scored in one pass",
+        hint="set model.chat_template",
+    )
 
 
 @dataclass
@@ -71,7 +75,8 @@ class _Row:
 
 
 class ChatTurns:
-    """Encodes solutions for a chat-plus-minus :class:`~prmkit.kinds.encoder.KindEncoder` (its template, tokens and limit)."""
+    """Encodes solutions for a chat-plus-minus :class:`~prmkit.kinds.encoder.KindEncoder` (its template, tokens and
+    limit)."""
 
     def __init__(self, encoder: Any):
         self.render = encoder._render
@@ -81,8 +86,11 @@ class ChatTurns:
         self.max_length = encoder.max_length
         # Added tokens matched in the raw text (not normalized, not eating the whitespace before them).
         decoder = getattr(self.tokenizer, "added_tokens_decoder", None) or {}
-        self.cut_ids = {t.content: i for i, t in decoder.items()
-                        if t.content and not t.lstrip and not t.single_word and not t.normalized}
+        self.cut_ids = {
+            t.content: i
+            for i, t in decoder.items()
+            if t.content and not t.lstrip and not t.single_word and not t.normalized
+        }
         names = sorted(self.cut_ids, key=len, reverse=True)
         self.cut_pattern = re.compile("|".join(map(re.escape, names))) if names else None
 
@@ -193,8 +201,10 @@ class ChatTurns:
                 continue
             t = start_of.get(start)
             if t is None or t == 0 or row.ids[t] != self.plus_id:
-                raise UsageError(f"reward token {self.plus!r} is not a token of its own in the chat template's "
-                                 "assistant turn", hint="check model.reward_tokens and model.chat_template")
+                raise UsageError(
+                    f"reward token {self.plus!r} is not a token of its own in the chat template's assistant turn",
+                    hint="check model.reward_tokens and model.chat_template",
+                )
             positions.append(t - 1 if limit is None or t - 1 < limit else -1)  # the logits that predict the "+"
         positions += [-1] * (row.n - len(positions))  # turns past the limit, not rendered
         return Encoded(row.ids[:limit] if limit is not None else row.ids, positions, 0)

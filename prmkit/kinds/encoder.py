@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any, Sequence
+from typing import Any
 
 from prmkit.errors import DataError, UsageError, first_line
 from prmkit.kinds.chat_turns import ChatTurns
@@ -31,15 +32,19 @@ class KindEncoder:
         if spec.needs_chat_template:
             self.template = settings.chat_template or getattr(tokenizer, "chat_template", None)
             if not self.template:
-                raise UsageError(f"model.kind {kind} needs a chat template, and the tokenizer has none",
-                                 hint="set model.chat_template to the model's Jinja template")
+                raise UsageError(
+                    f"model.kind {kind} needs a chat template, and the tokenizer has none",
+                    hint="set model.chat_template to the model's Jinja template",
+                )
 
     def _tag_id(self) -> int:
         # As the authors' code: the id `encode(tag)` ends with (Qwen: `encode("<extra_0>")[0]`, one token either way).
         ids = self.tokenizer.encode(self.tag, add_special_tokens=False)
         if self.spec.tag_single_token and len(ids) != 1:
-            raise UsageError(f"step token {self.tag!r} is not a single token of this tokenizer",
-                             hint="set model.step_tag to the model's step token")
+            raise UsageError(
+                f"step token {self.tag!r} is not a single token of this tokenizer",
+                hint="set model.step_tag to the model's step token",
+            )
         if not ids:
             raise UsageError(f"step tag {self.tag!r} encodes to no token")
         return ids[-1]
@@ -49,8 +54,10 @@ class KindEncoder:
     def _check_steps(self, steps: Sequence[str], where: str) -> None:
         for k, step in enumerate(steps):
             if self.spec.uses_step_tag and self.tag in step:
-                raise DataError(f"{where}: step {k + 1} contains the step tag {self.tag!r}, "
-                                "which would be read as a step end", hint="remove it, or set model.step_tag")
+                raise DataError(
+                    f"{where}: step {k + 1} contains the step tag {self.tag!r}, which would be read as a step end",
+                    hint="remove it, or set model.step_tag",
+                )
 
     def _render(self, messages: list[dict[str, str]]) -> str:
         from prmkit.kinds.chat_template import (
@@ -60,19 +67,31 @@ class KindEncoder:
         try:
             return render_chat(self.tokenizer, messages, self.settings.chat_template)
         except Exception as e:  # a Jinja error in a user's template, or a limit it broke
-            which = ("model.chat_template" if self.settings.chat_template
-                     else f"the chat template of {getattr(self.tokenizer, 'name_or_path', '') or 'the tokenizer'}")
-            raise UsageError(f"the chat template failed ({which}): {first_line(e)}",
-                             hint="check model.chat_template") from None
+            which = (
+                "model.chat_template"
+                if self.settings.chat_template
+                else f"the chat template of {getattr(self.tokenizer, 'name_or_path', '') or 'the tokenizer'}"
+            )
+            raise UsageError(
+                f"the chat template failed ({which}): {first_line(e)}", hint="check model.chat_template"
+            ) from None
 
     def _text(self, prompt: str, steps: Sequence[str]) -> str:
         """The text a model of a tag layout reads (:data:`~prmkit.kinds.registry.TAG_TEXT` or ``TAG_CHAT``)."""
         if self.spec.layout == TAG_TEXT:
             return f"{prompt} " + "\n".join(f"{step} {self.tag}" for step in steps)
-        system = self.settings.system_prompt if self.settings.system_prompt is not None else \
-            self.spec.default_system_prompt or ""
-        return self._render([{"role": "system", "content": system}, {"role": "user", "content": prompt},
-                             {"role": "assistant", "content": self.tag.join(steps) + self.tag}])
+        system = (
+            self.settings.system_prompt
+            if self.settings.system_prompt is not None
+            else self.spec.default_system_prompt or ""
+        )
+        return self._render(
+            [
+                {"role": "system", "content": system},
+                {"role": "user", "content": prompt},
+                {"role": "assistant", "content": self.tag.join(steps) + self.tag},
+            ]
+        )
 
     def _positions(self, ids: list[int]) -> list[int]:
         return [i for i, t in enumerate(ids) if t == self.tag_id]
@@ -100,7 +119,8 @@ class KindEncoder:
                 raise DataError(
                     f"{places[i]}: found {len(positions)} step tags for {n_steps} steps; "
                     f"the tag {self.tag!r} must stay one token in context",
-                    hint="set model.step_tag to a token the tokenizer keeps whole (an added special token is safest)")
+                    hint="set model.step_tag to a token the tokenizer keeps whole (an added special token is safest)",
+                )
             if self.max_length is not None and len(ids) > self.max_length:
                 ids = ids[: self.max_length]
                 positions = [p if p < self.max_length else -1 for p in positions]

@@ -31,8 +31,13 @@ def reward_token_head(lm: Any, reward_ids: tuple[int, int]):
         def forward(self, input_ids=None, attention_mask=None, position_ids=None, use_cache=False, **kwargs):
             from transformers.modeling_outputs import TokenClassifierOutput
 
-            hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                           position_ids=position_ids, use_cache=use_cache, **kwargs)[0]
+            hidden = self.lm.get_decoder()(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=use_cache,
+                **kwargs,
+            )[0]
             head = self.lm.get_output_embeddings()
             weight = head.weight.index_select(0, self.rows)
             bias = head.bias.index_select(0, self.rows) if getattr(head, "bias", None) is not None else None
@@ -49,14 +54,11 @@ def qwen_prm_class():
     """``Qwen2ForProcessRewardModel``: Qwen2.5-Math-PRM's remote-code architecture, without remote code."""
     import torch
     from transformers.modeling_outputs import TokenClassifierOutput
-    from transformers.models.qwen2.modeling_qwen2 import (
-        Qwen2Model,
-        Qwen2PreTrainedModel,
-    )
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2Model, Qwen2PreTrainedModel
 
     class Qwen2ForProcessRewardModel(Qwen2PreTrainedModel):
         # The published checkpoints also hold an unused lm_head.
-        _keys_to_ignore_on_load_unexpected = [r"^lm_head\."]
+        _keys_to_ignore_on_load_unexpected = [r"^lm_head\."]  # noqa: RUF012 - transformers reads it as is
 
         def __init__(self, config):
             super().__init__(config)
@@ -70,8 +72,13 @@ def qwen_prm_class():
             self.post_init()
 
         def forward(self, input_ids=None, attention_mask=None, position_ids=None, use_cache=False, **kwargs):
-            hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                use_cache=use_cache, **kwargs)[0]
+            hidden = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=use_cache,
+                **kwargs,
+            )[0]
             return TokenClassifierOutput(logits=self.score(hidden))
 
     return Qwen2ForProcessRewardModel
@@ -82,8 +89,9 @@ def reward_columns(logits: Any, reward_ids: tuple[int, int]) -> Any:
     return logits[..., [reward_ids[1], reward_ids[0]]]
 
 
-def step_loss(logits: "torch.Tensor", labels: "torch.Tensor", num_items_in_batch: Any = None,
-              label_smoothing: float = 0.0) -> "torch.Tensor":
+def step_loss(
+    logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: Any = None, label_smoothing: float = 0.0
+) -> torch.Tensor:
     """Cross-entropy at labelled positions; a label is a probability that the step is correct (0/1 or soft).
 
     ``-(p * log q1 + (1 - p) * log q0)``, which for p in {0, 1} is exactly the usual two-class cross-entropy. The
@@ -116,13 +124,13 @@ def step_loss(logits: "torch.Tensor", labels: "torch.Tensor", num_items_in_batch
 def step_loss_func(label_smoothing: float = 0.0):
     """The Trainer's ``compute_loss_func`` for a token-classification PRM: :func:`step_loss` with this smoothing."""
 
-    def loss_func(outputs: Any, labels: "torch.Tensor", num_items_in_batch: Any = None) -> "torch.Tensor":
+    def loss_func(outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
         return step_loss(outputs, labels, num_items_in_batch, label_smoothing)
 
     return loss_func
 
 
-def preprocess_logits_for_metrics(logits: Any, labels: "torch.Tensor") -> "torch.Tensor":
+def preprocess_logits_for_metrics(logits: Any, labels: torch.Tensor) -> torch.Tensor:
     """Keep only p(step correct) at labelled positions, -100 elsewhere: the shape of ``labels``, a fixed shape per
     batch, so gathering across ranks never waits on a rank that has a different number of steps."""
     import torch

@@ -2,10 +2,14 @@
 
 | kind | input | score of a step |
 |---|---|---|
-| ``token-classification`` | TRL's tokenization (:mod:`prmkit.tokenization`) | softmax[:, 1] at the step's last separator token |
-| ``qwen-prm`` | chat: system prompt, user = problem, assistant = steps each followed by ``<extra_0>`` | a Linear-ReLU-Linear head, softmax[:, 1] at each ``<extra_0>`` |
-| ``lm-tag`` | ``"{problem} {step 1} {tag}\\n{step 2} {tag}..."`` (Math-Shepherd's layout) | LM logits at the tag, softmax over the two reward tokens, p(``+``) |
-| ``chat-plus-minus`` | chat: user = problem + step 1, then one step per user turn, every assistant turn ``+`` | LM logits at the token before each assistant ``+``, softmax over ``+``/``-``, p(``+``) |
+| ``token-classification`` | TRL's tokenization (:mod:`prmkit.tokenization`) | softmax[:, 1] at the step's last
+separator token |
+| ``qwen-prm`` | chat: system prompt, user = problem, assistant = steps each followed by ``<extra_0>`` | a
+Linear-ReLU-Linear head, softmax[:, 1] at each ``<extra_0>`` |
+| ``lm-tag`` | ``"{problem} {step 1} {tag}\\n{step 2} {tag}..."`` (Math-Shepherd's layout) | LM logits at the tag,
+softmax over the two reward tokens, p(``+``) |
+| ``chat-plus-minus`` | chat: user = problem + step 1, then one step per user turn, every assistant turn ``+`` | LM
+logits at the token before each assistant ``+``, softmax over ``+``/``-``, p(``+``) |
 
 Every kind is causal, so every step of a solution is scored in ONE forward pass: the position read for step k sees
 exactly what the authors' prefix-by-prefix code shows the model for step k. The engine
@@ -79,14 +83,16 @@ class KindSettings:
         return out
 
     @classmethod
-    def from_sources(cls, explicit: dict[str, Any] | None, recorded: dict[str, Any] | None) -> "KindSettings":
+    def from_sources(cls, explicit: dict[str, Any] | None, recorded: dict[str, Any] | None) -> KindSettings:
         """Explicit keys (config) win over what a model directory recorded; unset explicit keys are ignored."""
         for source in (recorded or {}, explicit or {}):
             tag = source.get("step_tag")
             if tag is not None and not (isinstance(tag, str) and tag):
                 # An empty tag would fall back to the default one, not the tag the model was trained with.
-                raise UsageError(f"model.step_tag must be a non-empty string, got {shown(tag)}",
-                                 hint="leave it unset (null) to use the model's own tag")
+                raise UsageError(
+                    f"model.step_tag must be a non-empty string, got {shown(tag)}",
+                    hint="leave it unset (null) to use the model's own tag",
+                )
         merged: dict[str, Any] = {}
         for source in (recorded or {}, explicit or {}):
             for key, value in source.items():
@@ -94,23 +100,34 @@ class KindSettings:
                     continue
                 if key in cls.__dataclass_fields__ and value is not None and not (key == "kind" and value == AUTO):
                     if source is explicit and key in merged and _same(merged[key]) != _same(value):
-                        log.warning(f"model.{key}: using {shown(value)}, not the {shown(merged[key])} the model "
-                                    "recorded at training; its scores may not mean what they meant then")
+                        log.warning(
+                            f"model.{key}: using {shown(value)}, not the {shown(merged[key])} the model "
+                            "recorded at training; its scores may not mean what they meant then"
+                        )
                     merged[key] = value
         if "reward_tokens" in merged:
             tokens = merged["reward_tokens"]
-            if not isinstance(tokens, (list, tuple)) or len(tokens) != 2 or not all(isinstance(t, str) and t for t in tokens):
-                raise UsageError("model.reward_tokens must be two non-empty strings (correct, wrong), got "
-                                 f"{shown(tokens)}")
+            if (
+                not isinstance(tokens, (list, tuple))
+                or len(tokens) != 2
+                or not all(isinstance(t, str) and t for t in tokens)
+            ):
+                raise UsageError(
+                    f"model.reward_tokens must be two non-empty strings (correct, wrong), got {shown(tokens)}"
+                )
             merged["reward_tokens"] = tuple(tokens)
         recorded = recorded or {}
         if "reward_token_ids" in merged:
             ids = merged["reward_token_ids"]
-            if (not isinstance(ids, (list, tuple)) or len(ids) != 2
-                    or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)):
+            if (
+                not isinstance(ids, (list, tuple))
+                or len(ids) != 2
+                or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)
+            ):
                 raise UsageError(f"kind.reward_token_ids must be two token ids (correct, wrong), got {ids!r}")
-            if _same(merged.get("reward_tokens", REWARD_TOKEN_PAIR)) != _same(recorded.get("reward_tokens",
-                                                                                      REWARD_TOKEN_PAIR)):
+            if _same(merged.get("reward_tokens", REWARD_TOKEN_PAIR)) != _same(
+                recorded.get("reward_tokens", REWARD_TOKEN_PAIR)
+            ):
                 del merged["reward_token_ids"]  # recorded for other tokens than the ones now asked for
             else:
                 merged["reward_token_ids"] = tuple(ids)
@@ -136,9 +153,11 @@ def _read_json(path: Path) -> dict[str, Any]:
         return {}
 
 
-def detect_kind(config: dict[str, Any], metadata: dict[str, Any] | None, tokenizer: Any, settings: KindSettings,
-                name: str) -> str:
-    """The kind of a model: explicit setting, then ``prmkit.json``, then ``config.json`` architectures and the tokenizer.
+def detect_kind(
+    config: dict[str, Any], metadata: dict[str, Any] | None, tokenizer: Any, settings: KindSettings, name: str
+) -> str:
+    """The kind of a model: explicit setting, then ``prmkit.json``, then ``config.json`` architectures and the
+    tokenizer.
 
     Never a silent guess: a causal LM that could be read more than one way is refused with the choices listed.
     """
@@ -147,7 +166,9 @@ def detect_kind(config: dict[str, Any], metadata: dict[str, Any] | None, tokeniz
             raise UsageError(f"unknown model.kind {settings.kind!r}", hint=f"one of auto, {', '.join(KINDS)}")
         return settings.kind
     if metadata is not None:
-        recorded = (metadata.get("kind") or {}).get("kind") if isinstance(metadata.get("kind"), dict) else metadata.get("kind")
+        recorded = (
+            (metadata.get("kind") or {}).get("kind") if isinstance(metadata.get("kind"), dict) else metadata.get("kind")
+        )
         return recorded or DEFAULT_KIND  # prmkit models before kinds existed are all token classifiers
     architectures = [str(a) for a in (config.get("architectures") or [])]
     marked = kind_marked_by(architectures)
@@ -155,8 +176,10 @@ def detect_kind(config: dict[str, Any], metadata: dict[str, Any] | None, tokeniz
         return marked.name
     if any(a.endswith(CAUSAL_LM_SUFFIXES) for a in architectures):
         return _causal_lm_kind(architectures, tokenizer, settings, name)
-    raise UsageError(f"model {name!r}: cannot tell its PRM kind from architectures {architectures or 'none'}",
-                     hint=f"set model.kind to one of {', '.join(KINDS)}")
+    raise UsageError(
+        f"model {name!r}: cannot tell its PRM kind from architectures {architectures or 'none'}",
+        hint=f"set model.kind to one of {', '.join(KINDS)}",
+    )
 
 
 def _causal_lm_kind(architectures: list[str], tokenizer: Any, settings: KindSettings, name: str) -> str:
@@ -178,13 +201,13 @@ def _causal_lm_kind(architectures: list[str], tokenizer: Any, settings: KindSett
             f"model {name!r} is a causal LM ({', '.join(architectures)}) with no trained token-classification head, "
             "no step tag token and no chat template: its scores would mean nothing",
             hint="score a PRM trained by `prmkit train` (or TRL's PRMTrainer), not a base model; for an LM-head "
-                 f"PRM set model.kind={' or '.join(kind.name for kind in readers)} (README, PRM kinds)",
+            f"PRM set model.kind={' or '.join(kind.name for kind in readers)} (README, PRM kinds)",
         )
     raise UsageError(
         f"model {name!r} is a causal LM ({', '.join(architectures)}) that reads as more than one PRM kind "
         f"({' or '.join(choices)}): set model.kind",
         hint=" or ".join(f"--set model.kind={kind.name} ({kind.summary})" for kind in readers)
-             + "; in eval, MODEL@KIND",
+        + "; in eval, MODEL@KIND",
     )
 
 
@@ -224,25 +247,33 @@ def reward_token_ids(tokenizer: Any, settings: KindSettings, kind: str) -> tuple
         ids = list(settings.reward_token_ids)
         size = len(tokenizer)
         if any(i >= size for i in ids):
-            raise UsageError(f"the recorded reward token ids {ids} are outside the tokenizer's {size} tokens",
-                             hint="the tokenizer is not the one the model was trained with")
+            raise UsageError(
+                f"the recorded reward token ids {ids} are outside the tokenizer's {size} tokens",
+                hint="the tokenizer is not the one the model was trained with",
+            )
     elif settings.pair_encoded and _legacy_pair_encoded(kind):
         ids = tokenizer.encode(f"{good} {bad}", add_special_tokens=False)
     else:
         for token, one in zip((good, bad), alone):
             if len(one) != 1:
-                raise UsageError(f"reward token {token!r} is not a single token of this tokenizer (it encodes to "
-                                 f"{len(one)} ids)", hint="set model.reward_tokens to two strings the tokenizer keeps whole")
+                raise UsageError(
+                    f"reward token {token!r} is not a single token of this tokenizer (it encodes to {len(one)} ids)",
+                    hint="set model.reward_tokens to two strings the tokenizer keeps whole",
+                )
         ids = [alone[0][0], alone[1][0]]
     if alone[0] == alone[1]:
         # Encoded in context ("+ +" is "+", " +") equal tokens can get two ids, and the two scores would mean nothing.
-        raise UsageError(f"reward tokens {shown([good, bad])} are the same token (ids {alone[0]}): the correct and "
-                         "wrong scores must be read from two different tokens",
-                         hint="set model.reward_tokens to two different tokens, e.g. [\"+\", \"-\"]")
+        raise UsageError(
+            f"reward tokens {shown([good, bad])} are the same token (ids {alone[0]}): the correct and "
+            "wrong scores must be read from two different tokens",
+            hint='set model.reward_tokens to two different tokens, e.g. ["+", "-"]',
+        )
     if len(ids) != 2 or ids[0] == ids[1]:
-        raise UsageError(f"reward tokens {list(settings.reward_tokens)!r} are not two different single tokens of this "
-                         f"tokenizer (got ids {ids})",
-                         hint="set model.reward_tokens to two strings the tokenizer keeps whole")
+        raise UsageError(
+            f"reward tokens {list(settings.reward_tokens)!r} are not two different single tokens of this "
+            f"tokenizer (got ids {ids})",
+            hint="set model.reward_tokens to two strings the tokenizer keeps whole",
+        )
     return ids[0], ids[1]
 
 

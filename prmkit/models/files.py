@@ -20,13 +20,43 @@ from prmkit.errors import UsageError, shown
 SAFETENSORS_HEADER_MAX = 100 << 20
 # Bits per element of each safetensors dtype (the sub-byte float formats are packed).
 DTYPE_BITS = {
-    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
-    "I32": 32, "U32": 32, "F32": 32, "C64": 64, "I64": 64, "U64": 64, "F64": 64, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+    "BOOL": 8,
+    "U8": 8,
+    "I8": 8,
+    "F8_E5M2": 8,
+    "F8_E4M3": 8,
+    "F8_E8M0": 8,
+    "I16": 16,
+    "U16": 16,
+    "F16": 16,
+    "BF16": 16,
+    "I32": 32,
+    "U32": 32,
+    "F32": 32,
+    "C64": 64,
+    "I64": 64,
+    "U64": 64,
+    "F64": 64,
+    "F4": 4,
+    "F6_E2M3": 6,
+    "F6_E3M2": 6,
 }
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 # config.json keys that are sizes: a positive integer each, wherever they appear (also in text_config).
-SIZE_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-             "intermediate_size", "max_position_embeddings", "head_dim", "n_layer", "n_embd", "n_head", "n_positions")
+SIZE_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+    "head_dim",
+    "n_layer",
+    "n_embd",
+    "n_head",
+    "n_positions",
+)
 MAX_SIZE = 2**31 - 1
 LAYERS_KEYS = ("num_hidden_layers", "n_layer")
 # A decoder layer's tensors: model.layers.3.mlp..., transformer.h.3.attn..., gpt_neox.layers.3...
@@ -59,12 +89,15 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
             continue
         problem = _tensor_problem(t)
         if problem:
-            raise UsageError(f"{path}: tensor {shown(name)}: {problem}",
-                             hint="the file is damaged: copy or save the model again")
+            raise UsageError(
+                f"{path}: tensor {shown(name)}: {problem}", hint="the file is damaged: copy or save the model again"
+            )
         end = max(end, t["data_offsets"][1])
     if end != data:
-        raise UsageError(f"{path}: truncated or corrupt ({size} bytes, the header describes {8 + n + end})",
-                         hint="the file is damaged: copy or save the model again")
+        raise UsageError(
+            f"{path}: truncated or corrupt ({size} bytes, the header describes {8 + n + end})",
+            hint="the file is damaged: copy or save the model again",
+        )
     return header
 
 
@@ -98,15 +131,19 @@ def read_config(model_dir: Path) -> dict[str, Any] | None:
         raise UsageError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(config, dict):
         raise UsageError(f"{path}: expected a JSON object, got {type(config).__name__}")
-    sections = [("", config)] + [(f"{k}.", v) for k, v in config.items() if k.endswith("_config") and isinstance(v, dict)]
+    sections = [("", config)] + [
+        (f"{k}.", v) for k, v in config.items() if k.endswith("_config") and isinstance(v, dict)
+    ]
     for prefix, section in sections:
         for key in SIZE_KEYS:
             value = section.get(key)
             if value is None:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SIZE:
-                raise UsageError(f"{path}: {prefix}{key}: expected a positive integer up to {MAX_SIZE:,}, got "
-                                 f"{shown(value)}", hint="restore config.json from the model it belongs to")
+                raise UsageError(
+                    f"{path}: {prefix}{key}: expected a positive integer up to {MAX_SIZE:,}, got {shown(value)}",
+                    hint="restore config.json from the model it belongs to",
+                )
     return config
 
 
@@ -148,21 +185,32 @@ def _check_layers(model_dir: Path, config: dict[str, Any], tensors: dict[str, An
     layers = _config_value(config, LAYERS_KEYS)
     # More layers than the weights hold would be built and left random (a million of them take hours to build).
     if found and layers and layers[1] > max(found) + 1:
-        raise UsageError(f"{model_dir / 'config.json'}: {layers[0]} is {layers[1]:,}, but the weights hold "
-                         f"{max(found) + 1} layers", hint="restore config.json from the model it belongs to")
+        raise UsageError(
+            f"{model_dir / 'config.json'}: {layers[0]} is {layers[1]:,}, but the weights hold {max(found) + 1} layers",
+            hint="restore config.json from the model it belongs to",
+        )
 
 
 def _check_embeddings(model_dir: Path, config: dict[str, Any], tensors: dict[str, Any]) -> None:
-    table = next((t for name, t in tensors.items() if name.endswith(_EMBEDDINGS) and len(t["shape"]) == 2
-                  and t.get("dtype") in FLOAT_DTYPES), None)
+    table = next(
+        (
+            t
+            for name, t in tensors.items()
+            if name.endswith(_EMBEDDINGS) and len(t["shape"]) == 2 and t.get("dtype") in FLOAT_DTYPES
+        ),
+        None,
+    )
     if table is None:
         return
     rows, width = table["shape"]
     for keys, actual in ((("vocab_size",), rows), (("hidden_size", "n_embd"), width)):
         value = _config_value(config, keys)
         if value is not None and value[1] != actual:
-            raise UsageError(f"{model_dir / 'config.json'}: {value[0]} is {value[1]:,}, but the weights' embedding "
-                             f"table is {rows:,} x {width:,}", hint="restore config.json from the model it belongs to")
+            raise UsageError(
+                f"{model_dir / 'config.json'}: {value[0]} is {value[1]:,}, but the weights' embedding "
+                f"table is {rows:,} x {width:,}",
+                hint="restore config.json from the model it belongs to",
+            )
 
 
 def embedding_rows(model: Any) -> int | None:
@@ -178,14 +226,22 @@ def check_tokenizer_fits(tokenizer: Any, rows: int | None, name: str, separator:
     embeddings (what transformers falls back to when a directory has no tokenizer files: one token), or one that
     cannot encode the step separator."""
     vocab = len(tokenizer)
-    hint = ("save the model's tokenizer beside it (tokenizer.save_pretrained(dir)), or set model.tokenizer to the "
-            "tokenizer it was trained with")
+    hint = (
+        "save the model's tokenizer beside it (tokenizer.save_pretrained(dir)), or set model.tokenizer to the "
+        "tokenizer it was trained with"
+    )
     if isinstance(rows, int) and vocab * 2 < rows:
-        raise UsageError(f"{name}: the tokenizer loaded there has {vocab:,} tokens for the model's {rows:,} "
-                         "embeddings: not the model's tokenizer (are its tokenizer files missing?)", hint=hint)
+        raise UsageError(
+            f"{name}: the tokenizer loaded there has {vocab:,} tokens for the model's {rows:,} "
+            "embeddings: not the model's tokenizer (are its tokenizer files missing?)",
+            hint=hint,
+        )
     if separator:
         ids = tokenizer.encode(separator, add_special_tokens=False)
         unk = getattr(tokenizer, "unk_token_id", None)
         if not ids or (unk is not None and all(i == unk for i in ids)):
-            raise UsageError(f"{name}: the tokenizer loaded there cannot encode the step separator "
-                             f"{json.dumps(separator)} (got {ids})", hint=hint)
+            raise UsageError(
+                f"{name}: the tokenizer loaded there cannot encode the step separator "
+                f"{json.dumps(separator)} (got {ids})",
+                hint=hint,
+            )

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from prmkit.core.atomic import (
-    read_json,
-)
+from prmkit.core.atomic import read_json
 from prmkit.errors import UsageError, first_line
 from prmkit.kinds.registry import DEFAULT_KIND, get_kind
 from prmkit.models.model_dir import ID2LABEL, LABEL2ID
@@ -36,7 +34,9 @@ def init_new_tokens(model: Any, tokenizer: Any, new_ids: Sequence[int]) -> None:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     known = min(new_ids)  # the rows before the first added token are the trained vocabulary
     with torch.no_grad():
-        for emb in {id(e): e for e in (model.get_input_embeddings(), model.get_output_embeddings()) if e is not None}.values():
+        for emb in {
+            id(e): e for e in (model.get_input_embeddings(), model.get_output_embeddings()) if e is not None
+        }.values():
             mean = emb.weight[:known].mean(dim=0)
             for i in new_ids:
                 emb.weight[i] = mean
@@ -44,7 +44,8 @@ def init_new_tokens(model: Any, tokenizer: Any, new_ids: Sequence[int]) -> None:
 
 # transformers >= 5.2x swaps layers for kernels fetched from the Hub at load time unless told not to (5.0 did not).
 # prmkit keeps the model's own layers: loading stays offline, and scores stay the same bits across versions.
-# Faster kernels are asked for by name instead (train.use_liger_kernel, the attention kernels in prmkit.train.kernels).
+# Faster kernels are asked for by name instead (train.use_liger_kernel, the attention kernels in
+# prmkit.training.kernels).
 MODEL_LOAD_DEFAULTS: dict[str, Any] = {"use_kernels": False}
 
 
@@ -104,12 +105,15 @@ def check_causal(config: Any, name: str, allow_bidirectional: bool) -> None:
         return
     kind = getattr(config, "model_type", "unknown")
     if allow_bidirectional:
-        log.warning(f"{name} ({kind}) is not a causal model; training it anyway because model.allow_bidirectional is "
-                    f"true. {ENCODER_EXPLANATION}")
+        log.warning(
+            f"{name} ({kind}) is not a causal model; training it anyway because model.allow_bidirectional is "
+            f"true. {ENCODER_EXPLANATION}"
+        )
         return
     raise UsageError(
         f"{name} ({kind}) is not a causal (decoder-only) model. {ENCODER_EXPLANATION}",
-        hint="use a decoder-only model (Qwen2, Llama, Mistral, ...), or set model.allow_bidirectional: true if you mean it",
+        hint="use a decoder-only model (Qwen2, Llama, Mistral, ...), or set model.allow_bidirectional: true if you "
+        "mean it",
     )
 
 
@@ -147,8 +151,10 @@ def ensure_pad_token(tokenizer: Any) -> None:
     if tokenizer.pad_token_id is not None:
         return
     if tokenizer.eos_token is None:
-        raise UsageError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has neither a pad nor an EOS token",
-                         hint="use a tokenizer that defines pad_token or eos_token")
+        raise UsageError(
+            f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has neither a pad nor an EOS token",
+            hint="use a tokenizer that defines pad_token or eos_token",
+        )
     tokenizer.pad_token = tokenizer.eos_token
     log.warning(f"the tokenizer has no pad token; padding with its EOS token {tokenizer.eos_token!r}")
 
@@ -161,7 +167,9 @@ def load_model_config(model_cfg: Any):
 
     name = model_cfg.name_or_path
     if not name:
-        raise UsageError("no model: set model.name_or_path", hint="e.g. --model Qwen/Qwen2-0.5B, or --example for a smoke run")
+        raise UsageError(
+            "no model: set model.name_or_path", hint="e.g. --model Qwen/Qwen2-0.5B, or --example for a smoke run"
+        )
     from prmkit.core.locate import locate
 
     name = locate(name, "model")
@@ -172,17 +180,26 @@ def load_model_config(model_cfg: Any):
         check_model_dir(name, weights=not model_cfg.init_from_config)
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=model_cfg.trust_remote_code)
-    except Exception as e:  # noqa: BLE001 - OSError for a missing model, others for a damaged config
-        hint = ("its config.json is damaged: restore it" if Path(name).is_dir()
-                else "set model.name_or_path to a local directory or a reachable Hub id")
+    except Exception as e:
+        hint = (
+            "its config.json is damaged: restore it"
+            if Path(name).is_dir()
+            else "set model.name_or_path to a local directory or a reachable Hub id"
+        )
         raise UsageError(f"model {name!r} could not be loaded: {first_line(e)}", hint=hint) from None
     check_causal(config, name, model_cfg.allow_bidirectional)
     return config
 
 
-def load_model_for_training(model_cfg: Any, tokenizer: Any, seed: int | None = None, config: Any = None,
-                            kind: str = DEFAULT_KIND, new_tokens: list[int] | None = None,
-                            attn_implementation: str | None = None):
+def load_model_for_training(
+    model_cfg: Any,
+    tokenizer: Any,
+    seed: int | None = None,
+    config: Any = None,
+    kind: str = DEFAULT_KIND,
+    new_tokens: list[int] | None = None,
+    attn_implementation: str | None = None,
+):
     """A token-classification model with two labels (LABEL_0 = wrong step, LABEL_1 = correct step), or for
     a causal-LM ``kind`` (lm-tag) the causal LM itself (its step tag added to the embeddings when the tokenizer grew).
 
@@ -221,16 +238,18 @@ def load_model_for_training(model_cfg: Any, tokenizer: Any, seed: int | None = N
     else:
         try:
             model = auto.from_pretrained(name, config=config, dtype=dtype, **common, **kwargs, **MODEL_LOAD_DEFAULTS)
-        except Exception as e:  # noqa: BLE001 - e.g. sizes that do not match the weights, a damaged file
+        except Exception as e:
             raise UsageError(f"model {name!r} could not be loaded: {first_line(e)}") from None
     if new_tokens:
         from prmkit.models.loading import init_new_tokens
 
         init_new_tokens(model, tokenizer, new_tokens)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        raise UsageError(f"the tokenizer has {len(tokenizer)} tokens but {name} has only "
-                         f"{model.get_input_embeddings().num_embeddings} embeddings",
-                         hint="use the tokenizer the model was trained with (model.tokenizer)")
+        raise UsageError(
+            f"the tokenizer has {len(tokenizer)} tokens but {name} has only "
+            f"{model.get_input_embeddings().num_embeddings} embeddings",
+            hint="use the tokenizer the model was trained with (model.tokenizer)",
+        )
     return model
 
 
@@ -263,8 +282,9 @@ def disable_dropout(model: Any) -> int:
 BASE_MODEL_DIR = "base_model"
 
 
-def load_trained_model(path: str | Path, dtype: Any = "auto", trust_remote_code: bool = False, causal_lm: bool = False,
-                       **kwargs: Any):
+def load_trained_model(
+    path: str | Path, dtype: Any = "auto", trust_remote_code: bool = False, causal_lm: bool = False, **kwargs: Any
+):
     """Load what `prmkit train` wrote: a full model, or a LoRA adapter over its base. Returns the model (eval mode).
 
     An adapter directory is recognised by ``adapter_config.json``; its base is ``base_model/`` inside it when
@@ -281,14 +301,17 @@ def load_trained_model(path: str | Path, dtype: Any = "auto", trust_remote_code:
 
         base = path / BASE_MODEL_DIR
         base_name = str(base) if (base / "config.json").is_file() else read_json(adapter_cfg)["base_model_name_or_path"]
-        head: dict[str, Any] = ({} if causal_lm else
-                                {"num_labels": 2, "id2label": dict(ID2LABEL), "label2id": dict(LABEL2ID)})
-        model = auto.from_pretrained(base_name, **head, dtype=dtype, trust_remote_code=trust_remote_code,
-                                     **{**MODEL_LOAD_DEFAULTS, **kwargs})
+        head: dict[str, Any] = (
+            {} if causal_lm else {"num_labels": 2, "id2label": dict(ID2LABEL), "label2id": dict(LABEL2ID)}
+        )
+        model = auto.from_pretrained(
+            base_name, **head, dtype=dtype, trust_remote_code=trust_remote_code, **{**MODEL_LOAD_DEFAULTS, **kwargs}
+        )
         model = PeftModel.from_pretrained(model, str(path))
     else:
-        model = auto.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code,
-                                     **{**MODEL_LOAD_DEFAULTS, **kwargs})
+        model = auto.from_pretrained(
+            str(path), dtype=dtype, trust_remote_code=trust_remote_code, **{**MODEL_LOAD_DEFAULTS, **kwargs}
+        )
     model.eval()
     return model
 
@@ -303,8 +326,12 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     try:
         return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except OSError as e:
-        raise UsageError(f"tokenizer {name_or_path!r} could not be loaded: {first_line(e)}",
-                         hint="set model.tokenizer (or model.name_or_path) to a local directory or a reachable Hub id") from None
-    except Exception as e:  # noqa: BLE001 - a damaged tokenizer.json fails with whatever the parser meets first
-        raise UsageError(f"tokenizer {name_or_path!r} could not be loaded: {first_line(e)}",
-                         hint="its tokenizer files are damaged: restore them, or save the tokenizer again") from None
+        raise UsageError(
+            f"tokenizer {name_or_path!r} could not be loaded: {first_line(e)}",
+            hint="set model.tokenizer (or model.name_or_path) to a local directory or a reachable Hub id",
+        ) from None
+    except Exception as e:
+        raise UsageError(
+            f"tokenizer {name_or_path!r} could not be loaded: {first_line(e)}",
+            hint="its tokenizer files are damaged: restore them, or save the tokenizer again",
+        ) from None

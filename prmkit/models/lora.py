@@ -38,8 +38,10 @@ def lora_config(lora: dict, model: Any, kind: str = DEFAULT_KIND):
 
     unknown = [k for k in lora if k not in LORA_KEYS]
     if unknown:
-        raise ConfigError(f"train.lora: unknown key {unknown[0]!r}{_did_you_mean(str(unknown[0]), LORA_KEYS)}",
-                          hint=f"train.lora takes {', '.join(LORA_KEYS)}")
+        raise ConfigError(
+            f"train.lora: unknown key {unknown[0]!r}{_did_you_mean(str(unknown[0]), LORA_KEYS)}",
+            hint=f"train.lora takes {', '.join(LORA_KEYS)}",
+        )
     opts = {**LORA_KEYS, **lora}
     target = opts["target_modules"]
     if isinstance(target, str) and target != "all-linear":
@@ -65,5 +67,6 @@ def apply_lora(model: Any, lora: dict, kind: str = DEFAULT_KIND):
     try:
         return get_peft_model(model, config)
     except ValueError as e:
-        raise ConfigError(f"train.lora: {first_line(e)}",
-                          hint="set train.lora.target_modules, e.g. [q_proj, v_proj] or all-linear") from None
+        raise ConfigError(
+            f"train.lora: {first_line(e)}", hint="set train.lora.target_modules, e.g. [q_proj, v_proj] or all-linear"
+        ) from None

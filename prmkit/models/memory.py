@@ -23,17 +23,19 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Mapping, MutableMapping, Sequence
+from typing import Any
 
-GIB = 1024 ** 3
+GIB = 1024**3
 
 
 def size(n: float | None) -> str:
     """Bytes for people: GiB with one decimal, MiB below one GiB (tiny models must not all read 0.0 GiB)."""
     if n is None:
         return "?"
-    return f"{n / GIB:.1f} GiB" if abs(n) >= GIB else f"{n / 1024 ** 2:.1f} MiB"
+    return f"{n / GIB:.1f} GiB" if abs(n) >= GIB else f"{n / 1024**2:.1f} MiB"
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The CUDA allocator
@@ -116,7 +118,13 @@ class ModelShape:
     def total_params(self) -> int:
         if self.params is not None:
             return self.params
-        return self.embedding_params + self.layers * self.layer_params + self.hidden + self.hidden * self.num_labels + self.num_labels
+        return (
+            self.embedding_params
+            + self.layers * self.layer_params
+            + self.hidden
+            + self.hidden * self.num_labels
+            + self.num_labels
+        )
 
     @property
     def trainable_params(self) -> int:
@@ -148,10 +156,18 @@ def model_shape(config: Any, model: Any = None, lm_head: bool = False) -> ModelS
             n = int(getattr(p, "ds_numel", None) or p.numel())  # ZeRO-3 partitions at load: its full size is kept
             params += n
             trainable += n if p.requires_grad else 0
-    return ModelShape(hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads, intermediate=intermediate,
-                      vocab=int(getattr(text, "vocab_size", 0) or 0), num_labels=int(getattr(config, "num_labels", 2) or 2),
-                      params=params, trainable=trainable,
-                      head_outputs=int(getattr(text, "vocab_size", 0) or 0) if lm_head else None)
+    return ModelShape(
+        hidden=hidden,
+        layers=layers,
+        heads=heads,
+        kv_heads=kv_heads,
+        intermediate=intermediate,
+        vocab=int(getattr(text, "vocab_size", 0) or 0),
+        num_labels=int(getattr(config, "num_labels", 2) or 2),
+        params=params,
+        trainable=trainable,
+        head_outputs=int(getattr(text, "vocab_size", 0) or 0) if lm_head else None,
+    )
 
 
 @dataclass(frozen=True)
@@ -184,7 +200,7 @@ def largest_micro_batch(lengths: Iterable[int], batch_size: int, batching: str) 
     if arr.size == 0:
         return MicroBatch(0, 0, 0)
     k = max(1, min(int(batch_size), arr.size))
-    top = np.partition(arr, arr.size - k)[arr.size - k:]
+    top = np.partition(arr, arr.size - k)[arr.size - k :]
     if batching == "packed":
         return MicroBatch(rows=1, width=int(top.sum()), sequences=k)
     return MicroBatch(rows=k, width=int(top.max()), sequences=k)
@@ -239,7 +255,7 @@ class Sharding:
     """The strategy, as the pre-flight line names it ("FSDP2 (FULL_SHARD, ...) on 8 processes")."""
 
     @classmethod
-    def full(cls, n: int) -> "Sharding":
+    def full(cls, n: int) -> Sharding:
         n = max(1, int(n))
         return cls(n, n, n, gathers_layers=n > 1, label=f"weights, gradients and optimizer states sharded {n} ways")
 
@@ -263,21 +279,40 @@ class MemoryEstimate:
 
     @property
     def total(self) -> int:
-        return (self.weights + self.gradients + self.optimizer + self.weight_copies + self.activations + self.workspace
-                + self.gathered)
+        return (
+            self.weights
+            + self.gradients
+            + self.optimizer
+            + self.weight_copies
+            + self.activations
+            + self.workspace
+            + self.gathered
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        parts = {k: getattr(self, k) for k in ("weights", "gradients", "optimizer", "weight_copies", "activations",
-                                               "workspace", "gathered")}
-        return {"total_gib": round(self.total / GIB, 2), "total_bytes": self.total, "bytes": parts,
-                "checkpointing": self.checkpointing,
-                "largest_micro_batch": {"rows": self.batch.rows, "width": self.batch.width, "sequences": self.batch.sequences}}
+        parts = {
+            k: getattr(self, k)
+            for k in ("weights", "gradients", "optimizer", "weight_copies", "activations", "workspace", "gathered")
+        }
+        return {
+            "total_gib": round(self.total / GIB, 2),
+            "total_bytes": self.total,
+            "bytes": parts,
+            "checkpointing": self.checkpointing,
+            "largest_micro_batch": {
+                "rows": self.batch.rows,
+                "width": self.batch.width,
+                "sequences": self.batch.sequences,
+            },
+        }
 
     def describe(self) -> str:
         gathered = f", gathered for compute {size(self.gathered)}" if self.gathered else ""
-        return (f"{size(self.total)} (weights {size(self.weights)}, gradients {size(self.gradients)}, optimizer "
-                f"{size(self.optimizer)}{gathered}, activations "
-                f"{size(self.activations + self.weight_copies + self.workspace)})")
+        return (
+            f"{size(self.total)} (weights {size(self.weights)}, gradients {size(self.gradients)}, optimizer "
+            f"{size(self.optimizer)}{gathered}, activations "
+            f"{size(self.activations + self.weight_copies + self.workspace)})"
+        )
 
 
 def estimate_memory(
@@ -340,9 +375,17 @@ def estimate_memory(
         gathered = (outside_layers + shape.layer_params + layer_grads) * param_bytes
     # Sharded weights are cast to 16 bits layer by layer as they are gathered: the copies are sharded as they are.
     copies = math.ceil(2 * shape.layers * shape.layer_params / max(1, split.weights)) if mode == "autocast" else 0
-    return MemoryEstimate(weights=weights, gradients=gradients, optimizer=optim, weight_copies=copies,
-                          activations=int(saved), workspace=int(workspace), checkpointing=checkpointing, batch=batch,
-                          gathered=gathered)
+    return MemoryEstimate(
+        weights=weights,
+        gradients=gradients,
+        optimizer=optim,
+        weight_copies=copies,
+        activations=int(saved),
+        workspace=int(workspace),
+        checkpointing=checkpointing,
+        batch=batch,
+        gathered=gathered,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -388,14 +431,18 @@ def device_budget(explicit_gb: float | None = None, device: Any = None) -> Budge
     free, total = torch.cuda.mem_get_info(index)
     fraction = 1.0
     # Public since torch 2.8; the private getter it wraps is older.
-    getter = getattr(torch.cuda, "get_per_process_memory_fraction", None) or getattr(torch._C, "_cuda_getMemoryFraction", None)
+    getter = getattr(torch.cuda, "get_per_process_memory_fraction", None) or getattr(
+        torch._C, "_cuda_getMemoryFraction", None
+    )
     if getter is not None:
         fraction = float(getter(index))
     name = torch.cuda.get_device_name(index)
     if fraction < 1.0:
         cap = int(total * fraction) - int(torch.cuda.memory_reserved(index))
         if cap < free:
-            return Budget(max(0, cap), f"per-process memory fraction {fraction:.3f} of {name} ({total * fraction / GIB:.1f} GiB)")
+            return Budget(
+                max(0, cap), f"per-process memory fraction {fraction:.3f} of {name} ({total * fraction / GIB:.1f} GiB)"
+            )
     return Budget(int(free), f"free memory of {name} ({total / GIB:.1f} GiB in all)")
 
 
@@ -425,13 +472,18 @@ class MemoryPlan:
 
     def preflight(self) -> str:
         """One line for the log before training starts."""
-        where = (f"{size(self.usable_bytes)} usable of {size(self.budget_bytes)} ({self.budget_source})"
-                 if self.budget_bytes is not None else self.budget_source)
+        where = (
+            f"{size(self.usable_bytes)} usable of {size(self.budget_bytes)} ({self.budget_source})"
+            if self.budget_bytes is not None
+            else self.budget_source
+        )
         verdict = "fits" if self.fits else ("does NOT fit" if self.fits is False else "not checked")
         per = "in one process" if self.strategy == "one process" else f"per process under {self.strategy}"
-        return (f"memory: estimated peak {self.estimate.describe()} {per}, for the largest micro-batch "
-                f"({self.estimate.batch.describe()}), {where}: {verdict}; gradient checkpointing "
-                f"{'on' if self.checkpointing else 'off'} ({self.reason})")
+        return (
+            f"memory: estimated peak {self.estimate.describe()} {per}, for the largest micro-batch "
+            f"({self.estimate.batch.describe()}), {where}: {verdict}; gradient checkpointing "
+            f"{'on' if self.checkpointing else 'off'} ({self.reason})"
+        )
 
 
 def plan_memory(
@@ -463,17 +515,45 @@ def plan_memory(
         reason = f"auto: {size(off.total)} without it exceeds the usable {size(usable)}; {size(on.total)} with it"
     chosen = on if enabled else off
     fits = None if usable is None else chosen.total <= usable
-    advice = [] if fits in (True, None) else _advice(shape, lengths, batch_size, batching, usable, enabled, on, estimate_kwargs)
+    advice = (
+        []
+        if usable is None or fits
+        else _advice(shape, lengths, batch_size, batching, usable, enabled, on, estimate_kwargs)
+    )
     sharding = estimate_kwargs.get("sharding")
-    strategy = sharding.label if sharding is not None else Sharding.full(estimate_kwargs.get("shards", 1)).label \
-        if estimate_kwargs.get("shards", 1) > 1 else "one process"
-    return MemoryPlan(requested=requested, checkpointing=enabled, reason=reason, budget_bytes=budget.bytes,
-                      budget_source=budget.source, usable_bytes=usable, estimate=chosen,
-                      estimate_without=off, estimate_with=on, fits=fits, advice=advice, strategy=strategy)
+    strategy = (
+        sharding.label
+        if sharding is not None
+        else Sharding.full(estimate_kwargs.get("shards", 1)).label
+        if estimate_kwargs.get("shards", 1) > 1
+        else "one process"
+    )
+    return MemoryPlan(
+        requested=requested,
+        checkpointing=enabled,
+        reason=reason,
+        budget_bytes=budget.bytes,
+        budget_source=budget.source,
+        usable_bytes=usable,
+        estimate=chosen,
+        estimate_without=off,
+        estimate_with=on,
+        fits=fits,
+        advice=advice,
+        strategy=strategy,
+    )
 
 
-def _advice(shape: ModelShape, lengths: Sequence[int], batch_size: int, batching: str, usable: int, enabled: bool,
-            on: MemoryEstimate, kwargs: dict[str, Any]) -> list[str]:
+def _advice(
+    shape: ModelShape,
+    lengths: Sequence[int],
+    batch_size: int,
+    batching: str,
+    usable: int,
+    enabled: bool,
+    on: MemoryEstimate,
+    kwargs: dict[str, Any],
+) -> list[str]:
     """What would make the run fit: only changes whose own estimate fits the same budget."""
     tips = []
     if not enabled and on.total <= usable:
@@ -482,8 +562,10 @@ def _advice(shape: ModelShape, lengths: Sequence[int], batch_size: int, batching
         est = estimate_memory(shape, largest_micro_batch(lengths, smaller, batching), checkpointing=True, **kwargs)
         if est.total <= usable:
             accum = math.ceil(batch_size / smaller)
-            tips.append(f"train.per_device_train_batch_size: {smaller} with gradient_accumulation_steps x{accum} for the "
-                        f"same effective batch, and checkpointing on: {size(est.total)}")
+            tips.append(
+                f"train.per_device_train_batch_size: {smaller} with gradient_accumulation_steps x{accum} for the "
+                f"same effective batch, and checkpointing on: {size(est.total)}"
+            )
             break
     if batching != "packed":
         est = estimate_memory(shape, largest_micro_batch(lengths, batch_size, "packed"), checkpointing=True, **kwargs)
@@ -493,22 +575,32 @@ def _advice(shape: ModelShape, lengths: Sequence[int], batch_size: int, batching
         lora = ModelShape(**{**asdict(shape), "trainable": max(1, shape.total_params // 100)})
         est = estimate_memory(lora, on.batch, checkpointing=True, **kwargs)
         if est.total <= usable:
-            tips.append(f"train.lora: {{r: 16}} (about 1% of the weights trained), with checkpointing: {size(est.total)}")
-    tips.append("a smaller data.max_length (shorter rows)" if tips else
-                "none of batch size, packing or LoRA fits alone: shorten rows (data.max_length), or use a larger device "
-                "or several (DeepSpeed ZeRO-3 / FSDP shard the weights and optimizer)")
+            tips.append(
+                f"train.lora: {{r: 16}} (about 1% of the weights trained), with checkpointing: {size(est.total)}"
+            )
+    tips.append(
+        "a smaller data.max_length (shorter rows)"
+        if tips
+        else "none of batch size, packing or LoRA fits alone: shorten rows (data.max_length), or use a larger device "
+        "or several (DeepSpeed ZeRO-3 / FSDP shard the weights and optimizer)"
+    )
     return tips
 
 
 def _kept(checkpoint: str | None) -> str:
-    return (f"The last checkpoint, {checkpoint}, is kept: rerun with --resume to continue from it."
-            if checkpoint else "No checkpoint was saved yet.")
+    return (
+        f"The last checkpoint, {checkpoint}, is kept: rerun with --resume to continue from it."
+        if checkpoint
+        else "No checkpoint was saved yet."
+    )
 
 
 def eval_oom_hint(checkpoint: str | None) -> str:
     """The fixes for running out of memory while evaluating during training."""
-    return ("try a smaller train.per_device_eval_batch_size (evaluation keeps no gradients, but its batches are "
-            "often larger); or train.eval_strategy: no, and `prmkit eval` on the saved model. " + _kept(checkpoint))
+    return (
+        "try a smaller train.per_device_eval_batch_size (evaluation keeps no gradients, but its batches are "
+        "often larger); or train.eval_strategy: no, and `prmkit eval` on the saved model. " + _kept(checkpoint)
+    )
 
 
 def oom_hint(plan: MemoryPlan | None, checkpoint: str | None) -> str:
@@ -516,6 +608,10 @@ def oom_hint(plan: MemoryPlan | None, checkpoint: str | None) -> str:
     fixes = []
     if plan is None or not plan.checkpointing:
         fixes.append("train.gradient_checkpointing: true")
-    fixes += ["a smaller train.per_device_train_batch_size (raise gradient_accumulation_steps to keep the effective batch)",
-              "train.batching: packed (no padding)", "train.lora: {r: 16}", "train.memory_budget_gb: the memory you really have"]
+    fixes += [
+        "a smaller train.per_device_train_batch_size (raise gradient_accumulation_steps to keep the effective batch)",
+        "train.batching: packed (no padding)",
+        "train.lora: {r: 16}",
+        "train.memory_budget_gb: the memory you really have",
+    ]
     return "try " + "; or ".join(fixes) + f". {_kept(checkpoint)}"

@@ -80,9 +80,11 @@ def read_metadata(model_dir: str | Path) -> dict[str, Any] | None:
     if not path.is_file():
         if (Path(model_dir) / CONFIG_YAML).is_file():
             # `prmkit train` writes prmkit.json last: without it the weights may be missing, partial or stale.
-            raise UsageError(f"{model_dir}: a prmkit training run that has not finished (no {PRMKIT_JSON} yet)",
-                             hint="finish it with the same `prmkit train` command plus --resume, or use one of its "
-                                  "checkpoint-N directories")
+            raise UsageError(
+                f"{model_dir}: a prmkit training run that has not finished (no {PRMKIT_JSON} yet)",
+                hint="finish it with the same `prmkit train` command plus --resume, or use one of its "
+                "checkpoint-N directories",
+            )
         return None
     hint = f"the file is damaged: restore it, or copy {PRMKIT_JSON} from the training run's output"
     metadata = read_json(path, hint=hint)
@@ -140,8 +142,10 @@ def resolve_tokenization(
         asked["step_separator"] = step_separator
     if metadata is None:
         if "step_separator" not in asked:
-            log.warning(f"{model}: no {PRMKIT_JSON}; assuming step separator '\\n' (TRL's default). Pass "
-                        "--step-separator if it was trained with another")
+            log.warning(
+                f"{model}: no {PRMKIT_JSON}; assuming step separator '\\n' (TRL's default). Pass "
+                "--step-separator if it was trained with another"
+            )
         trained = TokenizationParams()
     else:
         trained = TokenizationParams.from_dict(metadata.get("tokenization", {}))
@@ -153,12 +157,17 @@ def resolve_tokenization(
             hint="drop it from --set or the config for score and eval",
         )
     used = TokenizationParams(**{**trained.to_dict(), **asked})
-    differs = {k: (getattr(trained, k), getattr(used, k)) for k in SCORING_TOKENIZATION_KEYS
-               if getattr(trained, k) != getattr(used, k)}
+    differs = {
+        k: (getattr(trained, k), getattr(used, k))
+        for k in SCORING_TOKENIZATION_KEYS
+        if getattr(trained, k) != getattr(used, k)
+    }
     if metadata is not None:
         for key, (before, after) in differs.items():
-            log.warning(f"{model}: trained with data.{key}={_yaml(before)} ({PRMKIT_JSON}); scoring with "
-                        f"{_yaml(after)} as asked, so the tokens differ from training")
+            log.warning(
+                f"{model}: trained with data.{key}={_yaml(before)} ({PRMKIT_JSON}); scoring with "
+                f"{_yaml(after)} as asked, so the tokens differ from training"
+            )
     return used, differs if metadata is not None else {}
 
 
@@ -178,7 +187,8 @@ def kind_tokenization(
     if moot:
         raise UsageError(
             f"{model} is a {kind} PRM, which lays out its input its own way: "
-            + ", ".join(f"data.{k}={_yaml(asked[k])}" for k in moot) + " cannot apply to it",
+            + ", ".join(f"data.{k}={_yaml(asked[k])}" for k in moot)
+            + " cannot apply to it",
             hint="drop the setting (or --step-separator) for this model, or score it in a run of its own",
         )
     return asked.get("max_length")

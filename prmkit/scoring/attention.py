@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import itertools
 import logging
 from functools import lru_cache
 from typing import Any
@@ -108,10 +109,10 @@ def probe_torch_varlen(config: Any, dtype_name: str, device: str = "cuda", varle
     q = torch.randn(total, heads, head_dim, generator=gen).to(device, dtype)
     k, v = (torch.randn(total, kv_heads, head_dim, generator=gen).to(device, dtype) for _ in range(2))
     cu = torch.tensor([0, 37, 42, 132], dtype=torch.int32, device=device)
-    scale = head_dim ** -0.5
+    scale = head_dim**-0.5
     try:
         got = _torch_varlen_call(varlen, q, k, v, cu, max(lengths), scale).float()
-    except Exception as e:  # noqa: BLE001 - any failure means: do not use it
+    except Exception as e:
         return named_first_line(e)
     want = _per_sequence(q.float(), k.float(), v.float(), cu, scale)
     if tuple(got.shape) != tuple(want.shape):
@@ -154,8 +155,9 @@ def packed_inputs(lengths: list[int], kernel: str | None) -> dict[str, Any]:
 # The registered varlen attention
 
 
-def varlen_attention(module: Any, query, key, value, attention_mask, scaling: float | None = None,
-                     dropout: float = 0.0, **kwargs: Any):
+def varlen_attention(
+    module: Any, query, key, value, attention_mask, scaling: float | None = None, dropout: float = 0.0, **kwargs: Any
+):
     """Causal attention over sequences packed in one row; a transformers attention function.
 
     ``query`` is (1, heads, tokens, head_dim), ``key``/``value`` (1, kv_heads, tokens, head_dim); the result is
@@ -185,7 +187,7 @@ def _per_sequence(q, k, v, cu, scaling):
     groups = q.shape[1] // k.shape[1]
     out = torch.empty_like(q)
     bounds = cu.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:]):
+    for start, end in itertools.pairwise(bounds):
         qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))  # (heads, n, head_dim)
         if groups > 1:
             ks, vs = ks.repeat_interleave(groups, 0), vs.repeat_interleave(groups, 0)

@@ -22,33 +22,23 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
-from prmkit.errors import DataError, PrmkitError, UsageError, first_line
 from prmkit.data.formats import step_problem
-from prmkit.models.model_dir import POSITIVE_LABEL_ID, kind_tokenization, read_metadata, resolve_tokenization
-from prmkit.core.filenames import PRMKIT_JSON
-from prmkit.models.memory import release_memory
-from prmkit.models.files import check_model_dir, check_tokenizer_fits, embedding_rows
-from prmkit.scoring import attention, budget
-from prmkit.scoring.loading import (
-    OVERLAP_TOKENIZER_ON,
-    Background,
-    architecture_imported,
-    hub_metadata,
-    load_error,
-    load_model,
-    model_identity,
-    resolve_device,
-)
+from prmkit.errors import DataError, PrmkitError, UsageError, first_line
+from prmkit.models.files import check_tokenizer_fits, embedding_rows
 from prmkit.models.loading import resolve_dtype
+from prmkit.models.memory import release_memory
+from prmkit.models.model_dir import POSITIVE_LABEL_ID, resolve_tokenization
+from prmkit.scoring import attention, budget
+from prmkit.scoring import pretrained as steps
+from prmkit.scoring.loading import OVERLAP_TOKENIZER_ON, model_identity, resolve_device
 from prmkit.scoring.timings import Timings
-from prmkit.tokenization import Encoded, TextEncoder, TokenizationParams, encode_solutions, tokenizer_fingerprint
+from prmkit.tokenization import Encoded, TextEncoder, TokenizationParams, encode_solutions
 
 log = logging.getLogger("prmkit")
-
 
 
 @dataclass
@@ -135,12 +125,15 @@ class StepScorer:
         self.positive_label_id = positive_label_id
         self.num_labels = int(getattr(model.config, "num_labels", 2))
         if self.num_labels not in (1, 2) and positive_label_id >= self.num_labels:
-            raise UsageError(f"model has {self.num_labels} labels; positive label id {positive_label_id} is out of range")
+            raise UsageError(
+                f"model has {self.num_labels} labels; positive label id {positive_label_id} is out of range"
+            )
         self.dtype = next(model.parameters()).dtype
         self.causal = _is_causal(model) if causal is None else causal
         self.allow_bidirectional = allow_bidirectional
         self.kind_encoder = kind_encoder
-        """Another PRM kind's tokens and read positions (:class:`prmkit.kinds.encoder.KindEncoder`); None: TRL's tokenization."""
+        """Another PRM kind's tokens and read positions (:class:`prmkit.kinds.encoder.KindEncoder`); None: TRL's
+        tokenization."""
         self.prefix_mode = not self.causal and not allow_bidirectional and kind_encoder is None
         if self.prefix_mode:
             log.warning(
@@ -150,12 +143,15 @@ class StepScorer:
         self.kernel = attention.packing_kernel(model)
         if packing is None:
             # The varlen function reads packed rows only; other kernels pack by default where they pay: on CUDA.
-            packing = self.causal and (self.kernel == "varlen" or (self.device.type == "cuda" and self.kernel is not None))
+            packing = self.causal and (
+                self.kernel == "varlen" or (self.device.type == "cuda" and self.kernel is not None)
+            )
         if self.kernel == "varlen" and not packing:
             raise UsageError(f"attention {attention.VARLEN!r} scores packed batches only", hint="leave packing on")
         self.packing = bool(packing)
-        self.batch_tokens, self.batch_tokens_source = (int(batch_tokens), "given") if batch_tokens is not None \
-            else self._device_budget()
+        self.batch_tokens, self.batch_tokens_source = (
+            (int(batch_tokens), "given") if batch_tokens is not None else self._device_budget()
+        )
         self.timings = timings or Timings()
         self.identity = identity or {"name": _model_name(model)}
         self.rank, self.world_size = rank, world_size
@@ -183,8 +179,9 @@ class StepScorer:
         eager = (getattr(self.model.config, "_attn_implementation", None) or "") == "eager"
         # Rows of a non-causal model carry a padding mask, and eager attention materialises its scores.
         width = (self.params.max_length or 4096) if (not self.causal or eager) else None
-        tokens = budget.device_batch_tokens(free, total, shape, self._dtype_bytes, dense_attention_width=width,
-                                            eager_attention=eager)
+        tokens = budget.device_batch_tokens(
+            free, total, shape, self._dtype_bytes, dense_attention_width=width, eager_attention=eager
+        )
         source = f"{free / 2**30:.1f} GiB free on {self.device}"
         log.info(f"batch budget {tokens} tokens, sized to {source}")
         return tokens, source
@@ -214,7 +211,7 @@ class StepScorer:
         tokenization: dict[str, Any] | None = None,
         tokenizer: str | None = None,
         timings: Timings | None = None,
-    ) -> "StepScorer":
+    ) -> StepScorer:
         """Load a PRM (a prmkit output dir, a local transformers dir, or a Hub id) with its tokenizer.
 
         The step separator and tokenization come from the model's ``prmkit.json``; without one (a model trained
@@ -227,118 +224,83 @@ class StepScorer:
         a causal model is loaded with a varlen attention kernel for packed batches (:mod:`prmkit.scoring.attention`)
         unless ``packing`` is False or ``attn_implementation`` is given. ``timings`` collects the seconds spent loading
         (``model_load``: the architecture's code, weights, tokenizer), tokenizing and in forward passes.
-        """
-        from prmkit.core.locate import locate
 
+        (Over 100 lines with its keyword signature (one setting a line); the steps are in scoring/pretrained.py.)
+        """
         timings = timings or Timings()
-        name = str(path_or_id)
-        local = Path(name).expanduser()
-        is_local = local.is_dir()
-        if local.exists() and not is_local:
-            raise UsageError(f"model {name!r}: not a directory", hint="give a model directory or a Hub id")
-        if not is_local:
-            locate(name, "model", revision=revision)  # before torch: a mistyped path is said at once
+        source = steps.resolve_model(path_or_id, revision)  # before torch: a mistyped path is said at once
 
         import torch
-        from transformers import AutoConfig, AutoModelForTokenClassification
 
-        from prmkit.models.loading import load_tokenizer
-        from prmkit.models.loading import is_causal, quiet_transformers
-
-        metadata = read_metadata(local) if is_local else hub_metadata(name, revision)
-        if is_local:
-            check_model_dir(local)  # config sizes and weight headers, before transformers trusts them
         from prmkit.kinds.registry import get_kind
-        from prmkit.scoring.kinds import resolve_kind, scorer_for_kind
+        from prmkit.models.loading import quiet_transformers
+        from prmkit.scoring.kinds import resolve_kind
 
-        kind, settings, kind_tokenizer = resolve_kind(name, metadata, kind_settings, local=is_local,
-                                                            revision=revision, trust_remote_code=trust_remote_code)
-
+        name, metadata = source.name, source.metadata
+        kind, settings, kind_tokenizer = resolve_kind(
+            name, metadata, kind_settings, local=source.is_local, revision=revision, trust_remote_code=trust_remote_code
+        )
         rank, world_size, dev = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, dev, key="dtype")
         if dev.type == "cuda":
             torch.cuda.init()  # the CUDA context is start-up, not model loading
-        adapter = is_local and (local / "adapter_config.json").is_file()
         with timings.stage("model_load"), quiet_transformers():
-            config = None
-            if not adapter:
-                try:
-                    config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code,
-                                                        **({"revision": revision} if revision else {}))
-                except Exception as e:  # noqa: BLE001 - whatever stops transformers reading it is the finding
-                    raise load_error(name, e) from None
-            chosen = attn_implementation is None and packing is not False and config is not None
-            if chosen:
-                attn_implementation = attention.choose_attention(
-                    dev.type, str(torch_dtype).removeprefix("torch."), is_causal(config), config)
-            elif attn_implementation == attention.VARLEN:
-                attention.register_varlen_attention()
+            config = steps.read_config(source, trust_remote_code)
+            attn_implementation, chosen = steps.pick_attention(config, dev, torch_dtype, attn_implementation, packing)
             load_kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
             if revision:
                 load_kwargs["revision"] = revision
             if not get_kind(kind).uses_separator:
-                if attn_implementation:
-                    load_kwargs["attn_implementation"] = attn_implementation
-                max_length = kind_tokenization(name, kind, tokenization, step_separator)
-                if max_length is None and get_kind(kind).trainable:  # a prmkit-trained model: its training limit
-                    max_length = ((metadata or {}).get("tokenization") or {}).get("max_length")
-                scorer = scorer_for_kind(
-                    cls, kind, name, load_tokenizer(tokenizer, trust_remote_code) if tokenizer else
-                    kind_tokenizer or load_tokenizer(name, trust_remote_code), settings,
-                    load_kwargs=load_kwargs, device=dev, max_length=max_length, batch_tokens=batch_tokens,
-                    sort_window=sort_window, packing=packing, rank=rank, world_size=world_size, timings=timings)
-                check_tokenizer_fits(scorer.tokenizer, embedding_rows(scorer.model), tokenizer or name)
-                return scorer
+                return steps.kind_scorer(
+                    cls,
+                    source,
+                    kind,
+                    settings,
+                    kind_tokenizer,
+                    load_kwargs=load_kwargs,
+                    attn_implementation=attn_implementation,
+                    tokenization=tokenization,
+                    step_separator=step_separator,
+                    tokenizer=tokenizer,
+                    trust_remote_code=trust_remote_code,
+                    device=dev,
+                    batch_tokens=batch_tokens,
+                    sort_window=sort_window,
+                    packing=packing,
+                    rank=rank,
+                    world_size=world_size,
+                    timings=timings,
+                )
             params, changes = resolve_tokenization(name, metadata, step_separator, tokenization)
-            positive = int(((metadata or {}).get("labels") or {}).get("positive_label_id", POSITIVE_LABEL_ID))
-            overlap = (dev.type in OVERLAP_TOKENIZER_ON and not adapter
-                       and architecture_imported(AutoModelForTokenClassification, config))
-            with Background(load_tokenizer, tokenizer or name, trust_remote_code, enabled=overlap) as pending_tokenizer:
-                try:
-                    if adapter:
-                        # A LoRA adapter that `prmkit train` saved unmerged: its base, the adapter, and the trained head.
-                        from prmkit.models.loading import load_trained_model
-
-                        extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
-                        model, info = load_trained_model(local, torch_dtype, trust_remote_code, **extra), {}
-                        model.to(dev)
-                    else:
-                        model, info = load_model(AutoModelForTokenClassification, name,
-                                                  {**load_kwargs, "config": config, "device_map": dev},
-                                                  attn_implementation, fall_back=chosen)
-                except PrmkitError:
-                    raise
-                except Exception as e:  # noqa: BLE001 - e.g. sizes that do not match the weights, a damaged file
-                    raise load_error(name, e) from None
-                all_missing = sorted(info.get("missing_keys") or [])
-                missing = [k for k in all_missing if k.split(".")[0] in ("score", "classifier")]
-                if all_missing and not missing:
-                    log.warning(f"{name}: {len(all_missing)} weight(s) missing from the checkpoint were initialised at "
-                                f"random, e.g. {all_missing[0]}; its scores may not be the trained model's")
-                if missing:
-                    raise UsageError(
-                        f"model {name!r} has no trained token-classification head ({', '.join(sorted(missing)[:2])} "
-                        "missing); its scores would be random",
-                        hint="score with a PRM trained by `prmkit train` (or TRL's PRMTrainer), not a base model",
-                    )
-                tok = pending_tokenizer.result()
+            model, tok = steps.load_token_classifier(
+                source,
+                config,
+                load_kwargs,
+                device=dev,
+                torch_dtype=torch_dtype,
+                attn_implementation=attn_implementation,
+                chosen=chosen,
+                tokenizer=tokenizer,
+                trust_remote_code=trust_remote_code,
+                overlap_on=OVERLAP_TOKENIZER_ON,
+            )
             check_tokenizer_fits(tok, embedding_rows(model), tokenizer or name, params.step_separator)
-            recorded = ((metadata or {}).get("tokenizer") or {}).get("sha256")
-            used = tokenizer_fingerprint(tok)["sha256"] if recorded else None
-            if recorded and used != recorded:
-                # e.g. transformers picking the architecture's tokenizer class over the saved tokenizer.json
-                log.warning(f"{name}: the tokenizer loaded now{f' ({tokenizer})' if tokenizer else ''} differs from "
-                            f"the one recorded in {PRMKIT_JSON} at training; steps may be tokenized differently from "
-                            "training")
-                changes["tokenizer"] = (recorded, used)
-            elif tokenizer and not recorded and tokenizer != name:
-                log.warning(f"{name}: scoring with the tokenizer of {tokenizer} as asked (model.tokenizer), not the one "
-                            "saved with the model; nothing records which one training used")
+            steps.check_tokenizer(source, tok, tokenizer, changes)
             identity = model_identity(name, model)
+        positive = int(((metadata or {}).get("labels") or {}).get("positive_label_id", POSITIVE_LABEL_ID))
         scorer = cls(
-            model, tok, params, batch_tokens=batch_tokens, sort_window=sort_window, positive_label_id=positive,
-            allow_bidirectional=allow_bidirectional, packing=packing, identity=identity, rank=rank,
-            world_size=world_size, timings=timings,
+            model,
+            tok,
+            params,
+            batch_tokens=batch_tokens,
+            sort_window=sort_window,
+            positive_label_id=positive,
+            allow_bidirectional=allow_bidirectional,
+            packing=packing,
+            identity=identity,
+            rank=rank,
+            world_size=world_size,
+            timings=timings,
         )
         scorer.differs_from_training = changes
         return scorer
@@ -353,7 +315,9 @@ class StepScorer:
         """Score many solutions; results in input order."""
         return [r.scores for r in self.score_iter(items)]
 
-    def score_iter(self, items: Iterable[tuple[str, Sequence[str]]], sort_window: int | None = None) -> Iterator[StepScores]:
+    def score_iter(
+        self, items: Iterable[tuple[str, Sequence[str]]], sort_window: int | None = None
+    ) -> Iterator[StepScores]:
         """Stream results in input order, reading ahead only ``sort_window`` solutions at a time."""
         window: list[tuple[str, Sequence[str]]] = []
         size = sort_window or self.sort_window
@@ -374,11 +338,14 @@ class StepScorer:
         """The tokens and step positions the model reads, from the one tokenization training used."""
         if self.kind_encoder is not None:
             return self.kind_encoder.encode(items)
-        return encode_solutions(self.tokenizer, [p for p, _ in items], [list(s) for _, s in items], self.params,
-                                self._encoder)
+        return encode_solutions(
+            self.tokenizer, [p for p, _ in items], [list(s) for _, s in items], self.params, self._encoder
+        )
 
     def score_solutions(
-        self, items: Sequence[tuple[str, Sequence[str]]], on_batch: Callable[[int], None] | None = None,
+        self,
+        items: Sequence[tuple[str, Sequence[str]]],
+        on_batch: Callable[[int], None] | None = None,
         batch_log: Any = None,
     ) -> list[StepScores]:
         """Score one window of solutions at once: sorted by length, batched by token budget.
@@ -395,9 +362,28 @@ class StepScorer:
         _check_items(items)
         with self.timings.stage("tokenize"):
             encoded, seqs = self._sequences(items)
-        values = self._run(seqs, on_batch, batch_log)
-        results = [StepScores([None] * len(steps), any(p < 0 for p in enc.step_positions), len(enc.input_ids))
-                   for (_, steps), enc in zip(items, encoded)]
+        return self._results([len(steps) for _, steps in items], encoded, self._run(seqs, on_batch, batch_log))
+
+    def score_encoded(self, encoded: Sequence[Encoded]) -> list[StepScores]:
+        """Score solutions :meth:`encode` already tokenized (``prmkit serve`` tokenizes off the forward thread).
+
+        The same sequences and batches as :meth:`score_solutions` for the same items, so the same scores. A model
+        scored prefix by prefix needs the text of every prefix: give it to :meth:`score_solutions` instead.
+        """
+        if self.prefix_mode:
+            raise UsageError(
+                f"{self.identity.get('name')}: a model scored prefix by prefix needs the solutions' text",
+                hint="use score_solutions",
+            )
+        encoded = list(encoded)
+        seqs = self._one_pass_sequences(encoded)
+        return self._results([len(enc.step_positions) for enc in encoded], encoded, self._run(seqs, None))
+
+    def _results(self, n_steps: list[int], encoded: Sequence[Encoded], values: list) -> list[StepScores]:
+        results = [
+            StepScores([None] * n, any(p < 0 for p in enc.step_positions), len(enc.input_ids))
+            for n, enc in zip(n_steps, encoded)
+        ]
         for (i, k, _), value in values:
             results[i].scores[k] = value
         if not self._spread_checked:
@@ -409,8 +395,11 @@ class StepScorer:
         holds them (its labelled positions). The caller has checked that they were made with this model's tokenizer
         and tokenization (:func:`prmkit.data.prepared_input.check_matches`)."""
         if self.kind_encoder is not None or self.prefix_mode:
-            raise UsageError(f"{self.identity.get('name')}: token ids can be scored by a causal (or bidirectional) "
-                             "token-classification PRM only", hint="give the text data instead")
+            raise UsageError(
+                f"{self.identity.get('name')}: token ids can be scored by a causal (or bidirectional) "
+                "token-classification PRM only",
+                hint="give the text data instead",
+            )
         seqs = []
         for i, (ids, positions) in enumerate(rows):
             if len(positions):
@@ -435,20 +424,27 @@ class StepScorer:
                         prompts.append(prompt)
                         prefixes.append(list(steps[: k + 1]))
                         owners.append((i, k))
-            for (i, k), enc in zip(owners, encode_solutions(self.tokenizer, prompts, prefixes, self.params, self._encoder)):
+            for (i, k), enc in zip(
+                owners, encode_solutions(self.tokenizer, prompts, prefixes, self.params, self._encoder)
+            ):
                 pos = enc.step_positions[k]
                 seqs.append(_Seq(enc.input_ids[: pos + 1], [(i, k, pos)]))
         else:
-            for i, enc in enumerate(encoded):
-                targets = [(i, k, p) for k, p in enumerate(enc.step_positions) if p >= 0]
-                if not targets:
-                    continue
-                ids = enc.input_ids
-                if self.causal:
-                    # Tokens after the last scored position cannot change a causal model's scores.
-                    ids = ids[: max(p for _, _, p in targets) + 1]
-                seqs.append(_Seq(ids, targets))
+            seqs = self._one_pass_sequences(encoded)
         return encoded, seqs
+
+    def _one_pass_sequences(self, encoded: Sequence[Encoded]) -> list[_Seq]:
+        seqs: list[_Seq] = []
+        for i, enc in enumerate(encoded):
+            targets = [(i, k, p) for k, p in enumerate(enc.step_positions) if p >= 0]
+            if not targets:
+                continue
+            ids = enc.input_ids
+            if self.causal:
+                # Tokens after the last scored position cannot change a causal model's scores.
+                ids = ids[: max(p for _, _, p in targets) + 1]
+            seqs.append(_Seq(ids, targets))
+        return seqs
 
     # -- batching and forward passes ------------------------------------------------------------------------------
 
@@ -488,8 +484,9 @@ class StepScorer:
         lengths = [len(seqs[i].ids) for i in batch]
         return sum(lengths) if self.packing else padded_width(max(lengths)) * len(lengths)
 
-    def _run(self, seqs: list[_Seq], on_batch: Callable[[int], None] | None,
-             batch_log: Any = None) -> list[tuple[tuple[int, int, int], float]]:
+    def _run(
+        self, seqs: list[_Seq], on_batch: Callable[[int], None] | None, batch_log: Any = None
+    ) -> list[tuple[tuple[int, int, int], float]]:
         torch = self._torch
         plan = self._plan(seqs)
         targets = [[t for i in batch for t in seqs[i].targets] for batch in plan]
@@ -518,7 +515,7 @@ class StepScorer:
                 in_flight.append((index, *self._to_host(probs)))
                 settle(keep=1 if self.device.type == "cuda" else 0)
             settle(keep=0)
-        mine = [pair for index in range(len(plan)) for pair in zip(targets[index], values[index])]
+        mine = [pair for index in range(len(plan)) for pair in zip(targets[index], values[index] or [])]
         gathered_values = mine
         if self.world_size > 1:
             import torch.distributed as dist
@@ -528,8 +525,10 @@ class StepScorer:
             gathered_values = [pair for part in gathered for pair in part]
         # Checked after the gather, so every process raises together instead of leaving the others waiting.
         if any(value != value for _, value in gathered_values):
-            raise PrmkitError("the model produced NaN scores",
-                              hint="try --dtype float32; a half-precision overflow is the usual cause")
+            raise PrmkitError(
+                "the model produced NaN scores",
+                hint="try --dtype float32; a half-precision overflow is the usual cause",
+            )
         return gathered_values
 
     def _to_host(self, probs) -> tuple[Any, Any]:
@@ -556,7 +555,7 @@ class StepScorer:
             try:
                 done.append((part, self._forward(seqs, part)))
                 continue
-            except Exception as e:  # noqa: BLE001 - only out-of-memory errors are handled; the rest is re-raised
+            except Exception as e:
                 if not _is_out_of_memory(e):
                     raise
                 message = first_line(e)
@@ -573,8 +572,10 @@ class StepScorer:
             lowered = max(1, tokens // 2)
             if lowered < self.batch_tokens:
                 self.batch_tokens = lowered
-            log.warning(f"out of {self.device.type} memory on a batch of {len(part)} sequences ({tokens} tokens): "
-                        f"scoring it in two halves; batch budget now {self.batch_tokens} tokens")
+            log.warning(
+                f"out of {self.device.type} memory on a batch of {len(part)} sequences ({tokens} tokens): "
+                f"scoring it in two halves; batch budget now {self.batch_tokens} tokens"
+            )
         return done
 
     def _forward(self, seqs: list[_Seq], batch: list[int]):
@@ -624,8 +625,10 @@ class StepScorer:
             flat.extend([self._pad_id] * filler)
             lengths.append(filler)
         ids = self._to_device(torch.as_tensor([flat], dtype=torch.long))
-        extra = {k: self._to_device(v) if isinstance(v, torch.Tensor) else v
-                 for k, v in attention.packed_inputs(lengths, self.kernel).items()}
+        extra = {
+            k: self._to_device(v) if isinstance(v, torch.Tensor) else v
+            for k, v in attention.packed_inputs(lengths, self.kernel).items()
+        }
         # No attention mask and no cache: transformers reads the boundaries from position_ids (or cu_seq_lens_*).
         logits = self.model(input_ids=ids, **extra, use_cache=False).logits[0]
         return self._probabilities(logits[self._to_device(torch.as_tensor(cols))])
@@ -684,9 +687,11 @@ def _warn_if_flat(results: Sequence[StepScores], name: str) -> bool:
         return False
     low, high = min(values), max(values)
     if high - low < FLAT_SPREAD:
-        log.warning(f"{name}: the first {len(values)} step scores all lie within {low:.3f}-{high:.3f}: a trained PRM "
-                    "tells steps apart; check that this model is one (an untrained head, or a model read as a kind it "
-                    "was not trained as, scores every step alike)")
+        log.warning(
+            f"{name}: the first {len(values)} step scores all lie within {low:.3f}-{high:.3f}: a trained PRM "
+            "tells steps apart; check that this model is one (an untrained head, or a model read as a kind it "
+            "was not trained as, scores every step alike)"
+        )
     return True
 
 
@@ -715,21 +720,28 @@ def end_distributed() -> None:
 def _is_out_of_memory(e: BaseException) -> bool:
     import torch
 
-    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
+    oom: Any = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
     return isinstance(e, oom) or (isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
 
 
 def _is_causal(model: Any) -> bool:
     """Whether a token sees only what precedes it: prmkit's one rule for known architectures, else a probe."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
 
     from prmkit.models.loading import is_causal
 
     config = model.config
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     model_type = getattr(text, "model_type", None) or getattr(config, "model_type", None)
-    known = (model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES
-             or getattr(text, "is_decoder", False) or getattr(config, "is_encoder_decoder", False))
+    known = (
+        model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        or model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+        or getattr(text, "is_decoder", False)
+        or getattr(config, "is_encoder_decoder", False)
+    )
     return is_causal(config) if known else _probe_causal(model)
 
 
@@ -739,7 +751,7 @@ def _probe_causal(model: Any) -> bool:
 
     vocab = int(getattr(model.config, "vocab_size", 16) or 16)
     base = [(7 * i + 3) % vocab for i in range(8)]
-    other = base[:-1] + [(base[-1] + 1) % vocab]
+    other = [*base[:-1], (base[-1] + 1) % vocab]
     device = next(model.parameters()).device
     with torch.inference_mode():
         logits = model(input_ids=torch.tensor([base, other], device=device), use_cache=False).logits.float()

@@ -17,13 +17,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
-from prmkit.errors import DataError, UsageError
-from prmkit.data.formats import RowError
 from prmkit.core.jsonio import dumps_record
+from prmkit.data.formats import RowError
+from prmkit.errors import DataError, UsageError
 from prmkit.metrics import AGGREGATES
 
 SELECT = ("best",)
@@ -52,8 +53,10 @@ def group_spec(group_by: str | None, select: str | None, aggregate: str | None) 
     if group_by is None:
         for flag, value in (("--select", select), ("--aggregate", aggregate)):
             if value is not None:
-                raise UsageError(f"{flag} needs --group-by FIELD (the field that names each candidate's group)",
-                                 hint="e.g. --group-by problem_id --select best")
+                raise UsageError(
+                    f"{flag} needs --group-by FIELD (the field that names each candidate's group)",
+                    hint="e.g. --group-by problem_id --select best",
+                )
         return None
     return GroupSpec(group_by, select, aggregate or "min")
 
@@ -93,7 +96,8 @@ class GroupOrder:
                 f"{where(number)}: {self.field}: group {_short(key)} appears again after another group; its lines "
                 f"{first}-{last} came earlier (--group-by needs each group's lines together)",
                 hint=f"sort the input by {self.field} first, e.g. jq -c -s 'sort_by(.{self.field})[]' IN > SORTED "
-                     "(reads it whole), or group the lines when writing them")
+                "(reads it whole), or group the lines when writing them",
+            )
         if self.key is not None:
             self.done[_digest(self.key)] = (self.first, self.last)
         self.key, self.first, self.last = key, number, number
@@ -180,7 +184,7 @@ class GroupWriter:
         with open(path, "ab" if self.kept else "wb") as fh:
             if not self.kept:
                 fh.write((json.dumps({"group": self.key}) + "\n").encode("ascii"))
-            for line, obj in self.items[self.kept:]:
+            for line, obj in self.items[self.kept :]:
                 fh.write((dumps_record({"line": line, "object": obj}) + "\n").encode("utf-8"))
             fh.flush()
             os.fsync(fh.fileno())
@@ -208,11 +212,15 @@ class GroupWriter:
                 fh.truncate(int(state["bytes"]))
                 lines = fh.read().splitlines()
         except (OSError, ValueError) as e:
-            raise UsageError(f"{path}: the open group of the interrupted run cannot be read back ({e})",
-                             hint="pass --overwrite to start over") from None
+            raise UsageError(
+                f"{path}: the open group of the interrupted run cannot be read back ({e})",
+                hint="pass --overwrite to start over",
+            ) from None
         if len(lines) != int(state["rows"]) + 1:
-            raise UsageError(f"{path}: holds {len(lines) - 1} candidates, the state file says {state['rows']}",
-                             hint="pass --overwrite to start over")
+            raise UsageError(
+                f"{path}: holds {len(lines) - 1} candidates, the state file says {state['rows']}",
+                hint="pass --overwrite to start over",
+            )
         self.key = json.loads(lines[0])["group"]
         self.items = [(entry["line"], entry["object"]) for entry in map(json.loads, lines[1:])]
         self.kept, self.kept_bytes = len(self.items), int(state["bytes"])

@@ -10,13 +10,7 @@ from prmkit.errors import UsageError, first_line
 from prmkit.kinds.encoder import KindEncoder
 from prmkit.kinds.heads import qwen_prm_class, reward_token_head
 from prmkit.kinds.registry import CAUSAL_LM_SUFFIXES, QWEN_PRM_HEAD, get_kind
-from prmkit.kinds.spec import (
-    KindSettings,
-    _read_json,
-    detect_kind,
-    local_config,
-    reward_token_ids,
-)
+from prmkit.kinds.spec import KindSettings, _read_json, detect_kind, local_config, reward_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +24,9 @@ def load_kind_model(kind: str, name: str, load_kwargs: dict[str, Any], tokenizer
 
         kwargs = {k: v for k, v in load_kwargs.items() if k != "trust_remote_code"}
         config = AutoConfig.from_pretrained(name, **{k: v for k, v in kwargs.items() if k == "revision"})
-        model, info = qwen_prm_class().from_pretrained(name, config=config, output_loading_info=True,
-                                                       **{**MODEL_LOAD_DEFAULTS, **kwargs})
+        model, info = qwen_prm_class().from_pretrained(
+            name, config=config, output_loading_info=True, **{**MODEL_LOAD_DEFAULTS, **kwargs}
+        )
         missing = [k for k in info.get("missing_keys", []) if k.startswith("score.")]
         if missing:
             raise UsageError(f"model {name!r} has no trained Qwen-PRM head ({', '.join(sorted(missing)[:2])} missing)")
@@ -40,8 +35,9 @@ def load_kind_model(kind: str, name: str, load_kwargs: dict[str, Any], tokenizer
         from prmkit.models.loading import load_trained_model
 
         extra = {k: v for k, v in load_kwargs.items() if k not in ("dtype", "trust_remote_code", "revision")}
-        lm = load_trained_model(name, load_kwargs.get("dtype", "auto"), bool(load_kwargs.get("trust_remote_code")),
-                                causal_lm=True, **extra)
+        lm = load_trained_model(
+            name, load_kwargs.get("dtype", "auto"), bool(load_kwargs.get("trust_remote_code")), causal_lm=True, **extra
+        )
     else:
         from transformers import AutoModelForCausalLM
 
@@ -54,8 +50,18 @@ def max_positions(config: Any) -> int | None:
     return int(value) if isinstance(value, int) and value > 0 else None
 
 
-def scorer_for_kind(cls: Any, kind: str, name: str, tokenizer: Any, settings: KindSettings, *, load_kwargs: dict,
-                    device: Any, max_length: int | None = None, **scorer_kwargs: Any):
+def scorer_for_kind(
+    cls: Any,
+    kind: str,
+    name: str,
+    tokenizer: Any,
+    settings: KindSettings,
+    *,
+    load_kwargs: dict,
+    device: Any,
+    max_length: int | None = None,
+    **scorer_kwargs: Any,
+):
     """A :class:`~prmkit.scoring.StepScorer` for a PRM of another kind than token classification."""
     from prmkit.scoring.loading import model_identity
     from prmkit.tokenization import TokenizationParams
@@ -66,7 +72,7 @@ def scorer_for_kind(cls: Any, kind: str, name: str, tokenizer: Any, settings: Ki
         model = load_kind_model(kind, name, load_kwargs, tokenizer, encoder.settings)
     except UsageError:
         raise
-    except Exception as e:  # noqa: BLE001 - e.g. sizes that do not match the weights, a damaged file
+    except Exception as e:
         raise UsageError(f"model {name!r} could not be loaded as {kind}: {first_line(e)}") from None
     model.to(device)
     limit = max_positions(model.config)
@@ -94,13 +100,22 @@ def _warn_unmarked(kind: str, name: str, config: dict[str, Any]) -> None:
     if get_kind(kind).marked_by(architectures):
         return
     what = f"a {architectures[0]}" if architectures else "a model"
-    log.warning(f"model.kind={kind} is set for {name}, {what} with no {PRMKIT_JSON} and nothing else that marks "
-                f"it as a {kind} PRM: its scores mean something only if it was trained as one (a base model scores "
-                "every step alike)")
+    log.warning(
+        f"model.kind={kind} is set for {name}, {what} with no {PRMKIT_JSON} and nothing else that marks "
+        f"it as a {kind} PRM: its scores mean something only if it was trained as one (a base model scores "
+        "every step alike)"
+    )
 
 
-def resolve_kind(name: str, metadata: dict[str, Any] | None, explicit: dict[str, Any] | None, *, local: bool,
-                 revision: str | None = None, trust_remote_code: bool = False) -> tuple[str, KindSettings, Any]:
+def resolve_kind(
+    name: str,
+    metadata: dict[str, Any] | None,
+    explicit: dict[str, Any] | None,
+    *,
+    local: bool,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+) -> tuple[str, KindSettings, Any]:
     """(kind, settings, tokenizer or None): the tokenizer is loaded only when detection needs it."""
     recorded = metadata.get("kind") if metadata is not None and isinstance(metadata.get("kind"), dict) else None
     settings = KindSettings.from_sources(explicit, recorded)

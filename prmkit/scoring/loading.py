@@ -6,16 +6,16 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from prmkit.core.atomic import read_json
+from prmkit.core.filenames import PRMKIT_JSON
 from prmkit.errors import PrmkitError, UsageError, first_line
 from prmkit.models.loading import MODEL_LOAD_DEFAULTS
-from prmkit.core.filenames import PRMKIT_JSON
 
 log = logging.getLogger("prmkit")
-
 
 
 def load_model(cls, name: str, kwargs: dict, attn_implementation: str | None, fall_back: bool = False):
@@ -57,7 +57,7 @@ class Background:
         self._pool: Any = None
         self._future: Any = None
 
-    def __enter__(self) -> "Background":
+    def __enter__(self) -> Background:
         if self._enabled:
             from concurrent.futures import ThreadPoolExecutor
 
@@ -109,8 +109,11 @@ def resolve_device(device: str):
         from accelerate import PartialState
 
         # PartialState joins CPU processes (gloo) only when told; accelerate's own Accelerator reads this variable.
-        cpu = (os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or device == "cpu"
-               or not torch.cuda.is_available())
+        cpu = (
+            os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+            or device == "cpu"
+            or not torch.cuda.is_available()
+        )
         state = PartialState(cpu=cpu)
         if state.num_processes != world_size:
             raise PrmkitError(f"WORLD_SIZE is {world_size}, but accelerate joined {state.num_processes} processes")

@@ -27,9 +27,9 @@ from typing import Any
 
 from prmkit.core import jsonio
 from prmkit.core.atomic import write_atomic
-from prmkit.errors import UsageError
 from prmkit.core.jsonio import dumps
 from prmkit.core.redact import redact
+from prmkit.errors import UsageError
 
 log = logging.getLogger("prmkit")
 
@@ -98,7 +98,7 @@ class BatchJournal:
     def _read(self) -> dict[int, tuple[str, list[float]]]:
         done: dict[int, tuple[str, list[float]]] = {}
         try:
-            fh = open(self.path, "rb")
+            fh = open(self.path, "rb")  # noqa: SIM115 - a missing journal is no error; closed below
         except FileNotFoundError:
             return done
         with fh:
@@ -112,8 +112,10 @@ class BatchJournal:
                 entry = self._checked(raw)
                 if entry is None:
                     # A whole line that is not what record() wrote: it, and anything after it, is scored again.
-                    log.warning(f"{self.path}: line {number} was changed outside prmkit (it fails its checksum); "
-                                f"scoring the batches from there again")
+                    log.warning(
+                        f"{self.path}: line {number} was changed outside prmkit (it fails its checksum); "
+                        f"scoring the batches from there again"
+                    )
                     break
                 done[entry[0]] = (entry[1], entry[2])
                 size += len(raw)
@@ -126,8 +128,12 @@ class BatchJournal:
         if not isinstance(entry, dict):
             return None
         index, targets, scores = entry.get("batch"), entry.get("targets"), entry.get("scores")
-        if not (type(index) is int and isinstance(targets, str) and isinstance(scores, list)
-                and all(type(x) is float and (0.0 <= x <= 1.0 or x != x) for x in scores)):
+        if not (
+            type(index) is int
+            and isinstance(targets, str)
+            and isinstance(scores, list)
+            and all(type(x) is float and (0.0 <= x <= 1.0 or x != x) for x in scores)
+        ):
             return None  # scores are probabilities (NaN included: the engine names it after the batch)
         if entry.get("sha256") != self._digest(index, targets, json.dumps(scores)):
             return None
@@ -146,16 +152,20 @@ class BatchJournal:
     def record(self, index: int, targets: list[tuple[int, int, int]], scores: list[float]) -> None:
         if self._fh is None:
             if self._valid_bytes:
-                self._fh = open(self.path, "r+b")
+                self._fh = open(self.path, "r+b")  # noqa: SIM115 - held across batches, closed by close()
                 self._fh.truncate(self._valid_bytes)
                 self._fh.seek(0, os.SEEK_END)
             else:
-                self._fh = open(self.path, "wb")
+                self._fh = open(self.path, "wb")  # noqa: SIM115 - held across batches, closed by close()
                 self._fh.write((json.dumps(self.header) + "\n").encode("utf-8"))
         digest, scores_json = _targets_digest(targets), json.dumps(scores)
         # json.dumps of {"batch", "targets", "scores", "sha256"}, spelled out so the scores are serialized once.
-        self._fh.write((f'{{"batch": {index}, "targets": "{digest}", "scores": {scores_json}, '
-                        f'"sha256": "{self._digest(index, digest, scores_json)}"}}\n').encode("utf-8"))
+        self._fh.write(
+            (
+                f'{{"batch": {index}, "targets": "{digest}", "scores": {scores_json}, '
+                f'"sha256": "{self._digest(index, digest, scores_json)}"}}\n'
+            ).encode()
+        )
         self._fh.flush()
         now = time.monotonic()
         if now - self._synced >= JOURNAL_SYNC_SECONDS:
@@ -209,7 +219,9 @@ def write_state(path: Path, state: dict) -> None:
 
 def _state_digest(data: dict) -> str:
     body = {k: v for k, v in data.items() if k != DIGEST}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()).hexdigest()
+    return hashlib.sha256(
+        json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    ).hexdigest()
 
 
 def read_state(path: Path) -> dict | None:
@@ -224,8 +236,10 @@ def read_state(path: Path) -> dict | None:
     if not isinstance(state, dict):
         raise UsageError(f"{path}: not a scoring state (a JSON object was expected)", hint=START_OVER)
     if DIGEST in state and state[DIGEST] != _state_digest(state):
-        raise UsageError(f"{path}: changed outside prmkit (its content does not match the sha256 it was written with)",
-                         hint=START_OVER)
+        raise UsageError(
+            f"{path}: changed outside prmkit (its content does not match the sha256 it was written with)",
+            hint=START_OVER,
+        )
     return state
 
 
@@ -252,9 +266,11 @@ def check_state(paths: dict[str, Path], state: dict) -> dict[str, Any]:
     if DIGEST not in state:
         renamed = state.get("status") == "complete" and paths["output"].exists() and not paths["partial"].exists()
         if not renamed:
-            raise UsageError(f"{where}: written by a prmkit that did not record checksums, so {paths['partial'].name} "
-                             "cannot be checked before it is used",
-                             hint=f"{START_OVER}, or finish it with the prmkit version that started it")
+            raise UsageError(
+                f"{where}: written by a prmkit that did not record checksums, so {paths['partial'].name} "
+                "cannot be checked before it is used",
+                hint=f"{START_OVER}, or finish it with the prmkit version that started it",
+            )
     else:
         for key in ("output_sha256", "rejects_sha256"):
             if not (isinstance(progress.get(key), str) and len(progress[key]) == 64):
@@ -267,8 +283,9 @@ def _whole(where: Path, key: str, value: Any) -> None:
         raise UsageError(f"{where}: progress.{key}: expected a whole number >= 0, got {_short(value)}", hint=START_OVER)
 
 
-def verified_prefix(path: Path, nbytes: int, digest: str, state_path: Path, whole: bool = False,
-                    must_exist: bool = False) -> Any:
+def verified_prefix(
+    path: Path, nbytes: int, digest: str, state_path: Path, whole: bool = False, must_exist: bool = False
+) -> Any:
     """The running sha256 of ``path``'s first ``nbytes`` bytes, after checking it against ``digest`` (and, with
     ``whole``, that the file holds nothing more). Raises UsageError naming the file on any difference, or when it is
     missing (unless nothing of it was committed and it need not exist).
@@ -277,17 +294,20 @@ def verified_prefix(path: Path, nbytes: int, digest: str, state_path: Path, whol
     """
     sha = hashlib.sha256()
     try:
-        fh = open(path, "rb")
+        fh = open(path, "rb")  # noqa: SIM115 - a missing file is handled apart; closed below
     except FileNotFoundError:
         if nbytes == 0 and not must_exist:
             return sha
-        raise UsageError(f"{path}: missing, though {state_path.name} records {nbytes} bytes of it", hint=START_OVER) \
-            from None
+        raise UsageError(
+            f"{path}: missing, though {state_path.name} records {nbytes} bytes of it", hint=START_OVER
+        ) from None
     with fh:
         size = os.fstat(fh.fileno()).st_size
         if size < nbytes or (whole and size != nbytes):
-            raise UsageError(f"{path}: {size} bytes where {state_path.name} records {nbytes}; it was changed outside "
-                             "prmkit", hint=START_OVER)
+            raise UsageError(
+                f"{path}: {size} bytes where {state_path.name} records {nbytes}; it was changed outside prmkit",
+                hint=START_OVER,
+            )
         left = nbytes
         while left:
             block = fh.read(min(left, 1 << 20))
@@ -296,8 +316,11 @@ def verified_prefix(path: Path, nbytes: int, digest: str, state_path: Path, whol
             sha.update(block)
             left -= len(block)
     if sha.hexdigest() != digest:
-        raise UsageError(f"{path}: its first {nbytes} bytes differ from what {state_path.name} records (sha256); it was "
-                         "changed outside prmkit", hint=START_OVER)
+        raise UsageError(
+            f"{path}: its first {nbytes} bytes differ from what {state_path.name} records (sha256); it was "
+            "changed outside prmkit",
+            hint=START_OVER,
+        )
     return sha
 
 
@@ -309,7 +332,8 @@ class HashedFile:
     """
 
     def __init__(self, fh: Any, sha: Any = None):
-        """``fh``: a binary file positioned at its end; ``sha``: the running hash of what it holds (None: it is empty)."""
+        """``fh``: a binary file positioned at its end; ``sha``: the running hash of what it holds (None: it is
+        empty)."""
         self._fh = fh
         self.sha = sha if sha is not None else hashlib.sha256()
 
@@ -338,8 +362,11 @@ def describe_mismatch(state: dict, job: dict) -> str | None:
         was = state.get("input_spec")
         return f"it was written for another input ({was!r}, or that file has changed since)"
     old_model, new_model = _object(state.get("model")), job["model"]
-    same_model = (old_model.get("sha256") == new_model.get("sha256") if "sha256" in old_model and "sha256" in new_model
-                  else old_model == new_model)  # a local directory may move; its content decides
+    same_model = (
+        old_model.get("sha256") == new_model.get("sha256")
+        if "sha256" in old_model and "sha256" in new_model
+        else old_model == new_model
+    )  # a local directory may move; its content decides
     if not same_model:
         return f"it was written by another model ({old_model.get('name')!r}, or its files have changed)"
     if state.get("settings") != job["settings"]:
@@ -377,5 +404,3 @@ def remove_unresumable(paths: dict[str, Path], why: str) -> None:
     if there:
         remove_files(*there)
         log.warning(f"{paths['output']}: {why}; removed {', '.join(p.name for p in there)}")
-
-

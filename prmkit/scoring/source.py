@@ -4,11 +4,12 @@ to where it stopped), or any source `prepare` reads; and the solutions each reco
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
-from prmkit.data.sources import SourceRecord
-from prmkit.data.formats import FORMATS, Options, RowError, convert, detect_format, get_format, validate
 from prmkit.core.jsonio import nonfinite_field
+from prmkit.data.formats import FORMATS, Options, RowError, convert, detect_format, get_format, validate
+from prmkit.data.sources import SourceRecord
 
 
 class InputSource:
@@ -101,8 +102,9 @@ def detect_score_format(record: dict, source: str) -> str:
     return detect_format(keys, source)
 
 
-def rows_to_score(fmt: str | None, record: Any, unit: str, number: int,
-                  opts: Options) -> list[tuple[dict, str, list[str]]]:
+def rows_to_score(
+    fmt: str | None, record: Any, unit: str, number: int, opts: Options
+) -> list[tuple[dict, str, list[str]]]:
     """(output object, prompt, steps) for each solution in a record. Raises RowError.
 
     Stepwise and ProcessBench records are scored as they are and written back whole; formats that need conversion
@@ -116,8 +118,14 @@ def rows_to_score(fmt: str | None, record: Any, unit: str, number: int,
     spec = get_format(fmt)
     if spec.score_columns is None:
         rows = convert(spec.name, record, opts)
-        return [({"prompt": r["prompt"], "completions": r["completions"], "labels": r["labels"], unit: number},
-                 r["prompt"], r["completions"]) for r in rows]
+        return [
+            (
+                {"prompt": r["prompt"], "completions": r["completions"], "labels": r["labels"], unit: number},
+                r["prompt"],
+                r["completions"],
+            )
+            for r in rows
+        ]
     prompt_key, steps_key, labels_key = spec.score_columns
     for key in (prompt_key, steps_key):
         if key not in record:
@@ -125,18 +133,22 @@ def rows_to_score(fmt: str | None, record: Any, unit: str, number: int,
     prompt, steps, labels = record[prompt_key], record[steps_key], record.get(labels_key)
     try:
         if labels is None:
-            validate({"prompt": prompt, "completions": steps, "labels": [None] * len(steps) if isinstance(steps, list) else None},
-                     allow_unlabelled=True)
+            validate(
+                {
+                    "prompt": prompt,
+                    "completions": steps,
+                    "labels": [None] * len(steps) if isinstance(steps, list) else None,
+                },
+                allow_unlabelled=True,
+            )
         else:  # checked as the format's converter checks them (a first-error index, step labels)
             convert(spec.name, {prompt_key: prompt, steps_key: steps, labels_key: labels}, opts)
     except RowError as e:
         # Name the field as the record spells it.
         head = e.field.split("[")[0]
         name = {"prompt": prompt_key, "completions": steps_key}.get(head, head)
-        raise RowError(name + e.field[len(head):], e.reason) from None
+        raise RowError(name + e.field[len(head) :], e.reason) from None
     bad = nonfinite_field(record)
     if bad is not None:
         raise RowError(bad, "NaN or Infinity is not valid JSON, so the scored line could not be written")
     return [(record, prompt, steps)]
-
-

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
 
 STAGES = ("model_load", "tokenize", "forward", "write")
 
@@ -42,7 +42,7 @@ class Timings:
     write: float = 0.0
 
     @classmethod
-    def since_process_start(cls) -> "Timings":
+    def since_process_start(cls) -> Timings:
         age = process_age()
         return cls(origin=time.perf_counter() - age) if age is not None else cls()
 
@@ -65,5 +65,7 @@ class Timings:
         """Seconds per stage, ``startup`` being the rest of the wall time so far."""
         total = time.perf_counter() - self.origin
         spent = {name: getattr(self, name) for name in STAGES}
-        return {"startup": round(max(0.0, total - sum(spent.values())), 3),
-                **{k: round(v, 3) for k, v in spent.items()}}
+        return {
+            "startup": round(max(0.0, total - sum(spent.values())), 3),
+            **{k: round(v, 3) for k, v in spent.items()},
+        }

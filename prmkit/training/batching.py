@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from prmkit.tokenization import IGNORE_INDEX
 
@@ -59,11 +60,13 @@ class StepCollator:
             input_ids = np.full((len(ids), width), self.pad_token_id, dtype=np.int64)
             label_array = np.full((len(ids), width), IGNORE_INDEX, dtype=label_dtype)
             for i, (seq, lab) in enumerate(zip(ids, labels)):
-                input_ids[i, :len(seq)] = seq
-                label_array[i, :len(lab)] = lab
+                input_ids[i, : len(seq)] = seq
+                label_array[i, : len(lab)] = lab
             batch = {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(label_array)}
             if not self.causal:
-                batch["attention_mask"] = torch.from_numpy((np.arange(width)[None, :] < lengths[:, None]).astype(np.int64))
+                batch["attention_mask"] = torch.from_numpy(
+                    (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
+                )
         batch["n_tokens"] = torch.tensor(int(lengths.sum()), dtype=torch.long)
         if features and "row" in features[0]:
             batch["row"] = torch.tensor([int(f["row"]) for f in features], dtype=torch.long)
@@ -98,8 +101,8 @@ class LengthGroupedSampler:
         perm = torch.randperm(len(self.lengths), generator=g).tolist()
         ordered: list[int] = []
         for start in range(0, len(perm), self.mega):
-            ordered += sorted(perm[start:start + self.mega], key=self.lengths.__getitem__, reverse=True)
-        batches = [ordered[i:i + self.batch_size] for i in range(0, len(ordered), self.batch_size)]
+            ordered += sorted(perm[start : start + self.mega], key=self.lengths.__getitem__, reverse=True)
+        batches = [ordered[i : i + self.batch_size] for i in range(0, len(ordered), self.batch_size)]
         last = batches.pop() if batches and len(batches[-1]) < self.batch_size else None
         order = torch.randperm(len(batches), generator=g).tolist()
         out = [i for b in order for i in batches[b]]
@@ -108,11 +111,13 @@ class LengthGroupedSampler:
         return iter(out)
 
 
-def resolve_batching(requested: str, attn_implementation: str | None, *, cuda: bool, causal: bool = True,
-                     kernels: Sequence[str] = ()) -> tuple[str, str | None]:
+def resolve_batching(
+    requested: str, attn_implementation: str | None, *, cuda: bool, causal: bool = True, kernels: Sequence[str] = ()
+) -> tuple[str, str | None]:
     """(batching, attn_implementation) for a run: pack where a variable-length kernel makes packing pay.
 
-    ``auto`` packs on CUDA when the model is causal and a kernel in ``kernels`` (see :func:`prmkit.train.kernels.varlen_kernels_available`)
+    ``auto`` packs on CUDA when the model is causal and a kernel in ``kernels`` (see
+    :func:`prmkit.training.kernels.varlen_kernels_available`)
     is chosen or can be; otherwise it groups by length (on CPU, padded length-sorted batches run faster than packs
     with a dense block mask). A packed run without a chosen kernel gets the best available one. An attention
     implementation the user chose is kept as it is.

@@ -14,7 +14,8 @@ from prmkit.kinds.spec import KindSettings, ensure_tag_token, reward_token_ids
 
 def lm_tag_loss(reward_ids: tuple[int, int], label_smoothing: float = 0.0):
     """The Trainer's ``compute_loss_func``: prmkit's step loss (hard or soft labels, smoothed as
-    :func:`prmkit.kinds.heads.step_loss` says: over the two reward tokens, not the vocabulary) on the two reward tokens."""
+    :func:`prmkit.kinds.heads.step_loss` says: over the two reward tokens, not the vocabulary) on the two reward
+    tokens."""
     from prmkit.kinds.heads import step_loss
 
     def loss(outputs: Any, labels: Any, num_items_in_batch: Any = None):
@@ -46,7 +47,7 @@ class LMTag:
     reward_ids: tuple[int, int]
 
     @classmethod
-    def setup(cls, cfg: Any, tokenizer: Any) -> "LMTag":
+    def setup(cls, cfg: Any, tokenizer: Any) -> LMTag:
         settings = KindSettings.from_sources({**cfg.model.kind_settings(), "kind": cfg.train.kind}, None)
         added = ensure_tag_token(tokenizer, settings.tag()) if get_kind(cfg.train.kind).uses_step_tag else None
         reward = reward_token_ids(tokenizer, settings, cfg.train.kind)
@@ -55,9 +56,11 @@ class LMTag:
             raise UsageError(f"step tag {settings.tag()!r} is one of the reward tokens", hint="set model.step_tag")
         if added is not None and cfg.train.lora is not None and not cfg.train.lora_merge:
             # An unmerged adapter does not carry the embedding of a token added for training.
-            raise UsageError(f"train.lora_merge: false cannot keep the step tag {settings.tag()!r} that "
-                             f"{cfg.train.kind} adds to the tokenizer", hint="keep train.lora_merge: true, or set "
-                             "model.step_tag to a token the tokenizer already has")
+            raise UsageError(
+                f"train.lora_merge: false cannot keep the step tag {settings.tag()!r} that "
+                f"{cfg.train.kind} adds to the tokenizer",
+                hint="keep train.lora_merge: true, or set model.step_tag to a token the tokenizer already has",
+            )
         return cls(settings, [added] if added is not None else [], reward)
 
     def loss(self, label_smoothing: float = 0.0):

@@ -19,23 +19,26 @@ VARLEN_KERNELS = ("flash_attention_3", "flash_attention_2", "flex_attention")
 
 def varlen_kernels_available(model_class: Any = None) -> list[str]:
     """The variable-length attention kernels installed here (and supported by ``model_class``, when given)."""
-    from transformers.utils import (
-        is_flash_attn_2_available,
-        is_torch_flex_attn_available,
-    )
+    from transformers.utils import is_flash_attn_2_available, is_torch_flex_attn_available
 
     try:
         from transformers.utils import is_flash_attn_3_available
     except ImportError:  # pragma: no cover - older transformers
+
         def is_flash_attn_3_available() -> bool:
             return False
 
-    found = {"flash_attention_3": is_flash_attn_3_available(), "flash_attention_2": is_flash_attn_2_available(),
-             "flex_attention": is_torch_flex_attn_available()}
-    supports = {"flash_attention_3": "_supports_flash_attn", "flash_attention_2": "_supports_flash_attn",
-                "flex_attention": "_supports_flex_attn"}
-    return [k for k in VARLEN_KERNELS
-            if found[k] and (model_class is None or getattr(model_class, supports[k], False))]
+    found = {
+        "flash_attention_3": is_flash_attn_3_available(),
+        "flash_attention_2": is_flash_attn_2_available(),
+        "flex_attention": is_torch_flex_attn_available(),
+    }
+    supports = {
+        "flash_attention_3": "_supports_flash_attn",
+        "flash_attention_2": "_supports_flash_attn",
+        "flex_attention": "_supports_flex_attn",
+    }
+    return [k for k in VARLEN_KERNELS if found[k] and (model_class is None or getattr(model_class, supports[k], False))]
 
 
 def model_class_for(config: Any, kind: str = DEFAULT_KIND) -> Any:
@@ -44,8 +47,11 @@ def model_class_for(config: Any, kind: str = DEFAULT_KIND) -> Any:
     try:
         from transformers.models.auto import modeling_auto
 
-        mapping = (modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING if get_kind(kind).causal_lm
-                   else modeling_auto.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING)
+        mapping = (
+            modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING
+            if get_kind(kind).causal_lm
+            else modeling_auto.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING
+        )
         return mapping[type(config)]
     except (KeyError, ImportError):
         return None
@@ -55,9 +61,15 @@ def model_class_for(config: Any, kind: str = DEFAULT_KIND) -> Any:
 # Liger
 
 LIGER_LOSS_KEYS = ("fused_linear_cross_entropy", "cross_entropy")
-LIGER_DEFAULTS = {"rope": True, "rms_norm": True, "swiglu": True, "fused_linear_cross_entropy": False,
-                  "cross_entropy": False}
-"""What prmkit hands `liger_kernel_config`: the layer kernels on, the loss kernels off (see :func:`liger_kernel_config`)."""
+LIGER_DEFAULTS = {
+    "rope": True,
+    "rms_norm": True,
+    "swiglu": True,
+    "fused_linear_cross_entropy": False,
+    "cross_entropy": False,
+}
+"""What prmkit hands `liger_kernel_config`: the layer kernels on, the loss kernels off (see
+:func:`liger_kernel_config`)."""
 
 
 def liger_kernel_config(user: dict | None, cuda: bool, installed: bool | None = None) -> dict[str, Any]:
@@ -77,17 +89,23 @@ def liger_kernel_config(user: dict | None, cuda: bool, installed: bool | None = 
 
         installed = importlib.util.find_spec("liger_kernel") is not None
     if not installed:
-        raise ConfigError("train.use_liger_kernel: liger-kernel is not installed",
-                          hint="pip install 'prmkit[liger]' (needs a CUDA GPU), or set train.use_liger_kernel: false")
+        raise ConfigError(
+            "train.use_liger_kernel: liger-kernel is not installed",
+            hint="pip install 'prmkit[liger]' (needs a CUDA GPU), or set train.use_liger_kernel: false",
+        )
     if not cuda:
-        raise ConfigError("train.use_liger_kernel: Liger's kernels are Triton GPU kernels and need a CUDA device",
-                          hint="set train.use_liger_kernel: false on CPU")
+        raise ConfigError(
+            "train.use_liger_kernel: Liger's kernels are Triton GPU kernels and need a CUDA device",
+            hint="set train.use_liger_kernel: false on CPU",
+        )
     user = dict(user or {})
     wrong = [k for k in LIGER_LOSS_KEYS if user.get(k)]
     if wrong:
-        raise ConfigError(f"train.liger_kernel_config: {wrong[0]} has no token-classification path (it replaces a "
-                          f"causal LM's vocabulary loss; a PRM's loss is two-class, at labelled steps only)",
-                          hint=f"remove {wrong[0]}; rope, rms_norm and swiglu apply to a PRM")
+        raise ConfigError(
+            f"train.liger_kernel_config: {wrong[0]} has no token-classification path (it replaces a "
+            f"causal LM's vocabulary loss; a PRM's loss is two-class, at labelled steps only)",
+            hint=f"remove {wrong[0]}; rope, rms_norm and swiglu apply to a PRM",
+        )
     return {**LIGER_DEFAULTS, **user}
 
 
@@ -109,5 +127,8 @@ def check_forward_untouched(model: Any) -> None:
 
     for module in model.modules():
         if isinstance(module, PreTrainedModel) and "forward" in vars(module):
-            raise ConfigError(f"{type(module).__name__}.forward was replaced by a patch; a PRM needs the model's own "
-                              f"forward (its logits at every step)", hint="turn off Liger's loss kernels in train.liger_kernel_config")
+            raise ConfigError(
+                f"{type(module).__name__}.forward was replaced by a patch; a PRM needs the model's own "
+                f"forward (its logits at every step)",
+                hint="turn off Liger's loss kernels in train.liger_kernel_config",
+            )

@@ -8,8 +8,9 @@ import hashlib
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from prmkit.config.schema import Config, _did_you_mean
 from prmkit.core.atomic import (
@@ -49,8 +50,14 @@ EXAMPLE_TRAINING = {
 }
 # With the example tokenizer's small vocabulary the longest PRM800K paths take ~1,200 tokens; keep all their steps.
 EXAMPLE_MAX_LENGTH = 2048
-EXAMPLE_MODEL: dict[str, Any] = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-                                 "num_key_value_heads": 2, "intermediate_size": 128, "max_position_embeddings": 4096}
+EXAMPLE_MODEL: dict[str, Any] = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 128,
+    "max_position_embeddings": 4096,
+}
 EXAMPLE_VOCAB_SIZE = 4096
 EXAMPLE_RECIPE_VERSION = 2  # bump when the example tokenizer or model changes, so the cached one is rebuilt
 
@@ -88,27 +95,26 @@ def build_example_tokenizer(vocab_size: int = EXAMPLE_VOCAB_SIZE):
     directory holding a Qwen2 config loads its tokenizer as `Qwen2Tokenizer`, which imposes that pipeline. Like
     Qwen2's: no BOS, ``<|endoftext|>`` is both EOS and pad.
     """
-    from tokenizers import (
-        Regex,
-        Tokenizer,
-        decoders,
-        models,
-        normalizers,
-        pre_tokenizers,
-        trainers,
-    )
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(example_texts(), trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
 
@@ -129,8 +135,14 @@ def example_base_dir(cache_dir: str | None = None) -> Path:
         tokenizer = build_example_tokenizer()
         # num_labels goes to PreTrainedConfig's **kwargs, which the signature transformers generates leaves out.
         config = Qwen2Config(  # type: ignore[call-arg]
-            **EXAMPLE_MODEL, vocab_size=len(tokenizer), num_labels=2, tie_word_embeddings=False, bos_token_id=None,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+            **EXAMPLE_MODEL,
+            vocab_size=len(tokenizer),
+            num_labels=2,
+            tie_word_embeddings=False,
+            bos_token_id=None,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
         config.architectures = ["Qwen2ForTokenClassification"]
         return tokenizer, config
 
@@ -208,8 +220,12 @@ def apply_example(cfg: Config) -> None:
     A key the user set counts as chosen even when it holds the default (``--set train.save_strategy=steps``), and so
     does a null (``--set data.eval=null`` trains without eval).
     """
-    if (not cfg.data.train and not cfg.is_set("data.eval") and cfg.data.eval_fraction is None
-            and not EXAMPLE_EVAL.is_file()):
+    if (
+        not cfg.data.train
+        and not cfg.is_set("data.eval")
+        and cfg.data.eval_fraction is None
+        and not EXAMPLE_EVAL.is_file()
+    ):
         log.warning(f"{EXAMPLE_EVAL.name} is not installed with this copy of prmkit; training without eval")
     settings = example_settings(cfg)
     if not cfg.model.name_or_path:
@@ -260,14 +276,22 @@ def tiny_base_dir(arch: str, tokenizer: str, trust_remote_code: bool = False, ca
 
     known = tiny_architectures()
     if arch not in known:
-        raise ConfigError(f"model.tiny: {arch!r} is not an architecture prmkit can build{_did_you_mean(arch, known)}",
-                          hint="a causal transformers model type with a token-classification head, e.g. "
-                               "qwen2, llama, mistral, gpt2")
+        raise ConfigError(
+            f"model.tiny: {arch!r} is not an architecture prmkit can build{_did_you_mean(arch, known)}",
+            hint="a causal transformers model type with a token-classification head, e.g. qwen2, llama, mistral, gpt2",
+        )
     tok = load_tokenizer(tokenizer, trust_remote_code)
     sizes = {k: v for k, v in EXAMPLE_MODEL.items() if k != "max_position_embeddings"}
-    key = json.dumps({"arch": arch, "sizes": sizes, "tokenizer": tokenizer_fingerprint(tok)["sha256"],
-                      "vocab": len(tok), "specials": [tok.bos_token_id, tok.eos_token_id, tok.pad_token_id]},
-                     sort_keys=True)
+    key = json.dumps(
+        {
+            "arch": arch,
+            "sizes": sizes,
+            "tokenizer": tokenizer_fingerprint(tok)["sha256"],
+            "vocab": len(tok),
+            "specials": [tok.bos_token_id, tok.eos_token_id, tok.pad_token_id],
+        },
+        sort_keys=True,
+    )
     target = cache_root(cache_dir) / TINY_DIR / f"{arch}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
     def build() -> tuple[Any, ...]:
@@ -276,16 +300,24 @@ def tiny_base_dir(arch: str, tokenizer: str, trust_remote_code: bool = False, ca
         kwargs = {name: value for name, value in sizes.items() if hasattr(default, name)}
         if getattr(default, "head_dim", None) is not None:  # Gemma and others fix it apart from the hidden size
             kwargs["head_dim"] = sizes["hidden_size"] // sizes["num_attention_heads"]
-        config = AutoConfig.for_model(arch, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
-                                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **kwargs)
+        config = AutoConfig.for_model(
+            arch,
+            vocab_size=len(tok),
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            **kwargs,
+        )
         return tok, config
 
     _cached_dir(target, build)
     again = load_tokenizer(str(target), trust_remote_code)
     if again(_PROBE_TEXT)["input_ids"] != tok(_PROBE_TEXT)["input_ids"] or len(again) != len(tok):
-        raise ConfigError(f"model.tiny: beside a {arch} config, transformers loads {tokenizer} as "
-                          f"{type(again).__name__}, which tokenizes differently",
-                          hint="choose the architecture this tokenizer was made for (e.g. qwen2 for a Qwen2 tokenizer)")
+        raise ConfigError(
+            f"model.tiny: beside a {arch} config, transformers loads {tokenizer} as "
+            f"{type(again).__name__}, which tokenizes differently",
+            hint="choose the architecture this tokenizer was made for (e.g. qwen2 for a Qwen2 tokenizer)",
+        )
     return target
 
 
@@ -299,11 +331,15 @@ def apply_tiny(cfg: Config) -> None:
     if model.name_or_path and Path(model.name_or_path).parent == tiny_root and model.init_from_config:
         return  # already applied (a config saved by a --tiny run)
     if not model.tokenizer:
-        raise UsageError(f"model.tiny {model.tiny!r} needs a tokenizer: set model.tokenizer",
-                         hint=f"e.g. prmkit train --tiny {model.tiny} --tokenizer path/to/tokenizer --train rows.jsonl")
+        raise UsageError(
+            f"model.tiny {model.tiny!r} needs a tokenizer: set model.tokenizer",
+            hint=f"e.g. prmkit train --tiny {model.tiny} --tokenizer path/to/tokenizer --train rows.jsonl",
+        )
     if model.name_or_path:
-        raise ConfigError(f"model.tiny builds the model, but model.name_or_path is also set ({model.name_or_path!r})",
-                          hint="drop one of them")
+        raise ConfigError(
+            f"model.tiny builds the model, but model.name_or_path is also set ({model.name_or_path!r})",
+            hint="drop one of them",
+        )
     base = str(tiny_base_dir(model.tiny, model.tokenizer, model.trust_remote_code, cfg.data.cache_dir))
     log.info(f"tiny {model.tiny} model for the tokenizer {model.tokenizer}: {base}")
     model.name_or_path = model.tokenizer = base

@@ -405,7 +405,9 @@ def enable_cpu_deepspeed(trainer: Any, asked: Strategy) -> bool:
 def record_wrapping(trainer: Any, ran: Strategy) -> Strategy:
     """``ran`` with the wrapper class and the share of the parameters rank 0 holds, once the Trainer prepared the
     model (when training starts)."""
-    wrapped = getattr(trainer, "model_wrapped", None) or trainer.model
+    wrapped = getattr(trainer, "model_wrapped", None)
+    if wrapped is None:  # not `or`: a compiled module has no truth value (it forwards __len__ to the model)
+        wrapped = trainer.model
     model = trainer.model
     local = total = 0
     seen: set[int] = set()
@@ -558,7 +560,7 @@ def _plain_class(module: Any) -> type:
     return cls
 
 
-def _on_meta(model_class: type, config: Any) -> Any:
+def _on_meta(model_class: Any, config: Any) -> Any:
     import torch
 
     from transformers.integrations import deepspeed as hf_deepspeed
