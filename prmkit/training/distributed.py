@@ -562,7 +562,6 @@ def _plain_class(module: Any) -> type:
 
 def _on_meta(model_class: Any, config: Any) -> Any:
     import torch
-
     from transformers.integrations import deepspeed as hf_deepspeed
 
     # Under ZeRO-3, transformers builds every model (and a head's inner model) inside deepspeed.zero.Init, which
