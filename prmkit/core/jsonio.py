@@ -85,6 +85,12 @@ def _too_deep(text: str) -> NestingError:
     return NestingError(f"nested more than {MAX_DEPTH} arrays/objects deep", text, at if at is not None else 0)
 
 
+def as_object(value: Any) -> dict[str, Any]:
+    """``value`` when it is a JSON object, else ``{}``: an optional section of a record prmkit wrote (an older
+    version, or a damaged file, may hold something else or nothing there)."""
+    return value if isinstance(value, dict) else {}
+
+
 def finite(obj: Any) -> Any:
     """``obj`` with NaN and infinities as None, numpy values as Python ones and paths as strings."""
     if isinstance(obj, Mapping):

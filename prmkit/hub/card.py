@@ -10,6 +10,7 @@ from typing import Any
 
 from prmkit.core import jsonio
 from prmkit.core.filenames import CONFIG_YAML, PRMKIT_JSON
+from prmkit.core.jsonio import as_object
 from prmkit.data.formats import uses_neutral_ratings
 from prmkit.errors import UsageError
 from prmkit.hub.files import inside, read_text_capped
@@ -21,11 +22,6 @@ TAGS = ["prm", "process-reward-model", "reward-model", "prmkit"]
 PROCESSBENCH_SUBSETS = {"gsm8k", "math", "olympiadbench", "omnimath"}
 LOCAL_DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow", ".txt")
 HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
-
-
-def _object(value: Any) -> dict[str, Any]:
-    """A JSON object read from prmkit.json, or {} when it is absent or not an object."""
-    return value if isinstance(value, dict) else {}
 
 
 def hub_id(spec: Any) -> str | None:
@@ -191,7 +187,7 @@ def _describe_model(spec: str) -> str:
 
 def _data_sources(data: dict) -> dict[str, list[str]]:
     """{split: [spec, ...]} from prmkit.json's data section (``sources`` as prepare writes it, or train/eval keys)."""
-    sources = _object(data.get("sources"))
+    sources = as_object(data.get("sources"))
     return {key: _sources(sources.get(key, data.get(key))) for key in ("train", "eval")}
 
 
@@ -246,8 +242,8 @@ def _training_section(meta: dict, base: str | None, separator: str, has_config_y
     training = meta.get("training") or {}
     lora = meta.get("lora") or training.get("lora")
     model = meta.get("model") or {}
-    splits = _object(data.get("splits") if isinstance(data.get("splits"), dict) else meta.get("splits"))
-    formats = _object(data.get("formats"))
+    splits = as_object(data.get("splits") if isinstance(data.get("splits"), dict) else meta.get("splits"))
+    formats = as_object(data.get("formats"))
 
     if model.get("init_from_config"):
         base_cell = (
@@ -262,7 +258,7 @@ def _training_section(meta: dict, base: str | None, separator: str, has_config_y
         if not specs:
             continue
         detail = [formats.get(key) or (data.get("format") if data.get("format") not in (None, "auto") else None)]
-        split = _object(splits.get(key))
+        split = as_object(splits.get(key))
         if split.get("rows_kept") is not None:
             detail.append(f"{split['rows_kept']:,} rows")
         if split.get("steps") is not None:
@@ -292,7 +288,7 @@ def _training_section(meta: dict, base: str | None, separator: str, has_config_y
         return f"{v:.4g}" if isinstance(v, float) else str(v)
 
     run = [(k.replace("_", " "), short(training[k])) for k in _RUN_RESULT_KEYS if training.get(k) is not None]
-    evals = _object(training.get("eval"))
+    evals = as_object(training.get("eval"))
     run += [(f"eval {k}", short(v)) for k, v in evals.items() if isinstance(v, (int, float))]
     if run:
         lines += ["Training run:", "", *_kv_table(run, ("", "")), ""]

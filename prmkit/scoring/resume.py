@@ -27,7 +27,7 @@ from typing import Any
 
 from prmkit.core import jsonio
 from prmkit.core.atomic import write_atomic
-from prmkit.core.jsonio import dumps
+from prmkit.core.jsonio import as_object, dumps
 from prmkit.core.redact import redact
 from prmkit.errors import UsageError
 
@@ -361,7 +361,8 @@ def describe_mismatch(state: dict, job: dict) -> str | None:
     if state.get("input") != job["input"]:
         was = state.get("input_spec")
         return f"it was written for another input ({was!r}, or that file has changed since)"
-    old_model, new_model = _object(state.get("model")), job["model"]
+    # A state written before its digest could hold something else in these sections.
+    old_model, new_model = as_object(state.get("model")), job["model"]
     same_model = (
         old_model.get("sha256") == new_model.get("sha256")
         if "sha256" in old_model and "sha256" in new_model
@@ -370,15 +371,11 @@ def describe_mismatch(state: dict, job: dict) -> str | None:
     if not same_model:
         return f"it was written by another model ({old_model.get('name')!r}, or its files have changed)"
     if state.get("settings") != job["settings"]:
-        old, new = _object(state.get("settings")), job["settings"]
+        old, new = as_object(state.get("settings")), job["settings"]
         keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         changes = "; ".join(f"{k}: {_short(old.get(k))}, now {_short(new.get(k))}" for k in keys[:4])
         return f"it was written with other settings ({changes}{'; ...' if len(keys) > 4 else ''})"
     return None
-
-
-def _object(value: Any) -> dict:
-    return value if isinstance(value, dict) else {}  # what a state written before its digest could hold instead
 
 
 def _short(value: Any) -> str:

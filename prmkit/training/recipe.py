@@ -321,8 +321,7 @@ def setup_data(run: Run) -> DataSetup:
     cfg, state, model_config = run.cfg, run.state, run.model_config
     has_eval = has_eval_data(cfg)
     tokenizer_name = cfg.tokenizer_name
-    if tokenizer_name is None:  # resolve_config has refused a run without a model already; said again for the API
-        raise UsageError("no model: set model.name_or_path", hint="e.g. --model Qwen/Qwen2-0.5B")
+    assert tokenizer_name is not None  # resolve_config (in setup_run) refuses a run without a model
     tokenizer = load_tokenizer(tokenizer_name, cfg.model.trust_remote_code)
     text_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
     check_tokenizer_fits(
